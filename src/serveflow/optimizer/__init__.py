@@ -1,0 +1,37 @@
+"""Optimizer: pure `Plan -> Plan` rewrites, one module per rule."""
+
+from __future__ import annotations
+
+from serveflow.logical.flow import Flow
+from serveflow.optimizer.batching import mark_batching
+from serveflow.optimizer.compete import replicate
+from serveflow.optimizer.fusion import fuse
+from serveflow.optimizer.locality import mark_locality
+from serveflow.optimizer.placement import place
+from serveflow.optimizer.plan import Plan, Stage, logical_plan
+from serveflow.optimizer.rules import Rules
+from serveflow.optimizer.whole import fuse_whole
+
+__all__ = ["Plan", "Rules", "Stage", "optimize"]
+
+
+def optimize(flow: Flow, rules: Rules | None = None) -> Plan:
+    """Validate `flow` and compile it to a physical plan under `rules` (default `Rules()`).
+
+    Marks come first (locality, batching, placement, replicas) so that fusion can
+    respect them; the flow itself is never modified.
+    """
+    rules = rules or Rules()
+    plan = logical_plan(flow, rules)
+    if rules.locality:
+        plan = mark_locality(plan)
+    if rules.batching:
+        plan = mark_batching(plan)
+    plan = place(plan)
+    if rules.compete:
+        plan = replicate(plan, rules.compete_replicas)
+    if rules.whole:
+        return fuse_whole(plan)
+    if rules.fusion:
+        plan = fuse(plan)
+    return plan

@@ -1,0 +1,117 @@
+"""The physical plan: stages (fused operator sub-DAGs) and their resource needs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from serveflow.logical.flow import SOURCE_ID, Flow
+from serveflow.logical.operators import Batching, Map, Op
+from serveflow.optimizer.rules import Rules
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Operators that run together in one worker, with no serialization between them.
+
+    `ops` is in topological order and the last op is the stage's output. Only that
+    output is read by other stages; `inputs` are the op ids the stage reads from
+    outside (0 is the request table).
+    """
+
+    id: int
+    ops: tuple[Op, ...]
+    replicas: int = 1
+    batching: Batching | None = None
+    placement: str = "cpu"
+    gpu_requested: bool = False
+    locality_key: str | None = None
+
+    @property
+    def name(self) -> str:
+        return "+".join(op.name for op in self.ops)
+
+    @property
+    def output(self) -> int:
+        return self.ops[-1].id
+
+    @property
+    def inputs(self) -> tuple[int, ...]:
+        inside = {op.id for op in self.ops}
+        seen = [i for op in self.ops for i in op.inputs if i not in inside]
+        return tuple(dict.fromkeys(seen))
+
+    @property
+    def high_variance(self) -> bool:
+        return any(isinstance(op, Map) and op.high_variance for op in self.ops)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a runtime executes: stages in topological order and the flow's output op."""
+
+    flow_name: str
+    stages: tuple[Stage, ...]
+    output: int
+    rules: Rules
+    schema: Mapping[str, Any] | None = None
+
+    def stage_of(self, op_id: int) -> Stage:
+        """The stage whose output is `op_id`."""
+        for stage in self.stages:
+            if stage.output == op_id:
+                return stage
+        raise KeyError(op_id)
+
+    def consumers(self, op_id: int) -> list[Stage]:
+        return [s for s in self.stages if op_id in s.inputs]
+
+    @property
+    def output_stage(self) -> Stage:
+        return self.stage_of(self.output)
+
+    def explain(self) -> str:
+        """The physical plan in words: stages, fused operators, replicas, batching,
+        placement and locality."""
+        number = {stage.output: i for i, stage in enumerate(self.stages, 1)}
+        number[SOURCE_ID] = 0
+        lines = [
+            f"plan for flow {self.flow_name!r}: {len(self.stages)} stage(s), "
+            f"output from stage {number[self.output]}",
+            f"rules: {self.rules.describe()}",
+        ]
+        for i, stage in enumerate(self.stages, 1):
+            sources = ", ".join(
+                "request" if n == SOURCE_ID else f"stage {number[n]}" for n in stage.inputs
+            )
+            lines.append(f"stage {i} {stage.name!r} <- {sources}")
+            chain = " -> ".join(op.describe() for op in stage.ops)
+            if len(stage.ops) > 1:
+                lines.append(f"    fused {len(stage.ops)} operators: {chain}")
+            else:
+                lines.append(f"    operator: {chain}")
+            if stage.batching:
+                lines.append(f"    batched across requests: {stage.batching.describe()}")
+            if stage.replicas > 1:
+                lines.append(
+                    f"    replicated: {stage.replicas} competing replicas, first result wins"
+                )
+            if stage.gpu_requested and stage.placement != "gpu":
+                lines.append("    placed on cpu (gpu=True requested; no GPU on this machine)")
+            else:
+                lines.append(f"    placed on {stage.placement}")
+            if stage.locality_key:
+                key = stage.locality_key
+                lines.append(f"    locality: starts at a dynamic lookup; routed by column {key!r}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain()
+
+
+def logical_plan(flow: Flow, rules: Rules) -> Plan:
+    """One stage per operator: the unoptimized plan every rule starts from."""
+    output = flow.output_op()
+    stages = tuple(Stage(id=op.id, ops=(op,)) for op in flow.ops.values() if op.id != SOURCE_ID)
+    return Plan(flow.name, stages, output, rules, flow.schema)

@@ -1,0 +1,1 @@
+"""Runtime layer: executes physical plans. `LocalRuntime` is the embedded one."""

@@ -1,0 +1,128 @@
+"""`App`: a deployed flow, the handle users hold; and the `Runtime` interface."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+from serveflow.errors import InputError
+from serveflow.logical.schema import check_schema
+from serveflow.logical.table import Table
+from serveflow.optimizer.plan import Plan
+from serveflow.runtime.kvs import KVS
+from serveflow.runtime.request import Request
+
+
+class Runtime(Protocol):
+    """Executes plans. `sf.LocalRuntime` is the embedded one."""
+
+    kvs: KVS
+
+    def deploy(self, plan: Plan, *, owns_runtime: bool = False) -> App: ...
+
+    def stop(self) -> None: ...
+
+
+RequestData = Table | Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]
+
+
+def as_table(data: RequestData) -> Table:
+    """A request as a Table: a Table, a mapping of columns, or a list of row mappings."""
+    if isinstance(data, Table):
+        return data
+    if isinstance(data, Mapping):
+        return Table(data)
+    if isinstance(data, Sequence) and all(isinstance(row, Mapping) for row in data):
+        return Table.from_rows(data)
+    raise TypeError(
+        f"a request is a sf.Table, a dict of columns or a list of rows, got {data!r:.80}"
+    )
+
+
+class App(abc.ABC):
+    """A running deployment of one plan: `run` requests, read `stats`, `stop`."""
+
+    def __init__(self, plan: Plan, runtime: Runtime, owns_runtime: bool) -> None:
+        self.plan = plan
+        self.runtime = runtime
+        self._owns_runtime = owns_runtime
+        self._in_flight: set[Future[Table]] = set()
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    @property
+    def name(self) -> str:
+        return self.plan.flow_name
+
+    @property
+    def kvs(self) -> KVS:
+        return self.runtime.kvs
+
+    def explain(self) -> str:
+        return self.plan.explain()
+
+    def run(
+        self, table: Table | Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]
+    ) -> Future[Table]:
+        """Submit one request; its future holds the output table, or fails with
+        OperatorError or InputError for this request alone."""
+        request = Request(self.plan, as_table(table))
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError(f"app {self.name!r} is stopped")
+            self._in_flight.add(request.future)
+        request.future.add_done_callback(self._forget)
+        try:
+            check_schema(self.plan.schema, request.table)
+        except InputError as error:
+            request.fail(error)
+            return request.future
+        self._submit(request)
+        return request.future
+
+    def _forget(self, future: Future[Table]) -> None:
+        with self._lock:
+            self._in_flight.discard(future)
+
+    @abc.abstractmethod
+    def _submit(self, request: Request) -> None:
+        """Start executing a request's first stages."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Live figures per stage name: requests, p50_ms, p99_ms, workers, queue,
+        batch_mean, cold_starts, and for batching stages batch_size and timeout_ms."""
+
+    @abc.abstractmethod
+    def _shutdown(self) -> None:
+        """Release workers; called once, after in-flight requests drained."""
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Refuse new requests, let in-flight ones finish (up to `drain_timeout`
+        seconds), then release the workers. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            pending = list(self._in_flight)
+        deadline = time.monotonic() + drain_timeout
+        for future in pending:
+            with contextlib.suppress(Exception):  # timed out or cancelled: stop anyway
+                future.exception(timeout=max(0.0, deadline - time.monotonic()))
+        self._shutdown()
+        if self._owns_runtime:
+            self.runtime.stop()
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}: {len(self.plan.stages)} stages>"

@@ -1,0 +1,272 @@
+"""Errors: FlowError when building/optimizing, OperatorError and InputError at run time."""
+
+import pytest
+
+import serveflow as sf
+
+TIMEOUT = 10
+
+
+def assert_serves(app):
+    """The deployment still answers a good request (every flow here maps "x" -> "y")."""
+    out = app.run(sf.Table({"x": [1, 2]})).result(timeout=TIMEOUT)
+    assert sorted(out.column("y")) == [2, 4]
+
+
+# --- FlowError at the call that adds the operator ------------------------------------
+
+
+def test_unknown_agg_function():
+    flow = sf.Flow("f")
+    with pytest.raises(sf.FlowError, match=r"(?i)agg"):
+        flow.agg("median", "x")
+
+
+def test_unknown_agg_function_grouped():
+    flow = sf.Flow("f")
+    with pytest.raises(sf.FlowError, match=r"(?i)agg"):
+        flow.groupby("g").agg("median", "x")
+
+
+def test_join_how_right():
+    flow = sf.Flow("f")
+    left = flow.map(lambda r: r["x"], names=["a"])
+    right = flow.map(lambda r: r["x"], names=["b"])
+    with pytest.raises(sf.FlowError, match=r"(?i)join"):
+        left.join(right, how="right")
+
+
+def test_group_filter_on_ungrouped_stream():
+    flow = sf.Flow("f")
+    with pytest.raises(sf.FlowError, match=r"(?i)filter"):
+        flow.filter(lambda t: len(t) > 1, group=True)
+
+
+@pytest.mark.parametrize(
+    "add",
+    [
+        lambda g: g.map(lambda r: r["x"], names=["x"]),
+        lambda g: g.lookup("k"),
+        lambda g: g.groupby("x"),
+        lambda g: g.union(g),
+    ],
+    ids=["map", "lookup", "groupby", "union"],
+)
+def test_other_operators_on_grouped_stream(add):
+    grouped = sf.Flow("f").groupby("g")
+    with pytest.raises(sf.FlowError):
+        add(grouped)
+
+
+def test_empty_flow_rejected_at_optimize_and_deploy():
+    with pytest.raises(sf.FlowError):
+        sf.optimize(sf.Flow("empty"), sf.Rules())
+    with pytest.raises(sf.FlowError):
+        sf.Flow("empty").deploy()
+
+
+def test_two_sinks_rejected_at_optimize_and_deploy():
+    flow = sf.Flow("f")
+    flow.map(lambda r: r["x"], names=["a"])
+    flow.filter(lambda r: r["x"] > 0)
+    with pytest.raises(sf.FlowError):
+        sf.optimize(flow, sf.Rules())
+    with pytest.raises(sf.FlowError):
+        flow.deploy()
+
+
+def test_two_sinks_after_shared_prefix_rejected():
+    flow = sf.Flow("f")
+    shared = flow.map(lambda r: r["x"] + 1, names=["x"])
+    shared.map(lambda r: r["x"], names=["a"])
+    shared.map(lambda r: r["x"], names=["b"]).filter(lambda r: True)
+    with pytest.raises(sf.FlowError):
+        sf.optimize(flow, sf.Rules(fusion=False))
+
+
+# --- OperatorError: a user function fails --------------------------------------------
+
+
+def explode(row):
+    if row["x"] < 0:
+        raise ValueError("boom")
+    return row["x"] * 2
+
+
+def test_operator_error_names_operator_and_keeps_serving(rules):
+    flow = sf.Flow("f")
+    flow.map(explode, names=["y"])
+    with flow.deploy(rules=rules) as app:
+        bad = app.run(sf.Table({"x": [1, -1, 2]}))
+        goods = [app.run(sf.Table({"x": [i]})) for i in range(5)]
+        with pytest.raises(sf.OperatorError) as info:
+            bad.result(timeout=TIMEOUT)
+        for i, fut in enumerate(goods):
+            assert fut.result(timeout=TIMEOUT).to_rows() == [{"y": i * 2}]
+        assert_serves(app)
+    err = info.value
+    assert "explode" in str(err)
+    assert "boom" in str(err)
+    assert err.operator == "explode"
+    assert isinstance(err.traceback, str) and err.traceback.strip()
+
+
+def test_operator_error_in_middle_of_chain(rules):
+    flow = sf.Flow("f")
+    flow.map(lambda r: r["x"] - 10, names=["x"]).map(explode, names=["z"]).map(
+        lambda r: r["z"], names=["y"]
+    )
+    with flow.deploy(rules=rules) as app:
+        with pytest.raises(sf.OperatorError, match="explode") as info:
+            app.run(sf.Table({"x": [1]})).result(timeout=TIMEOUT)
+        assert "boom" in str(info.value)
+        out = app.run(sf.Table({"x": [11, 12]})).result(timeout=TIMEOUT)
+        assert sorted(out.column("y")) == [2, 4]
+
+
+def test_operator_error_uses_name_keyword(rules):
+    flow = sf.Flow("f")
+    flow.map(explode, names=["y"], name="detonator")
+    with flow.deploy(rules=rules) as app:
+        with pytest.raises(sf.OperatorError, match="detonator") as info:
+            app.run(sf.Table({"x": [-1]})).result(timeout=TIMEOUT)
+        assert info.value.operator == "detonator"
+        assert_serves(app)
+
+
+def test_operator_error_lambda_named_by_kind(rules):
+    flow = sf.Flow("f")
+    flow.map(lambda r: 2 * r["x"] if r["x"] else 1 / 0, names=["y"])
+    with flow.deploy(rules=rules) as app:
+        with pytest.raises(sf.OperatorError) as info:
+            app.run(sf.Table({"x": [0]})).result(timeout=TIMEOUT)
+        assert info.value.operator == "map"
+        assert "map" in str(info.value)
+        assert_serves(app)
+
+
+def failing_pred(row):
+    raise RuntimeError("pred exploded")
+
+
+def test_operator_error_in_filter(rules):
+    flow = sf.Flow("f")
+    flow.map(lambda r: r["x"] * 2, names=["y"]).filter(failing_pred)
+    with flow.deploy(rules=rules) as app, pytest.raises(sf.OperatorError) as info:
+        app.run(sf.Table({"x": [1]})).result(timeout=TIMEOUT)
+    assert "failing_pred" in str(info.value)
+    assert "pred exploded" in str(info.value)
+
+
+def test_operator_error_in_batching_map(rules):
+    def bad_batch(table):
+        raise ValueError("batch boom")
+
+    flow = sf.Flow("f")
+    flow.map(bad_batch, names=["y"], batching=True)
+    with flow.deploy(rules=rules) as app, pytest.raises(sf.OperatorError) as info:
+        app.run(sf.Table({"x": [1]})).result(timeout=TIMEOUT)
+    assert "bad_batch" in str(info.value)
+    assert "batch boom" in str(info.value)
+
+
+def pair_or_scalar(row):
+    return row["x"] * 2 if row["x"] < 0 else (row["x"] * 2, 0)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [pair_or_scalar, lambda r: (r["x"], 1, 2) if r["x"] < 0 else (r["x"] * 2, 0)],
+    ids=["scalar", "3-tuple"],
+)
+def test_wrong_number_of_values_for_names(rules, fn):
+    flow = sf.Flow("f")
+    flow.map(fn, names=["y", "zero"])
+    with flow.deploy(rules=rules) as app:
+        with pytest.raises(sf.OperatorError):
+            app.run(sf.Table({"x": [-1]})).result(timeout=TIMEOUT)
+        out = app.run(sf.Table({"x": [1, 2]})).result(timeout=TIMEOUT)
+        assert sorted(out.column("y")) == [2, 4]
+
+
+def test_batching_map_wrong_number_of_results(rules):
+    flow = sf.Flow("f")
+    flow.map(lambda t: [1], names=["y"], batching=True)
+    with flow.deploy(rules=rules) as app, pytest.raises(sf.OperatorError):
+        app.run(sf.Table({"x": [1, 2, 3]})).result(timeout=TIMEOUT)
+
+
+# --- InputError: schema violations and missing columns -------------------------------
+
+
+def schema_flow():
+    flow = sf.Flow("typed", schema={"x": int})
+    flow.map(lambda r: r["x"] * 2, names=["y"])
+    return flow
+
+
+@pytest.mark.parametrize(
+    "table",
+    [sf.Table({"z": [1]}), sf.Table({"x": ["str"]}), sf.Table({"x": [1, "2"]})],
+    ids=["missing", "wrong-type", "one-bad-value"],
+)
+def test_schema_violation_fails_future_with_input_error(rules, table):
+    with schema_flow().deploy(rules=rules) as app:
+        fut = app.run(table)  # must not raise synchronously
+        with pytest.raises(sf.InputError, match="x") as info:
+            fut.result(timeout=TIMEOUT)
+        assert info.value.column == "x"
+        assert not isinstance(info.value, sf.OperatorError)
+        assert_serves(app)
+
+
+def test_schema_extra_columns_allowed(rules):
+    with schema_flow().deploy(rules=rules) as app:
+        out = app.run(sf.Table({"x": [3], "extra": ["e"]})).result(timeout=TIMEOUT)
+        assert out.to_rows() == [{"y": 6}]
+
+
+def test_schema_validated_before_any_work(rules, tmp_path):
+    log = str(tmp_path / "log")
+
+    def record(row):
+        with open(log, "a") as f:
+            f.write("called\n")
+        return row["x"]
+
+    flow = sf.Flow("typed", schema={"x": int})
+    flow.map(record, names=["y"])
+    with flow.deploy(rules=rules) as app, pytest.raises(sf.InputError):
+        app.run(sf.Table({"x": [1, "bad"]})).result(timeout=TIMEOUT)
+    assert not (tmp_path / "log").exists()
+
+
+@pytest.mark.parametrize("op", ["map", "filter"])
+def test_missing_column_in_operator_is_input_error(rules, op):
+    flow = sf.Flow("f")
+    if op == "map":
+        flow.map(lambda r: r["nope"] if r["x"] < 0 else r["x"] * 2, names=["y"])
+    else:
+        flow.filter(lambda r: r["x"] > 0 or r["nope"]).map(lambda r: r["x"] * 2, names=["y"])
+    with flow.deploy(rules=rules) as app:
+        with pytest.raises(sf.InputError, match="nope") as info:
+            app.run(sf.Table({"x": [-1]})).result(timeout=TIMEOUT)
+        assert info.value.column == "nope"
+        assert not isinstance(info.value, sf.OperatorError)
+        assert_serves(app)
+
+
+def test_missing_column_after_upstream_map(rules):
+    flow = sf.Flow("f")
+    flow.map(lambda r: r["x"], names=["a"]).map(lambda r: r["x"], names=["y"])
+    with flow.deploy(rules=rules) as app:
+        with pytest.raises(sf.InputError, match="x") as info:
+            app.run(sf.Table({"x": [1]})).result(timeout=TIMEOUT)
+        assert info.value.column == "x"
+
+
+def test_errors_are_distinct_exception_types():
+    assert issubclass(sf.FlowError, Exception)
+    assert issubclass(sf.OperatorError, Exception)
+    assert issubclass(sf.InputError, Exception)
+    assert not issubclass(sf.InputError, sf.OperatorError)
