@@ -4,6 +4,8 @@ Random flows are built from a small program description (a list of op tuples, pr
 hypothesis on failure), deployed once under each rule set, and fed the same random tables.
 """
 
+import os
+
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -104,7 +106,7 @@ def combine(how, left, right):
 
 @st.composite
 def programs(draw):
-    ops, (_, nonnull, _) = draw(chain(START, 0))
+    ops, (_, nonnull, _) = draw(chain(START, 0, min_ops=1))
     terminal = None
     if nonnull and draw(st.booleans()):
         readable = sorted(nonnull)
@@ -222,7 +224,11 @@ JOIN_UNION_AGG = (
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+# SERVEFLOW_EXAMPLES=1000 for a longer bug hunt.
+EXAMPLES = int(os.environ.get("SERVEFLOW_EXAMPLES", "40"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(program=programs(), inputs=tables)
 @example(program=JOIN_UNION_AGG, inputs=[[(1, 3), (2, 6), (3, 4), (4, 0)], []])
 def test_optimized_plans_match_unoptimized(program, inputs):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from serveflow.logical.flow import Flow
+from serveflow.errors import FlowError
+from serveflow.logical.flow import Flow, Stream
 from serveflow.optimizer.batching import mark_batching
 from serveflow.optimizer.compete import replicate
 from serveflow.optimizer.fusion import fuse
@@ -15,14 +16,17 @@ from serveflow.optimizer.whole import fuse_whole
 __all__ = ["Plan", "Rules", "Stage", "optimize"]
 
 
-def optimize(flow: Flow, rules: Rules | None = None) -> Plan:
+def optimize(flow: Flow | Stream, rules: Rules | None = None) -> Plan:
     """Validate `flow` and compile it to a physical plan under `rules` (default `Rules()`).
+    A stream stands for the flow it belongs to.
 
     Marks come first (locality, batching, placement, replicas) so that fusion can
     respect them; the flow itself is never modified.
     """
+    if not isinstance(flow, Stream):
+        raise FlowError(f"optimize: expected a sf.Flow, got {type(flow).__name__}")
     rules = rules or Rules()
-    plan = logical_plan(flow, rules)
+    plan = logical_plan(flow.flow, rules)
     if rules.locality:
         plan = mark_locality(plan)
     if rules.batching:
