@@ -7,7 +7,14 @@ with flow.deploy() as app:
     print(app.run(sf.Table({"a": [1, 2], "b": [10, 20]})).result().to_rows())
 """
 
-from serveflow.errors import FlowError, InputError, OperatorError, ServeflowError
+from serveflow.errors import (
+    DeadlineError,
+    FlowError,
+    InputError,
+    OperatorError,
+    OverloadError,
+    ServeflowError,
+)
 from serveflow.logical import Batching, Flow, Row, Stream, Table
 from serveflow.optimizer import Plan, Rules, Stage, optimize
 from serveflow.runtime.app import App
@@ -16,11 +23,13 @@ from serveflow.runtime.local import LocalRuntime
 __all__ = [
     "App",
     "Batching",
+    "DeadlineError",
     "Flow",
     "FlowError",
     "InputError",
     "LocalRuntime",
     "OperatorError",
+    "OverloadError",
     "Plan",
     "Row",
     "Rules",

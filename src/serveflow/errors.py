@@ -52,3 +52,13 @@ def _missing_column(column: str, message: str) -> MissingColumnError:
     error = MissingColumnError(column)
     error.args = (message,)
     return error
+
+
+class OverloadError(ServeflowError):
+    """The deployment refused a request it cannot serve in time: queues full, or the
+    request would miss its SLO. Retry later (HTTP maps it to 429/503)."""
+
+
+class DeadlineError(ServeflowError, TimeoutError):
+    """A request's deadline (`app.run(table, timeout=...)`) passed before it finished;
+    its queued work was cancelled."""

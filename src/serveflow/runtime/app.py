@@ -10,10 +10,11 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from serveflow.errors import InputError
+from serveflow.errors import DeadlineError, InputError, OverloadError
 from serveflow.logical.schema import check_schema
 from serveflow.logical.table import Table
 from serveflow.optimizer.plan import Plan
+from serveflow.runtime.deadlines import Deadlines
 from serveflow.runtime.kvs import KVS
 from serveflow.runtime.request import Request
 
@@ -47,13 +48,17 @@ def as_table(data: RequestData) -> Table:
 class App(abc.ABC):
     """A running deployment of one plan: `run` requests, read `stats`, `stop`."""
 
-    def __init__(self, plan: Plan, runtime: Runtime, owns_runtime: bool) -> None:
+    def __init__(
+        self, plan: Plan, runtime: Runtime, owns_runtime: bool, max_in_flight: int
+    ) -> None:
         self.plan = plan
         self.runtime = runtime
         self._owns_runtime = owns_runtime
+        self._max_in_flight = max_in_flight
         self._in_flight: set[Future[Table]] = set()
         self._lock = threading.Lock()
         self._stopped = False
+        self._deadlines = Deadlines()
 
     @property
     def name(self) -> str:
@@ -66,17 +71,27 @@ class App(abc.ABC):
     def explain(self) -> str:
         return self.plan.explain()
 
-    def run(
-        self, table: Table | Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]
-    ) -> Future[Table]:
-        """Submit one request; its future holds the output table, or fails with
-        OperatorError or InputError for this request alone."""
+    def run(self, table: RequestData, *, timeout: float | None = None) -> Future[Table]:
+        """Submit one request; its future holds the output table, or fails for this
+        request alone with OperatorError, InputError, OverloadError (too many requests
+        in flight) or DeadlineError (`timeout` seconds passed; queued work is dropped)."""
         request = Request(self.plan, as_table(table))
         with self._lock:
             if self._stopped:
                 raise RuntimeError(f"app {self.name!r} is stopped")
+            if len(self._in_flight) >= self._max_in_flight:
+                request.fail(
+                    OverloadError(
+                        f"flow {self.name!r} has {len(self._in_flight)} requests in flight "
+                        f"(the limit); retry later"
+                    )
+                )
+                return request.future
             self._in_flight.add(request.future)
         request.future.add_done_callback(self._forget)
+        if timeout is not None:
+            error = DeadlineError(f"request to flow {self.name!r} took over {timeout:g} s")
+            self._deadlines.add(time.monotonic() + timeout, lambda: request.fail(error))
         try:
             check_schema(self.plan.schema, request.table)
         except InputError as error:
@@ -115,6 +130,7 @@ class App(abc.ABC):
             with contextlib.suppress(Exception):  # timed out or cancelled: stop anyway
                 future.exception(timeout=max(0.0, deadline - time.monotonic()))
         self._shutdown()
+        self._deadlines.close()
         if self._owns_runtime:
             self.runtime.stop()
 

@@ -107,7 +107,7 @@ class StagePool:
 
 class LocalApp(App):
     def __init__(self, plan: Plan, runtime: LocalRuntime, owns_runtime: bool) -> None:
-        super().__init__(plan, runtime, owns_runtime)
+        super().__init__(plan, runtime, owns_runtime, runtime.max_in_flight)
         self._pools = {
             stage.id: StagePool(
                 stage, runtime.kvs, max(runtime.workers_per_stage, stage.replicas), self
@@ -145,12 +145,16 @@ class LocalRuntime:
 
     `workers_per_stage`: workers serving each stage (at least a stage's replicas).
     `kvs`: the key-value store behind `lookup` and `app.kvs` (default: in memory).
+    `max_in_flight`: requests an app holds at once; more fail fast with OverloadError.
     """
 
-    def __init__(self, *, workers_per_stage: int = 2, kvs: KVS | None = None) -> None:
+    def __init__(
+        self, *, workers_per_stage: int = 2, kvs: KVS | None = None, max_in_flight: int = 10_000
+    ) -> None:
         if workers_per_stage < 1:
             raise ValueError(f"workers_per_stage must be >= 1, got {workers_per_stage}")
         self.workers_per_stage = workers_per_stage
+        self.max_in_flight = max_in_flight
         self.kvs: KVS = kvs if kvs is not None else MemoryKVS()
         self._apps: list[LocalApp] = []
 

@@ -1,0 +1,43 @@
+"""One timer thread for all request deadlines (a thread per request would not scale)."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+
+class Deadlines:
+    """Calls `action()` at `when` (time.monotonic) unless the entry is done by then."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="serveflow:deadlines", daemon=True)
+        self._thread.start()
+
+    def add(self, when: float, action: Callable[[], None]) -> None:
+        with self._wake:
+            heapq.heappush(self._heap, (when, next(self._order), action))
+            if self._heap[0][2] is action:
+                self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._wake.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._closed:
+                    return
+                _, _, action = heapq.heappop(self._heap)
+            action()
