@@ -1,14 +1,50 @@
-"""Key-value stores behind `app.kvs` and `lookup`."""
+"""Key-value stores behind `app.kvs` and `lookup`.
+
+Three stores share one interface (`KVS`):
+
+- `MemoryKVS`: in this process only (address "memory").
+- `LMDBStore`: the default; an LMDB environment in one directory, shared by every worker
+  process of this machine (address "lmdb:///abs/path").
+- `RedisStore`: a Redis server, for several machines (address "redis://host:port/db";
+  needs the `serveflow[redis]` extra).
+
+Values are pickled once (protocol 5) on `put`, so a reader never sees a later mutation
+of the object that was put. Every `put`/`delete` also bumps a per-key version in the
+same transaction; `get_versions` reads only those, which lets a worker-local cache
+(`serveflow.runtime.cache.CachedKVS`) check freshness without fetching values.
+
+`open_kvs(address)` opens the same store in another process; stores also pickle as
+their address, so a store handed to a spawned worker reopens there.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
+import shutil
+import struct
+import tempfile
 import threading
-from typing import Any, Protocol
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
+
+PICKLE_PROTOCOL = 5
+
+# (value, version, pickled size in bytes) for one key, read consistently; version None
+# means the key was never written, value None that it is missing now.
+Versioned = tuple[Any, int | None, int]
 
 
+@runtime_checkable
 class KVS(Protocol):
-    """What `lookup` and `app.kvs` need of a store. Keys are strings."""
+    """What `lookup`, `app.kvs` and worker caches need of a store. Keys are `str`
+    (anything else raises TypeError); a missing key reads as None."""
+
+    address: str
 
     def get(self, key: str) -> Any: ...
 
@@ -16,13 +52,23 @@ class KVS(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def get_many(self, keys: Sequence[str]) -> list[Any]: ...
+
+    def get_versions(self, keys: Sequence[str]) -> list[int | None]: ...
+
+    def close(self) -> None: ...
+
 
 class MemoryKVS:
     """An in-process store. Values are pickled once on `put`, so a reader never sees
-    a later mutation of the object that was put, as with a networked store."""
+    a later mutation of the object that was put, as with a networked store.
+    Its address, "memory", opens a new empty store: it is not shared across processes."""
+
+    address = "memory"
 
     def __init__(self) -> None:
         self._data: dict[str, bytes] = {}
+        self._versions: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Any:
@@ -31,16 +77,480 @@ class MemoryKVS:
         return None if blob is None else pickle.loads(blob)
 
     def put(self, key: str, value: Any) -> None:
-        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        self.put_many({key: value})
+
+    def put_many(self, items: Mapping[str, Any]) -> None:
+        """Write several keys at once."""
+        blobs = {_key(k): _dumps(v) for k, v in items.items()}
         with self._lock:
-            self._data[_key(key)] = blob
+            for key, blob in blobs.items():
+                self._data[key] = blob
+                self._versions[key] = self._versions.get(key, 0) + 1
 
     def delete(self, key: str) -> None:
+        key = _key(key)
         with self._lock:
-            self._data.pop(_key(key), None)
+            if self._data.pop(key, None) is not None:
+                self._versions[key] += 1
+
+    def get_many(self, keys: Sequence[str]) -> list[Any]:
+        keys = _keys(keys)
+        with self._lock:
+            blobs = [self._data.get(k) for k in keys]
+        return [None if b is None else pickle.loads(b) for b in blobs]
+
+    def get_versions(self, keys: Sequence[str]) -> list[int | None]:
+        keys = _keys(keys)
+        with self._lock:
+            return [self._versions.get(k) for k in keys]
+
+    def get_many_versioned(self, keys: Sequence[str]) -> list[Versioned]:
+        """(value, version, pickled size) per key, read at one instant."""
+        keys = _keys(keys)
+        with self._lock:
+            rows = [(self._data.get(k), self._versions.get(k)) for k in keys]
+        return [(_loads_or_none(b), v, 0 if b is None else len(b)) for b, v in rows]
+
+    def close(self) -> None:
+        """Nothing to release; the data stays readable."""
+
+
+# --------------------------------------------------------------------------- LMDB
+
+_VERSION = struct.Struct("<Q")
+_DEFAULT_MAP_SIZE = 256 << 20  # address space reserved up front; the file stays sparse
+
+
+class _Gate:
+    """Lets many LMDB transactions of this process run at once, or one map resize alone
+    (LMDB requires no open transaction in the process while the map is resized)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._resizing = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._resizing and self._active == 0:
+                self._cond.notify_all()
+
+    def begin_exclusive(self) -> None:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._active:
+                self._cond.wait()
+
+    def end_exclusive(self) -> None:
+        with self._cond:
+            self._resizing = False
+            self._cond.notify_all()
+
+
+class _EnvHandle:
+    """One open LMDB environment of this process, shared by every `LMDBStore` on the
+    same directory (LMDB forbids opening one environment twice in a process)."""
+
+    def __init__(self, path: str, map_size: int) -> None:
+        import lmdb
+
+        self.path = path
+        self.pid = os.getpid()
+        self.refs = 0
+        self.stale = False  # set in a forked child: this handle belongs to the parent
+        self.gate = _Gate()
+        self.env = lmdb.open(
+            path,
+            map_size=map_size,
+            max_dbs=2,
+            max_readers=1024,
+            readahead=False,  # random lookups: do not read pages nobody asked for
+        )
+        stale_readers = self.env.reader_check()  # slots left by killed processes
+        if stale_readers:
+            logger.info("cleared %d stale LMDB reader slots in %s", stale_readers, path)
+        self.values = self.env.open_db(b"values")
+        self.versions = self.env.open_db(b"versions")
+        self.max_key = self.env.max_key_size() - 1  # one byte goes to the key prefix
+
+
+_envs: dict[str, _EnvHandle] = {}
+_envs_lock = threading.Lock()
+# Environments inherited through fork: kept referenced, never used or closed in the child.
+_inherited: list[_EnvHandle] = []
+
+
+def _forget_envs_after_fork() -> None:
+    for handle in _envs.values():
+        handle.stale = True
+        _inherited.append(handle)
+    _envs.clear()
+    global _envs_lock
+    _envs_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_envs_after_fork)
+
+
+def _acquire_env(path: str, map_size: int) -> _EnvHandle:
+    with _envs_lock:
+        handle = _envs.get(path)
+        if handle is None:
+            handle = _envs[path] = _EnvHandle(path, map_size)
+        handle.refs += 1
+        return handle
+
+
+def _release_env(handle: _EnvHandle) -> None:
+    with _envs_lock:
+        if handle.stale:
+            return
+        handle.refs -= 1
+        if handle.refs == 0:
+            _envs.pop(handle.path, None)
+            handle.env.close()
+
+
+def _release_store(handle: _EnvHandle, owned_dir: str | None) -> None:
+    _release_env(handle)
+    if owned_dir is not None and os.getpid() == handle.pid:
+        shutil.rmtree(owned_dir, ignore_errors=True)
+
+
+class LMDBStore:
+    """An LMDB environment in directory `path`, safe to open from several processes
+    (each opens its own; a store used in a forked child reopens itself there).
+
+    `path=None` makes a temporary directory, removed when this store is closed.
+    The memory map starts at `map_size` bytes and doubles whenever a write does not fit.
+    Reads unpickle straight from the mapped pages, inside a read transaction.
+    """
+
+    def __init__(self, path: str | None = None, *, map_size: int = _DEFAULT_MAP_SIZE) -> None:
+        self._owned_dir: str | None = None
+        if path is None:
+            path = self._owned_dir = tempfile.mkdtemp(prefix="serveflow-kvs-")
+        self.path = os.path.realpath(path)
+        os.makedirs(self.path, exist_ok=True)
+        self._map_size = map_size
+        self._closed = False
+        self._handle = _acquire_env(self.path, map_size)
+        self._finalizer = weakref.finalize(self, _release_store, self._handle, self._owned_dir)
+
+    @property
+    def address(self) -> str:
+        return f"lmdb://{self.path}"
+
+    @property
+    def map_size(self) -> int:
+        """Current size of the memory map in bytes (grows on demand)."""
+        return self._env().env.info()["map_size"]
+
+    def __repr__(self) -> str:
+        return f"LMDBStore({self.path!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open_kvs, (self.address,))
+
+    def get(self, key: str) -> Any:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[Any]:
+        handle = self._env()
+        bkeys = [self._bkey(handle, k) for k in keys]
+
+        def read(txn: Any) -> list[Any]:
+            return [_loads_or_none(txn.get(k, db=handle.values)) for k in bkeys]
+
+        return self._read(handle, read)
+
+    def get_versions(self, keys: Sequence[str]) -> list[int | None]:
+        handle = self._env()
+        bkeys = [self._bkey(handle, k) for k in keys]
+
+        def read(txn: Any) -> list[int | None]:
+            return [_version_or_none(txn.get(k, db=handle.versions)) for k in bkeys]
+
+        return self._read(handle, read)
+
+    def get_many_versioned(self, keys: Sequence[str]) -> list[Versioned]:
+        """(value, version, pickled size) per key, from one read transaction."""
+        handle = self._env()
+        bkeys = [self._bkey(handle, k) for k in keys]
+
+        def read(txn: Any) -> list[Versioned]:
+            rows: list[Versioned] = []
+            for k in bkeys:
+                blob = txn.get(k, db=handle.values)
+                version = _version_or_none(txn.get(k, db=handle.versions))
+                rows.append((_loads_or_none(blob), version, 0 if blob is None else len(blob)))
+            return rows
+
+        return self._read(handle, read)
+
+    def put(self, key: str, value: Any) -> None:
+        self.put_many({key: value})
+
+    def put_many(self, items: Mapping[str, Any]) -> None:
+        """Write several keys in one transaction."""
+        handle = self._env()
+        blobs = [(self._bkey(handle, k), _dumps(v)) for k, v in items.items()]
+
+        def write(txn: Any) -> None:
+            for bkey, blob in blobs:
+                txn.put(bkey, blob, db=handle.values)
+                _bump(txn, handle, bkey)
+
+        self._write(handle, write)
+
+    def delete(self, key: str) -> None:
+        handle = self._env()
+        bkey = self._bkey(handle, key)
+
+        def write(txn: Any) -> None:
+            if txn.delete(bkey, db=handle.values):
+                _bump(txn, handle, bkey)
+
+        self._write(handle, write)
+
+    def close(self) -> None:
+        """Release this process's environment (when no other store here uses it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+
+    # -- internals
+
+    def _env(self) -> _EnvHandle:
+        handle = self._handle
+        if handle.stale or self._closed:
+            if self._closed:
+                raise ValueError(f"{self!r} is closed")
+            # Forked from the process that opened the environment: open our own.
+            self._finalizer.detach()
+            handle = self._handle = _acquire_env(self.path, self._map_size)
+            self._owned_dir = None  # the parent owns the temporary directory
+            self._finalizer = weakref.finalize(self, _release_store, handle, None)
+        return handle
+
+    def _bkey(self, handle: _EnvHandle, key: str) -> bytes:
+        # The prefix byte lets "" be a key (LMDB rejects empty keys).
+        bkey = b"k" + _key(key).encode("utf-8")
+        if len(bkey) > handle.max_key + 1:
+            raise ValueError(f"LMDB keys are at most {handle.max_key} bytes, got {key[:40]!r}...")
+        return bkey
+
+    def _read(self, handle: _EnvHandle, fn: Any) -> Any:
+        import lmdb
+
+        while True:
+            handle.gate.enter()
+            try:
+                with handle.env.begin(buffers=True) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                pass  # another process grew the map: adopt its size, then retry
+            finally:
+                handle.gate.leave()
+            self._resize(handle, 0)
+
+    def _write(self, handle: _EnvHandle, fn: Any) -> None:
+        import lmdb
+
+        while True:
+            handle.gate.enter()
+            try:
+                with handle.env.begin(write=True) as txn:
+                    fn(txn)
+                return
+            except lmdb.MapResizedError:
+                new_size = 0
+            except lmdb.MapFullError:
+                new_size = handle.env.info()["map_size"] * 2
+            finally:
+                handle.gate.leave()
+            self._resize(handle, new_size)
+
+    @staticmethod
+    def _resize(handle: _EnvHandle, new_size: int) -> None:
+        """Grow the map to `new_size` bytes; 0 adopts the size another process set."""
+        handle.gate.begin_exclusive()
+        try:
+            if new_size and handle.env.info()["map_size"] >= new_size:
+                return  # another thread of this process grew it meanwhile
+            handle.env.set_mapsize(new_size)
+            if new_size:
+                logger.info("LMDB map of %s grown to %d MiB", handle.path, new_size >> 20)
+        finally:
+            handle.gate.end_exclusive()
+
+
+def _bump(txn: Any, handle: _EnvHandle, bkey: bytes) -> None:
+    old = txn.get(bkey, db=handle.versions)
+    version = 1 if old is None else _VERSION.unpack(old)[0] + 1
+    txn.put(bkey, _VERSION.pack(version), db=handle.versions)
+
+
+def _version_or_none(raw: Any) -> int | None:
+    return None if raw is None else _VERSION.unpack(raw)[0]
+
+
+# --------------------------------------------------------------------------- Redis
+
+_VALUE_PREFIX = "sf:val:"
+_VERSION_PREFIX = "sf:ver:"
+
+
+class RedisStore:
+    """A Redis database at `url` ("redis://host:port/db"). Values are pickled and kept
+    under "sf:val:<key>", versions under "sf:ver:<key>" (INCR in the same MULTI as the
+    write). The connection pool reconnects by itself in a forked child.
+    Raises ConnectionError at once when the server does not answer."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import redis
+        except ImportError as e:  # an optional extra
+            raise ImportError(
+                f"{url!r} needs the redis client: pip install 'serveflow[redis]'"
+            ) from e
+        self.url = url
+        try:
+            self._client = redis.Redis.from_url(url)
+            self._client.ping()
+        except ValueError as e:
+            raise ValueError(f"bad Redis URL {url!r}: {e}") from e
+        except redis.RedisError as e:
+            raise ConnectionError(f"cannot reach Redis at {url!r}: {e}") from e
+
+    @property
+    def address(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open_kvs, (self.address,))
+
+    def get(self, key: str) -> Any:
+        return _loads_or_none(self._client.get(_VALUE_PREFIX + _key(key)))
+
+    def get_many(self, keys: Sequence[str]) -> list[Any]:
+        keys = _keys(keys)
+        if not keys:
+            return []
+        blobs = self._client.mget([_VALUE_PREFIX + k for k in keys])
+        return [_loads_or_none(b) for b in blobs]
+
+    def get_versions(self, keys: Sequence[str]) -> list[int | None]:
+        keys = _keys(keys)
+        if not keys:
+            return []
+        raw = self._client.mget([_VERSION_PREFIX + k for k in keys])
+        return [None if v is None else int(v) for v in raw]
+
+    def get_many_versioned(self, keys: Sequence[str]) -> list[Versioned]:
+        """(value, version, pickled size) per key, from one MULTI/EXEC round trip."""
+        keys = _keys(keys)
+        if not keys:
+            return []
+        pipe = self._client.pipeline(transaction=True)
+        pipe.mget([_VALUE_PREFIX + k for k in keys])
+        pipe.mget([_VERSION_PREFIX + k for k in keys])
+        blobs, versions = pipe.execute()
+        return [
+            (_loads_or_none(b), None if v is None else int(v), 0 if b is None else len(b))
+            for b, v in zip(blobs, versions)
+        ]
+
+    def put(self, key: str, value: Any) -> None:
+        self.put_many({key: value})
+
+    def put_many(self, items: Mapping[str, Any]) -> None:
+        """Write several keys in one MULTI/EXEC round trip."""
+        blobs = [(_key(k), _dumps(v)) for k, v in items.items()]
+        pipe = self._client.pipeline(transaction=True)
+        for key, blob in blobs:
+            pipe.set(_VALUE_PREFIX + key, blob)
+            pipe.incr(_VERSION_PREFIX + key)
+        pipe.execute()
+
+    def delete(self, key: str) -> None:
+        # Bump the version only if something was deleted, atomically.
+        self._client.eval(
+            "if redis.call('DEL', KEYS[1]) == 1 then redis.call('INCR', KEYS[2]) end",
+            2,
+            _VALUE_PREFIX + _key(key),
+            _VERSION_PREFIX + key,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_kvs(spec: str | KVS | None, *, default_dir: str | None = None) -> KVS:
+    """Open the store named by `spec`:
+
+    - None: an `LMDBStore` in `default_dir` (a temporary directory when that is None);
+    - "memory": a new `MemoryKVS` (this process only);
+    - "lmdb://PATH" (e.g. "lmdb:///tmp/x"): an `LMDBStore` in directory PATH;
+    - "redis://host:port/db" or "rediss://...": a `RedisStore`;
+    - a store object: returned as it is.
+
+    Every store's `address` is such a string. Raises ValueError naming a bad spec.
+    """
+    if spec is None:
+        return LMDBStore(default_dir)
+    if not isinstance(spec, str):
+        if all(hasattr(spec, m) for m in ("get", "put", "delete")):
+            return spec
+        raise TypeError(f"a KVS spec is a string or a store, got {type(spec).__name__}")
+    if spec == "memory":
+        return MemoryKVS()
+    if spec.startswith("lmdb://"):
+        path = spec[len("lmdb://") :]
+        if not path:
+            raise ValueError(f"KVS spec {spec!r} names no directory (e.g. 'lmdb:///tmp/kvs')")
+        return LMDBStore(path)
+    if spec.startswith(("redis://", "rediss://")):
+        return RedisStore(spec)
+    raise ValueError(
+        f"unknown KVS spec {spec!r}: expected 'memory', 'lmdb://PATH' or "
+        "'redis://host:port/db'"
+    )
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _key(key: str) -> str:
     if not isinstance(key, str):
         raise TypeError(f"KVS keys are strings, got {type(key).__name__}: {key!r}")
     return key
+
+
+def _keys(keys: Sequence[str]) -> list[str]:
+    return [_key(k) for k in keys]
+
+
+def _dumps(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+
+
+def _loads_or_none(blob: Any) -> Any:
+    # `blob` may be a buffer over LMDB's mapped pages: unpickling copies out of it once.
+    return None if blob is None else pickle.loads(blob)
