@@ -1,0 +1,329 @@
+"""Helpers shared by the benchmarks: timing loops, percentiles, result files, tables.
+
+A benchmark measures with `sequential` (one request at a time: latency) and
+`closed_loop` (a fixed number of requests in flight: throughput), builds records
+with `record`, then calls `write_json`, `print_table` and a plot helper. Records follow
+DESIGN.md: {"scenario", "system", "median_ms", "p99_ms", "throughput_rps", ...extra}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+Record = dict[str, Any]
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags every benchmark takes: `--quick` (a short run) and `--out` (folder)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args
+
+
+# --- statistics -----------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of unsorted values; nan when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize(latencies_ms: Sequence[float]) -> dict[str, float]:
+    """median_ms, p99_ms, mean_ms, min_ms and the sample count of latencies in ms."""
+    return {
+        "median_ms": percentile(latencies_ms, 50),
+        "p99_ms": percentile(latencies_ms, 99),
+        "mean_ms": sum(latencies_ms) / len(latencies_ms) if latencies_ms else math.nan,
+        "min_ms": min(latencies_ms) if latencies_ms else math.nan,
+        "n": len(latencies_ms),
+    }
+
+
+def record(
+    scenario: str,
+    system: str,
+    latencies_ms: Sequence[float] | None = None,
+    throughput_rps: float | None = None,
+    **extra: Any,
+) -> Record:
+    """One result record; fields a measurement did not produce are None (null in JSON)."""
+    stats: dict[str, Any] = (
+        summarize(latencies_ms)
+        if latencies_ms
+        else {"median_ms": None, "p99_ms": None, "mean_ms": None, "min_ms": None, "n": 0}
+    )
+    return {
+        "scenario": scenario,
+        "system": system,
+        "median_ms": stats.pop("median_ms"),
+        "p99_ms": stats.pop("p99_ms"),
+        "throughput_rps": throughput_rps,
+        **stats,
+        **extra,
+    }
+
+
+# --- measurement loops ------------------------------------------------------------
+
+
+def sequential(
+    call: Callable[[], Any],
+    n: int,
+    *,
+    warmup: int = 0,
+    budget_s: float | None = None,
+    min_n: int = 5,
+) -> list[float]:
+    """Latencies in ms of `n` back-to-back `call()`s after `warmup` unmeasured ones.
+
+    With `budget_s`, stop early once that many seconds passed and `min_n` calls were
+    measured (so a slow configuration cannot make a run unbounded)."""
+    for _ in range(warmup):
+        call()
+    latencies: list[float] = []
+    start = time.perf_counter()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        latencies.append((time.perf_counter() - t0) * 1e3)
+        over_budget = budget_s is not None and time.perf_counter() - start > budget_s
+        if over_budget and len(latencies) >= min_n:
+            break
+    return latencies
+
+
+def closed_loop(
+    submit: Callable[[], Future[Any]],
+    total: int,
+    in_flight: int,
+    *,
+    timeout_s: float = 120.0,
+) -> tuple[float, list[float], int]:
+    """Keep `in_flight` requests outstanding until `total` completed.
+
+    `submit()` starts one request and returns a concurrent.futures.Future. Returns
+    (throughput in req/s, per-request latencies in ms, failures). Gives up after
+    `timeout_s` seconds and reports what completed by then."""
+    slots = threading.Semaphore(in_flight)
+    lock = threading.Lock()
+    all_done = threading.Event()
+    latencies: list[float] = []
+    failures = [0]
+    finished = [0]
+
+    def on_done(t0: float, future: Future[Any]) -> None:
+        elapsed = (time.perf_counter() - t0) * 1e3
+        with lock:
+            if future.cancelled() or future.exception() is not None:
+                failures[0] += 1
+            else:
+                latencies.append(elapsed)
+            finished[0] += 1
+            if finished[0] >= total:
+                all_done.set()
+        slots.release()
+
+    start = time.perf_counter()
+    deadline = start + timeout_s
+    for _ in range(total):
+        if not slots.acquire(timeout=max(0.0, deadline - time.perf_counter())):
+            log.warning("closed loop: timed out after %.0f s", timeout_s)
+            break
+        t0 = time.perf_counter()
+        future = submit()
+        future.add_done_callback(lambda f, t0=t0: on_done(t0, f))
+    all_done.wait(timeout=max(0.0, deadline - time.perf_counter()))
+    elapsed = time.perf_counter() - start
+    with lock:
+        done = len(latencies)
+        return done / elapsed if elapsed > 0 else 0.0, list(latencies), failures[0]
+
+
+class ThreadedSubmitter:
+    """A fixed pool of threads running a blocking `call()`; `submit()` gives a Future.
+
+    Cheaper than a thread per request when a peer's client only offers blocking calls."""
+
+    def __init__(self, call: Callable[[], Any], threads: int) -> None:
+        self._call = call
+        self._jobs: list[Future[Any]] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, daemon=True, name=f"bench-client-{i}")
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._cv:
+            self._jobs.append(future)
+            self._cv.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._jobs:
+                    return
+                future = self._jobs.pop(0)
+            try:
+                future.set_result(self._call())
+            except BaseException as error:
+                future.set_exception(error)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+
+def interleaved(
+    measure: dict[str, Callable[[int], list[float]]], n: int, *, rounds: int = 10
+) -> dict[str, list[float]]:
+    """Latencies (ms) of several systems measured in alternating rounds, so background
+    noise on a shared machine falls on all of them alike. `measure[name](k)` measures
+    k sequential requests of that system and returns their latencies."""
+    out: dict[str, list[float]] = {name: [] for name in measure}
+    per_round = max(1, n // rounds)
+    for _ in range(rounds):
+        for name, run in measure.items():
+            out[name].extend(run(per_round))
+    return out
+
+
+# --- environment ------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on, stored with every result file."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (math.nan, math.nan, math.nan)
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_1m": round(load[0], 2),
+    }
+
+
+# --- output -----------------------------------------------------------------------
+
+
+def write_json(name: str, records: list[Record], out_dir: Path = RESULTS_DIR) -> Path:
+    """Write `out_dir/NAME.json`: the list of records, each with a "machine" field
+    (cpus, python, load average) saying what it was measured on."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    machine = machine_info()
+    rows = [{**r, "machine": r.get("machine", machine)} for r in records]
+    path.write_text(json.dumps([_jsonable(r) for r in rows], indent=1) + "\n")
+    log.info("wrote %s", path)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else round(value, 4)
+    if hasattr(value, "item"):  # numpy scalars
+        return _jsonable(value.item())
+    return value
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{digits + 1}g}"
+    return str(value)
+
+
+def print_table(
+    records: Iterable[Record],
+    columns: Sequence[str] = ("scenario", "system", "median_ms", "p99_ms", "throughput_rps"),
+    title: str | None = None,
+) -> None:
+    """Print records as an aligned text table (benchmark CLI output)."""
+    rows = [[fmt(r.get(c)) for c in columns] for r in records]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
+    if title:
+        print(f"\n== {title} ==")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (8.0, 5.0)) -> Any:
+    """A matplotlib (figure, axes) on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+
+
+def save_figure(fig: Any, name: str, out_dir: Path = RESULTS_DIR) -> Path:
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log.info("wrote %s", path)
+    return path
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is zero."""
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
