@@ -185,14 +185,23 @@ class _EnvHandle:
 
 _envs: dict[str, _EnvHandle] = {}
 _envs_lock = threading.Lock()
-# Environments inherited through fork: kept referenced, never used or closed in the child.
-_inherited: list[_EnvHandle] = []
+# Environments inherited through fork: kept referenced, never used or closed in the child
+# (closing one there would clear the parent's reader slots in the shared lock table).
+_inherited: dict[str, _EnvHandle] = {}
+
+_FORK_HINT = (
+    "LMDB environment {path} was open in the parent when this process was forked: "
+    "it cannot be used or reopened here (py-lmdb refuses to open an environment twice in "
+    "one process, and closing the inherited one would break the parent's readers). "
+    "Start workers with the 'spawn' or 'forkserver' method and open the store there "
+    "by its address, or fork before opening it."
+)
 
 
 def _forget_envs_after_fork() -> None:
-    for handle in _envs.values():
+    for path, handle in _envs.items():
         handle.stale = True
-        _inherited.append(handle)
+        _inherited[path] = handle
     _envs.clear()
     global _envs_lock
     _envs_lock = threading.Lock()
@@ -205,6 +214,8 @@ def _acquire_env(path: str, map_size: int) -> _EnvHandle:
     with _envs_lock:
         handle = _envs.get(path)
         if handle is None:
+            if path in _inherited:
+                raise RuntimeError(_FORK_HINT.format(path=path))
             handle = _envs[path] = _EnvHandle(path, map_size)
         handle.refs += 1
         return handle
@@ -227,8 +238,10 @@ def _release_store(handle: _EnvHandle, owned_dir: str | None) -> None:
 
 
 class LMDBStore:
-    """An LMDB environment in directory `path`, safe to open from several processes
-    (each opens its own; a store used in a forked child reopens itself there).
+    """An LMDB environment in directory `path`, safe to open from several processes at
+    once: each process opens its own (a store pickles as its address, so a worker
+    started with 'spawn' or 'forkserver' reopens it). A process forked while the
+    environment was open here cannot use it: RuntimeError, with that advice.
 
     `path=None` makes a temporary directory, removed when this store is closed.
     The memory map starts at `map_size` bytes and doubles whenever a write does not fit.
@@ -333,14 +346,10 @@ class LMDBStore:
 
     def _env(self) -> _EnvHandle:
         handle = self._handle
-        if handle.stale or self._closed:
-            if self._closed:
-                raise ValueError(f"{self!r} is closed")
-            # Forked from the process that opened the environment: open our own.
-            self._finalizer.detach()
-            handle = self._handle = _acquire_env(self.path, self._map_size)
-            self._owned_dir = None  # the parent owns the temporary directory
-            self._finalizer = weakref.finalize(self, _release_store, handle, None)
+        if handle.stale:
+            raise RuntimeError(_FORK_HINT.format(path=self.path))
+        if self._closed:
+            raise ValueError(f"{self!r} is closed")
         return handle
 
     def _bkey(self, handle: _EnvHandle, key: str) -> bytes:
