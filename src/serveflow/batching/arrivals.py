@@ -1,0 +1,328 @@
+"""Arrival processes: a sliding-window log of arrival times and a Markovian arrival
+process (MAP) fitted to it.
+
+A MAP with `m` phases is a pair of `m x m` matrices: `d0` holds the rates of phase
+changes without an arrival (its diagonal makes each row of `d0 + d1` sum to zero),
+`d1` the rates of arrivals (and the phase they lead to). Poisson is the one-phase
+MAP `d0 = [[-rate]]`, `d1 = [[rate]]`; a 2-state MMPP (bursty traffic switching
+between a low and a high rate) has a diagonal `d1`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import gammaln
+
+log = logging.getLogger(__name__)
+
+# Inter-arrival samples needed before fitting more than a Poisson process.
+MIN_SAMPLES_FOR_MMPP = 200
+MAX_LAG = 20
+# The bursty fit counts arrivals in windows of about this many mean gaps.
+COUNTS_PER_WINDOW = 8
+MAX_WINDOWS = 600
+
+
+@dataclass(frozen=True, eq=False)
+class MAP:
+    """A Markovian arrival process `(d0, d1)`; see the module docstring."""
+
+    d0: np.ndarray
+    d1: np.ndarray
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        d0 = np.atleast_2d(np.asarray(self.d0, dtype=float))
+        d1 = np.atleast_2d(np.asarray(self.d1, dtype=float))
+        if d0.shape != d1.shape or d0.shape[0] != d0.shape[1]:
+            raise ValueError(f"MAP: d0 and d1 must be square and alike, got {d0.shape}, {d1.shape}")
+        if np.any(d1 < 0) or not np.allclose((d0 + d1).sum(axis=1), 0.0, atol=1e-9 * abs(d0).max()):
+            raise ValueError("MAP: d1 must be >= 0 and the rows of d0 + d1 must sum to 0")
+        object.__setattr__(self, "d0", d0)
+        object.__setattr__(self, "d1", d1)
+
+    @staticmethod
+    def poisson(rate: float) -> MAP:
+        if rate <= 0:
+            raise ValueError(f"MAP.poisson: rate must be > 0, got {rate}")
+        return MAP(np.array([[-rate]]), np.array([[rate]]))
+
+    @staticmethod
+    def mmpp2(rate_low: float, rate_high: float, to_high: float, to_low: float) -> MAP:
+        """Arrivals at `rate_low` or `rate_high`; the phase switches at `to_high` (low to
+        high) and `to_low` (high to low) per second."""
+        if min(rate_low, rate_high) < 0 or min(to_high, to_low) <= 0 or rate_low + rate_high <= 0:
+            raise ValueError("MAP.mmpp2: rates must be >= 0 and switching rates > 0")
+        d1 = np.diag([rate_low, rate_high])
+        d0 = np.array([[-rate_low - to_high, to_high], [to_low, -rate_high - to_low]])
+        return MAP(d0, d1)
+
+    @property
+    def phases(self) -> int:
+        return self.d0.shape[0]
+
+    @property
+    def is_poisson(self) -> bool:
+        return self.phases == 1
+
+    def _stationary(self) -> np.ndarray:
+        """Time-stationary phase distribution (of the generator d0 + d1)."""
+        if "theta" not in self._cache:
+            q = self.d0 + self.d1
+            a = np.vstack([q.T, np.ones(self.phases)])
+            b = np.zeros(self.phases + 1)
+            b[-1] = 1.0
+            self._cache["theta"] = np.linalg.lstsq(a, b, rcond=None)[0]
+        return self._cache["theta"]
+
+    @property
+    def rate(self) -> float:
+        """Mean arrivals per second."""
+        return float(self._stationary() @ self.d1.sum(axis=1))
+
+    @property
+    def phase_rates(self) -> np.ndarray:
+        """Arrival rate while in each phase."""
+        return self.d1.sum(axis=1)
+
+    @property
+    def arrival_phase(self) -> np.ndarray:
+        """Phase distribution just after an arrival, in steady state."""
+        pi = self._stationary() @ self.d1
+        return pi / pi.sum()
+
+    def embedded(self) -> np.ndarray:
+        """Phase-to-phase transition matrix from one arrival to the next."""
+        return np.linalg.solve(-self.d0, self.d1)
+
+    def moment(self, k: int) -> float:
+        """k-th moment of the stationary inter-arrival time."""
+        inv = np.linalg.inv(-self.d0)
+        v = np.ones(self.phases)
+        for _ in range(k):
+            v = inv @ v
+        return float(math.factorial(k) * self.arrival_phase @ v)
+
+    @property
+    def cv2(self) -> float:
+        m1 = self.moment(1)
+        return self.moment(2) / m1**2 - 1.0
+
+    def autocorrelation(self, lag: int = 1) -> float:
+        """Lag-`lag` autocorrelation of successive inter-arrival times."""
+        inv = np.linalg.inv(-self.d0)
+        m1 = self.moment(1)
+        var = self.moment(2) - m1**2
+        if var <= 0:
+            return 0.0
+        p = np.linalg.matrix_power(self.embedded(), lag)
+        joint = float(self.arrival_phase @ inv @ p @ inv @ np.ones(self.phases))
+        return (joint - m1**2) / var
+
+    def sample(self, count: int, rng: np.random.Generator, start: float = 0.0) -> np.ndarray:
+        """`count` arrival times (seconds, increasing) drawn from this process."""
+        total = -np.diag(self.d0)
+        phase = int(rng.choice(self.phases, p=self.arrival_phase))
+        jumps = np.hstack([self.d0 - np.diag(np.diag(self.d0)), self.d1])  # m x 2m
+        probs = jumps / jumps.sum(axis=1, keepdims=True)
+        times = np.empty(count)
+        now, n = start, 0
+        # Bounded: every loop step either records an arrival or changes phase; phase
+        # changes between arrivals are finite with probability 1, cap them anyway.
+        for _ in range(count * 10_000):
+            if n == count:
+                break
+            now += rng.exponential(1.0 / total[phase])
+            target = int(rng.choice(2 * self.phases, p=probs[phase]))
+            if target >= self.phases:
+                times[n] = now
+                n += 1
+            phase = target % self.phases
+        return times[:n]
+
+    def describe(self) -> str:
+        if self.is_poisson:
+            return f"Poisson({self.rate:.3g}/s)"
+        if self.phases == 2 and np.allclose(self.d1, np.diag(np.diag(self.d1))):
+            lo, hi = np.diag(self.d1)
+            return (
+                f"MMPP2(rates {lo:.3g}/{hi:.3g}/s, switch {self.d0[0, 1]:.3g}/"
+                f"{self.d0[1, 0]:.3g}/s, mean {self.rate:.3g}/s)"
+            )
+        return f"MAP({self.phases} phases, {self.rate:.3g}/s)"
+
+
+def interarrival_stats(gaps: np.ndarray) -> dict[str, float]:
+    """Mean, squared coefficient of variation, lag-1 autocorrelation and the decay
+    factor of the autocorrelations of a sequence of inter-arrival times."""
+    gaps = np.asarray(gaps, dtype=float)
+    mean = float(gaps.mean())
+    var = float(gaps.var())
+    cv2 = var / mean**2 if mean > 0 else 1.0
+    centred = gaps - mean
+    lags = min(MAX_LAG, len(gaps) // 4)
+    rho = np.array(
+        [
+            float(centred[:-k] @ centred[k:]) / (len(gaps) * var) if var > 0 else 0.0
+            for k in range(1, lags + 1)
+        ]
+    )
+    rho1 = float(rho[0]) if lags else 0.0
+    # Autocorrelations of a 2-phase MAP decay geometrically: rho_k = rho_1 * decay^(k-1).
+    decay = 0.0
+    if lags >= 3 and rho1 > 0:
+        decay = float(np.clip(rho[1:].sum() / max(rho[:-1].sum(), 1e-12), 0.0, 0.999))
+    return {"mean": mean, "cv2": cv2, "rho1": rho1, "decay": decay}
+
+
+def looks_poisson(stats: dict[str, float], samples: int) -> bool:
+    """Smooth traffic: CV^2 of inter-arrivals near 1 (or below: modelled as Poisson,
+    which is pessimistic for smoother traffic) and no correlation between gaps."""
+    tolerance = max(0.15, 4.0 / math.sqrt(max(samples, 1)))
+    corr_tolerance = max(0.05, 3.0 / math.sqrt(max(samples, 1)))
+    return stats["cv2"] < 1.0 + tolerance and abs(stats["rho1"]) < corr_tolerance
+
+
+def fit_map(gaps: np.ndarray) -> MAP:
+    """Fit a MAP to consecutive inter-arrival times (seconds): Poisson when smooth,
+    else a 2-state MMPP fitted by a few EM (Baum-Welch) iterations on arrival counts
+    per short window, a Poisson hidden Markov model whose two states are the phases."""
+    gaps = np.asarray(gaps, dtype=float)
+    gaps = gaps[gaps >= 0]
+    if len(gaps) == 0 or gaps.mean() <= 0:
+        raise ValueError("fit_map: need at least one positive inter-arrival time")
+    stats = interarrival_stats(gaps)
+    rate = 1.0 / stats["mean"]
+    if len(gaps) < MIN_SAMPLES_FOR_MMPP or looks_poisson(stats, len(gaps)):
+        return MAP.poisson(rate)
+    fitted = _fit_mmpp2(np.cumsum(gaps), rate)
+    return fitted if fitted is not None else MAP.poisson(rate)
+
+
+def _fit_mmpp2(times: np.ndarray, rate: float, iterations: int = 20) -> MAP | None:
+    """Baum-Welch for a 2-state Poisson HMM on counts per window of ~8 mean gaps;
+    None when the two states come out too alike to be worth a second phase."""
+    span = float(times[-1] - times[0])
+    windows = int(min(MAX_WINDOWS, max(20, len(times) // COUNTS_PER_WINDOW)))
+    width = span / windows
+    counts = np.histogram(times, bins=windows, range=(times[0], times[-1]))[0].astype(float)
+    lo_guess = counts[counts <= np.median(counts)].mean()
+    hi_guess = (
+        counts[counts > np.median(counts)].mean() if np.any(counts > np.median(counts)) else 0
+    )
+    lam = np.array([max(lo_guess, 1e-3), max(hi_guess, lo_guess * 1.5, 1e-2)])
+    trans = np.array([[0.9, 0.1], [0.1, 0.9]])
+    start = np.array([0.5, 0.5])
+    log_fact = gammaln(counts + 1.0)
+    for _ in range(iterations):
+        emit = np.exp(counts[:, None] * np.log(lam)[None, :] - lam[None, :] - log_fact[:, None])
+        emit = np.maximum(emit, 1e-300)
+        alpha = np.empty((windows, 2))
+        scale = np.empty(windows)
+        a = start * emit[0]
+        for t in range(windows):
+            if t:
+                a = (alpha[t - 1] @ trans) * emit[t]
+            scale[t] = a.sum()
+            alpha[t] = a / scale[t]
+        beta = np.empty((windows, 2))
+        beta[-1] = 1.0
+        for t in range(windows - 2, -1, -1):
+            beta[t] = trans @ (emit[t + 1] * beta[t + 1]) / scale[t + 1]
+        gamma = alpha * beta
+        gamma /= gamma.sum(axis=1, keepdims=True)
+        xi = (
+            alpha[:-1, :, None]
+            * trans[None]
+            * (emit[1:] * beta[1:])[:, None, :]
+            / scale[1:, None, None]
+        )
+        start = gamma[0]
+        lam = np.maximum((gamma * counts[:, None]).sum(axis=0) / gamma.sum(axis=0), 1e-6)
+        trans = xi.sum(axis=0) / np.maximum(xi.sum(axis=(0, 2))[:, None], 1e-300)
+    order = np.argsort(lam)
+    lam, trans = lam[order], trans[np.ix_(order, order)]
+    if lam[1] < 1.3 * lam[0] or min(trans[0, 1], trans[1, 0]) <= 0:
+        return None
+    # Per-window switch probabilities to rates; the mean rate is kept exactly.
+    to_high = -math.log(max(1.0 - trans[0, 1], 1e-9)) / width
+    to_low = -math.log(max(1.0 - trans[1, 0], 1e-9)) / width
+    share_high = to_high / (to_high + to_low)
+    fitted_mean = (lam[0] * (1 - share_high) + lam[1] * share_high) / width
+    scale_rates = rate / fitted_mean
+    fitted = MAP.mmpp2(lam[0] / width * scale_rates, lam[1] / width * scale_rates, to_high, to_low)
+    log.debug("fitted %s over %d windows", fitted.describe(), windows)
+    return fitted
+
+
+class ArrivalLog:
+    """Arrival times of the last `window_s` seconds (at most `max_events`)."""
+
+    def __init__(self, window_s: float = 30.0, max_events: int = 20_000) -> None:
+        if window_s <= 0 or max_events < 2:
+            raise ValueError("ArrivalLog: window_s must be > 0 and max_events >= 2")
+        self.window_s = window_s
+        self._times: deque[float] = deque(maxlen=max_events)
+        self.total = 0
+
+    def record(self, now: float) -> None:
+        self._times.append(now)
+        self.total += 1
+
+    def _trim(self, now: float) -> None:
+        while self._times and self._times[0] < now - self.window_s:
+            self._times.popleft()
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    def times(self, now: float) -> np.ndarray:
+        self._trim(now)
+        return np.fromiter(self._times, dtype=float, count=len(self._times))
+
+    def rate(self, now: float, over_s: float | None = None) -> float:
+        """Arrivals per second over the last `over_s` seconds (default: the window,
+        or the span of the log when shorter)."""
+        self._trim(now)
+        if not self._times:
+            return 0.0
+        span = over_s if over_s is not None else min(self.window_s, now - self._times[0])
+        if span <= 0:
+            return 0.0
+        cutoff = now - span
+        count = sum(1 for t in reversed(self._times) if t >= cutoff) if over_s else len(self._times)
+        return count / span
+
+    def fit(self, now: float) -> MAP | None:
+        """A MAP fitted to the window, or None with fewer than 3 arrivals."""
+        times = self.times(now)
+        if len(times) < 3:
+            return None
+        gaps = np.diff(times)
+        if gaps.mean() <= 0:
+            return None
+        return fit_map(gaps)
+
+    def rate_shift(self, now: float, fitted: MAP, over_s: float = 2.0) -> bool:
+        """True when the rate of the last `over_s` seconds is far outside what the
+        fitted process produces (above 1.5x its fastest phase or below 2/3 of its
+        slowest), and the count is large enough to tell."""
+        self._trim(now)
+        if not self._times or now - self._times[0] < over_s:
+            return False
+        recent = self.rate(now, over_s)
+        expected_hi = float(fitted.phase_rates.max())
+        expected_lo = float(fitted.phase_rates.min())
+        count = recent * over_s
+        if recent > 1.5 * expected_hi:
+            z = (count - expected_hi * over_s) / math.sqrt(max(expected_hi * over_s, 1.0))
+            return z > 4.0
+        if recent < expected_lo / 1.5:
+            z = (expected_lo * over_s - count) / math.sqrt(max(expected_lo * over_s, 1.0))
+            return z > 4.0
+        return False
