@@ -1,0 +1,48 @@
+"""Bearer-token check for every path but the health checks (pure ASGI middleware).
+
+The dashboard page `/` is static and holds no data, so it is served without a token
+(a browser cannot attach one to a navigation); its script reads the token from the
+URL fragment (`/#token=...`, never sent to the server) and sends it as a Bearer
+header on the data requests, which all need it.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serveflow.serving.codecs import encode_json
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+
+
+class BearerAuth:
+    """Answers 401 unless the request carries `Authorization: Bearer <token>`."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
+            return
+        reason = "missing" if not given else "wrong"
+        body = encode_json({"error": f"unauthorized: {reason} 'Authorization: Bearer' token"})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="serveflow"'),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,201 @@
+"""`serveflow`: serve flows over HTTP, or print their optimized plans.
+
+serveflow serve PATH.py[:NAME] [--host 127.0.0.1] [--port 8000] [--workers N] ...
+serveflow explain PATH.py[:NAME] [--rules fusion=off,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import serveflow as sf
+from serveflow.serving.loader import LoadError, load_flows
+
+log = logging.getLogger(__name__)
+
+TARGET_HELP = (
+    "a Python file defining flows: PATH.py serves every module-level sf.Flow; "
+    "PATH.py:NAME picks one, NAME being a Flow or a function returning one "
+    "(e.g. examples/comments.py:build_flow)"
+)
+DESCRIPTION = """\
+serveflow serves prediction pipelines (sf.Flow) over HTTP on the embedded runtime.
+
+HTTP API (see /openapi.json on a running server):
+  POST /v1/flows/NAME/predict  body {"rows": [{...}]} or {"columns": {...}} (JSON), or a
+                               .npz archive (Content-Type: application/x-npz, one array per
+                               column); answers {"rows": [...]} (or .npz with
+                               Accept: application/x-npz). Header X-Request-Timeout-Ms sets a
+                               deadline (504 past it).
+  GET  /v1/flows               flows with schema, SLO, explain() and plan graph
+  GET  /v1/flows/NAME/stats    live per-stage figures
+  GET  /healthz /readyz        liveness and readiness (never need a token)
+  GET  /metrics                Prometheus text format
+  GET  /                       live dashboard (with a token: open /#token=TOKEN)
+Errors are JSON {"error": ...}: 400 malformed body, 401 token, 404 unknown flow,
+413 body too large, 422 wrong columns/types, 500 operator failed, 503 overloaded
+(Retry-After), 504 deadline passed.
+"""
+
+
+def _parse_rules(text: str | None) -> sf.Rules | None:
+    """`fusion=off,compete=on,compete_replicas=2` -> sf.Rules(...)."""
+    if not text:
+        return None
+    fields = {f.name: f.type for f in dataclasses.fields(sf.Rules)}
+    values: dict[str, object] = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise argparse.ArgumentTypeError(
+                f"--rules: expected KEY=VALUE with KEY in {sorted(fields)}, got {item!r}"
+            )
+        raw = raw.strip().lower()
+        if key == "compete_replicas":
+            values[key] = int(raw)
+        elif raw in ("on", "true", "1", "yes"):
+            values[key] = True
+        elif raw in ("off", "false", "0", "no"):
+            values[key] = False
+        else:
+            raise argparse.ArgumentTypeError(f"--rules: {key} must be on or off, got {raw!r}")
+    return sf.Rules(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="serveflow",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"serveflow {sf.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="deploy flows on the embedded runtime and serve them over HTTP",
+        description="Deploy the flows of a Python file and serve them over HTTP until "
+        "SIGTERM/SIGINT (then: stop accepting, finish in-flight requests, stop workers).",
+    )
+    serve.add_argument("target", metavar="PATH.py[:NAME]", help=TARGET_HELP)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="workers per stage (default: the runtime's default)",
+    )
+    serve.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests a flow holds at once; more get 503 with Retry-After",
+    )
+    serve.add_argument(
+        "--token",
+        default=os.environ.get("SERVEFLOW_TOKEN") or None,
+        help="require 'Authorization: Bearer TOKEN' on all but /healthz and /readyz "
+        "(default: $SERVEFLOW_TOKEN; prefer the variable, a command line is visible to ps)",
+    )
+    serve.add_argument(
+        "--max-body-mb", type=float, default=16.0, help="request body limit in MB (default 16)"
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let in-flight requests finish on shutdown (default 30)",
+    )
+    serve.add_argument(
+        "--rules",
+        default=None,
+        metavar="K=V,...",
+        help="optimizer rules, e.g. fusion=off,compete=on,compete_replicas=2",
+    )
+    serve.add_argument("--debug", action="store_true", help="include tracebacks in 500 responses")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default info)",
+    )
+
+    explain = commands.add_parser(
+        "explain",
+        help="print the optimized plan of each flow",
+        description="Print sf.optimize(flow, rules).explain() for each flow of a file.",
+    )
+    explain.add_argument("target", metavar="PATH.py[:NAME]", help=TARGET_HELP)
+    explain.add_argument("--rules", default=None, metavar="K=V,...", help="optimizer rules")
+    return parser
+
+
+def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | None) -> int:
+    from serveflow.serving.server import Server
+
+    options: dict[str, int] = {}
+    if args.workers is not None:
+        options["workers_per_stage"] = args.workers
+    if args.max_in_flight is not None:
+        options["max_in_flight"] = args.max_in_flight
+    runtime = sf.LocalRuntime(**options)
+    try:
+        apps = {flow.name: flow.deploy(rules=rules, runtime=runtime) for flow in flows}
+        server = Server(
+            apps,
+            host=args.host,
+            port=args.port,
+            token=args.token,
+            debug=args.debug,
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+            drain_timeout=args.drain_timeout,
+            log_level=args.log_level,
+        )
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+            log.warning(
+                "serving on %s without a token: anyone who reaches it can call it", args.host
+            )
+        print(
+            f"serveflow: serving {', '.join(apps)} on {server.url} "
+            f"(dashboard {server.url}/, metrics {server.url}/metrics)",
+            flush=True,
+        )
+        server.run()
+    finally:
+        runtime.stop()
+    print("serveflow: stopped", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, getattr(args, "log_level", "info").upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        rules = _parse_rules(args.rules)
+        flows = load_flows(args.target)
+        if args.command == "explain":
+            print("\n\n".join(sf.optimize(flow, rules).explain() for flow in flows))
+            return 0
+        return _serve(args, flows, rules)
+    except (LoadError, argparse.ArgumentTypeError, sf.FlowError) as error:
+        print(f"serveflow: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Prometheus metrics of one server, in its own CollectorRegistry.
+
+End-to-end figures are recorded by the HTTP layer as requests finish; per-stage figures
+are read from each deployment's `app.stats()` at scrape time by `StageCollector`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from serveflow.runtime.app import App
+from serveflow.runtime.stats import percentile
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)  # fmt: skip
+UNKNOWN_FLOW = "(unknown)"  # the label of requests for flows that do not exist
+
+
+class StageCollector(Collector):
+    """Per-stage gauges and counters from `app.stats()` of every deployed flow."""
+
+    def __init__(self, apps: Mapping[str, App]) -> None:
+        self._apps = apps
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["flow", "stage"]
+        requests = CounterMetricFamily(
+            "serveflow_stage_requests", "Requests a stage has finished.", labels=labels
+        )
+        latency = GaugeMetricFamily(
+            "serveflow_stage_latency_seconds",
+            "Stage latency (queue + run) over a recent window, at quantile 0.5 and 0.99.",
+            labels=[*labels, "quantile"],
+        )
+        queue = GaugeMetricFamily(
+            "serveflow_stage_queue_length", "Requests waiting for the stage.", labels=labels
+        )
+        workers = GaugeMetricFamily(
+            "serveflow_stage_workers", "Workers serving the stage.", labels=labels
+        )
+        cold = CounterMetricFamily(
+            "serveflow_stage_cold_starts", "Times a worker loaded the stage.", labels=labels
+        )
+        batch_mean = GaugeMetricFamily(
+            "serveflow_stage_batch_size_mean", "Mean requests per stage call.", labels=labels
+        )
+        batch_limit = GaugeMetricFamily(
+            "serveflow_stage_batch_size_limit",
+            "Current most requests per call of a batching stage.",
+            labels=labels,
+        )
+        batch_timeout = GaugeMetricFamily(
+            "serveflow_stage_batch_timeout_seconds",
+            "Current wait for a batching stage's batch to fill.",
+            labels=labels,
+        )
+        for flow, app in self._apps.items():
+            for stage, s in app.stats().items():
+                key = [flow, stage]
+                requests.add_metric(key, s.get("requests", 0))
+                latency.add_metric([*key, "0.5"], s.get("p50_ms", 0.0) / 1e3)
+                latency.add_metric([*key, "0.99"], s.get("p99_ms", 0.0) / 1e3)
+                queue.add_metric(key, s.get("queue", 0))
+                workers.add_metric(key, s.get("workers", 0))
+                cold.add_metric(key, s.get("cold_starts", 0))
+                batch_mean.add_metric(key, s.get("batch_mean", 0.0))
+                if "batch_size" in s:
+                    batch_limit.add_metric(key, s["batch_size"])
+                    batch_timeout.add_metric(key, s.get("timeout_ms", 0.0) / 1e3)
+        yield from (requests, latency, queue, workers, cold, batch_mean, batch_limit)
+        yield batch_timeout
+
+
+class LatencyWindow:
+    """The last `size` end-to-end latencies and finish times of one flow, for the
+    dashboard's percentiles and throughput (Prometheus keeps the histogram)."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self._lock = threading.Lock()
+        self._entries: deque[tuple[float, float]] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._entries.append((time.monotonic(), seconds))
+
+    def summary(self, horizon_s: float = 5.0) -> dict[str, float]:
+        """p50/p99 (ms) over the window; req/s over the last `horizon_s` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            entries = list(self._entries)
+        latencies = sorted(seconds for _, seconds in entries)
+        recent = sum(1 for finished, _ in entries if now - finished <= horizon_s)
+        return {
+            "p50_ms": percentile(latencies, 0.50) * 1e3,
+            "p99_ms": percentile(latencies, 0.99) * 1e3,
+            "throughput_rps": recent / horizon_s,
+        }
+
+
+class ServingMetrics:
+    """Everything one server exports on /metrics."""
+
+    def __init__(self, apps: Mapping[str, App]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "serveflow_requests",
+            "Prediction requests by flow and HTTP status.",
+            ["flow", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "serveflow_request_duration_seconds",
+            "End-to-end prediction latency seen by the HTTP server (body read to response).",
+            ["flow"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.shed = Counter(
+            "serveflow_shed_requests",
+            "Requests refused because the deployment was overloaded.",
+            ["flow"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "serveflow_requests_in_flight",
+            "Prediction requests the HTTP server is handling.",
+            ["flow"],
+            registry=self.registry,
+        )
+        self.registry.register(StageCollector(apps))
+        self.windows = {name: LatencyWindow() for name in apps}
+        for name in apps:  # so every flow shows up at 0 before its first request
+            self.duration.labels(name)
+            self.shed.labels(name)
+            self.in_flight.labels(name)
+
+    def observe(self, flow: str, status: int, seconds: float) -> None:
+        self.requests.labels(flow, str(status)).inc()
+        if flow in self.windows:
+            self.duration.labels(flow).observe(seconds)
+            if status < 400:
+                self.windows[flow].add(seconds)
+
+    def http_summary(self, flow: str) -> dict[str, Any]:
+        """Counts by status and the recent latency summary of one flow."""
+        by_status: dict[str, float] = {}
+        for metric in self.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.labels["flow"] == flow:
+                    by_status[sample.labels["status"]] = sample.value
+        return {"by_status": by_status, **self.windows[flow].summary()}
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

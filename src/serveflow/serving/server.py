@@ -1,0 +1,137 @@
+"""Running the HTTP app on uvicorn: in the foreground (the CLI) or in a thread.
+
+Shutdown (SIGTERM/SIGINT in the foreground, `stop()` in a thread): /readyz turns 503,
+the listening socket closes, in-flight requests finish (up to `drain_timeout`), then
+the ASGI lifespan ends and every deployment is stopped (its workers drained).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import uvicorn
+
+from serveflow.runtime.app import App
+from serveflow.serving.app import DEFAULT_MAX_BODY_BYTES, ServingState, create_app
+
+log = logging.getLogger(__name__)
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, marking the app not ready as soon as shutdown is asked for."""
+
+    def __init__(self, config: uvicorn.Config, state: ServingState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._state.draining = True
+        super().handle_exit(sig, frame)
+
+
+class Server:
+    """Serve deployed flows (flow name -> App) over HTTP.
+
+        server = Server(apps, port=8000); server.run()   # foreground, until SIGTERM
+        with Server(apps, port=0) as server:             # background thread, any port
+            httpx.get(server.url + "/healthz")
+
+    The server stops the apps when it stops (`stop_apps=False` to keep them).
+    """
+
+    def __init__(
+        self,
+        apps: Mapping[str, App],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        token: str | None = None,
+        debug: bool = False,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        drain_timeout: float = 30.0,
+        stop_apps: bool = True,
+        log_level: str = "warning",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.asgi = create_app(
+            apps, token=token, debug=debug, max_body_bytes=max_body_bytes, stop_apps=stop_apps
+        )
+        self.state: ServingState = self.asgi.state.serving
+        config = uvicorn.Config(
+            self.asgi,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=max(1, round(drain_timeout)),
+        )
+        self._uvicorn = _DrainingServer(config, self.state)
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def bind(self) -> socket.socket:
+        """Open the listening socket now (idempotent); `port=0` picks a free port,
+        after which `port` and `url` tell the one chosen."""
+        if self._socket is None:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            self.port = sock.getsockname()[1]
+            self._socket = sock
+        return self._socket
+
+    def run(self) -> None:
+        """Serve in this thread until SIGTERM or SIGINT, then shut down gracefully."""
+        sock = self.bind()
+        log.info("serving %s on %s", ", ".join(self.state.apps), self.url)
+        self._uvicorn.run(sockets=[sock])
+
+    def start(self, startup_timeout: float = 30.0) -> Server:
+        """Serve from a background thread; returns once the socket accepts requests."""
+        sock = self.bind()
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._uvicorn.serve(sockets=[sock])),
+            name=f"serveflow:http:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        deadline = time.monotonic() + startup_timeout
+        while not self._uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"HTTP server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Graceful shutdown of a `start()`ed server: drain, stop apps, join the thread."""
+        self.state.draining = True
+        self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("HTTP server on %s did not stop within %s s", self.url, timeout)
+            self._thread = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,394 @@
+"""The HTTP API over real loopback HTTP: every endpoint and every error code."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import serveflow as sf
+from serveflow.serving import Server
+
+TIMEOUT = 10
+
+
+def arith_flow() -> sf.Flow:
+    flow = sf.Flow("arith", schema={"a": int, "b": int})
+    total = flow.map(lambda r: r["a"] + r["b"], names=["sum"], name="add")
+    total.filter(lambda r: r["sum"] % 2 == 0, name="even")
+    return flow
+
+
+def explode(row):
+    raise ValueError(f"cannot handle {row['a']}")
+
+
+def failing_flow() -> sf.Flow:
+    flow = sf.Flow("fails")
+    flow.map(explode, names=["x"], name="explode")
+    return flow
+
+
+def slow_flow() -> sf.Flow:
+    flow = sf.Flow("slow", schema={"s": float})
+    flow.map(lambda r: time.sleep(r["s"]) or r["s"], names=["slept"], name="nap")
+    return flow
+
+
+def tensor_flow() -> sf.Flow:
+    flow = sf.Flow("tensor", schema={"x": np.ndarray})
+    flow.map(lambda r: (r["x"] * 2, float(r["x"].sum())), names=["y", "total"], name="double")
+    return flow
+
+
+@pytest.fixture(scope="module")
+def server():
+    runtime = sf.LocalRuntime()
+    apps = {
+        f.name: f.deploy(runtime=runtime) for f in (arith_flow(), failing_flow(), tensor_flow())
+    }
+    slow_runtime = sf.LocalRuntime(max_in_flight=1)
+    apps["slow"] = slow_flow().deploy(runtime=slow_runtime)
+    with Server(apps, port=0, max_body_bytes=64 * 1024) as srv:
+        yield srv
+    runtime.stop()
+    slow_runtime.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
+        yield c
+
+
+def predict(client, flow, **kwargs):
+    return client.post(f"/v1/flows/{flow}/predict", **kwargs)
+
+
+def test_predict_rows_and_columns(client):
+    r = predict(client, "arith", json={"rows": [{"a": 1, "b": 1}, {"a": 1, "b": 2}]})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"rows": [{"sum": 2}]}
+    r = predict(client, "arith", json={"columns": {"a": [1, 2, 3], "b": [1, 2, 4]}})
+    assert r.status_code == 200
+    assert r.json() == {"rows": [{"sum": 2}, {"sum": 4}]}
+
+
+def test_numpy_outputs_become_nested_lists(client):
+    r = predict(client, "tensor", json={"rows": [{"x": [[1, 2], [3, 4]]}]})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"rows": [{"y": [[2, 4], [6, 8]], "total": 10.0}]}
+
+
+def _npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_npz_in_and_out(client):
+    x = np.arange(24, dtype=np.float32).reshape(3, 2, 4)
+    r = predict(
+        client,
+        "tensor",
+        content=_npz(x=x),
+        headers={"Content-Type": "application/x-npz", "Accept": "application/x-npz"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/x-npz"
+    with np.load(io.BytesIO(r.content), allow_pickle=False) as out:
+        np.testing.assert_array_equal(out["y"], x * 2)
+        np.testing.assert_allclose(out["total"], x.reshape(3, -1).sum(axis=1))
+    # .npz in, JSON out
+    r = predict(
+        client, "tensor", content=_npz(x=x[:1]), headers={"Content-Type": "application/x-npz"}
+    )
+    assert r.json()["rows"][0]["y"] == (x[0] * 2).tolist()
+
+
+def test_npz_is_never_unpickled(client):
+    pickled = io.BytesIO()
+    np.savez(pickled, x=np.array([{"evil": 1}, None], dtype=object))  # needs pickle to load
+    r = predict(client, "tensor", content=pickled.getvalue(),
+                headers={"Content-Type": "application/x-npz"})  # fmt: skip
+    assert r.status_code == 400
+    assert "pickle" in r.json()["error"].lower()
+    r = predict(client, "tensor", content=b"PK\x03\x04 not a zip",
+                headers={"Content-Type": "application/x-npz"})  # fmt: skip
+    assert r.status_code == 400
+    assert "npz" in r.json()["error"]
+
+
+def test_malformed_json_is_400(client):
+    r = predict(
+        client, "arith", content=b'{"rows": [', headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert "malformed JSON" in r.json()["error"]
+    r = predict(client, "arith", content=b"a=1", headers={"Content-Type": "text/csv"})
+    assert r.status_code == 400
+    assert "Content-Type" in r.json()["error"]
+
+
+def test_wrong_columns_or_types_are_422(client):
+    r = predict(client, "arith", json={"rows": [{"a": 1, "b": "two"}]})
+    assert r.status_code == 422
+    assert r.json()["column"] == "b"
+    assert "'b'" in r.json()["error"]
+    r = predict(client, "arith", json={"rows": [{"a": 1}]})
+    assert r.status_code == 422
+    assert r.json()["column"] == "b"
+    r = predict(client, "arith", json={"columns": {"a": [1, 2], "b": [1]}})
+    assert r.status_code == 422
+    assert "equal lengths" in r.json()["error"]
+    r = predict(client, "arith", json={"data": []})
+    assert r.status_code == 422
+    assert '"rows"' in r.json()["error"]
+
+
+def test_unknown_flow_is_404(client):
+    r = predict(client, "nope", json={"rows": []})
+    assert r.status_code == 404
+    assert "'nope'" in r.json()["error"] and "arith" in r.json()["error"]
+    assert client.get("/v1/flows/nope").status_code == 404
+    assert client.get("/v1/flows/nope/stats").status_code == 404
+    r = client.get("/no/such/path")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_failing_operator_is_500_naming_it_without_traceback(client):
+    r = predict(client, "fails", json={"rows": [{"a": 7}]})
+    assert r.status_code == 500
+    body = r.json()
+    assert body["operator"] == "explode"
+    assert "cannot handle 7" in body["error"]
+    assert "traceback" not in body and "Traceback" not in r.text
+
+
+def test_debug_adds_the_traceback():
+    with Server({"fails": failing_flow().deploy()}, port=0, debug=True) as srv:
+        r = httpx.post(f"{srv.url}/v1/flows/fails/predict", json={"rows": [{"a": 1}]})
+    assert r.status_code == 500
+    assert "Traceback" in r.json()["traceback"]
+    assert "explode" in r.json()["traceback"]
+
+
+def test_body_over_the_limit_is_413(client):
+    big = {"rows": [{"a": 1, "b": 1, "pad": "x" * 70_000}]}
+    r = predict(client, "arith", json=big)
+    assert r.status_code == 413
+    assert "limit" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"rows": [{"pad": "'
+        for _ in range(20):
+            yield b"x" * 8192
+
+    r = predict(client, "arith", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_deadline_is_504(client):
+    r = predict(client, "slow", json={"rows": [{"s": 0.4}]}, headers={"X-Request-Timeout-Ms": "50"})
+    assert r.status_code == 504
+    assert "0.05" in r.json()["error"]
+    r = predict(client, "arith", json={"rows": []}, headers={"X-Request-Timeout-Ms": "soon"})
+    assert r.status_code == 400
+    assert "X-Request-Timeout-Ms" in r.json()["error"]
+    r = predict(client, "arith", json={"rows": []}, headers={"X-Request-Timeout-Ms": "0"})
+    assert r.status_code == 400
+    time.sleep(0.45)  # let the nap finish so the slow flow is free for the next test
+
+
+def _wait_in_flight(client, flow: str, count: int) -> None:
+    for _ in range(200):
+        families = text_string_to_metric_families(client.get("/metrics").text)
+        values = {
+            s.labels["flow"]: s.value
+            for f in families
+            if f.name == "serveflow_requests_in_flight"
+            for s in f.samples
+        }
+        if values.get(flow, 0) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{flow} never had {count} request(s) in flight")
+
+
+def test_overload_is_503_with_retry_after(client, server):
+    results = []
+    first = threading.Thread(
+        target=lambda: results.append(predict(client, "slow", json={"rows": [{"s": 0.5}]}))
+    )
+    first.start()
+    try:
+        _wait_in_flight(client, "slow", 1)
+        started = time.perf_counter()
+        r = predict(client, "slow", json={"rows": [{"s": 0.0}]})
+        shed_s = time.perf_counter() - started
+    finally:
+        first.join(TIMEOUT)
+    assert r.status_code == 503
+    assert int(r.headers["Retry-After"]) >= 1
+    assert "in flight" in r.json()["error"]
+    assert shed_s < 0.4  # refused at once, not after the first request finished
+    assert results[0].status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    shed = [s for s in families["serveflow_shed_requests"].samples if s.labels["flow"] == "slow"]
+    assert shed[0].value >= 1
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json()["flows"] == ["arith", "fails", "slow", "tensor"]
+
+
+def test_flows_listing_and_stats(client):
+    predict(client, "arith", json={"rows": [{"a": 2, "b": 2}]})
+    flows = {f["name"]: f for f in client.get("/v1/flows").json()["flows"]}
+    assert set(flows) == {"arith", "fails", "slow", "tensor"}
+    arith = flows["arith"]
+    assert arith["explain"] == sf.optimize(arith_flow()).explain()
+    assert arith["schema"] == {"a": "int", "b": "int"}
+    assert "slo" in arith
+    assert arith["graph"]["stages"][0]["inputs"] == ["request"]
+    assert client.get("/v1/flows/arith").json() == arith
+    stats = client.get("/v1/flows/arith/stats").json()
+    assert stats["flow"] == "arith"
+    (stage,) = stats["stages"].values()
+    assert stage["requests"] >= 1 and stage["workers"] >= 1
+    assert stats["http"]["by_status"]["200"] >= 1
+    assert stats["http"]["p50_ms"] > 0
+
+
+def test_plan_graph_maps_stage_inputs_to_stages():
+    flow = sf.Flow("diamond")
+    left = flow.map(lambda r: r["a"], names=["l"], name="left")
+    right = flow.map(lambda r: -r["a"], names=["r"], name="right", batching=False)
+    left.join(right)
+    rules = sf.Rules(fusion=False)
+    with Server({"diamond": flow.deploy(rules=rules)}, port=0) as srv:
+        graph = httpx.get(f"{srv.url}/v1/flows/diamond").json()["graph"]
+    stages = {s["name"]: s for s in graph["stages"]}
+    assert stages["left"]["inputs"] == ["request"]
+    join = next(s for s in graph["stages"] if s["ops"][0].startswith("join"))
+    assert sorted(join["inputs"]) == sorted([stages["left"]["id"], stages["right"]["id"]])
+    assert graph["output"] == join["id"]
+
+
+def test_metrics_follow_prometheus_conventions(client):
+    for _ in range(3):
+        predict(client, "arith", json={"rows": [{"a": 1, "b": 1}]})
+    predict(client, "fails", json={"rows": [{"a": 1}]})
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    requests = {
+        (s.labels["flow"], s.labels["status"]): s.value
+        for s in families["serveflow_requests"].samples
+        if s.name == "serveflow_requests_total"
+    }
+    assert requests[("arith", "200")] >= 3
+    assert requests[("fails", "500")] >= 1
+    assert families["serveflow_request_duration_seconds"].type == "histogram"
+    count = [
+        s.value
+        for s in families["serveflow_request_duration_seconds"].samples
+        if s.name.endswith("_count") and s.labels["flow"] == "arith"
+    ]
+    assert count[0] >= 3
+    for name in (
+        "serveflow_stage_requests",
+        "serveflow_stage_latency_seconds",
+        "serveflow_stage_queue_length",
+        "serveflow_stage_workers",
+        "serveflow_stage_cold_starts",
+        "serveflow_stage_batch_size_mean",
+        "serveflow_shed_requests",
+    ):
+        assert name in families, name
+    stage = [s for s in families["serveflow_stage_requests"].samples if s.labels["flow"] == "arith"]
+    assert stage[0].labels["stage"] == "add+even" and stage[0].value >= 3
+    quantiles = {
+        s.labels["quantile"]
+        for s in families["serveflow_stage_latency_seconds"].samples
+        if s.labels["flow"] == "arith"
+    }
+    assert quantiles == {"0.5", "0.99"}
+
+
+def test_openapi_describes_the_endpoints(client):
+    spec = client.get("/openapi.json").json()
+    assert spec["openapi"].startswith("3.")
+    paths = spec["paths"]
+    for path in ("/v1/flows/{name}/predict", "/v1/flows", "/v1/flows/{name}/stats",
+                 "/healthz", "/readyz", "/metrics", "/"):  # fmt: skip
+        assert path in paths, path
+    responses = paths["/v1/flows/{name}/predict"]["post"]["responses"]
+    assert {"200", "400", "404", "413", "422", "500", "503", "504"} <= set(responses)
+    assert (
+        "application/x-npz" in paths["/v1/flows/{name}/predict"]["post"]["requestBody"]["content"]
+    )
+
+
+def test_dashboard_page_is_served(client):
+    r = client.get("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert "/v1/flows" in r.text and "<svg" not in r.text.split("<script>")[0]
+
+
+def test_token_guards_everything_but_health_checks():
+    token = "s3cret-token"
+    with Server({"arith": arith_flow().deploy()}, port=0, token=token) as srv:
+        _check_token(srv.url, token)
+
+
+def _check_token(url: str, token: str) -> None:
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        body = {"rows": [{"a": 1, "b": 1}]}
+        r = c.post("/v1/flows/arith/predict", json=body)
+        assert r.status_code == 401
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "missing" in r.json()["error"]
+        wrong = {"Authorization": "Bearer nope"}
+        assert c.post("/v1/flows/arith/predict", json=body, headers=wrong).status_code == 401
+        for path in ("/metrics", "/v1/flows", "/openapi.json", "/v1/flows/arith/stats"):
+            assert c.get(path).status_code == 401, path
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 200
+        good = {"Authorization": f"Bearer {token}"}
+        r = c.post("/v1/flows/arith/predict", json=body, headers=good)
+        assert r.status_code == 200 and r.json() == {"rows": [{"sum": 2}]}
+        assert c.get("/metrics", headers=good).status_code == 200
+
+
+def test_stop_drains_in_flight_requests_then_stops_the_app():
+    app = slow_flow().deploy()
+    srv = Server({"slow": app}, port=0).start()
+    results = []
+    url = f"{srv.url}/v1/flows/slow/predict"
+    worker = threading.Thread(
+        target=lambda: results.append(httpx.post(url, json={"rows": [{"s": 0.5}]}, timeout=10))
+    )
+    worker.start()
+    try:
+        with httpx.Client(base_url=srv.url) as c:
+            _wait_in_flight(c, "slow", 1)
+    finally:
+        srv.stop()
+        worker.join(TIMEOUT)
+    assert results[0].status_code == 200
+    assert results[0].json() == {"rows": [{"slept": 0.5}]}
+    with pytest.raises(RuntimeError, match="stopped"):
+        app.run({"s": [0.0]})
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{srv.url}/healthz")
