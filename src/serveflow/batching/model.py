@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy.linalg import expm
@@ -65,10 +66,52 @@ class BufferLaw:
         return float(np.arange(1, self.max_size + 1) @ self.batch_pmf)
 
 
+def _transient(arrivals: MAP, big: int, h: float, steps: int) -> np.ndarray:
+    """c[j, g, level, phase]: law of the forming buffer at time g*h (g = 0..steps),
+    starting from one request (level 0) in phase j; the full level B-1 absorbs."""
+    d0, d1, m = arrivals.d0, arrivals.d1, arrivals.phases
+    q = np.zeros((big * m, big * m))
+    for level in range(big - 1):
+        rows = slice(level * m, (level + 1) * m)
+        q[rows, rows] = d0
+        q[rows, (level + 1) * m : (level + 2) * m] = d1
+    step = expm(q * h)
+    c = np.empty((m, steps + 1, big * m))
+    state = np.zeros((m, big * m))
+    state[np.arange(m), np.arange(m)] = 1.0
+    for g in range(steps + 1):
+        c[:, g] = state
+        state = state @ step
+    return np.maximum(c, 0.0).reshape(m, steps + 1, big, m)
+
+
+def buffer_laws(
+    arrivals: MAP, max_size: int, timeouts: list[float], step_s: float
+) -> dict[float, BufferLaw]:
+    """`buffer_law` for several timeouts at once, sharing one matrix exponential: the
+    time grid has step `step_s` (each timeout is rounded to a multiple of it, at least
+    4 steps). Keys are the timeouts as given."""
+    positive = [t for t in timeouts if t > 0]
+    laws = {t: buffer_law(arrivals, max_size, t) for t in timeouts if t <= 0}
+    if not positive or max_size == 1:
+        return laws | {t: buffer_law(arrivals, max_size, t) for t in positive}
+    steps = {t: max(4, round(t / step_s)) for t in positive}
+    c = _transient(arrivals, max_size, step_s, max(steps.values()))
+    for t in positive:
+        laws[t] = buffer_law(arrivals, max_size, steps[t] * step_s, steps[t], transient=c)
+    return laws
+
+
 def buffer_law(
-    arrivals: MAP, max_size: int, timeout_s: float, grid: int = DEFAULT_GRID
+    arrivals: MAP,
+    max_size: int,
+    timeout_s: float,
+    grid: int = DEFAULT_GRID,
+    *,
+    transient: np.ndarray | None = None,
 ) -> BufferLaw:
-    """Solve the buffer chain for batch size `max_size` and timeout `timeout_s`."""
+    """Solve the buffer chain for batch size `max_size` and timeout `timeout_s` on a
+    time grid of `grid` steps (`transient`: a precomputed `_transient` with that step)."""
     if max_size < 1 or timeout_s < 0:
         raise ValueError("buffer_law: max_size must be >= 1 and timeout_s >= 0")
     d0, d1, m = arrivals.d0, arrivals.d1, arrivals.phases
@@ -88,21 +131,8 @@ def buffer_law(
         )
 
     big, h = max_size, timeout_s / grid
-    q = np.zeros((big * m, big * m))
-    for level in range(big - 1):
-        rows = slice(level * m, (level + 1) * m)
-        q[rows, rows] = d0
-        q[rows, (level + 1) * m : (level + 2) * m] = d1
-    step = expm(q * h)
-
-    # c[j, g, level, phase]: law at time g*h starting from level 0 (one request), phase j.
-    c = np.empty((m, grid + 1, big * m))
-    state = np.zeros((m, big * m))
-    state[np.arange(m), np.arange(m)] = 1.0
-    for g in range(grid + 1):
-        c[:, g] = state
-        state = state @ step
-    c = np.maximum(c, 0.0).reshape(m, grid + 1, big, m)
+    c = transient if transient is not None else _transient(arrivals, big, h, grid)
+    c = c[:, : grid + 1]
     levels = c.sum(axis=3)  # (m, G+1, B): exactly `level` more arrivals (or full at B-1)
     tail = np.cumsum(levels[:, :, ::-1], axis=2)[:, :, ::-1]  # P(level >= d) = P(tau_d <= t)
 
@@ -175,6 +205,11 @@ def buffer_law(
     cycle1 = idle1 + form1
     cycle_var = (idle2 - idle1**2) + (form2 - form1**2)
     return BufferLaw(max_size, timeout_s, w, s, p, batch_pmf, cycle1, max(cycle_var, 0) / cycle1**2)
+
+
+@lru_cache(maxsize=1024)
+def _poisson_law(rate: float, max_size: int, timeout_s: float, grid: int) -> BufferLaw:
+    return buffer_law(MAP.poisson(rate), max_size, timeout_s, grid)
 
 
 def _pmf_single(max_size: int) -> np.ndarray:
@@ -320,9 +355,11 @@ def predict(
     *,
     grid: int = DEFAULT_GRID,
     law: BufferLaw | None = None,
+    phase_laws: dict[int, BufferLaw] | None = None,
 ) -> Prediction:
     """Latency distribution and cost of (max_size, timeout_s, workers) under `arrivals`
-    with batch service time `service(sizes)`; `law` reuses a solved buffer.
+    with batch service time `service(sizes)`; `law` reuses a solved buffer
+    (`phase_laws`, by phase index, the solved Poisson buffers of a per-phase solution).
 
     A multi-phase MAP whose phases are long (`slow_switching`) is solved phase by
     phase, as a Poisson stream at the phase's rate, and the laws mixed by the share of
@@ -333,7 +370,7 @@ def predict(
     if workers < 1:
         raise ValueError(f"predict: workers must be >= 1, got {workers}")
     if law is None and slow_switching(arrivals):
-        return _predict_by_phase(arrivals, service, max_size, timeout_s, workers, grid)
+        return _predict_by_phase(arrivals, service, max_size, timeout_s, workers, grid, phase_laws)
     law = law if law is not None else buffer_law(arrivals, max_size, timeout_s, grid)
     svc = np.asarray(service(np.arange(1, max_size + 1)), dtype=float)
     part, busy, utilization = _queued_part(arrivals.rate, law, svc, workers)
@@ -344,7 +381,13 @@ def predict(
 
 
 def _predict_by_phase(
-    arrivals: MAP, service: ServiceFn, max_size: int, timeout_s: float, workers: int, grid: int
+    arrivals: MAP,
+    service: ServiceFn,
+    max_size: int,
+    timeout_s: float,
+    workers: int,
+    grid: int,
+    phase_laws: dict[int, BufferLaw] | None = None,
 ) -> Prediction:
     svc = np.asarray(service(np.arange(1, max_size + 1)), dtype=float)
     theta = arrivals._stationary()
@@ -352,10 +395,10 @@ def _predict_by_phase(
     shares = theta * rates / float(theta @ rates)
     parts, lost, busy, utilization = [], 0.0, 0.0, 0.0
     pmf = np.zeros(max_size)
-    for rate, share, time_share in zip(rates, shares, theta):
+    for phase, (rate, share, time_share) in enumerate(zip(rates, shares, theta)):
         if rate <= 0 or share <= 0:
             continue
-        law = buffer_law(MAP.poisson(float(rate)), max_size, timeout_s, grid)
+        law = (phase_laws or {}).get(phase) or _poisson_law(float(rate), max_size, timeout_s, grid)
         part, phase_busy, phase_util = _queued_part(float(rate), law, svc, workers)
         busy += share * phase_busy
         utilization += time_share * min(phase_util, 1.0)
@@ -378,6 +421,21 @@ def _predict_by_phase(
     return Prediction(max_size, timeout_s, workers, latency, pmf, mean_batch, busy, utilization)
 
 
+def _compact(
+    values: np.ndarray, masses: np.ndarray, bins: int = 400
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge a discrete law onto at most `bins` points (mass-weighted positions), so
+    that evaluating its CDF stays cheap; percentiles move by at most a bin width."""
+    if len(values) <= bins:
+        return values, masses
+    edges = np.linspace(values.min(), values.max() * (1 + 1e-12) + 1e-15, bins + 1)
+    index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
+    mass = np.bincount(index, weights=masses, minlength=bins)
+    moment = np.bincount(index, weights=masses * values, minlength=bins)
+    keep = mass > 0
+    return moment[keep] / mass[keep], mass[keep]
+
+
 def _queued_part(
     rate: float, law: BufferLaw, svc: np.ndarray, workers: int
 ) -> tuple[LatencyPart | None, float, float]:
@@ -390,14 +448,14 @@ def _queued_part(
     batch_rate = rate / mean_batch
     offered = batch_rate * svc1
     utilization = offered / workers
-    values = law.waits + svc[law.sizes - 1]
+    values, masses = _compact(law.waits + svc[law.sizes - 1], law.mass)
     if utilization >= 1.0:
         return None, busy, utilization
     wait_prob = erlang_c(workers, offered)
     cs2 = max(svc2 - svc1**2, 0.0) / svc1**2 if svc1 > 0 else 0.0
     mean_wait = wait_prob * svc1 / (workers - offered) * (law.cycle_cv2 + cs2) / 2.0
     if wait_prob <= 0 or mean_wait <= 0:
-        return LatencyPart(values, law.mass), busy, utilization
+        return LatencyPart(values, masses), busy, utilization
     # Shape of the wait given waiting: from the M/G/1 moments (Takacs) of a server k
     # times faster, which gives the residual-service shape at low load and an
     # exponential-like tail near saturation.
@@ -406,4 +464,4 @@ def _queued_part(
     w1 = batch_rate * s2 / (2 * (1 - rho))
     w2 = 2 * w1**2 + batch_rate * s3 / (3 * (1 - rho))
     cv2 = float(np.clip((w2 / rho) / (w1 / rho) ** 2 - 1.0, 0.1, 4.0)) if w1 > 0 else 1.0
-    return LatencyPart(values, law.mass, wait_prob, mean_wait / wait_prob, cv2), busy, utilization
+    return LatencyPart(values, masses, wait_prob, mean_wait / wait_prob, cv2), busy, utilization

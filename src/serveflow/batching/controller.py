@@ -1,0 +1,347 @@
+"""The per-stage batching controller: what batch size, timeout and number of workers a
+batching stage should use now, and whether to admit an arrival.
+
+The runtime drives it (no threads here; calls are serialized by a lock):
+
+- `on_arrival(now)` for every request offered to the stage, then
+  `admit(now, queued, oldest_wait_s)` for that same request (False: reject it);
+- `on_batch_done(size, service_s, now)` after each batch (service time of the call);
+- `decision(now)` whenever it forms a batch (cheap: re-plans every `replan_s` seconds
+  or on a rate shift, otherwise returns the cached decision);
+- `snapshot()` for `app.stats()`.
+
+Measured latencies are inferred from these calls assuming first-in first-out
+batches (the `size` oldest admitted arrivals leave with each finished batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serveflow.batching.arrivals import MAP, ArrivalLog
+from serveflow.batching.model import Prediction, buffer_laws, predict, slow_switching
+from serveflow.batching.profile import ServiceProfile
+from serveflow.logical.operators import Batching
+
+log = logging.getLogger(__name__)
+
+SIZE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+TIMEOUT_SHARES = (0.0, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)  # of the SLO
+MIN_ARRIVALS_TO_PLAN = 20
+SHIFT_CHECK_S = 0.25
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a batching stage should do now. `predicted_ms`: the model's `percentile`
+    latency for it (None before anything is known); `feasible`: the SLO is predicted
+    to hold; `cost_ms`: worker-milliseconds per request (busy, plus idle at its price)."""
+
+    max_size: int
+    timeout_s: float
+    workers: int
+    predicted_ms: float | None = None
+    feasible: bool = True
+    cost_ms: float | None = None
+
+    @property
+    def timeout_ms(self) -> float:
+        return self.timeout_s * 1e3
+
+
+class BatchingController:
+    """Chooses (batch size, timeout, workers) for one batching stage.
+
+    Fixed policy (`policy.slo_ms` is None): always `policy.size`, `policy.timeout_ms`
+    and `max_workers`. SLO policy: the cheapest configuration (worker-seconds per
+    request; `idle_price` weighs an idle held worker against a busy one) whose predicted
+    `policy.percentile` latency is within `policy.slo_ms`, or with
+    `objective="latency"` the lowest latency within the cost budget. Candidates:
+    batch sizes up to `policy.max_size` (else 64), timeouts up to `policy.timeout_ms`
+    (else 60% of the SLO), 1..`max_workers` workers.
+    """
+
+    def __init__(
+        self,
+        policy: Batching,
+        max_workers: int = 1,
+        *,
+        replan_s: float = 2.0,
+        window_s: float = 30.0,
+        idle_price: float = 0.1,
+        grid: int = 120,
+        profile: ServiceProfile | None = None,
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError(f"BatchingController: max_workers must be >= 1, got {max_workers}")
+        self.policy = policy
+        self.max_workers = max_workers
+        self.replan_s = replan_s
+        self.idle_price = idle_price
+        self.grid = grid
+        self._cap = policy.max_size or (SIZE_LADDER[-1] if policy.adaptive else policy.size)
+        self.arrivals = ArrivalLog(window_s)
+        self.profile = profile or ServiceProfile(max_size=self._cap)
+        self._lock = threading.Lock()
+        self._pending: deque[float] = deque()
+        self._latencies: deque[float] = deque(maxlen=4096)
+        self._fitted: MAP | None = None
+        self._planned_at = -math.inf
+        self._shift_checked_at = -math.inf
+        self._cache: dict[tuple, Decision] = {}
+        self.shed = 0
+        self.late = 0
+        self.late_predicted = 0
+        self.plans = 0
+        self._decision = self._initial_decision()
+
+    # --- runtime hooks -------------------------------------------------------------
+
+    def on_arrival(self, now: float) -> None:
+        with self._lock:
+            self.arrivals.record(now)
+            self._pending.append(now)
+
+    def on_batch_done(self, size: int, service_s: float, now: float) -> None:
+        with self._lock:
+            self.profile.observe(size, service_s)
+            slo_s = self.policy.slo_ms / 1e3 if self.policy.slo_ms else math.inf
+            for _ in range(min(size, len(self._pending))):
+                latency = now - self._pending.popleft()
+                self._latencies.append(latency)
+                if latency > slo_s:
+                    self.late += 1
+
+    def admit(self, now: float, queued: int, oldest_wait_s: float) -> bool:
+        """Whether to accept the arrival just reported by `on_arrival`: False only with
+        an SLO, `on_overload="shed"`, and a predicted latency for this request (from
+        the queue ahead of it, the current decision and the service profile) past the
+        SLO."""
+        if not self.policy.adaptive:
+            return True
+        with self._lock:
+            if self._predicted_wait(queued, oldest_wait_s) * 1e3 <= self.policy.slo_ms:
+                return True
+            if self.policy.on_overload == "serve":
+                self.late_predicted += 1
+                return True
+            self.shed += 1
+            if self._pending:
+                self._pending.pop()  # it will never finish
+            return False
+
+    def decision(self, now: float) -> Decision:
+        with self._lock:
+            if not self.policy.adaptive:
+                return self._decision
+            due = now - self._planned_at >= self.replan_s
+            if (
+                not due
+                and self._fitted is not None
+                and now - self._shift_checked_at >= SHIFT_CHECK_S
+            ):
+                self._shift_checked_at = now
+                due = self.arrivals.rate_shift(now, self._fitted)
+                if due:
+                    log.info("arrival rate shift detected: re-planning")
+            if due:
+                self._plan(now)
+            return self._decision
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            d = self._decision
+            measured = (
+                float(np.quantile(np.fromiter(self._latencies, float), self.policy.percentile))
+                * 1e3
+                if self._latencies
+                else None
+            )
+            last = self.arrivals.times(self.arrivals._times[-1]) if len(self.arrivals) else None
+            rate = (
+                len(last) / max(last[-1] - last[0], 1e-9)
+                if last is not None and len(last) > 1
+                else 0.0
+            )
+            return {
+                "batch_size": d.max_size,
+                "timeout_ms": d.timeout_ms,
+                "workers": d.workers,
+                "arrival_rate": rate,
+                "arrivals": self._fitted.describe() if self._fitted else None,
+                "predicted_p_ms": d.predicted_ms,
+                "measured_p_ms": measured,
+                "percentile": self.policy.percentile,
+                "slo_ms": self.policy.slo_ms,
+                "feasible": d.feasible,
+                "cost_ms": d.cost_ms,
+                "service_ms": (
+                    {"a": self.profile.a * 1e3, "b": self.profile.b * 1e3}
+                    if self.profile.ready
+                    else None
+                ),
+                "shed": self.shed,
+                "late": self.late,
+                "late_predicted": self.late_predicted,
+                "plans": self.plans,
+            }
+
+    # --- planning --------------------------------------------------------------------
+
+    def _initial_decision(self) -> Decision:
+        if not self.policy.adaptive:
+            return Decision(
+                self.policy.size, (self.policy.timeout_ms or 0.0) / 1e3, self.max_workers
+            )
+        return self._warmup_decision()
+
+    def _warmup_decision(self) -> Decision:
+        # Explore: the next untried size of the ladder, a modest wait so batches vary.
+        sizes = self.profile.explore_sizes()
+        size = sizes[0] if sizes else self._cap
+        wait = self.policy.slo_ms / 1e3 * 0.2
+        if self.policy.timeout_ms is not None:
+            wait = min(wait, self.policy.timeout_ms / 1e3)
+        return Decision(max(size, 2) if self._cap > 1 else 1, wait, self.max_workers, feasible=True)
+
+    def _plan(self, now: float) -> None:
+        self._planned_at = now
+        self._shift_checked_at = now
+        fitted = self.arrivals.fit(now) if len(self.arrivals) >= MIN_ARRIVALS_TO_PLAN else None
+        if fitted is None or not self.profile.ready:
+            self._decision = self._warmup_decision()
+            return
+        self._fitted = fitted
+        key = (
+            _rounded(fitted.d0.ravel()),
+            _rounded(fitted.d1.ravel()),
+            _rounded([self.profile.a, self.profile.b]),
+        )
+        if key not in self._cache:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[key] = self.search(fitted, self.profile)
+            self.plans += 1
+        self._decision = self._cache[key]
+        log.debug("plan for %s: %s", fitted.describe(), self._decision)
+
+    def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
+        """(batch size, timeout) pairs worth evaluating under the SLO."""
+        slo_s = self.policy.slo_ms / 1e3
+        cap_t = self.policy.timeout_ms / 1e3 if self.policy.timeout_ms is not None else math.inf
+        one = float(service.predict(np.array([1]))[0])
+        pairs = []
+        for size in sorted({s for s in SIZE_LADDER if s <= self._cap} | {self._cap}):
+            if float(service.predict(np.array([size]))[0]) >= slo_s:
+                continue
+            for share in TIMEOUT_SHARES:
+                timeout = min(share * slo_s, cap_t)
+                if (size == 1) != (timeout == 0) or timeout + one >= slo_s:
+                    continue
+                pairs.append((size, timeout))
+        return sorted(set(pairs))
+
+    def search(self, arrivals: MAP, service: ServiceProfile) -> Decision:
+        """The best configuration for `arrivals` and `service` (see the class doc)."""
+        slo_s = self.policy.slo_ms / 1e3
+        q = self.policy.percentile
+        rate = arrivals.rate
+        evaluated: list[tuple[Prediction, float, float]] = []  # (prediction, p_s, cost)
+        per_phase = slow_switching(arrivals)
+        pairs = self.candidates(service)
+        # One matrix exponential per (batch size, process): all timeouts share its grid.
+        processes = (
+            [MAP.poisson(float(r)) if r > 0 else None for r in arrivals.phase_rates]
+            if per_phase
+            else [arrivals]
+        )
+        laws: dict[tuple[int, int, float], Any] = {}
+        if pairs:
+            step = max(t for _, t in pairs) / self.grid
+            for size in sorted({s for s, _ in pairs}):
+                timeouts = [t for s, t in pairs if s == size]
+                for index, process in enumerate(processes):
+                    if process is not None:
+                        for t, law in buffer_laws(process, size, timeouts, step).items():
+                            laws[index, size, t] = law
+        for size, timeout in pairs:
+            law, by_phase = None, None
+            if per_phase:
+                by_phase = {
+                    i: laws[i, size, timeout] for i in range(len(processes)) if processes[i]
+                }
+            else:
+                law = laws[0, size, timeout]
+            for workers in range(1, self.max_workers + 1):
+                pred = predict(
+                    arrivals, service, size, timeout, workers, law=law, phase_laws=by_phase
+                )
+                if pred.utilization >= 1.0:
+                    continue
+                busy = pred.busy_per_request_s
+                cost = busy + self.idle_price * max(workers - rate * busy, 0.0) / rate
+                latency = pred.percentile(q)
+                evaluated.append((pred, latency, cost))
+                if latency <= slo_s:
+                    break  # more workers only cost more for this (size, timeout)
+        feasible = [e for e in evaluated if e[1] <= slo_s]
+        if feasible:
+            cheapest = min(e[2] for e in feasible)
+            if self.policy.objective == "cost":
+                best = min(feasible, key=lambda e: (round(e[2] / cheapest, 3), e[1]))
+            else:
+                budget = (
+                    self.policy.cost_budget_ms / 1e3
+                    if self.policy.cost_budget_ms
+                    else 1.5 * cheapest
+                )
+                within = [e for e in feasible if e[2] <= budget] or feasible
+                best = min(within, key=lambda e: (e[1], e[2]))
+            return _decision(best, True)
+        if evaluated:  # overload: the lowest predicted latency, the SLO cannot hold
+            return _decision(min(evaluated, key=lambda e: (e[1], e[2])), False)
+        # Not even stable: the most throughput we have.
+        return Decision(self._cap, min(0.6 * slo_s, slo_s), self.max_workers, math.inf, False)
+
+    def _predicted_wait(self, queued: int, oldest_wait_s: float) -> float:
+        """Rough latency of a request arriving behind `queued` others now."""
+        d = self._decision
+        size = max(d.max_size, 1)
+        service = self.profile.predict(np.array([1, size]))
+        ahead = queued + 1
+        rounds = math.ceil(ahead / (size * d.workers))
+        forming = max(d.timeout_s - oldest_wait_s, 0.0) if ahead < size else 0.0
+        last = float(service[0]) if rounds == 1 and ahead < size else float(service[1])
+        return forming + (rounds - 1) * float(service[1]) + last
+
+
+def _decision(entry: tuple[Prediction, float, float], feasible: bool) -> Decision:
+    pred, p_s, cost = entry
+    return Decision(
+        pred.max_size, pred.timeout_s, pred.workers, float(p_s) * 1e3, feasible, float(cost) * 1e3
+    )
+
+
+def _rounded(values: Any) -> tuple[float, ...]:
+    return tuple(float(f"{v:.2g}") for v in values)
+
+
+def split_slo(slo_ms: float, stage_service_ms: dict[str, float]) -> dict[str, float]:
+    """Split a flow's latency budget across the batching stages of its critical path,
+    in proportion to their measured service times (equal shares when none is known)."""
+    if not slo_ms > 0:
+        raise ValueError(f"split_slo: slo_ms must be > 0, got {slo_ms!r}")
+    if not stage_service_ms:
+        return {}
+    times = {name: max(float(ms), 0.0) for name, ms in stage_service_ms.items()}
+    total = sum(times.values())
+    if total <= 0:
+        return {name: slo_ms / len(times) for name in times}
+    return {name: slo_ms * ms / total for name, ms in times.items()}

@@ -1,0 +1,111 @@
+"""Service time as a function of batch size, learned online: `a + b * size`.
+
+Warm-up explores a ladder of batch sizes; then a robust (soft-L1) least-squares fit
+over recent observations, refitted every few batches and from recent batches only
+when the observed times drift away from the fitted line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import numpy as np
+from scipy.optimize import least_squares
+
+log = logging.getLogger(__name__)
+
+
+class ServiceProfile:
+    """Learned batch service time. `observe(size, seconds)` after each batch;
+    `predict(sizes)` gives seconds (an array); `ready` once fitted from at least two
+    distinct sizes (before that, a single size is extrapolated as `size * t(1)`)."""
+
+    def __init__(
+        self,
+        max_size: int = 64,
+        history: int = 512,
+        refit_every: int = 16,
+        drift: float = 0.25,
+        a: float | None = None,
+        b: float | None = None,
+    ) -> None:
+        if max_size < 1 or history < 8:
+            raise ValueError("ServiceProfile: max_size must be >= 1 and history >= 8")
+        self.max_size = max_size
+        self._obs: deque[tuple[int, float]] = deque(maxlen=history)
+        self._refit_every = refit_every
+        self._drift = drift
+        self._since_fit = 0
+        self.a, self.b = a, b
+        self.refits = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.a is not None and self.b is not None
+
+    def explore_sizes(self) -> list[int]:
+        """Batch sizes still worth trying in warm-up: a ladder 1, 2, 4, ... up to
+        `max_size` minus the sizes already observed."""
+        seen = {size for size, _ in self._obs}
+        ladder, size = [], 1
+        while size < self.max_size:
+            ladder.append(size)
+            size *= 2
+        ladder.append(self.max_size)
+        return [size for size in ladder if size not in seen]
+
+    def observe(self, size: int, seconds: float) -> None:
+        if size < 1 or not np.isfinite(seconds) or seconds < 0:
+            return
+        self._obs.append((int(size), float(seconds)))
+        self._since_fit += 1
+        if not self.ready or self._since_fit >= self._refit_every:
+            self._refit()
+
+    def _refit(self) -> None:
+        self._since_fit = 0
+        data = np.array(self._obs)
+        if len(data) == 0:
+            return
+        sizes, times = data[:, 0], data[:, 1]
+        if self.ready and len(data) >= 32:
+            recent = slice(-len(data) // 4, None)
+            predicted = self.a + self.b * sizes[recent]
+            gap = np.median(times[recent] / np.maximum(predicted, 1e-9)) - 1.0
+            if abs(gap) > self._drift:  # drifted: forget the old regime
+                log.info("service time drifted by %+.0f%%: refitting on recent batches", gap * 100)
+                keep = list(self._obs)[recent]
+                self._obs.clear()
+                self._obs.extend(keep)
+                sizes, times = sizes[recent], times[recent]
+        if len(np.unique(sizes)) < 2:
+            return
+        slope0, icpt0 = np.polyfit(sizes, times, 1)
+        scale = max(float(np.median(times)), 1e-6)
+        fit = least_squares(
+            lambda p: (p[0] + p[1] * sizes - times) / scale,
+            x0=[max(icpt0, 0.0), max(slope0, 0.0)],
+            bounds=([0.0, 0.0], [np.inf, np.inf]),
+            loss="soft_l1",
+            f_scale=0.1,
+            max_nfev=50,
+        )
+        self.a, self.b = float(fit.x[0]), float(fit.x[1])
+        self.refits += 1
+
+    def predict(self, sizes: np.ndarray) -> np.ndarray:
+        sizes = np.asarray(sizes, dtype=float)
+        if self.ready:
+            return self.a + self.b * sizes
+        if self._obs:  # one size seen: assume no batching gain (pessimistic)
+            per_item = np.median([t / s for s, t in self._obs])
+            return per_item * sizes
+        return np.zeros_like(sizes)
+
+    def __call__(self, sizes: np.ndarray) -> np.ndarray:
+        return self.predict(sizes)
+
+    @property
+    def observations(self) -> int:
+        return len(self._obs)
