@@ -3,6 +3,7 @@ public interface, with a real redis-server and real second processes."""
 
 import multiprocessing
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -238,6 +239,37 @@ def test_lmdb_map_grows_past_initial_size(tmp_path):
     assert store.map_size > 4 * initial
     got = store.get_many(list(arrays))
     assert all(np.array_equal(g, a) for g, a in zip(got, arrays.values()))
+    store.close()
+
+
+def test_lmdb_map_grows_while_other_threads_read(tmp_path):
+    store = LMDBStore(str(tmp_path / "kvs"), map_size=1 << 20)
+    store.put("steady", list(range(100)))
+    errors, reads = [], [0]
+    done, reading = threading.Event(), threading.Event()
+
+    def reader():
+        try:
+            while not done.is_set():
+                assert store.get_many(["steady", "missing"]) == [list(range(100)), None]
+                reads[0] += 1
+                reading.set()
+        except Exception as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert reading.wait(WAIT_S)
+        for i in range(8):  # 8 MiB through a 1 MiB map: several resizes under readers
+            store.put(f"a{i}", np.full(1 << 17, i, dtype=np.float64))
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert [a[0] for a in store.get_many([f"a{i}" for i in range(8)])] == list(range(8))
     store.close()
 
 

@@ -266,7 +266,12 @@ class LMDBStore:
     @property
     def map_size(self) -> int:
         """Current size of the memory map in bytes (grows on demand)."""
-        return self._env().env.info()["map_size"]
+        handle = self._env()
+        handle.gate.enter()  # info() must not race a resize on another thread
+        try:
+            return handle.env.info()["map_size"]
+        finally:
+            handle.gate.leave()
 
     def __repr__(self) -> str:
         return f"LMDBStore({self.path!r})"
