@@ -250,8 +250,9 @@ def _fit_mmpp2(times: np.ndarray, rate: float, iterations: int = 20) -> MAP | No
     if lam[1] < 1.3 * lam[0] or min(trans[0, 1], trans[1, 0]) <= 0:
         return None
     # Per-window switch probabilities to rates; the mean rate is kept exactly.
-    to_high = -math.log(max(1.0 - trans[0, 1], 1e-9)) / width
-    to_low = -math.log(max(1.0 - trans[1, 0], 1e-9)) / width
+    # At least one switch over the span: a phase seen once is not absorbing.
+    to_high = max(-math.log(max(1.0 - trans[0, 1], 1e-9)) / width, 1.0 / span)
+    to_low = max(-math.log(max(1.0 - trans[1, 0], 1e-9)) / width, 1.0 / span)
     share_high = to_high / (to_high + to_low)
     fitted_mean = (lam[0] * (1 - share_high) + lam[1] * share_high) / width
     scale_rates = rate / fitted_mean

@@ -1,0 +1,121 @@
+"""BatchingController decisions on synthetic arrivals and service profiles."""
+
+import numpy as np
+import pytest
+
+import serveflow as sf
+from serveflow.batching import MAP, BatchingController, Decision, ServiceProfile, split_slo
+
+
+def _profile() -> ServiceProfile:
+    return ServiceProfile(a=0.005, b=0.001)  # 5 ms + 1 ms per request
+
+
+def _planned(
+    policy: sf.Batching, rate: float, workers: int = 4
+) -> tuple[BatchingController, float]:
+    controller = BatchingController(policy, workers, profile=_profile())
+    times = MAP.poisson(rate).sample(int(rate * 4) + 50, np.random.default_rng(1))
+    for t in times:
+        controller.on_arrival(float(t))
+    return controller, float(times[-1])
+
+
+def test_fixed_policy_returns_the_fixed_values() -> None:
+    controller = BatchingController(sf.Batching(max_size=10, timeout_ms=10), max_workers=3)
+    for t in np.linspace(0, 5, 200):
+        controller.on_arrival(float(t))
+        assert controller.admit(float(t), queued=10_000, oldest_wait_s=1.0)
+    decision = controller.decision(5.0)
+    assert decision == Decision(10, 0.01, 3)
+    snap = controller.snapshot()
+    assert snap["batch_size"] == 10 and snap["timeout_ms"] == 10 and snap["workers"] == 3
+    assert snap["shed"] == 0
+
+
+def test_more_load_leads_to_larger_batches() -> None:
+    policy = sf.Batching(slo_ms=50)
+    sizes = []
+    for rate in (50, 400, 2000):
+        controller, now = _planned(policy, rate)
+        decision = controller.decision(now)
+        assert decision.feasible
+        assert decision.predicted_ms <= 50
+        sizes.append(decision.max_size)
+    assert sizes[0] <= sizes[1] <= sizes[2]
+    assert sizes[2] > sizes[0]
+
+
+def test_tighter_slo_gives_smaller_batches_or_more_workers() -> None:
+    loose, now = _planned(sf.Batching(slo_ms=60), 400)
+    tight, now2 = _planned(sf.Batching(slo_ms=12), 400)
+    a, b = loose.decision(now), tight.decision(now2)
+    assert a.feasible and b.feasible
+    assert b.max_size < a.max_size or b.workers > a.workers
+    assert b.predicted_ms <= 12
+
+
+def test_latency_objective_is_faster_but_not_cheaper() -> None:
+    cheap, now = _planned(sf.Batching(slo_ms=60), 400)
+    fast, _ = _planned(sf.Batching(slo_ms=60, objective="latency"), 400)
+    a, b = cheap.decision(now), fast.decision(now)
+    assert b.predicted_ms <= a.predicted_ms
+    assert b.cost_ms >= a.cost_ms - 1e-9
+
+
+def test_overload_sheds_requests_that_would_miss_the_slo() -> None:
+    controller, now = _planned(sf.Batching(slo_ms=20), 5000, workers=1)
+    decision = controller.decision(now)
+    assert not decision.feasible  # 1 worker cannot serve 5000/s within 20 ms
+    admitted = [controller.admit(now, queued=q, oldest_wait_s=0.0) for q in range(0, 400, 10)]
+    assert admitted[0] is True  # an empty queue is served
+    assert admitted[-1] is False  # a long queue means a miss: shed
+    assert controller.snapshot()["shed"] == admitted.count(False)
+
+
+def test_overload_serve_admits_everything_and_counts_late() -> None:
+    controller, now = _planned(sf.Batching(slo_ms=20, on_overload="serve"), 5000, workers=1)
+    controller.decision(now)
+    assert all(controller.admit(now, queued=q, oldest_wait_s=0.0) for q in range(0, 400, 10))
+    assert controller.snapshot()["shed"] == 0
+    assert controller.snapshot()["late_predicted"] > 0
+
+
+def test_measured_latency_from_finished_batches() -> None:
+    controller = BatchingController(sf.Batching(slo_ms=10), 1, profile=_profile())
+    for t in (0.0, 0.001, 0.002):
+        controller.on_arrival(t)
+    controller.on_batch_done(3, 0.008, now=0.02)  # latencies 20, 19, 18 ms: all late
+    snap = controller.snapshot()
+    assert snap["late"] == 3
+    assert snap["measured_p_ms"] == pytest.approx(20, abs=0.1)
+
+
+def test_warm_up_explores_then_learns_the_profile() -> None:
+    controller = BatchingController(sf.Batching(slo_ms=50), 2)
+    assert controller.decision(0.0).max_size >= 2  # exploring before any profile
+    for size in (1, 2, 4, 8, 16):
+        for _ in range(4):
+            controller.on_batch_done(size, 0.003 + 0.0005 * size, now=0.0)
+    assert controller.profile.ready
+    assert controller.profile.b == pytest.approx(0.0005, rel=0.05)
+
+
+def test_replans_on_rate_shift() -> None:
+    controller, now = _planned(sf.Batching(slo_ms=50), 50)
+    first = controller.decision(now)
+    plans = controller.plans
+    # Traffic jumps 20x: re-planned within a fraction of a second, not after replan_s.
+    burst = now + MAP.poisson(1000).sample(2500, np.random.default_rng(2))
+    for t in burst:
+        controller.on_arrival(float(t))
+    second = controller.decision(float(burst[-1]))
+    assert controller.plans > plans
+    assert second.max_size > first.max_size
+
+
+def test_split_slo_by_service_time() -> None:
+    assert split_slo(100, {"a": 10, "b": 30}) == {"a": 25, "b": 75}
+    assert split_slo(90, {"a": 0, "b": 0, "c": 0}) == {"a": 30, "b": 30, "c": 30}
+    with pytest.raises(ValueError, match="slo_ms"):
+        split_slo(0, {"a": 1})

@@ -1,0 +1,131 @@
+"""The BATCH analytical model, the MAP fit and the service profile, checked against
+closed forms and the discrete-event simulation."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import serveflow as sf
+from serveflow.batching import MAP, ServiceProfile, buffer_law, fit_map, predict, simulate
+from serveflow.batching.model import linear_service
+
+SERVICE = linear_service(0.005, 0.001)  # 5 ms + 1 ms per request
+
+
+def test_percentiles_are_monotone_in_q() -> None:
+    pred = predict(MAP.mmpp2(30, 150, 1.0, 2.0), SERVICE, 8, 0.02, workers=1)
+    values = [pred.percentile(q) for q in np.linspace(0.05, 0.995, 40)]
+    assert all(b >= a - 1e-6 for a, b in itertools.pairwise(values))  # brentq tolerance
+    assert values[0] < values[-1]
+
+
+def test_low_load_latency_is_timeout_plus_single_service() -> None:
+    pred = predict(MAP.poisson(0.5), SERVICE, 16, 0.02, workers=1)
+    assert pred.mean_batch == pytest.approx(1.0, abs=0.02)
+    for q in (0.5, 0.9):
+        assert pred.percentile(q) == pytest.approx(0.02 + 0.006, rel=0.02)
+
+
+def test_high_load_fills_batches_before_the_timeout() -> None:
+    law = buffer_law(MAP.poisson(5000), 8, 0.05)
+    assert law.batch_pmf[-1] > 0.999
+    assert law.mean_batch == pytest.approx(8, abs=0.01)
+
+
+def test_batch_size_law_matches_poisson_counts() -> None:
+    # With B large enough never to fill, batch size = 1 + Poisson(rate * T).
+    law = buffer_law(MAP.poisson(100), 40, 0.02)
+    k = np.arange(0, 8)
+    expected = np.exp(-2.0) * 2.0**k / np.array([math.factorial(i) for i in k])
+    assert np.allclose(law.batch_pmf[:8], expected, atol=1e-6)
+
+
+def test_unstable_configuration_has_infinite_latency() -> None:
+    pred = predict(MAP.poisson(1000), SERVICE, 2, 0.001, workers=1)  # 3.5 ms per request
+    assert not pred.stable
+    assert pred.percentile(0.99) == math.inf
+
+
+@pytest.mark.parametrize(
+    "arrivals",
+    [MAP.poisson(200), MAP.mmpp2(20, 200, 0.5, 2.0)],
+    ids=["poisson", "mmpp2"],
+)
+def test_model_matches_simulation(arrivals: MAP) -> None:
+    times = arrivals.sample(30_000, np.random.default_rng(7))
+    latencies, _ = simulate(times, SERVICE, 8, 0.02, workers=1)
+    qs = np.arange(50, 100) / 100
+    measured = np.quantile(latencies[500:], qs)
+    pred = predict(arrivals, SERVICE, 8, 0.02, workers=1)
+    predicted = np.array([pred.percentile(q) for q in qs])
+    mape = float(np.mean(np.abs(predicted - measured) / measured))
+    assert mape < 0.10
+
+
+def test_simulation_dispatch_rules() -> None:
+    # Full batch: 4 arrivals within the timeout leave together at the 4th arrival.
+    lat, sizes = simulate(np.array([0.0, 0.001, 0.002, 0.003]), SERVICE, 4, 0.1)
+    assert list(sizes) == [4]
+    assert lat[3] == pytest.approx(0.009)
+    # Timeout: 2 arrivals, batch of 2 leaves 10 ms after the first.
+    lat, sizes = simulate(np.array([0.0, 0.004]), SERVICE, 4, 0.01)
+    assert list(sizes) == [2]
+    assert lat[0] == pytest.approx(0.01 + 0.007)
+
+
+def test_fit_recognizes_poisson() -> None:
+    gaps = np.diff(MAP.poisson(80).sample(4000, np.random.default_rng(3)))
+    fitted = fit_map(gaps)
+    assert fitted.is_poisson
+    assert fitted.rate == pytest.approx(80, rel=0.1)
+
+
+def test_fit_recognizes_bursty_mmpp() -> None:
+    truth = MAP.mmpp2(20, 200, 0.5, 2.0)
+    gaps = np.diff(truth.sample(5000, np.random.default_rng(4)))
+    fitted = fit_map(gaps)
+    assert fitted.phases == 2
+    low, high = sorted(fitted.phase_rates)
+    assert low == pytest.approx(20, rel=0.4)
+    assert high == pytest.approx(200, rel=0.4)
+    assert fitted.rate == pytest.approx(1 / gaps.mean(), rel=1e-6)
+
+
+def test_profile_learns_linear_service_through_noise() -> None:
+    rng = np.random.default_rng(5)
+    profile = ServiceProfile(max_size=32)
+    assert profile.explore_sizes()[:3] == [1, 2, 4]
+    for i in range(300):
+        size = int(rng.integers(1, 33))
+        noise = 1.0 + 0.05 * rng.standard_normal() + (3.0 if i % 50 == 0 else 0.0)  # outliers
+        profile.observe(size, (0.004 + 0.0015 * size) * noise)
+    assert profile.ready
+    assert profile.a == pytest.approx(0.004, rel=0.2)
+    assert profile.b == pytest.approx(0.0015, rel=0.1)
+
+
+def test_profile_follows_drift() -> None:
+    profile = ServiceProfile(max_size=16, history=128)
+    for i in range(200):
+        profile.observe(1 + i % 16, 0.002 + 0.001 * (1 + i % 16))
+    for i in range(200):
+        profile.observe(1 + i % 16, 2 * (0.002 + 0.001 * (1 + i % 16)))
+    assert profile.b == pytest.approx(0.002, rel=0.15)
+
+
+def test_batching_policy_validation_and_describe() -> None:
+    assert sf.Batching().size == 32
+    assert sf.Batching(max_size=8, timeout_ms=5).describe() == "max_size=8, timeout_ms=5"
+    assert "SLO p99 <= 50 ms" in sf.Batching(slo_ms=50).describe()
+    for bad, field in [
+        ({"max_size": 0}, "max_size"),
+        ({"timeout_ms": -1}, "timeout_ms"),
+        ({"slo_ms": 0}, "slo_ms"),
+        ({"percentile": 1.5}, "percentile"),
+        ({"objective": "speed"}, "objective"),
+        ({"on_overload": "drop"}, "on_overload"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            sf.Batching(**bad)
