@@ -93,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="workers per stage (default: the runtime's default)",
+        help="worker processes kept warm (the runtime's min_workers; default 2)",
+    )
+    serve.add_argument(
+        "--max-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most worker processes the autoscaler may run (default: the runtime's)",
     )
     serve.add_argument(
         "--max-in-flight",
@@ -146,7 +153,9 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
 
     options: dict[str, int] = {}
     if args.workers is not None:
-        options["workers_per_stage"] = args.workers
+        options["min_workers"] = args.workers
+    if args.max_workers is not None:
+        options["max_workers"] = max(args.max_workers, args.workers or 1)
     if args.max_in_flight is not None:
         options["max_in_flight"] = args.max_in_flight
     runtime = sf.LocalRuntime(**options)
@@ -166,6 +175,7 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             log.warning(
                 "serving on %s without a token: anyone who reaches it can call it", args.host
             )
+        server.bind()  # now, so that with --port 0 the line below tells the port chosen
         print(
             f"serveflow: serving {', '.join(apps)} on {server.url} "
             f"(dashboard {server.url}/, metrics {server.url}/metrics)",

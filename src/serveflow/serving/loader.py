@@ -15,9 +15,19 @@ class LoadError(Exception):
     """The file cannot be imported, or defines no flow (under that name)."""
 
 
+def _ship_by_value(module: ModuleType) -> None:
+    """Have cloudpickle (how runtimes send plans to worker processes) carry this
+    module's functions and classes by value, so workers need not import the file."""
+    try:
+        import cloudpickle
+    except ImportError:  # a runtime without worker processes
+        return
+    cloudpickle.register_pickle_by_value(module)
+
+
 def _import_file(path: Path) -> ModuleType:
-    """Import `path` by its dotted name when it sits inside packages (so worker
-    processes can import it again by name), else as a standalone module."""
+    """Import `path` by its dotted name when it sits inside packages, else as a
+    standalone module."""
     path = path.resolve()
     parts = [path.stem]
     root = path.parent
@@ -62,6 +72,7 @@ def load_flows(target: str) -> list[Flow]:
         raise LoadError(f"{file}: no such file")
     try:
         module = _import_file(path)
+        _ship_by_value(module)
     except LoadError:
         raise
     except Exception as error:
