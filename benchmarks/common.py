@@ -28,9 +28,16 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 Record = dict[str, Any]
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The flags every benchmark takes: `--quick` (a short run) and `--out` (folder)."""
+def parse_args(
+    description: str,
+    argv: Sequence[str] | None = None,
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The flags every benchmark takes: `--quick` (a short run) and `--out` (folder);
+    `configure` adds a benchmark's own flags."""
     parser = argparse.ArgumentParser(description=description)
+    if configure is not None:
+        configure(parser)
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument(
         "--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})"

@@ -54,9 +54,9 @@ class TritonPeer:
         env = dict(os.environ)
         lib = _python_lib_dir(VENV_PYTHON)
         if lib is not None:
-            env["LD_LIBRARY_PATH"] = f"{lib}:{env['LD_LIBRARY_PATH']}" if env.get(
-                "LD_LIBRARY_PATH"
-            ) else str(lib)
+            env["LD_LIBRARY_PATH"] = (
+                f"{lib}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(lib)
+            )
         env.pop("PYTHONPATH", None)
         # Server logs go to a file: a pipe nobody reads could fill and stall the worker.
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in close())

@@ -163,9 +163,7 @@ def main() -> None:
             if command["cmd"] == "seq":
                 _reply({"latencies_ms": sequential(client, command["n"], command["size"])})
             elif command["cmd"] == "loop":
-                _reply(
-                    closed_loop(client, command["total"], command["in_flight"], command["size"])
-                )
+                _reply(closed_loop(client, command["total"], command["in_flight"], command["size"]))
             else:
                 _reply({"error": f"unknown command {command!r}"})
         client.client.close()
