@@ -69,8 +69,9 @@ def _pull(
     free = [0.0] * workers  # heap of the times workers become free
     queue: deque[int] = deque()
     i, n, now = 0, len(times), 0.0
-    # Each step admits an arrival or dispatches a batch: at most 2n steps.
-    for _ in range(2 * n + 2):
+    # Each step admits an arrival, dispatches a batch, or waits for a timeout or a
+    # worker (then dispatches): at most 4 steps per request.
+    for _ in range(4 * n + 4):
         if i >= n and not queue:
             break
         worker_free = free[0] <= now
@@ -97,4 +98,6 @@ def _pull(
             i += 1
         else:
             now = max(now, wake)
+    if i < n or queue:
+        raise RuntimeError("simulate: step bound reached before every request was served")
     return latency, np.array(sizes)

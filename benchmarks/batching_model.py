@@ -1,0 +1,239 @@
+"""Accuracy of the BATCH latency model (BATCH's own metric): predicted vs measured
+latency percentiles 50..99 of a batching stage whose service time is a + b * batch.
+
+Measured two ways: a discrete-event simulation of buffer + workers (pull semantics,
+like the runtime; fast and deterministic) for Poisson and 2-state MMPP arrivals at
+several rates, and the real serveflow runtime through the public API at two rates
+(a `sf.Flow` whose batching map sleeps a + b * len(table), driven open loop at the
+generated arrival times). Reports the mean absolute percentage error (target <= 10%).
+
+    python -m benchmarks.batching_model [--quick]
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+import serveflow as sf
+from benchmarks.common import new_figure, parse_args, print_table, save_figure, write_json
+from serveflow.batching import MAP, predict, simulate
+from serveflow.batching.model import linear_service
+
+log = logging.getLogger("benchmarks.batching_model")
+
+A_S, B_S = 0.005, 0.001  # service: 5 ms + 1 ms per request
+SERVICE = linear_service(A_S, B_S)
+MAX_SIZE, TIMEOUT_S = 8, 0.020
+QUANTILES = np.arange(50, 100) / 100
+
+
+def bursty(rate: float) -> MAP:
+    """MMPP2 with mean `rate`: 0.5x for ~2 s, then 2.5x for ~0.67 s."""
+    return MAP.mmpp2(0.5 * rate, 2.5 * rate, 0.5, 1.5)
+
+
+SIM_SCENARIOS = [
+    ("poisson-50rps", MAP.poisson(50), 1),
+    ("poisson-150rps", MAP.poisson(150), 1),
+    ("poisson-300rps", MAP.poisson(300), 1),
+    ("poisson-600rps-2w", MAP.poisson(600), 2),
+    ("mmpp-50rps", bursty(50), 1),
+    ("mmpp-100rps", bursty(100), 1),
+    ("mmpp-150rps", bursty(150), 1),
+]
+RUNTIME_SCENARIOS = [("poisson-50rps", MAP.poisson(50)), ("mmpp-50rps", bursty(50))]
+
+
+def synthetic_stage(table: sf.Table) -> list[Any]:
+    """A batch call costing a + b * batch size."""
+    time.sleep(A_S + B_S * len(table))
+    return list(table.column("x"))
+
+
+def mape(predicted: np.ndarray, measured: np.ndarray) -> float:
+    return float(np.mean(np.abs(predicted - measured) / measured) * 100)
+
+
+def records_for(
+    scenario: str, system: str, latencies_s: np.ndarray, rate: float, extra: dict[str, Any]
+) -> dict[str, Any]:
+    pct = np.quantile(latencies_s, QUANTILES) * 1e3
+    return {
+        "scenario": scenario,
+        "system": system,
+        "median_ms": float(pct[0]),
+        "p99_ms": float(pct[-1]),
+        "throughput_rps": rate,
+        "percentiles_ms": [float(v) for v in pct],
+        **extra,
+    }
+
+
+def model_record(scenario: str, arrivals: MAP, workers: int) -> tuple[dict[str, Any], np.ndarray]:
+    started = time.perf_counter()
+    pred = predict(arrivals, SERVICE, MAX_SIZE, TIMEOUT_S, workers)
+    predicted = np.array([pred.percentile(q) for q in QUANTILES]) * 1e3
+    solve_ms = (time.perf_counter() - started) * 1e3
+    record = {
+        "scenario": scenario,
+        "system": "model",
+        "median_ms": float(predicted[0]),
+        "p99_ms": float(predicted[-1]),
+        "throughput_rps": arrivals.rate,
+        "percentiles_ms": [float(v) for v in predicted],
+        "arrivals": arrivals.describe(),
+        "workers": workers,
+        "utilization": pred.utilization,
+        "mean_batch": pred.mean_batch,
+        "solve_ms": solve_ms,
+    }
+    return record, predicted
+
+
+def run_simulation(count: int) -> list[dict[str, Any]]:
+    out = []
+    for scenario, arrivals, workers in SIM_SCENARIOS:
+        model, predicted = model_record(scenario, arrivals, workers)
+        times = arrivals.sample(count, np.random.default_rng(42))
+        latencies, sizes = simulate(times, SERVICE, MAX_SIZE, TIMEOUT_S, workers, mode="pull")
+        latencies = latencies[count // 50 :]  # drop the warm-up
+        measured = np.quantile(latencies, QUANTILES) * 1e3
+        err = mape(predicted, measured)
+        out += [
+            model,
+            records_for(
+                scenario,
+                "simulation",
+                latencies,
+                len(times) / (times[-1] - times[0]),
+                {"mape": err, "mean_batch": float(sizes.mean()), "requests": len(latencies)},
+            ),
+        ]
+        log.info("%s: MAPE model vs simulation %.1f%%", scenario, err)
+    return out
+
+
+def drive(app: Any, arrivals: np.ndarray) -> np.ndarray:
+    """Open loop: submit one request at each arrival time; latencies in seconds."""
+    latencies = np.full(len(arrivals), np.nan)
+    done = threading.Semaphore(0)
+
+    def finish(index: int, submitted: float) -> Any:
+        def callback(future: Any) -> None:
+            if future.exception() is None:
+                latencies[index] = time.perf_counter() - submitted
+            done.release()
+
+        return callback
+
+    start = time.perf_counter() + 0.2
+    for i, at in enumerate(arrivals):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        submitted = time.perf_counter()
+        app.run(sf.Table({"x": [i]})).add_done_callback(finish(i, submitted))
+    for _ in range(len(arrivals)):
+        done.acquire(timeout=30)
+    return latencies
+
+
+def make_runtime() -> Any:
+    try:  # the process runtime: one worker, so one buffer as in the model
+        return sf.LocalRuntime(min_workers=1, max_workers=1)
+    except TypeError:  # the threaded runtime
+        return sf.LocalRuntime(workers_per_stage=1)
+
+
+def run_runtime(duration_s: float) -> list[dict[str, Any]]:
+    out = []
+    for scenario, arrivals in RUNTIME_SCENARIOS:
+        model, predicted = model_record(scenario, arrivals, 1)
+        times = arrivals.sample(int(arrivals.rate * duration_s), np.random.default_rng(7))
+        times -= times[0]
+        flow = sf.Flow("batching-model")
+        flow.map(
+            synthetic_stage,
+            names=["y"],
+            batching=sf.Batching(max_size=MAX_SIZE, timeout_ms=TIMEOUT_S * 1e3),
+            name="stage",
+        )
+        runtime = make_runtime()
+        with flow.deploy(runtime=runtime) as app:
+            for i in range(20):  # warm the worker (cold start) before measuring
+                app.run(sf.Table({"x": [i]})).result(timeout=60)
+            time.sleep(0.2)
+            latencies = drive(app, times)
+        try:
+            runtime.stop()
+        except Exception:  # already stopped with the app
+            log.debug("runtime stop", exc_info=True)
+        latencies = latencies[~np.isnan(latencies)][len(times) // 50 :]
+        measured = np.quantile(latencies, QUANTILES) * 1e3
+        err = mape(predicted, measured)
+        out += [
+            model,
+            records_for(
+                scenario,
+                "serveflow",
+                latencies,
+                len(times) / (times[-1] - times[0]),
+                {"mape": err, "requests": len(latencies)},
+            ),
+        ]
+        log.info("%s: MAPE model vs serveflow runtime %.1f%%", scenario, err)
+    return out
+
+
+def plot(records: list[dict[str, Any]], out_dir: Any) -> None:
+    scenarios = list(dict.fromkeys(r["scenario"] for r in records))
+    cols = 3
+    rows = -(-len(scenarios) // cols)
+    fig, axes = new_figure(rows, cols, size=(4.0 * cols, 3.0 * rows))
+    axes = np.atleast_1d(axes).ravel()
+    qs = QUANTILES * 100
+    for ax, scenario in zip(axes, scenarios):
+        for r in records:
+            if r["scenario"] != scenario:
+                continue
+            style = {"model": "-", "simulation": "o", "serveflow": "x"}[r["system"]]
+            label = r["system"] + (f" (MAPE {r['mape']:.1f}%)" if r.get("mape") is not None else "")
+            ax.plot(qs, r["percentiles_ms"], style, markersize=3, label=label)
+        ax.set_title(scenario, fontsize=9)
+        ax.set_xlabel("percentile")
+        ax.set_ylabel("latency (ms)")
+        ax.legend(fontsize=7)
+    for ax in axes[len(scenarios) :]:
+        ax.axis("off")
+    fig.suptitle(f"BATCH model vs measured: B={MAX_SIZE}, T={TIMEOUT_S * 1e3:g} ms, 5+1*n ms")
+    fig.tight_layout()
+    save_figure(fig, "batching_model", out_dir)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    records = run_simulation(10_000 if args.quick else 60_000)
+    records += run_runtime(6.0 if args.quick else 20.0)
+    for r in records:  # one table; curves stay in the JSON
+        r.setdefault("mape", None)
+    print_table(
+        records,
+        ("scenario", "system", "median_ms", "p99_ms", "throughput_rps", "mape"),
+        title="BATCH model accuracy (MAPE over percentiles 50..99, vs the model)",
+    )
+    sims = [r["mape"] for r in records if r["system"] == "simulation"]
+    real = [r["mape"] for r in records if r["system"] == "serveflow"]
+    print(
+        f"mean MAPE vs simulation: {np.mean(sims):.1f}%  vs serveflow runtime: {np.mean(real):.1f}%"
+    )
+    write_json("batching_model", records, args.out)
+    plot(records, args.out)
+
+
+if __name__ == "__main__":
+    main()
