@@ -27,15 +27,16 @@ PAGE = r"""<!doctype html>
   section.flow { background:var(--card); border:1px solid #e3e6ec; border-radius:10px;
                  padding:16px 18px; }
   .flow h2 { margin:0 0 10px; font-size:16px; }
-  .cards { display:flex; gap:12px; flex-wrap:wrap; margin-bottom:12px; align-items:stretch; }
+  .cards { display:flex; gap:12px; flex-wrap:wrap; margin-bottom:12px; align-items:flex-start; }
   .card { border:1px solid #e3e6ec; border-radius:8px; padding:8px 12px; min-width:110px; }
   .card .label { color:var(--muted); font-size:12px; }
   .card .value { font-size:20px; font-weight:600; font-variant-numeric:tabular-nums; }
-  .spark { flex:1; min-width:220px; }
+  .card.spark { flex:1; min-width:220px; }
+  .card.spark svg { display:block; width:100%; height:30px; }
   svg.graph { width:100%; height:auto; display:block; }
-  .node rect { fill:#fff; stroke:var(--line); stroke-width:1.2; rx:8; }
-  .node.io rect { fill:#eef2fa; }
-  .node.busy rect { stroke:var(--accent); stroke-width:2; }
+  .node > rect { fill:#fff; stroke:var(--line); stroke-width:1.2; rx:8; }
+  .node.io > rect { fill:#eef2fa; }
+  .node.busy > rect { stroke:var(--accent); stroke-width:2; }
   .node text { font-size:12px; fill:var(--ink); font-variant-numeric:tabular-nums; }
   .node .title { font-weight:600; font-size:13px; }
   .node .sub { fill:var(--muted); }
@@ -157,11 +158,12 @@ function drawGraph(svg, graph) {
 
 function drawSpark(svg, history) {
   svg.replaceChildren();
-  const w = 300, h = 46, max = Math.max(1, ...history);
+  const w = 300, h = 30, max = Math.max(1, ...history);
   svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
-  const pts = history.map((v, i) => `${(i / 59) * w},${h - 3 - (v / max) * (h - 8)}`);
-  el("polyline", {points: pts.join(" "), fill: "none", stroke: "#2f6fde", "stroke-width": 2}, svg);
-  el("text", {x: 4, y: 11, "font-size": 10, fill: "#6b7385"}, svg, `req/s, last 60 s (max ${fmt(max, 1)})`);
+  const pts = history.map((v, i) => `${(i / 59) * w},${h - 2 - (v / max) * (h - 4)}`);
+  el("polyline", {points: pts.join(" "), fill: "none", stroke: "#2f6fde", "stroke-width": 2,
+                    "vector-effect": "non-scaling-stroke"}, svg);
+  svg.previousSibling.textContent = `req/s, last 60 s (max ${fmt(max, 1)})`;
 }
 
 function card(parent, label, cls) {
@@ -177,7 +179,9 @@ function setupFlow(info) {
   const view = {rps: card(cards, "throughput (req/s)", "rps"), p50: card(cards, "p50 (ms)", "p50"),
                 p99: card(cards, "p99 (ms)", "p99"), ok: card(cards, "ok", "ok"),
                 errors: card(cards, "errors", "errors")};
-  const spark = el("svg", {class: "spark", preserveAspectRatio: "none"}, html("div", {class: "card spark"}, cards));
+  const sparkCard = html("div", {class: "card spark"}, cards);
+  html("div", {class: "label"}, sparkCard, "req/s, last 60 s");
+  const spark = el("svg", {preserveAspectRatio: "none"}, sparkCard);
   const svg = el("svg", {class: "graph", role: "img", "aria-label": `plan of ${info.name}`}, sec);
   const det = html("details", {}, sec);
   html("summary", {}, det, "explain()");
