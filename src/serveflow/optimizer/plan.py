@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -59,13 +60,25 @@ class Plan:
 
     def stage_of(self, op_id: int) -> Stage:
         """The stage whose output is `op_id`."""
-        for stage in self.stages:
-            if stage.output == op_id:
-                return stage
-        raise KeyError(op_id)
+        return self.stages[self._index_of_output[op_id]]
 
     def consumers(self, op_id: int) -> list[Stage]:
         return [s for s in self.stages if op_id in s.inputs]
+
+    def consumer_indices(self, index: int) -> tuple[int, ...]:
+        """Indices of the stages reading stage `index`'s output."""
+        return self._consumer_indices[index]
+
+    @functools.cached_property
+    def _index_of_output(self) -> dict[int, int]:
+        return {stage.output: i for i, stage in enumerate(self.stages)}
+
+    @functools.cached_property
+    def _consumer_indices(self) -> list[tuple[int, ...]]:
+        return [
+            tuple(i for i, s in enumerate(self.stages) if stage.output in s.inputs)
+            for stage in self.stages
+        ]
 
     @property
     def output_stage(self) -> Stage:

@@ -75,28 +75,28 @@ class App(abc.ABC):
         """Submit one request; its future holds the output table, or fails for this
         request alone with OperatorError, InputError, OverloadError (too many requests
         in flight) or DeadlineError (`timeout` seconds passed; queued work is dropped)."""
-        request = Request(self.plan, as_table(table))
+        request = Request(as_table(table), timeout)
         with self._lock:
             if self._stopped:
                 raise RuntimeError(f"app {self.name!r} is stopped")
             if len(self._in_flight) >= self._max_in_flight:
-                request.fail(
+                request.settle(
                     OverloadError(
                         f"flow {self.name!r} has {len(self._in_flight)} requests in flight "
-                        f"(the limit); retry later"
+                        "(the limit); retry later"
                     )
                 )
                 return request.future
             self._in_flight.add(request.future)
         request.future.add_done_callback(self._forget)
-        if timeout is not None:
-            error = DeadlineError(f"request to flow {self.name!r} took over {timeout:g} s")
-            self._deadlines.add(time.monotonic() + timeout, lambda: request.fail(error))
         try:
             check_schema(self.plan.schema, request.table)
         except InputError as error:
-            request.fail(error)
+            request.settle(error)
             return request.future
+        if timeout is not None:
+            error = DeadlineError(f"request to flow {self.name!r} took over {timeout:g} s")
+            self._deadlines.add(request.deadline, lambda: request.settle(error))
         self._submit(request)
         return request.future
 

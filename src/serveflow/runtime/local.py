@@ -1,170 +1,401 @@
-"""The embedded runtime: every stage served by a pool of workers on this machine.
+"""The embedded runtime: a serverless pool of worker processes on this machine.
 
-Workers are threads here; each holds its own warm `StageExecutor` (a model class is
-instantiated once per worker, on its first request: the cold start).
+The driver (this process) routes each request when it arrives: `Scheduler` picks the
+workers of every stage, the request table goes to the first stages' workers, and
+from there results travel worker to worker (`worker.py`); only the final result comes
+back. A monitor thread replaces dead workers (re-running their requests), scales the
+pool with `Autoscaler`, and removes shared-memory files of finished requests.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import json
+import os
+import secrets
+import subprocess
+import sys
 import threading
 import time
-from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
-from serveflow.optimizer.plan import Plan, Stage
+import cloudpickle
+
+from serveflow.errors import OperatorError
+from serveflow.optimizer.plan import Plan
+from serveflow.runtime import codec, worker
 from serveflow.runtime.app import App
-from serveflow.runtime.kvs import KVS, MemoryKVS
+from serveflow.runtime.kvs import KVS, open_kvs
 from serveflow.runtime.request import Request
-from serveflow.runtime.stage import StageExecutor
+from serveflow.runtime.scheduler import Autoscaler, Scheduler, WorkerLoad, targets
 from serveflow.runtime.stats import StageStats
+from serveflow.runtime.transport import Endpoint, PeerGone
 
 log = logging.getLogger(__name__)
 
+MONITOR_EVERY_S = 0.1
+SWEEP_EVERY_S = 2.0
+START_TIMEOUT_S = 60.0
+WORKER_MAIN = (
+    "import sys, json; from serveflow.runtime.worker import main; main(*json.loads(sys.argv[1]))"
+)
+MAX_FAILED_STARTS = 3  # consecutive workers dying before ready: stop trying
 
-class StagePool:
-    """A queue of (request, enqueued-at) for one stage and the workers draining it.
 
-    A batching stage's worker takes up to `batching.size` queued requests at once,
-    waiting up to `batching.timeout_ms` after the oldest for a batch to fill.
-    """
+@dataclass
+class WorkerProcess:
+    """The driver's handle on one worker process."""
 
-    def __init__(self, stage: Stage, kvs: KVS, workers: int, app: LocalApp) -> None:
-        self.stage = stage
-        self.stats = StageStats()
-        self._kvs = kvs
-        self._app = app
-        self._queue: deque[tuple[Request, float]] = deque()
-        self._ready = threading.Condition()
-        self._closed = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"serveflow:{stage.name}:{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    @property
-    def workers(self) -> int:
-        return len(self._threads)
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    def submit(self, request: Request) -> None:
-        with self._ready:
-            self._queue.append((request, time.perf_counter()))
-            self._ready.notify()
-
-    def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._ready.notify_all()
-        for thread in self._threads:
-            thread.join()
-
-    def _take(self) -> list[tuple[Request, float]]:
-        """The next batch of still-wanted requests; [] once closed and empty."""
-        policy = self.stage.batching
-        limit = policy.size if policy else 1
-        wait_s = (policy.timeout_ms or 0) / 1e3 if policy else 0.0
-        batch: list[tuple[Request, float]] = []
-        with self._ready:
-            while True:
-                while self._queue and len(batch) < limit:
-                    item = self._queue.popleft()
-                    if item[0].wants(self.stage):  # anyof or a replica may have moved on
-                        batch.append(item)
-                if self._closed or len(batch) >= limit:
-                    return batch
-                if batch:
-                    remaining = batch[0][1] + wait_s - time.perf_counter()
-                    if remaining <= 0:
-                        return batch
-                    self._ready.wait(remaining)
-                else:
-                    self._ready.wait()
-
-    def _work(self) -> None:
-        executor: StageExecutor | None = None
-        while batch := self._take():
-            if executor is None:
-                executor = StageExecutor(self.stage, self._kvs)
-                self.stats.record_cold_start()
-            try:
-                results = executor.run([request.inputs(self.stage) for request, _ in batch])
-            except Exception as error:  # a bug of ours: fail these requests, keep serving
-                log.exception("stage %r crashed", self.stage.name)
-                results = [error] * len(batch)
-            if executor.load_error is not None:
-                executor = None  # try loading again for the next batch
-            done = time.perf_counter()
-            self.stats.record_batch([done - enqueued for _, enqueued in batch])
-            for (request, _), result in zip(batch, results):
-                self._app.dispatch(request, request.complete(self.stage, result))
+    index: int
+    process: Any
+    ready: bool = False
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    queued: dict[tuple[int, int], int] = field(default_factory=dict)
+    active_at: float = field(default_factory=time.monotonic)
+    retiring: bool = False
 
 
 class LocalApp(App):
-    def __init__(self, plan: Plan, runtime: LocalRuntime, owns_runtime: bool) -> None:
-        super().__init__(plan, runtime, owns_runtime, runtime.max_in_flight)
-        self._pools = {
-            stage.id: StagePool(
-                stage, runtime.kvs, max(runtime.workers_per_stage, stage.replicas), self
-            )
-            for stage in plan.stages
-        }
+    """A plan deployed on a `LocalRuntime`."""
+
+    def __init__(self, app_id: int, plan: Plan, runtime: LocalRuntime, owns: bool) -> None:
+        super().__init__(plan, runtime, owns, runtime.max_in_flight)
+        self.id = app_id
+        self.active: dict[int, Request] = {}
+        self.stage_stats = [StageStats() for _ in plan.stages]
+        self.sources = tuple(i for i, s in enumerate(plan.stages) if 0 in s.inputs)
+        self._runtime = runtime
 
     def _submit(self, request: Request) -> None:
-        self.dispatch(request, request.start())
-
-    def dispatch(self, request: Request, stages: list[Stage]) -> None:
-        for stage in stages:
-            for _ in range(stage.replicas):  # competing copies: first result wins
-                self._pools[stage.id].submit(request)
+        self._runtime.start(self, request)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        figures = {}
-        for pool in self._pools.values():
-            entry = pool.stats.snapshot() | {"workers": pool.workers, "queue": pool.queued}
-            if pool.stage.batching:
-                entry |= {
-                    "batch_size": pool.stage.batching.size,
-                    "timeout_ms": pool.stage.batching.timeout_ms or 0.0,
-                }
-            figures[pool.stage.name] = entry
-        return figures
+        return self._runtime.stage_figures(self)
 
     def _shutdown(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
+        self._runtime.undeploy(self)
 
 
 class LocalRuntime:
-    """The embedded runtime on this machine, the default of `flow.deploy()`.
+    """Runs plans on a pool of worker processes on this machine (the default runtime).
 
-    `workers_per_stage`: workers serving each stage (at least a stage's replicas).
-    `kvs`: the key-value store behind `lookup` and `app.kvs` (default: in memory).
-    `max_in_flight`: requests an app holds at once; more fail fast with OverloadError.
+    min_workers / max_workers: pool size limits (the pool has at least as many workers
+        as the most replicated stage).
+    kvs: store behind `lookup` and `app.kvs`: None (an LMDB store in a temporary
+        directory, shared by the workers), "lmdb:///path", "redis://host:port/db", or a
+        store object.
+    max_in_flight: requests an app holds at once; more fail fast with OverloadError.
+    retries: times a request is re-run when a worker dies under it (user functions
+        should be idempotent).
+    idle_s: a worker idle this long is retired (above min_workers).
+    idle_unload_s: a stage unused this long on a worker is unloaded.
+    cache_bytes: per-worker cache of looked-up values.
+    target_in_flight: stage runs per worker above which the pool grows.
     """
 
     def __init__(
-        self, *, workers_per_stage: int = 2, kvs: KVS | None = None, max_in_flight: int = 10_000
+        self,
+        *,
+        min_workers: int = 2,
+        max_workers: int | None = None,
+        kvs: str | KVS | None = None,
+        max_in_flight: int = 10_000,
+        retries: int = 2,
+        idle_s: float = 10.0,
+        idle_unload_s: float = 60.0,
+        cache_bytes: int = 256 << 20,
+        target_in_flight: float = 2.0,
     ) -> None:
-        if workers_per_stage < 1:
-            raise ValueError(f"workers_per_stage must be >= 1, got {workers_per_stage}")
-        self.workers_per_stage = workers_per_stage
+        max_workers = max_workers or max(4, 2 * (os.cpu_count() or 1))
+        if not 1 <= min_workers <= max_workers:
+            raise ValueError(f"need 1 <= min_workers <= max_workers: {min_workers}, {max_workers}")
+        self.min_workers = min_workers
+        self.max_workers = max_workers
         self.max_in_flight = max_in_flight
-        self.kvs: KVS = kvs if kvs is not None else MemoryKVS()
-        self._apps: list[LocalApp] = []
+        self.retries = retries
+        self.kvs: KVS = open_kvs(kvs)
+        self._options = {"cache_bytes": cache_bytes, "idle_unload_s": idle_unload_s}
+        self._autoscaler = Autoscaler(min_workers, max_workers, target_in_flight, idle_s)
+        self._scheduler = Scheduler()
+        self._token = secrets.token_hex(4)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._workers: dict[int, WorkerProcess] = {}
+        self._apps: dict[int, LocalApp] = {}
+        self._blobs: dict[int, bytes] = {}
+        self._next_index = itertools.count()
+        self._next_app = itertools.count(1)
+        self._endpoint: Endpoint | None = None
+        self._shm = codec.SharedMemory(self._token)
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._failed_starts = 0
 
+    # -- deployment ---------------------------------------------------------------------
     def deploy(self, plan: Plan, *, owns_runtime: bool = False) -> LocalApp:
-        app = LocalApp(plan, self, owns_runtime)
-        self._apps.append(app)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("this LocalRuntime is stopped")
+            self._ensure_started()
+            app = LocalApp(next(self._next_app), plan, self, owns_runtime)
+            self._apps[app.id] = app
+            self._blobs[app.id] = cloudpickle.dumps(plan)
+            for w in self._workers.values():
+                if w.ready:
+                    self._send(w.index, ("deploy", app.id, self._blobs[app.id]))
+            need = max(self.min_workers, *(s.replicas for s in plan.stages))
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while sum(w.ready for w in self._workers.values()) < min(need, self.max_workers):
+                if self._failed_starts >= MAX_FAILED_STARTS:
+                    raise RuntimeError("worker processes fail to start; see the log above")
+                self._spawn_missing(need)
+                if not self._changed.wait(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError("worker processes did not start in time")
         return app
 
+    def undeploy(self, app: LocalApp) -> None:
+        with self._lock:
+            self._apps.pop(app.id, None)
+            self._blobs.pop(app.id, None)
+            for w in self._workers.values():
+                w.load.warm -= {k for k in w.load.warm if k[0] == app.id}
+                if w.ready:
+                    self._send(w.index, ("undeploy", app.id))
+
+    # -- requests -----------------------------------------------------------------------
+    def start(self, app: LocalApp, request: Request) -> None:
+        with self._lock:
+            app.active[request.id] = request
+            self._route(app, request)
+        request.future.add_done_callback(lambda _: self._finish(app, request))
+
+    def _route(self, app: LocalApp, request: Request) -> None:
+        """(Re)start a request: pick workers for every stage, send the table to the
+        first stages. Called with the lock held."""
+        loads = {i: w.load for i, w in self._workers.items() if w.ready and not w.retiring}
+        request.route = self._scheduler.route(app.id, app.plan, loads)
+        for index in app.sources:
+            message = (
+                "input",
+                app.id,
+                request.id,
+                request.attempt,
+                index,
+                0,
+                request.table,
+                request.route,
+                request.deadline,
+            )
+            for w in targets(app.plan, index, request.route, request.table):
+                self._send(w, message, request.id)
+
+    def _finish(self, app: LocalApp, request: Request) -> None:
+        with self._lock:
+            if app.active.pop(request.id, None) is not None:
+                self._release(request)
+
+    def _release(self, request: Request) -> None:
+        loads = {i: w.load for i, w in self._workers.items()}
+        self._scheduler.charge(request.route, loads, -1)
+
+    def _retry(self, app: LocalApp, request: Request, lost: int) -> None:
+        self._release(request)
+        request.attempt += 1
+        if request.attempt > self.retries:
+            request.settle(
+                OperatorError(
+                    f"worker {lost} died while running this request; gave up after "
+                    f"{self.retries} retries",
+                    "worker",
+                )
+            )
+            return
+        log.warning("worker %d died; re-running request %d", lost, request.id)
+        self._route(app, request)
+
+    def _send(self, index: int, message: tuple, rid: int = 0) -> None:
+        assert self._endpoint is not None
+        try:
+            data = codec.encode(message, self._shm, rid)
+            self._endpoint.send(worker.worker_address(self._token, index), data)
+        except PeerGone:  # the monitor notices the death and re-runs its requests
+            log.debug("worker %d is gone", index)
+
+    # -- messages from workers ------------------------------------------------------------
+    def _receive(self) -> None:
+        assert self._endpoint is not None
+        while True:
+            try:
+                data = self._endpoint.recv(None)
+            except OSError:
+                return  # closed by stop()
+            if data is None:
+                continue
+            try:
+                message = codec.decode(data, self._shm)
+            except Exception:  # a request already swept; nothing waits for it
+                log.debug("undecodable message", exc_info=True)
+                continue
+            kind = message[0]
+            if kind == "result":
+                _, app_id, rid, _attempt, value = message
+                app = self._apps.get(app_id)
+                request = app.active.get(rid) if app else None
+                if request is not None:
+                    request.settle(value)
+            elif kind == "stats":
+                self._on_stats(*message[1:])
+            elif kind == "hello":
+                self._on_hello(message[1])
+            elif kind == "exit":
+                return
+
+    def _on_hello(self, index: int) -> None:
+        with self._lock:
+            w = self._workers.get(index)
+            if w is None:
+                return
+            for app_id, blob in self._blobs.items():
+                self._send(index, ("deploy", app_id, blob))
+            w.ready = True
+            self._failed_starts = 0
+            self._changed.notify_all()
+
+    def _on_stats(self, index: int, stages: dict, queued: dict, unloaded: list) -> None:
+        with self._lock:
+            w = self._workers.get(index)
+            if w is None:
+                return
+            w.queued = queued
+            w.load.warm -= set(unloaded)
+            if stages or queued:
+                w.active_at = time.monotonic()
+            for (app_id, stage_index), counts in stages.items():
+                app = self._apps.get(app_id)
+                if app is not None:
+                    app.stage_stats[stage_index].add(*counts)
+
+    # -- the pool -----------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._endpoint is not None:
+            return
+        self._endpoint = Endpoint(worker.worker_address(self._token, worker.DRIVER))
+        for target, name in ((self._receive, "receiver"), (self._monitor, "monitor")):
+            thread = threading.Thread(target=target, name=f"serveflow:{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._spawn_missing(self.min_workers)
+
+    def _spawn_missing(self, need: int) -> None:
+        for _ in range(need - len(self._workers)):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        """Start a worker: a fresh interpreter (never a re-import of the user's main
+        module, unlike multiprocessing), finding the user's modules on our sys.path."""
+        if self._failed_starts >= MAX_FAILED_STARTS:
+            return
+        index = next(self._next_index)
+        config = [index, self._token, self.kvs.address, self._options]
+        process = subprocess.Popen(
+            [sys.executable, "-c", WORKER_MAIN, json.dumps(config)],
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        self._workers[index] = WorkerProcess(index, process)
+
+    def _monitor(self) -> None:
+        next_sweep = time.monotonic() + SWEEP_EVERY_S
+        while not self._stopping:
+            time.sleep(MONITOR_EVERY_S)
+            with self._lock:
+                if self._stopping:
+                    return
+                self._replace_dead()
+                self._autoscale()
+                if time.monotonic() >= next_sweep:
+                    keep = {rid for app in self._apps.values() for rid in app.active}
+                    codec.sweep(self._token, keep)
+                    next_sweep = time.monotonic() + SWEEP_EVERY_S
+
+    def _replace_dead(self) -> None:
+        for index, w in list(self._workers.items()):
+            if w.process.poll() is None:
+                continue
+            del self._workers[index]
+            if w.retiring:
+                continue
+            log.warning("worker %d exited with code %s", index, w.process.returncode)
+            if not w.ready:
+                self._failed_starts += 1
+                self._changed.notify_all()
+            for app in self._apps.values():
+                for request in list(app.active.values()):
+                    if index in request.workers():
+                        self._retry(app, request, index)
+        self._spawn_missing(self.min_workers)
+
+    def _autoscale(self) -> None:
+        now = time.monotonic()
+        ready = [w for w in self._workers.values() if w.ready and not w.retiring]
+        starting = sum(not w.ready for w in self._workers.values())
+        idle = {
+            w.index: now - w.active_at for w in ready if w.load.outstanding == 0 and not w.queued
+        }
+        floor = max([1, *(s.replicas for a in self._apps.values() for s in a.plan.stages)])
+        add, retire = self._autoscaler.plan([w.load.outstanding for w in ready], starting, idle)
+        for _ in range(add):
+            self._spawn()
+        for index in retire:
+            if len(ready) > floor:
+                self._workers[index].retiring = True
+                self._send(index, ("exit",))
+
+    # -- figures ------------------------------------------------------------------------
+    def stage_figures(self, app: LocalApp) -> dict[str, dict[str, Any]]:
+        figures = {}
+        with self._lock:
+            for index, stage in enumerate(app.plan.stages):
+                key = (app.id, index)
+                entry = app.stage_stats[index].snapshot()
+                entry["workers"] = sum(key in w.load.warm for w in self._workers.values())
+                entry["queue"] = sum(w.queued.get(key, 0) for w in self._workers.values())
+                if stage.batching:
+                    entry["batch_size"] = stage.batching.size
+                    entry["timeout_ms"] = stage.batching.timeout_ms or 0.0
+                figures[stage.name] = entry
+        return figures
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (for operations and tests)."""
+        with self._lock:
+            return [w.process.pid for w in self._workers.values() if w.process.poll() is None]
+
+    # -- shutdown -----------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop every app deployed on this runtime."""
-        apps, self._apps = self._apps, []
-        for app in apps:
+        """Stop every app (draining in-flight requests), then the workers; removes
+        every process and shared-memory file this runtime made."""
+        for app in list(self._apps.values()):
             app.stop()
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            workers = list(self._workers.values())
+            for w in workers:
+                self._send(w.index, ("exit",))
+        for w in workers:
+            try:
+                w.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+                w.process.wait()
+        if self._endpoint is not None:
+            self._send(worker.DRIVER, ("exit",))  # wakes the receiver thread
+            for thread in self._threads:
+                thread.join()
+            self._endpoint.close()
+        codec.sweep(self._token)
+        self.kvs.close()

@@ -151,7 +151,8 @@ def run_lookup(op: Lookup, table: Table, kvs: KVS) -> Table:
         values: list[Any] = []
     elif op.dynamic:
         keys = [str(k) for k in column(table, op.key)]
-        found = {k: kvs.get(k) for k in dict.fromkeys(keys)}
+        distinct = list(dict.fromkeys(keys))
+        found = dict(zip(distinct, kvs.get_many(distinct)))
         values = [found[k] for k in keys]
     else:
         values = [kvs.get(op.key)] * len(table)

@@ -25,15 +25,12 @@ class StageStats:
         self.batches = 0
         self.cold_starts = 0
 
-    def record_batch(self, latencies_s: list[float]) -> None:
+    def add(self, requests: int, batches: int, cold_starts: int, latencies_s: list[float]) -> None:
         with self._lock:
-            self.requests += len(latencies_s)
-            self.batches += 1
+            self.requests += requests
+            self.batches += batches
+            self.cold_starts += cold_starts
             self._latencies.extend(latencies_s)
-
-    def record_cold_start(self) -> None:
-        with self._lock:
-            self.cold_starts += 1
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -1,0 +1,111 @@
+"""Scheduling policies, independent of process mechanics (a Ray runtime reuses them).
+
+- `Scheduler.route`: for each stage of a request, which workers run it: one where the
+  stage is warm with the fewest requests outstanding, a cold one when the warm ones are
+  busy (the stage then scales out), `replicas` distinct workers for competing stages.
+- `targets`: for a stage that starts at a dynamic lookup, the worker is chosen from
+  the candidates by a stable hash of the looked-up key, so the same key always reaches
+  the same worker and finds its value in that worker's cache (locality).
+- `Autoscaler`: how many workers the pool should have, from load and idleness.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from serveflow.logical.table import Table
+from serveflow.optimizer.plan import Plan
+
+Route = tuple[tuple[int, ...], ...]  # per stage index: the worker indices that run it
+StageKey = tuple[int, int]  # (app id, stage index)
+
+COLD_PENALTY = 1.5  # a warm worker is preferred until it has this many more in flight
+
+
+@dataclass
+class WorkerLoad:
+    """What the scheduler knows of one worker."""
+
+    outstanding: int = 0  # stage runs routed to it whose request is not finished
+    warm: set[StageKey] | None = None
+
+    def __post_init__(self) -> None:
+        self.warm = self.warm if self.warm is not None else set()
+
+
+class Scheduler:
+    def route(self, app_id: int, plan: Plan, workers: Mapping[int, WorkerLoad]) -> Route:
+        """Pick workers for every stage of one request and count them as outstanding."""
+        route = []
+        for index, stage in enumerate(plan.stages):
+            key = (app_id, index)
+            if stage.locality_key:
+                chosen = self._candidates(key, workers)
+            else:
+                chosen = self._least_loaded(key, workers, stage.replicas)
+            for w in chosen:
+                workers[w].warm.add(key)
+            route.append(tuple(chosen))
+        self.charge(route, workers, +1)
+        return tuple(route)
+
+    @staticmethod
+    def charge(route: Route, workers: Mapping[int, WorkerLoad], sign: int) -> None:
+        for chosen in route:
+            for w in chosen:
+                if w in workers:
+                    workers[w].outstanding += sign
+
+    @staticmethod
+    def _least_loaded(key: StageKey, workers: Mapping[int, WorkerLoad], n: int) -> list[int]:
+        def score(w: int) -> float:
+            load = workers[w]
+            return load.outstanding + (0.0 if key in load.warm else COLD_PENALTY)
+
+        return sorted(workers, key=lambda w: (score(w), w))[:n]
+
+    @staticmethod
+    def _candidates(key: StageKey, workers: Mapping[int, WorkerLoad]) -> list[int]:
+        """Stable membership for key hashing: the warm workers, or all when none is."""
+        warm = sorted(w for w, load in workers.items() if key in load.warm)
+        return warm or sorted(workers)
+
+
+def targets(plan: Plan, index: int, route: Route, table: Any) -> tuple[int, ...]:
+    """The workers to send stage `index`'s input to."""
+    stage, chosen = plan.stages[index], route[index]
+    if not stage.locality_key or not chosen:
+        return chosen
+    keys = table._columns.get(stage.locality_key) if isinstance(table, Table) else None
+    start = zlib.crc32(str(keys[0]).encode()) % len(chosen) if keys else 0
+    return tuple(chosen[(start + i) % len(chosen)] for i in range(min(stage.replicas, len(chosen))))
+
+
+@dataclass(frozen=True)
+class Autoscaler:
+    """Grow the pool while workers average more than `target_in_flight` outstanding
+    stage runs; retire a worker idle for `idle_s` seconds. Stays within limits."""
+
+    min_workers: int
+    max_workers: int
+    target_in_flight: float = 2.0
+    idle_s: float = 10.0
+
+    def plan(
+        self, outstanding: Iterable[int], starting: int, idle_for: Mapping[int, float]
+    ) -> tuple[int, list[int]]:
+        """(workers to start, workers to retire)."""
+        loads = list(outstanding)
+        size = len(loads) + starting
+        if size < self.min_workers:
+            return self.min_workers - size, []
+        busy = loads and sum(loads) / len(loads) > self.target_in_flight
+        if busy and starting == 0 and size < self.max_workers:
+            return 1, []
+        idle = [w for w, seconds in sorted(idle_for.items()) if seconds >= self.idle_s]
+        if idle and not busy and size > self.min_workers:
+            return 0, idle[: size - self.min_workers][:1]
+        return 0, []

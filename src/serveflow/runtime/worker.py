@@ -1,0 +1,285 @@
+"""A generic worker process: loads stages on demand, runs them, and forwards each
+result straight to the workers of the next stages (the driver only sees the end).
+
+Cold start: the first task of an app on a worker unpickles its plan (the user's
+functions travel with cloudpickle); the first task of a stage instantiates its model
+classes. A stage left idle for `idle_unload_s` is unloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from serveflow.logical.operators import AnyOf
+from serveflow.logical.table import Table
+from serveflow.optimizer.plan import Plan, Stage
+from serveflow.runtime import codec
+from serveflow.runtime.scheduler import Route, targets
+from serveflow.runtime.stage import StageExecutor
+from serveflow.runtime.transport import Endpoint, PeerGone, address
+
+log = logging.getLogger(__name__)
+
+DRIVER = -1
+STATS_EVERY_S = 0.25
+FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
+
+
+def worker_address(token: str, index: int) -> bytes:
+    return address(token, "driver" if index == DRIVER else f"w{index}")
+
+
+@dataclass
+class Task:
+    """One request's inputs to one stage; runnable once `ready`."""
+
+    app: int
+    rid: int
+    attempt: int
+    index: int
+    route: Route
+    deadline: float | None
+    created: float = field(default_factory=time.monotonic)
+    inputs: dict[int, Any] = field(default_factory=dict)
+    failures: dict[int, int] = field(default_factory=dict)
+    queued: float = 0.0
+
+    def add(self, op_id: int, value: Any, producer_replicas: int) -> None:
+        """Record an input; a competing replica's later copy is ignored, and a failure
+        counts only once every replica of the producer has failed."""
+        if isinstance(self.inputs.get(op_id), Table):
+            return
+        if not isinstance(value, Table):
+            self.failures[op_id] = self.failures.get(op_id, 0) + 1
+            if self.failures[op_id] < producer_replicas:
+                return
+        self.inputs[op_id] = value
+
+    def ready(self, stage: Stage) -> bool:
+        values = [self.inputs.get(i) for i in stage.inputs]
+        if isinstance(stage.ops[0], AnyOf):  # one success, or every input failed
+            return any(isinstance(v, Table) for v in values) or None not in values
+        return None not in values or any(isinstance(v, BaseException) for v in values)
+
+
+@dataclass
+class StageCounters:
+    requests: int = 0
+    batches: int = 0
+    cold_starts: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(self, index: int, token: str, kvs_address: str, options: dict) -> None:
+        from serveflow.runtime.cache import CachedKVS
+        from serveflow.runtime.kvs import open_kvs
+
+        self.index = index
+        self.token = token
+        self.endpoint = Endpoint(worker_address(token, index))
+        self.shm = codec.SharedMemory(token)
+        self.kvs = CachedKVS(open_kvs(kvs_address), options["cache_bytes"])
+        self.idle_unload_s: float = options["idle_unload_s"]
+        self.blobs: dict[int, bytes] = {}
+        self.plans: dict[int, Plan] = {}
+        self.executors: dict[tuple[int, int], tuple[StageExecutor, float]] = {}
+        self.waiting: dict[tuple[int, int, int, int], Task] = {}
+        self.started: dict[tuple[int, int, int, int], float] = {}
+        self.queues: dict[tuple[int, int], deque[Task]] = {}
+        self.counters: dict[tuple[int, int], StageCounters] = {}
+        self.unloaded: list[tuple[int, int]] = []
+        self.dirty = False  # something to report to the driver
+        self.running = True
+
+    # -- messages ---------------------------------------------------------------------
+    def serve(self) -> None:
+        self.parent = os.getppid()
+        self.send(DRIVER, ("hello", self.index, os.getpid()))
+        next_report = 0.0
+        while self.running:
+            wait = self.run_ready()
+            now = time.monotonic()
+            if self.dirty and now >= next_report:
+                self.report()
+                next_report = now + STATS_EVERY_S
+            if self.dirty:
+                wait = min(wait if wait is not None else STATS_EVERY_S, next_report - now)
+            if self.executors:  # wake up to unload idle stages
+                wait = min(wait if wait is not None else self.idle_unload_s, self.idle_unload_s)
+            data = self.endpoint.recv(min(max(wait, 0.0), 1.0) if wait is not None else 1.0)
+            if os.getppid() != self.parent:
+                return  # the driver died: nobody will read our results
+            while data is not None:
+                self.handle(codec.decode(data, self.shm))
+                data = self.endpoint.recv(0)
+        self.report()
+        self.endpoint.close()
+
+    def handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "input":
+            _, app, rid, attempt, index, op_id, value, route, deadline = message
+            self.accept(app, rid, attempt, index, op_id, value, route, deadline)
+        elif kind == "deploy":
+            self.blobs[message[1]] = message[2]
+        elif kind == "undeploy":
+            self.forget_app(message[1])
+        elif kind == "exit":
+            self.running = False
+
+    def send(self, worker: int, message: tuple, rid: int = 0) -> None:
+        try:
+            data = codec.encode(message, self.shm, rid)
+            self.endpoint.send(worker_address(self.token, worker), data)
+        except PeerGone:  # that worker died; the driver re-runs the request
+            log.debug("worker %d is gone; dropping a message", worker)
+
+    # -- tasks ------------------------------------------------------------------------
+    def plan(self, app: int) -> Plan | None:
+        plan = self.plans.get(app)
+        if plan is None and app in self.blobs:
+            plan = self.plans[app] = cloudpickle.loads(self.blobs[app])
+        return plan
+
+    def accept(
+        self,
+        app: int,
+        rid: int,
+        attempt: int,
+        index: int,
+        op_id: int,
+        value: Any,
+        route: Route,
+        deadline: float | None,
+    ) -> None:
+        plan = self.plan(app)
+        key = (app, rid, attempt, index)
+        if plan is None or key in self.started:
+            return  # undeployed app, or a loser of a race that is already decided
+        task = self.waiting.get(key)
+        if task is None:
+            task = self.waiting[key] = Task(app, rid, attempt, index, route, deadline)
+        producer = plan.stage_of(op_id).replicas if op_id else 1
+        task.add(op_id, value, producer)
+        stage = plan.stages[index]
+        if task.ready(stage):
+            del self.waiting[key]
+            self.started[key] = time.monotonic()
+            task.queued = time.monotonic()
+            self.queues.setdefault((app, index), deque()).append(task)
+
+    def run_ready(self) -> float | None:
+        """Run every runnable batch; returns how long the loop may sleep (None: until
+        a message comes), shorter when a partial batch is waiting for its timeout."""
+        wait: float | None = None
+        for key, queue in list(self.queues.items()):
+            while queue:
+                plan = self.plans[key[0]]
+                stage = plan.stages[key[1]]
+                policy = stage.batching
+                limit = policy.size if policy else 1
+                if policy and policy.timeout_ms and len(queue) < limit:
+                    remaining = queue[0].queued + policy.timeout_ms / 1e3 - time.monotonic()
+                    if remaining > 0:
+                        wait = remaining if wait is None else min(wait, remaining)
+                        break
+                batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
+                self.run_batch(plan, stage, key, batch)
+        self.housekeeping()
+        return wait
+
+    def run_batch(self, plan: Plan, stage: Stage, key: tuple[int, int], batch: list[Task]) -> None:
+        now = time.monotonic()
+        live = [t for t in batch if t.deadline is None or t.deadline > now]
+        if not live:
+            return
+        counters = self.counters.setdefault(key, StageCounters())
+        loaded = self.executors.get(key)
+        if loaded is None:
+            loaded = (StageExecutor(stage, self.kvs), now)
+            counters.cold_starts += 1
+        executor = loaded[0]
+        try:
+            results = executor.run([t.inputs for t in live])
+        except Exception as error:  # a bug of ours: fail these requests, keep serving
+            log.exception("stage %r crashed", stage.name)
+            results = [error] * len(live)
+        done = time.monotonic()
+        if executor.load_error is None:
+            self.executors[key] = (executor, done)
+        self.dirty = True
+        counters.requests += len(live)
+        counters.batches += 1
+        counters.latencies.extend(done - t.queued for t in live)
+        for task, result in zip(live, results):
+            self.forward(plan, task, result)
+
+    def forward(self, plan: Plan, task: Task, result: Any) -> None:
+        stage = plan.stages[task.index]
+        if stage.output == plan.output:
+            message = ("result", task.app, task.rid, task.attempt, result)
+            self.send(DRIVER, message, task.rid)
+        for consumer in plan.consumer_indices(task.index):
+            message = (
+                "input",
+                task.app,
+                task.rid,
+                task.attempt,
+                consumer,
+                stage.output,
+                result,
+                task.route,
+                task.deadline,
+            )
+            for worker in targets(plan, consumer, task.route, result):
+                if worker == self.index:
+                    self.accept(*message[1:])
+                else:
+                    self.send(worker, message, task.rid)
+
+    # -- upkeep -----------------------------------------------------------------------
+    def report(self) -> None:
+        stages = {
+            key: (c.requests, c.batches, c.cold_starts, c.latencies)
+            for key, c in self.counters.items()
+            if c.requests or c.cold_starts
+        }
+        queued = {key: len(q) for key, q in self.queues.items() if q}
+        self.send(DRIVER, ("stats", self.index, stages, queued, self.unloaded))
+        self.counters.clear()
+        self.unloaded = []
+        self.dirty = bool(queued)
+
+    def housekeeping(self) -> None:
+        now = time.monotonic()
+        for key, (_, used) in list(self.executors.items()):
+            if now - used > self.idle_unload_s:
+                del self.executors[key]  # unload an idle stage: its models are freed
+                self.unloaded.append(key)
+                self.dirty = True
+        if len(self.started) > 10_000 or len(self.waiting) > 1_000:
+            limit = now - FORGET_AFTER_S
+            self.started = {k: t for k, t in self.started.items() if t > limit}
+            self.waiting = {k: t for k, t in self.waiting.items() if t.created > limit}
+            self.shm.forget_older_than(FORGET_AFTER_S)
+
+    def forget_app(self, app: int) -> None:
+        self.blobs.pop(app, None)
+        self.plans.pop(app, None)
+        for mapping in (self.executors, self.queues, self.counters):
+            for key in [k for k in mapping if k[0] == app]:
+                del mapping[key]
+
+
+def main(index: int, token: str, kvs_address: str, options: dict) -> None:
+    """Entry point of a worker process."""
+    logging.basicConfig(level=options.get("log_level", logging.WARNING))
+    Worker(index, token, kvs_address, options).serve()
