@@ -5,16 +5,27 @@ PyPI package) runs as a batching stage beside a cheap feature branch; the branch
 joined per input row, each comment's author profile is looked up in the key-value
 store, and comments the model is unsure about are dropped.
 
-    python -m examples.comments [--requests N]
+    python -m examples.comments [--requests N] [--concurrency C] [--port P] [--hold S]
+
+serves the pipeline over HTTP on the embedded runtime (the dashboard is at the printed
+address while it runs), drives a short load run through it and prints the figures.
+`serveflow serve examples/comments.py:build_flow` serves the same pipeline from the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
 import serveflow as sf
+from serveflow.serving import Server
 
 COMMENTS = [
     ("ana", "Das ist wirklich ein großartiges Produkt, danke!"),
@@ -56,40 +67,100 @@ def build_flow() -> sf.Flow:
     return flow
 
 
+async def drive(url: str, requests: int, concurrency: int) -> tuple[list[float], dict[int, int]]:
+    """Send `requests` one-comment requests from `concurrency` concurrent clients;
+    return each successful request's latency (s) and the count of each HTTP status."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    columns = (TextColumn("load run"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        with Progress(*columns) as progress:
+            task = progress.add_task("requests", total=requests)
+
+            async def client_loop() -> None:
+                while not queue.empty():
+                    user, text = COMMENTS[queue.get_nowait() % len(COMMENTS)]
+                    sent = time.perf_counter()
+                    response = await client.post(
+                        "/v1/flows/comments/predict", json={"rows": [{"user": user, "text": text}]}
+                    )
+                    if response.status_code == 200:
+                        latencies.append(time.perf_counter() - sent)
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                    progress.advance(task)
+
+            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return latencies, statuses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300, help="requests to send")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent HTTP clients")
+    parser.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
+    parser.add_argument(
+        "--hold", type=float, default=0.0, help="seconds to keep serving after the load run"
+    )
     args = parser.parse_args()
+    console = Console(soft_wrap=True)
 
     flow = build_flow()
-    print(sf.optimize(flow).explain(), end="\n\n")
-    with flow.deploy() as app:
-        for user, tier in PROFILES.items():
-            app.kvs.put(user, tier)
-        table = sf.Table.from_rows({"user": u, "text": t} for u, t in COMMENTS)
-        for row in app.run(table).result(timeout=30).to_rows():
-            print(f"{row['user']:>5}  {row['tier'] or '-':>6}  lang={row['lang']}"
-                  f"  p={row['p']:.2f}  words={row['words']}")
+    console.print(sf.optimize(flow).explain(), end="\n\n", highlight=False, markup=False)
+    app = flow.deploy()
+    for user, tier in PROFILES.items():
+        app.kvs.put(user, tier)
+    with Server({flow.name: app}, port=args.port) as server:
+        console.print(
+            f"serving on {server.url}  dashboard: {server.url}/  metrics: {server.url}/metrics\n",
+            highlight=False,
+        )
+        rows = [{"user": u, "text": t} for u, t in COMMENTS]
+        reply = httpx.post(
+            f"{server.url}/v1/flows/comments/predict", json={"rows": rows}, timeout=60
+        )
+        reply.raise_for_status()
+        for row in reply.json()["rows"]:
+            console.print(
+                f"{row['user']:>5}  {row['tier'] or '-':>6}  lang={row['lang']}"
+                f"  p={row['p']:.2f}  words={row['words']}",
+                highlight=False,
+            )
+        console.print()
 
         started = time.perf_counter()
-        futures = []
-        for i in range(args.requests):
-            user, text = COMMENTS[i % len(COMMENTS)]
-            futures.append((time.perf_counter(), app.run({"user": [user], "text": [text]})))
-        latencies = []
-        for sent, future in futures:
-            future.result(timeout=60)
-            latencies.append(time.perf_counter() - sent)
+        latencies, statuses = asyncio.run(drive(server.url, args.requests, args.concurrency))
         elapsed = time.perf_counter() - started
 
-        print(f"\n{args.requests} requests, all in flight at once: "
-              f"{args.requests / elapsed:.0f} req/s, "
-              f"median {statistics.median(latencies) * 1e3:.1f} ms, "
-              f"p99 {statistics.quantiles(latencies, n=100)[98] * 1e3:.1f} ms\n")
-        print(f"{'stage':<28}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'workers':>8}")
+        summary = Table(
+            title=f"HTTP load run: {args.requests} requests, {args.concurrency} concurrent clients"
+        )
+        for name in ("ok", "errors", "req/s", "median ms", "p90 ms", "p99 ms", "max ms"):
+            summary.add_column(name, justify="right")
+        ms = sorted(x * 1e3 for x in latencies) or [0.0]
+        cuts = statistics.quantiles(ms, n=100) if len(ms) > 1 else [ms[0]] * 99
+        summary.add_row(
+            str(statuses.get(200, 0)), str(sum(n for s, n in statuses.items() if s != 200)),
+            f"{len(latencies) / elapsed:.0f}", f"{statistics.median(ms):.1f}",
+            f"{cuts[89]:.1f}", f"{cuts[98]:.1f}", f"{ms[-1]:.1f}",
+        )  # fmt: skip
+        console.print(summary)
+
+        stages = Table(title="per stage (app.stats())")
+        for name in ("stage", "requests", "p50 ms", "p99 ms", "batch", "workers"):
+            stages.add_column(name, justify="left" if name == "stage" else "right")
         for name, s in app.stats().items():
-            print(f"{name:<28}{s['requests']:>9}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}"
-                  f"{s['batch_mean']:>7.1f}{s['workers']:>8}")
+            stages.add_row(name, str(s["requests"]), f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}",
+                           f"{s['batch_mean']:.1f}", str(s["workers"]))  # fmt: skip
+        console.print(stages)
+        if args.hold > 0:
+            console.print(f"dashboard: {server.url}/ (serving {args.hold:g} s more)")
+            time.sleep(args.hold)
+        console.print("shutting down: draining requests, stopping workers")
+    console.print("stopped cleanly")
 
 
 if __name__ == "__main__":

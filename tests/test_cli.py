@@ -177,3 +177,11 @@ def test_serve_reads_the_token_from_the_environment(flows_file):
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_the_example_pipeline_loads_from_the_cli(capsys):
+    example = Path(__file__).parent.parent / "examples" / "comments.py"
+    assert main(["explain", f"{example}:build_flow"]) == 0
+    from examples.comments import build_flow
+
+    assert capsys.readouterr().out.strip() == sf.optimize(build_flow()).explain()
