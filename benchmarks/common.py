@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -249,7 +250,47 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "loadavg_1m": round(load[0], 2),
+        **serveflow_info(),
     }
+
+
+def serveflow_info() -> dict[str, Any]:
+    """Which serveflow was measured: git HEAD, whether src/ had uncommitted changes (a
+    runtime in progress), and whether LocalRuntime takes min/max_workers."""
+    import inspect
+
+    import serveflow as sf
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    params = inspect.signature(sf.LocalRuntime).parameters
+    return {
+        "git_head": git("rev-parse", "--short", "HEAD"),
+        "src_dirty": bool(git("status", "--porcelain", "--", "src")),
+        "local_runtime_autoscaling": "max_workers" in params,
+    }
+
+
+def local_runtime(**autoscaling: int) -> Any:
+    """`sf.LocalRuntime(**autoscaling)` when it takes min/max_workers, else the default
+    runtime (logged): benchmarks must run against the threaded and process runtimes."""
+    import inspect
+
+    import serveflow as sf
+
+    params = inspect.signature(sf.LocalRuntime).parameters
+    if all(k in params for k in autoscaling):
+        return sf.LocalRuntime(**autoscaling)
+    log.warning("LocalRuntime has no %s: using the default runtime", ", ".join(autoscaling))
+    return sf.LocalRuntime()
 
 
 # --- output -----------------------------------------------------------------------
