@@ -10,14 +10,15 @@ pool with `Autoscaler`, and removes shared-memory files of finished requests.
 from __future__ import annotations
 
 import itertools
-import logging
 import json
+import logging
 import os
 import secrets
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,10 @@ class LocalApp(App):
         self.active: dict[int, Request] = {}
         self.stage_stats = [StageStats() for _ in plan.stages]
         self.sources = tuple(i for i, s in enumerate(plan.stages) if 0 in s.inputs)
+        # stage runs a worker may hold before requests wait at the driver; room for
+        # the largest batch so that batching stages can fill their batches
+        largest_batch = max((s.batching.size for s in plan.stages if s.batching), default=0)
+        self.worker_cap = max(runtime.worker_queue, 2 * largest_batch)
         self._runtime = runtime
 
     def _submit(self, request: Request) -> None:
@@ -87,6 +92,8 @@ class LocalRuntime:
         directory, shared by the workers), "lmdb:///path", "redis://host:port/db", or a
         store object.
     max_in_flight: requests an app holds at once; more fail fast with OverloadError.
+    worker_queue: stage runs routed to one worker before further requests wait at the
+        driver for room (raised to fit batching stages' batches).
     retries: times a request is re-run when a worker dies under it (user functions
         should be idempotent).
     idle_s: a worker idle this long is retired (above min_workers).
@@ -102,6 +109,7 @@ class LocalRuntime:
         max_workers: int | None = None,
         kvs: str | KVS | None = None,
         max_in_flight: int = 10_000,
+        worker_queue: int = 8,
         retries: int = 2,
         idle_s: float = 10.0,
         idle_unload_s: float = 60.0,
@@ -114,6 +122,7 @@ class LocalRuntime:
         self.min_workers = min_workers
         self.max_workers = max_workers
         self.max_in_flight = max_in_flight
+        self.worker_queue = worker_queue
         self.retries = retries
         self.kvs: KVS = open_kvs(kvs)
         self._options = {"cache_bytes": cache_bytes, "idle_unload_s": idle_unload_s}
@@ -132,6 +141,7 @@ class LocalRuntime:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._failed_starts = 0
+        self._unrouted: deque[tuple[LocalApp, Request]] = deque()
 
     # -- deployment ---------------------------------------------------------------------
     def deploy(self, plan: Plan, *, owns_runtime: bool = False) -> LocalApp:
@@ -175,6 +185,12 @@ class LocalRuntime:
         """(Re)start a request: pick workers for every stage, send the table to the
         first stages. Called with the lock held."""
         loads = {i: w.load for i, w in self._workers.items() if w.ready and not w.retiring}
+        if not loads or min(w.outstanding for w in loads.values()) >= app.worker_cap:
+            # Late binding: wait here, not in a worker's queue, until a worker has room;
+            # new workers from the autoscaler then take their share of the backlog.
+            request.route = ()
+            self._unrouted.append((app, request))
+            return
         request.route = self._scheduler.route(app.id, app.plan, loads)
         for index in app.sources:
             message = (
@@ -195,6 +211,18 @@ class LocalRuntime:
         with self._lock:
             if app.active.pop(request.id, None) is not None:
                 self._release(request)
+                self._route_waiting()
+
+    def _route_waiting(self) -> None:
+        """Route requests waiting for room, oldest first, while workers have room."""
+        waiting = len(self._unrouted)
+        while waiting and self._unrouted:
+            waiting -= 1
+            app, request = self._unrouted.popleft()
+            if not request.future.done():
+                self._route(app, request)
+                if not request.route:
+                    return  # still no room; it went back to the end of the line
 
     def _release(self, request: Request) -> None:
         loads = {i: w.load for i, w in self._workers.items()}
@@ -262,6 +290,7 @@ class LocalRuntime:
             w.ready = True
             self._failed_starts = 0
             self._changed.notify_all()
+            self._route_waiting()
 
     def _on_stats(self, index: int, stages: dict, queued: dict, unloaded: list) -> None:
         with self._lock:
@@ -345,7 +374,8 @@ class LocalRuntime:
             w.index: now - w.active_at for w in ready if w.load.outstanding == 0 and not w.queued
         }
         floor = max([1, *(s.replicas for a in self._apps.values() for s in a.plan.stages)])
-        add, retire = self._autoscaler.plan([w.load.outstanding for w in ready], starting, idle)
+        loads = [w.load.outstanding for w in ready]
+        add, retire = self._autoscaler.plan(loads, len(self._unrouted), starting, idle)
         for _ in range(add):
             self._spawn()
         for index in retire:

@@ -95,14 +95,19 @@ class Autoscaler:
     idle_s: float = 10.0
 
     def plan(
-        self, outstanding: Iterable[int], starting: int, idle_for: Mapping[int, float]
+        self,
+        outstanding: Iterable[int],
+        waiting: int,
+        starting: int,
+        idle_for: Mapping[int, float],
     ) -> tuple[int, list[int]]:
-        """(workers to start, workers to retire)."""
+        """(workers to start, workers to retire), from the stage runs outstanding on
+        each ready worker, requests waiting for room, and workers starting."""
         loads = list(outstanding)
         size = len(loads) + starting
         if size < self.min_workers:
             return self.min_workers - size, []
-        busy = loads and sum(loads) / len(loads) > self.target_in_flight
+        busy = bool(loads) and (sum(loads) + waiting) / len(loads) > self.target_in_flight
         if busy and starting == 0 and size < self.max_workers:
             return 1, []
         idle = [w for w, seconds in sorted(idle_for.items()) if seconds >= self.idle_s]

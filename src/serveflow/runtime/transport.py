@@ -12,6 +12,7 @@ waiting for another process that is blocked sending to it, so there is no deadlo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -34,10 +35,8 @@ class PeerGone(ConnectionError):
 def _socket() -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
+        with contextlib.suppress(OSError):  # capped by the kernel: the default works
             sock.setsockopt(socket.SOL_SOCKET, option, _BUFFER_BYTES)
-        except OSError:  # capped by the kernel: the default still works
-            pass
     return sock
 
 
