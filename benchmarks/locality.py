@@ -1,0 +1,177 @@
+"""Locality for dynamic lookups (the Cloudflow experiment).
+
+100 distinct objects (numpy uint8 arrays) of 8 KB, 4 MB or 8 MB are stored with
+`app.kvs.put`; each request names one key, drawn from a Zipf-like distribution
+(P(rank r) ~ 1 / r**s over the 100 keys), and the flow
+
+    parse (map on "key") -> lookup("key", dynamic=True, into="obj") -> use (map)
+
+reads the object and returns a small summary of it. Locality on (`sf.Rules()`: a stage
+starts at the lookup, scheduled where the key is cached) vs off
+(`sf.Rules(locality=False)`: the lookup is fused with `parse` and runs anywhere), both
+deployed on one runtime and measured in interleaved rounds, sequential requests.
+
+    python -m benchmarks.locality [--quick] [--zipf S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import serveflow as sf
+from benchmarks import common
+
+log = logging.getLogger("benchmarks.locality")
+
+NAME = "locality"
+OBJECTS = 100
+SIZES = {"8KB": 8 * 1024, "4MB": 4 * 1024 * 1024, "8MB": 8 * 1024 * 1024}
+VARIANTS = {"locality on": sf.Rules(), "locality off": sf.Rules(locality=False)}
+
+
+def _parse(key: Any) -> str:
+    return str(key)
+
+
+def _use(row: Any) -> int:
+    obj = row["obj"]
+    return int(obj[0]) + int(obj[-1]) + len(obj)
+
+
+def flow() -> sf.Flow:
+    f = sf.Flow("locality")
+    f.map(_parse, col="key", name="parse").lookup("key", dynamic=True, into="obj").map(
+        _use, names=["summary"], name="use"
+    )
+    return f
+
+
+def zipf_keys(rng: np.random.Generator, n: int, s: float, prefix: str) -> list[str]:
+    """`n` keys over OBJECTS ranks with P(rank r) proportional to 1 / r**s."""
+    weights = 1.0 / np.arange(1, OBJECTS + 1) ** s
+    ranks = rng.choice(OBJECTS, size=n, p=weights / weights.sum())
+    return [f"{prefix}-{r}" for r in ranks]
+
+
+def main(argv: list[str] | None = None) -> int:
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent s")
+
+    args = common.parse_args(__doc__.splitlines()[0], argv, flags)
+    n = 60 if args.quick else 300
+    rounds = 5 if args.quick else 10
+    rng = np.random.default_rng(7)
+    records: list[common.Record] = []
+    started = time.perf_counter()
+    runtime = sf.LocalRuntime()
+    try:
+        for size_name, size in SIZES.items():
+            prefix = f"obj{size_name}"
+            base = rng.integers(0, 256, size, dtype=np.uint8)
+            apps = {v: flow().deploy(rules=r, runtime=runtime) for v, r in VARIANTS.items()}
+            kvs = apps["locality on"].kvs  # one store per runtime, shared by both apps
+            try:
+                t0 = time.perf_counter()
+                for i in range(OBJECTS):
+                    obj = base.copy()
+                    obj[:8] = i  # distinct objects, no RNG cost per object
+                    kvs.put(f"{prefix}-{i}", obj)
+                log.info(
+                    "%s: stored %d objects in %.1f s", size_name, OBJECTS, time.perf_counter() - t0
+                )
+                expected = int(base[-1]) + size  # obj[0] == 0 for key 0
+                for app in apps.values():
+                    out = app.run(sf.Table({"key": [f"{prefix}-0"]})).result(timeout=60)
+                    if out.column("summary") != [expected]:
+                        raise AssertionError(f"lookup returned {out.to_rows()}, not {expected}")
+                warm = zipf_keys(rng, 20, args.zipf, prefix)
+                keys = zipf_keys(rng, n, args.zipf, prefix)
+                measure = {v: _measurer(app, warm, keys) for v, app in apps.items()}
+                for run in measure.values():
+                    run(-len(warm))  # warm-up requests, unmeasured
+                latencies = common.interleaved(measure, n, rounds=rounds)
+            finally:
+                for i in range(OBJECTS):
+                    kvs.delete(f"{prefix}-{i}")
+                for app in apps.values():
+                    app.stop()
+            for variant, lat in latencies.items():
+                records.append(
+                    common.record(
+                        f"{OBJECTS} objects of {size_name}, zipf s={args.zipf:g}",
+                        "serveflow",
+                        lat,
+                        None,
+                        variant=variant,
+                        locality=variant == "locality on",
+                        object=size_name,
+                        object_bytes=size,
+                        zipf_s=args.zipf,
+                    )
+                )
+            log.info("%s done (%.0f s so far)", size_name, time.perf_counter() - started)
+    finally:
+        runtime.stop()
+
+    by = {(r["object"], r["variant"]): r for r in records}
+    for r in records:
+        r["median_vs_off"] = common.ratio(
+            r["median_ms"], by[(r["object"], "locality off")]["median_ms"]
+        )
+    common.print_table(
+        records,
+        ("scenario", "variant", "median_ms", "p99_ms", "median_vs_off", "p99_vs_off", "n"),
+        title="locality: dynamic lookups, sequential requests",
+    )
+    common.write_json(NAME, records, args.out)
+    plot(records, args.out)
+    return 0
+
+
+def _measurer(app: Any, warm: list[str], keys: list[str]) -> Any:
+    """`run(k)`: the next k keys of `keys` as sequential requests (k < 0: the warm-up
+    keys). Every variant sees the same key sequence."""
+    position = [0]
+
+    def run(k: int) -> list[float]:
+        if k < 0:
+            for key in warm:
+                app.run(sf.Table({"key": [key]})).result(timeout=60)
+            return []
+        chunk = [keys[(position[0] + i) % len(keys)] for i in range(k)]
+        position[0] += k
+        tables = iter([sf.Table({"key": [key]}) for key in chunk])
+        return common.sequential(lambda: app.run(next(tables)).result(timeout=60), k)
+
+    return run
+
+
+def plot(records: list[common.Record], out_dir: Path) -> None:
+    fig, axes = common.new_figure(1, 1, size=(8, 4.5))
+    ax = axes[0][0]
+    sizes = list(SIZES)
+    xs = np.arange(len(sizes))
+    for offset, variant in ((-0.2, "locality on"), (0.2, "locality off")):
+        rows = [
+            next(r for r in records if r["object"] == s and r["variant"] == variant) for s in sizes
+        ]
+        ax.bar(xs + offset, [r["median_ms"] for r in rows], 0.4, label=f"{variant} median")
+        ax.scatter(xs + offset, [r["p99_ms"] for r in rows], marker="_", s=400, color="black")
+    ax.set_xticks(xs, sizes)
+    ax.set_xlabel("object size (bars: median; black marks: p99)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title("dynamic lookups of 100 objects, Zipf-like keys")
+    ax.legend()
+    common.save_figure(fig, NAME, out_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
