@@ -19,6 +19,7 @@ import asyncio
 import statistics
 import time
 
+import aiohttp
 import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -76,8 +77,9 @@ async def drive(url: str, requests: int, concurrency: int) -> tuple[list[float],
     for i in range(requests):
         queue.put_nowait(i)
     columns = (TextColumn("load run"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
         with Progress(*columns) as progress:
             task = progress.add_task("requests", total=requests)
 
@@ -85,12 +87,12 @@ async def drive(url: str, requests: int, concurrency: int) -> tuple[list[float],
                 while not queue.empty():
                     user, text = COMMENTS[queue.get_nowait() % len(COMMENTS)]
                     sent = time.perf_counter()
-                    response = await client.post(
-                        "/v1/flows/comments/predict", json={"rows": [{"user": user, "text": text}]}
-                    )
-                    if response.status_code == 200:
+                    body = {"rows": [{"user": user, "text": text}]}
+                    async with session.post("/v1/flows/comments/predict", json=body) as response:
+                        await response.read()
+                    if response.status == 200:
                         latencies.append(time.perf_counter() - sent)
-                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
                     progress.advance(task)
 
             await asyncio.gather(*(client_loop() for _ in range(concurrency)))

@@ -108,6 +108,7 @@ class Server:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.port))
             self.port = sock.getsockname()[1]
+            sock.listen(2048)  # early clients queue in the backlog instead of being refused
             self._socket = sock
         return self._socket
 
