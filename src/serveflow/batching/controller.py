@@ -16,6 +16,7 @@ batches (the `size` oldest admitted arrivals leave with each finished batch).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -154,6 +155,13 @@ class BatchingController:
             if due:
                 self._plan(now)
             return self._decision
+
+    def retarget(self, slo_ms: float) -> None:
+        """Adopt a new SLO (a flow-level budget re-split) and re-plan at the next call."""
+        with self._lock:
+            self.policy = dataclasses.replace(self.policy, slo_ms=slo_ms)
+            self._planned_at = -math.inf
+            self._cache.clear()
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -207,12 +207,22 @@ class Flow(Stream):
 
         return optimize(self, rules)
 
-    def deploy(self, rules: Rules | None = None, runtime: Runtime | None = None) -> App:
+    def deploy(
+        self,
+        rules: Rules | None = None,
+        runtime: Runtime | None = None,
+        *,
+        slo_ms: float | None = None,
+    ) -> App:
         """Optimize and start serving; `runtime=None` starts a `sf.LocalRuntime()`
-        that the returned app owns and stops with it."""
+        that the returned app owns and stops with it. `slo_ms`: a latency budget for
+        the whole flow, split across its batching stages (each then SLO-aware)."""
+        from serveflow.optimizer.slo import assign_slo
         from serveflow.runtime.local import LocalRuntime
 
         plan = self.optimize(rules)
+        if slo_ms is not None:
+            plan = assign_slo(plan, slo_ms)
         if runtime is None:
             return LocalRuntime().deploy(plan, owns_runtime=True)
         return runtime.deploy(plan)

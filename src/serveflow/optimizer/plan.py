@@ -57,6 +57,8 @@ class Plan:
     output: int
     rules: Rules
     schema: Mapping[str, Any] | None = None
+    slo_ms: float | None = None  # a flow-level budget, shared by `slo_stages`
+    slo_stages: tuple[int, ...] = ()
 
     def stage_of(self, op_id: int) -> Stage:
         """The stage whose output is `op_id`."""
@@ -94,6 +96,8 @@ class Plan:
             f"output from stage {number[self.output]}",
             f"rules: {self.rules.describe()}",
         ]
+        if self.slo_ms:
+            lines.append(f"flow SLO: {self.slo_ms:g} ms, split across the batching stages")
         for i, stage in enumerate(self.stages, 1):
             sources = ", ".join(
                 "request" if n == SOURCE_ID else f"stage {number[n]}" for n in stage.inputs

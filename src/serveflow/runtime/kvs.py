@@ -543,8 +543,7 @@ def open_kvs(spec: str | KVS | None, *, default_dir: str | None = None) -> KVS:
     if spec.startswith(("redis://", "rediss://")):
         return RedisStore(spec)
     raise ValueError(
-        f"unknown KVS spec {spec!r}: expected 'memory', 'lmdb://PATH' or "
-        "'redis://host:port/db'"
+        f"unknown KVS spec {spec!r}: expected 'memory', 'lmdb://PATH' or 'redis://host:port/db'"
     )
 
 

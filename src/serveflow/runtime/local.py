@@ -24,8 +24,10 @@ from typing import Any
 
 import cloudpickle
 
-from serveflow.errors import OperatorError
+from serveflow.batching.controller import BatchingController, Decision
+from serveflow.errors import OperatorError, OverloadError
 from serveflow.optimizer.plan import Plan
+from serveflow.optimizer.slo import assign_slo
 from serveflow.runtime import codec, worker
 from serveflow.runtime.app import App
 from serveflow.runtime.kvs import KVS, open_kvs
@@ -37,6 +39,8 @@ from serveflow.runtime.transport import Endpoint, PeerGone
 log = logging.getLogger(__name__)
 
 MONITOR_EVERY_S = 0.1
+PLAN_EVERY_S = 0.1
+RESPLIT_EVERY_S = 5.0
 SWEEP_EVERY_S = 2.0
 START_TIMEOUT_S = 60.0
 WORKER_MAIN = (
@@ -58,6 +62,10 @@ class WorkerProcess:
     retiring: bool = False
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
 class LocalApp(App):
     """A plan deployed on a `LocalRuntime`."""
 
@@ -71,7 +79,44 @@ class LocalApp(App):
         # the largest batch so that batching stages can fill their batches
         largest_batch = max((s.batching.size for s in plan.stages if s.batching), default=0)
         self.worker_cap = max(runtime.worker_queue, 2 * largest_batch)
+        # SLO-aware batching stages: a controller each, its choices pushed to workers
+        self.controllers = {
+            i: BatchingController(s.batching, runtime.max_workers)
+            for i, s in enumerate(plan.stages)
+            if s.batching and s.batching.adaptive
+        }
+        self.decisions: dict[int, Decision] = {}
         self._runtime = runtime
+
+    def resplit_slo(self) -> None:
+        """Share the flow's SLO by each stage's service time at its current batch size."""
+        service = {}
+        for index in self.plan.slo_stages:
+            profile, decision = self.controllers[index].profile, self.decisions.get(index)
+            if profile.ready and decision is not None:
+                service[index] = (profile.a + profile.b * decision.max_size) * 1e3
+        if len(service) < 2 or self.plan.slo_ms is None:
+            return
+        shares = assign_slo(self.plan, self.plan.slo_ms, service)
+        for index in service:
+            share = shares.stages[index].batching.slo_ms  # type: ignore[union-attr]
+            controller = self.controllers[index]
+            if abs(share - controller.policy.slo_ms) > 0.05 * controller.policy.slo_ms:
+                controller.retarget(share)
+
+    def explain(self) -> str:
+        """The plan, plus the live choices of SLO-aware batching stages."""
+        lines = [self.plan.explain()]
+        for index, controller in self.controllers.items():
+            now = controller.snapshot()
+            lines.append(
+                f"live: stage {index + 1} {self.plan.stages[index].name!r}: "
+                f"batch_size={now['batch_size']}, timeout_ms={now['timeout_ms']:.1f}, "
+                f"workers={now['workers']}, arrival_rate={now['arrival_rate']:.1f}/s, "
+                f"p{now['percentile'] * 100:g} predicted={_ms(now['predicted_p_ms'])} "
+                f"measured={_ms(now['measured_p_ms'])} (slo {now['slo_ms']:g} ms)"
+            )
+        return "\n".join(lines)
 
     def _submit(self, request: Request) -> None:
         self._runtime.start(self, request)
@@ -105,7 +150,7 @@ class LocalRuntime:
     def __init__(
         self,
         *,
-        min_workers: int = 2,
+        min_workers: int = 1,
         max_workers: int | None = None,
         kvs: str | KVS | None = None,
         max_in_flight: int = 10_000,
@@ -176,10 +221,35 @@ class LocalRuntime:
 
     # -- requests -----------------------------------------------------------------------
     def start(self, app: LocalApp, request: Request) -> None:
+        if app.controllers and not self._admit(app, request):
+            return
         with self._lock:
             app.active[request.id] = request
             self._route(app, request)
         request.future.add_done_callback(lambda _: self._finish(app, request))
+
+    def _admit(self, app: LocalApp, request: Request) -> bool:
+        """Ask each SLO-aware batching stage whether this request can still meet its
+        SLO; a refusal sheds the request with OverloadError naming the stage."""
+        now = time.monotonic()
+        with self._lock:
+            waiting = sum(1 for a, _ in self._unrouted if a is app)
+            queued = {
+                i: waiting + sum(w.queued.get((app.id, i), 0) for w in self._workers.values())
+                for i in app.controllers
+            }
+        for index, controller in app.controllers.items():
+            controller.on_arrival(now)
+            if not controller.admit(now, queued[index], 0.0):
+                stage = app.plan.stages[index]
+                request.settle(
+                    OverloadError(
+                        f"stage {stage.name!r} cannot meet its SLO of "
+                        f"{stage.batching.slo_ms:g} ms at this load; request shed"
+                    )
+                )
+                return False
+        return True
 
     def _route(self, app: LocalApp, request: Request) -> None:
         """(Re)start a request: pick workers for every stage, send the table to the
@@ -191,7 +261,8 @@ class LocalRuntime:
             request.route = ()
             self._unrouted.append((app, request))
             return
-        request.route = self._scheduler.route(app.id, app.plan, loads)
+        caps = {i: d.workers for i, d in app.decisions.items()}
+        request.route = self._scheduler.route(app.id, app.plan, loads, caps)
         for index in app.sources:
             message = (
                 "input",
@@ -287,6 +358,9 @@ class LocalRuntime:
                 return
             for app_id, blob in self._blobs.items():
                 self._send(index, ("deploy", app_id, blob))
+            for app in self._apps.values():
+                for stage_index, d in app.decisions.items():
+                    self._send(index, ("policy", app.id, stage_index, d.max_size, d.timeout_s))
             w.ready = True
             self._failed_starts = 0
             self._changed.notify_all()
@@ -303,15 +377,21 @@ class LocalRuntime:
                 w.active_at = time.monotonic()
             for (app_id, stage_index), counts in stages.items():
                 app = self._apps.get(app_id)
-                if app is not None:
-                    app.stage_stats[stage_index].add(*counts)
+                if app is None:
+                    continue
+                requests, batches, cold_starts, latencies, batch_log = counts
+                app.stage_stats[stage_index].add(requests, batches, cold_starts, latencies)
+                controller = app.controllers.get(stage_index)
+                for size, service_s, end in batch_log if controller else ():
+                    controller.on_batch_done(size, service_s, end)
 
     # -- the pool -----------------------------------------------------------------------
     def _ensure_started(self) -> None:
         if self._endpoint is not None:
             return
         self._endpoint = Endpoint(worker.worker_address(self._token, worker.DRIVER))
-        for target, name in ((self._receive, "receiver"), (self._monitor, "monitor")):
+        threads = ((self._receive, "receiver"), (self._monitor, "monitor"), (self._plan, "planner"))
+        for target, name in threads:
             thread = threading.Thread(target=target, name=f"serveflow:{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -349,6 +429,38 @@ class LocalRuntime:
                     codec.sweep(self._token, keep)
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
 
+    def _plan(self) -> None:
+        """Ask SLO-aware batching controllers for their choices (a search can take a
+        second, so not under the lock) and push changes to the workers; re-split a
+        flow-level SLO by the service times measured so far."""
+        next_split = time.monotonic() + RESPLIT_EVERY_S
+        while not self._stopping:
+            time.sleep(PLAN_EVERY_S)
+            if time.monotonic() >= next_split:
+                next_split = time.monotonic() + RESPLIT_EVERY_S
+                for app in list(self._apps.values()):
+                    app.resplit_slo()
+            for app in list(self._apps.values()):
+                for index, controller in app.controllers.items():
+                    decision = controller.decision(time.monotonic())
+                    with self._lock:
+                        before = app.decisions.get(index)
+                        app.decisions[index] = decision
+                        if before is None or (before.max_size, before.timeout_s) != (
+                            decision.max_size,
+                            decision.timeout_s,
+                        ):
+                            message = (
+                                "policy",
+                                app.id,
+                                index,
+                                decision.max_size,
+                                decision.timeout_s,
+                            )
+                            for w in self._workers.values():
+                                if w.ready:
+                                    self._send(w.index, message)
+
     def _replace_dead(self) -> None:
         for index, w in list(self._workers.items()):
             if w.process.poll() is None:
@@ -373,9 +485,14 @@ class LocalRuntime:
         idle = {
             w.index: now - w.active_at for w in ready if w.load.outstanding == 0 and not w.queued
         }
-        floor = max([1, *(s.replicas for a in self._apps.values() for s in a.plan.stages)])
+        floor = max(
+            [1]
+            + [s.replicas for a in self._apps.values() for s in a.plan.stages]
+            + [d.workers for a in self._apps.values() for d in a.decisions.values()]
+        )
         loads = [w.load.outstanding for w in ready]
         add, retire = self._autoscaler.plan(loads, len(self._unrouted), starting, idle)
+        add = max(add, min(floor, self.max_workers) - len(ready) - starting)
         for _ in range(add):
             self._spawn()
         for index in retire:
@@ -395,6 +512,10 @@ class LocalRuntime:
                 if stage.batching:
                     entry["batch_size"] = stage.batching.size
                     entry["timeout_ms"] = stage.batching.timeout_ms or 0.0
+                if index in app.controllers:
+                    live = app.controllers[index].snapshot()
+                    entry |= {k: v for k, v in live.items() if k not in ("workers",)}
+                    entry["workers_target"] = live["workers"]
                 figures[stage.name] = entry
         return figures
 

@@ -37,15 +37,23 @@ class WorkerLoad:
 
 
 class Scheduler:
-    def route(self, app_id: int, plan: Plan, workers: Mapping[int, WorkerLoad]) -> Route:
-        """Pick workers for every stage of one request and count them as outstanding."""
+    def route(
+        self,
+        app_id: int,
+        plan: Plan,
+        workers: Mapping[int, WorkerLoad],
+        caps: Mapping[int, int] | None = None,
+    ) -> Route:
+        """Pick workers for every stage of one request and count them as outstanding.
+        `caps` limits some stages (by index) to that many workers."""
         route = []
         for index, stage in enumerate(plan.stages):
             key = (app_id, index)
             if stage.locality_key:
                 chosen = self._candidates(key, workers)
             else:
-                chosen = self._least_loaded(key, workers, stage.replicas)
+                cap = (caps or {}).get(index)
+                chosen = self._least_loaded(key, workers, stage.replicas, cap)
             for w in chosen:
                 workers[w].warm.add(key)
             route.append(tuple(chosen))
@@ -60,12 +68,18 @@ class Scheduler:
                     workers[w].outstanding += sign
 
     @staticmethod
-    def _least_loaded(key: StageKey, workers: Mapping[int, WorkerLoad], n: int) -> list[int]:
+    def _least_loaded(
+        key: StageKey, workers: Mapping[int, WorkerLoad], n: int, cap: int | None = None
+    ) -> list[int]:
         def score(w: int) -> float:
             load = workers[w]
             return load.outstanding + (0.0 if key in load.warm else COLD_PENALTY)
 
-        return sorted(workers, key=lambda w: (score(w), w))[:n]
+        pool = list(workers)
+        warm = [w for w in pool if key in workers[w].warm]
+        if cap is not None and len(warm) >= cap:
+            pool = sorted(warm)[:cap]  # stable: the stage keeps its workers
+        return sorted(pool, key=lambda w: (score(w), w))[:n]
 
     @staticmethod
     def _candidates(key: StageKey, workers: Mapping[int, WorkerLoad]) -> list[int]:

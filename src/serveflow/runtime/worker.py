@@ -75,6 +75,7 @@ class StageCounters:
     batches: int = 0
     cold_starts: int = 0
     latencies: list[float] = field(default_factory=list)
+    batch_log: list[tuple[int, float, float]] = field(default_factory=list)  # size, run s, end
 
 
 class Worker:
@@ -96,6 +97,8 @@ class Worker:
         self.queues: dict[tuple[int, int], deque[Task]] = {}
         self.counters: dict[tuple[int, int], StageCounters] = {}
         self.unloaded: list[tuple[int, int]] = []
+        # (app, stage) -> (batch size, timeout s) chosen by the driver's controller
+        self.overrides: dict[tuple[int, int], tuple[int, float]] = {}
         self.dirty = False  # something to report to the driver
         self.running = True
 
@@ -130,6 +133,9 @@ class Worker:
             self.accept(app, rid, attempt, index, op_id, value, route, deadline)
         elif kind == "deploy":
             self.blobs[message[1]] = message[2]
+        elif kind == "policy":
+            _, app, index, size, timeout_s = message
+            self.overrides[(app, index)] = (size, timeout_s)
         elif kind == "undeploy":
             self.forget_app(message[1])
         elif kind == "exit":
@@ -184,10 +190,9 @@ class Worker:
             while queue:
                 plan = self.plans[key[0]]
                 stage = plan.stages[key[1]]
-                policy = stage.batching
-                limit = policy.size if policy else 1
-                if policy and policy.timeout_ms and len(queue) < limit:
-                    remaining = queue[0].queued + policy.timeout_ms / 1e3 - time.monotonic()
+                limit, timeout_s = self.batch_limits(key, stage)
+                if timeout_s and len(queue) < limit:
+                    remaining = queue[0].queued + timeout_s - time.monotonic()
                     if remaining > 0:
                         wait = remaining if wait is None else min(wait, remaining)
                         break
@@ -195,6 +200,13 @@ class Worker:
                 self.run_batch(plan, stage, key, batch)
         self.housekeeping()
         return wait
+
+    def batch_limits(self, key: tuple[int, int], stage: Stage) -> tuple[int, float]:
+        """(most requests per call, longest wait for a batch to fill) of a stage."""
+        if key in self.overrides:
+            return self.overrides[key]
+        policy = stage.batching
+        return (policy.size, (policy.timeout_ms or 0) / 1e3) if policy else (1, 0.0)
 
     def run_batch(self, plan: Plan, stage: Stage, key: tuple[int, int], batch: list[Task]) -> None:
         now = time.monotonic()
@@ -219,6 +231,8 @@ class Worker:
         counters.requests += len(live)
         counters.batches += 1
         counters.latencies.extend(done - t.queued for t in live)
+        if stage.batching:
+            counters.batch_log.append((len(live), done - now, done))
         for task, result in zip(live, results):
             self.forward(plan, task, result)
 
@@ -248,7 +262,7 @@ class Worker:
     # -- upkeep -----------------------------------------------------------------------
     def report(self) -> None:
         stages = {
-            key: (c.requests, c.batches, c.cold_starts, c.latencies)
+            key: (c.requests, c.batches, c.cold_starts, c.latencies, c.batch_log)
             for key, c in self.counters.items()
             if c.requests or c.cold_starts
         }
@@ -274,7 +288,7 @@ class Worker:
     def forget_app(self, app: int) -> None:
         self.blobs.pop(app, None)
         self.plans.pop(app, None)
-        for mapping in (self.executors, self.queues, self.counters):
+        for mapping in (self.executors, self.queues, self.counters, self.overrides):
             for key in [k for k in mapping if k[0] == app]:
                 del mapping[key]
 

@@ -1,0 +1,90 @@
+"""Batching stages on the runtime: fixed dispatch rules, SLO-aware control, shedding."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import serveflow as sf
+
+
+@pytest.fixture
+def runtime():
+    rt = sf.LocalRuntime(min_workers=1, max_workers=2)
+    yield rt
+    rt.stop()
+
+
+def _batch_sizes(table: sf.Table) -> list[int]:
+    return [len(table)] * len(table)  # every row reports the size of its batch
+
+
+def _drive(app: sf.App, n: int, rate: float) -> list:
+    futures = []
+    start = time.monotonic()
+    for i in range(n):
+        time.sleep(max(0.0, start + i / rate - time.monotonic()))
+        futures.append(app.run({"a": [i]}))
+    return futures
+
+
+def test_fixed_policy_dispatches_full_batches_and_partial_ones_at_the_timeout(runtime):
+    flow = sf.Flow("fixed")
+    flow.map(_batch_sizes, names=["size"], batching=sf.Batching(max_size=4, timeout_ms=300))
+    app = flow.deploy(runtime=runtime)
+    app.run({"a": [0]}).result(timeout=10)  # warm the stage
+    full = [app.run({"a": [i]}) for i in range(8)]
+    assert [f.result(timeout=10).column("size")[0] for f in full] == [4] * 8
+    started = time.monotonic()
+    alone = app.run({"a": [9]}).result(timeout=10)
+    assert alone.column("size") == [1]
+    assert time.monotonic() - started >= 0.25  # it waited for company until the timeout
+
+
+def test_slo_policy_batches_more_under_load_and_reports_its_choices(runtime):
+    def model(table: sf.Table) -> list[int]:
+        time.sleep(0.004 + 0.0005 * len(table))
+        return table.column("a")
+
+    flow = sf.Flow("adaptive")
+    flow.map(model, names=["a"], batching=sf.Batching(slo_ms=80))
+    app = flow.deploy(runtime=runtime)
+    futures = _drive(app, 600, rate=300)
+    assert [f.result(timeout=30).column("a")[0] for f in futures] == list(range(600))
+    figures = app.stats()["model"]
+    assert figures["batch_mean"] > 1.5
+    assert figures["arrival_rate"] > 0
+    assert figures["slo_ms"] == 80
+    assert "live: stage 1 'model'" in app.explain()
+
+
+def test_an_slo_that_cannot_be_met_sheds_requests_with_an_overload_error(runtime):
+    def slow(table: sf.Table) -> list[int]:
+        time.sleep(0.03)
+        return table.column("a")
+
+    flow = sf.Flow("hopeless")
+    flow.map(slow, names=["a"], batching=sf.Batching(slo_ms=10, max_size=1))
+    app = flow.deploy(runtime=runtime)
+    futures = _drive(app, 200, rate=200)
+    shed = served = 0
+    for future in futures:
+        try:
+            future.result(timeout=30)
+            served += 1
+        except sf.OverloadError as error:
+            assert "SLO of 10 ms" in str(error)
+            shed += 1
+    assert shed > 0 and served > 0
+    assert app.stats()["slow"]["shed"] == shed
+
+
+def test_a_flow_slo_is_split_across_its_batching_stages(runtime):
+    flow = sf.Flow("two-models")
+    first = flow.map(lambda t: t.column("a"), names=["a"], batching=True, name="first")
+    first.map(lambda t: t.column("a"), names=["a"], batching=True, name="second")
+    app = flow.deploy(sf.Rules(fusion=False), runtime=runtime, slo_ms=100)
+    assert [s.batching.slo_ms for s in app.plan.stages] == [50, 50]
+    assert "flow SLO: 100 ms" in app.explain()
+    assert app.run({"a": [1]}).result(timeout=10).to_rows() == [{"a": 1}]
