@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     by = {(r["object"], r["variant"]): r for r in records}
     for r in records:
-        r["median_vs_off"] = common.ratio(
-            r["median_ms"], by[(r["object"], "locality off")]["median_ms"]
-        )
+        off = by[(r["object"], "locality off")]
+        r["median_vs_off"] = common.ratio(r["median_ms"], off["median_ms"])
+        r["p99_vs_off"] = common.ratio(r["p99_ms"], off["p99_ms"])
     common.print_table(
         records,
         ("scenario", "variant", "median_ms", "p99_ms", "median_vs_off", "p99_vs_off", "n"),
