@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+bash scripts/redis.sh      # a real redis-server for the Redis store tests
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"

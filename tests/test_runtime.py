@@ -201,3 +201,18 @@ def test_dynamic_lookups_of_one_key_go_to_one_worker():
         assert len(set().union(*pids.values())) > 1  # keys are spread over workers
     finally:
         runtime.stop()
+
+
+def test_a_hung_stage_is_killed_after_the_stage_timeout_and_others_keep_going():
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2, stage_timeout_s=1.0, retries=1)
+    try:
+        flow = sf.Flow("hang")
+        flow.map(lambda r: time.sleep(3600) if r["a"] < 0 else r["a"], names=["a"])
+        app = flow.deploy(runtime=runtime)
+        hung = app.run({"a": [-1]})
+        assert app.run({"a": [5]}).result(timeout=10).to_rows() == [{"a": 5}]
+        with pytest.raises(sf.OperatorError, match="stage_timeout_s"):
+            hung.result(timeout=30)
+        assert app.run({"a": [6]}).result(timeout=10).to_rows() == [{"a": 6}]
+    finally:
+        runtime.stop()

@@ -59,7 +59,9 @@ class WorkerProcess:
     load: WorkerLoad = field(default_factory=WorkerLoad)
     queued: dict[tuple[int, int], int] = field(default_factory=dict)
     active_at: float = field(default_factory=time.monotonic)
+    busy_since: float | None = None  # running a stage since (from its heartbeat)
     retiring: bool = False
+    killed_for: str = ""
 
 
 def _ms(value: float | None) -> str:
@@ -145,6 +147,8 @@ class LocalRuntime:
     idle_unload_s: a stage unused this long on a worker is unloaded.
     cache_bytes: per-worker cache of looked-up values.
     target_in_flight: stage runs per worker above which the pool grows.
+    stage_timeout_s: a worker running one batch longer than this is killed and its
+        requests re-run (None: no limit). Guards against user code that hangs.
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class LocalRuntime:
         idle_unload_s: float = 60.0,
         cache_bytes: int = 256 << 20,
         target_in_flight: float = 2.0,
+        stage_timeout_s: float | None = None,
     ) -> None:
         max_workers = max_workers or max(4, 2 * (os.cpu_count() or 1))
         if not 1 <= min_workers <= max_workers:
@@ -169,7 +174,13 @@ class LocalRuntime:
         self.max_in_flight = max_in_flight
         self.worker_queue = worker_queue
         self.retries = retries
+        self.stage_timeout_s = stage_timeout_s
         self.kvs: KVS = open_kvs(kvs)
+        if self.kvs.address == "memory":
+            raise ValueError(
+                "kvs='memory' is private to one process; workers need a shared store: "
+                "None (LMDB), 'lmdb:///path' or 'redis://host:port/db'"
+            )
         self._options = {"cache_bytes": cache_bytes, "idle_unload_s": idle_unload_s}
         self._autoscaler = Autoscaler(min_workers, max_workers, target_in_flight, idle_s)
         self._scheduler = Scheduler()
@@ -299,19 +310,20 @@ class LocalRuntime:
         loads = {i: w.load for i, w in self._workers.items()}
         self._scheduler.charge(request.route, loads, -1)
 
-    def _retry(self, app: LocalApp, request: Request, lost: int) -> None:
+    def _retry(self, app: LocalApp, request: Request, lost: WorkerProcess) -> None:
         self._release(request)
         request.attempt += 1
         if request.attempt > self.retries:
+            why = lost.killed_for or f"exit code {lost.process.returncode}"
             request.settle(
                 OperatorError(
-                    f"worker {lost} died while running this request; gave up after "
-                    f"{self.retries} retries",
+                    f"worker {lost.index} died while running this request ({why}); "
+                    f"gave up after {self.retries} retries",
                     "worker",
                 )
             )
             return
-        log.warning("worker %d died; re-running request %d", lost, request.id)
+        log.warning("worker %d died; re-running request %d", lost.index, request.id)
         self._route(app, request)
 
     def _send(self, index: int, message: tuple, rid: int = 0) -> None:
@@ -337,19 +349,30 @@ class LocalRuntime:
             except Exception:  # a request already swept; nothing waits for it
                 log.debug("undecodable message", exc_info=True)
                 continue
-            kind = message[0]
-            if kind == "result":
-                _, app_id, rid, _attempt, value = message
-                app = self._apps.get(app_id)
-                request = app.active.get(rid) if app else None
-                if request is not None:
-                    request.settle(value)
-            elif kind == "stats":
-                self._on_stats(*message[1:])
-            elif kind == "hello":
-                self._on_hello(message[1])
-            elif kind == "exit":
+            if message[0] == "exit":
                 return
+            try:
+                self._on_message(message)
+            except Exception:  # never let one bad message stop every request
+                log.exception("failed to handle %r from a worker", message[0])
+
+    def _on_message(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "result":
+            _, app_id, rid, _attempt, value = message
+            app = self._apps.get(app_id)
+            request = app.active.get(rid) if app else None
+            if request is not None:
+                request.settle(value)
+        elif kind == "stats":
+            self._on_stats(*message[1:])
+        elif kind == "beat":
+            _, index, busy_since = message
+            with self._lock:
+                if index in self._workers:
+                    self._workers[index].busy_since = busy_since
+        elif kind == "hello":
+            self._on_hello(message[1])
 
     def _on_hello(self, index: int) -> None:
         with self._lock:
@@ -422,6 +445,7 @@ class LocalRuntime:
             with self._lock:
                 if self._stopping:
                     return
+                self._kill_stuck()
                 self._replace_dead()
                 self._autoscale()
                 if time.monotonic() >= next_sweep:
@@ -461,6 +485,19 @@ class LocalRuntime:
                                 if w.ready:
                                     self._send(w.index, message)
 
+    def _kill_stuck(self) -> None:
+        """Kill a worker whose stage has run longer than `stage_timeout_s` (its
+        requests are then re-run elsewhere, or fail once out of retries)."""
+        if self.stage_timeout_s is None:
+            return
+        now = time.monotonic()
+        for w in self._workers.values():
+            if w.busy_since is not None and now - w.busy_since > self.stage_timeout_s:
+                w.killed_for = f"a stage ran longer than stage_timeout_s={self.stage_timeout_s:g}"
+                log.warning("worker %d: %s; killing it", w.index, w.killed_for)
+                w.process.kill()
+                w.busy_since = None
+
     def _replace_dead(self) -> None:
         for index, w in list(self._workers.items()):
             if w.process.poll() is None:
@@ -475,7 +512,7 @@ class LocalRuntime:
             for app in self._apps.values():
                 for request in list(app.active.values()):
                     if index in request.workers():
-                        self._retry(app, request, index)
+                        self._retry(app, request, w)
         self._spawn_missing(self.min_workers)
 
     def _autoscale(self) -> None:

@@ -22,7 +22,7 @@ from serveflow.optimizer.plan import Plan
 Route = tuple[tuple[int, ...], ...]  # per stage index: the worker indices that run it
 StageKey = tuple[int, int]  # (app id, stage index)
 
-COLD_PENALTY = 1.5  # a warm worker is preferred until it has this many more in flight
+COLD_PENALTY = 0.5  # a warm worker is preferred over a cold one only when as idle
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DRIVER = -1
 STATS_EVERY_S = 0.25
+HEARTBEAT_S = 0.5
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
 
 
@@ -97,6 +99,7 @@ class Worker:
         self.queues: dict[tuple[int, int], deque[Task]] = {}
         self.counters: dict[tuple[int, int], StageCounters] = {}
         self.unloaded: list[tuple[int, int]] = []
+        self.busy_since: float | None = None
         # (app, stage) -> (batch size, timeout s) chosen by the driver's controller
         self.overrides: dict[tuple[int, int], tuple[int, float]] = {}
         self.dirty = False  # something to report to the driver
@@ -106,6 +109,7 @@ class Worker:
     def serve(self) -> None:
         self.parent = os.getppid()
         self.send(DRIVER, ("hello", self.index, os.getpid()))
+        threading.Thread(target=self.heartbeat, name="serveflow:heartbeat", daemon=True).start()
         next_report = 0.0
         while self.running:
             wait = self.run_ready()
@@ -125,6 +129,17 @@ class Worker:
                 data = self.endpoint.recv(0)
         self.report()
         self.endpoint.close()
+
+    def heartbeat(self) -> None:
+        """Tell the driver since when a stage has been running (None once it ended):
+        the driver kills a worker whose stage runs past the runtime's stage timeout."""
+        sent = None
+        while self.running:
+            time.sleep(HEARTBEAT_S)
+            busy_since = self.busy_since
+            if busy_since is not None or sent is not None:
+                self.send(DRIVER, ("beat", self.index, busy_since))
+                sent = busy_since
 
     def handle(self, message: tuple) -> None:
         kind = message[0]
@@ -219,11 +234,14 @@ class Worker:
             loaded = (StageExecutor(stage, self.kvs), now)
             counters.cold_starts += 1
         executor = loaded[0]
+        self.busy_since = now
         try:
             results = executor.run([t.inputs for t in live])
         except Exception as error:  # a bug of ours: fail these requests, keep serving
             log.exception("stage %r crashed", stage.name)
             results = [error] * len(live)
+        finally:
+            self.busy_since = None
         done = time.monotonic()
         if executor.load_error is None:
             self.executors[key] = (executor, done)
