@@ -106,12 +106,13 @@ class RayServeServer:
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)  # fmt: skip
 
-        @serve.deployment
+        # Replicas ask for 1 CPU each by default: 4 would never all be placed on 2 cores.
+        @serve.deployment(ray_actor_options={"num_cpus": 0})
         class Identity:
             async def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 return rows
 
-        @serve.deployment
+        @serve.deployment(ray_actor_options={"num_cpus": 0})
         class Ingress:
             def __init__(self, *stages: Any) -> None:
                 self.stages = stages
