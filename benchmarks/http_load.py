@@ -196,12 +196,15 @@ def measure(system: str, url: str, levels: list[int], seconds: float) -> list[co
 def plot(records: list[common.Record], out: Path) -> None:
     fig, axes = common.new_figure(1, 2, size=(11, 4.5))
     systems = list(dict.fromkeys(r["system"] for r in records))
-    for system in systems:
+    for index, system in enumerate(systems):
         rows = [r for r in records if r["system"] == system]
         clients = [r["clients"] for r in rows]
-        axes[0][0].plot(clients, [r["throughput_rps"] for r in rows], marker="o", label=system)
-        axes[0][1].plot(clients, [r["p99_ms"] for r in rows], marker="o", label=f"{system} p99")
-        axes[0][1].plot(clients, [r["median_ms"] for r in rows], marker=".", linestyle="--",
+        color = f"C{index}"  # one colour per system in both panels
+        axes[0][0].plot(clients, [r["throughput_rps"] for r in rows], "o-", color=color,
+                        label=system)  # fmt: skip
+        axes[0][1].plot(clients, [r["p99_ms"] for r in rows], "o-", color=color,
+                        label=f"{system} p99")  # fmt: skip
+        axes[0][1].plot(clients, [r["median_ms"] for r in rows], ".--", color=color,
                         label=f"{system} median")  # fmt: skip
     for ax, label in ((axes[0][0], "throughput (req/s)"), (axes[0][1], "latency (ms)")):
         ax.set_xscale("log", base=2)
