@@ -392,3 +392,19 @@ def test_stop_drains_in_flight_requests_then_stops_the_app():
         app.run({"s": [0.0]})
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{srv.url}/healthz")
+
+
+def ones(table):
+    return [1] * len(table)
+
+
+def test_flows_listing_shows_slos():
+    flow = sf.Flow("slo")
+    flow.map(ones, names=["y"], batching=sf.Batching(slo_ms=50), name="ones")
+    with Server({"slo": flow.deploy(slo_ms=80)}, port=0) as srv:
+        info = httpx.get(f"{srv.url}/v1/flows/slo", timeout=TIMEOUT).json()
+        r = httpx.post(f"{srv.url}/v1/flows/slo/predict", json={"rows": [{"x": 1}]})
+    assert info["slo"]["flow_ms"] == 80
+    assert info["slo"]["stages"]["ones"]["percentile"] == 0.99
+    assert info["graph"]["stages"][0]["batching"]["slo_ms"] > 0
+    assert r.status_code == 200 and r.json() == {"rows": [{"y": 1}]}

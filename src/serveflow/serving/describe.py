@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from serveflow.logical.flow import SOURCE_ID
@@ -31,9 +30,7 @@ def plan_graph(plan: Plan) -> dict[str, Any]:
                     for op_id in stage.inputs
                 ],
                 "replicas": stage.replicas,
-                "batching": None
-                if batching is None
-                else {"max_size": batching.size, "timeout_ms": batching.timeout_ms or 0.0},
+                "batching": None if batching is None else _batching(batching),
                 "placement": stage.placement,
                 "gpu_requested": stage.gpu_requested,
                 "locality_key": stage.locality_key,
@@ -42,12 +39,29 @@ def plan_graph(plan: Plan) -> dict[str, Any]:
     return {"stages": stages, "output": plan.output_stage.id}
 
 
-def _jsonable_slo(slo: Any) -> Any:
-    if slo is None or isinstance(slo, str | int | float | dict | list):
-        return slo
-    if dataclasses.is_dataclass(slo) and not isinstance(slo, type):
-        return dataclasses.asdict(slo)
-    return str(slo)
+def _batching(policy: Any) -> dict[str, Any]:
+    entry = {"max_size": policy.size, "timeout_ms": policy.timeout_ms or 0.0}
+    if getattr(policy, "slo_ms", None):
+        entry |= {"slo_ms": policy.slo_ms, "percentile": policy.percentile,
+                  "objective": policy.objective}  # fmt: skip
+    return entry
+
+
+def _slos(plan: Plan) -> dict[str, Any] | None:
+    """The flow's latency budget and each batching stage's SLO; None without any."""
+    stages = {
+        stage.name: {
+            "slo_ms": stage.batching.slo_ms,
+            "percentile": stage.batching.percentile,
+            "objective": stage.batching.objective,
+        }
+        for stage in plan.stages
+        if stage.batching is not None and getattr(stage.batching, "slo_ms", None)
+    }
+    flow_ms = getattr(plan, "slo_ms", None)
+    if not stages and not flow_ms:
+        return None
+    return {"flow_ms": flow_ms, "stages": stages}
 
 
 def _type_name(expected: Any) -> str:
@@ -62,11 +76,10 @@ def flow_info(app: App) -> dict[str, Any]:
     """What `GET /v1/flows` says about one deployed flow."""
     plan = app.plan
     schema = plan.schema
-    slo = getattr(plan, "slo", None) or getattr(app, "slo", None)
     return {
         "name": app.name,
         "schema": {col: _type_name(t) for col, t in schema.items()} if schema else None,
-        "slo": _jsonable_slo(slo),
+        "slo": _slos(plan),
         "explain": app.explain(),
         "graph": plan_graph(plan),
         "predict": f"/v1/flows/{app.name}/predict",
