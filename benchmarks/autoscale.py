@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             failed=sum(1 for d in done if not d[3]),
             note=note,
             samples=sampler.samples,
-            requests=[{"t_s": s, "latency_ms": lat, "ok": ok} for s, lat, _, ok in done],
+            per_second=per_second(done, sum(d for _, d in phases)),
         )
     )
     common.print_table(
@@ -187,6 +187,24 @@ def main(argv: list[str] | None = None) -> int:
     common.write_json(NAME, records, args.out)
     plot(phases, sampler.samples, done, args.out)
     return 0
+
+
+def per_second(done: list[tuple[float, float, int, bool]], end_s: float) -> list[dict[str, Any]]:
+    """Requests binned by send second: count, failures, median and p99 latency (ms)."""
+    bins: list[dict[str, Any]] = []
+    for second in range(int(np.ceil(end_s))):
+        mine = [d for d in done if second <= d[0] < second + 1]
+        ok = [d[1] for d in mine if d[3]]
+        bins.append(
+            {
+                "t_s": second,
+                "sent": len(mine),
+                "failed": len(mine) - len(ok),
+                "median_ms": common.percentile(ok, 50) if ok else None,
+                "p99_ms": common.percentile(ok, 99) if ok else None,
+            }
+        )
+    return bins
 
 
 def plot(
