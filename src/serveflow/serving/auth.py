@@ -17,6 +17,11 @@ from serveflow.serving.codecs import encode_json
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 
 
+def token_matches(authorization: bytes, token: str) -> bool:
+    """Whether an Authorization header value is `Bearer <token>` (constant time)."""
+    return hmac.compare_digest(authorization, f"Bearer {token}".encode())
+
+
 class BearerAuth:
     """Answers 401 unless the request carries `Authorization: Bearer <token>`."""
 

@@ -130,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K=V,...",
         help="optimizer rules, e.g. fusion=off,compete=on,compete_replicas=2",
     )
+    serve.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "asyncio", "uvloop"],
+        help="event loop (default auto: uvloop when installed)",
+    )
+    serve.add_argument(
+        "--http",
+        default="auto",
+        choices=["auto", "h11", "httptools"],
+        help="HTTP/1.1 parser (default auto: httptools when installed)",
+    )
     serve.add_argument("--debug", action="store_true", help="include tracebacks in 500 responses")
     serve.add_argument(
         "--log-level",
@@ -170,6 +182,8 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
             drain_timeout=args.drain_timeout,
             log_level=args.log_level,
+            loop=args.loop,
+            http=args.http,
         )
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
             log.warning(

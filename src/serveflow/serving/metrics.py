@@ -13,7 +13,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from serveflow.runtime.app import App
@@ -22,7 +27,26 @@ from serveflow.runtime.stats import percentile
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 )  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # and +Inf
 UNKNOWN_FLOW = "(unknown)"  # the label of requests for flows that do not exist
+
+
+def batch_size_buckets(
+    counts: Mapping[Any, int], bounds: tuple[int, ...] = BATCH_SIZE_BUCKETS
+) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative Prometheus buckets (le, count) and the sum of sizes, from counts of
+    batches by size (`{size: batches}`; sizes may arrive as strings, e.g. via JSON)."""
+    sizes = sorted((int(size), int(n)) for size, n in counts.items())
+    buckets: list[tuple[str, float]] = []
+    below = 0
+    index = 0
+    for bound in bounds:
+        while index < len(sizes) and sizes[index][0] <= bound:
+            below += sizes[index][1]
+            index += 1
+        buckets.append((str(bound), float(below)))
+    buckets.append(("+Inf", float(sum(n for _, n in sizes))))
+    return buckets, float(sum(size * n for size, n in sizes))
 
 
 class StageCollector(Collector):
@@ -63,6 +87,11 @@ class StageCollector(Collector):
             "Current wait for a batching stage's batch to fill.",
             labels=labels,
         )
+        batch_sizes = HistogramMetricFamily(
+            "serveflow_stage_batch_size",
+            "Requests per call of a batching stage (batches counted by size).",
+            labels=labels,
+        )
         for flow, app in self._apps.items():
             for stage, s in app.stats().items():
                 key = [flow, stage]
@@ -76,8 +105,11 @@ class StageCollector(Collector):
                 if "batch_size" in s:
                     batch_limit.add_metric(key, s["batch_size"])
                     batch_timeout.add_metric(key, s.get("timeout_ms", 0.0) / 1e3)
+                if s.get("batch_sizes") is not None:  # batching stages, newer runtimes
+                    buckets, total = batch_size_buckets(s["batch_sizes"])
+                    batch_sizes.add_metric(key, buckets, total)
         yield from (requests, latency, queue, workers, cold, batch_mean, batch_limit)
-        yield batch_timeout
+        yield from (batch_timeout, batch_sizes)
 
 
 class LatencyWindow:
@@ -104,6 +136,32 @@ class LatencyWindow:
             "p99_ms": percentile(latencies, 0.99) * 1e3,
             "throughput_rps": recent / horizon_s,
         }
+
+
+class FlowMetrics:
+    """The per-request metrics of one flow label, its labelled children cached."""
+
+    def __init__(self, metrics: ServingMetrics, flow: str) -> None:
+        self._metrics = metrics
+        self.flow = flow
+        self.in_flight = metrics.in_flight.labels(flow)
+        self.shed = metrics.shed.labels(flow)
+        self._by_status: dict[int, Any] = {}
+        known = flow in metrics.windows
+        self._duration = metrics.duration.labels(flow) if known else None
+        self._window = metrics.windows.get(flow)
+
+    def observe(self, status: int, seconds: float) -> None:
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self._metrics.requests.labels(
+                self.flow, str(status)
+            )
+        counter.inc()
+        if self._duration is not None:
+            self._duration.observe(seconds)
+            if status < 400 and self._window is not None:
+                self._window.add(seconds)
 
 
 class ServingMetrics:
@@ -138,17 +196,21 @@ class ServingMetrics:
         )
         self.registry.register(StageCollector(apps))
         self.windows = {name: LatencyWindow() for name in apps}
-        for name in apps:  # so every flow shows up at 0 before its first request
-            self.duration.labels(name)
-            self.shed.labels(name)
-            self.in_flight.labels(name)
+        # Labelled children looked up once, not per request (labels() costs a lock and
+        # a dict lookup on tuples); every flow shows up at 0 before its first request.
+        self._flows: dict[str, FlowMetrics] = {}
+        for name in apps:
+            self.flow(name)
+
+    def flow(self, name: str) -> FlowMetrics:
+        """The metrics of one flow label (a deployed flow, or UNKNOWN_FLOW)."""
+        metrics = self._flows.get(name)
+        if metrics is None:
+            metrics = self._flows[name] = FlowMetrics(self, name)
+        return metrics
 
     def observe(self, flow: str, status: int, seconds: float) -> None:
-        self.requests.labels(flow, str(status)).inc()
-        if flow in self.windows:
-            self.duration.labels(flow).observe(seconds)
-            if status < 400:
-                self.windows[flow].add(seconds)
+        self.flow(flow).observe(status, seconds)
 
     def http_summary(self, flow: str) -> dict[str, Any]:
         """Counts by status and the recent latency summary of one flow."""
