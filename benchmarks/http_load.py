@@ -1,31 +1,41 @@
 """HTTP load: a trivial 3-stage pipeline behind an HTTP server, 1, 8 and 64 clients.
 
 Systems, started in this run on this machine, each in its own processes:
-- serveflow: `serveflow serve` (uvicorn) on three unfused identity maps
-  (`--rules fusion=off`) on the embedded runtime; serveflow-fused for reference.
+- serveflow: `serveflow serve` (uvicorn with uvloop + httptools) on three unfused
+  identity maps (`--rules fusion=off`) on the embedded runtime;
+  serveflow-batched: the same maps with `batching=True` (each stage batches across
+  concurrent requests); serveflow-fused: the three maps fused into one stage;
+  serveflow-h11: as serveflow on uvicorn's pure-Python stack (asyncio loop, h11).
 - ray-serve: Ray Serve's HTTP ingress (a FastAPI-free Starlette ingress deployment)
   calling three composed identity deployments through handles.
+- triton: Triton Inference Server (nvidia-pytriton, CPU, in benchmarks/.triton-venv)
+  serving one Python identity model with dynamic batching (max batch 64) over its
+  KServe v2 HTTP/JSON endpoint; triton-3-chained: three such models called one after
+  the other by the client (pytriton cannot build an ensemble of Python models).
 
 The load generator (this process, asyncio + aiohttp) runs closed loops: each client sends
 its next request when the previous one answered. Every system gets the same warm-up, then
 a fixed time per concurrency level. Prints a table, writes results/http_load.json and
 results/http_load.png.
 
-    python -m benchmarks.http_load [--quick] [--no-ray] [--levels 1,8,64]
+    python -m benchmarks.http_load [--quick] [--no-ray] [--no-triton] [--levels 1,8,64]
+        [--systems serveflow,triton,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,7 @@ log = logging.getLogger("benchmarks.http_load")
 NAME = "http_load"
 STAGES = 3
 TARGET_THROUGHPUT_VS_RAY = 10.0  # serveflow req/s / ray-serve req/s at 64 clients
+TRITON_MAX_BATCH = 64
 
 FLOWS_FILE = """
 import serveflow as sf
@@ -47,20 +58,46 @@ def identity(value):
     return value
 
 
+def identities(values):
+    return values
+
+
 chain = sf.Flow("chain")
 stream = chain
 for i in range({stages}):
-    stream = stream.map(identity, col="x", name=f"identity{{i + 1}}")
+    if {batching}:
+        stream = stream.map(identities, col="x", batching=True, name=f"identity{{i + 1}}")
+    else:
+        stream = stream.map(identity, col="x", name=f"identity{{i + 1}}")
 """
+
+Call = Callable[[aiohttp.ClientSession, int], Awaitable[bool]]  # one request; True if right
+
+
+def rows_call(url: str) -> Call:
+    """POST {"rows": [{"x": value}]} and expect it back (serveflow, Ray Serve)."""
+
+    async def call(session: aiohttp.ClientSession, value: int) -> bool:
+        body = {"rows": [{"x": value}]}
+        async with session.post(url, json=body) as response:
+            return response.status == 200 and await response.json() == body
+
+    return call
 
 
 class ServeflowServer:
     """`serveflow serve` in a child process; `url` of its predict endpoint."""
 
-    def __init__(self, fused: bool) -> None:
+    def __init__(
+        self,
+        fused: bool = False,
+        batching: bool = False,
+        extra: tuple[str, ...] = (),
+        max_in_flight: int = 100_000,
+    ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="sf-http-load-")
         path = Path(self._dir.name) / "chain_flows.py"
-        path.write_text(FLOWS_FILE.format(stages=STAGES))
+        path.write_text(FLOWS_FILE.format(stages=STAGES, batching=batching))
         command = [
             sys.executable,
             "-m",
@@ -72,7 +109,8 @@ class ServeflowServer:
             "--log-level",
             "warning",
             "--max-in-flight",
-            "100000",
+            str(max_in_flight),
+            *extra,
         ]
         if not fused:
             command += ["--rules", "fusion=off"]
@@ -81,8 +119,9 @@ class ServeflowServer:
         if " on http://" not in line:
             self.close()
             raise RuntimeError(f"serveflow serve did not start: {line!r}")
-        base = line.split(" on ")[1].split()[0]
-        self.url = f"{base}/v1/flows/chain/predict"
+        self.base = line.split(" on ")[1].split()[0]
+        self.url = f"{self.base}/v1/flows/chain/predict"
+        self.call = rows_call(self.url)
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -127,6 +166,7 @@ class RayServeServer:
         stages = [Identity.options(name=f"identity{i + 1}").bind() for i in range(STAGES)]
         serve.run(Ingress.bind(*stages), name="chain", route_prefix="/chain")
         self.url = f"http://127.0.0.1:{port}/chain"
+        self.call = rows_call(self.url)
 
     def close(self) -> None:
         import ray
@@ -136,7 +176,133 @@ class RayServeServer:
         ray.shutdown()
 
 
-async def _closed_loop(url: str, clients: int, seconds: float) -> tuple[list[float], int, float]:
+TRITON_SERVER = """
+import json, os, socket, sys
+
+import numpy as np
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@batch
+def identity(x):
+    return {{"out": x}}
+
+
+protocol = os.fdopen(os.dup(1), "w", buffering=1)  # tritonserver logs to fd 1: keep
+os.dup2(2, 1)                                      # the protocol on a private copy
+http_port = free_port()
+config = TritonConfig(http_address="127.0.0.1", http_port=http_port,
+                      grpc_address="127.0.0.1", grpc_port=free_port(),
+                      metrics_address="127.0.0.1", metrics_port=free_port(),
+                      allow_gpu_metrics=False, exit_timeout_secs=5)
+with Triton(config=config) as triton:
+    for name in sys.argv[1:]:
+        triton.bind(model_name=name, infer_func=identity,
+                    inputs=[Tensor(name="x", dtype=np.int64, shape=(1,))],
+                    outputs=[Tensor(name="out", dtype=np.int64, shape=(1,))],
+                    config=ModelConfig(max_batch_size={max_batch}, batcher=DynamicBatcher()))
+    triton.run()
+    protocol.write(json.dumps({{"http_port": http_port}}) + "\\n")
+    sys.stdin.read()  # until the parent closes our stdin
+"""
+
+
+def triton_call(base: str, models: list[str]) -> Call:
+    """KServe v2 JSON inference: the value through each model in turn."""
+    urls = [f"{base}/v2/models/{model}/infer" for model in models]
+
+    async def call(session: aiohttp.ClientSession, value: int) -> bool:
+        data = [value]
+        for url in urls:
+            body = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "INT64", "data": data}]}
+            async with session.post(url, json=body) as response:
+                if response.status != 200:
+                    return False
+                data = (await response.json())["outputs"][0]["data"]
+        return data == [value]
+
+    return call
+
+
+class TritonServer:
+    """Triton (nvidia-pytriton) in benchmarks/.triton-venv serving identity models over
+    HTTP; `call` sends one request through `chain` of them (1: one model)."""
+
+    def __init__(self, chain: int, start_timeout_s: float = 180.0) -> None:
+        from benchmarks.peers.triton import VENV_PYTHON, TritonUnavailable, _python_lib_dir
+
+        if not VENV_PYTHON.exists():
+            raise TritonUnavailable(f"{VENV_PYTHON} missing: run `bash scripts/triton_env.sh`")
+        env = dict(os.environ)
+        lib = _python_lib_dir(VENV_PYTHON)
+        if lib is not None:
+            env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(lib), env.get("LD_LIBRARY_PATH")]))
+        env.pop("PYTHONPATH", None)
+        self._dir = tempfile.TemporaryDirectory(prefix="sf-http-load-triton-")
+        script = Path(self._dir.name) / "triton_http.py"
+        script.write_text(TRITON_SERVER.format(max_batch=TRITON_MAX_BATCH))
+        self._log = open(Path(self._dir.name) / "triton.log", "w+")  # noqa: SIM115
+        models = [f"identity{i + 1}" for i in range(chain)]
+        self.process = subprocess.Popen(
+            [str(VENV_PYTHON), str(script), *models],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            text=True,
+        )
+        try:
+            port = self._wait_ready(start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self.url = f"http://127.0.0.1:{port}"
+        self.call = triton_call(self.url, models)
+
+    def _wait_ready(self, timeout_s: float) -> int:
+        from benchmarks.peers.triton import TritonUnavailable
+
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if select.select([self.process.stdout], [], [], 0.5)[0]:
+                line = self.process.stdout.readline()
+                if line.startswith("{"):
+                    return int(json.loads(line)["http_port"])
+            if self.process.poll() is not None:
+                self._log.seek(0)
+                tail = self._log.read()[-3000:]
+                raise TritonUnavailable(f"triton exited with {self.process.returncode}: {tail}")
+        raise TritonUnavailable(f"triton not ready in {timeout_s:.0f} s")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()  # the script returns, Triton stops
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._log.close()
+        self._dir.cleanup()
+
+
+async def _closed_loop(call: Call, clients: int, seconds: float) -> tuple[list[float], int, float]:
     """`clients` closed loops for `seconds`: latencies (ms) of 200s, errors, elapsed.
 
     aiohttp, not httpx: httpx's async client itself collapses at 64 concurrent
@@ -153,12 +319,10 @@ async def _closed_loop(url: str, clients: int, seconds: float) -> tuple[list[flo
             nonlocal errors
             i = 0
             while time.perf_counter() < stop_at:
-                body = {"rows": [{"x": worker * 1_000_000 + i}]}
                 sent = time.perf_counter()
                 try:
-                    async with session.post(url, json=body) as response:
-                        ok = response.status == 200 and await response.json() == body
-                except (TimeoutError, aiohttp.ClientError):
+                    ok = await call(session, worker * 1_000_000 + i)
+                except (TimeoutError, aiohttp.ClientError, KeyError, ValueError):
                     ok = False
                 if ok:
                     latencies.append((time.perf_counter() - sent) * 1e3)
@@ -172,11 +336,11 @@ async def _closed_loop(url: str, clients: int, seconds: float) -> tuple[list[flo
     return latencies, errors, elapsed
 
 
-def measure(system: str, url: str, levels: list[int], seconds: float) -> list[common.Record]:
-    asyncio.run(_closed_loop(url, 4, min(2.0, seconds)))  # warm-up: workers, connections
+def measure(system: str, call: Call, levels: list[int], seconds: float) -> list[common.Record]:
+    asyncio.run(_closed_loop(call, 4, min(2.0, seconds)))  # warm-up: workers, connections
     records = []
     for clients in levels:
-        latencies, errors, elapsed = asyncio.run(_closed_loop(url, clients, seconds))
+        latencies, errors, elapsed = asyncio.run(_closed_loop(call, clients, seconds))
         rps = len(latencies) / elapsed
         records.append(
             common.record(
@@ -217,52 +381,97 @@ def plot(records: list[common.Record], out: Path) -> None:
     common.save_figure(fig, NAME, out)
 
 
+SYSTEMS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "serveflow": lambda args: ServeflowServer(),
+    "serveflow-batched": lambda args: ServeflowServer(batching=True),
+    "serveflow-fused": lambda args: ServeflowServer(fused=True),
+    "serveflow-h11": lambda args: ServeflowServer(extra=("--loop", "asyncio", "--http", "h11")),
+    "ray-serve": lambda args: RayServeServer(args.ray_port),
+    "triton": lambda args: TritonServer(chain=1),
+    "triton-3-chained": lambda args: TritonServer(chain=STAGES),
+}
+
+
+def report_ratios(records: list[common.Record], levels: list[int]) -> list[str]:
+    """The comparisons the issue asks for, one line each."""
+    by = {(r["system"], r.get("clients")): r for r in records if r.get("clients")}
+    lines = []
+    top = max(levels)
+    sf_top, ray_top = by.get(("serveflow", top)), by.get(("ray-serve", top))
+    if sf_top and ray_top:
+        gain = common.ratio(sf_top["throughput_rps"], ray_top["throughput_rps"])
+        lines.append(f"throughput at {top} clients, serveflow / ray-serve: {common.fmt(gain)}x "
+                     f"(target >= {TARGET_THROUGHPUT_VS_RAY:g}x)")  # fmt: skip
+        for clients in levels:
+            s, r = by.get(("serveflow", clients)), by.get(("ray-serve", clients))
+            if s and r:
+                verdict = "lower" if (s["p99_ms"] or 0) < (r["p99_ms"] or 0) else "NOT lower"
+                lines.append(f"p99 at {clients} clients: serveflow {common.fmt(s['p99_ms'])} ms, "
+                             f"ray-serve {common.fmt(r['p99_ms'])} ms ({verdict})")  # fmt: skip
+    for system in ("serveflow", "serveflow-batched", "serveflow-fused"):
+        for peer in ("triton", "triton-3-chained"):
+            cells = []
+            for clients in levels:
+                s, t = by.get((system, clients)), by.get((peer, clients))
+                if s and t:
+                    gain = common.ratio(s["throughput_rps"], t["throughput_rps"])
+                    cells.append(f"{clients}: {common.fmt(gain)}x")
+            if cells:
+                lines.append(f"throughput {system} (3 stages) / {peer}: " + ", ".join(cells))
+    t_top = by.get(("triton", top))
+    for system in ("serveflow", "serveflow-batched"):
+        s = by.get((system, top))
+        if s and t_top:
+            ok = s["throughput_rps"] >= t_top["throughput_rps"]
+            lines.append(f"target: {system} 3 stages at {top} clients >= triton 1 stage: "
+                         f"{s['throughput_rps']:.0f} vs {t_top['throughput_rps']:.0f} req/s "
+                         f"({'met' if ok else 'NOT met'})")  # fmt: skip
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     def configure(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve peer")
+        parser.add_argument("--no-triton", action="store_true", help="skip the Triton peers")
         parser.add_argument("--levels", default="1,8,64", help="client counts (default 1,8,64)")
         parser.add_argument("--seconds", type=float, default=None, help="seconds per level")
         parser.add_argument("--ray-port", type=int, default=8127, help="Ray Serve HTTP port")
+        parser.add_argument(
+            "--systems", default=",".join(SYSTEMS), help=f"subset of {','.join(SYSTEMS)}"
+        )
 
     args = common.parse_args(__doc__.splitlines()[0], argv, configure)
     levels = [int(n) for n in args.levels.split(",")]
     seconds = args.seconds or (3.0 if args.quick else 10.0)
-    systems: list[tuple[str, Callable[[], Any]]] = [
-        ("serveflow", lambda: ServeflowServer(fused=False)),
-        ("serveflow-fused", lambda: ServeflowServer(fused=True)),
-    ]
-    if not args.no_ray:
-        systems.append(("ray-serve", lambda: RayServeServer(args.ray_port)))
+    chosen = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; known: {list(SYSTEMS)}")
+    if args.no_ray:
+        chosen = [name for name in chosen if name != "ray-serve"]
+    if args.no_triton:
+        chosen = [name for name in chosen if not name.startswith("triton")]
     records: list[common.Record] = []
-    for system, start in systems:
+    for system in chosen:
         try:
-            server = start()
+            server = SYSTEMS[system](args)
         except Exception as error:  # a peer that cannot start is reported, not fatal
             log.warning("%s unavailable: %s", system, error)
             records.append(common.record("all", system, note=f"unavailable: {error}"))
             continue
         try:
-            records += measure(system, server.url, levels, seconds)
+            records += measure(system, server.call, levels, seconds)
         finally:
             server.close()
     common.print_table(
         [r for r in records if r.get("clients")],
         ("scenario", "system", "median_ms", "p99_ms", "throughput_rps", "errors"),
-        title=f"HTTP load, {STAGES}-stage identity pipeline, {seconds:g} s per level",
+        title=f"HTTP load, {STAGES}-stage identity pipeline (triton: 1 stage), "
+        f"{seconds:g} s per level",
     )
-    by = {(r["system"], r.get("clients")): r for r in records}
-    top = max(levels)
-    sf_top, ray_top = by.get(("serveflow", top)), by.get(("ray-serve", top))
-    if sf_top and ray_top:
-        gain = common.ratio(sf_top["throughput_rps"], ray_top["throughput_rps"])
-        print(f"\nthroughput at {top} clients, serveflow / ray-serve: {common.fmt(gain)}x "
-              f"(target >= {TARGET_THROUGHPUT_VS_RAY:g}x)")  # fmt: skip
-        for clients in levels:
-            s, r = by.get(("serveflow", clients)), by.get(("ray-serve", clients))
-            if s and r:
-                verdict = "lower" if (s["p99_ms"] or 0) < (r["p99_ms"] or 0) else "NOT lower"
-                print(f"p99 at {clients} clients: serveflow {common.fmt(s['p99_ms'])} ms, "
-                      f"ray-serve {common.fmt(r['p99_ms'])} ms ({verdict})")  # fmt: skip
+    print()
+    for line in report_ratios(records, levels):
+        print(line)
     common.write_json(NAME, records, args.out)
     plot([r for r in records if r.get("clients")], args.out)
 
