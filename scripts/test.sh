@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 bash scripts/redis.sh      # a real redis-server for the Redis store tests
+bash scripts/browser.sh    # Debian chromium + chromedriver for the dashboard test
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"

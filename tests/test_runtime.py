@@ -112,7 +112,7 @@ def test_pool_scales_out_under_load_and_back_in_when_idle():
             time.sleep(0.05)
         assert [f.result().column("a")[0] for f in futures] == list(range(60))
         assert peak > 1
-        assert app.stats()["sleepy"]["cold_starts"] > 1
+        assert _wait_for(lambda: app.stats()["sleepy"]["cold_starts"] > 1)  # stats lag a little
         assert _wait_for(lambda: len(runtime.worker_pids()) == 1, timeout=15)
     finally:
         runtime.stop()

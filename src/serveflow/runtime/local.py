@@ -20,14 +20,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from serveflow.batching.controller import BatchingController, Decision
 from serveflow.errors import OperatorError, OverloadError
 from serveflow.optimizer.plan import Plan
-from serveflow.optimizer.slo import assign_slo
 from serveflow.runtime import codec, worker
 from serveflow.runtime.app import App
 from serveflow.runtime.kvs import KVS, open_kvs
@@ -35,6 +33,9 @@ from serveflow.runtime.request import Request
 from serveflow.runtime.scheduler import Autoscaler, Scheduler, WorkerLoad, targets
 from serveflow.runtime.stats import StageStats
 from serveflow.runtime.transport import Endpoint, PeerGone
+
+if TYPE_CHECKING:
+    from serveflow.batching.controller import BatchingController, Decision
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,15 @@ class LocalApp(App):
         largest_batch = max((s.batching.size for s in plan.stages if s.batching), default=0)
         self.worker_cap = max(runtime.worker_queue, 2 * largest_batch)
         # SLO-aware batching stages: a controller each, its choices pushed to workers
-        self.controllers = {
-            i: BatchingController(s.batching, runtime.max_workers)
-            for i, s in enumerate(plan.stages)
-            if s.batching and s.batching.adaptive
-        }
+        self.controllers: dict[int, BatchingController] = {}
+        adaptive = [i for i, s in enumerate(plan.stages) if s.batching and s.batching.adaptive]
+        if adaptive:  # imported here: scipy is too slow to import in every worker
+            from serveflow.batching.controller import BatchingController
+
+            self.controllers = {
+                i: BatchingController(plan.stages[i].batching, runtime.max_workers)
+                for i in adaptive
+            }
         self.decisions: dict[int, Decision] = {}
         self._runtime = runtime
 
@@ -99,6 +104,8 @@ class LocalApp(App):
                 service[index] = (profile.a + profile.b * decision.max_size) * 1e3
         if len(service) < 2 or self.plan.slo_ms is None:
             return
+        from serveflow.optimizer.slo import assign_slo
+
         shares = assign_slo(self.plan, self.plan.slo_ms, service)
         for index in service:
             share = shares.stages[index].batching.slo_ms  # type: ignore[union-attr]
@@ -198,6 +205,10 @@ class LocalRuntime:
         self._stopping = False
         self._failed_starts = 0
         self._unrouted: deque[tuple[LocalApp, Request]] = deque()
+        # competing runs by (app, request, attempt, stage, worker): "running" (request
+        # active), "done" (run ended first), "orphan" (request ended first: the run
+        # still holds its worker until the worker says "done")
+        self._replicas: dict[tuple[int, int, int, int, int], str] = {}
 
     # -- deployment ---------------------------------------------------------------------
     def deploy(self, plan: Plan, *, owns_runtime: bool = False) -> LocalApp:
@@ -274,6 +285,10 @@ class LocalRuntime:
             return
         caps = {i: d.workers for i, d in app.decisions.items()}
         request.route = self._scheduler.route(app.id, app.plan, loads, caps)
+        for index, chosen in enumerate(request.route):
+            if app.plan.stages[index].replicas > 1:
+                for w in chosen:
+                    self._replicas[(app.id, request.id, request.attempt, index, w)] = "running"
         for index in app.sources:
             message = (
                 "input",
@@ -292,7 +307,7 @@ class LocalRuntime:
     def _finish(self, app: LocalApp, request: Request) -> None:
         with self._lock:
             if app.active.pop(request.id, None) is not None:
-                self._release(request)
+                self._release(app, request)
                 self._route_waiting()
 
     def _route_waiting(self) -> None:
@@ -306,12 +321,40 @@ class LocalRuntime:
                 if not request.route:
                     return  # still no room; it went back to the end of the line
 
-    def _release(self, request: Request) -> None:
-        loads = {i: w.load for i, w in self._workers.items()}
-        self._scheduler.charge(request.route, loads, -1)
+    def _release(self, app: LocalApp, request: Request) -> None:
+        """Stop counting a finished (or re-routed) request's stage runs against its
+        workers. A competing replica still running keeps its worker counted until that
+        worker says it is done, so new requests avoid the worker busy with a loser;
+        queued losers are cancelled."""
+        cancel = set()
+        for index, chosen in enumerate(request.route):
+            for w in chosen:
+                key = (app.id, request.id, request.attempt, index, w)
+                state = self._replicas.pop(key, None)
+                if state == "running":
+                    self._replicas[key] = "orphan"  # released when its worker is done
+                    cancel.add(w)
+                elif state is None and w in self._workers:
+                    self._workers[w].load.outstanding -= 1
+        for w in cancel:
+            self._send(w, ("cancel", app.id, request.id))
+
+    def _on_done(self, index: int, app_id: int, rid: int, attempt: int, stage: int) -> None:
+        """A worker finished (or dropped) a competing replica's run."""
+        with self._lock:
+            key = (app_id, rid, attempt, stage, index)
+            state = self._replicas.get(key)
+            if state is None or state == "done" or index not in self._workers:
+                return
+            self._workers[index].load.outstanding -= 1
+            if state == "running":
+                self._replicas[key] = "done"  # already released when the request ends
+            else:
+                del self._replicas[key]
+                self._route_waiting()
 
     def _retry(self, app: LocalApp, request: Request, lost: WorkerProcess) -> None:
-        self._release(request)
+        self._release(app, request)
         request.attempt += 1
         if request.attempt > self.retries:
             why = lost.killed_for or f"exit code {lost.process.returncode}"
@@ -366,6 +409,8 @@ class LocalRuntime:
                 request.settle(value)
         elif kind == "stats":
             self._on_stats(*message[1:])
+        elif kind == "done":
+            self._on_done(*message[1:])
         elif kind == "beat":
             _, index, busy_since = message
             with self._lock:
@@ -403,7 +448,8 @@ class LocalRuntime:
                 if app is None:
                     continue
                 requests, batches, cold_starts, latencies, batch_log = counts
-                app.stage_stats[stage_index].add(requests, batches, cold_starts, latencies)
+                sizes = [size for size, _, _ in batch_log]
+                app.stage_stats[stage_index].add(requests, batches, cold_starts, latencies, sizes)
                 controller = app.controllers.get(stage_index)
                 for size, service_s, end in batch_log if controller else ():
                     controller.on_batch_done(size, service_s, end)
@@ -503,6 +549,8 @@ class LocalRuntime:
             if w.process.poll() is None:
                 continue
             del self._workers[index]
+            for key in [k for k in self._replicas if k[4] == index]:
+                del self._replicas[key]
             if w.retiring:
                 continue
             log.warning("worker %d exited with code %s", index, w.process.returncode)
@@ -546,6 +594,8 @@ class LocalRuntime:
                 entry = app.stage_stats[index].snapshot()
                 entry["workers"] = sum(key in w.load.warm for w in self._workers.values())
                 entry["queue"] = sum(w.queued.get(key, 0) for w in self._workers.values())
+                if index in app.sources:  # requests waiting at the driver for room
+                    entry["queue"] += sum(1 for a, _ in self._unrouted if a is app)
                 if stage.batching:
                     entry["batch_size"] = stage.batching.size
                     entry["timeout_ms"] = stage.batching.timeout_ms or 0.0

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -121,10 +122,12 @@ class Autoscaler:
         size = len(loads) + starting
         if size < self.min_workers:
             return self.min_workers - size, []
-        busy = bool(loads) and (sum(loads) + waiting) / len(loads) > self.target_in_flight
-        if busy and starting == 0 and size < self.max_workers:
-            return 1, []
+        demand = sum(loads) + waiting
+        busy = bool(loads) and demand / len(loads) > self.target_in_flight
+        if busy:  # enough workers for the demand at once, not one at a time
+            want = min(self.max_workers, math.ceil(demand / self.target_in_flight))
+            return max(0, want - size), []
         idle = [w for w, seconds in sorted(idle_for.items()) if seconds >= self.idle_s]
-        if idle and not busy and size > self.min_workers:
-            return 0, idle[: size - self.min_workers][:1]
+        if idle and size > self.min_workers:
+            return 0, idle[:1]
         return 0, []

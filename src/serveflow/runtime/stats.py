@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -16,29 +18,47 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 class StageStats:
-    """Counters and a sliding window of per-request stage latencies (queue + run)."""
+    """Counters, batch sizes, and per-request stage latencies (queue + run) of the
+    last `window_s` seconds, which the percentiles are taken over."""
 
-    def __init__(self, window: int = 4096) -> None:
+    def __init__(self, window_s: float = 10.0, most: int = 16384) -> None:
         self._lock = threading.Lock()
-        self._latencies: deque[float] = deque(maxlen=window)
+        self._window_s = window_s
+        self._latencies: deque[tuple[float, float]] = deque(maxlen=most)  # (when, seconds)
+        self.batch_sizes: Counter[int] = Counter()
         self.requests = 0
         self.batches = 0
         self.cold_starts = 0
 
-    def add(self, requests: int, batches: int, cold_starts: int, latencies_s: list[float]) -> None:
+    def add(
+        self,
+        requests: int,
+        batches: int,
+        cold_starts: int,
+        latencies_s: list[float],
+        batch_sizes: Iterable[int] = (),
+    ) -> None:
+        now = time.monotonic()
         with self._lock:
             self.requests += requests
             self.batches += batches
             self.cold_starts += cold_starts
-            self._latencies.extend(latencies_s)
+            self._latencies.extend((now, latency) for latency in latencies_s)
+            self.batch_sizes.update(batch_sizes)
 
     def snapshot(self) -> dict[str, Any]:
+        since = time.monotonic() - self._window_s
         with self._lock:
-            window = sorted(self._latencies)
-            return {
+            while self._latencies and self._latencies[0][0] < since:
+                self._latencies.popleft()
+            window = sorted(latency for _, latency in self._latencies)
+            figures = {
                 "requests": self.requests,
                 "p50_ms": percentile(window, 0.50) * 1e3,
                 "p99_ms": percentile(window, 0.99) * 1e3,
                 "batch_mean": self.requests / self.batches if self.batches else 0.0,
                 "cold_starts": self.cold_starts,
             }
+            if self.batch_sizes:
+                figures["batch_sizes"] = dict(sorted(self.batch_sizes.items()))
+            return figures

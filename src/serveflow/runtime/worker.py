@@ -100,6 +100,7 @@ class Worker:
         self.counters: dict[tuple[int, int], StageCounters] = {}
         self.unloaded: list[tuple[int, int]] = []
         self.busy_since: float | None = None
+        self.cancelled: dict[tuple[int, int], float] = {}  # (app, rid) that finished
         # (app, stage) -> (batch size, timeout s) chosen by the driver's controller
         self.overrides: dict[tuple[int, int], tuple[int, float]] = {}
         self.dirty = False  # something to report to the driver
@@ -151,6 +152,8 @@ class Worker:
         elif kind == "policy":
             _, app, index, size, timeout_s = message
             self.overrides[(app, index)] = (size, timeout_s)
+        elif kind == "cancel":
+            self.cancelled[(message[1], message[2])] = time.monotonic()
         elif kind == "undeploy":
             self.forget_app(message[1])
         elif kind == "exit":
@@ -183,8 +186,8 @@ class Worker:
     ) -> None:
         plan = self.plan(app)
         key = (app, rid, attempt, index)
-        if plan is None or key in self.started:
-            return  # undeployed app, or a loser of a race that is already decided
+        if plan is None or key in self.started or (app, rid) in self.cancelled:
+            return  # undeployed app, a loser of a race already decided, a finished request
         task = self.waiting.get(key)
         if task is None:
             task = self.waiting[key] = Task(app, rid, attempt, index, route, deadline)
@@ -225,9 +228,22 @@ class Worker:
 
     def run_batch(self, plan: Plan, stage: Stage, key: tuple[int, int], batch: list[Task]) -> None:
         now = time.monotonic()
-        live = [t for t in batch if t.deadline is None or t.deadline > now]
-        if not live:
-            return
+        live = [
+            t
+            for t in batch
+            if (t.deadline is None or t.deadline > now) and (t.app, t.rid) not in self.cancelled
+        ]
+        try:
+            if live:
+                self.run_live(plan, stage, key, live, now)
+        finally:
+            if stage.replicas > 1:  # the driver counts competing runs until they end
+                for t in batch:
+                    self.send(DRIVER, ("done", self.index, t.app, t.rid, t.attempt, t.index))
+
+    def run_live(
+        self, plan: Plan, stage: Stage, key: tuple[int, int], live: list[Task], now: float
+    ) -> None:
         counters = self.counters.setdefault(key, StageCounters())
         loaded = self.executors.get(key)
         if loaded is None:
@@ -297,9 +313,10 @@ class Worker:
                 del self.executors[key]  # unload an idle stage: its models are freed
                 self.unloaded.append(key)
                 self.dirty = True
-        if len(self.started) > 10_000 or len(self.waiting) > 1_000:
+        if len(self.started) + len(self.cancelled) > 10_000 or len(self.waiting) > 1_000:
             limit = now - FORGET_AFTER_S
             self.started = {k: t for k, t in self.started.items() if t > limit}
+            self.cancelled = {k: t for k, t in self.cancelled.items() if t > limit}
             self.waiting = {k: t for k, t in self.waiting.items() if t.created > limit}
             self.shm.forget_older_than(FORGET_AFTER_S)
 
