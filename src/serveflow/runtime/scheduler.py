@@ -50,7 +50,9 @@ class Scheduler:
         route = []
         for index, stage in enumerate(plan.stages):
             key = (app_id, index)
-            if stage.locality_key:
+            if follows_winner(plan, index):
+                chosen: list[int] = []
+            elif stage.locality_key:
                 chosen = self._candidates(key, workers)
             else:
                 cap = (caps or {}).get(index)
@@ -89,8 +91,22 @@ class Scheduler:
         return warm or sorted(workers)
 
 
+def follows_winner(plan: Plan, index: int) -> bool:
+    """Whether stage `index` runs where its competing producer's winning copy ran: that
+    worker is free the moment it wins, while a route fixed in advance could put the
+    stage behind the losing copy, which keeps running."""
+    stage = plan.stages[index]
+    inputs = stage.inputs
+    return (
+        len(inputs) == 1
+        and inputs[0] != 0
+        and not stage.locality_key
+        and plan.stage_of(inputs[0]).replicas > 1
+    )
+
+
 def targets(plan: Plan, index: int, route: Route, table: Any) -> tuple[int, ...]:
-    """The workers to send stage `index`'s input to."""
+    """The workers to send stage `index`'s input to; () means the sender itself."""
     stage, chosen = plan.stages[index], route[index]
     if not stage.locality_key or not chosen:
         return chosen

@@ -287,7 +287,7 @@ class Worker:
                 task.route,
                 task.deadline,
             )
-            for worker in targets(plan, consumer, task.route, result):
+            for worker in targets(plan, consumer, task.route, result) or (self.index,):
                 if worker == self.index:
                     self.accept(*message[1:])
                 else:
