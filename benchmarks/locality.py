@@ -11,15 +11,25 @@ starts at the lookup, scheduled where the key is cached) vs off
 (`sf.Rules(locality=False)`: the lookup is fused with `parse` and runs anywhere), both
 deployed on one runtime and measured in interleaved rounds, sequential requests.
 
-    python -m benchmarks.locality [--quick] [--zipf S]
+The runtime has WORKERS workers, each with a CACHE_MB cache of looked-up values, so
+that the objects do not fit in one worker's cache: with locality each worker sees only
+its share of the keys. Two stores: the embedded LMDB store (reads are memory-mapped,
+already cheap) and a Redis server on loopback (a networked store, as in Cloudflow).
+
+    python -m benchmarks.locality [--quick] [--zipf S] [--store lmdb|redis|both]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,31 @@ NAME = "locality"
 OBJECTS = 100
 SIZES = {"8KB": 8 * 1024, "4MB": 4 * 1024 * 1024, "8MB": 8 * 1024 * 1024}
 VARIANTS = {"locality on": sf.Rules(), "locality off": sf.Rules(locality=False)}
+WORKERS = 3
+CACHE_MB = 64
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway `redis-server` on a free loopback port (scripts/redis.sh installs it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as workdir:
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", workdir],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            for _ in range(100):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                    break
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            server.terminate()
+            server.wait()
 
 
 def _parse(key: Any) -> str:
@@ -63,14 +98,42 @@ def zipf_keys(rng: np.random.Generator, n: int, s: float, prefix: str) -> list[s
 def main(argv: list[str] | None = None) -> int:
     def flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent s")
+        parser.add_argument("--store", choices=("lmdb", "redis", "both"), default="both")
 
     args = common.parse_args(__doc__.splitlines()[0], argv, flags)
     n = 60 if args.quick else 300
     rounds = 5 if args.quick else 10
     rng = np.random.default_rng(7)
     records: list[common.Record] = []
+    stores = ("lmdb", "redis") if args.store == "both" else (args.store,)
+    for store in stores:
+        with contextlib.ExitStack() as stack:
+            kvs = stack.enter_context(redis_server()) if store == "redis" else None
+            records += measure_store(store, kvs, n, rounds, rng, args.zipf)
+
+    by = {(r["store"], r["object"], r["variant"]): r for r in records}
+    for r in records:
+        off = by[(r["store"], r["object"], "locality off")]
+        r["median_vs_off"] = common.ratio(r["median_ms"], off["median_ms"])
+        r["p99_vs_off"] = common.ratio(r["p99_ms"], off["p99_ms"])
+    common.print_table(
+        records,
+        ("scenario", "store", "variant", "median_ms", "p99_ms", "median_vs_off", "p99_vs_off"),
+        title="locality: dynamic lookups, sequential requests",
+    )
+    common.write_json(NAME, records, args.out)
+    plot(records, args.out)
+    return 0
+
+
+def measure_store(
+    store: str, kvs: str | None, n: int, rounds: int, rng: np.random.Generator, zipf: float
+) -> list[common.Record]:
+    records: list[common.Record] = []
     started = time.perf_counter()
-    runtime = sf.LocalRuntime()
+    runtime = sf.LocalRuntime(
+        min_workers=WORKERS, max_workers=WORKERS, kvs=kvs, cache_bytes=CACHE_MB << 20
+    )
     try:
         for size_name, size in SIZES.items():
             prefix = f"obj{size_name}"
@@ -91,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                     out = app.run(sf.Table({"key": [f"{prefix}-0"]})).result(timeout=60)
                     if out.column("summary") != [expected]:
                         raise AssertionError(f"lookup returned {out.to_rows()}, not {expected}")
-                warm = zipf_keys(rng, 20, args.zipf, prefix)
-                keys = zipf_keys(rng, n, args.zipf, prefix)
+                warm = zipf_keys(rng, 100, zipf, prefix)
+                keys = zipf_keys(rng, n, zipf, prefix)
                 measure = {v: _measurer(app, warm, keys) for v, app in apps.items()}
                 for run in measure.values():
                     run(-len(warm))  # warm-up requests, unmeasured
@@ -105,34 +168,24 @@ def main(argv: list[str] | None = None) -> int:
             for variant, lat in latencies.items():
                 records.append(
                     common.record(
-                        f"{OBJECTS} objects of {size_name}, zipf s={args.zipf:g}",
+                        f"{OBJECTS} objects of {size_name}, zipf s={zipf:g}",
                         "serveflow",
                         lat,
                         None,
+                        store=store,
                         variant=variant,
                         locality=variant == "locality on",
                         object=size_name,
                         object_bytes=size,
-                        zipf_s=args.zipf,
+                        zipf_s=zipf,
+                        workers=WORKERS,
+                        cache_mb=CACHE_MB,
                     )
                 )
-            log.info("%s done (%.0f s so far)", size_name, time.perf_counter() - started)
+            log.info("%s %s done (%.0f s so far)", store, size_name, time.perf_counter() - started)
     finally:
         runtime.stop()
-
-    by = {(r["object"], r["variant"]): r for r in records}
-    for r in records:
-        off = by[(r["object"], "locality off")]
-        r["median_vs_off"] = common.ratio(r["median_ms"], off["median_ms"])
-        r["p99_vs_off"] = common.ratio(r["p99_ms"], off["p99_ms"])
-    common.print_table(
-        records,
-        ("scenario", "variant", "median_ms", "p99_ms", "median_vs_off", "p99_vs_off", "n"),
-        title="locality: dynamic lookups, sequential requests",
-    )
-    common.write_json(NAME, records, args.out)
-    plot(records, args.out)
-    return 0
+    return records
 
 
 def _measurer(app: Any, warm: list[str], keys: list[str]) -> Any:

@@ -201,21 +201,26 @@ class Worker:
             self.queues.setdefault((app, index), deque()).append(task)
 
     def run_ready(self) -> float | None:
-        """Run every runnable batch; returns how long the loop may sleep (None: until
-        a message comes), shorter when a partial batch is waiting for its timeout."""
-        wait: float | None = None
-        for key, queue in list(self.queues.items()):
-            while queue:
-                plan = self.plans[key[0]]
-                stage = plan.stages[key[1]]
-                limit, timeout_s = self.batch_limits(key, stage)
-                if timeout_s and len(queue) < limit:
-                    remaining = queue[0].queued + timeout_s - time.monotonic()
-                    if remaining > 0:
-                        wait = remaining if wait is None else min(wait, remaining)
-                        break
-                batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
-                self.run_batch(plan, stage, key, batch)
+        """Run every runnable batch, including those that running others made ready
+        here; returns how long the loop may sleep (None: until a message comes),
+        shorter when a partial batch is waiting for its timeout."""
+        ran = True
+        while ran:
+            ran = False
+            wait: float | None = None
+            for key, queue in list(self.queues.items()):
+                while queue:
+                    plan = self.plans[key[0]]
+                    stage = plan.stages[key[1]]
+                    limit, timeout_s = self.batch_limits(key, stage)
+                    if timeout_s and len(queue) < limit:
+                        remaining = queue[0].queued + timeout_s - time.monotonic()
+                        if remaining > 0:
+                            wait = remaining if wait is None else min(wait, remaining)
+                            break
+                    batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
+                    self.run_batch(plan, stage, key, batch)
+                    ran = True
         self.housekeeping()
         return wait
 
