@@ -1,5 +1,6 @@
 """Errors: FlowError when building/optimizing, OperatorError and InputError at run time."""
 
+import numpy as np
 import pytest
 
 import serveflow as sf
@@ -93,10 +94,10 @@ def explode(row):
     return row["x"] * 2
 
 
-def test_operator_error_names_operator_and_keeps_serving(rules):
+def test_operator_error_names_operator_and_keeps_serving(deploy):
     flow = sf.Flow("f")
     flow.map(explode, names=["y"])
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         bad = app.run(sf.Table({"x": [1, -1, 2]}))
         goods = [app.run(sf.Table({"x": [i]})) for i in range(5)]
         with pytest.raises(sf.OperatorError) as info:
@@ -111,12 +112,12 @@ def test_operator_error_names_operator_and_keeps_serving(rules):
     assert isinstance(err.traceback, str) and err.traceback.strip()
 
 
-def test_operator_error_in_middle_of_chain(rules):
+def test_operator_error_in_middle_of_chain(deploy):
     flow = sf.Flow("f")
     flow.map(lambda r: r["x"] - 10, names=["x"]).map(explode, names=["z"]).map(
         lambda r: r["z"], names=["y"]
     )
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         with pytest.raises(sf.OperatorError, match="explode") as info:
             app.run(sf.Table({"x": [1]})).result(timeout=TIMEOUT)
         assert "boom" in str(info.value)
@@ -124,20 +125,20 @@ def test_operator_error_in_middle_of_chain(rules):
         assert sorted(out.column("y")) == [2, 4]
 
 
-def test_operator_error_uses_name_keyword(rules):
+def test_operator_error_uses_name_keyword(deploy):
     flow = sf.Flow("f")
     flow.map(explode, names=["y"], name="detonator")
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         with pytest.raises(sf.OperatorError, match="detonator") as info:
             app.run(sf.Table({"x": [-1]})).result(timeout=TIMEOUT)
         assert info.value.operator == "detonator"
         assert_serves(app)
 
 
-def test_operator_error_lambda_named_by_kind(rules):
+def test_operator_error_lambda_named_by_kind(deploy):
     flow = sf.Flow("f")
     flow.map(lambda r: 2 * r["x"] if r["x"] else 1 / 0, names=["y"])
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         with pytest.raises(sf.OperatorError) as info:
             app.run(sf.Table({"x": [0]})).result(timeout=TIMEOUT)
         assert info.value.operator == "map"
@@ -145,26 +146,48 @@ def test_operator_error_lambda_named_by_kind(rules):
         assert_serves(app)
 
 
+def test_operator_error_in_competing_replicas(deploy):
+    flow = sf.Flow("f")
+    flow.map(explode, names=["y"], high_variance=True)
+    with deploy(flow) as app:
+        with pytest.raises(sf.OperatorError, match="explode"):
+            app.run(sf.Table({"x": [-1]})).result(timeout=TIMEOUT)
+        assert_serves(app)
+
+
+def bad_dict_lookup(row):
+    return {"k": 1}["nope"] if row["x"] < 0 else row["x"] * 2
+
+
+def test_user_keyerror_is_operator_error_not_input_error(deploy):
+    flow = sf.Flow("f")
+    flow.map(bad_dict_lookup, names=["y"])
+    with deploy(flow) as app:
+        with pytest.raises(sf.OperatorError, match="bad_dict_lookup"):
+            app.run(sf.Table({"x": [-1]})).result(timeout=TIMEOUT)
+        assert_serves(app)
+
+
 def failing_pred(row):
     raise RuntimeError("pred exploded")
 
 
-def test_operator_error_in_filter(rules):
+def test_operator_error_in_filter(deploy):
     flow = sf.Flow("f")
     flow.map(lambda r: r["x"] * 2, names=["y"]).filter(failing_pred)
-    with flow.deploy(rules=rules) as app, pytest.raises(sf.OperatorError) as info:
+    with deploy(flow) as app, pytest.raises(sf.OperatorError) as info:
         app.run(sf.Table({"x": [1]})).result(timeout=TIMEOUT)
     assert "failing_pred" in str(info.value)
     assert "pred exploded" in str(info.value)
 
 
-def test_operator_error_in_batching_map(rules):
+def test_operator_error_in_batching_map(deploy):
     def bad_batch(table):
         raise ValueError("batch boom")
 
     flow = sf.Flow("f")
     flow.map(bad_batch, names=["y"], batching=True)
-    with flow.deploy(rules=rules) as app, pytest.raises(sf.OperatorError) as info:
+    with deploy(flow) as app, pytest.raises(sf.OperatorError) as info:
         app.run(sf.Table({"x": [1]})).result(timeout=TIMEOUT)
     assert "bad_batch" in str(info.value)
     assert "batch boom" in str(info.value)
@@ -179,20 +202,20 @@ def pair_or_scalar(row):
     [pair_or_scalar, lambda r: (r["x"], 1, 2) if r["x"] < 0 else (r["x"] * 2, 0)],
     ids=["scalar", "3-tuple"],
 )
-def test_wrong_number_of_values_for_names(rules, fn):
+def test_wrong_number_of_values_for_names(deploy, fn):
     flow = sf.Flow("f")
     flow.map(fn, names=["y", "zero"])
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         with pytest.raises(sf.OperatorError):
             app.run(sf.Table({"x": [-1]})).result(timeout=TIMEOUT)
         out = app.run(sf.Table({"x": [1, 2]})).result(timeout=TIMEOUT)
         assert sorted(out.column("y")) == [2, 4]
 
 
-def test_batching_map_wrong_number_of_results(rules):
+def test_batching_map_wrong_number_of_results(deploy):
     flow = sf.Flow("f")
     flow.map(lambda t: [1], names=["y"], batching=True)
-    with flow.deploy(rules=rules) as app, pytest.raises(sf.OperatorError):
+    with deploy(flow) as app, pytest.raises(sf.OperatorError):
         app.run(sf.Table({"x": [1, 2, 3]})).result(timeout=TIMEOUT)
 
 
@@ -210,8 +233,8 @@ def schema_flow():
     [sf.Table({"z": [1]}), sf.Table({"x": ["str"]}), sf.Table({"x": [1, "2"]})],
     ids=["missing", "wrong-type", "one-bad-value"],
 )
-def test_schema_violation_fails_future_with_input_error(rules, table):
-    with schema_flow().deploy(rules=rules) as app:
+def test_schema_violation_fails_future_with_input_error(deploy, table):
+    with deploy(schema_flow()) as app:
         fut = app.run(table)  # must not raise synchronously
         with pytest.raises(sf.InputError, match="x") as info:
             fut.result(timeout=TIMEOUT)
@@ -220,13 +243,25 @@ def test_schema_violation_fails_future_with_input_error(rules, table):
         assert_serves(app)
 
 
-def test_schema_extra_columns_allowed(rules):
-    with schema_flow().deploy(rules=rules) as app:
+def test_schema_with_numpy_and_str_types(deploy):
+    flow = sf.Flow("typed", schema={"img": np.ndarray, "user": str})
+    flow.map(lambda r: (r["user"], float(r["img"].sum())), names=["user", "total"])
+    with deploy(flow) as app:
+        good = sf.Table({"img": [np.ones(3)], "user": ["ann"]})
+        assert app.run(good).result(timeout=TIMEOUT).to_rows() == [{"user": "ann", "total": 3.0}]
+        bad = sf.Table({"img": [[1.0, 2.0]], "user": ["ann"]})
+        with pytest.raises(sf.InputError, match="img") as info:
+            app.run(bad).result(timeout=TIMEOUT)
+        assert info.value.column == "img"
+
+
+def test_schema_extra_columns_allowed(deploy):
+    with deploy(schema_flow()) as app:
         out = app.run(sf.Table({"x": [3], "extra": ["e"]})).result(timeout=TIMEOUT)
         assert out.to_rows() == [{"y": 6}]
 
 
-def test_schema_validated_before_any_work(rules, tmp_path):
+def test_schema_validated_before_any_work(deploy, tmp_path):
     log = str(tmp_path / "log")
 
     def record(row):
@@ -236,19 +271,25 @@ def test_schema_validated_before_any_work(rules, tmp_path):
 
     flow = sf.Flow("typed", schema={"x": int})
     flow.map(record, names=["y"])
-    with flow.deploy(rules=rules) as app, pytest.raises(sf.InputError):
+    with deploy(flow) as app, pytest.raises(sf.InputError):
         app.run(sf.Table({"x": [1, "bad"]})).result(timeout=TIMEOUT)
     assert not (tmp_path / "log").exists()
 
 
-@pytest.mark.parametrize("op", ["map", "filter"])
-def test_missing_column_in_operator_is_input_error(rules, op):
+def read_nope_in_batch(table):
+    return [r["x"] * 2 if r["x"] > 0 else table.column("nope") for r in table]
+
+
+@pytest.mark.parametrize("op", ["map", "filter", "batching"])
+def test_missing_column_in_operator_is_input_error(deploy, op):
     flow = sf.Flow("f")
     if op == "map":
         flow.map(lambda r: r["nope"] if r["x"] < 0 else r["x"] * 2, names=["y"])
-    else:
+    elif op == "filter":
         flow.filter(lambda r: r["x"] > 0 or r["nope"]).map(lambda r: r["x"] * 2, names=["y"])
-    with flow.deploy(rules=rules) as app:
+    else:
+        flow.map(read_nope_in_batch, names=["y"], batching=True)
+    with deploy(flow) as app:
         with pytest.raises(sf.InputError, match="nope") as info:
             app.run(sf.Table({"x": [-1]})).result(timeout=TIMEOUT)
         assert info.value.column == "nope"
@@ -256,10 +297,10 @@ def test_missing_column_in_operator_is_input_error(rules, op):
         assert_serves(app)
 
 
-def test_missing_column_after_upstream_map(rules):
+def test_missing_column_after_upstream_map(deploy):
     flow = sf.Flow("f")
     flow.map(lambda r: r["x"], names=["a"]).map(lambda r: r["x"], names=["y"])
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         with pytest.raises(sf.InputError, match="x") as info:
             app.run(sf.Table({"x": [1]})).result(timeout=TIMEOUT)
         assert info.value.column == "x"

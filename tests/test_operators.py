@@ -45,6 +45,13 @@ def test_map_row_tuple_with_names(serve):
     assert ms(out) == ms([{"p": 2, "q": 11}, {"p": 4, "q": 21}, {"p": 6, "q": 31}])
 
 
+def test_map_row_list_with_names(serve):
+    flow = sf.Flow("f")
+    flow.map(lambda r: [r["b"], r["a"]], names=["p", "q"])
+    out = serve(flow, sf.Table(AB))
+    assert ms(out) == ms([{"p": 10, "q": 1}, {"p": 20, "q": 2}, {"p": 30, "q": 3}])
+
+
 def test_map_row_default_names_tuple(serve):
     flow = sf.Flow("f")
     flow.map(lambda r: (r["a"], -r["a"]))
@@ -112,11 +119,37 @@ def test_map_batching_receives_table(serve):
     assert ms(out) == ms([{"d": 2}, {"d": 4}, {"d": 6}])
 
 
+def test_batching_off_calls_batch_fn_once_per_request(tmp_path, shared_runtime):
+    log = str(tmp_path / "log")
+
+    def record(table):
+        with open(log, "a") as f:
+            f.write(f"{len(table)}\n")
+        return [r["x"] for r in table]
+
+    flow = sf.Flow("f")
+    flow.map(record, names=["x"], batching=sf.Batching(max_size=8, timeout_ms=20))
+    with flow.deploy(rules=sf.Rules(batching=False), runtime=shared_runtime) as app:
+        futures = [app.run(sf.Table({"x": [i, i]})) for i in range(20)]
+        assert [f.result(timeout=TIMEOUT).column("x") for f in futures] == [
+            [i, i] for i in range(20)
+        ]
+    with open(log) as f:
+        assert f.read().split() == ["2"] * 20
+
+
 def test_map_batching_may_return_numpy_array(serve):
     flow = sf.Flow("f")
     flow.map(lambda t: np.asarray(t.column("a")) + 1, names=["x"], batching=True)
     out = serve(flow, sf.Table(AB))
     assert sorted(int(v) for v in out.column("x")) == [2, 3, 4]
+
+
+def test_map_batching_may_return_table(serve):
+    flow = sf.Flow("f")
+    flow.map(lambda t: sf.Table({"y": [r["b"] - r["a"] for r in t]}), batching=True)
+    out = serve(flow, sf.Table(AB))
+    assert ms(out) == ms([{"y": 9}, {"y": 18}, {"y": 27}])
 
 
 def test_map_batching_col_mode(serve):
@@ -129,7 +162,7 @@ def test_map_batching_col_mode(serve):
     assert ms(out) == ms([{"a": 3, "b": 10}, {"a": 6, "b": 20}, {"a": 9, "b": 30}])
 
 
-def test_map_batching_policy_many_concurrent_requests(rules):
+def test_map_batching_policy_many_concurrent_requests(deploy):
     flow = sf.Flow("f")
     flow.map(
         lambda t: [r["x"] * 2 + 1 for r in t],
@@ -137,7 +170,7 @@ def test_map_batching_policy_many_concurrent_requests(rules):
         batching=sf.Batching(max_size=4, timeout_ms=5),
     )
     inputs = [[i * 100 + j for j in range(i % 3 + 1)] for i in range(50)]
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         futures = [app.run(sf.Table({"x": xs})) for xs in inputs]
         results = [f.result(timeout=TIMEOUT) for f in futures]
     for xs, out in zip(inputs, results):
@@ -147,7 +180,7 @@ def test_map_batching_policy_many_concurrent_requests(rules):
 # --- class-based models --------------------------------------------------------------
 
 
-def test_class_model_instantiated_per_worker_not_per_call(rules, tmp_path):
+def test_class_model_instantiated_per_worker_not_per_call(deploy, tmp_path):
     log = str(tmp_path / "log")
 
     class AddOffset:
@@ -163,7 +196,7 @@ def test_class_model_instantiated_per_worker_not_per_call(rules, tmp_path):
 
     flow = sf.Flow("f")
     flow.map(AddOffset, names=["y"])
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         for i in range(10):
             out = app.run(sf.Table({"a": [i, i + 1, i + 2]})).result(timeout=TIMEOUT)
             assert sorted(out.column("y")) == [1000 + i, 1001 + i, 1002 + i]
@@ -257,10 +290,10 @@ def test_groupby_after_map(serve):
     assert ms(out) == ms([{"parity": 0, "v": 8}, {"parity": 1, "v": 1}])
 
 
-def test_agg_is_per_request(rules):
+def test_agg_is_per_request(deploy):
     flow = sf.Flow("f")
     flow.groupby("g").agg("sum", "v")
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         f1 = app.run(sf.Table({"g": ["x", "x"], "v": [1, 2]}))
         f2 = app.run(sf.Table({"g": ["x", "y"], "v": [10, 20]}))
         assert ms(f1.result(timeout=TIMEOUT)) == ms([{"g": "x", "v": 3}])
@@ -276,6 +309,13 @@ def test_group_filter_then_agg(serve):
     flow.groupby("g").filter(big_group, group=True).agg("sum", "v")
     out = serve(flow, sf.Table({"g": ["x", "y", "x", "z", "z"], "v": [1, 2, 6, 4, 5]}))
     assert ms(out) == ms([{"g": "x", "v": 7}, {"g": "z", "v": 9}])
+
+
+def test_group_filter_drops_all_groups(serve):
+    flow = sf.Flow("f")
+    flow.groupby("g").filter(lambda t: False, group=True).agg("sum", "v")
+    out = serve(flow, sf.Table(GV))
+    assert out.to_rows() == []
 
 
 def test_group_filter_sees_whole_group(serve):
@@ -302,10 +342,10 @@ def test_lookup_static_into_and_missing(serve):
     assert out.to_rows() == [{"a": 1, "val": "hello", "absent": None}]
 
 
-def test_kvs_put_get(rules):
+def test_kvs_put_get(deploy):
     flow = sf.Flow("f")
     flow.lookup("k")
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         app.kvs.put("k", [1, 2])
         assert app.kvs.get("k") == [1, 2]
 
@@ -386,6 +426,15 @@ def test_join_qid_lines_up_rows_from_same_input_row(serve):
     left.join(right)
     out = serve(flow, sf.Table({"a": [5, 5, 5, 5], "b": [0, 1, 2, 3]}))
     assert ms(out) == ms([{"s": 5, "b": 0}, {"s": 7, "b": 2}])
+
+
+def test_join_qid_after_col_map_and_lookup(serve):
+    flow = sf.Flow("f")
+    left = flow.map(lambda v: v * 0, col="a").filter(lambda r: r["b"] != 20)
+    right = flow.lookup("k").map(lambda r: r["b"] + r["k"], names=["bk"])
+    left.join(right)
+    out = serve(flow, sf.Table(AB), kvs={"k": 5})
+    assert ms(out) == ms([{"a": 0, "b": 10, "bk": 15}, {"a": 0, "b": 30, "bk": 35}])
 
 
 KV = {"k": [1, 2, 3], "v": [10, 20, 30]}
@@ -489,7 +538,8 @@ def test_anyof(serve):
     flow = sf.Flow("f")
     fast = flow.map(lambda r: r["a"] * 2, names=["y"])
     slow = flow.map(lambda r: r["a"] + r["a"], names=["y"])
-    fast.anyof(slow)
+    third = flow.map(lambda r: r["a"] * 3 - r["a"], names=["y"])
+    fast.anyof(slow, third)
     out = serve(flow, sf.Table(AB))
     assert ms(out) == ms([{"y": 2}, {"y": 4}, {"y": 6}])
 
@@ -541,14 +591,32 @@ def test_empty_request(serve):
     assert len(out) == 0
 
 
-def test_many_requests_on_one_app(rules):
+def test_many_requests_on_one_app(deploy):
     flow = sf.Flow("f")
     flow.map(lambda r: r["a"] * 3, names=["x"]).filter(lambda r: r["x"] % 2 == 0)
-    with flow.deploy(rules=rules) as app:
+    with deploy(flow) as app:
         futures = {i: app.run(sf.Table({"a": [i, i + 1]})) for i in range(20)}
         for i, fut in futures.items():
             expected = [x * 3 for x in (i, i + 1) if x * 3 % 2 == 0]
             assert list(fut.result(timeout=TIMEOUT).column("x")) == expected
+
+
+def test_deploy_on_explicit_local_runtime():
+    flow = sf.Flow("f")
+    flow.lookup("k")
+    runtime = sf.LocalRuntime()
+    try:
+        runtime.kvs.put("k", "v")
+        with flow.deploy(runtime=runtime) as app:
+            assert app.kvs.get("k") == "v"
+            out = app.run(sf.Table({"a": [1]})).result(timeout=TIMEOUT)
+        assert out.to_rows() == [{"a": 1, "k": "v"}]
+        with flow.deploy(runtime=runtime) as app:  # the runtime outlives its apps
+            assert app.run(sf.Table({"a": [2]})).result(timeout=TIMEOUT).to_rows() == [
+                {"a": 2, "k": "v"}
+            ]
+    finally:
+        runtime.stop()
 
 
 def test_deploy_default_rules_and_stop():

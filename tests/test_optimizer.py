@@ -1,6 +1,7 @@
 """sf.optimize: the physical plan chosen under each rule, and explain()."""
 
 import shutil
+import time
 
 import pytest
 
@@ -127,7 +128,7 @@ def test_whole_gives_one_stage_with_dynamic_lookup():
     assert len(sf.optimize(flow, sf.Rules(whole=True)).stages) == 1
 
 
-def test_optimize_does_not_mutate_flow():
+def test_optimize_does_not_mutate_flow(shared_runtime):
     flow = chain3()
     unfused = sf.optimize(flow, sf.Rules(fusion=False))
     fused = sf.optimize(flow, sf.Rules())
@@ -136,6 +137,34 @@ def test_optimize_does_not_mutate_flow():
     assert len(fused.stages) == 1
     assert len(again.stages) == 3
     assert "fused" not in unfused.explain().lower()
-    with flow.deploy(rules=sf.Rules(fusion=False)) as app:
+    with flow.deploy(rules=sf.Rules(fusion=False), runtime=shared_runtime) as app:
         out = app.run(sf.Table({"a": [1, 2]})).result(timeout=TIMEOUT)
     assert sorted(out.column("a")) == [16, 36]
+
+
+def eventually(check, timeout=5.0):
+    """Poll `check` until true or `timeout` seconds pass (stats are reported periodically)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_stats_keyed_by_stage_name(shared_runtime):
+    flow = sf.Flow("f")
+    flow.map(inc, names=["a"]).map(lambda t: [r["a"] for r in t], names=["a"], batching=True)
+    rules = sf.Rules(fusion=False)
+    names = {s.name for s in sf.optimize(flow, rules).stages}
+    with flow.deploy(rules=rules, runtime=shared_runtime) as app:
+        for i in range(3):
+            app.run(sf.Table({"a": [i]})).result(timeout=TIMEOUT)
+        assert eventually(lambda: all(f["requests"] == 3 for f in app.stats().values()))
+        stats = app.stats()
+    assert set(stats) == names
+    for figures in stats.values():
+        assert figures["requests"] == 3
+        for key in ("p50_ms", "p99_ms", "workers", "queue", "batch_mean", "cold_starts"):
+            assert key in figures
+    assert sum("batch_size" in f and "timeout_ms" in f for f in stats.values()) == 1
