@@ -41,7 +41,7 @@ from serveflow.serving.codecs import (
 )
 from serveflow.serving.dashboard import PAGE
 from serveflow.serving.describe import flow_info
-from serveflow.serving.errors import HTTPProblem, problem_from
+from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
 from serveflow.serving.metrics import UNKNOWN_FLOW, ServingMetrics
 from serveflow.serving.openapi import openapi_spec
 
@@ -63,6 +63,7 @@ class ServingState:
         debug: bool,
         max_body_bytes: int,
         stop_apps: bool,
+        max_in_flight: int | None = None,
     ) -> None:
         self.apps = dict(apps)
         self.metrics = ServingMetrics(self.apps)
@@ -70,6 +71,10 @@ class ServingState:
         self.debug = debug
         self.max_body_bytes = max_body_bytes
         self.stop_apps = stop_apps
+        # Admission at the HTTP layer: past this many admitted requests of one flow, a
+        # request is refused (503) before its body is decoded or the runtime sees it.
+        self.max_in_flight = max_in_flight
+        self.admitted: dict[str, int] = dict.fromkeys(self.apps, 0)  # event-loop only
         self.draining = False  # set when shutdown starts: /readyz answers 503
 
 
@@ -200,6 +205,29 @@ async def _predict(
 ) -> tuple[bytes, str]:
     app = _app_or_404(state, name)
     timeout = _timeout_s(headers.get(TIMEOUT_HEADER))
+    admitted = state.admitted[name]
+    if state.max_in_flight is not None and admitted >= state.max_in_flight:
+        await _read_body(receive, headers.get("content-length", ""), state.max_body_bytes)
+        raise HTTPProblem(
+            503,
+            f"flow {name!r} has {admitted} requests in flight (the limit); retry later",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    state.admitted[name] = admitted + 1
+    try:
+        return await _run_predict(state, app, name, timeout, headers, receive)
+    finally:
+        state.admitted[name] -= 1
+
+
+async def _run_predict(
+    state: ServingState,
+    app: App,
+    name: str,
+    timeout: float | None,
+    headers: Mapping[str, str],
+    receive: Receive,
+) -> tuple[bytes, str]:
     body = await _read_body(receive, headers.get("content-length", ""), state.max_body_bytes)
     content_type = headers.get("content-type", JSON)
     try:
@@ -361,15 +389,23 @@ def create_app(
     debug: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     stop_apps: bool = True,
+    max_in_flight: int | None = None,
 ) -> ServingASGI:
     """An ASGI app serving `apps` (flow name -> deployed App).
 
     `token`: require `Authorization: Bearer <token>` except on /healthz, /readyz and
     the static dashboard page. `debug`: include tracebacks in 500 responses.
     `stop_apps`: stop (drain) every app when the ASGI lifespan ends.
+    `max_in_flight`: most requests of one flow admitted at once; more get 503 with
+    Retry-After at once, before their body is decoded (cheap shedding under overload).
     """
     state = ServingState(
-        apps, token=token, debug=debug, max_body_bytes=max_body_bytes, stop_apps=stop_apps
+        apps,
+        token=token,
+        debug=debug,
+        max_body_bytes=max_body_bytes,
+        stop_apps=stop_apps,
+        max_in_flight=max_in_flight,
     )
 
     @contextlib.asynccontextmanager

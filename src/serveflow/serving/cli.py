@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="requests a flow holds at once; more get 503 with Retry-After",
+        help="requests a flow holds at once; more get 503 with Retry-After at once, "
+        "before their body is decoded",
     )
     serve.add_argument(
         "--token",
@@ -184,6 +185,7 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             log_level=args.log_level,
             loop=args.loop,
             http=args.http,
+            max_in_flight=args.max_in_flight,
         )
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
             log.warning(

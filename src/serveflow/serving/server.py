@@ -62,6 +62,8 @@ class Server:
     The server stops the apps when it stops (`stop_apps=False` to keep them).
     `loop` ("auto", "asyncio", "uvloop") and `http` ("auto", "h11", "httptools") pick
     uvicorn's event loop and HTTP parser; "auto" takes uvloop and httptools if installed.
+    `max_in_flight`: requests of one flow admitted at once; more are refused with 503
+    before any work is done for them (see `create_app`).
     """
 
     def __init__(
@@ -78,11 +80,17 @@ class Server:
         log_level: str = "warning",
         loop: str = "auto",
         http: str = "auto",
+        max_in_flight: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.asgi = create_app(
-            apps, token=token, debug=debug, max_body_bytes=max_body_bytes, stop_apps=stop_apps
+            apps,
+            token=token,
+            debug=debug,
+            max_body_bytes=max_body_bytes,
+            stop_apps=stop_apps,
+            max_in_flight=max_in_flight,
         )
         self.state: ServingState = self.asgi.state.serving
         config = uvicorn.Config(
