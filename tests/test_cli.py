@@ -185,3 +185,55 @@ def test_the_example_pipeline_loads_from_the_cli(capsys):
     from examples.comments import build_flow
 
     assert capsys.readouterr().out.strip() == sf.optimize(build_flow()).explain()
+
+
+def test_readyz_turns_503_while_draining(flows_file):
+    """SIGTERM with a slow request in flight: during --shutdown-delay /readyz answers 503
+    while the server still serves; then the request finishes and the process exits."""
+    process, url = _start(flows_file, "--shutdown-delay", "1.5")
+    readiness: list[int | str] = []
+    stop_polling = threading.Event()
+
+    def poll() -> None:  # fresh connections, as a load balancer's health checks
+        while not stop_polling.is_set() and len(readiness) < 2000:
+            try:
+                readiness.append(httpx.get(f"{url}/readyz", timeout=2).status_code)
+            except httpx.TransportError:
+                readiness.append("closed")
+            stop_polling.wait(0.02)
+
+    try:
+        _wait_ready(url)
+        results = []
+        slow = threading.Thread(
+            target=lambda: results.append(
+                httpx.post(
+                    f"{url}/v1/flows/sleeper/predict", json={"rows": [{"s": 2.5}]}, timeout=20
+                )
+            )
+        )
+        slow.start()
+        for _ in range(200):  # until the slow request is in flight
+            metrics = httpx.get(f"{url}/metrics", timeout=5).text
+            if 'serveflow_requests_in_flight{flow="sleeper"} 1.0' in metrics:
+                break
+            threading.Event().wait(0.02)
+        poller = threading.Thread(target=poll)
+        poller.start()
+        process.send_signal(signal.SIGTERM)
+        slow.join(20)
+        stop_polling.set()
+        poller.join(10)
+        out, err = process.communicate(timeout=30)
+    finally:
+        stop_polling.set()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert 503 in readiness, readiness[:20]
+    first_503 = readiness.index(503)
+    assert 200 not in readiness[first_503:], readiness  # never ready again once draining
+    assert results and results[0].status_code == 200, err
+    assert results[0].json() == {"rows": [{"status": "done"}]}
+    assert process.returncode == 0, err
+    assert "stopped" in out

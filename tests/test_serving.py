@@ -408,3 +408,75 @@ def test_flows_listing_shows_slos():
     assert info["slo"]["stages"]["ones"]["percentile"] == 0.99
     assert info["graph"]["stages"][0]["batching"]["slo_ms"] > 0
     assert r.status_code == 200 and r.json() == {"rows": [{"y": 1}]}
+
+
+def test_http_admission_bound_refuses_before_the_runtime():
+    app = slow_flow().deploy()
+    with Server({"slow": app}, port=0, max_in_flight=1) as srv:
+        url = f"{srv.url}/v1/flows/slow/predict"
+        results = []
+        first = threading.Thread(
+            target=lambda: results.append(httpx.post(url, json={"rows": [{"s": 0.5}]}, timeout=10))
+        )
+        first.start()
+        try:
+            with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
+                _wait_in_flight(c, "slow", 1)
+                refused = c.post("/v1/flows/slow/predict", json={"rows": [{"s": 0.0}]})
+                malformed = c.post("/v1/flows/slow/predict", content=b"{not json")
+                stage_requests = sum(s["requests"] for s in app.stats().values())
+        finally:
+            first.join(TIMEOUT)
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+        assert "in flight" in refused.json()["error"]
+        assert malformed.status_code == 503  # refused before its body was even decoded
+        assert results[0].status_code == 200
+        assert stage_requests <= 1  # the refused requests never reached the runtime
+        again = httpx.post(url, json={"rows": [{"s": 0.0}]}, timeout=TIMEOUT)
+        assert again.status_code == 200  # the slot is free again
+
+
+def batched_ones(table):
+    time.sleep(0.02)  # concurrent requests pile up meanwhile and form the next batch
+    return [1] * len(table)
+
+
+def test_batch_size_histogram_per_stage_under_concurrent_requests():
+    flow = sf.Flow("batched")
+    flow.map(batched_ones, names=["one"], batching=True, name="ones")
+    requests = 24
+    with Server({"batched": flow.deploy()}, port=0) as srv:
+        url = f"{srv.url}/v1/flows/batched/predict"
+        statuses: list[int] = []
+
+        def send() -> None:
+            statuses.append(httpx.post(url, json={"rows": [{"x": 1}]}, timeout=TIMEOUT).status_code)
+
+        threads = [threading.Thread(target=send) for _ in range(requests)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert statuses == [200] * requests
+        samples: dict[tuple[str, str], float] = {}
+        for _ in range(100):  # stage figures reach the driver a little later
+            text = httpx.get(f"{srv.url}/metrics", timeout=TIMEOUT).text
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            family = families.get("serveflow_stage_batch_size")
+            samples = {
+                (s.name, s.labels.get("le", "")): s.value
+                for s in (family.samples if family else [])
+                if s.labels["flow"] == "batched" and s.labels["stage"] == "ones"
+            }
+            if samples.get(("serveflow_stage_batch_size_sum", "")) == requests:
+                break
+            time.sleep(0.05)
+    assert family is not None and family.type == "histogram"
+    bounds = ["1", "2", "4", "8", "16", "32", "64", "+Inf"]
+    buckets = [samples[("serveflow_stage_batch_size_bucket", le)] for le in bounds]
+    assert buckets == sorted(buckets)  # cumulative
+    batches = samples[("serveflow_stage_batch_size_count", "")]
+    assert buckets[-1] == batches
+    assert samples[("serveflow_stage_batch_size_sum", "")] == requests  # one row per request
+    assert batches < requests  # some calls took several requests at once
+    assert buckets[0] < batches  # so not every batch had size 1

@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to let in-flight requests finish on shutdown (default 30)",
     )
     serve.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="on SIGTERM, answer 503 on /readyz but keep serving for S seconds before "
+        "closing the socket, so load balancers stop sending first (default 0)",
+    )
+    serve.add_argument(
         "--rules",
         default=None,
         metavar="K=V,...",
@@ -186,6 +194,7 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             loop=args.loop,
             http=args.http,
             max_in_flight=args.max_in_flight,
+            shutdown_delay=args.shutdown_delay,
         )
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
             log.warning(

@@ -1,8 +1,9 @@
 """Running the HTTP app on uvicorn: in the foreground (the CLI) or in a thread.
 
-Shutdown (SIGTERM/SIGINT in the foreground, `stop()` in a thread): /readyz turns 503,
-the listening socket closes, in-flight requests finish (up to `drain_timeout`), then
-the ASGI lifespan ends and every deployment is stopped (its workers drained).
+Shutdown (SIGTERM/SIGINT in the foreground, `stop()` in a thread): /readyz turns 503;
+after `shutdown_delay` seconds of serving on (signals only; default 0) the listening
+socket closes, in-flight requests finish (up to `drain_timeout`), then the ASGI
+lifespan ends and every deployment is stopped (its workers drained).
 """
 
 from __future__ import annotations
@@ -28,12 +29,27 @@ log = logging.getLogger(__name__)
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server, marking the app not ready as soon as shutdown is asked for."""
 
-    def __init__(self, config: uvicorn.Config, state: ServingState) -> None:
+    def __init__(
+        self, config: uvicorn.Config, state: ServingState, shutdown_delay: float = 0.0
+    ) -> None:
         super().__init__(config)
         self._state = state
+        self._shutdown_delay = shutdown_delay
+        self._delay: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        """First signal: not ready at once; after `shutdown_delay` s (still serving, so
+        that a load balancer polling /readyz takes the server out of rotation first),
+        uvicorn's graceful shutdown. A second signal during the delay shuts down now."""
         self._state.draining = True
+        if self._shutdown_delay > 0 and self._delay is None:
+            log.info("not ready; shutting down in %g s", self._shutdown_delay)
+            self._delay = threading.Timer(self._shutdown_delay, super().handle_exit, (sig, frame))
+            self._delay.daemon = True
+            self._delay.start()
+            return
+        if self._delay is not None:
+            self._delay.cancel()
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
@@ -63,7 +79,9 @@ class Server:
     `loop` ("auto", "asyncio", "uvloop") and `http` ("auto", "h11", "httptools") pick
     uvicorn's event loop and HTTP parser; "auto" takes uvloop and httptools if installed.
     `max_in_flight`: requests of one flow admitted at once; more are refused with 503
-    before any work is done for them (see `create_app`).
+    before any work is done for them (see `create_app`). `shutdown_delay`: seconds
+    between SIGTERM/SIGINT and the graceful shutdown during which /readyz answers 503
+    while requests are still served (default 0).
     """
 
     def __init__(
@@ -81,6 +99,7 @@ class Server:
         loop: str = "auto",
         http: str = "auto",
         max_in_flight: int | None = None,
+        shutdown_delay: float = 0.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -104,7 +123,7 @@ class Server:
             loop=loop,  # "auto": uvloop when installed (the serve extra pins it)
             http=http,  # "auto": httptools when installed
         )
-        self._uvicorn = _DrainingServer(config, self.state)
+        self._uvicorn = _DrainingServer(config, self.state, shutdown_delay)
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
 
