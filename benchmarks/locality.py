@@ -9,7 +9,7 @@
 reads the object and returns a small summary of it. Locality on (`sf.Rules()`: a stage
 starts at the lookup, scheduled where the key is cached) vs off
 (`sf.Rules(locality=False)`: the lookup is fused with `parse` and runs anywhere), both
-deployed on one runtime and measured in interleaved rounds, sequential requests.
+each on a runtime of its own, warmed up, then measured with sequential requests.
 
 The runtime has WORKERS workers, each with a CACHE_MB cache of looked-up values, so
 that the objects do not fit in one worker's cache: with locality each worker sees only
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import socket
 import subprocess
@@ -46,6 +47,7 @@ SIZES = {"8KB": 8 * 1024, "4MB": 4 * 1024 * 1024, "8MB": 8 * 1024 * 1024}
 VARIANTS = {"locality on": sf.Rules(), "locality off": sf.Rules(locality=False)}
 WORKERS = 3
 CACHE_MB = 64
+WARM_UP = 300  # requests before measuring, so that caches reach their steady state
 
 
 @contextlib.contextmanager
@@ -101,15 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--store", choices=("lmdb", "redis", "both"), default="both")
 
     args = common.parse_args(__doc__.splitlines()[0], argv, flags)
-    n = 60 if args.quick else 300
-    rounds = 5 if args.quick else 10
+    n = 100 if args.quick else 300
     rng = np.random.default_rng(7)
     records: list[common.Record] = []
     stores = ("lmdb", "redis") if args.store == "both" else (args.store,)
     for store in stores:
         with contextlib.ExitStack() as stack:
             kvs = stack.enter_context(redis_server()) if store == "redis" else None
-            records += measure_store(store, kvs, n, rounds, rng, args.zipf)
+            records += measure_store(store, kvs, n, rng, args.zipf)
 
     by = {(r["store"], r["object"], r["variant"]): r for r in records}
     for r in records:
@@ -127,83 +128,61 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_store(
-    store: str, kvs: str | None, n: int, rounds: int, rng: np.random.Generator, zipf: float
+    store: str, kvs: str | None, n: int, rng: np.random.Generator, zipf: float
 ) -> list[common.Record]:
+    """Each variant on a runtime of its own (own workers, own caches: caches are the
+    point, so variants must not share them), warmed up, then `n` sequential requests."""
     records: list[common.Record] = []
     started = time.perf_counter()
-    runtime = sf.LocalRuntime(
-        min_workers=WORKERS, max_workers=WORKERS, kvs=kvs, cache_bytes=CACHE_MB << 20
-    )
-    try:
-        for size_name, size in SIZES.items():
-            prefix = f"obj{size_name}"
-            base = rng.integers(0, 256, size, dtype=np.uint8)
-            apps = {v: flow().deploy(rules=r, runtime=runtime) for v, r in VARIANTS.items()}
-            kvs = apps["locality on"].kvs  # one store per runtime, shared by both apps
+    for size_name, size in SIZES.items():
+        prefix = f"obj{size_name}"
+        base = rng.integers(0, 256, size, dtype=np.uint8)
+        warm = zipf_keys(rng, WARM_UP, zipf, prefix)
+        keys = zipf_keys(rng, n, zipf, prefix)
+        for variant, rules in VARIANTS.items():
+            runtime = sf.LocalRuntime(
+                min_workers=WORKERS, max_workers=WORKERS, kvs=kvs, cache_bytes=CACHE_MB << 20
+            )
             try:
-                t0 = time.perf_counter()
+                app = flow().deploy(rules=rules, runtime=runtime)
                 for i in range(OBJECTS):
                     obj = base.copy()
                     obj[:8] = i  # distinct objects, no RNG cost per object
-                    kvs.put(f"{prefix}-{i}", obj)
-                log.info(
-                    "%s: stored %d objects in %.1f s", size_name, OBJECTS, time.perf_counter() - t0
-                )
+                    app.kvs.put(f"{prefix}-{i}", obj)
                 expected = int(base[-1]) + size  # obj[0] == 0 for key 0
-                for app in apps.values():
-                    out = app.run(sf.Table({"key": [f"{prefix}-0"]})).result(timeout=60)
-                    if out.column("summary") != [expected]:
-                        raise AssertionError(f"lookup returned {out.to_rows()}, not {expected}")
-                warm = zipf_keys(rng, 100, zipf, prefix)
-                keys = zipf_keys(rng, n, zipf, prefix)
-                measure = {v: _measurer(app, warm, keys) for v, app in apps.items()}
-                for run in measure.values():
-                    run(-len(warm))  # warm-up requests, unmeasured
-                latencies = common.interleaved(measure, n, rounds=rounds)
+                out = app.run(sf.Table({"key": [f"{prefix}-0"]})).result(timeout=60)
+                if out.column("summary") != [expected]:
+                    raise AssertionError(f"lookup returned {out.to_rows()}, not {expected}")
+                for key in warm:
+                    app.run(sf.Table({"key": [key]})).result(timeout=60)
+                tables = iter([sf.Table({"key": [key]}) for key in keys])
+                call = functools.partial(_request, app, tables)
+                lat = common.sequential(call, n)
             finally:
-                for i in range(OBJECTS):
-                    kvs.delete(f"{prefix}-{i}")
-                for app in apps.values():
-                    app.stop()
-            for variant, lat in latencies.items():
-                records.append(
-                    common.record(
-                        f"{OBJECTS} objects of {size_name}, zipf s={zipf:g}",
-                        "serveflow",
-                        lat,
-                        None,
-                        store=store,
-                        variant=variant,
-                        locality=variant == "locality on",
-                        object=size_name,
-                        object_bytes=size,
-                        zipf_s=zipf,
-                        workers=WORKERS,
-                        cache_mb=CACHE_MB,
-                    )
+                runtime.stop()
+            records.append(
+                common.record(
+                    f"{OBJECTS} objects of {size_name}, zipf s={zipf:g}",
+                    "serveflow",
+                    lat,
+                    None,
+                    store=store,
+                    variant=variant,
+                    locality=variant == "locality on",
+                    object=size_name,
+                    object_bytes=size,
+                    zipf_s=zipf,
+                    workers=WORKERS,
+                    cache_mb=CACHE_MB,
+                    warm_up=WARM_UP,
                 )
-            log.info("%s %s done (%.0f s so far)", store, size_name, time.perf_counter() - started)
-    finally:
-        runtime.stop()
+            )
+        log.info("%s %s done (%.0f s so far)", store, size_name, time.perf_counter() - started)
     return records
 
 
-def _measurer(app: Any, warm: list[str], keys: list[str]) -> Any:
-    """`run(k)`: the next k keys of `keys` as sequential requests (k < 0: the warm-up
-    keys). Every variant sees the same key sequence."""
-    position = [0]
-
-    def run(k: int) -> list[float]:
-        if k < 0:
-            for key in warm:
-                app.run(sf.Table({"key": [key]})).result(timeout=60)
-            return []
-        chunk = [keys[(position[0] + i) % len(keys)] for i in range(k)]
-        position[0] += k
-        tables = iter([sf.Table({"key": [key]}) for key in chunk])
-        return common.sequential(lambda: app.run(next(tables)).result(timeout=60), k)
-
-    return run
+def _request(app: sf.App, tables: Iterator[sf.Table]) -> sf.Table:
+    return app.run(next(tables)).result(timeout=60)
 
 
 def plot(records: list[common.Record], out_dir: Path) -> None:
