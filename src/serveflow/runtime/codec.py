@@ -24,6 +24,9 @@ from typing import Any
 SHM_DIR = "/dev/shm"
 LARGE = 64 * 1024  # below this, copying through the socket is cheaper than a mapping
 MAX_INLINE = 128 * 1024  # a datagram must stay well under the socket buffer
+# a received mapping is remembered this long for forwarding by reference; after that
+# only the arrays still using it keep it mapped
+FORWARD_WINDOW_S = 30.0
 _INLINE, _SHARED = b"I", b"S"
 
 
@@ -52,7 +55,7 @@ class SharedMemory:
         """Where `buffer` is in shared memory: its existing place, or a new file."""
         address = _address(buffer)
         if address is not None:
-            for name, (_, base, size, _) in self._mapped.items():
+            for name, (_, base, size, _) in list(self._mapped.items()):
                 if base <= address and address + buffer.nbytes <= base + size:
                     return name, address - base, buffer.nbytes
         name = f"{self.prefix(request_id)}{os.getpid()}.{next(self._count)}"
@@ -80,8 +83,8 @@ class SharedMemory:
     def forget_older_than(self, seconds: float) -> None:
         """Stop tracking old mappings (they stay mapped while arrays use them)."""
         limit = time.monotonic() - seconds
-        for name in [n for n, e in self._mapped.items() if e[3] < limit]:
-            del self._mapped[name]
+        for name in [n for n, e in list(self._mapped.items()) if e[3] < limit]:
+            self._mapped.pop(name, None)
 
 
 def encode(message: Any, shm: SharedMemory, request_id: int = 0) -> bytes:

@@ -497,6 +497,7 @@ class LocalRuntime:
                 if time.monotonic() >= next_sweep:
                     keep = {rid for app in self._apps.values() for rid in app.active}
                     codec.sweep(self._token, keep)
+                    self._shm.forget_older_than(codec.FORWARD_WINDOW_S)
                     next_sweep = time.monotonic() + SWEEP_EVERY_S
 
     def _plan(self) -> None:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DRIVER = -1
 STATS_EVERY_S = 0.25
 HEARTBEAT_S = 0.5
+IDLE_WAKE_S = 1.0
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
 
 
@@ -120,13 +121,15 @@ class Worker:
                 next_report = now + STATS_EVERY_S
             if self.dirty:
                 wait = min(wait if wait is not None else STATS_EVERY_S, next_report - now)
-            if self.executors:  # wake up to unload idle stages
-                wait = min(wait if wait is not None else self.idle_unload_s, self.idle_unload_s)
-            data = self.endpoint.recv(min(max(wait, 0.0), 1.0) if wait is not None else 1.0)
+            # wake at least every IDLE_WAKE_S: unload idle stages, notice a dead driver
+            data = self.endpoint.recv(IDLE_WAKE_S if wait is None else max(0.0, min(wait, 1.0)))
             if os.getppid() != self.parent:
                 return  # the driver died: nobody will read our results
             while data is not None:
-                self.handle(codec.decode(data, self.shm))
+                try:
+                    self.handle(codec.decode(data, self.shm))
+                except Exception:  # e.g. the files of a finished request were removed
+                    log.debug("dropping a message that cannot be read", exc_info=True)
                 data = self.endpoint.recv(0)
         self.report()
         self.endpoint.close()
@@ -318,12 +321,12 @@ class Worker:
                 del self.executors[key]  # unload an idle stage: its models are freed
                 self.unloaded.append(key)
                 self.dirty = True
+        self.shm.forget_older_than(codec.FORWARD_WINDOW_S)  # else mappings pin memory
         if len(self.started) + len(self.cancelled) > 10_000 or len(self.waiting) > 1_000:
             limit = now - FORGET_AFTER_S
             self.started = {k: t for k, t in self.started.items() if t > limit}
             self.cancelled = {k: t for k, t in self.cancelled.items() if t > limit}
             self.waiting = {k: t for k, t in self.waiting.items() if t.created > limit}
-            self.shm.forget_older_than(FORGET_AFTER_S)
 
     def forget_app(self, app: int) -> None:
         self.blobs.pop(app, None)
