@@ -30,7 +30,7 @@ from serveflow.runtime import codec, worker
 from serveflow.runtime.app import App
 from serveflow.runtime.kvs import KVS, open_kvs
 from serveflow.runtime.request import Request
-from serveflow.runtime.scheduler import Autoscaler, Scheduler, WorkerLoad, targets
+from serveflow.runtime.scheduler import Autoscaler, Scheduler, WorkerLoad, charged, targets
 from serveflow.runtime.stats import StageStats
 from serveflow.runtime.transport import Endpoint, PeerGone
 
@@ -327,15 +327,14 @@ class LocalRuntime:
         worker says it is done, so new requests avoid the worker busy with a loser;
         queued losers are cancelled."""
         cancel = set()
-        for index, chosen in enumerate(request.route):
-            for w in chosen:
-                key = (app.id, request.id, request.attempt, index, w)
-                state = self._replicas.pop(key, None)
-                if state == "running":
-                    self._replicas[key] = "orphan"  # released when its worker is done
-                    cancel.add(w)
-                elif state is None and w in self._workers:
-                    self._workers[w].load.outstanding -= 1
+        for index, w in charged(app.plan, request.route):
+            key = (app.id, request.id, request.attempt, index, w)
+            state = self._replicas.pop(key, None)
+            if state == "running":
+                self._replicas[key] = "orphan"  # released when its worker is done
+                cancel.add(w)
+            elif state is None and w in self._workers:
+                self._workers[w].load.outstanding -= 1
         for w in cancel:
             self._send(w, ("cancel", app.id, request.id))
 

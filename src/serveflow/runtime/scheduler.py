@@ -60,15 +60,9 @@ class Scheduler:
             for w in chosen:
                 workers[w].warm.add(key)
             route.append(tuple(chosen))
-        self.charge(route, workers, +1)
+        for _, w in charged(plan, route):
+            workers[w].outstanding += 1
         return tuple(route)
-
-    @staticmethod
-    def charge(route: Route, workers: Mapping[int, WorkerLoad], sign: int) -> None:
-        for chosen in route:
-            for w in chosen:
-                if w in workers:
-                    workers[w].outstanding += sign
 
     @staticmethod
     def _least_loaded(
@@ -89,6 +83,16 @@ class Scheduler:
         """Stable membership for key hashing: the warm workers, or all when none is."""
         warm = sorted(w for w, load in workers.items() if key in load.warm)
         return warm or sorted(workers)
+
+
+def charged(plan: Plan, route: Route) -> Iterable[tuple[int, int]]:
+    """(stage index, worker) of the stage runs a route counts against its workers. The
+    candidates of a locality stage are not counted: only one of them, known once the
+    key is, will run it."""
+    for index, chosen in enumerate(route):
+        if not plan.stages[index].locality_key:
+            for w in chosen:
+                yield index, w
 
 
 def follows_winner(plan: Plan, index: int) -> bool:
