@@ -258,7 +258,7 @@ class Worker:
             loaded = (StageExecutor(stage, self.kvs), now)
             counters.cold_starts += 1
         executor = loaded[0]
-        self.busy_since = now
+        self.busy_since = started = time.monotonic()  # after any cold start
         try:
             results = executor.run([t.inputs for t in live])
         except Exception as error:  # a bug of ours: fail these requests, keep serving
@@ -273,8 +273,9 @@ class Worker:
         counters.requests += len(live)
         counters.batches += 1
         counters.latencies.extend(done - t.queued for t in live)
-        if stage.batching:
-            counters.batch_log.append((len(live), done - now, done))
+        if stage.batching and executor.load_error is None:
+            # service time of the call alone: a cold start would skew the profile
+            counters.batch_log.append((len(live), done - started, done))
         for task, result in zip(live, results):
             self.forward(plan, task, result)
 
