@@ -445,7 +445,8 @@ def test_batch_size_histogram_per_stage_under_concurrent_requests():
     flow = sf.Flow("batched")
     flow.map(batched_ones, names=["one"], batching=True, name="ones")
     requests = 24
-    with Server({"batched": flow.deploy()}, port=0) as srv:
+    # coalesce=False: one runtime request per HTTP request, so the sizes add up to them
+    with Server({"batched": flow.deploy()}, port=0, coalesce=False) as srv:
         url = f"{srv.url}/v1/flows/batched/predict"
         statuses: list[int] = []
 
@@ -480,3 +481,59 @@ def test_batch_size_histogram_per_stage_under_concurrent_requests():
     assert samples[("serveflow_stage_batch_size_sum", "")] == requests  # one row per request
     assert batches < requests  # some calls took several requests at once
     assert buckets[0] < batches  # so not every batch had size 1
+
+
+def unlucky(row):
+    if row["x"] == 13:
+        raise ValueError("13 is unlucky")
+    time.sleep(0.005)
+    return row["x"] * 2
+
+
+def _concurrently(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    """POST every body at the same moment, one thread each."""
+    start = threading.Barrier(len(bodies))
+    responses: list[httpx.Response | None] = [None] * len(bodies)
+
+    def send(index: int) -> None:
+        start.wait(TIMEOUT)
+        responses[index] = httpx.post(url, json=bodies[index], timeout=TIMEOUT)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert all(r is not None for r in responses)
+    return responses  # type: ignore[return-value]
+
+
+def test_coalesced_requests_each_get_their_own_rows_and_errors():
+    flow = sf.Flow("rows")
+    doubled = flow.map(unlucky, names=["y"], name="double")
+    doubled.filter(lambda r: r["y"] % 4 == 0, name="by4")
+    app = flow.deploy()
+    bodies = [{"rows": [{"x": 100 * i + k} for k in range(1 + i % 3)]} for i in range(32)]
+    bodies[5] = {"rows": [{"x": 12}, {"x": 13}]}  # fails, alone
+    with Server({"rows": app}, port=0) as srv:
+        responses = _concurrently(f"{srv.url}/v1/flows/rows/predict", bodies)
+        merged = srv.state.coalescers["rows"].merged_requests
+    for index, (body, response) in enumerate(zip(bodies, responses, strict=True)):
+        if index == 5:
+            assert response.status_code == 500 and "13 is unlucky" in response.json()["error"]
+            continue
+        expected = [{"y": 2 * r["x"]} for r in body["rows"] if (2 * r["x"]) % 4 == 0]
+        assert response.status_code == 200, response.text
+        assert response.json() == {"rows": expected}
+    assert merged >= 1  # 32 requests sent at once: some arrived together and were merged
+
+
+def test_whole_request_operators_are_never_coalesced():
+    flow = sf.Flow("counts")
+    flow.agg("count", "x")
+    with Server({"counts": flow.deploy()}, port=0) as srv:
+        assert not srv.state.coalescers  # agg sees a request as a whole
+        bodies = [{"rows": [{"x": k} for k in range(1 + i % 4)]} for i in range(16)]
+        responses = _concurrently(f"{srv.url}/v1/flows/counts/predict", bodies)
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.json() == {"rows": [{"x": len(body["rows"])}]}

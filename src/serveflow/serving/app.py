@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 from serveflow.logical.table import Table
 from serveflow.runtime.app import App
 from serveflow.serving.auth import BearerAuth, token_matches
+from serveflow.serving.coalesce import AppStopping, Coalescer, row_local
 from serveflow.serving.codecs import (
     JSON,
     DecodeError,
@@ -64,8 +65,15 @@ class ServingState:
         max_body_bytes: int,
         stop_apps: bool,
         max_in_flight: int | None = None,
+        coalesce: bool = True,
     ) -> None:
         self.apps = dict(apps)
+        # Requests of row-by-row flows arriving together run as one runtime request.
+        self.coalescers = {
+            name: Coalescer(app)
+            for name, app in self.apps.items()
+            if coalesce and row_local(app.plan)
+        }
         self.metrics = ServingMetrics(self.apps)
         self.token = token
         self.debug = debug
@@ -236,12 +244,18 @@ async def _run_predict(
         raise HTTPProblem(400, str(error)) from None
     except ShapeError as error:
         raise HTTPProblem(422, str(error)) from None
+    coalescer = state.coalescers.get(name) if timeout is None else None
     try:
-        future = app.run(table, timeout=timeout)
-    except RuntimeError as error:  # the app is stopping
+        if coalescer is not None:
+            output = await coalescer.run(table)
+        else:
+            try:
+                future = app.run(table, timeout=timeout)
+            except RuntimeError as error:
+                raise AppStopping(str(error)) from None
+            output = await _outcome(future)
+    except AppStopping as error:
         raise HTTPProblem(503, str(error), headers={"Retry-After": "1"}) from None
-    try:
-        output = await _outcome(future)
     except Exception as error:
         raise problem_from(error, name, debug=state.debug) from None
     accept = headers.get("accept", JSON)
@@ -390,6 +404,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     stop_apps: bool = True,
     max_in_flight: int | None = None,
+    coalesce: bool = True,
 ) -> ServingASGI:
     """An ASGI app serving `apps` (flow name -> deployed App).
 
@@ -398,6 +413,8 @@ def create_app(
     `stop_apps`: stop (drain) every app when the ASGI lifespan ends.
     `max_in_flight`: most requests of one flow admitted at once; more get 503 with
     Retry-After at once, before their body is decoded (cheap shedding under overload).
+    `coalesce`: run the requests of a row-by-row flow that arrive together as one
+    runtime request (see serving.coalesce); requests with a deadline always go alone.
     """
     state = ServingState(
         apps,
@@ -406,6 +423,7 @@ def create_app(
         max_body_bytes=max_body_bytes,
         stop_apps=stop_apps,
         max_in_flight=max_in_flight,
+        coalesce=coalesce,
     )
 
     @contextlib.asynccontextmanager

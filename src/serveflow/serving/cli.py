@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "h11", "httptools"],
         help="HTTP/1.1 parser (default auto: httptools when installed)",
     )
+    serve.add_argument(
+        "--no-coalesce",
+        dest="coalesce",
+        action="store_false",
+        help="run every HTTP request as its own runtime request (default: requests of a "
+        "row-by-row flow that arrive together run as one)",
+    )
     serve.add_argument("--debug", action="store_true", help="include tracebacks in 500 responses")
     serve.add_argument(
         "--log-level",
@@ -195,6 +202,7 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             http=args.http,
             max_in_flight=args.max_in_flight,
             shutdown_delay=args.shutdown_delay,
+            coalesce=args.coalesce,
         )
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
             log.warning(

@@ -81,7 +81,8 @@ class Server:
     `max_in_flight`: requests of one flow admitted at once; more are refused with 503
     before any work is done for them (see `create_app`). `shutdown_delay`: seconds
     between SIGTERM/SIGINT and the graceful shutdown during which /readyz answers 503
-    while requests are still served (default 0).
+    while requests are still served (default 0). `coalesce`: run concurrent requests
+    of a row-by-row flow as one runtime request (see serving.coalesce).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class Server:
         http: str = "auto",
         max_in_flight: int | None = None,
         shutdown_delay: float = 0.0,
+        coalesce: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -110,6 +112,7 @@ class Server:
             max_body_bytes=max_body_bytes,
             stop_apps=stop_apps,
             max_in_flight=max_in_flight,
+            coalesce=coalesce,
         )
         self.state: ServingState = self.asgi.state.serving
         config = uvicorn.Config(

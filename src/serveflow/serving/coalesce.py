@@ -1,0 +1,160 @@
+"""Coalescing: the HTTP requests of one flow that arrive together run as one request.
+
+Each HTTP request costs the runtime's driver the same work whatever its size (routing,
+a message to the first stage's worker, one back, a future). Under concurrent load the
+event loop reads many requests in one iteration; `Coalescer` submits those of one flow
+(with the same columns) as one runtime request and hands each its own rows of the output,
+told apart by their qids. Nothing waits for a batch to fill: a lone request goes alone,
+so latency at low load is unchanged.
+
+Only flows whose every operator works row by row are coalesced (map, row filter, lookup,
+join on qid, union): there a request's output rows are exactly those derived from its
+input rows, whoever else shared the call. Groupby/agg, joins on a column and anyof see a
+request as a whole and are never coalesced. If a merged request fails (an operator
+raised on some row, a missing column), each of its requests is run again alone, so only
+the one at fault gets the error; overload, deadline and shutdown errors go to all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Future
+
+from serveflow.errors import DeadlineError, OverloadError
+from serveflow.logical.operators import AnyOf, Filter, Join, Lookup, Map, Source, Union
+from serveflow.logical.schema import check_schema
+from serveflow.logical.table import Table
+from serveflow.optimizer.plan import Plan
+from serveflow.runtime.app import App
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 512  # most rows in one merged request
+ROW_LOCAL = (Source, Map, Filter, Lookup, Join, Union)
+
+
+def row_local(plan: Plan) -> bool:
+    """Whether every operator of the plan maps input rows to output rows on its own."""
+    for stage in plan.stages:
+        for op in stage.ops:
+            if isinstance(op, Filter) and op.group:
+                return False
+            if isinstance(op, Join) and op.on is not None:
+                return False
+            if isinstance(op, AnyOf) or not isinstance(op, ROW_LOCAL):
+                return False
+    return True
+
+
+Waiter = tuple[Table, "asyncio.Future[Table]"]
+
+
+class AppStopping(Exception):
+    """The deployment refuses requests because it is stopping."""
+
+
+class Coalescer:
+    """Merges one flow's requests that arrive in the same event-loop iteration.
+
+    Event-loop only: `run` is called from the loop, results come back to it."""
+
+    def __init__(self, app: App, max_rows: int = MAX_ROWS) -> None:
+        self.app = app
+        self.max_rows = max_rows
+        self._pending: list[Waiter] = []
+        self._scheduled = False
+        self.merged_requests = 0  # runtime requests that carried several HTTP requests
+        self.requests = 0
+
+    async def run(self, table: Table) -> Table:
+        """The output of one request (raises what the deployment raised for it)."""
+        check_schema(self.app.plan.schema, table)  # a bad request fails alone, at once
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Table] = loop.create_future()
+        self._pending.append((table, waiter))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)  # after the requests read in this iteration
+        return await waiter
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        groups: dict[tuple[str, ...], list[Waiter]] = {}
+        for waiter in pending:
+            groups.setdefault(tuple(waiter[0].columns), []).append(waiter)
+        for group in groups.values():
+            chunk: list[Waiter] = []
+            rows = 0
+            for waiter in group:
+                if chunk and rows + len(waiter[0]) > self.max_rows:
+                    self._submit(chunk)
+                    chunk, rows = [], 0
+                chunk.append(waiter)
+                rows += len(waiter[0])
+            if chunk:
+                self._submit(chunk)
+
+    def _submit(self, group: list[Waiter]) -> None:
+        self.requests += len(group)
+        table = group[0][0] if len(group) == 1 else Table.concat([t for t, _ in group])
+        if len(group) > 1:
+            self.merged_requests += 1
+        try:
+            future = self.app.run(table)
+        except RuntimeError as error:  # the app is stopping
+            for _, waiter in group:
+                _fail(waiter, AppStopping(str(error)))
+            return
+        loop = group[0][1].get_loop()
+
+        def done(f: Future[Table]) -> None:
+            loop.call_soon_threadsafe(self._settle, group, f)
+
+        future.add_done_callback(done)
+
+    def _settle(self, group: list[Waiter], future: Future[Table]) -> None:
+        error = future.exception()
+        if len(group) == 1:
+            _, waiter = group[0]
+            if error is not None:
+                _fail(waiter, error)
+            elif not waiter.done():
+                waiter.set_result(future.result())
+            return
+        if error is None:
+            pieces = _split(future.result(), [t for t, _ in group])
+            if pieces is not None:
+                for (_, waiter), piece in zip(group, pieces, strict=True):
+                    if not waiter.done():
+                        waiter.set_result(piece)
+                return
+            error = RuntimeError("output rows of unknown origin")
+        if isinstance(error, OverloadError | DeadlineError):
+            for _, waiter in group:
+                _fail(waiter, error)
+            return
+        log.debug("merged request of %d failed (%s); running each alone", len(group), error)
+        for waiter in group:
+            self._submit([waiter])
+
+
+def _split(output: Table, inputs: list[Table]) -> list[Table] | None:
+    """Each input's rows of the output, by qid; None if a row belongs to no input."""
+    owner: dict[int, int] = {}
+    for index, table in enumerate(inputs):
+        for qid in table.qids:
+            owner[qid] = index
+    rows: list[list[int]] = [[] for _ in inputs]
+    for position, qid in enumerate(output.qids):
+        index = owner.get(qid)
+        if index is None:
+            return None
+        rows[index].append(position)
+    return [output.take(positions) for positions in rows]
+
+
+def _fail(waiter: asyncio.Future[Table], error: BaseException) -> None:
+    if not waiter.done():
+        waiter.set_exception(error)
