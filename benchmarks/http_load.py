@@ -5,7 +5,9 @@ Systems, started in this run on this machine, each in its own processes:
   identity maps (`--rules fusion=off`) on the embedded runtime;
   serveflow-batched: the same maps with `batching=True` (each stage batches across
   concurrent requests); serveflow-fused: the three maps fused into one stage;
-  serveflow-h11: as serveflow on uvicorn's pure-Python stack (asyncio loop, h11).
+  serveflow-no-coalesce: every HTTP request its own runtime request (by default the
+  server merges requests that arrive together, see serving/coalesce.py);
+  serveflow-h11: no coalescing, on uvicorn's pure-Python stack (asyncio loop, h11).
 - ray-serve: Ray Serve's HTTP ingress (a FastAPI-free Starlette ingress deployment)
   calling three composed identity deployments through handles.
 - triton: Triton Inference Server (nvidia-pytriton, CPU, in benchmarks/.triton-venv)
@@ -377,7 +379,8 @@ def plot(records: list[common.Record], out: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{STAGES}-stage identity pipeline over HTTP (same machine, same run)")
+    fig.suptitle(f"{STAGES}-stage identity pipeline over HTTP (triton: 1 stage; "
+                 "triton-3-chained: 3 calls), same machine, same run")  # fmt: skip
     common.save_figure(fig, NAME, out)
 
 
@@ -385,7 +388,10 @@ SYSTEMS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "serveflow": lambda args: ServeflowServer(),
     "serveflow-batched": lambda args: ServeflowServer(batching=True),
     "serveflow-fused": lambda args: ServeflowServer(fused=True),
-    "serveflow-h11": lambda args: ServeflowServer(extra=("--loop", "asyncio", "--http", "h11")),
+    "serveflow-no-coalesce": lambda args: ServeflowServer(extra=("--no-coalesce",)),
+    "serveflow-h11": lambda args: ServeflowServer(
+        extra=("--loop", "asyncio", "--http", "h11", "--no-coalesce")
+    ),
     "ray-serve": lambda args: RayServeServer(args.ray_port),
     "triton": lambda args: TritonServer(chain=1),
     "triton-3-chained": lambda args: TritonServer(chain=STAGES),
@@ -408,7 +414,7 @@ def report_ratios(records: list[common.Record], levels: list[int]) -> list[str]:
                 verdict = "lower" if (s["p99_ms"] or 0) < (r["p99_ms"] or 0) else "NOT lower"
                 lines.append(f"p99 at {clients} clients: serveflow {common.fmt(s['p99_ms'])} ms, "
                              f"ray-serve {common.fmt(r['p99_ms'])} ms ({verdict})")  # fmt: skip
-    for system in ("serveflow", "serveflow-batched", "serveflow-fused"):
+    for system in ("serveflow", "serveflow-batched", "serveflow-fused", "serveflow-no-coalesce"):
         for peer in ("triton", "triton-3-chained"):
             cells = []
             for clients in levels:
@@ -419,7 +425,7 @@ def report_ratios(records: list[common.Record], levels: list[int]) -> list[str]:
             if cells:
                 lines.append(f"throughput {system} (3 stages) / {peer}: " + ", ".join(cells))
     t_top = by.get(("triton", top))
-    for system in ("serveflow", "serveflow-batched"):
+    for system in ("serveflow", "serveflow-batched", "serveflow-no-coalesce"):
         s = by.get((system, top))
         if s and t_top:
             ok = s["throughput_rps"] >= t_top["throughput_rps"]
