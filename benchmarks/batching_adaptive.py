@@ -34,15 +34,14 @@ replicas). Then a sustainable-throughput search per system: steady Poisson steps
 increasing rate (x1.5 until a step fails, then refined), the highest rate with >= 99%
 of requests within the SLO.
 
-Workaround (on by default, `--no-workaround` to measure as shipped): after the
-adaptive deployment's cold-start request, its controller's service profile is reset,
-because the worker reports the cold start (model load, seconds) as the first batch's
-service time and the controller then sheds every request forever (see
-`ServeflowSystem._reset_profiles`). Cold starts of workers added later still reach the
-profile.
+`--reset-profile`: a workaround for runtimes before commit 29940a2, whose workers
+reported the cold start (model load, seconds) as the first batch's service time, so
+that the adaptive controller shed every request forever: after the cold-start request
+the controller's service profile is reset (see `ServeflowSystem._reset_profiles`).
+Off by default (adaptive is measured as shipped).
 
     python -m benchmarks.batching_adaptive [--quick] [--slo-ms 350] [--peak-rps 50]
-        [--min-workers 2] [--no-workaround] [--systems adaptive,no-batching]
+        [--min-workers 2] [--reset-profile] [--systems adaptive,no-batching]
 """
 
 from __future__ import annotations
@@ -567,11 +566,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "the Ray Serve replicas, no scale-up cold starts)",
     )
     parser.add_argument(
-        "--no-workaround",
+        "--reset-profile",
         dest="workaround",
-        action="store_false",
-        help="measure adaptive as shipped: without it, its controller's service profile is "
-        "reset after the cold-start request (see ServeflowSystem._reset_profiles)",
+        action="store_true",
+        help="reset the adaptive controller's service profile after the cold-start request "
+        "(a workaround for runtimes before 29940a2; see ServeflowSystem._reset_profiles)",
     )
     parser.add_argument(
         "--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}"
@@ -900,6 +899,7 @@ def plot(
             )
     axes[1][0].axhline(TARGET_SHARE, color="red", linestyle="--", label="99%")
     axes[1][0].set_ylim(max(0.0, axes[1][0].get_ylim()[0]), 1.02)
+    axes[3][0].set_yscale("log")  # one window with few completions dwarfs the rest
     axes[4][0].axhline(slo_ms, color="red", linestyle="--", label="SLO")
     axes[4][0].set_yscale("log")
     axes[4][0].set_ylabel("latency (ms)")
