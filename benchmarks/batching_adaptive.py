@@ -259,11 +259,12 @@ class ServeflowSystem(System):
             self._reset_profiles()
 
     def _reset_profiles(self) -> None:
-        """WORKAROUND for a runtime bug: the first batch's service time reported by the
-        worker includes the cold start (model load, seconds); with one observation the
-        controller's profile predicts size x that per request, `admit` then sheds every
-        request and, with nothing served, the profile never learns otherwise. Forget
-        that observation (runtime internals: `app.controllers`)."""
+        """WORKAROUND for runtimes before 29940a2: the first batch's service time
+        reported by the worker included the cold start (model load, seconds); with one
+        observation the controller's profile predicted size x that per request,
+        `admit` then shed every request and, with nothing served, the profile never
+        learned otherwise. Forget that observation (runtime internals:
+        `app.controllers`)."""
         from serveflow.batching import ServiceProfile
 
         time.sleep(2 * SAMPLE_EVERY_S)  # the worker's stats report reaches the driver
