@@ -83,7 +83,28 @@ class ServingState:
         # request is refused (503) before its body is decoded or the runtime sees it.
         self.max_in_flight = max_in_flight
         self.admitted: dict[str, int] = dict.fromkeys(self.apps, 0)  # event-loop only
+        limit_message = "flow {!r} has {} requests in flight (the limit); retry later"
+        self.refusal_body = {
+            name: encode_json({"error": limit_message.format(name, max_in_flight)})
+            for name in self.apps
+        }
+        self.refusal = {
+            name: [
+                (b"content-type", JSON.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(RETRY_AFTER_S).encode()),
+            ]
+            for name, body in self.refusal_body.items()
+        }
         self.draining = False  # set when shutdown starts: /readyz answers 503
+
+    def at_limit(self, name: str) -> bool:
+        """Whether flow `name` (deployed) has `max_in_flight` requests admitted."""
+        return (
+            self.max_in_flight is not None
+            and name in self.admitted
+            and self.admitted[name] >= self.max_in_flight
+        )
 
 
 def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -364,6 +385,23 @@ class ServingASGI(Starlette):
                     return
         await super().__call__(scope, receive, send)
 
+    async def _refuse(
+        self,
+        state: ServingState,
+        name: str,
+        headers: Mapping[str, str],
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        started = time.perf_counter()
+        metrics = state.metrics.flow(name)
+        with contextlib.suppress(_Disconnected, HTTPProblem):  # refused either way
+            await _read_body(receive, headers.get("content-length", ""), state.max_body_bytes)
+        await send({"type": "http.response.start", "status": 503, "headers": state.refusal[name]})
+        await send({"type": "http.response.body", "body": state.refusal_body[name]})
+        metrics.shed.inc()
+        metrics.observe(503, time.perf_counter() - started)
+
     async def _fast_predict(self, name: str, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve a prediction; False (nothing sent) when it must go the slow way: a
         missing or wrong token, which the auth middleware answers."""
@@ -378,6 +416,9 @@ class ServingASGI(Starlette):
                 authorization = value
         if state.token is not None and not token_matches(authorization, state.token):
             return False
+        if state.at_limit(name):  # the cheapest refusal: no task, problem or encoding
+            await self._refuse(state, name, headers, receive, send)
+            return True
         try:
             status, body, media, extra = await serve_predict(state, name, headers, receive)
         except _Disconnected:
