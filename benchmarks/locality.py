@@ -25,8 +25,6 @@ import argparse
 import contextlib
 import functools
 import logging
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import numpy as np
 
 import serveflow as sf
 from benchmarks import common
+from benchmarks.kvs_bench import redis_server
 
 log = logging.getLogger("benchmarks.locality")
 
@@ -48,29 +47,6 @@ VARIANTS = {"locality on": sf.Rules(), "locality off": sf.Rules(locality=False)}
 WORKERS = 3
 CACHE_MB = 64
 WARM_UP = 300  # requests before measuring, so that caches reach their steady state
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway `redis-server` on a free loopback port (scripts/redis.sh installs it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as workdir:
-        server = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", workdir],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            for _ in range(100):
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                    break
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            server.terminate()
-            server.wait()
 
 
 def _parse(key: Any) -> str:
@@ -109,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     stores = ("lmdb", "redis") if args.store == "both" else (args.store,)
     for store in stores:
         with contextlib.ExitStack() as stack:
-            kvs = stack.enter_context(redis_server()) if store == "redis" else None
+            if store == "redis":
+                kvs = stack.enter_context(
+                    redis_server(stack.enter_context(tempfile.TemporaryDirectory()))
+                )
+            else:
+                kvs = None
             records += measure_store(store, kvs, n, rng, args.zipf)
 
     by = {(r["store"], r["object"], r["variant"]): r for r in records}
