@@ -31,8 +31,8 @@ completed requests. Cost: serveflow, the pool size (live worker processes,
 `runtime.worker_pids()`, which includes idle held workers and starting ones) sampled
 every 0.5 s, integrated over the window; Ray Serve, replicas x window length (fixed
 replicas). Then a sustainable-throughput search per system: steady Poisson steps of
-increasing rate (x1.5 until a step fails, then refined), the highest rate with >= 99%
-of requests within the SLO.
+increasing rate (x1.5 until a rate fails twice, then refined), the highest rate with
+>= 99% of requests within the SLO.
 
 `--reset-profile`: a workaround for runtimes before commit 29940a2, whose workers
 reported the cold start (model load, seconds) as the first batch's service time, so
@@ -508,9 +508,10 @@ def sustainable(
     max_rps: float,
     seed: int,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Steady Poisson steps: x1.5 from `start_rps` until one has < 99% within the SLO,
-    then `refine` bisection steps (geometric midpoints). Returns the highest passing
-    rate (0 if none) and the steps."""
+    """Steady Poisson steps: x1.5 from `start_rps` until a rate has < 99% within the
+    SLO, then `refine` bisection steps (geometric midpoints). A rate fails only when a
+    second try (fresh arrivals) fails too: on two shared cores one step can fall on a
+    neighbour's burst. Returns the highest passing rate (0 if none) and the steps."""
     steps: list[dict[str, Any]] = []
 
     def trial(rate: float) -> bool:
@@ -530,9 +531,12 @@ def sustainable(
         time.sleep(1.0)  # let the last stragglers and any backlog clear
         return passed
 
+    def passes(rate: float) -> bool:
+        return trial(rate) or trial(rate)
+
     best, rate, failed_at = 0.0, start_rps, None
     while rate <= max_rps:
-        if not trial(rate):
+        if not passes(rate):
             failed_at = rate
             break
         best, rate = rate, rate * 1.5
@@ -540,7 +544,7 @@ def sustainable(
         lo, hi = best, failed_at
         for _ in range(refine):
             mid = math.sqrt(lo * hi) if lo > 0 else hi / 1.5
-            if trial(mid):
+            if passes(mid):
                 lo = best = mid
             else:
                 hi = mid
