@@ -252,8 +252,12 @@ class ServeflowSystem(System):
         self.runtime = sf.LocalRuntime(min_workers=min_workers, max_workers=MAX_WORKERS)
         flow = sf.Flow(f"embed-{name}")
         flow.map(Embedder, col="text", names=["embedding"], batching=batching, name=STAGE)
-        self.app = flow.deploy(runtime=self.runtime)
-        self.app.run(sf.Table({"text": ["warm up"]})).result(timeout=120)  # cold start
+        try:
+            self.app = flow.deploy(runtime=self.runtime)
+            self.app.run(sf.Table({"text": ["warm up"]})).result(timeout=120)  # cold start
+        except BaseException:
+            self.runtime.stop()
+            raise
         self.profile_reset = False
         if reset_profile:
             self._reset_profiles()
@@ -350,14 +354,18 @@ class RayServeBatch(System):
             async def __call__(self, texts: list[str]) -> list[Any]:
                 return list(self.model.encode(texts))
 
-        self.handle = serve.run(RayEmbedder.bind(), name="batching-adaptive", route_prefix=None)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="ray-serve-client"
         )
         self._thread.start()
-        for _ in range(2 * replicas):  # warm every replica
-            self.submit("warm up").result(timeout=120)
+        try:
+            self.handle = serve.run(RayEmbedder.bind(), name="batching-adaptive", route_prefix=None)
+            for _ in range(2 * replicas):  # warm every replica
+                self.submit("warm up").result(timeout=120)
+        except BaseException:
+            self.close()
+            raise
 
     async def _call(self, text: str) -> Any:
         return await asyncio.wait_for(self.handle.remote(text), DEADLINE_S)
