@@ -114,6 +114,27 @@ def test_replans_on_rate_shift() -> None:
     assert second.max_size > first.max_size
 
 
+def test_measured_overshoot_tightens_the_planning_target_and_room_relaxes_it() -> None:
+    controller = BatchingController(sf.Batching(slo_ms=50), 4, profile=_profile())
+    arrivals = MAP.poisson(50).sample(600, np.random.default_rng(3))
+
+    def observe(times: np.ndarray, latency_s: float) -> float:
+        for t in times:  # each request finishes `latency_s` after it arrived
+            controller.on_arrival(float(t))
+            controller.on_batch_done(1, 0.004, now=float(t) + latency_s)
+        return float(times[-1]) + latency_s
+
+    first = controller.decision(observe(arrivals[:200], 0.020))
+    assert controller.target_scale == 1.0  # measured within the SLO: nothing to correct
+    # The real runtime turns out slower than the model says: plan for less.
+    tightened = controller.decision(observe(arrivals[200:400], 0.080) + controller.replan_s)
+    assert controller.target_scale < 1.0
+    assert tightened.predicted_ms < first.predicted_ms
+    scale = controller.target_scale
+    controller.decision(observe(arrivals[400:], 0.010) + controller.replan_s)  # room again
+    assert controller.target_scale > scale
+
+
 def test_split_slo_by_service_time() -> None:
     assert split_slo(100, {"a": 10, "b": 30}) == {"a": 25, "b": 75}
     assert split_slo(90, {"a": 0, "b": 0, "c": 0}) == {"a": 30, "b": 30, "c": 30}

@@ -37,6 +37,10 @@ SIZE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 TIMEOUT_SHARES = (0.0, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)  # of the SLO
 MIN_ARRIVALS_TO_PLAN = 20
 SHIFT_CHECK_S = 0.25
+MIN_FOR_CORRECTION = 50  # latencies measured before the planning target moves
+MIN_TARGET_SCALE = 0.3
+RELAX_BELOW = 0.8  # measured percentile under this share of the SLO: relax the target
+RELAX_STEP = 1.05
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,12 @@ class BatchingController:
         self.late = 0
         self.late_predicted = 0
         self.plans = 0
+        # Closed loop over the model: the SLO the search plans against, as a share of
+        # the real one, lowered when the measured percentile overshoots (the model
+        # misses costs of the real runtime: hops, routing, other load) and raised back
+        # slowly while there is room.
+        self.target_scale = 1.0
+        self._recent: list[float] = []
         self._decision = self._initial_decision()
 
     # --- runtime hooks -------------------------------------------------------------
@@ -117,6 +127,7 @@ class BatchingController:
             for _ in range(min(size, len(self._pending))):
                 latency = now - self._pending.popleft()
                 self._latencies.append(latency)
+                self._recent.append(latency)
                 if latency > slo_s:
                     self.late += 1
 
@@ -199,6 +210,7 @@ class BatchingController:
                 "late": self.late,
                 "late_predicted": self.late_predicted,
                 "plans": self.plans,
+                "target_scale": self.target_scale,
             }
 
     # --- planning --------------------------------------------------------------------
@@ -219,9 +231,28 @@ class BatchingController:
             wait = min(wait, self.policy.timeout_ms / 1e3)
         return Decision(max(size, 2) if self._cap > 1 else 1, wait, self.max_workers, feasible=True)
 
+    def _correct(self) -> None:
+        """Adjust `target_scale` from the percentile measured since the last plan."""
+        recent, self._recent = self._recent, []
+        if len(recent) < MIN_FOR_CORRECTION:
+            self._recent = recent  # keep collecting
+            return
+        slo_s = self.policy.slo_ms / 1e3
+        measured = float(np.quantile(recent, self.policy.percentile))
+        if measured > slo_s:
+            self.target_scale = max(MIN_TARGET_SCALE, self.target_scale * slo_s / measured)
+        elif measured < RELAX_BELOW * slo_s:
+            self.target_scale = min(1.0, self.target_scale * RELAX_STEP)
+
+    @property
+    def _slo_s(self) -> float:
+        """The SLO the search plans against (seconds)."""
+        return self.policy.slo_ms / 1e3 * self.target_scale
+
     def _plan(self, now: float) -> None:
         self._planned_at = now
         self._shift_checked_at = now
+        self._correct()
         fitted = self.arrivals.fit(now) if len(self.arrivals) >= MIN_ARRIVALS_TO_PLAN else None
         if fitted is None or not self.profile.ready:
             self._decision = self._warmup_decision()
@@ -230,7 +261,7 @@ class BatchingController:
         key = (
             _rounded(fitted.d0.ravel()),
             _rounded(fitted.d1.ravel()),
-            _rounded([self.profile.a, self.profile.b]),
+            _rounded([self.profile.a, self.profile.b, self.target_scale]),
         )
         if key not in self._cache:
             if len(self._cache) > 256:
@@ -242,7 +273,7 @@ class BatchingController:
 
     def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
         """(batch size, timeout) pairs worth evaluating under the SLO."""
-        slo_s = self.policy.slo_ms / 1e3
+        slo_s = self._slo_s
         cap_t = self.policy.timeout_ms / 1e3 if self.policy.timeout_ms is not None else math.inf
         one = float(service.predict(np.array([1]))[0])
         pairs = []
@@ -258,7 +289,7 @@ class BatchingController:
 
     def search(self, arrivals: MAP, service: ServiceProfile) -> Decision:
         """The best configuration for `arrivals` and `service` (see the class doc)."""
-        slo_s = self.policy.slo_ms / 1e3
+        slo_s = self._slo_s
         q = self.policy.percentile
         rate = arrivals.rate
         evaluated: list[tuple[Prediction, float, float]] = []  # (prediction, p_s, cost)
