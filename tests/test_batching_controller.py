@@ -125,10 +125,10 @@ def test_measured_overshoot_tightens_the_planning_target_and_room_relaxes_it() -
         return float(times[-1]) + latency_s
 
     first = controller.decision(observe(arrivals[:200], 0.020))
-    assert controller.target_scale == 1.0  # measured within the SLO: nothing to correct
+    before = controller.target_scale
     # The real runtime turns out slower than the model says: plan for less.
     tightened = controller.decision(observe(arrivals[200:400], 0.080) + controller.replan_s)
-    assert controller.target_scale < 1.0
+    assert controller.target_scale < before
     assert tightened.predicted_ms < first.predicted_ms
     scale = controller.target_scale
     controller.decision(observe(arrivals[400:], 0.010) + controller.replan_s)  # room again

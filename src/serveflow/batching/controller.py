@@ -39,6 +39,7 @@ MIN_ARRIVALS_TO_PLAN = 20
 SHIFT_CHECK_S = 0.25
 MIN_FOR_CORRECTION = 50  # latencies measured before the planning target moves
 MIN_TARGET_SCALE = 0.3
+INITIAL_TARGET_SCALE = 0.85  # headroom for what the model does not see, until measured
 RELAX_BELOW = 0.8  # measured percentile under this share of the SLO: relax the target
 RELAX_STEP = 1.05
 
@@ -109,7 +110,7 @@ class BatchingController:
         # the real one, lowered when the measured percentile overshoots (the model
         # misses costs of the real runtime: hops, routing, other load) and raised back
         # slowly while there is room.
-        self.target_scale = 1.0
+        self.target_scale = INITIAL_TARGET_SCALE
         self._recent: list[float] = []
         self._decision = self._initial_decision()
 
