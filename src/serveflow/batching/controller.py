@@ -16,11 +16,13 @@ batches (the `size` oldest admitted arrivals leave with each finished batch).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +42,8 @@ SHIFT_CHECK_S = 0.25
 MIN_FOR_CORRECTION = 50  # latencies measured before the planning target moves
 MIN_TARGET_SCALE = 0.3
 INITIAL_TARGET_SCALE = 0.85  # headroom for what the model does not see, until measured
-RELAX_BELOW = 0.8  # measured percentile under this share of the SLO: relax the target
+RELAX_BELOW = 0.75  # measured percentile under this share of the SLO: relax the target
+TIGHTEN_MARGIN = 0.95
 RELAX_STEP = 1.05
 
 
@@ -96,7 +99,7 @@ class BatchingController:
         self.arrivals = ArrivalLog(window_s)
         self.profile = profile or ServiceProfile(max_size=self._cap)
         self._lock = threading.Lock()
-        self._pending: deque[float] = deque()
+        self._pending: deque[float] = deque(maxlen=100_000)
         self._latencies: deque[float] = deque(maxlen=4096)
         self._fitted: MAP | None = None
         self._planned_at = -math.inf
@@ -121,12 +124,25 @@ class BatchingController:
             self.arrivals.record(now)
             self._pending.append(now)
 
-    def on_batch_done(self, size: int, service_s: float, now: float) -> None:
+    def on_batch_done(
+        self,
+        size: int,
+        service_s: float,
+        now: float,
+        latencies_s: Sequence[float] | None = None,
+    ) -> None:
+        """A batch of `size` finished at `now` after `service_s` in the model. With
+        `latencies_s` (each request's measured latency, as the runtime reports it),
+        those are recorded; without, they are inferred from the arrivals, oldest
+        first (exact only while no request is dropped on the way)."""
         with self._lock:
-            self.profile.observe(size, service_s)
+            if size:
+                self.profile.observe(size, service_s)
+            popped = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
+            if latencies_s is None:
+                latencies_s = [now - arrived for arrived in popped]
             slo_s = self.policy.slo_ms / 1e3 if self.policy.slo_ms else math.inf
-            for _ in range(min(size, len(self._pending))):
-                latency = now - self._pending.popleft()
+            for latency in latencies_s:
                 self._latencies.append(latency)
                 self._recent.append(latency)
                 if latency > slo_s:
@@ -164,9 +180,19 @@ class BatchingController:
                 due = self.arrivals.rate_shift(now, self._fitted)
                 if due:
                     log.info("arrival rate shift detected: re-planning")
-            if due:
-                self._plan(now)
-            return self._decision
+            if not due:
+                return self._decision
+            work = self._start_plan(now)
+        if work is not None:  # the search runs outside the lock: admissions go on
+            key, fitted, profile = work
+            found = self.search(fitted, profile)
+            with self._lock:
+                if len(self._cache) > 256:
+                    self._cache.clear()
+                self._cache[key] = self._decision = found
+                self.plans += 1
+            log.debug("plan for %s: %s", fitted.describe(), found)
+        return self._decision
 
     def retarget(self, slo_ms: float) -> None:
         """Adopt a new SLO (a flow-level budget re-split) and re-plan at the next call."""
@@ -241,7 +267,8 @@ class BatchingController:
         slo_s = self.policy.slo_ms / 1e3
         measured = float(np.quantile(recent, self.policy.percentile))
         if measured > slo_s:
-            self.target_scale = max(MIN_TARGET_SCALE, self.target_scale * slo_s / measured)
+            shrink = TIGHTEN_MARGIN * slo_s / measured  # a little past the overshoot
+            self.target_scale = max(MIN_TARGET_SCALE, self.target_scale * shrink)
         elif measured < RELAX_BELOW * slo_s:
             self.target_scale = min(1.0, self.target_scale * RELAX_STEP)
 
@@ -250,27 +277,26 @@ class BatchingController:
         """The SLO the search plans against (seconds)."""
         return self.policy.slo_ms / 1e3 * self.target_scale
 
-    def _plan(self, now: float) -> None:
+    def _start_plan(self, now: float) -> tuple[tuple, MAP, ServiceProfile] | None:
+        """Under the lock: correct the target, fit arrivals, and either settle the
+        decision (warm-up, cached plan) or return what a search needs."""
         self._planned_at = now
         self._shift_checked_at = now
         self._correct()
         fitted = self.arrivals.fit(now) if len(self.arrivals) >= MIN_ARRIVALS_TO_PLAN else None
         if fitted is None or not self.profile.ready:
             self._decision = self._warmup_decision()
-            return
+            return None
         self._fitted = fitted
         key = (
             _rounded(fitted.d0.ravel()),
             _rounded(fitted.d1.ravel()),
             _rounded([self.profile.a, self.profile.b, self.target_scale]),
         )
-        if key not in self._cache:
-            if len(self._cache) > 256:
-                self._cache.clear()
-            self._cache[key] = self.search(fitted, self.profile)
-            self.plans += 1
-        self._decision = self._cache[key]
-        log.debug("plan for %s: %s", fitted.describe(), self._decision)
+        if key in self._cache:
+            self._decision = self._cache[key]
+            return None
+        return key, fitted, copy.deepcopy(self.profile)
 
     def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
         """(batch size, timeout) pairs worth evaluating under the SLO."""

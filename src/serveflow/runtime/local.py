@@ -300,6 +300,7 @@ class LocalRuntime:
                 request.table,
                 request.route,
                 request.deadline,
+                time.monotonic(),
             )
             for w in targets(app.plan, index, request.route, request.table):
                 self._send(w, message, request.id)
@@ -447,11 +448,11 @@ class LocalRuntime:
                 if app is None:
                     continue
                 requests, batches, cold_starts, latencies, batch_log = counts
-                sizes = [size for size, _, _ in batch_log]
+                sizes = [size for size, _, _, _ in batch_log if size]
                 app.stage_stats[stage_index].add(requests, batches, cold_starts, latencies, sizes)
                 controller = app.controllers.get(stage_index)
-                for size, service_s, end in batch_log if controller else ():
-                    controller.on_batch_done(size, service_s, end)
+                for size, service_s, end, each in batch_log if controller else ():
+                    controller.on_batch_done(size, service_s, end, each)
 
     # -- the pool -----------------------------------------------------------------------
     def _ensure_started(self) -> None:

@@ -49,7 +49,7 @@ class Task:
     index: int
     route: Route
     deadline: float | None
-    created: float = field(default_factory=time.monotonic)
+    created: float  # when its first input was sent
     inputs: dict[int, Any] = field(default_factory=dict)
     failures: dict[int, int] = field(default_factory=dict)
     queued: float = 0.0
@@ -78,7 +78,8 @@ class StageCounters:
     batches: int = 0
     cold_starts: int = 0
     latencies: list[float] = field(default_factory=list)
-    batch_log: list[tuple[int, float, float]] = field(default_factory=list)  # size, run s, end
+    # batching stages: (size, run s, end, each request's latency from arrival here)
+    batch_log: list[tuple[int, float, float, list[float]]] = field(default_factory=list)
 
 
 class Worker:
@@ -148,8 +149,7 @@ class Worker:
     def handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "input":
-            _, app, rid, attempt, index, op_id, value, route, deadline = message
-            self.accept(app, rid, attempt, index, op_id, value, route, deadline)
+            self.accept(*message[1:])
         elif kind == "deploy":
             self.blobs[message[1]] = message[2]
         elif kind == "policy":
@@ -186,14 +186,17 @@ class Worker:
         value: Any,
         route: Route,
         deadline: float | None,
+        sent: float,
     ) -> None:
+        """An input of stage `index` for one request, sent at `sent` (its latency at
+        this stage counts from there, including time spent unread in our socket)."""
         plan = self.plan(app)
         key = (app, rid, attempt, index)
         if plan is None or key in self.started or (app, rid) in self.cancelled:
             return  # undeployed app, a loser of a race already decided, a finished request
         task = self.waiting.get(key)
         if task is None:
-            task = self.waiting[key] = Task(app, rid, attempt, index, route, deadline)
+            task = self.waiting[key] = Task(app, rid, attempt, index, route, deadline, sent)
         producer = plan.stage_of(op_id).replicas if op_id else 1
         task.add(op_id, value, producer)
         stage = plan.stages[index]
@@ -241,6 +244,11 @@ class Worker:
             for t in batch
             if (t.deadline is None or t.deadline > now) and (t.app, t.rid) not in self.cancelled
         ]
+        expired = [t for t in batch if t.deadline is not None and t.deadline <= now]
+        if expired and stage.batching:  # dropped late: the batching controller counts them
+            counters = self.counters.setdefault(key, StageCounters())
+            counters.batch_log.append((0, 0.0, now, [now - t.created for t in expired]))
+            self.dirty = True
         try:
             if live:
                 self.run_live(plan, stage, key, live, now)
@@ -272,10 +280,11 @@ class Worker:
         self.dirty = True
         counters.requests += len(live)
         counters.batches += 1
-        counters.latencies.extend(done - t.queued for t in live)
+        counters.latencies.extend(done - t.created for t in live)
         if stage.batching and executor.load_error is None:
             # service time of the call alone: a cold start would skew the profile
-            counters.batch_log.append((len(live), done - started, done))
+            latencies = [done - t.created for t in live]
+            counters.batch_log.append((len(live), done - started, done, latencies))
         for task, result in zip(live, results):
             self.forward(plan, task, result)
 
@@ -295,6 +304,7 @@ class Worker:
                 result,
                 task.route,
                 task.deadline,
+                time.monotonic(),
             )
             for worker in targets(plan, consumer, task.route, result) or (self.index,):
                 if worker == self.index:
