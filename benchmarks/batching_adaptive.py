@@ -322,24 +322,12 @@ class RayServeBatch(System):
     name = RAY
 
     def __init__(self, replicas: int) -> None:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         _offline()
-        import ray
-        from ray import serve
+        from benchmarks.peers.ray_serve import MAX_ONGOING, start_serve
 
-        from benchmarks.peers.ray_serve import MAX_ONGOING, _free_port
-
-        self._ray, self._serve = ray, serve
+        self._ray, self._serve = start_serve()
+        serve = self._serve
         self.replicas = replicas
-        if not ray.is_initialized():
-            ray.init(
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                object_store_memory=256 * 1024 * 1024,
-                num_cpus=os.cpu_count() or 2,
-            )
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
 
         @serve.deployment(
             num_replicas=replicas,

@@ -32,25 +32,31 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def start_serve() -> tuple[Any, Any]:
+    """A local Ray (started once per process) with Serve on a free loopback port;
+    returns the `ray` and `ray.serve` modules."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            object_store_memory=256 * 1024 * 1024,
+            num_cpus=os.cpu_count() or 2,
+        )
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    return ray, serve
+
+
 class RayServeChain:
     """`stages` composed identity deployments; `call(payload)` is one request."""
 
     def __init__(self, stages: int = 3, *, app_name: str = "serveflow-bench") -> None:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        import ray
-        from ray import serve
-
-        self._ray = ray
-        self._serve = serve
-        if not ray.is_initialized():
-            ray.init(
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                object_store_memory=256 * 1024 * 1024,
-                num_cpus=os.cpu_count() or 2,
-            )
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        self._ray, self._serve = start_serve()
+        serve = self._serve
 
         @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING)
         class Identity:
