@@ -125,6 +125,27 @@ def _wait_ready(url: str, headers: dict[str, str] | None = None) -> None:
     raise AssertionError("server never became ready")
 
 
+def _slow_request_in_flight(url: str, seconds: float, results: list) -> threading.Thread:
+    """Send a request to the `sleeper` flow from a thread (its response goes to
+    `results`) and return once the server counts it in flight."""
+    slow = threading.Thread(
+        target=lambda: results.append(
+            httpx.post(
+                f"{url}/v1/flows/sleeper/predict",
+                json={"rows": [{"s": seconds}]},
+                timeout=seconds + 15,
+            )
+        )
+    )
+    slow.start()
+    for _ in range(200):
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+        if 'serveflow_requests_in_flight{flow="sleeper"} 1.0' in metrics:
+            break
+        threading.Event().wait(0.02)
+    return slow
+
+
 def test_serve_answers_then_drains_on_sigterm(flows_file):
     process, url = _start(flows_file)
     try:
@@ -132,20 +153,8 @@ def test_serve_answers_then_drains_on_sigterm(flows_file):
         r = httpx.post(f"{url}/v1/flows/adder/predict", json={"rows": [{"a": 41}]}, timeout=10)
         assert r.status_code == 200 and r.json() == {"rows": [{"b": 42}]}
 
-        results = []
-        slow = threading.Thread(
-            target=lambda: results.append(
-                httpx.post(
-                    f"{url}/v1/flows/sleeper/predict", json={"rows": [{"s": 1.0}]}, timeout=10
-                )
-            )
-        )
-        slow.start()
-        for _ in range(200):  # until the slow request is in flight
-            metrics = httpx.get(f"{url}/metrics", timeout=5).text
-            if 'serveflow_requests_in_flight{flow="sleeper"} 1.0' in metrics:
-                break
-            threading.Event().wait(0.02)
+        results: list[httpx.Response] = []
+        slow = _slow_request_in_flight(url, 1.0, results)
         process.send_signal(signal.SIGTERM)
         slow.join(15)
         out, err = process.communicate(timeout=30)
@@ -204,20 +213,8 @@ def test_readyz_turns_503_while_draining(flows_file):
 
     try:
         _wait_ready(url)
-        results = []
-        slow = threading.Thread(
-            target=lambda: results.append(
-                httpx.post(
-                    f"{url}/v1/flows/sleeper/predict", json={"rows": [{"s": 2.5}]}, timeout=20
-                )
-            )
-        )
-        slow.start()
-        for _ in range(200):  # until the slow request is in flight
-            metrics = httpx.get(f"{url}/metrics", timeout=5).text
-            if 'serveflow_requests_in_flight{flow="sleeper"} 1.0' in metrics:
-                break
-            threading.Event().wait(0.02)
+        results: list[httpx.Response] = []
+        slow = _slow_request_in_flight(url, 2.5, results)
         poller = threading.Thread(target=poll)
         poller.start()
         process.send_signal(signal.SIGTERM)
