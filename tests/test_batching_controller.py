@@ -112,6 +112,21 @@ def test_replans_on_rate_shift() -> None:
     second = controller.decision(float(burst[-1]))
     assert controller.plans > plans
     assert second.max_size > first.max_size
+    # ... for the new rate alone, as if the quiet minutes before had not been.
+    fresh, now = _planned(sf.Batching(slo_ms=50), 1000)
+    planned = fresh.decision(now)
+    assert (second.max_size, second.workers) == (planned.max_size, planned.workers)
+
+
+def test_workers_the_pool_holds_anyway_are_used_for_free() -> None:
+    policy = sf.Batching(slo_ms=50)
+    alone, now = _planned(policy, 100)
+    held = BatchingController(policy, 4, held_workers=2, profile=_profile())
+    for t in MAP.poisson(100).sample(450, np.random.default_rng(1)):
+        held.on_arrival(float(t))
+    a, b = alone.decision(now), held.decision(now)
+    assert a.workers == 1  # one worker is enough and an idle second one costs
+    assert b.workers == 2 and b.predicted_ms < a.predicted_ms
 
 
 def test_measured_overshoot_tightens_the_planning_target_and_room_relaxes_it() -> None:
@@ -127,11 +142,11 @@ def test_measured_overshoot_tightens_the_planning_target_and_room_relaxes_it() -
     first = controller.decision(observe(arrivals[:200], 0.020))
     before = controller.target_scale
     # The real runtime turns out slower than the model says: plan for less.
-    tightened = controller.decision(observe(arrivals[200:400], 0.080) + controller.replan_s)
+    tightened = controller.decision(observe(arrivals[200:400], 0.080))
     assert controller.target_scale < before
     assert tightened.predicted_ms < first.predicted_ms
     scale = controller.target_scale
-    controller.decision(observe(arrivals[400:], 0.010) + controller.replan_s)  # room again
+    controller.decision(observe(arrivals[400:], 0.010))  # room again
     assert controller.target_scale > scale
 
 

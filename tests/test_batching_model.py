@@ -64,6 +64,25 @@ def test_model_matches_simulation(arrivals: MAP) -> None:
     assert mape < 0.10
 
 
+def test_noise_adds_an_independent_latency() -> None:
+    arrivals = MAP.poisson(200)
+    qs = np.arange(50, 100) / 100
+    plain = predict(arrivals, SERVICE, 8, 0.02)
+    shifted = predict(arrivals, SERVICE, 8, 0.02, noise=np.full(10, 0.004))
+    for q in qs:
+        assert shifted.percentile(q) == pytest.approx(plain.percentile(q) + 0.004, abs=2e-4)
+    # A skewed spread (say scheduling delays on a busy machine) moves the tail most.
+    rng = np.random.default_rng(3)
+    noise = rng.exponential(0.003, 5000)
+    times = arrivals.sample(30_000, rng)
+    latencies, _ = simulate(times, SERVICE, 8, 0.02, workers=1)
+    measured = np.quantile(latencies[500:] + rng.choice(noise, len(latencies) - 500), qs)
+    noisy = predict(arrivals, SERVICE, 8, 0.02, noise=noise)
+    predicted = np.array([noisy.percentile(q) for q in qs])
+    assert np.mean(np.abs(predicted - measured) / measured) < 0.03
+    assert noisy.percentile(0.99) - plain.percentile(0.99) > 2 * 0.003  # twice the mean
+
+
 def test_simulation_dispatch_rules() -> None:
     # Full batch: 4 arrivals within the timeout leave together at the 4th arrival.
     lat, sizes = simulate(np.array([0.0, 0.001, 0.002, 0.003]), SERVICE, 4, 0.1)

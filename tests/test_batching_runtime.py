@@ -42,6 +42,26 @@ def test_fixed_policy_dispatches_full_batches_and_partial_ones_at_the_timeout(ru
     assert time.monotonic() - started >= 0.25  # it waited for company until the timeout
 
 
+def test_the_timeout_counts_from_when_a_request_was_sent_even_behind_a_running_batch():
+    def slow(table: sf.Table) -> list[int]:
+        time.sleep(0.6)
+        return table.column("a")
+
+    flow = sf.Flow("behind")
+    flow.map(slow, names=["a"], batching=sf.Batching(max_size=8, timeout_ms=500))
+    with flow.deploy(runtime=sf.LocalRuntime(min_workers=1, max_workers=1)) as app:
+        app.run({"a": [0]}).result(timeout=10)  # warm the stage
+        first = app.run({"a": [1]})  # runs alone from 0.5 s to 1.1 s
+        time.sleep(0.55)
+        sent = time.monotonic()
+        second = app.run({"a": [2]})  # its 500 ms are up while the first batch runs
+        assert second.result(timeout=10).column("a") == [2]
+        # Starts when the worker frees (1.1 s), done at 1.7 s: 1.15 s after it was sent,
+        # not 1.65 s (waiting another 500 ms once the worker got to read it).
+        assert time.monotonic() - sent < 1.4
+        assert first.result(timeout=10).column("a") == [1]
+
+
 def test_slo_policy_batches_more_under_load_and_reports_its_choices(runtime):
     def model(table: sf.Table) -> list[int]:
         time.sleep(0.004 + 0.0005 * len(table))

@@ -118,6 +118,17 @@ def test_pool_scales_out_under_load_and_back_in_when_idle():
         runtime.stop()
 
 
+def test_autoscaler_grows_only_into_workers_the_stages_can_use():
+    from serveflow.runtime.scheduler import Autoscaler
+
+    scaler = Autoscaler(min_workers=1, max_workers=4, target_in_flight=2)
+    assert scaler.plan([8], waiting=0, starting=0, idle_for={}) == (3, [])
+    # Every stage held to 2 workers by its batching controller: no idle third, fourth.
+    assert scaler.plan([8], waiting=0, starting=0, idle_for={}, usable=2) == (1, [])
+    # Two workers still exiting count against max_workers until they are gone.
+    assert scaler.plan([8], waiting=0, starting=0, idle_for={}, retiring=2) == (1, [])
+
+
 def test_deadline_fails_the_request_and_drops_its_queued_work():
     runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
     try:

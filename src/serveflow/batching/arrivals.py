@@ -282,6 +282,12 @@ class ArrivalLog:
     def __len__(self) -> int:
         return len(self._times)
 
+    def keep_last(self, now: float, seconds: float, at_least: int) -> None:
+        """Forget what came before the last `seconds` (keeping at least `at_least`
+        arrivals): after a rate shift the older arrivals describe another process."""
+        while len(self._times) > at_least and self._times[0] < now - seconds:
+            self._times.popleft()
+
     def times(self, now: float) -> np.ndarray:
         self._trim(now)
         return np.fromiter(self._times, dtype=float, count=len(self._times))

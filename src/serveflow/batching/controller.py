@@ -39,6 +39,7 @@ SIZE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 TIMEOUT_SHARES = (0.0, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)  # of the SLO
 MIN_ARRIVALS_TO_PLAN = 20
 SHIFT_CHECK_S = 0.25
+SHIFT_WINDOW_S = 2.0  # a rate shift is judged, and the new rate fitted, over this
 MIN_FOR_CORRECTION = 50  # latencies measured before the planning target moves
 MIN_TARGET_SCALE = 0.3
 INITIAL_TARGET_SCALE = 0.85  # headroom for what the model does not see, until measured
@@ -70,7 +71,8 @@ class BatchingController:
 
     Fixed policy (`policy.slo_ms` is None): always `policy.size`, `policy.timeout_ms`
     and `max_workers`. SLO policy: the cheapest configuration (worker-seconds per
-    request; `idle_price` weighs an idle held worker against a busy one) whose predicted
+    request; `idle_price` weighs an idle worker against a busy one, and the first
+    `held_workers`, which the pool keeps anyway, are free to hold) whose predicted
     `policy.percentile` latency is within `policy.slo_ms`, or with
     `objective="latency"` the lowest latency within the cost budget. Candidates:
     batch sizes up to `policy.max_size` (else 64), timeouts up to `policy.timeout_ms`
@@ -82,6 +84,7 @@ class BatchingController:
         policy: Batching,
         max_workers: int = 1,
         *,
+        held_workers: int = 1,
         replan_s: float = 2.0,
         window_s: float = 30.0,
         idle_price: float = 0.1,
@@ -92,6 +95,7 @@ class BatchingController:
             raise ValueError(f"BatchingController: max_workers must be >= 1, got {max_workers}")
         self.policy = policy
         self.max_workers = max_workers
+        self.held_workers = held_workers
         self.replan_s = replan_s
         self.idle_price = idle_price
         self.grid = grid
@@ -171,15 +175,15 @@ class BatchingController:
             if not self.policy.adaptive:
                 return self._decision
             due = now - self._planned_at >= self.replan_s
-            if (
-                not due
-                and self._fitted is not None
-                and now - self._shift_checked_at >= SHIFT_CHECK_S
-            ):
+            if self._fitted is not None and (due or now - self._shift_checked_at >= SHIFT_CHECK_S):
                 self._shift_checked_at = now
-                due = self.arrivals.rate_shift(now, self._fitted)
-                if due:
+                if self.arrivals.rate_shift(now, self._fitted, SHIFT_WINDOW_S):
+                    # Plan for the new rate alone; the old plan's latencies say nothing
+                    # of the model's error.
                     log.info("arrival rate shift detected: re-planning")
+                    self.arrivals.keep_last(now, SHIFT_WINDOW_S, MIN_ARRIVALS_TO_PLAN)
+                    self._recent = []
+                    due = True
             if not due:
                 return self._decision
             work = self._start_plan(now)
@@ -266,7 +270,7 @@ class BatchingController:
             return
         slo_s = self.policy.slo_ms / 1e3
         measured = float(np.quantile(recent, self.policy.percentile))
-        if measured > slo_s:
+        if measured > slo_s and self._decision.feasible:  # (an overload is no model error)
             shrink = TIGHTEN_MARGIN * slo_s / measured  # a little past the overshoot
             self.target_scale = max(MIN_TARGET_SCALE, self.target_scale * shrink)
         elif measured < RELAX_BELOW * slo_s:
@@ -322,6 +326,7 @@ class BatchingController:
         evaluated: list[tuple[Prediction, float, float]] = []  # (prediction, p_s, cost)
         per_phase = slow_switching(arrivals)
         pairs = self.candidates(service)
+        noise = service.residuals()
         # One matrix exponential per (batch size, process): all timeouts share its grid.
         processes = (
             [MAP.poisson(float(r)) if r > 0 else None for r in arrivals.phase_rates]
@@ -347,15 +352,23 @@ class BatchingController:
                 law = laws[0, size, timeout]
             for workers in range(1, self.max_workers + 1):
                 pred = predict(
-                    arrivals, service, size, timeout, workers, law=law, phase_laws=by_phase
+                    arrivals,
+                    service,
+                    size,
+                    timeout,
+                    workers,
+                    law=law,
+                    phase_laws=by_phase,
+                    noise=noise,
                 )
                 if pred.utilization >= 1.0:
                     continue
                 busy = pred.busy_per_request_s
-                cost = busy + self.idle_price * max(workers - rate * busy, 0.0) / rate
+                idle = max(workers - max(rate * busy, self.held_workers), 0.0)
+                cost = busy + self.idle_price * idle / rate
                 latency = pred.percentile(q)
                 evaluated.append((pred, latency, cost))
-                if latency <= slo_s:
+                if latency <= slo_s and workers >= self.held_workers:
                     break  # more workers only cost more for this (size, timeout)
         feasible = [e for e in evaluated if e[1] <= slo_s]
         if feasible:

@@ -7,7 +7,10 @@ arrival phase), with generator `Q` (blocks `d0` on the diagonal, `d1` above it, 
 full level absorbing). Its transient law `p(t) = p(0) expm(Q t)` gives the batch-size
 distribution at dispatch (full before `T`, or partial at `T`) and, for every request,
 the joint law of (its wait in the buffer, the size of its batch). A request's latency
-is its wait + `service(batch size)` + the wait for a free worker.
+is its wait + `service(batch size)` + the wait for a free worker, plus, going past
+BATCH, an independent `noise` term drawn from measured samples (how far real service
+times stray from the fitted curve, and the runtime's own per-request overhead): on a
+shared machine that spread, not the buffer, sets much of the tail.
 
 Worker queueing (all `k` workers busy) is an approximation: batches leave the buffer
 as a renewal stream (rate `lambda / E[N]`, inter-batch variability from the idle +
@@ -356,10 +359,12 @@ def predict(
     grid: int = DEFAULT_GRID,
     law: BufferLaw | None = None,
     phase_laws: dict[int, BufferLaw] | None = None,
+    noise: np.ndarray | None = None,
 ) -> Prediction:
     """Latency distribution and cost of (max_size, timeout_s, workers) under `arrivals`
     with batch service time `service(sizes)`; `law` reuses a solved buffer
-    (`phase_laws`, by phase index, the solved Poisson buffers of a per-phase solution).
+    (`phase_laws`, by phase index, the solved Poisson buffers of a per-phase solution);
+    `noise`: samples (seconds) of an extra latency added to every request.
 
     A multi-phase MAP whose phases are long (`slow_switching`) is solved phase by
     phase, as a Poisson stream at the phase's rate, and the laws mixed by the share of
@@ -369,11 +374,14 @@ def predict(
     """
     if workers < 1:
         raise ValueError(f"predict: workers must be >= 1, got {workers}")
+    noise = _noise_points(noise)
     if law is None and slow_switching(arrivals):
-        return _predict_by_phase(arrivals, service, max_size, timeout_s, workers, grid, phase_laws)
+        return _predict_by_phase(
+            arrivals, service, max_size, timeout_s, workers, grid, phase_laws, noise
+        )
     law = law if law is not None else buffer_law(arrivals, max_size, timeout_s, grid)
     svc = np.asarray(service(np.arange(1, max_size + 1)), dtype=float)
-    part, busy, utilization = _queued_part(arrivals.rate, law, svc, workers)
+    part, busy, utilization = _queued_part(arrivals.rate, law, svc, workers, noise)
     latency = LatencyDistribution((part,)) if part is not None else None
     return Prediction(
         max_size, timeout_s, workers, latency, law.batch_pmf, law.mean_batch, busy, utilization
@@ -387,7 +395,8 @@ def _predict_by_phase(
     timeout_s: float,
     workers: int,
     grid: int,
-    phase_laws: dict[int, BufferLaw] | None = None,
+    phase_laws: dict[int, BufferLaw] | None,
+    noise: tuple[np.ndarray, np.ndarray] | None,
 ) -> Prediction:
     svc = np.asarray(service(np.arange(1, max_size + 1)), dtype=float)
     theta = arrivals._stationary()
@@ -399,7 +408,7 @@ def _predict_by_phase(
         if rate <= 0 or share <= 0:
             continue
         law = (phase_laws or {}).get(phase) or _poisson_law(float(rate), max_size, timeout_s, grid)
-        part, phase_busy, phase_util = _queued_part(float(rate), law, svc, workers)
+        part, phase_busy, phase_util = _queued_part(float(rate), law, svc, workers, noise)
         busy += share * phase_busy
         utilization += time_share * min(phase_util, 1.0)
         pmf += share / law.mean_batch * law.batch_pmf  # batches, not requests, per phase
@@ -436,10 +445,28 @@ def _compact(
     return moment[keep] / mass[keep], mass[keep]
 
 
+def _noise_points(
+    samples: np.ndarray | None, points: int = 32
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Samples of an additive latency as a discrete law on at most `points` values
+    (equal-mass quantiles)."""
+    if samples is None or len(samples) == 0:
+        return None
+    samples = np.asarray(samples, dtype=float)
+    if len(samples) > points:
+        samples = np.quantile(samples, (np.arange(points) + 0.5) / points)
+    return samples, np.full(len(samples), 1.0 / len(samples))
+
+
 def _queued_part(
-    rate: float, law: BufferLaw, svc: np.ndarray, workers: int
+    rate: float,
+    law: BufferLaw,
+    svc: np.ndarray,
+    workers: int,
+    noise: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[LatencyPart | None, float, float]:
-    """The buffer law with service and worker queueing added; None when unstable."""
+    """The buffer law with service, `noise` and worker queueing added; None when
+    unstable."""
     mean_batch = law.mean_batch
     svc1 = float(law.batch_pmf @ svc)
     svc2 = float(law.batch_pmf @ svc**2)
@@ -448,7 +475,11 @@ def _queued_part(
     batch_rate = rate / mean_batch
     offered = batch_rate * svc1
     utilization = offered / workers
-    values, masses = _compact(law.waits + svc[law.sizes - 1], law.mass)
+    values, masses = law.waits + svc[law.sizes - 1], law.mass
+    if noise is not None:  # independent: the law of the sum is the outer product
+        values = (values[:, None] + noise[0][None, :]).ravel()
+        masses = (masses[:, None] * noise[1][None, :]).ravel()
+    values, masses = _compact(values, masses)
     if utilization >= 1.0:
         return None, busy, utilization
     wait_prob = erlang_c(workers, offered)

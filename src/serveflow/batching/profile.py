@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 class ServiceProfile:
     """Learned batch service time. `observe(size, seconds)` after each batch;
-    `predict(sizes)` gives seconds (an array); `ready` once fitted from at least two
-    distinct sizes (before that, a single size is extrapolated as `size * t(1)`)."""
+    `predict(sizes)` gives seconds (an array), `residuals()` the spread around it;
+    `ready` once fitted from at least two distinct sizes (before that, a single size
+    is extrapolated as `size * t(1)`)."""
 
     def __init__(
         self,
@@ -102,6 +103,14 @@ class ServiceProfile:
             per_item = np.median([t / s for s, t in self._obs])
             return per_item * sizes
         return np.zeros_like(sizes)
+
+    def residuals(self, last: int = 256) -> np.ndarray | None:
+        """How far the last `last` observed times fell from the fitted curve (seconds;
+        None before the fit): the spread the model adds to its service times."""
+        if not self.ready or not self._obs:
+            return None
+        data = np.array(list(self._obs)[-last:])
+        return data[:, 1] - self.predict(data[:, 0])
 
     def __call__(self, sizes: np.ndarray) -> np.ndarray:
         return self.predict(sizes)

@@ -89,7 +89,9 @@ class LocalApp(App):
             from serveflow.batching.controller import BatchingController
 
             self.controllers = {
-                i: BatchingController(plan.stages[i].batching, runtime.max_workers)
+                i: BatchingController(
+                    plan.stages[i].batching, runtime.max_workers, held_workers=runtime.min_workers
+                )
                 for i in adaptive
             }
         self.decisions: dict[int, Decision] = {}
@@ -577,14 +579,27 @@ class LocalRuntime:
             + [d.workers for a in self._apps.values() for d in a.decisions.values()]
         )
         loads = [w.load.outstanding for w in ready]
-        add, retire = self._autoscaler.plan(loads, len(self._unrouted), starting, idle)
-        add = max(add, min(floor, self.max_workers) - len(ready) - starting)
+        retiring = sum(w.retiring for w in self._workers.values())
+        add, retire = self._autoscaler.plan(
+            loads, len(self._unrouted), starting, idle, retiring=retiring, usable=self._usable()
+        )
+        add = max(add, min(floor, self.max_workers - retiring) - len(ready) - starting)
         for _ in range(add):
             self._spawn()
         for index in retire:
             if len(ready) > floor:
                 self._workers[index].retiring = True
                 self._send(index, ("exit",))
+
+    def _usable(self) -> int | None:
+        """Workers the deployed apps can use at most: bounded only when every stage of
+        every app is held to a worker count by its batching controller."""
+        total = 0
+        for app in self._apps.values():
+            if len(app.decisions) < len(app.plan.stages):
+                return None
+            total += sum(d.workers for d in app.decisions.values())
+        return total or None
 
     # -- figures ------------------------------------------------------------------------
     def stage_figures(self, app: LocalApp) -> dict[str, dict[str, Any]]:

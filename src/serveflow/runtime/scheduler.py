@@ -135,9 +135,15 @@ class Autoscaler:
         waiting: int,
         starting: int,
         idle_for: Mapping[int, float],
+        *,
+        retiring: int = 0,
+        usable: int | None = None,
     ) -> tuple[int, list[int]]:
         """(workers to start, workers to retire), from the stage runs outstanding on
-        each ready worker, requests waiting for room, and workers starting."""
+        each ready worker, requests waiting for room, workers starting and workers
+        still exiting (they count against `max_workers` until gone). `usable`: how
+        many workers the deployed stages can use at most (stages capped by a batching
+        controller), None when unbounded: growth past it would only hold idle workers."""
         loads = list(outstanding)
         size = len(loads) + starting
         if size < self.min_workers:
@@ -145,7 +151,8 @@ class Autoscaler:
         demand = sum(loads) + waiting
         busy = bool(loads) and demand / len(loads) > self.target_in_flight
         if busy:  # enough workers for the demand at once, not one at a time
-            want = min(self.max_workers, math.ceil(demand / self.target_in_flight))
+            limit = min(self.max_workers - retiring, usable or self.max_workers)
+            want = min(limit, math.ceil(demand / self.target_in_flight))
             return max(0, want - size), []
         idle = [w for w, seconds in sorted(idle_for.items()) if seconds >= self.idle_s]
         if idle and size > self.min_workers:

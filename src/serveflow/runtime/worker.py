@@ -52,7 +52,6 @@ class Task:
     created: float  # when its first input was sent
     inputs: dict[int, Any] = field(default_factory=dict)
     failures: dict[int, int] = field(default_factory=dict)
-    queued: float = 0.0
 
     def add(self, op_id: int, value: Any, producer_replicas: int) -> None:
         """Record an input; a competing replica's later copy is ignored, and a failure
@@ -203,7 +202,6 @@ class Worker:
         if task.ready(stage):
             del self.waiting[key]
             self.started[key] = time.monotonic()
-            task.queued = time.monotonic()
             self.queues.setdefault((app, index), deque()).append(task)
 
     def run_ready(self) -> float | None:
@@ -220,7 +218,9 @@ class Worker:
                     stage = plan.stages[key[1]]
                     limit, timeout_s = self.batch_limits(key, stage)
                     if timeout_s and len(queue) < limit:
-                        remaining = queue[0].queued + timeout_s - time.monotonic()
+                        # The oldest request's wait counts from when it was sent, as
+                        # in the model: also while it sat unread behind a running batch.
+                        remaining = queue[0].created + timeout_s - time.monotonic()
                         if remaining > 0:
                             wait = remaining if wait is None else min(wait, remaining)
                             break
