@@ -31,8 +31,9 @@ completed requests. Cost: serveflow, the pool size (live worker processes,
 `runtime.worker_pids()`, which includes idle held workers and starting ones) sampled
 every 0.5 s, integrated over the window; Ray Serve, replicas x window length (fixed
 replicas). Then a sustainable-throughput search per system: steady Poisson steps of
-increasing rate (x1.5 until a rate fails twice, then refined), the highest rate with
->= 99% of requests within the SLO.
+increasing rate (x1.5 until a rate fails twice, then refined; each step measured after
+a settling period at its rate), the highest rate with >= 99% of requests within the
+SLO.
 
 `--reset-profile`: a workaround for runtimes before commit 29940a2, whose workers
 reported the cold start (model load, seconds) as the first batch's service time, so
@@ -500,20 +501,24 @@ def sustainable(
     *,
     start_rps: float,
     step_s: float,
+    settle_s: float,
     refine: int,
     max_rps: float,
     seed: int,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Steady Poisson steps: x1.5 from `start_rps` until a rate has < 99% within the
-    SLO, then `refine` bisection steps (geometric midpoints). A rate fails only when a
-    second try (fresh arrivals) fails too: on two shared cores one step can fall on a
-    neighbour's burst. Returns the highest passing rate (0 if none) and the steps."""
+    SLO, then `refine` bisection steps (geometric midpoints). Each step runs `settle_s`
+    at its rate before the `step_s` that are measured (steady state: every system gets
+    the same time to adapt to the new rate; adapting to a moving rate is what the day
+    trace measures). A rate fails only when a second try (fresh arrivals) fails too:
+    on two shared cores one step can fall on a neighbour's burst. Returns the highest
+    passing rate (0 if none) and the steps."""
     steps: list[dict[str, Any]] = []
 
     def trial(rate: float) -> bool:
-        times = poisson_times(rate, step_s, seed + len(steps))
+        times = poisson_times(rate, settle_s + step_s, seed + len(steps))
         outcomes, samples = replay(system, times, texts)
-        figures = summarize_window(outcomes, samples, 0.0, step_s, slo_ms)
+        figures = summarize_window(outcomes, samples, settle_s, settle_s + step_s, slo_ms)
         passed = figures["within_slo"] is not None and figures["within_slo"] >= TARGET_SHARE
         steps.append({"rate_rps": rate, "passed": passed, **figures})
         log.info(
@@ -586,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = 24.0 if quick else 90.0
     windows = 6 if quick else 10
     step_s = 2.5 if quick else 5.0
+    settle_s = 2.5 if quick else 4.0
     refine = 1 if quick else 2
     systems = [s for s in args.systems.split(",") if s]
 
@@ -636,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                 texts,
                 start_rps=10.0,
                 step_s=step_s,
+                settle_s=settle_s,
                 refine=refine,
                 max_rps=2000.0,
                 seed=args.seed + 2000,

@@ -576,7 +576,12 @@ class LocalRuntime:
         floor = max(
             [1]
             + [s.replicas for a in self._apps.values() for s in a.plan.stages]
-            + [d.workers for a in self._apps.values() for d in a.decisions.values()]
+            + [  # a controller's plan, not its warm-up (which scales with demand)
+                d.workers
+                for a in self._apps.values()
+                for d in a.decisions.values()
+                if d.predicted_ms is not None
+            ]
         )
         loads = [w.load.outstanding for w in ready]
         retiring = sum(w.retiring for w in self._workers.values())
