@@ -274,9 +274,9 @@ def plot(records: list[dict[str, Any]], out_dir: Any) -> None:
     axes = np.atleast_1d(axes).ravel()
     qs = QUANTILES * 100
     for ax, scenario in zip(axes, scenarios):
-        for r in records:
-            if r["scenario"] != scenario:
-                continue
+        # the nominal model appears once per part (simulation, runtime): draw it once
+        mine = {r["system"]: r for r in records if r["scenario"] == scenario}
+        for r in mine.values():
             style = {"model": "-", "model (calibrated)": "--", "simulation": "o", "serveflow": "x"}[
                 r["system"]
             ]

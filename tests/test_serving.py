@@ -528,7 +528,11 @@ def test_coalesced_requests_each_get_their_own_rows_and_errors():
     assert merged >= 1  # 32 requests sent at once: some arrived together and were merged
 
 
-def test_whole_request_operators_are_never_coalesced():
+def test_whole_request_operators_and_slo_batching_are_never_coalesced():
+    slo = sf.Flow("slo")
+    slo.map(lambda t: t.column("x"), names=["y"], batching=sf.Batching(slo_ms=500))
+    with Server({"slo": slo.deploy()}, port=0) as srv:
+        assert not srv.state.coalescers  # the controller batches, one arrival per request
     flow = sf.Flow("counts")
     flow.agg("count", "x")
     with Server({"counts": flow.deploy()}, port=0) as srv:

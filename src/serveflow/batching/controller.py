@@ -5,13 +5,14 @@ The runtime drives it (no threads here; calls are serialized by a lock):
 
 - `on_arrival(now)` for every request offered to the stage, then
   `admit(now, queued, oldest_wait_s)` for that same request (False: reject it);
-- `on_batch_done(size, service_s, now)` after each batch (service time of the call);
+- `on_batch_done(size, service_s, now, latencies_s)` after each batch (service time
+  of the call, each request's latency);
 - `decision(now)` whenever it forms a batch (cheap: re-plans every `replan_s` seconds
   or on a rate shift, otherwise returns the cached decision);
 - `snapshot()` for `app.stats()`.
 
-Measured latencies are inferred from these calls assuming first-in first-out
-batches (the `size` oldest admitted arrivals leave with each finished batch).
+Measured latencies come with each finished batch (the runtime reports every request's
+latency at the stage), or are inferred assuming first-in first-out batches.
 """
 
 from __future__ import annotations

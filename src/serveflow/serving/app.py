@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from serveflow.logical.table import Table
 from serveflow.runtime.app import App
 from serveflow.serving.auth import BearerAuth, token_matches
-from serveflow.serving.coalesce import AppStopping, Coalescer, row_local
+from serveflow.serving.coalesce import AppStopping, Coalescer, coalescable
 from serveflow.serving.codecs import (
     JSON,
     DecodeError,
@@ -72,7 +72,7 @@ class ServingState:
         self.coalescers = {
             name: Coalescer(app)
             for name, app in self.apps.items()
-            if coalesce and row_local(app.plan)
+            if coalesce and coalescable(app.plan)
         }
         self.metrics = ServingMetrics(self.apps)
         self.token = token

@@ -10,7 +10,8 @@ so latency at low load is unchanged.
 Only flows whose every operator works row by row are coalesced (map, row filter, lookup,
 join on qid, union): there a request's output rows are exactly those derived from its
 input rows, whoever else shared the call. Groupby/agg, joins on a column and anyof see a
-request as a whole and are never coalesced. If a merged request fails (an operator
+request as a whole and are never coalesced, nor are flows with an SLO-batching stage
+(its controller does the batching, per request). If a merged request fails (an operator
 raised on some row, a missing column), each of its requests is run again alone, so only
 the one at fault gets the error; overload, deadline and shutdown errors go to all.
 """
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 512  # most rows in one merged request
 ROW_LOCAL = (Source, Map, Filter, Lookup, Join, Union)
+
+
+def coalescable(plan: Plan) -> bool:
+    """Whether the requests of a flow may be merged: every operator maps input rows to
+    output rows on its own, and no stage batches under an SLO (its controller batches
+    requests itself, and counts each one as an arrival to plan for)."""
+    return row_local(plan) and not any(s.batching and s.batching.adaptive for s in plan.stages)
 
 
 def row_local(plan: Plan) -> bool:
