@@ -282,12 +282,6 @@ class ArrivalLog:
     def __len__(self) -> int:
         return len(self._times)
 
-    def keep_last(self, now: float, seconds: float, at_least: int) -> None:
-        """Forget what came before the last `seconds` (keeping at least `at_least`
-        arrivals): after a rate shift the older arrivals describe another process."""
-        while len(self._times) > at_least and self._times[0] < now - seconds:
-            self._times.popleft()
-
     def times(self, now: float) -> np.ndarray:
         self._trim(now)
         return np.fromiter(self._times, dtype=float, count=len(self._times))
@@ -305,9 +299,12 @@ class ArrivalLog:
         count = sum(1 for t in reversed(self._times) if t >= cutoff) if over_s else len(self._times)
         return count / span
 
-    def fit(self, now: float) -> MAP | None:
-        """A MAP fitted to the window, or None with fewer than 3 arrivals."""
+    def fit(self, now: float, over_s: float | None = None) -> MAP | None:
+        """A MAP fitted to the window (or to its last `over_s` seconds), or None with
+        fewer than 3 arrivals."""
         times = self.times(now)
+        if over_s is not None:
+            times = times[times >= now - over_s]
         if len(times) < 3:
             return None
         gaps = np.diff(times)

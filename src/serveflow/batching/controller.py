@@ -40,10 +40,11 @@ SIZE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 TIMEOUT_SHARES = (0.0, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)  # of the SLO
 MIN_ARRIVALS_TO_PLAN = 20
 SHIFT_CHECK_S = 0.25
-SHIFT_WINDOW_S = 2.0  # a rate shift is judged, and the new rate fitted, over this
+SHIFT_WINDOW_S = 2.0  # a rate shift is judged, and then the arrivals fitted, over this
 MIN_FOR_CORRECTION = 50  # latencies measured before the planning target moves
 MIN_TARGET_SCALE = 0.3
 INITIAL_TARGET_SCALE = 0.85  # headroom for what the model does not see, until measured
+MAX_TARGET_SCALE = 0.9  # planned at the SLO itself, noise alone would miss it half the time
 RELAX_BELOW = 0.75  # measured percentile under this share of the SLO: relax the target
 TIGHTEN_MARGIN = 0.95
 RELAX_STEP = 1.05
@@ -179,11 +180,8 @@ class BatchingController:
             if self._fitted is not None and (due or now - self._shift_checked_at >= SHIFT_CHECK_S):
                 self._shift_checked_at = now
                 if self.arrivals.rate_shift(now, self._fitted, SHIFT_WINDOW_S):
-                    # Plan for the new rate alone; the old plan's latencies say nothing
-                    # of the model's error.
                     log.info("arrival rate shift detected: re-planning")
-                    self.arrivals.keep_last(now, SHIFT_WINDOW_S, MIN_ARRIVALS_TO_PLAN)
-                    self._recent = []
+                    self._recent = []  # the old plan's latencies say nothing of the model
                     due = True
             if not due:
                 return self._decision
@@ -275,7 +273,7 @@ class BatchingController:
             shrink = TIGHTEN_MARGIN * slo_s / measured  # a little past the overshoot
             self.target_scale = max(MIN_TARGET_SCALE, self.target_scale * shrink)
         elif measured < RELAX_BELOW * slo_s:
-            self.target_scale = min(1.0, self.target_scale * RELAX_STEP)
+            self.target_scale = min(MAX_TARGET_SCALE, self.target_scale * RELAX_STEP)
 
     @property
     def _slo_s(self) -> float:
@@ -288,7 +286,7 @@ class BatchingController:
         self._planned_at = now
         self._shift_checked_at = now
         self._correct()
-        fitted = self.arrivals.fit(now) if len(self.arrivals) >= MIN_ARRIVALS_TO_PLAN else None
+        fitted = self._fit(now) if len(self.arrivals) >= MIN_ARRIVALS_TO_PLAN else None
         if fitted is None or not self.profile.ready:
             self._decision = self._warmup_decision()
             return None
@@ -302,6 +300,15 @@ class BatchingController:
             self._decision = self._cache[key]
             return None
         return key, fitted, copy.deepcopy(self.profile)
+
+    def _fit(self, now: float) -> MAP | None:
+        """The arrival process to plan for: fitted to the whole window (where a bursty
+        one shows its bursts), or to the last seconds alone when their rate is far from
+        what that process produces (a burst longer than it knows, or a new level)."""
+        fitted = self.arrivals.fit(now)
+        if fitted is not None and self.arrivals.rate_shift(now, fitted, SHIFT_WINDOW_S):
+            return self.arrivals.fit(now, SHIFT_WINDOW_S) or fitted
+        return fitted
 
     def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
         """(batch size, timeout) pairs worth evaluating under the SLO."""
