@@ -62,6 +62,31 @@ def test_the_timeout_counts_from_when_a_request_was_sent_even_behind_a_running_b
         assert first.result(timeout=10).column("a") == [1]
 
 
+class SlowToLoad:
+    def __init__(self) -> None:
+        time.sleep(0.5)
+
+    def __call__(self, table: sf.Table) -> list[int]:
+        return table.column("a")
+
+
+def test_workers_a_plan_adds_load_the_stage_before_requests_reach_them():
+    flow = sf.Flow("prewarm")
+    flow.map(SlowToLoad, names=["a"], batching=sf.Batching(slo_ms=500), name="model")
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            assert app.run({"a": [1]}).result(timeout=30).column("a") == [1]  # one worker
+            with runtime._lock:  # what the planner does when a plan asks for 2 workers
+                runtime._prewarm(app, 0, 2)
+            deadline = time.monotonic() + 20
+            while app.stats()["model"]["cold_starts"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert app.stats()["model"]["cold_starts"] == 2  # loaded with no request
+    finally:
+        runtime.stop()
+
+
 def test_slo_policy_batches_more_under_load_and_reports_its_choices(runtime):
     def model(table: sf.Table) -> list[int]:
         time.sleep(0.004 + 0.0005 * len(table))

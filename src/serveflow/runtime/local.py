@@ -519,6 +519,9 @@ class LocalRuntime:
                     with self._lock:
                         before = app.decisions.get(index)
                         app.decisions[index] = decision
+                        planned = decision.predicted_ms is not None  # not warming up
+                        if planned and (before is None or before.workers != decision.workers):
+                            self._prewarm(app, index, decision.workers)
                         if before is None or (before.max_size, before.timeout_s) != (
                             decision.max_size,
                             decision.timeout_s,
@@ -533,6 +536,18 @@ class LocalRuntime:
                             for w in self._workers.values():
                                 if w.ready:
                                     self._send(w.index, message)
+
+    def _prewarm(self, app: LocalApp, index: int, count: int) -> None:
+        """Load stage `index` on the `count` workers its capped routing will use, before
+        requests reach them: a model loading on the request path would miss the SLO.
+        Called with the lock held."""
+        key = (app.id, index)
+        ready = [w for w in self._workers.values() if w.ready and not w.retiring]
+        ready.sort(key=lambda w: (key not in w.load.warm, w.index))
+        for w in ready[:count]:
+            if key not in w.load.warm:
+                w.load.warm.add(key)
+                self._send(w.index, ("load", app.id, index))
 
     def _kill_stuck(self) -> None:
         """Kill a worker whose stage has run longer than `stage_timeout_s` (its

@@ -95,6 +95,7 @@ class Worker:
         self.blobs: dict[int, bytes] = {}
         self.plans: dict[int, Plan] = {}
         self.executors: dict[tuple[int, int], tuple[StageExecutor, float]] = {}
+        self.loaded_at: dict[tuple[int, int], float] = {}  # when each stage finished loading
         self.waiting: dict[tuple[int, int, int, int], Task] = {}
         self.started: dict[tuple[int, int, int, int], float] = {}
         self.queues: dict[tuple[int, int], deque[Task]] = {}
@@ -154,6 +155,10 @@ class Worker:
         elif kind == "policy":
             _, app, index, size, timeout_s = message
             self.overrides[(app, index)] = (size, timeout_s)
+        elif kind == "load":  # warm a stage before its requests come
+            plan = self.plan(message[1])
+            if plan is not None:
+                self.executor((message[1], message[2]), plan.stages[message[2]])
         elif kind == "cancel":
             self.cancelled[(message[1], message[2])] = time.monotonic()
         elif kind == "undeploy":
@@ -261,11 +266,7 @@ class Worker:
         self, plan: Plan, stage: Stage, key: tuple[int, int], live: list[Task], now: float
     ) -> None:
         counters = self.counters.setdefault(key, StageCounters())
-        loaded = self.executors.get(key)
-        if loaded is None:
-            loaded = (StageExecutor(stage, self.kvs), now)
-            counters.cold_starts += 1
-        executor = loaded[0]
+        executor = self.executor(key, stage)
         self.busy_since = started = time.monotonic()  # after any cold start
         try:
             results = executor.run([t.inputs for t in live])
@@ -282,11 +283,27 @@ class Worker:
         counters.batches += 1
         counters.latencies.extend(done - t.created for t in live)
         if stage.batching and executor.load_error is None:
-            # service time of the call alone: a cold start would skew the profile
-            latencies = [done - t.created for t in live]
+            # For the batching controller: the service time of the call alone, and the
+            # latencies of requests sent once the stage was loaded (a cold start is no
+            # consequence of its batching choices).
+            loaded_at = self.loaded_at.get(key, 0.0)
+            latencies = [done - t.created for t in live if t.created >= loaded_at]
             counters.batch_log.append((len(live), done - started, done, latencies))
         for task, result in zip(live, results):
             self.forward(plan, task, result)
+
+    def executor(self, key: tuple[int, int], stage: Stage) -> StageExecutor:
+        """The stage's executor, loaded now if it is not (a cold start)."""
+        loaded = self.executors.get(key)
+        if loaded is not None:
+            return loaded[0]
+        executor = StageExecutor(stage, self.kvs)
+        self.counters.setdefault(key, StageCounters()).cold_starts += 1
+        self.dirty = True
+        if executor.load_error is None:  # else tried again with the next request
+            self.loaded_at[key] = now = time.monotonic()
+            self.executors[key] = (executor, now)
+        return executor
 
     def forward(self, plan: Plan, task: Task, result: Any) -> None:
         stage = plan.stages[task.index]
@@ -342,7 +359,7 @@ class Worker:
     def forget_app(self, app: int) -> None:
         self.blobs.pop(app, None)
         self.plans.pop(app, None)
-        for mapping in (self.executors, self.queues, self.counters, self.overrides):
+        for mapping in (self.executors, self.loaded_at, self.queues, self.counters, self.overrides):
             for key in [k for k in mapping if k[0] == app]:
                 del mapping[key]
 
