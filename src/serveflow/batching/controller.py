@@ -47,7 +47,10 @@ INITIAL_TARGET_SCALE = 0.85  # headroom for what the model does not see, until m
 MAX_TARGET_SCALE = 0.9  # planned at the SLO itself, noise alone would miss it half the time
 RELAX_BELOW = 0.75  # measured percentile under this share of the SLO: relax the target
 TIGHTEN_MARGIN = 0.95
-RELAX_STEP = 1.05
+MOST_TIGHTEN = 0.8  # per correction: an overshoot of several times the SLO is a backlog
+# (a plan the workers could not keep up with), not a model error to scale by
+RELAX_STEP = 1.1
+COST_TOLERANCE = 0.05  # the cost objective takes the fastest plan within this of the cheapest
 
 
 @dataclass(frozen=True)
@@ -270,7 +273,7 @@ class BatchingController:
         slo_s = self.policy.slo_ms / 1e3
         measured = float(np.quantile(recent, self.policy.percentile))
         if measured > slo_s and self._decision.feasible:  # (an overload is no model error)
-            shrink = TIGHTEN_MARGIN * slo_s / measured  # a little past the overshoot
+            shrink = max(MOST_TIGHTEN, TIGHTEN_MARGIN * slo_s / measured)  # past the overshoot
             self.target_scale = max(MIN_TARGET_SCALE, self.target_scale * shrink)
         elif measured < RELAX_BELOW * slo_s:
             self.target_scale = min(MAX_TARGET_SCALE, self.target_scale * RELAX_STEP)
@@ -382,7 +385,10 @@ class BatchingController:
         if feasible:
             cheapest = min(e[2] for e in feasible)
             if self.policy.objective == "cost":
-                best = min(feasible, key=lambda e: (round(e[2] / cheapest, 3), e[1]))
+                # The fastest of the nearly cheapest: a little cost buys headroom (the
+                # cheapest plan waits as long as the SLO allows, and noise then misses it).
+                near = [e for e in feasible if e[2] <= cheapest * (1 + COST_TOLERANCE)]
+                best = min(near, key=lambda e: (e[1], e[2]))
             else:
                 budget = (
                     self.policy.cost_budget_ms / 1e3
