@@ -256,15 +256,13 @@ class Worker:
             self.dirty = True
         try:
             if live:
-                self.run_live(plan, stage, key, live, now)
+                self.run_live(plan, stage, key, live)
         finally:
             if stage.replicas > 1:  # the driver counts competing runs until they end
                 for t in batch:
                     self.send(DRIVER, ("done", self.index, t.app, t.rid, t.attempt, t.index))
 
-    def run_live(
-        self, plan: Plan, stage: Stage, key: tuple[int, int], live: list[Task], now: float
-    ) -> None:
+    def run_live(self, plan: Plan, stage: Stage, key: tuple[int, int], live: list[Task]) -> None:
         counters = self.counters.setdefault(key, StageCounters())
         executor = self.executor(key, stage)
         self.busy_since = started = time.monotonic()  # after any cold start
