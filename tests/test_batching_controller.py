@@ -118,6 +118,19 @@ def test_replans_on_rate_shift() -> None:
     assert (second.max_size, second.workers) == (planned.max_size, planned.workers)
 
 
+def test_after_a_step_plans_for_the_rate_since_the_step() -> None:
+    controller, now = _planned(sf.Batching(slo_ms=50), 50)
+    controller.decision(now)
+    # 0.6 s into a step to 1000/s, the last 2 s still hold 1.4 s of the old rate.
+    step = now + MAP.poisson(1000).sample(600, np.random.default_rng(2))
+    for t in step:
+        controller.on_arrival(float(t))
+    stepped = controller.decision(float(step[-1]))
+    fresh, now = _planned(sf.Batching(slo_ms=50), 1000)
+    planned = fresh.decision(now)
+    assert (stepped.max_size, stepped.workers) == (planned.max_size, planned.workers)
+
+
 def test_workers_the_pool_holds_anyway_are_used_for_free() -> None:
     policy = sf.Batching(slo_ms=50)
     alone, now = _planned(policy, 100)
@@ -148,6 +161,23 @@ def test_measured_overshoot_tightens_the_planning_target_and_room_relaxes_it() -
     scale = controller.target_scale
     controller.decision(observe(arrivals[400:], 0.010))  # room again
     assert controller.target_scale > scale
+
+
+def test_an_overshoot_under_more_arrivals_than_planned_is_no_model_error() -> None:
+    controller = BatchingController(sf.Batching(slo_ms=50), 4, profile=_profile())
+    calm = MAP.poisson(50).sample(200, np.random.default_rng(3))
+    busier = calm[-1] + MAP.poisson(70).sample(200, np.random.default_rng(4))
+    for t in calm:
+        controller.on_arrival(float(t))
+        controller.on_batch_done(1, 0.004, now=float(t) + 0.02)
+    controller.decision(float(calm[-1]) + 0.02)
+    before = controller.target_scale
+    # 1.4x the planned rate (not yet a shift) and late: the plan's premise failed.
+    for t in busier:
+        controller.on_arrival(float(t))
+        controller.on_batch_done(1, 0.004, now=float(t) + 0.08)
+    controller.decision(float(busier[-1]) + 0.08)
+    assert controller.target_scale >= before
 
 
 def test_split_slo_by_service_time() -> None:

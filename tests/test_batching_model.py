@@ -17,7 +17,7 @@ SERVICE = linear_service(0.005, 0.001)  # 5 ms + 1 ms per request
 def test_percentiles_are_monotone_in_q() -> None:
     pred = predict(MAP.mmpp2(30, 150, 1.0, 2.0), SERVICE, 8, 0.02, workers=1)
     values = [pred.percentile(q) for q in np.linspace(0.05, 0.995, 40)]
-    assert all(b >= a - 1e-6 for a, b in itertools.pairwise(values))  # brentq tolerance
+    assert all(b >= a - 1e-4 for a, b in itertools.pairwise(values))  # brentq tolerance (s)
     assert values[0] < values[-1]
 
 
@@ -132,6 +132,20 @@ def test_profile_follows_drift() -> None:
     for i in range(200):
         profile.observe(1 + i % 16, 2 * (0.002 + 0.001 * (1 + i % 16)))
     assert profile.b == pytest.approx(0.002, rel=0.15)
+
+
+def test_profile_keeps_its_slope_when_drift_shows_at_few_sizes() -> None:
+    # A slowdown seen only at the sizes the current plan forms (5 and 6) says how much
+    # slower, not how the time grows with the batch: the older batches give the slope.
+    rng = np.random.default_rng(6)
+    profile = ServiceProfile(max_size=16)
+    for i in range(200):
+        profile.observe(1 + i % 16, 0.002 + 0.001 * (1 + i % 16))
+    for i in range(200):
+        size = 5 + i % 2
+        profile.observe(size, 2 * (0.002 + 0.001 * size) * (1 + 0.05 * rng.standard_normal()))
+    assert profile.a == pytest.approx(0.004, rel=0.3)
+    assert profile.b == pytest.approx(0.002, rel=0.2)
 
 
 def test_batching_policy_validation_and_describe() -> None:

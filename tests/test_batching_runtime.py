@@ -87,6 +87,47 @@ def test_workers_a_plan_adds_load_the_stage_before_requests_reach_them():
         runtime.stop()
 
 
+def test_an_slo_stage_fills_one_batch_at_a_time_across_its_workers():
+    # The batching model has one buffer feeding all workers; spread over 2 workers,
+    # 6 requests would form two partial batches of 3, both waiting out the timeout.
+    from serveflow.batching.controller import Decision
+
+    flow = sf.Flow("packed")
+    flow.map(_batch_sizes, names=["size"], batching=sf.Batching(slo_ms=5000), name="model")
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            app.controllers[0].decision = lambda now: Decision(4, 1.0, 2)  # as if planned
+            deadline = time.monotonic() + 20
+            while app.stats()["model"]["cold_starts"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)  # loaded on both workers
+            sent = time.monotonic()
+            futures = [app.run({"a": [i]}) for i in range(6)]
+            first = [f.result(timeout=10).column("size")[0] for f in futures[:4]]
+            assert first == [4] * 4
+            assert time.monotonic() - sent < 0.8  # full: dispatched without the timeout
+            assert [f.result(timeout=10).column("size")[0] for f in futures[4:]] == [2, 2]
+    finally:
+        runtime.stop()
+
+
+def test_requests_avoid_a_worker_still_loading_the_stage():
+    from serveflow.runtime.scheduler import Scheduler, WorkerLoad
+
+    flow = sf.Flow("loading")
+    flow.map(_batch_sizes, names=["size"], batching=sf.Batching(slo_ms=500))
+    plan = flow.optimize()
+    key = (0, 0)
+    busy = WorkerLoad(outstanding=3, warm={key})
+    loading = WorkerLoad(warm={key}, loading={key})  # idle, but seconds from ready
+    workers = {0: busy, 1: loading}
+    scheduler = Scheduler()
+    assert scheduler.route(0, plan, workers)[0] == (0,)
+    assert scheduler.route(0, plan, workers, packs={0: (4, 0.1)})[0] == (0,)
+    loading.loading.clear()
+    assert scheduler.route(0, plan, workers)[0] == (1,)
+
+
 def test_slo_policy_batches_more_under_load_and_reports_its_choices(runtime):
     def model(table: sf.Table) -> list[int]:
         time.sleep(0.004 + 0.0005 * len(table))

@@ -312,6 +312,27 @@ class ArrivalLog:
             return None
         return fit_map(gaps)
 
+    def change_point(self, now: float, over_s: float, least: int = 10) -> float:
+        """When the rate of the last `over_s` seconds most likely changed: the split
+        that maximizes the likelihood of a Poisson rate before it and another after it
+        (with at least `least` arrivals after); `now - over_s` when none is found."""
+        start = now - over_s
+        times = self.times(now)
+        times = times[times >= start]
+        n = len(times)
+        if n < 2 * least:
+            return start
+        splits = times[: n - least + 1]  # the change at an arrival, `least` or more after
+        before = np.arange(len(splits), dtype=float)
+        after = n - before
+        t_before = np.maximum(splits - start, 1e-9)
+        t_after = np.maximum(now - splits, 1e-9)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            loglik = np.where(before > 0, before * np.log(before / t_before), 0.0) + after * np.log(
+                after / t_after
+            )
+        return float(splits[int(np.argmax(loglik))])
+
     def rate_shift(self, now: float, fitted: MAP, over_s: float = 2.0) -> bool:
         """True when the rate of the last `over_s` seconds is far outside what the
         fitted process produces (above 1.5x its fastest phase or below 2/3 of its

@@ -28,9 +28,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from serveflow.batching.arrivals import MAP, ArrivalLog
-from serveflow.batching.model import Prediction, buffer_laws, predict, slow_switching
+from serveflow.batching.model import (
+    Prediction,
+    buffer_laws,
+    noise_points,
+    predict,
+    slow_switching,
+)
 from serveflow.batching.profile import ServiceProfile
 from serveflow.logical.operators import Batching
 
@@ -50,6 +57,7 @@ TIGHTEN_MARGIN = 0.95
 MOST_TIGHTEN = 0.8  # per correction: an overshoot of several times the SLO is a backlog
 # (a plan the workers could not keep up with), not a model error to scale by
 RELAX_STEP = 1.1
+PREMISE_RATE_SLACK = 1.2  # arrivals above this x the planned peak rate void a correction
 COST_TOLERANCE = 0.05  # the cost objective takes the fastest plan within this of the cheapest
 
 
@@ -180,18 +188,21 @@ class BatchingController:
             if not self.policy.adaptive:
                 return self._decision
             due = now - self._planned_at >= self.replan_s
+            shifted = False
             if self._fitted is not None and (due or now - self._shift_checked_at >= SHIFT_CHECK_S):
                 self._shift_checked_at = now
                 if self.arrivals.rate_shift(now, self._fitted, SHIFT_WINDOW_S):
                     log.info("arrival rate shift detected: re-planning")
                     self._recent = []  # the old plan's latencies say nothing of the model
-                    due = True
+                    due = shifted = True
             if not due:
                 return self._decision
-            work = self._start_plan(now)
+            work = self._start_plan(now, shifted)
         if work is not None:  # the search runs outside the lock: admissions go on
             key, fitted, profile = work
-            found = self.search(fitted, profile)
+            # one BLAS thread: the matrices are small, and the cores serve requests
+            with threadpool_limits(1):
+                found = self.search(fitted, profile)
             with self._lock:
                 if len(self._cache) > 256:
                     self._cache.clear()
@@ -264,15 +275,25 @@ class BatchingController:
             wait = min(wait, self.policy.timeout_ms / 1e3)
         return Decision(max(size, 2) if self._cap > 1 else 1, wait, self.max_workers, feasible=True)
 
-    def _correct(self) -> None:
-        """Adjust `target_scale` from the percentile measured since the last plan."""
+    def _correct(self, now: float, since: float) -> None:
+        """Adjust `target_scale` from the percentile measured since the last plan (at
+        `since`)."""
         recent, self._recent = self._recent, []
         if len(recent) < MIN_FOR_CORRECTION:
             self._recent = recent  # keep collecting
             return
         slo_s = self.policy.slo_ms / 1e3
         measured = float(np.quantile(recent, self.policy.percentile))
-        if measured > slo_s and self._decision.feasible:  # (an overload is no model error)
+        # An overshoot is a model error only when the plan's premises held: it was
+        # predicted feasible, and no more arrived than the process it was planned for
+        # produces (a rate it did not plan for, or an overload, is no model error).
+        planned_for = self._fitted.phase_rates.max() if self._fitted is not None else math.inf
+        premises = (
+            self._decision.predicted_ms is not None  # a plan, not warm-up exploration
+            and self._decision.feasible
+            and self.arrivals.rate(now, now - since) <= PREMISE_RATE_SLACK * planned_for
+        )
+        if measured > slo_s and premises:
             shrink = max(MOST_TIGHTEN, TIGHTEN_MARGIN * slo_s / measured)  # past the overshoot
             self.target_scale = max(MIN_TARGET_SCALE, self.target_scale * shrink)
         elif measured < RELAX_BELOW * slo_s:
@@ -283,13 +304,14 @@ class BatchingController:
         """The SLO the search plans against (seconds)."""
         return self.policy.slo_ms / 1e3 * self.target_scale
 
-    def _start_plan(self, now: float) -> tuple[tuple, MAP, ServiceProfile] | None:
-        """Under the lock: correct the target, fit arrivals, and either settle the
-        decision (warm-up, cached plan) or return what a search needs."""
-        self._planned_at = now
+    def _start_plan(self, now: float, shifted: bool) -> tuple[tuple, MAP, ServiceProfile] | None:
+        """Under the lock: correct the target, fit arrivals (`shifted`: the rate has
+        left the planned process), and either settle the decision (warm-up, cached
+        plan) or return what a search needs."""
+        since, self._planned_at = self._planned_at, now
         self._shift_checked_at = now
-        self._correct()
-        fitted = self._fit(now) if len(self.arrivals) >= MIN_ARRIVALS_TO_PLAN else None
+        self._correct(now, since)
+        fitted = self._fit(now, shifted) if len(self.arrivals) >= MIN_ARRIVALS_TO_PLAN else None
         if fitted is None or not self.profile.ready:
             self._decision = self._warmup_decision()
             return None
@@ -304,13 +326,18 @@ class BatchingController:
             return None
         return key, fitted, copy.deepcopy(self.profile)
 
-    def _fit(self, now: float) -> MAP | None:
+    def _fit(self, now: float, shifted: bool) -> MAP | None:
         """The arrival process to plan for: fitted to the whole window (where a bursty
-        one shows its bursts), or to the last seconds alone when their rate is far from
-        what that process produces (a burst longer than it knows, or a new level)."""
+        one shows its bursts), or to the arrivals since the rate changed when it has
+        left the planned process (`shifted`) or is far from what the window's process
+        produces (a burst longer than it knows, or a new level)."""
         fitted = self.arrivals.fit(now)
-        if fitted is not None and self.arrivals.rate_shift(now, fitted, SHIFT_WINDOW_S):
-            return self.arrivals.fit(now, SHIFT_WINDOW_S) or fitted
+        if fitted is not None and (
+            shifted or self.arrivals.rate_shift(now, fitted, SHIFT_WINDOW_S)
+        ):
+            # from the change on: arrivals before it would hold the estimate back
+            since = self.arrivals.change_point(now, SHIFT_WINDOW_S)
+            return self.arrivals.fit(now, now - since) or fitted
         return fitted
 
     def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
@@ -337,7 +364,8 @@ class BatchingController:
         evaluated: list[tuple[Prediction, float, float]] = []  # (prediction, p_s, cost)
         per_phase = slow_switching(arrivals)
         pairs = self.candidates(service)
-        noise = service.residuals()
+        residuals = service.residuals()  # reduced once to the points every prediction uses
+        noise = noise_points(residuals)[0] if residuals is not None else None
         # One matrix exponential per (batch size, process): all timeouts share its grid.
         processes = (
             [MAP.poisson(float(r)) if r > 0 else None for r in arrivals.phase_rates]

@@ -1,8 +1,11 @@
 """Service time as a function of batch size, learned online: `a + b * size`.
 
 Warm-up explores a ladder of batch sizes; then a robust (soft-L1) least-squares fit
-over recent observations, refitted every few batches and from recent batches only
-when the observed times drift away from the fitted line.
+over the last observations of each batch size, refitted every few batches. Keeping
+every size seen (not just the latest batches, which under a steady plan all have
+about one size and fit no slope) keeps the slope known; when recent times drift away
+from the fitted line (e.g. other load on the machine), the older ones are scaled by
+the drift before the refit.
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ from scipy.optimize import least_squares
 
 log = logging.getLogger(__name__)
 
+RECENT = 32  # the latest observations, judged for drift
+
 
 class ServiceProfile:
     """Learned batch service time. `observe(size, seconds)` after each batch;
     `predict(sizes)` gives seconds (an array), `residuals()` the spread around it;
     `ready` once fitted from at least two distinct sizes (before that, a single size
-    is extrapolated as `size * t(1)`)."""
+    is extrapolated as `size * t(1)`). `history`: observations kept per batch size."""
 
     def __init__(
         self,
         max_size: int = 64,
-        history: int = 512,
+        history: int = 32,
         refit_every: int = 16,
         drift: float = 0.25,
         a: float | None = None,
@@ -34,7 +39,9 @@ class ServiceProfile:
         if max_size < 1 or history < 8:
             raise ValueError("ServiceProfile: max_size must be >= 1 and history >= 8")
         self.max_size = max_size
-        self._obs: deque[tuple[int, float]] = deque(maxlen=history)
+        self._history = history
+        self._by_size: dict[int, deque[tuple[int, float]]] = {}  # size -> (seq, seconds)
+        self._seq = 0
         self._refit_every = refit_every
         self._drift = drift
         self._since_fit = 0
@@ -48,38 +55,45 @@ class ServiceProfile:
     def explore_sizes(self) -> list[int]:
         """Batch sizes still worth trying in warm-up: a ladder 1, 2, 4, ... up to
         `max_size` minus the sizes already observed."""
-        seen = {size for size, _ in self._obs}
         ladder, size = [], 1
         while size < self.max_size:
             ladder.append(size)
             size *= 2
         ladder.append(self.max_size)
-        return [size for size in ladder if size not in seen]
+        return [size for size in ladder if size not in self._by_size]
 
     def observe(self, size: int, seconds: float) -> None:
         if size < 1 or not np.isfinite(seconds) or seconds < 0:
             return
-        self._obs.append((int(size), float(seconds)))
+        bucket = self._by_size.setdefault(int(size), deque(maxlen=self._history))
+        bucket.append((self._seq, float(seconds)))
+        self._seq += 1
         self._since_fit += 1
         if not self.ready or self._since_fit >= self._refit_every:
             self._refit()
 
+    def _data(self) -> np.ndarray:
+        """(size, seq, seconds) rows, oldest first."""
+        rows = [(size, seq, t) for size, obs in self._by_size.items() for seq, t in obs]
+        data = np.array(rows, dtype=float).reshape(-1, 3)
+        return data[np.argsort(data[:, 1], kind="stable")]
+
     def _refit(self) -> None:
         self._since_fit = 0
-        data = np.array(self._obs)
+        data = self._data()
         if len(data) == 0:
             return
-        sizes, times = data[:, 0], data[:, 1]
-        if self.ready and len(data) >= 32:
-            recent = slice(-len(data) // 4, None)
-            predicted = self.a + self.b * sizes[recent]
-            gap = np.median(times[recent] / np.maximum(predicted, 1e-9)) - 1.0
-            if abs(gap) > self._drift:  # drifted: forget the old regime
-                log.info("service time drifted by %+.0f%%: refitting on recent batches", gap * 100)
-                keep = list(self._obs)[recent]
-                self._obs.clear()
-                self._obs.extend(keep)
-                sizes, times = sizes[recent], times[recent]
+        sizes, times = data[:, 0], data[:, 2]
+        if self.ready and len(data) >= 2 * RECENT:
+            predicted = self.a + self.b * sizes[-RECENT:]
+            gap = np.median(times[-RECENT:] / np.maximum(predicted, 1e-9)) - 1.0
+            if abs(gap) > self._drift:
+                log.info("service time drifted by %+.0f%%: rescaling older batches", gap * 100)
+                times[:-RECENT] *= 1.0 + gap
+                self._by_size = {}
+                for size, seq, t in zip(sizes.astype(int), data[:, 1].astype(int), times):
+                    bucket = self._by_size.setdefault(int(size), deque(maxlen=self._history))
+                    bucket.append((int(seq), float(t)))
         if len(np.unique(sizes)) < 2:
             return
         slope0, icpt0 = np.polyfit(sizes, times, 1)
@@ -99,22 +113,22 @@ class ServiceProfile:
         sizes = np.asarray(sizes, dtype=float)
         if self.ready:
             return self.a + self.b * sizes
-        if self._obs:  # one size seen: assume no batching gain (pessimistic)
-            per_item = np.median([t / s for s, t in self._obs])
+        if self._by_size:  # one size seen: assume no batching gain (pessimistic)
+            per_item = np.median([t / s for s, obs in self._by_size.items() for _, t in obs])
             return per_item * sizes
         return np.zeros_like(sizes)
 
     def residuals(self, last: int = 256) -> np.ndarray | None:
         """How far the last `last` observed times fell from the fitted curve (seconds;
         None before the fit): the spread the model adds to its service times."""
-        if not self.ready or not self._obs:
+        if not self.ready or not self._by_size:
             return None
-        data = np.array(list(self._obs)[-last:])
-        return data[:, 1] - self.predict(data[:, 0])
+        data = self._data()[-last:]
+        return data[:, 2] - self.predict(data[:, 0])
 
     def __call__(self, sizes: np.ndarray) -> np.ndarray:
         return self.predict(sizes)
 
     @property
     def observations(self) -> int:
-        return len(self._obs)
+        return sum(len(obs) for obs in self._by_size.values())

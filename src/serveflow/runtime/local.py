@@ -238,8 +238,10 @@ class LocalRuntime:
         with self._lock:
             self._apps.pop(app.id, None)
             self._blobs.pop(app.id, None)
+            self._scheduler.forget(app.id)
             for w in self._workers.values():
                 w.load.warm -= {k for k in w.load.warm if k[0] == app.id}
+                w.load.loading -= {k for k in w.load.loading if k[0] == app.id}
                 if w.ready:
                     self._send(w.index, ("undeploy", app.id))
 
@@ -286,7 +288,10 @@ class LocalRuntime:
             self._unrouted.append((app, request))
             return
         caps = {i: d.workers for i, d in app.decisions.items()}
-        request.route = self._scheduler.route(app.id, app.plan, loads, caps)
+        packs = {i: (d.max_size, d.timeout_s) for i, d in app.decisions.items()}
+        request.route = self._scheduler.route(
+            app.id, app.plan, loads, caps, packs, time.monotonic()
+        )
         for index, chosen in enumerate(request.route):
             if app.plan.stages[index].replicas > 1:
                 for w in chosen:
@@ -450,6 +455,8 @@ class LocalRuntime:
                 if app is None:
                     continue
                 requests, batches, cold_starts, latencies, batch_log = counts
+                if cold_starts:
+                    w.load.loading.discard((app_id, stage_index))
                 sizes = [size for size, _, _, _ in batch_log if size]
                 app.stage_stats[stage_index].add(requests, batches, cold_starts, latencies, sizes)
                 controller = app.controllers.get(stage_index)
@@ -519,9 +526,7 @@ class LocalRuntime:
                     with self._lock:
                         before = app.decisions.get(index)
                         app.decisions[index] = decision
-                        planned = decision.predicted_ms is not None  # not warming up
-                        if planned and (before is None or before.workers != decision.workers):
-                            self._prewarm(app, index, decision.workers)
+                        self._prewarm(app, index, decision.workers)
                         if before is None or (before.max_size, before.timeout_s) != (
                             decision.max_size,
                             decision.timeout_s,
@@ -547,6 +552,7 @@ class LocalRuntime:
         for w in ready[:count]:
             if key not in w.load.warm:
                 w.load.warm.add(key)
+                w.load.loading.add(key)  # routed elsewhere until its report says loaded
                 self._send(w.index, ("load", app.id, index))
 
     def _kill_stuck(self) -> None:

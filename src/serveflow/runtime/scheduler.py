@@ -3,6 +3,10 @@
 - `Scheduler.route`: for each stage of a request, which workers run it: one where the
   stage is warm with the fewest requests outstanding, a cold one when the warm ones are
   busy (the stage then scales out), `replicas` distinct workers for competing stages.
+  An SLO-batching stage packs its batches instead: consecutive requests go to one
+  worker until its batch is full or timed out, as if one buffer fed all workers (the
+  queue the batching model predicts; spread over k workers, each batch would fill k
+  times slower).
 - `targets`: for a stage that starts at a dynamic lookup, the worker is chosen from
   the candidates by a stable hash of the looked-up key, so the same key always reaches
   the same worker and finds its value in that worker's cache (locality).
@@ -24,6 +28,7 @@ Route = tuple[tuple[int, ...], ...]  # per stage index: the worker indices that 
 StageKey = tuple[int, int]  # (app id, stage index)
 
 COLD_PENALTY = 0.5  # a warm worker is preferred over a cold one only when as idle
+LOADING_PENALTY = 1000.0  # one still loading the stage only when all are (seconds away)
 
 
 @dataclass
@@ -32,30 +37,50 @@ class WorkerLoad:
 
     outstanding: int = 0  # stage runs routed to it whose request is not finished
     warm: set[StageKey] | None = None
+    loading: set[StageKey] | None = None  # warm stages it has not finished loading
 
     def __post_init__(self) -> None:
         self.warm = self.warm if self.warm is not None else set()
+        self.loading = self.loading if self.loading is not None else set()
+
+
+@dataclass
+class OpenBatch:
+    """The batch a packed stage is filling: on `worker`, `count` requests so far, the
+    first sent at `opened_at`."""
+
+    worker: int
+    count: int
+    opened_at: float
 
 
 class Scheduler:
+    def __init__(self) -> None:
+        self._open: dict[StageKey, OpenBatch] = {}
+
     def route(
         self,
         app_id: int,
         plan: Plan,
         workers: Mapping[int, WorkerLoad],
         caps: Mapping[int, int] | None = None,
+        packs: Mapping[int, tuple[int, float]] | None = None,
+        now: float = 0.0,
     ) -> Route:
         """Pick workers for every stage of one request and count them as outstanding.
-        `caps` limits some stages (by index) to that many workers."""
+        `caps` limits some stages (by index) to that many workers; `packs` gives some
+        stages' (batch size, timeout seconds) to pack batches by, at time `now`."""
         route = []
         for index, stage in enumerate(plan.stages):
             key = (app_id, index)
+            cap = (caps or {}).get(index)
             if follows_winner(plan, index):
                 chosen: list[int] = []
             elif stage.locality_key:
                 chosen = self._candidates(key, workers)
+            elif packs and index in packs:
+                chosen = [self._pack(key, workers, cap, *packs[index], now)]
             else:
-                cap = (caps or {}).get(index)
                 chosen = self._least_loaded(key, workers, stage.replicas, cap)
             for w in chosen:
                 workers[w].warm.add(key)
@@ -64,12 +89,44 @@ class Scheduler:
             workers[w].outstanding += 1
         return tuple(route)
 
+    def _pack(
+        self,
+        key: StageKey,
+        workers: Mapping[int, WorkerLoad],
+        cap: int | None,
+        size: int,
+        timeout_s: float,
+        now: float,
+    ) -> int:
+        """The worker of the stage's open batch while it has room and time (the
+        worker dispatches it when full or `timeout_s` after its first request was
+        sent), else the least loaded one, where a new batch opens."""
+        batch = self._open.get(key)
+        if (
+            batch is not None
+            and batch.worker in workers
+            and batch.count < size
+            and now - batch.opened_at < timeout_s
+        ):
+            batch.count += 1
+            return batch.worker
+        worker = self._least_loaded(key, workers, 1, cap)[0]
+        self._open[key] = OpenBatch(worker, 1, now)
+        return worker
+
+    def forget(self, app_id: int) -> None:
+        """Drop an undeployed app's open batches."""
+        for key in [k for k in self._open if k[0] == app_id]:
+            del self._open[key]
+
     @staticmethod
     def _least_loaded(
         key: StageKey, workers: Mapping[int, WorkerLoad], n: int, cap: int | None = None
     ) -> list[int]:
         def score(w: int) -> float:
             load = workers[w]
+            if key in load.loading:
+                return load.outstanding + LOADING_PENALTY
             return load.outstanding + (0.0 if key in load.warm else COLD_PENALTY)
 
         pool = list(workers)
