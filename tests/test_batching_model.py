@@ -125,6 +125,20 @@ def test_profile_learns_linear_service_through_noise() -> None:
     assert profile.b == pytest.approx(0.0015, rel=0.1)
 
 
+def test_profile_learns_the_growth_of_large_batches() -> None:
+    # A real model slows per request past some batch size: a line through the small
+    # sizes would promise a large batch too soon.
+    rng = np.random.default_rng(7)
+    profile = ServiceProfile(max_size=32)
+    for _ in range(400):
+        size = int(rng.integers(1, 33))
+        true = 0.005 + 0.002 * size + 0.0001 * size**2
+        profile.observe(size, true * (1.0 + 0.03 * rng.standard_normal()))
+    for size in (1, 8, 32):
+        true = 0.005 + 0.002 * size + 0.0001 * size**2
+        assert profile.predict(np.array([size]))[0] == pytest.approx(true, rel=0.08)
+
+
 def test_profile_follows_drift() -> None:
     profile = ServiceProfile(max_size=16, history=128)
     for i in range(200):

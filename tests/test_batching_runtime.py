@@ -128,6 +128,27 @@ def test_requests_avoid_a_worker_still_loading_the_stage():
     assert scheduler.route(0, plan, workers)[0] == (1,)
 
 
+def test_the_planner_process_answers_as_the_driver_would_and_survives_a_crash():
+    from serveflow.batching import MAP, BatchingController, ServiceProfile
+    from serveflow.batching.controller import search_here
+    from serveflow.runtime.planner import PlannerProcess
+
+    profile = ServiceProfile(a=0.005, b=0.001)
+    space = BatchingController(sf.Batching(slo_ms=50), 2, profile=profile).space()
+    arrivals = MAP.mmpp2(50, 400, 0.5, 1.0)
+    here = search_here(space, arrivals, profile)
+    planner = PlannerProcess()
+    try:
+        assert planner.search(space, arrivals, profile) == here
+        pid = planner._process.pid
+        planner._process.kill()  # a crash between searches: the next one still answers
+        planner._process.wait()
+        assert planner.search(space, arrivals, profile) == here
+        assert planner._process is None or planner._process.pid != pid
+    finally:
+        planner.close()
+
+
 def test_slo_policy_batches_more_under_load_and_reports_its_choices(runtime):
     def model(table: sf.Table) -> list[int]:
         time.sleep(0.004 + 0.0005 * len(table))

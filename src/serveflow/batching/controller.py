@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +89,8 @@ class BatchingController:
     `policy.percentile` latency is within `policy.slo_ms`, or with
     `objective="latency"` the lowest latency within the cost budget. Candidates:
     batch sizes up to `policy.max_size` (else 64), timeouts up to `policy.timeout_ms`
-    (else 60% of the SLO), 1..`max_workers` workers.
+    (else 60% of the SLO), 1..`max_workers` workers. `searcher` runs each search
+    (default `search_here`; a runtime may run it in another process).
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class BatchingController:
         idle_price: float = 0.1,
         grid: int = 120,
         profile: ServiceProfile | None = None,
+        searcher: Searcher | None = None,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"BatchingController: max_workers must be >= 1, got {max_workers}")
@@ -112,6 +114,7 @@ class BatchingController:
         self.replan_s = replan_s
         self.idle_price = idle_price
         self.grid = grid
+        self._searcher = searcher or search_here
         self._cap = policy.max_size or (SIZE_LADDER[-1] if policy.adaptive else policy.size)
         self.arrivals = ArrivalLog(window_s)
         self.profile = profile or ServiceProfile(max_size=self._cap)
@@ -199,10 +202,8 @@ class BatchingController:
                 return self._decision
             work = self._start_plan(now, shifted)
         if work is not None:  # the search runs outside the lock: admissions go on
-            key, fitted, profile = work
-            # one BLAS thread: the matrices are small, and the cores serve requests
-            with threadpool_limits(1):
-                found = self.search(fitted, profile)
+            key, fitted, profile, space = work
+            found = self._searcher(space, fitted, profile)
             with self._lock:
                 if len(self._cache) > 256:
                     self._cache.clear()
@@ -246,7 +247,11 @@ class BatchingController:
                 "feasible": d.feasible,
                 "cost_ms": d.cost_ms,
                 "service_ms": (
-                    {"a": self.profile.a * 1e3, "b": self.profile.b * 1e3}
+                    {
+                        "a": self.profile.a * 1e3,
+                        "b": self.profile.b * 1e3,
+                        "c": self.profile.c * 1e3,
+                    }
                     if self.profile.ready
                     else None
                 ),
@@ -304,7 +309,9 @@ class BatchingController:
         """The SLO the search plans against (seconds)."""
         return self.policy.slo_ms / 1e3 * self.target_scale
 
-    def _start_plan(self, now: float, shifted: bool) -> tuple[tuple, MAP, ServiceProfile] | None:
+    def _start_plan(
+        self, now: float, shifted: bool
+    ) -> tuple[tuple, MAP, ServiceProfile, SearchSpace] | None:
         """Under the lock: correct the target, fit arrivals (`shifted`: the rate has
         left the planned process), and either settle the decision (warm-up, cached
         plan) or return what a search needs."""
@@ -319,12 +326,12 @@ class BatchingController:
         key = (
             _rounded(fitted.d0.ravel()),
             _rounded(fitted.d1.ravel()),
-            _rounded([self.profile.a, self.profile.b, self.target_scale]),
+            _rounded([self.profile.a, self.profile.b, self.profile.c, self.target_scale]),
         )
         if key in self._cache:
             self._decision = self._cache[key]
             return None
-        return key, fitted, copy.deepcopy(self.profile)
+        return key, fitted, copy.deepcopy(self.profile), self.space()
 
     def _fit(self, now: float, shifted: bool) -> MAP | None:
         """The arrival process to plan for: fitted to the whole window (where a bursty
@@ -340,13 +347,60 @@ class BatchingController:
             return self.arrivals.fit(now, now - since) or fitted
         return fitted
 
+    def space(self) -> SearchSpace:
+        """What a plan searches now (the planning target as it stands)."""
+        return SearchSpace(
+            self.policy,
+            self._slo_s,
+            self._cap,
+            self.max_workers,
+            self.held_workers,
+            self.idle_price,
+            self.grid,
+        )
+
     def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
         """(batch size, timeout) pairs worth evaluating under the SLO."""
-        slo_s = self._slo_s
+        return self.space().candidates(service)
+
+    def search(self, arrivals: MAP, service: ServiceProfile) -> Decision:
+        """The best configuration for `arrivals` and `service` (see the class doc)."""
+        return self.space().search(arrivals, service)
+
+    def _predicted_wait(self, queued: int, oldest_wait_s: float) -> float:
+        """Rough latency of a request arriving behind `queued` others now."""
+        d = self._decision
+        size = max(d.max_size, 1)
+        service = self.profile.predict(np.array([1, size]))
+        ahead = queued + 1
+        rounds = math.ceil(ahead / (size * d.workers))
+        forming = max(d.timeout_s - oldest_wait_s, 0.0) if ahead < size else 0.0
+        last = float(service[0]) if rounds == 1 and ahead < size else float(service[1])
+        return forming + (rounds - 1) * float(service[1]) + last
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """One plan's search: configurations of at most `cap` requests per batch and
+    `max_workers` workers, judged against `slo_s` (the SLO planned against) and priced
+    as `BatchingController` describes. Plain data, so that a runtime can run the
+    search in another process (it is CPU-bound Python for up to a second)."""
+
+    policy: Batching
+    slo_s: float
+    cap: int
+    max_workers: int
+    held_workers: int
+    idle_price: float
+    grid: int
+
+    def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
+        """(batch size, timeout) pairs worth evaluating under the SLO."""
+        slo_s = self.slo_s
         cap_t = self.policy.timeout_ms / 1e3 if self.policy.timeout_ms is not None else math.inf
         one = float(service.predict(np.array([1]))[0])
         pairs = []
-        for size in sorted({s for s in SIZE_LADDER if s <= self._cap} | {self._cap}):
+        for size in sorted({s for s in SIZE_LADDER if s <= self.cap} | {self.cap}):
             if float(service.predict(np.array([size]))[0]) >= slo_s:
                 continue
             for share in TIMEOUT_SHARES:
@@ -357,8 +411,8 @@ class BatchingController:
         return sorted(set(pairs))
 
     def search(self, arrivals: MAP, service: ServiceProfile) -> Decision:
-        """The best configuration for `arrivals` and `service` (see the class doc)."""
-        slo_s = self._slo_s
+        """The best configuration for `arrivals` and `service`."""
+        slo_s = self.slo_s
         q = self.policy.percentile
         rate = arrivals.rate
         evaluated: list[tuple[Prediction, float, float]] = []  # (prediction, p_s, cost)
@@ -429,18 +483,17 @@ class BatchingController:
         if evaluated:  # overload: the lowest predicted latency, the SLO cannot hold
             return _decision(min(evaluated, key=lambda e: (e[1], e[2])), False)
         # Not even stable: the most throughput we have.
-        return Decision(self._cap, min(0.6 * slo_s, slo_s), self.max_workers, math.inf, False)
+        return Decision(self.cap, min(0.6 * slo_s, slo_s), self.max_workers, math.inf, False)
 
-    def _predicted_wait(self, queued: int, oldest_wait_s: float) -> float:
-        """Rough latency of a request arriving behind `queued` others now."""
-        d = self._decision
-        size = max(d.max_size, 1)
-        service = self.profile.predict(np.array([1, size]))
-        ahead = queued + 1
-        rounds = math.ceil(ahead / (size * d.workers))
-        forming = max(d.timeout_s - oldest_wait_s, 0.0) if ahead < size else 0.0
-        last = float(service[0]) if rounds == 1 and ahead < size else float(service[1])
-        return forming + (rounds - 1) * float(service[1]) + last
+
+Searcher = Callable[[SearchSpace, MAP, ServiceProfile], Decision]
+
+
+def search_here(space: SearchSpace, arrivals: MAP, service: ServiceProfile) -> Decision:
+    """Run a search in this process, on one BLAS thread (the matrices are small, and
+    the other cores serve requests)."""
+    with threadpool_limits(1):
+        return space.search(arrivals, service)
 
 
 def _decision(entry: tuple[Prediction, float, float], feasible: bool) -> Decision:

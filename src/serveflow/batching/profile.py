@@ -1,4 +1,6 @@
-"""Service time as a function of batch size, learned online: `a + b * size`.
+"""Service time as a function of batch size, learned online: `a + b * size + c * size**2`
+(all >= 0: a fixed cost per call, a cost per request, and the growth a large batch
+shows on a real model, e.g. a transformer's padding and cache misses).
 
 Warm-up explores a ladder of batch sizes; then a robust (soft-L1) least-squares fit
 over the last observations of each batch size, refitted every few batches. Keeping
@@ -35,6 +37,7 @@ class ServiceProfile:
         drift: float = 0.25,
         a: float | None = None,
         b: float | None = None,
+        c: float = 0.0,
     ) -> None:
         if max_size < 1 or history < 8:
             raise ValueError("ServiceProfile: max_size must be >= 1 and history >= 8")
@@ -45,7 +48,7 @@ class ServiceProfile:
         self._refit_every = refit_every
         self._drift = drift
         self._since_fit = 0
-        self.a, self.b = a, b
+        self.a, self.b, self.c = a, b, c
         self.refits = 0
 
     @property
@@ -85,7 +88,7 @@ class ServiceProfile:
             return
         sizes, times = data[:, 0], data[:, 2]
         if self.ready and len(data) >= 2 * RECENT:
-            predicted = self.a + self.b * sizes[-RECENT:]
+            predicted = self.predict(sizes[-RECENT:])
             gap = np.median(times[-RECENT:] / np.maximum(predicted, 1e-9)) - 1.0
             if abs(gap) > self._drift:
                 log.info("service time drifted by %+.0f%%: rescaling older batches", gap * 100)
@@ -98,21 +101,22 @@ class ServiceProfile:
             return
         slope0, icpt0 = np.polyfit(sizes, times, 1)
         scale = max(float(np.median(times)), 1e-6)
+        curved = len(np.unique(sizes)) >= 3  # a curvature needs three sizes to show
         fit = least_squares(
-            lambda p: (p[0] + p[1] * sizes - times) / scale,
-            x0=[max(icpt0, 0.0), max(slope0, 0.0)],
-            bounds=([0.0, 0.0], [np.inf, np.inf]),
+            lambda p: (p[0] + p[1] * sizes + p[2] * sizes**2 - times) / scale,
+            x0=[max(icpt0, 0.0), max(slope0, 0.0), 0.0],
+            bounds=([0.0, 0.0, 0.0], [np.inf, np.inf, np.inf if curved else 1e-12]),
             loss="soft_l1",
             f_scale=0.1,
             max_nfev=50,
         )
-        self.a, self.b = float(fit.x[0]), float(fit.x[1])
+        self.a, self.b, self.c = float(fit.x[0]), float(fit.x[1]), float(fit.x[2])
         self.refits += 1
 
     def predict(self, sizes: np.ndarray) -> np.ndarray:
         sizes = np.asarray(sizes, dtype=float)
         if self.ready:
-            return self.a + self.b * sizes
+            return self.a + self.b * sizes + self.c * sizes**2
         if self._by_size:  # one size seen: assume no batching gain (pessimistic)
             per_item = np.median([t / s for s, obs in self._by_size.items() for _, t in obs])
             return per_item * sizes

@@ -36,6 +36,7 @@ from serveflow.runtime.transport import Endpoint, PeerGone
 
 if TYPE_CHECKING:
     from serveflow.batching.controller import BatchingController, Decision
+    from serveflow.runtime.planner import PlannerProcess
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,13 @@ class LocalApp(App):
         if adaptive:  # imported here: scipy is too slow to import in every worker
             from serveflow.batching.controller import BatchingController
 
+            searcher = runtime.planner().search
             self.controllers = {
                 i: BatchingController(
-                    plan.stages[i].batching, runtime.max_workers, held_workers=runtime.min_workers
+                    plan.stages[i].batching,
+                    runtime.max_workers,
+                    held_workers=runtime.min_workers,
+                    searcher=searcher,
                 )
                 for i in adaptive
             }
@@ -103,7 +108,7 @@ class LocalApp(App):
         for index in self.plan.slo_stages:
             profile, decision = self.controllers[index].profile, self.decisions.get(index)
             if profile.ready and decision is not None:
-                service[index] = (profile.a + profile.b * decision.max_size) * 1e3
+                service[index] = float(profile.predict([decision.max_size])[0]) * 1e3
         if len(service) < 2 or self.plan.slo_ms is None:
             return
         from serveflow.optimizer.slo import assign_slo
@@ -211,6 +216,16 @@ class LocalRuntime:
         # active), "done" (run ended first), "orphan" (request ended first: the run
         # still holds its worker until the worker says "done")
         self._replicas: dict[tuple[int, int, int, int, int], str] = {}
+        self._planner: PlannerProcess | None = None  # searches batching plans, once needed
+
+    def planner(self) -> PlannerProcess:
+        """The process that searches batching plans (out of the driver's GIL)."""
+        from serveflow.runtime.planner import PlannerProcess
+
+        with self._lock:
+            if self._planner is None:
+                self._planner = PlannerProcess()
+            return self._planner
 
     # -- deployment ---------------------------------------------------------------------
     def deploy(self, plan: Plan, *, owns_runtime: bool = False) -> LocalApp:
@@ -677,5 +692,7 @@ class LocalRuntime:
             for thread in self._threads:
                 thread.join()
             self._endpoint.close()
+        if self._planner is not None:
+            self._planner.close()
         codec.sweep(self._token)
         self.kvs.close()

@@ -1,0 +1,97 @@
+"""Batching plans searched in a process of their own.
+
+A plan search is CPU-bound Python for up to a second. In the driver it would hold the
+GIL that routing and result delivery need: every request in flight would stall for
+the length of each search, a tail-latency spike every few seconds. The planner
+process runs the searches instead, at a lower CPU priority than the workers, on one
+BLAS thread; the driver's planner thread waits on a pipe, without the GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+from serveflow.batching.arrivals import MAP
+from serveflow.batching.controller import Decision, SearchSpace, search_here
+from serveflow.batching.profile import ServiceProfile
+
+log = logging.getLogger(__name__)
+
+PLANNER_MAIN = "from serveflow.runtime.planner import serve; serve()"
+NICENESS = 10
+
+
+class PlannerProcess:
+    """`search(space, arrivals, service)` in a planner process, started on first use
+    (and again if it died: that search then runs here)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+
+    def search(self, space: SearchSpace, arrivals: MAP, service: ServiceProfile) -> Decision:
+        with self._lock:
+            try:
+                process = self._started()
+                pickle.dump((space, arrivals, service), process.stdin)
+                process.stdin.flush()
+                ok, value = pickle.load(process.stdout)
+            except (OSError, EOFError, pickle.UnpicklingError) as error:
+                log.warning("planner process failed (%r): searching in the driver", error)
+                self._kill()
+                return search_here(space, arrivals, service)
+        if not ok:
+            raise value
+        return value
+
+    def _started(self) -> subprocess.Popen:
+        if self._process is None or self._process.poll() is not None:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", PLANNER_MAIN],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            )
+        return self._process
+
+    def _kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def close(self) -> None:
+        """Stop the planner process (it exits when its input closes)."""
+        with self._lock:
+            if self._process is None:
+                return
+            self._process.stdin.close()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._kill()
+            self._process = None
+
+
+def serve() -> None:
+    """The planner process: answer (space, arrivals, service) with (True, decision)
+    or (False, the exception) until its input closes."""
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print must not corrupt the replies
+    os.nice(NICENESS)
+    while True:
+        try:
+            space, arrivals, service = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            reply = (True, search_here(space, arrivals, service))
+        except Exception as error:
+            reply = (False, error)
+        pickle.dump(reply, replies)
+        replies.flush()
