@@ -674,8 +674,10 @@ def main(argv: list[str] | None = None) -> int:
             **targets,
         }
     )
-    common.write_json(NAME, records, args.out)
-    plot(results, trace, edges, slo_ms, args.out)
+    # serverless (the default) and provisioned results side by side
+    name = NAME if args.min_workers == 1 else f"{NAME}.provisioned"
+    common.write_json(name, records, args.out)
+    plot(results, trace, edges, slo_ms, args.out, name)
     return 0
 
 
@@ -853,6 +855,7 @@ def plot(
     edges: np.ndarray,
     slo_ms: float,
     out_dir: Path,
+    name: str,
 ) -> None:
     fig, axes = common.new_figure(5, 1, size=(11, 15))
     colors = {NONE: "tab:gray", FIXED: "tab:blue", RAY: "tab:orange", ADAPTIVE: "tab:green"}
@@ -917,7 +920,7 @@ def plot(
     for row in axes:
         row[0].legend(loc="upper left", fontsize=8)
         row[0].set_xlim(0, trace.duration)
-    common.save_figure(fig, NAME, out_dir)
+    common.save_figure(fig, name, out_dir)
 
 
 if __name__ == "__main__":

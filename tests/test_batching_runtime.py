@@ -128,6 +128,24 @@ def test_requests_avoid_a_worker_still_loading_the_stage():
     assert scheduler.route(0, plan, workers)[0] == (1,)
 
 
+def test_a_new_batch_opens_on_the_worker_that_frees_first():
+    from serveflow.runtime.scheduler import Scheduler, WorkerLoad
+
+    flow = sf.Flow("alternate")
+    flow.map(_batch_sizes, names=["size"], batching=sf.Batching(slo_ms=500))
+    plan = flow.optimize()
+    workers = {0: WorkerLoad(warm={(0, 0)}), 1: WorkerLoad(warm={(0, 0)})}
+    scheduler = Scheduler()
+
+    def route(now: float) -> int:
+        return scheduler.route(0, plan, workers, packs={0: (2, 10.0)}, now=now)[0][0]
+
+    # batches of 2: the first on worker 0, the second on 1, the third behind the first
+    assert [route(t) for t in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)] == [0, 0, 1, 1, 0, 0]
+    workers[0].outstanding -= 2  # the first batch is done: both workers hold one batch
+    assert route(0.6) == 1  # worker 1's batch started before worker 0's second one
+
+
 def test_the_planner_process_answers_as_the_driver_would_and_survives_a_crash():
     from serveflow.batching import MAP, BatchingController, ServiceProfile
     from serveflow.batching.controller import search_here

@@ -57,6 +57,7 @@ class OpenBatch:
 class Scheduler:
     def __init__(self) -> None:
         self._open: dict[StageKey, OpenBatch] = {}
+        self._opened: dict[StageKey, dict[int, float]] = {}  # worker -> its last batch
 
     def route(
         self,
@@ -110,19 +111,30 @@ class Scheduler:
         ):
             batch.count += 1
             return batch.worker
-        worker = self._least_loaded(key, workers, 1, cap)[0]
+        # Among workers as loaded, the one given a batch longest ago frees first.
+        opened = self._opened.setdefault(key, {})
+        worker = self._least_loaded(key, workers, 1, cap, opened)[0]
         self._open[key] = OpenBatch(worker, 1, now)
+        opened[worker] = now
         return worker
 
     def forget(self, app_id: int) -> None:
         """Drop an undeployed app's open batches."""
         for key in [k for k in self._open if k[0] == app_id]:
             del self._open[key]
+            self._opened.pop(key, None)
 
     @staticmethod
     def _least_loaded(
-        key: StageKey, workers: Mapping[int, WorkerLoad], n: int, cap: int | None = None
+        key: StageKey,
+        workers: Mapping[int, WorkerLoad],
+        n: int,
+        cap: int | None = None,
+        since: Mapping[int, float] | None = None,
     ) -> list[int]:
+        """The `n` workers with the fewest outstanding runs (warm ones first; among
+        equals, the one given work longest ago by `since`, else the lowest index)."""
+
         def score(w: int) -> float:
             load = workers[w]
             if key in load.loading:
@@ -133,7 +145,8 @@ class Scheduler:
         warm = [w for w in pool if key in workers[w].warm]
         if cap is not None and len(warm) >= cap:
             pool = sorted(warm)[:cap]  # stable: the stage keeps its workers
-        return sorted(pool, key=lambda w: (score(w), w))[:n]
+        since = since or {}
+        return sorted(pool, key=lambda w: (score(w), since.get(w, -math.inf), w))[:n]
 
     @staticmethod
     def _candidates(key: StageKey, workers: Mapping[int, WorkerLoad]) -> list[int]:
