@@ -855,7 +855,7 @@ def plot(
     edges: np.ndarray,
     slo_ms: float,
     out_dir: Path,
-    name: str,
+    file_name: str,
 ) -> None:
     fig, axes = common.new_figure(5, 1, size=(11, 15))
     colors = {NONE: "tab:gray", FIXED: "tab:blue", RAY: "tab:orange", ADAPTIVE: "tab:green"}
@@ -920,7 +920,7 @@ def plot(
     for row in axes:
         row[0].legend(loc="upper left", fontsize=8)
         row[0].set_xlim(0, trace.duration)
-    common.save_figure(fig, name, out_dir)
+    common.save_figure(fig, file_name, out_dir)
 
 
 if __name__ == "__main__":
