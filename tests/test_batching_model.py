@@ -112,6 +112,25 @@ def test_fit_recognizes_bursty_mmpp() -> None:
     assert fitted.rate == pytest.approx(1 / gaps.mean(), rel=1e-6)
 
 
+def test_change_point_finds_a_step_and_no_step_in_a_steady_stream() -> None:
+    from serveflow.batching import ArrivalLog
+
+    def change_in_last_2s(times: np.ndarray) -> tuple[float, float]:
+        log = ArrivalLog()
+        for t in times:
+            log.record(float(t))
+        now = float(times[-1])
+        return log.change_point(now, 2.0), now - 2.0  # (the change, the window's start)
+
+    rng = np.random.default_rng(8)
+    change, start = change_in_last_2s(MAP.poisson(300).sample(900, rng))
+    assert change == start  # one rate explains it: no change claimed
+    calm = MAP.poisson(50).sample(150, rng)
+    stepped = np.concatenate([calm[calm < 2.0], 2.0 + MAP.poisson(500).sample(250, rng)])
+    change, _ = change_in_last_2s(stepped)
+    assert change == pytest.approx(2.0, abs=0.05)
+
+
 def test_profile_learns_linear_service_through_noise() -> None:
     rng = np.random.default_rng(5)
     profile = ServiceProfile(max_size=32)

@@ -261,6 +261,9 @@ def _fit_mmpp2(times: np.ndarray, rate: float, iterations: int = 20) -> MAP | No
     return fitted
 
 
+CHANGE_EVIDENCE = 5.0  # log-likelihood gain a change point needs (about p < 0.01)
+
+
 class ArrivalLog:
     """Arrival times of the last `window_s` seconds (at most `max_events`)."""
 
@@ -315,7 +318,8 @@ class ArrivalLog:
     def change_point(self, now: float, over_s: float, least: int = 10) -> float:
         """When the rate of the last `over_s` seconds most likely changed: the split
         that maximizes the likelihood of a Poisson rate before it and another after it
-        (with at least `least` arrivals after); `now - over_s` when none is found."""
+        (with at least `least` arrivals after); `now - over_s` when one rate explains
+        them about as well (a log-likelihood gain under `CHANGE_EVIDENCE`)."""
         start = now - over_s
         times = self.times(now)
         times = times[times >= start]
@@ -331,7 +335,10 @@ class ArrivalLog:
             loglik = np.where(before > 0, before * np.log(before / t_before), 0.0) + after * np.log(
                 after / t_after
             )
-        return float(splits[int(np.argmax(loglik))])
+        best = int(np.argmax(loglik))
+        if loglik[best] - n * math.log(n / over_s) < CHANGE_EVIDENCE:
+            return start
+        return float(splits[best])
 
     def rate_shift(self, now: float, fitted: MAP, over_s: float = 2.0) -> bool:
         """True when the rate of the last `over_s` seconds is far outside what the
