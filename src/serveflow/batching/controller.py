@@ -50,10 +50,8 @@ SHIFT_CHECK_S = 0.25
 SHIFT_WINDOW_S = 2.0  # a rate shift is judged, and then the arrivals fitted, over this
 MIN_FOR_CORRECTION = 50  # latencies measured before the planning target moves
 MIN_TARGET_SCALE = 0.3
-INITIAL_TARGET_SCALE = 0.8  # headroom for what the model does not see, until measured
-# Planned at the SLO itself, noise alone would miss it half the time; at 90% of it, the
-# p99 sat within 10% of the SLO and a one-second stall of a shared core missed a step.
-MAX_TARGET_SCALE = 0.8
+INITIAL_TARGET_SCALE = 0.85  # headroom for what the model does not see, until measured
+MAX_TARGET_SCALE = 0.9  # planned at the SLO itself, noise alone would miss it half the time
 RELAX_BELOW = 0.75  # measured percentile under this share of the SLO: relax the target
 TIGHTEN_MARGIN = 0.95
 MOST_TIGHTEN = 0.8  # per correction: an overshoot of several times the SLO is a backlog
