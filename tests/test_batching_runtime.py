@@ -29,6 +29,15 @@ def _drive(app: sf.App, n: int, rate: float) -> list:
     return futures
 
 
+def _loads(app: sf.App, count: int, within_s: float = 20.0) -> int:
+    """Wait until stage "model" has loaded `count` times (or `within_s` passed); the
+    loads so far."""
+    deadline = time.monotonic() + within_s
+    while app.stats()["model"]["cold_starts"] < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return app.stats()["model"]["cold_starts"]
+
+
 def test_fixed_policy_dispatches_full_batches_and_partial_ones_at_the_timeout(runtime):
     flow = sf.Flow("fixed")
     flow.map(_batch_sizes, names=["size"], batching=sf.Batching(max_size=4, timeout_ms=300))
@@ -79,10 +88,7 @@ def test_workers_a_plan_adds_load_the_stage_before_requests_reach_them():
             assert app.run({"a": [1]}).result(timeout=30).column("a") == [1]  # one worker
             with runtime._lock:  # what the planner does when a plan asks for 2 workers
                 runtime._prewarm(app, 0, 2)
-            deadline = time.monotonic() + 20
-            while app.stats()["model"]["cold_starts"] < 2 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert app.stats()["model"]["cold_starts"] == 2  # loaded with no request
+            assert _loads(app, 2) == 2  # loaded with no request
     finally:
         runtime.stop()
 
@@ -98,9 +104,7 @@ def test_an_slo_stage_fills_one_batch_at_a_time_across_its_workers():
     try:
         with flow.deploy(runtime=runtime) as app:
             app.controllers[0].decision = lambda now: Decision(4, 1.0, 2)  # as if planned
-            deadline = time.monotonic() + 20
-            while app.stats()["model"]["cold_starts"] < 2 and time.monotonic() < deadline:
-                time.sleep(0.1)  # loaded on both workers
+            _loads(app, 2)  # loaded on both workers
             sent = time.monotonic()
             futures = [app.run({"a": [i]}) for i in range(6)]
             first = [f.result(timeout=10).column("size")[0] for f in futures[:4]]

@@ -360,14 +360,6 @@ class BatchingController:
             self.grid,
         )
 
-    def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
-        """(batch size, timeout) pairs worth evaluating under the SLO."""
-        return self.space().candidates(service)
-
-    def search(self, arrivals: MAP, service: ServiceProfile) -> Decision:
-        """The best configuration for `arrivals` and `service` (see the class doc)."""
-        return self.space().search(arrivals, service)
-
     def _predicted_wait(self, queued: int, oldest_wait_s: float) -> float:
         """Rough latency of a request arriving behind `queued` others now."""
         d = self._decision
