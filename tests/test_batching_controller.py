@@ -116,6 +116,28 @@ def test_replans_on_rate_shift() -> None:
     assert controller.snapshot()["planned_rate"] == pytest.approx(1000, rel=0.15)
 
 
+def test_a_steady_load_is_not_searched_again_every_period() -> None:
+    # A search takes a core for a fraction of a second: at a steady rate the plan
+    # stands, re-planned only when what it rests on moves.
+    controller, now = _planned(sf.Batching(slo_ms=50), 250)
+    controller.decision(now)
+    rng = np.random.default_rng(3)
+    steady = now + MAP.poisson(250).sample(5000, rng)
+    for period in range(10):
+        for t in steady[(steady >= now + 2.0 * period) & (steady < now + 2.0 * period + 2)]:
+            controller.on_arrival(float(t))
+        for size in rng.integers(4, 13, 40):  # the profile refits as batches finish
+            service = (0.005 + 0.001 * size) * (1.0 + 0.03 * rng.standard_normal())
+            controller.on_batch_done(int(size), service, now + 2.0 * period, [0.01] * size)
+        controller.decision(now + (period + 1) * 2.0)
+    assert controller.plans <= 2
+    for t in now + 20.0 + MAP.poisson(600).sample(1500, rng):  # 3x: a new plan
+        controller.on_arrival(float(t))
+    plans = controller.plans
+    controller.decision(now + 22.5)
+    assert controller.plans == plans + 1
+
+
 def test_after_a_step_plans_for_the_rate_since_the_step() -> None:
     controller, now = _planned(sf.Batching(slo_ms=50), 50)
     controller.decision(now)

@@ -158,6 +158,34 @@ def test_profile_learns_the_growth_of_large_batches() -> None:
         assert profile.predict(np.array([size]))[0] == pytest.approx(true, rel=0.08)
 
 
+def test_profile_fits_the_large_sizes_it_has_seen_a_few_times() -> None:
+    # Warm-up and a light load form many small batches; the few large ones are what a
+    # busier plan extrapolates to, so the curve must go through them.
+    rng = np.random.default_rng(9)
+    profile = ServiceProfile(max_size=32)
+
+    def true(size: int) -> float:
+        return 0.016 + 0.0025 * size + 0.0001 * size**2
+
+    sizes = [size for size in (1, 2, 3, 4, 6) for _ in range(40)] + [8, 12, 16, 24, 32] * 3
+    for size in rng.permutation(sizes):
+        profile.observe(int(size), true(size) * (1.0 + 0.05 * rng.standard_normal()))
+    for size in (16, 24, 32):
+        assert profile.predict(np.array([size]))[0] == pytest.approx(true(size), rel=0.1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_profile_extrapolates_no_curvature_from_a_few_small_sizes(seed: int) -> None:
+    # Sizes 1-5 seen at a light load: a curvature fitted to their noise would price a
+    # batch of 16 far off, and the plan for a step in load with it.
+    rng = np.random.default_rng(seed)
+    profile = ServiceProfile(max_size=32)
+    for _ in range(100):
+        size = int(rng.integers(1, 6))
+        profile.observe(size, (0.016 + 0.003 * size) * (1.0 + 0.08 * rng.standard_normal()))
+    assert profile.predict(np.array([16]))[0] == pytest.approx(0.016 + 0.003 * 16, rel=0.25)
+
+
 def test_profile_follows_drift() -> None:
     profile = ServiceProfile(max_size=16, history=128)
     for i in range(200):

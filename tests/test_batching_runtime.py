@@ -115,6 +115,30 @@ def test_an_slo_stage_fills_one_batch_at_a_time_across_its_workers():
         runtime.stop()
 
 
+def _slow_batch_sizes(table: sf.Table) -> list[int]:
+    time.sleep(0.3)
+    return _batch_sizes(table)
+
+
+def test_planned_batches_that_queue_up_behind_a_busy_worker_run_as_one_call():
+    from serveflow.batching.controller import Decision
+
+    flow = sf.Flow("backlog")
+    flow.map(_slow_batch_sizes, names=["size"], batching=sf.Batching(slo_ms=5000), name="model")
+    runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            app.controllers[0].decision = lambda now: Decision(2, 1.0, 1)  # as if planned
+            _loads(app, 1)
+            running = [app.run({"a": [i]}) for i in range(2)]
+            time.sleep(0.1)  # the first batch runs; two more batches queue behind it
+            queued = [app.run({"a": [i]}) for i in range(4)]
+            assert [f.result(timeout=10).column("size")[0] for f in running] == [2, 2]
+            assert [f.result(timeout=10).column("size")[0] for f in queued] == [4] * 4
+    finally:
+        runtime.stop()
+
+
 def test_requests_avoid_a_worker_still_loading_the_stage():
     from serveflow.runtime.scheduler import Scheduler, WorkerLoad
 

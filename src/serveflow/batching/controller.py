@@ -58,7 +58,8 @@ MOST_TIGHTEN = 0.8  # per correction: an overshoot of several times the SLO is a
 # (a plan the workers could not keep up with), not a model error to scale by
 RELAX_STEP = 1.1
 PREMISE_RATE_SLACK = 1.2  # arrivals above this x the planned peak rate void a correction
-COST_TOLERANCE = 0.05  # the cost objective takes the fastest plan within this of the cheapest
+REPLAN_CHANGE = 0.1  # a periodic re-plan searches only when the basis moved more than this
+COST_TOLERANCE = 0.15  # the cost objective takes the fastest plan within this of the cheapest
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class BatchingController:
         self._planned_at = -math.inf
         self._shift_checked_at = -math.inf
         self._cache: dict[tuple, Decision] = {}
+        self._basis: np.ndarray | None = None  # what the current plan was made for
         self.shed = 0
         self.late = 0
         self.late_predicted = 0
@@ -208,6 +210,7 @@ class BatchingController:
                 if len(self._cache) > 256:
                     self._cache.clear()
                 self._cache[key] = self._decision = found
+                self._basis = self._basis_of(fitted)
                 self.plans += 1
             log.debug("plan for %s: %s", fitted.describe(), found)
         return self._decision
@@ -218,6 +221,7 @@ class BatchingController:
             self.policy = dataclasses.replace(self.policy, slo_ms=slo_ms)
             self._planned_at = -math.inf
             self._cache.clear()
+            self._basis = None
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -322,6 +326,15 @@ class BatchingController:
         fitted = self._fit(now, shifted) if len(self.arrivals) >= MIN_ARRIVALS_TO_PLAN else None
         if fitted is None or not self.profile.ready:
             self._decision = self._warmup_decision()
+            self._basis = None
+            return None
+        if (
+            not shifted
+            and self._basis is not None
+            and np.allclose(self._basis_of(fitted), self._basis, rtol=REPLAN_CHANGE, atol=0.0)
+        ):
+            # Nothing material changed since the plan was made: keep it. A search takes
+            # a core for a fraction of a second, from a machine whose workers need it.
             return None
         self._fitted = fitted
         key = (
@@ -331,8 +344,15 @@ class BatchingController:
         )
         if key in self._cache:
             self._decision = self._cache[key]
+            self._basis = self._basis_of(fitted)
             return None
         return key, fitted, copy.deepcopy(self.profile), self.space()
+
+    def _basis_of(self, fitted: MAP) -> np.ndarray:
+        """What a plan rests on: the arrival rate (mean and peak phase), the service
+        times of one request and of the planned batch, and the planning target."""
+        service = self.profile.predict(np.array([1, self._decision.max_size]))
+        return np.array([fitted.rate, fitted.phase_rates.max(), *service, self.target_scale])
 
     def _fit(self, now: float, shifted: bool) -> MAP | None:
         """The arrival process to plan for: fitted to the whole window (where a bursty

@@ -2,8 +2,9 @@
 (all >= 0: a fixed cost per call, a cost per request, and the growth a large batch
 shows on a real model, e.g. a transformer's padding and cache misses).
 
-Warm-up explores a ladder of batch sizes; then a robust (soft-L1) least-squares fit
-over the last observations of each batch size, refitted every few batches. Keeping
+Warm-up explores a ladder of batch sizes; then a least-squares fit, in relative
+terms, to the median of the last observations of each batch size, refitted every few
+batches. Keeping
 every size seen (not just the latest batches, which under a steady plan all have
 about one size and fit no slope) keeps the slope known; when recent times drift away
 from the fitted line (e.g. other load on the machine), the older ones are scaled by
@@ -16,11 +17,12 @@ import logging
 from collections import deque
 
 import numpy as np
-from scipy.optimize import least_squares
+from scipy.optimize import OptimizeResult, lsq_linear
 
 log = logging.getLogger(__name__)
 
 RECENT = 32  # the latest observations, judged for drift
+FULL_WEIGHT_AT = 8  # observations of a size that give it its full weight in the fit
 
 
 class ServiceProfile:
@@ -97,21 +99,36 @@ class ServiceProfile:
                 for size, seq, t in zip(sizes.astype(int), data[:, 1].astype(int), times):
                     bucket = self._by_size.setdefault(int(size), deque(maxlen=self._history))
                     bucket.append((int(seq), float(t)))
-        if len(np.unique(sizes)) < 2:
+        sizes, medians, weights = self._per_size()
+        if len(sizes) < 2:
             return
-        slope0, icpt0 = np.polyfit(sizes, times, 1)
-        scale = max(float(np.median(times)), 1e-6)
-        curved = len(np.unique(sizes)) >= 3  # a curvature needs three sizes to show
-        fit = least_squares(
-            lambda p: (p[0] + p[1] * sizes + p[2] * sizes**2 - times) / scale,
-            x0=[max(icpt0, 0.0), max(slope0, 0.0), 0.0],
-            bounds=([0.0, 0.0, 0.0], [np.inf, np.inf, np.inf if curved else 1e-12]),
-            loss="soft_l1",
-            f_scale=0.1,
-            max_nfev=50,
-        )
-        self.a, self.b, self.c = float(fit.x[0]), float(fit.x[1]), float(fit.x[2])
+        # Each size's median (robust to a stalled batch), in relative terms (a large
+        # batch's time counts as much as a small one's: it is the one a busy plan
+        # extrapolates to), a size seen a few times counting less than one seen often.
+        w = weights / medians
+
+        def fit(terms: int) -> OptimizeResult:
+            design = sizes[:, None] ** np.arange(terms)
+            return lsq_linear(design * w[:, None], medians * w, bounds=(0.0, np.inf))
+
+        # A curve only where it fits enough better than a line to be believed: from a
+        # few small sizes, a curvature is noise, and extrapolated it is a large error.
+        best = fit(2)
+        if len(sizes) >= 5:
+            curve = fit(3)
+            if _aicc(curve, len(sizes)) < _aicc(best, len(sizes)):
+                best = curve
+        self.a, self.b, self.c = (*map(float, best.x), 0.0)[:3]
         self.refits += 1
+
+    def _per_size(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sizes seen, the median time of each, and its weight in the fit (the square
+        root of how often it was seen, up to `FULL_WEIGHT_AT` times)."""
+        sizes = np.array(sorted(self._by_size), dtype=float)
+        times = [[t for _, t in self._by_size[int(size)]] for size in sizes]
+        medians = np.array([max(float(np.median(ts)), 1e-9) for ts in times])
+        weights = np.sqrt([min(len(ts), FULL_WEIGHT_AT) for ts in times])
+        return sizes, medians, weights
 
     def predict(self, sizes: np.ndarray) -> np.ndarray:
         sizes = np.asarray(sizes, dtype=float)
@@ -136,3 +153,10 @@ class ServiceProfile:
     @property
     def observations(self) -> int:
         return sum(len(obs) for obs in self._by_size.values())
+
+
+def _aicc(fit: OptimizeResult, n: int) -> float:
+    """The corrected Akaike information criterion of a least-squares `fit` to `n`
+    points (lower is better; n > len(fit.x) + 1)."""
+    k = len(fit.x)
+    return n * np.log(max(2 * fit.cost, 1e-300) / n) + 2 * k + 2 * k * (k + 1) / (n - k - 1)

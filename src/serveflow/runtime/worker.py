@@ -32,6 +32,7 @@ DRIVER = -1
 STATS_EVERY_S = 0.25
 HEARTBEAT_S = 0.5
 IDLE_WAKE_S = 1.0
+BACKLOG_MERGE = 2  # planned batches a worker may run as one call when they queue up
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
 
 
@@ -229,7 +230,7 @@ class Worker:
                         if remaining > 0:
                             wait = remaining if wait is None else min(wait, remaining)
                             break
-                    batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
+                    batch = [queue.popleft() for _ in range(self.batch_take(key, stage, limit))]
                     self.run_batch(plan, stage, key, batch)
                     ran = True
         self.housekeeping()
@@ -241,6 +242,19 @@ class Worker:
             return self.overrides[key]
         policy = stage.batching
         return (policy.size, (policy.timeout_ms or 0) / 1e3) if policy else (1, 0.0)
+
+    def batch_take(self, key: tuple[int, int], stage: Stage, limit: int) -> int:
+        """How many queued requests the next call of a stage takes: up to its batch
+        size, or, for a controller-planned stage with more than a batch queued (a
+        backlog: a step in load, a slow spell), up to `BACKLOG_MERGE` batches in one
+        call, which drains it faster (one call's fixed cost for several batches)."""
+        queued = len(self.queues[key])
+        if key in self.overrides and queued > limit:
+            most = BACKLOG_MERGE * limit
+            if stage.batching is not None and stage.batching.max_size:
+                most = min(most, stage.batching.max_size)
+            return min(queued, max(most, limit))
+        return min(limit, queued)
 
     def run_batch(self, plan: Plan, stage: Stage, key: tuple[int, int], batch: list[Task]) -> None:
         now = time.monotonic()
