@@ -94,6 +94,7 @@ def test_measured_latency_from_finished_batches() -> None:
 def test_warm_up_explores_then_learns_the_profile() -> None:
     controller = BatchingController(sf.Batching(slo_ms=50), 2)
     assert controller.decision(0.0).max_size >= 2  # exploring before any profile
+    assert controller.decision(0.0).workers == 1  # on the workers the pool holds anyway
     for size in (1, 2, 4, 8, 16):
         for _ in range(4):
             controller.on_batch_done(size, 0.003 + 0.0005 * size, now=0.0)
@@ -136,6 +137,19 @@ def test_a_steady_load_is_not_searched_again_every_period() -> None:
     plans = controller.plans
     controller.decision(now + 22.5)
     assert controller.plans == plans + 1
+
+
+def test_a_plan_near_its_workers_capacity_keeps_a_spare_loaded() -> None:
+    # Serverless: a burst past the planned rate would wait seconds for a cold start.
+    policy = sf.Batching(slo_ms=50)
+    light, now = _planned(policy, 50, workers=2)
+    assert light.decision(now).spare == 0
+    busy, now = _planned(policy, 400, workers=2)
+    decision = busy.decision(now)
+    assert (decision.workers, decision.spare) == (1, 1)
+    assert busy.snapshot()["spare_workers"] == 1
+    most, now = _planned(policy, 400, workers=1)  # no worker left to spare
+    assert most.decision(now).spare == 0
 
 
 def test_after_a_step_plans_for_the_rate_since_the_step() -> None:

@@ -59,6 +59,7 @@ MOST_TIGHTEN = 0.8  # per correction: an overshoot of several times the SLO is a
 RELAX_STEP = 1.1
 PREMISE_RATE_SLACK = 1.2  # arrivals above this x the planned peak rate void a correction
 REPLAN_CHANGE = 0.1  # a periodic re-plan searches only when the basis moved more than this
+SPARE_AT = 0.5  # peak-phase utilization of the planned workers past which one more is loaded
 COST_TOLERANCE = 0.15  # the cost objective takes the fastest plan within this of the cheapest
 
 
@@ -66,7 +67,9 @@ COST_TOLERANCE = 0.15  # the cost objective takes the fastest plan within this o
 class Decision:
     """What a batching stage should do now. `predicted_ms`: the model's `percentile`
     latency for it (None before anything is known); `feasible`: the SLO is predicted
-    to hold; `cost_ms`: worker-milliseconds per request (busy, plus idle at its price)."""
+    to hold; `cost_ms`: worker-milliseconds per request (busy, plus idle at its price);
+    `spare`: workers to keep loaded beyond `workers`, sent nothing until a plan uses them
+    (a burst past the planned rate then finds them warm, not seconds from ready)."""
 
     max_size: int
     timeout_s: float
@@ -74,6 +77,7 @@ class Decision:
     predicted_ms: float | None = None
     feasible: bool = True
     cost_ms: float | None = None
+    spare: int = 0
 
     @property
     def timeout_ms(self) -> float:
@@ -242,6 +246,7 @@ class BatchingController:
                 "batch_size": d.max_size,
                 "timeout_ms": d.timeout_ms,
                 "workers": d.workers,
+                "spare_workers": d.spare,
                 "arrival_rate": rate,
                 "arrivals": self._fitted.describe() if self._fitted else None,
                 "planned_rate": self._fitted.rate if self._fitted else None,
@@ -277,13 +282,16 @@ class BatchingController:
         return self._warmup_decision()
 
     def _warmup_decision(self) -> Decision:
-        # Explore: the next untried size of the ladder, a modest wait so batches vary.
+        # Explore: the next untried size of the ladder, a modest wait so batches vary,
+        # on the workers the pool holds anyway (a request queued behind the first cold
+        # start is no reason to start another worker; the first plan comes in seconds).
         sizes = self.profile.explore_sizes()
         size = sizes[0] if sizes else self._cap
         wait = self.policy.slo_ms / 1e3 * 0.2
         if self.policy.timeout_ms is not None:
             wait = min(wait, self.policy.timeout_ms / 1e3)
-        return Decision(max(size, 2) if self._cap > 1 else 1, wait, self.max_workers, feasible=True)
+        workers = max(1, min(self.held_workers, self.max_workers))
+        return Decision(max(size, 2) if self._cap > 1 else 1, wait, workers, feasible=True)
 
     def _correct(self, now: float, since: float) -> None:
         """Adjust `target_scale` from the percentile measured since the last plan (at
@@ -492,7 +500,10 @@ class SearchSpace:
                 )
                 within = [e for e in feasible if e[2] <= budget] or feasible
                 best = min(within, key=lambda e: (e[1], e[2]))
-            return _decision(best, True)
+            pred = best[0]
+            peak = float(arrivals.phase_rates.max()) * pred.busy_per_request_s / pred.workers
+            spare = int(peak > SPARE_AT and pred.workers < self.max_workers)
+            return dataclasses.replace(_decision(best, True), spare=spare)
         if evaluated:  # overload: the lowest predicted latency, the SLO cannot hold
             return _decision(min(evaluated, key=lambda e: (e[1], e[2])), False)
         # Not even stable: the most throughput we have.

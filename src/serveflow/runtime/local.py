@@ -541,7 +541,7 @@ class LocalRuntime:
                     with self._lock:
                         before = app.decisions.get(index)
                         app.decisions[index] = decision
-                        self._prewarm(app, index, decision.workers)
+                        self._prewarm(app, index, decision.workers + decision.spare)
                         if before is None or (before.max_size, before.timeout_s) != (
                             decision.max_size,
                             decision.timeout_s,
@@ -612,8 +612,8 @@ class LocalRuntime:
         floor = max(
             [1]
             + [s.replicas for a in self._apps.values() for s in a.plan.stages]
-            + [  # a controller's plan, not its warm-up (which scales with demand)
-                d.workers
+            + [  # a controller's plan and its spare (warm-up keeps to what the pool holds)
+                d.workers + d.spare
                 for a in self._apps.values()
                 for d in a.decisions.values()
                 if d.predicted_ms is not None
@@ -639,7 +639,7 @@ class LocalRuntime:
         for app in self._apps.values():
             if len(app.decisions) < len(app.plan.stages):
                 return None
-            total += sum(d.workers for d in app.decisions.values())
+            total += sum(d.workers + d.spare for d in app.decisions.values())
         return total or None
 
     # -- figures ------------------------------------------------------------------------
