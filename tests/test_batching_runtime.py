@@ -152,6 +152,9 @@ def test_requests_avoid_a_worker_still_loading_the_stage():
     scheduler = Scheduler()
     assert scheduler.route(0, plan, workers)[0] == (0,)
     assert scheduler.route(0, plan, workers, packs={0: (4, 0.1)})[0] == (0,)
+    # Held to one worker, a spare loading at a lower index does not take the stage.
+    spare = {0: WorkerLoad(warm={key}, loading={key}), 1: WorkerLoad(outstanding=9, warm={key})}
+    assert scheduler.route(0, plan, spare, caps={0: 1})[0] == (1,)
     loading.loading.clear()
     assert scheduler.route(0, plan, workers)[0] == (1,)
 

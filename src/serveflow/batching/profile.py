@@ -4,11 +4,11 @@ shows on a real model, e.g. a transformer's padding and cache misses).
 
 Warm-up explores a ladder of batch sizes; then a least-squares fit, in relative
 terms, to the median of the last observations of each batch size, refitted every few
-batches. Keeping
-every size seen (not just the latest batches, which under a steady plan all have
-about one size and fit no slope) keeps the slope known; when recent times drift away
-from the fitted line (e.g. other load on the machine), the older ones are scaled by
-the drift before the refit.
+batches (a line, and the curve only once enough sizes show it). Keeping every size
+seen (not just the latest batches, which under a steady plan all have about one size
+and fit no slope) keeps the slope known; when recent times drift away from the fitted
+line (e.g. other load on the machine), the older ones are scaled by the drift before
+the refit.
 """
 
 from __future__ import annotations

@@ -144,7 +144,9 @@ class Scheduler:
         pool = list(workers)
         warm = [w for w in pool if key in workers[w].warm]
         if cap is not None and len(warm) >= cap:
-            pool = sorted(warm)[:cap]  # stable: the stage keeps its workers
+            # Stable (the stage keeps its workers), those still loading (a spare, a
+            # worker a plan is adding) last.
+            pool = sorted(warm, key=lambda w: (key in workers[w].loading, w))[:cap]
         since = since or {}
         return sorted(pool, key=lambda w: (score(w), since.get(w, -math.inf), w))[:n]
 
