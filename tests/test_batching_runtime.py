@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -93,26 +95,38 @@ def test_workers_a_plan_adds_load_the_stage_before_requests_reach_them():
         runtime.stop()
 
 
+@contextlib.contextmanager
+def _planned(fn, size: int, timeout_s: float, workers: int) -> Iterator[sf.App]:
+    """Stage "model" running `fn` with an SLO whose plan is pinned to (size, timeout,
+    workers) on a pool of `workers`, loaded on all of them."""
+    from serveflow.batching.controller import Decision
+
+    flow = sf.Flow("planned")
+    flow.map(fn, names=["size"], batching=sf.Batching(slo_ms=5000), name="model")
+    runtime = sf.LocalRuntime(min_workers=workers, max_workers=workers)
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            decision = Decision(size, timeout_s, workers)
+            app.controllers[0].decision = lambda now: decision  # as if planned
+            _loads(app, workers)
+            yield app
+    finally:
+        runtime.stop()
+
+
+def _sizes(futures: list) -> list[int]:
+    return [f.result(timeout=10).column("size")[0] for f in futures]
+
+
 def test_an_slo_stage_fills_one_batch_at_a_time_across_its_workers():
     # The batching model has one buffer feeding all workers; spread over 2 workers,
     # 6 requests would form two partial batches of 3, both waiting out the timeout.
-    from serveflow.batching.controller import Decision
-
-    flow = sf.Flow("packed")
-    flow.map(_batch_sizes, names=["size"], batching=sf.Batching(slo_ms=5000), name="model")
-    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
-    try:
-        with flow.deploy(runtime=runtime) as app:
-            app.controllers[0].decision = lambda now: Decision(4, 1.0, 2)  # as if planned
-            _loads(app, 2)  # loaded on both workers
-            sent = time.monotonic()
-            futures = [app.run({"a": [i]}) for i in range(6)]
-            first = [f.result(timeout=10).column("size")[0] for f in futures[:4]]
-            assert first == [4] * 4
-            assert time.monotonic() - sent < 0.8  # full: dispatched without the timeout
-            assert [f.result(timeout=10).column("size")[0] for f in futures[4:]] == [2, 2]
-    finally:
-        runtime.stop()
+    with _planned(_batch_sizes, 4, 1.0, workers=2) as app:
+        sent = time.monotonic()
+        futures = [app.run({"a": [i]}) for i in range(6)]
+        assert _sizes(futures[:4]) == [4] * 4
+        assert time.monotonic() - sent < 0.8  # full: dispatched without the timeout
+        assert _sizes(futures[4:]) == [2, 2]
 
 
 def _slow_batch_sizes(table: sf.Table) -> list[int]:
@@ -121,22 +135,12 @@ def _slow_batch_sizes(table: sf.Table) -> list[int]:
 
 
 def test_planned_batches_that_queue_up_behind_a_busy_worker_run_as_one_call():
-    from serveflow.batching.controller import Decision
-
-    flow = sf.Flow("backlog")
-    flow.map(_slow_batch_sizes, names=["size"], batching=sf.Batching(slo_ms=5000), name="model")
-    runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
-    try:
-        with flow.deploy(runtime=runtime) as app:
-            app.controllers[0].decision = lambda now: Decision(2, 1.0, 1)  # as if planned
-            _loads(app, 1)
-            running = [app.run({"a": [i]}) for i in range(2)]
-            time.sleep(0.1)  # the first batch runs; two more batches queue behind it
-            queued = [app.run({"a": [i]}) for i in range(4)]
-            assert [f.result(timeout=10).column("size")[0] for f in running] == [2, 2]
-            assert [f.result(timeout=10).column("size")[0] for f in queued] == [4] * 4
-    finally:
-        runtime.stop()
+    with _planned(_slow_batch_sizes, 2, 1.0, workers=1) as app:
+        running = [app.run({"a": [i]}) for i in range(2)]
+        time.sleep(0.1)  # the first batch runs; two more batches queue behind it
+        queued = [app.run({"a": [i]}) for i in range(4)]
+        assert _sizes(running) == [2, 2]
+        assert _sizes(queued) == [4] * 4
 
 
 def test_requests_avoid_a_worker_still_loading_the_stage():

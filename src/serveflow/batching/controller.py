@@ -83,6 +83,11 @@ class Decision:
     def timeout_ms(self) -> float:
         return self.timeout_s * 1e3
 
+    @property
+    def held(self) -> int:
+        """Workers to keep loaded: the planned ones and the spare."""
+        return self.workers + self.spare
+
 
 class BatchingController:
     """Chooses (batch size, timeout, workers) for one batching stage.

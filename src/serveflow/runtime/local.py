@@ -541,7 +541,7 @@ class LocalRuntime:
                     with self._lock:
                         before = app.decisions.get(index)
                         app.decisions[index] = decision
-                        self._prewarm(app, index, decision.workers + decision.spare)
+                        self._prewarm(app, index, decision.held)
                         if before is None or (before.max_size, before.timeout_s) != (
                             decision.max_size,
                             decision.timeout_s,
@@ -613,7 +613,7 @@ class LocalRuntime:
             [1]
             + [s.replicas for a in self._apps.values() for s in a.plan.stages]
             + [  # a controller's plan and its spare (warm-up keeps to what the pool holds)
-                d.workers + d.spare
+                d.held
                 for a in self._apps.values()
                 for d in a.decisions.values()
                 if d.predicted_ms is not None
@@ -639,7 +639,7 @@ class LocalRuntime:
         for app in self._apps.values():
             if len(app.decisions) < len(app.plan.stages):
                 return None
-            total += sum(d.workers + d.spare for d in app.decisions.values())
+            total += sum(d.held for d in app.decisions.values())
         return total or None
 
     # -- figures ------------------------------------------------------------------------

@@ -253,7 +253,7 @@ class Worker:
             most = BACKLOG_MERGE * limit
             if stage.batching is not None and stage.batching.max_size:
                 most = min(most, stage.batching.max_size)
-            return min(queued, max(most, limit))
+            return min(queued, most)
         return min(limit, queued)
 
     def run_batch(self, plan: Plan, stage: Stage, key: tuple[int, int], batch: list[Task]) -> None:
