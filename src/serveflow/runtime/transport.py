@@ -1,20 +1,35 @@
 """Datagram endpoints between the processes of one machine.
 
-Each process binds one Unix datagram socket in the abstract namespace (no file to
-clean up; it disappears with the process). Any process can send to any address;
-message boundaries are kept. A hop costs a few tens of microseconds (see
-shared/notes/ipc-on-this-machine.md), half of what a broker-style library adds.
+Each process binds one Unix datagram socket at a filesystem path that the caller puts
+inside a private directory (mode 0700, see `rundir`): only that user can reach it, as
+the directory's permission is checked on every connect or send. Message boundaries are
+kept. A hop costs a few tens of microseconds (see shared/notes/ipc-on-this-machine.md).
 
-Sends never block the caller: when the receiver's queue is full, the message goes to
-a backlog drained by a sender thread. A process that is blocked sending cannot be
-waiting for another process that is blocked sending to it, so there is no deadlock.
+Sending: each destination gets its own connected, non-blocking socket, opened on the
+first message to it. A send is then one `send` on that socket (a connected send skips
+the path lookup that `sendto` would do for every message, and is a little cheaper than
+the abstract-namespace `sendto` this replaced). Sends never block the caller: when the
+receiver's queue is full (Linux queues only net.unix.max_dgram_qlen datagrams per
+socket), the message goes to that destination's backlog, and later messages to it
+follow it there, so the order per destination holds. One drainer thread per endpoint,
+started on the first backlog, polls the backlogged destinations' sockets and sends as
+each one has room: a receiver that does not read delays only the messages to itself.
+Each destination also has its own send buffer, so large messages piling up at a stuck
+receiver do not use up the buffer that sends to the others draw on.
+
+A process that is blocked sending cannot be waiting for another process that is blocked
+sending to it, so there is no deadlock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import select
 import socket
+import stat
 import threading
 from collections import deque
 
@@ -22,10 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 256 * 1024
 _BUFFER_BYTES = 4 * 1024 * 1024
-
-
-def address(token: str, name: str) -> bytes:
-    return f"\0serveflow-{token}-{name}".encode()
+_RETRY_MS = 1000  # the drainer retries its backlogs this often even without a wake-up
 
 
 class PeerGone(ConnectionError):
@@ -40,44 +52,92 @@ def _socket() -> socket.socket:
     return sock
 
 
-class Endpoint:
-    """A bound socket: `recv` messages sent to `addr`, `send` to any address."""
+class _Destination:
+    """A connected socket to one destination and the messages waiting for it."""
 
-    def __init__(self, addr: bytes) -> None:
-        self.addr = addr
+    __slots__ = ("queue", "sock", "to")
+
+    def __init__(self, to: str, sock: socket.socket) -> None:
+        self.to = to
+        self.sock = sock
+        self.queue: deque[bytes] = deque()
+
+
+class Endpoint:
+    """A socket bound at `path`: `recv` messages sent to it, `send` to any path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
         self._sock = _socket()  # receives only; its timeout changes per call
-        self._sock.bind(addr)
-        self._out = _socket()  # sends only, never blocks; unbound: nobody replies to it
-        self._out.setblocking(False)
+        self._bind(path)
+        os.chmod(path, 0o600)
+        info = os.stat(path)
+        self._inode = (info.st_dev, info.st_ino)
         self._buffer = bytearray(MAX_DATAGRAM)
-        self._backlog: deque[tuple[bytes, bytes]] = deque()
-        self._backlog_ready = threading.Condition()
-        self._sender: threading.Thread | None = None
+        # Destinations without a backlog: the hot path's one lookup. The other fields
+        # change only under the lock.
+        self._direct: dict[str, socket.socket] = {}
+        self._destinations: dict[str, _Destination] = {}
+        self._lock = threading.Lock()
+        self._newly_backlogged: list[_Destination] = []
+        self._drainer: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
         self._closed = False
+
+    def _bind(self, path: str) -> None:
+        try:
+            self._sock.bind(path)
+            return
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                self._sock.close()
+                raise
+        # A socket file left by a process that died: remove it, but only if nobody is
+        # bound there.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+        except OSError:
+            pass
+        else:
+            self._sock.close()
+            raise OSError(errno.EADDRINUSE, "an endpoint is already bound there", path)
+        finally:
+            probe.close()
+        try:
+            self._sock.bind(path)
+        except BaseException:
+            self._sock.close()
+            raise
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def send(self, to: bytes, data: bytes) -> None:
-        """Queue `data` for `to` without blocking. Raises PeerGone if nobody is there."""
+    def send(self, to: str, data: bytes) -> None:
+        """Queue `data` for the endpoint at path `to` without blocking. Raises PeerGone
+        if nothing is bound there, PermissionError if this user may not reach it.
+
+        A message that joins a backlog is dropped (with a debug log) if its destination
+        disappears before it is delivered."""
         if len(data) > MAX_DATAGRAM:
             raise ValueError(f"message of {len(data)} bytes exceeds {MAX_DATAGRAM}")
-        if not self._backlog:
+        sock = self._direct.get(to)
+        if sock is not None:
             try:
-                self._out.sendto(data, to)
+                sock.send(data)
                 return
-            except BlockingIOError:
+            except OSError:  # queue full, or the peer went away: sorted out below
                 pass
-            except (ConnectionRefusedError, FileNotFoundError) as error:
-                raise PeerGone(to) from error
-        with self._backlog_ready:
-            self._backlog.append((to, data))
-            if self._sender is None:
-                self._sender = threading.Thread(
-                    target=self._drain_backlog, name="serveflow:sender", daemon=True
-                )
-                self._sender.start()
-            self._backlog_ready.notify()
+        self._send_slow(to, data)
+
+    def backlog(self, to: str) -> int:
+        """How many messages wait for the destination at path `to` (diagnostics)."""
+        destination = self._destinations.get(to)
+        return 0 if destination is None else len(destination.queue)
 
     def recv(self, timeout: float | None) -> bytes | None:
         """The next message, or None after `timeout` seconds (0: don't wait; None:
@@ -90,24 +150,148 @@ class Endpoint:
         return bytes(self._buffer[:n])
 
     def close(self) -> None:
-        with self._backlog_ready:
+        """Close every socket, drop the backlogs and remove the socket file."""
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
-            self._backlog_ready.notify()
+            destinations = list(self._destinations.values())
+            self._destinations.clear()
+            self._direct.clear()
+        if self._drainer is not None:
+            self._wake()
+            if self._drainer is not threading.current_thread():
+                self._drainer.join(timeout=5)
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        waiting = sum(len(d.queue) for d in destinations)
+        if waiting:
+            log.debug("closing with %d messages undelivered", waiting)
+        for destination in destinations:
+            destination.sock.close()
         self._sock.close()
-        self._out.close()
+        with contextlib.suppress(OSError):
+            info = os.lstat(self.path)
+            if (info.st_dev, info.st_ino) == self._inode:
+                os.unlink(self.path)
 
-    def _drain_backlog(self) -> None:
-        sock = _socket()  # blocking; unbound is fine, nobody replies to the sender
+    # -- sending when the fast path could not -------------------------------------------
+    def _send_slow(self, to: str, data: bytes) -> None:
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, "endpoint closed")
+            destination = self._destinations.get(to)
+            if destination is not None and destination.queue:
+                destination.queue.append(data)  # behind the backlog: keeps the order
+                return
+            for attempt in range(2):
+                if destination is None:
+                    destination = self._connect(to)
+                try:
+                    destination.sock.send(data)
+                    self._direct[to] = destination.sock
+                    return
+                except BlockingIOError:
+                    break
+                except OSError as error:
+                    # The peer this socket was connected to died (or was replaced by
+                    # a new endpoint at the same path): connect again, once.
+                    self._forget(destination)
+                    destination = None
+                    if attempt:
+                        if isinstance(error, (ConnectionRefusedError, FileNotFoundError)):
+                            raise PeerGone(to) from error
+                        raise
+            assert destination is not None
+            # The receiver's queue is full: this destination gets a backlog.
+            self._direct.pop(to, None)
+            destination.queue.append(data)
+            self._newly_backlogged.append(destination)
+            if self._drainer is None:
+                self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                self._drainer = threading.Thread(
+                    target=self._drain, name="serveflow:sender", daemon=True
+                )
+                self._drainer.start()
+        self._wake()
+
+    def _connect(self, to: str) -> _Destination:
+        sock = _socket()  # unbound: nobody replies to it
+        sock.setblocking(False)
+        try:
+            sock.connect(to)
+        except (ConnectionRefusedError, FileNotFoundError) as error:
+            sock.close()
+            raise PeerGone(to) from error
+        except BaseException:
+            sock.close()
+            raise
+        destination = _Destination(to, sock)
+        self._destinations[to] = destination
+        return destination
+
+    def _forget(self, destination: _Destination) -> None:
+        if self._destinations.get(destination.to) is destination:
+            del self._destinations[destination.to]
+        if self._direct.get(destination.to) is destination.sock:
+            del self._direct[destination.to]
+        destination.sock.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full pipe: a wake-up is pending anyway
+            os.write(self._wake_w, b"\0")
+
+    # -- the drainer thread ---------------------------------------------------------------
+    def _drain(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        watched: dict[int, _Destination] = {}
         while True:
-            with self._backlog_ready:
-                while not self._backlog and not self._closed:
-                    self._backlog_ready.wait()
+            with self._lock:
                 if self._closed:
                     return
-                to, data = self._backlog[0]
+                for destination in self._newly_backlogged:
+                    if destination.queue and destination.sock.fileno() not in watched:
+                        watched[destination.sock.fileno()] = destination
+                        poller.register(destination.sock, select.POLLOUT)
+                self._newly_backlogged.clear()
+            events = poller.poll(_RETRY_MS if watched else None)
+            if not events:  # a missed wake-up costs at most _RETRY_MS
+                ready = list(watched)
+            else:
+                ready = [fd for fd, _ in events if fd in watched]
+                if len(ready) < len(events):
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+            with self._lock:
+                if self._closed:
+                    return
+                for fd in ready:
+                    if self._flush(watched[fd]):
+                        poller.unregister(fd)
+                        del watched[fd]
+
+    def _flush(self, destination: _Destination) -> bool:
+        """Send what the destination has room for (under the lock). True when its
+        backlog is gone: all sent, or dropped because the destination disappeared."""
+        queue = destination.queue
+        while queue:
             try:
-                sock.sendto(data, to)
-            except OSError:
-                log.debug("dropping a message to %r: peer gone", to)
-            with self._backlog_ready:
-                self._backlog.popleft()
+                destination.sock.send(queue[0])
+            except BlockingIOError:
+                return False
+            except OSError as error:
+                log.debug(
+                    "dropping %d messages to %s: destination gone (%s)",
+                    len(queue),
+                    destination.to,
+                    error,
+                )
+                queue.clear()
+                self._forget(destination)
+                return True
+            queue.popleft()
+        if self._destinations.get(destination.to) is destination:
+            self._direct[destination.to] = destination.sock
+        return True
