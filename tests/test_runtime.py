@@ -14,7 +14,9 @@ import serveflow as sf
 
 
 def _shm_files(runtime: sf.LocalRuntime) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"sf-{runtime._token}-")]
+    """The files of the runtime's private directory in /dev/shm (none once removed)."""
+    directory = runtime.engine._dir.path
+    return os.listdir(directory) if os.path.isdir(directory) else []
 
 
 def _wait_for(condition, timeout: float = 10.0) -> bool:

@@ -217,15 +217,21 @@ class Flow(Stream):
         """Optimize and start serving; `runtime=None` starts a `sf.LocalRuntime()`
         that the returned app owns and stops with it. `slo_ms`: a latency budget for
         the whole flow, split across its batching stages (each then SLO-aware)."""
+        from serveflow.optimizer import optimize
         from serveflow.optimizer.slo import assign_slo
         from serveflow.runtime.local import LocalRuntime
 
-        plan = self.optimize(rules)
-        if slo_ms is not None:
-            plan = assign_slo(plan, slo_ms)
-        if runtime is None:
-            return LocalRuntime().deploy(plan, owns_runtime=True)
-        return runtime.deploy(plan)
+        owns = runtime is None
+        runtime = LocalRuntime() if runtime is None else runtime
+        try:
+            plan = optimize(self, rules, gpus=bool(getattr(runtime, "gpus", None)))
+            if slo_ms is not None:
+                plan = assign_slo(plan, slo_ms)
+            return runtime.deploy(plan, owns_runtime=owns)
+        except BaseException:
+            if owns:
+                runtime.stop()
+            raise
 
     def __repr__(self) -> str:
         return f"Flow({self.name!r}, {len(self.ops) - 1} operators)"

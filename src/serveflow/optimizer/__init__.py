@@ -16,9 +16,10 @@ from serveflow.optimizer.whole import fuse_whole
 __all__ = ["Plan", "Rules", "Stage", "optimize"]
 
 
-def optimize(flow: Flow | Stream, rules: Rules | None = None) -> Plan:
+def optimize(flow: Flow | Stream, rules: Rules | None = None, *, gpus: bool | None = None) -> Plan:
     """Validate `flow` and compile it to a physical plan under `rules` (default `Rules()`).
-    A stream stands for the flow it belongs to.
+    A stream stands for the flow it belongs to. `gpus`: whether GPU workers exist
+    (None: whether this machine has a GPU).
 
     Marks come first (locality, batching, placement, replicas) so that fusion can
     respect them; the flow itself is never modified.
@@ -31,7 +32,7 @@ def optimize(flow: Flow | Stream, rules: Rules | None = None) -> Plan:
         plan = mark_locality(plan)
     if rules.batching:
         plan = mark_batching(plan)
-    plan = place(plan)
+    plan = place(plan, gpus)
     if rules.compete:
         plan = replicate(plan, rules.compete_replicas)
     if rules.whole:

@@ -28,10 +28,13 @@ def gpu_available() -> bool:
     return listed.returncode == 0 and "GPU" in listed.stdout
 
 
-def place(plan: Plan) -> Plan:
+def place(plan: Plan, gpus: bool | None = None) -> Plan:
+    """Mark stages with a `gpu=True` map for a GPU worker when `gpus` (None: this
+    machine has a GPU; a runtime passes whether it has GPU workers)."""
+    has_gpu = gpu_available() if gpus is None else gpus
     stages = []
     for stage in plan.stages:
         wants_gpu = any(isinstance(op, Map) and op.gpu for op in stage.ops)
-        placement = "gpu" if wants_gpu and gpu_available() else "cpu"
+        placement = "gpu" if wants_gpu and has_gpu else "cpu"
         stages.append(dataclasses.replace(stage, gpu_requested=wants_gpu, placement=placement))
     return dataclasses.replace(plan, stages=tuple(stages))

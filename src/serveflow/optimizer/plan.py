@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serveflow.logical.flow import SOURCE_ID, Flow
-from serveflow.logical.operators import Batching, Map, Op
+from serveflow.logical.operators import AnyOf, Batching, Map, Op
 from serveflow.optimizer.rules import Rules
 
 
@@ -64,6 +64,14 @@ class Plan:
         """The stage whose output is `op_id`."""
         return self.stages[self._index_of_output[op_id]]
 
+    def index_of(self, op_id: int) -> int:
+        """The index of the stage whose output is `op_id`."""
+        return self._index_of_output[op_id]
+
+    def feeds_from_request(self, index: int) -> bool:
+        """Whether stage `index` reads the request table alone."""
+        return self.stages[index].inputs == (SOURCE_ID,)
+
     def consumers(self, op_id: int) -> list[Stage]:
         return [s for s in self.stages if op_id in s.inputs]
 
@@ -82,6 +90,25 @@ class Plan:
             for stage in self.stages
         ]
 
+    @functools.cached_property
+    def anyof_groups(self) -> tuple[tuple[int, ...], ...]:
+        """For each anyof whose inputs come from other stages: the indices of those
+        stages (its branches), which run concurrently on distinct workers."""
+        groups = []
+        for stage in self.stages:
+            for op in stage.ops:
+                if isinstance(op, AnyOf):
+                    outputs = self._index_of_output
+                    branches = tuple(dict.fromkeys(outputs[i] for i in op.inputs if i in outputs))
+                    if len(branches) > 1:
+                        groups.append(branches)
+        return tuple(groups)
+
+    def competing(self, index: int) -> bool:
+        """Whether runs of stage `index` race others for one result (competing
+        replicas, anyof branches): losers are cancelled or their results dropped."""
+        return self.stages[index].replicas > 1 or any(index in g for g in self.anyof_groups)
+
     @property
     def output_stage(self) -> Stage:
         return self.stage_of(self.output)
@@ -96,6 +123,8 @@ class Plan:
             f"output from stage {number[self.output]}",
             f"rules: {self.rules.describe()}",
         ]
+        if self.rules.whole and len(self.stages) > 1:
+            lines.append("whole-flow fusion keeps anyof branches in stages of their own")
         if self.slo_ms:
             lines.append(f"flow SLO: {self.slo_ms:g} ms, split across the batching stages")
         for i, stage in enumerate(self.stages, 1):
@@ -110,6 +139,8 @@ class Plan:
                 lines.append(f"    operator: {chain}")
             if stage.batching:
                 lines.append(f"    batched across requests: {stage.batching.describe()}")
+            if any(i - 1 in g for g in self.anyof_groups):
+                lines.append("    anyof branch: runs concurrently with the others, own worker")
             if stage.replicas > 1:
                 lines.append(
                     f"    replicated: {stage.replicas} competing replicas, first result wins"

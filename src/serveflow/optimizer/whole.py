@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from serveflow.optimizer.fusion import merge
+from serveflow.optimizer.fusion import fuse, merge
 from serveflow.optimizer.plan import Plan
 
 
 def fuse_whole(plan: Plan) -> Plan:
+    """One stage, unless the flow has an anyof between stages: one stage would run its
+    branches one after another, so then the chains around them are fused instead."""
+    if plan.anyof_groups:
+        return fuse(plan)
     whole = functools.reduce(merge, plan.stages)
     whole = dataclasses.replace(
         whole,

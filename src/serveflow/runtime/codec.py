@@ -7,8 +7,9 @@ so an array is never copied through the socket. A buffer that already lives in a
 mapping this process received is forwarded by reference, without any copy: an array
 crossing a chain of stages is written once.
 
-Files are named `sf-<token>-<request id>-<n>` so that the owner (the driver) can remove
-every file of a finished request; see `sweep`.
+Files live in the runtime's private directory (`rundir`), named `m<request id>-<n>`
+so that the owner (the driver) can remove every file of a finished request; see
+`sweep`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import pickle
 import time
 from typing import Any
 
-SHM_DIR = "/dev/shm"
 LARGE = 64 * 1024  # below this, copying through the socket is cheaper than a mapping
 MAX_INLINE = 128 * 1024  # a datagram must stay well under the socket buffer
 # a received mapping is remembered this long for forwarding by reference; after that
@@ -41,15 +41,13 @@ class SharedMemory:
     """This process's view of the shared-memory files: the ones it mapped (to forward
     their buffers by reference) and a counter for the ones it creates."""
 
-    def __init__(self, token: str) -> None:
-        self.token = token
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
         self._count = itertools.count()
         # name -> (mapping, base address, size, mapped at); entries only help forwarding,
         # dropping one never unmaps memory an array still uses.
         self._mapped: dict[str, tuple[mmap.mmap, int, int, float]] = {}
 
-    def prefix(self, request_id: int) -> str:
-        return f"sf-{self.token}-{request_id}-"
 
     def place(self, buffer: memoryview, request_id: int) -> tuple[str, int, int]:
         """Where `buffer` is in shared memory: its existing place, or a new file."""
@@ -58,8 +56,9 @@ class SharedMemory:
             for name, (_, base, size, _) in list(self._mapped.items()):
                 if base <= address and address + buffer.nbytes <= base + size:
                     return name, address - base, buffer.nbytes
-        name = f"{self.prefix(request_id)}{os.getpid()}.{next(self._count)}"
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        name = f"m{request_id}-{os.getpid()}.{next(self._count)}"
+        path = os.path.join(self.directory, name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fd, max(buffer.nbytes, 1))
             with mmap.mmap(fd, max(buffer.nbytes, 1)) as mapping:
@@ -71,7 +70,9 @@ class SharedMemory:
     def view(self, name: str, offset: int, length: int) -> memoryview:
         entry = self._mapped.get(name)
         if entry is None:
-            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+            if "/" in name or not name.startswith("m"):
+                raise ValueError(f"not a shared-memory file of this runtime: {name!r}")
+            fd = os.open(os.path.join(self.directory, name), os.O_RDWR | os.O_NOFOLLOW)
             try:
                 mapping = mmap.mmap(fd, 0)
             finally:
@@ -117,19 +118,17 @@ def decode(data: bytes | memoryview, shm: SharedMemory) -> Any:
     return pickle.loads(body, buffers=[shm.view(*ref) for ref in refs])
 
 
-def sweep(token: str, keep: set[int] | None = None) -> int:
-    """Remove this runtime's shared-memory files, except those of requests in `keep`.
-    Returns how many were removed."""
-    prefix = f"sf-{token}-"
+def sweep(directory: str, keep: set[int]) -> int:
+    """Remove the shared-memory files of requests not in `keep`. Returns how many."""
     removed = 0
-    for name in os.listdir(SHM_DIR):
-        if not name.startswith(prefix):
-            continue
-        if keep is not None and int(name[len(prefix) :].split("-", 1)[0]) in keep:
+    for name in os.listdir(directory):
+        if not name.startswith("m"):
             continue
         try:
-            os.unlink(os.path.join(SHM_DIR, name))
+            if int(name[1:].split("-", 1)[0]) in keep:
+                continue
+            os.unlink(os.path.join(directory, name))
             removed += 1
-        except FileNotFoundError:
+        except (ValueError, FileNotFoundError):
             pass
     return removed

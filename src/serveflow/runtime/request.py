@@ -22,8 +22,10 @@ class Request:
         self.id = next(_ids)
         self.table = table
         self.future: Future[Table] = Future()
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.submitted = time.monotonic()
+        self.deadline = None if timeout is None else self.submitted + timeout
         self.route: tuple[tuple[int, ...], ...] = ()
+        self.charges: list[tuple[int, int]] = []  # (stage, worker) runs counted as load
         self.attempt = 0
 
     def settle(self, result: Any) -> bool:

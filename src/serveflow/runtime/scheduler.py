@@ -1,30 +1,33 @@
 """Scheduling policies, independent of process mechanics (a Ray runtime reuses them).
 
-- `Scheduler.route`: for each stage of a request, which workers run it: one where the
-  stage is warm with the fewest requests outstanding, a cold one when the warm ones are
-  busy (the stage then scales out), `replicas` distinct workers for competing stages.
+- `Scheduler.route`: for each stage of a request, which workers of its resource class
+  (cpu, gpu) run it: one where the stage is warm with the fewest requests outstanding,
+  a cold one when the warm ones are busy (the stage then scales out), `replicas`
+  distinct workers for competing stages, distinct workers for an anyof's branches.
   An SLO-batching stage packs its batches instead: consecutive requests go to one
   worker until its batch is full or timed out, as if one buffer fed all workers (the
   queue the batching model predicts; spread over k workers, each batch would fill k
   times slower).
 - `targets`: for a stage that starts at a dynamic lookup, the worker is chosen from
-  the candidates by a stable hash of the looked-up key, so the same key always reaches
-  the same worker and finds its value in that worker's cache (locality).
+  the workers the stage is warm on by rendezvous hashing of the looked-up key, so the
+  same key reaches the same worker and finds its value in that worker's cache
+  (locality); a busy locality stage takes one more worker, which takes over only its
+  share of the keys.
 - `Autoscaler`: how many workers the pool should have, from load and idleness.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from serveflow.logical.table import Table
 from serveflow.optimizer.plan import Plan
+from serveflow.runtime.messages import Route
 
-Route = tuple[tuple[int, ...], ...]  # per stage index: the worker indices that run it
 StageKey = tuple[int, int]  # (app id, stage index)
 
 COLD_PENALTY = 0.5  # a warm worker is preferred over a cold one only when as idle
@@ -38,6 +41,7 @@ class WorkerLoad:
     outstanding: int = 0  # stage runs routed to it whose request is not finished
     warm: set[StageKey] | None = None
     loading: set[StageKey] | None = None  # warm stages it has not finished loading
+    gpu: bool = False  # owns a GPU: runs GPU-placed stages, and only those
 
     def __post_init__(self) -> None:
         self.warm = self.warm if self.warm is not None else set()
@@ -55,7 +59,11 @@ class OpenBatch:
 
 
 class Scheduler:
-    def __init__(self) -> None:
+    """Routing for one runtime. `spread_at`: outstanding runs per worker past which a
+    locality stage takes one more worker."""
+
+    def __init__(self, spread_at: float = 2.0) -> None:
+        self.spread_at = spread_at
         self._open: dict[StageKey, OpenBatch] = {}
         self._opened: dict[StageKey, dict[int, float]] = {}  # worker -> its last batch
 
@@ -64,31 +72,50 @@ class Scheduler:
         app_id: int,
         plan: Plan,
         workers: Mapping[int, WorkerLoad],
+        table: Any = None,
         caps: Mapping[int, int] | None = None,
         packs: Mapping[int, tuple[int, float]] | None = None,
         now: float = 0.0,
-    ) -> Route:
-        """Pick workers for every stage of one request and count them as outstanding.
+    ) -> tuple[Route, list[tuple[int, int]]] | None:
+        """Pick workers for every stage of one request (whose table is `table`) and
+        count the runs known now as outstanding: returns the route and those (stage,
+        worker) charges, or None when some stage has no worker of its resource class.
         `caps` limits some stages (by index) to that many workers; `packs` gives some
         stages' (batch size, timeout seconds) to pack batches by, at time `now`."""
-        route = []
+        pools = []
+        for stage in plan.stages:
+            gpu = stage.placement == "gpu"
+            pool = {w: load for w, load in workers.items() if load.gpu == gpu}
+            if not pool:
+                return None
+            pools.append(pool)
+        route: list[tuple[int, ...]] = []
         for index, stage in enumerate(plan.stages):
-            key = (app_id, index)
+            key, pool = (app_id, index), pools[index]
+            siblings = {w for g in plan.anyof_groups if index in g for i in g if i < index
+                        for w in route[i]}  # fmt: skip
+            if siblings and len(pool) > len(siblings):  # anyof branches: distinct workers
+                pool = {w: load for w, load in pool.items() if w not in siblings}
             cap = (caps or {}).get(index)
             if follows_winner(plan, index):
                 chosen: list[int] = []
             elif stage.locality_key:
-                chosen = self._candidates(key, workers)
+                chosen = self._locality(key, pool, stage.replicas)
             elif packs and index in packs:
-                chosen = [self._pack(key, workers, cap, *packs[index], now)]
+                chosen = [self._pack(key, pool, cap, *packs[index], now)]
             else:
-                chosen = self._least_loaded(key, workers, stage.replicas, cap)
+                chosen = self._least_loaded(key, pool, stage.replicas, cap)
             for w in chosen:
                 workers[w].warm.add(key)
             route.append(tuple(chosen))
-        for _, w in charged(plan, route):
+        final = tuple(route)
+        charges = list(charged(plan, final))
+        for index, stage in enumerate(plan.stages):
+            if stage.locality_key and plan.feeds_from_request(index):
+                charges.extend((index, w) for w in targets(plan, index, final, table))
+        for _, w in charges:
             workers[w].outstanding += 1
-        return tuple(route)
+        return final, charges
 
     def _pack(
         self,
@@ -150,12 +177,18 @@ class Scheduler:
         since = since or {}
         return sorted(pool, key=lambda w: (score(w), since.get(w, -math.inf), w))[:n]
 
-    @staticmethod
-    def _candidates(key: StageKey, workers: Mapping[int, WorkerLoad]) -> list[int]:
-        """Stable membership for key hashing: the warm workers, or all when none is."""
-        warm = sorted(w for w, load in workers.items() if key in load.warm)
-        return warm or sorted(workers)
-
+    def _locality(self, key: StageKey, pool: Mapping[int, WorkerLoad], n: int) -> list[int]:
+        """The workers a locality stage's keys are hashed over: those it is warm on
+        (at first, every worker of the pool), plus the least loaded other one while
+        all of them are busy: a hot stage spreads, and rendezvous hashing moves only
+        the new worker's share of keys to it."""
+        warm = [w for w in pool if key in pool[w].warm]
+        others = [w for w in pool if key not in pool[w].warm]
+        if not warm:
+            return sorted(pool)
+        if others and (len(warm) < n or all(pool[w].outstanding >= self.spread_at for w in warm)):
+            warm += self._least_loaded(key, {w: pool[w] for w in others}, max(1, n - len(warm)))
+        return sorted(warm)
 
 def charged(plan: Plan, route: Route) -> Iterable[tuple[int, int]]:
     """(stage index, worker) of the stage runs a route counts against its workers. The
@@ -182,13 +215,23 @@ def follows_winner(plan: Plan, index: int) -> bool:
 
 
 def targets(plan: Plan, index: int, route: Route, table: Any) -> tuple[int, ...]:
-    """The workers to send stage `index`'s input to; () means the sender itself."""
+    """The workers to send stage `index`'s input to; () means the sender itself. A
+    locality stage's input goes to the candidates that rank highest for its key by
+    rendezvous hashing: one key always meets the same worker (and its cache) while
+    the candidates stay, and a new candidate takes only its share of keys."""
     stage, chosen = plan.stages[index], route[index]
     if not stage.locality_key or not chosen:
         return chosen
     keys = table._columns.get(stage.locality_key) if isinstance(table, Table) else None
-    start = zlib.crc32(str(keys[0]).encode()) % len(chosen) if keys else 0
-    return tuple(chosen[(start + i) % len(chosen)] for i in range(min(stage.replicas, len(chosen))))
+    if not keys:
+        return chosen[: stage.replicas]
+    key = str(keys[0]).encode()
+    ranked = sorted(chosen, key=lambda w: _rendezvous(key, w), reverse=True)
+    return tuple(ranked[: stage.replicas])
+
+
+def _rendezvous(key: bytes, worker: int) -> bytes:
+    return hashlib.blake2b(key, digest_size=8, salt=worker.to_bytes(8, "little")).digest()
 
 
 @dataclass(frozen=True)

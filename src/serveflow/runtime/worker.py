@@ -1,15 +1,22 @@
-"""A generic worker process: loads stages on demand, runs them, and forwards each
-result straight to the workers of the next stages (the driver only sees the end).
+"""A generic worker process of the process engine: loads stages on demand, runs them,
+and forwards each result straight to the workers of the next stages (the control
+plane only sees the end).
 
 Cold start: the first task of an app on a worker unpickles its plan (the user's
 functions travel with cloudpickle); the first task of a stage instantiates its model
 classes. A stage left idle for `idle_unload_s` is unloaded.
+
+The worker reads its configuration from stdin, then keeps stdin open: the driver
+holds the other end, so end of file means the driver is gone and the worker exits at
+once, even in the middle of a user's call.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -18,13 +25,16 @@ from typing import Any
 
 import cloudpickle
 
+from serveflow.errors import OperatorError
 from serveflow.logical.operators import AnyOf
 from serveflow.logical.table import Table
 from serveflow.optimizer.plan import Plan, Stage
 from serveflow.runtime import codec
-from serveflow.runtime.scheduler import Route, targets
+from serveflow.runtime import messages as m
+from serveflow.runtime.dispatch import BatchRule
+from serveflow.runtime.scheduler import targets
 from serveflow.runtime.stage import StageExecutor
-from serveflow.runtime.transport import Endpoint, PeerGone, address
+from serveflow.runtime.transport import Endpoint, PeerGone
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +42,12 @@ DRIVER = -1
 STATS_EVERY_S = 0.25
 HEARTBEAT_S = 0.5
 IDLE_WAKE_S = 1.0
-BACKLOG_MERGE = 2  # planned batches a worker may run as one call when they queue up
+CANCEL_POLL_S = 0.005  # while a stage runs, look for cancellations this often
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
 
 
-def worker_address(token: str, index: int) -> bytes:
-    return address(token, "driver" if index == DRIVER else f"w{index}")
+def socket_path(directory: str, index: int) -> str:
+    return os.path.join(directory, "driver" if index == DRIVER else f"w{index}")
 
 
 @dataclass
@@ -48,7 +58,7 @@ class Task:
     rid: int
     attempt: int
     index: int
-    route: Route
+    route: m.Route
     deadline: float | None
     created: float  # when its first input was sent
     inputs: dict[int, Any] = field(default_factory=dict)
@@ -83,17 +93,17 @@ class StageCounters:
 
 
 class Worker:
-    def __init__(self, index: int, token: str, kvs_address: str, options: dict) -> None:
+    def __init__(self, index: int, directory: str, kvs_address: str, options: dict) -> None:
         from serveflow.runtime.cache import CachedKVS
         from serveflow.runtime.kvs import open_kvs
 
         self.index = index
-        self.token = token
-        self.endpoint = Endpoint(worker_address(token, index))
-        self.shm = codec.SharedMemory(token)
+        self.directory = directory
+        self.endpoint = Endpoint(socket_path(directory, index))
+        self.shm = codec.SharedMemory(directory)
         self.kvs = CachedKVS(open_kvs(kvs_address), options["cache_bytes"])
         self.idle_unload_s: float = options["idle_unload_s"]
-        self.blobs: dict[int, bytes] = {}
+        self.deployed: dict[int, str] = {}  # app -> its plan file
         self.plans: dict[int, Plan] = {}
         self.executors: dict[tuple[int, int], tuple[StageExecutor, float]] = {}
         self.loaded_at: dict[tuple[int, int], float] = {}  # when each stage finished loading
@@ -103,16 +113,16 @@ class Worker:
         self.counters: dict[tuple[int, int], StageCounters] = {}
         self.unloaded: list[tuple[int, int]] = []
         self.busy_since: float | None = None
-        self.cancelled: dict[tuple[int, int], float] = {}  # (app, rid) that finished
-        # (app, stage) -> (batch size, timeout s) chosen by the driver's controller
-        self.overrides: dict[tuple[int, int], tuple[int, float]] = {}
+        # (app, rid) -> when: every stage of it cancelled; (app, rid, stage) -> when
+        self.cancelled: dict[tuple[int, ...], float] = {}
+        self.inbox: deque[Any] = deque()  # read while a stage ran, not yet handled
+        self.rule = BatchRule()
         self.dirty = False  # something to report to the driver
         self.running = True
 
     # -- messages ---------------------------------------------------------------------
     def serve(self) -> None:
-        self.parent = os.getppid()
-        self.send(DRIVER, ("hello", self.index, os.getpid()))
+        self.send(DRIVER, m.Hello(self.index, os.getpid()))
         threading.Thread(target=self.heartbeat, name="serveflow:heartbeat", daemon=True).start()
         next_report = 0.0
         while self.running:
@@ -123,18 +133,31 @@ class Worker:
                 next_report = now + STATS_EVERY_S
             if self.dirty:
                 wait = min(wait if wait is not None else STATS_EVERY_S, next_report - now)
-            # wake at least every IDLE_WAKE_S: unload idle stages, notice a dead driver
+            if self.inbox:
+                wait = 0.0
+            # wake at least every IDLE_WAKE_S to unload idle stages
             data = self.endpoint.recv(IDLE_WAKE_S if wait is None else max(0.0, min(wait, 1.0)))
-            if os.getppid() != self.parent:
-                return  # the driver died: nobody will read our results
+            while self.inbox:
+                self.handle(self.inbox.popleft())
             while data is not None:
-                try:
-                    self.handle(codec.decode(data, self.shm))
-                except Exception:  # e.g. the files of a finished request were removed
-                    log.debug("dropping a message that cannot be read", exc_info=True)
+                message = self.decode(data)
+                if message is not None:
+                    self.handle(message)
                 data = self.endpoint.recv(0)
         self.report()
         self.endpoint.close()
+
+    def decode(self, data: bytes) -> Any:
+        """A message, or None (logged) for anything else: never raises."""
+        try:
+            message = codec.decode(data, self.shm)
+        except Exception:  # e.g. the files of a finished request were removed
+            log.debug("dropping a message that cannot be read", exc_info=True)
+            return None
+        if not m.is_message(message):
+            log.warning("dropping a malformed message of type %s", type(message).__name__)
+            return None
+        return message
 
     def heartbeat(self) -> None:
         """Tell the driver since when a stage has been running (None once it ended):
@@ -144,71 +167,99 @@ class Worker:
             time.sleep(HEARTBEAT_S)
             busy_since = self.busy_since
             if busy_since is not None or sent is not None:
-                self.send(DRIVER, ("beat", self.index, busy_since))
+                self.send(DRIVER, m.Beat(self.index, busy_since))
                 sent = busy_since
 
-    def handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "input":
-            self.accept(*message[1:])
-        elif kind == "deploy":
-            self.blobs[message[1]] = message[2]
-        elif kind == "policy":
-            _, app, index, size, timeout_s = message
-            self.overrides[(app, index)] = (size, timeout_s)
-        elif kind == "load":  # warm a stage before its requests come
-            plan = self.plan(message[1])
-            if plan is not None:
-                self.executor((message[1], message[2]), plan.stages[message[2]])
-        elif kind == "cancel":
-            self.cancelled[(message[1], message[2])] = time.monotonic()
-        elif kind == "undeploy":
-            self.forget_app(message[1])
-        elif kind == "exit":
-            self.running = False
+    def handle(self, message: Any) -> None:
+        match message:
+            case m.Input():
+                self.accept(message)
+            case m.Deploy(app, path):
+                self.deployed[app] = path
+            case m.Policy(app, stage, size, timeout_s):
+                self.rule.set_policy((app, stage), size, timeout_s)
+            case m.Load(app, stage):  # warm a stage before its requests come
+                plan = self.plan(app)
+                if plan is not None and 0 <= stage < len(plan.stages):
+                    self.executor((app, stage), plan.stages[stage])
+            case m.Cancel():
+                self.cancel(message)
+            case m.Undeploy(app):
+                self.forget_app(app)
+            case m.Exit():
+                self.running = False
+            case _:
+                log.warning("dropping a %s message: not for a worker", type(message).__name__)
+
+    def cancel(self, message: m.Cancel) -> None:
+        key = (message.app, message.rid) + (() if message.stage is None else (message.stage,))
+        self.cancelled[key] = time.monotonic()
+
+    def is_cancelled(self, task: Task) -> bool:
+        return (task.app, task.rid) in self.cancelled or (
+            task.app,
+            task.rid,
+            task.index,
+        ) in self.cancelled
 
     def send(self, worker: int, message: tuple, rid: int = 0) -> None:
         try:
             data = codec.encode(message, self.shm, rid)
-            self.endpoint.send(worker_address(self.token, worker), data)
+        except Exception as error:  # an output that cannot travel fails its request
+            if not isinstance(message, m.Input | m.Result):
+                raise
+            failure = OperatorError(
+                f"stage output of request {message.rid} cannot be sent: "
+                f"{type(error).__name__}: {error}",
+                "worker",
+            )
+            data = codec.encode(message._replace(value=failure), self.shm, rid)
+        try:
+            self.endpoint.send(socket_path(self.directory, worker), data)
         except PeerGone:  # that worker died; the driver re-runs the request
             log.debug("worker %d is gone; dropping a message", worker)
 
     # -- tasks ------------------------------------------------------------------------
     def plan(self, app: int) -> Plan | None:
         plan = self.plans.get(app)
-        if plan is None and app in self.blobs:
-            plan = self.plans[app] = cloudpickle.loads(self.blobs[app])
+        if plan is None and app in self.deployed:
+            with open(self.deployed[app], "rb") as file:
+                plan = self.plans[app] = cloudpickle.load(file)
         return plan
 
-    def accept(
-        self,
-        app: int,
-        rid: int,
-        attempt: int,
-        index: int,
-        op_id: int,
-        value: Any,
-        route: Route,
-        deadline: float | None,
-        sent: float,
-    ) -> None:
+    def accept(self, message: m.Input) -> None:
         """An input of stage `index` for one request, sent at `sent` (its latency at
         this stage counts from there, including time spent unread in our socket)."""
+        app, rid, attempt, index = message.app, message.rid, message.attempt, message.stage
         plan = self.plan(app)
         key = (app, rid, attempt, index)
-        if plan is None or key in self.started or (app, rid) in self.cancelled:
-            return  # undeployed app, a loser of a race already decided, a finished request
+        if plan is None or key in self.started:
+            return  # an undeployed app, a loser of a race already decided
+        if (app, rid) in self.cancelled or (app, rid, index) in self.cancelled:
+            if plan.competing(index):  # the driver counts the run until told
+                self.send(DRIVER, m.Done(self.index, app, rid, attempt, index))
+            return
         task = self.waiting.get(key)
         if task is None:
-            task = self.waiting[key] = Task(app, rid, attempt, index, route, deadline, sent)
-        producer = plan.stage_of(op_id).replicas if op_id else 1
-        task.add(op_id, value, producer)
+            task = Task(app, rid, attempt, index, message.route, message.deadline, message.sent)
+            self.waiting[key] = task
+        producer = plan.stage_of(message.op).replicas if message.op else 1
+        task.add(message.op, message.value, producer)
         stage = plan.stages[index]
         if task.ready(stage):
             del self.waiting[key]
             self.started[key] = time.monotonic()
             self.queues.setdefault((app, index), deque()).append(task)
+            if isinstance(stage.ops[0], AnyOf):
+                self.cancel_losers(plan, task, stage)
+
+    def cancel_losers(self, plan: Plan, task: Task, stage: Stage) -> None:
+        """An anyof has its result: the branches still running or queued are dropped."""
+        for op in stage.inputs:
+            if op not in task.inputs and op:
+                loser = plan.index_of(op)
+                for worker in task.route[loser]:
+                    self.send(worker, m.Cancel(task.app, task.rid, loser))
 
     def run_ready(self) -> float | None:
         """Run every runnable batch, including those that running others made ready
@@ -222,46 +273,23 @@ class Worker:
                 while queue:
                     plan = self.plans[key[0]]
                     stage = plan.stages[key[1]]
-                    limit, timeout_s = self.batch_limits(key, stage)
-                    if timeout_s and len(queue) < limit:
-                        # The oldest request's wait counts from when it was sent, as
-                        # in the model: also while it sat unread behind a running batch.
-                        remaining = queue[0].created + timeout_s - time.monotonic()
-                        if remaining > 0:
-                            wait = remaining if wait is None else min(wait, remaining)
-                            break
-                    batch = [queue.popleft() for _ in range(self.batch_take(key, stage, limit))]
+                    now = time.monotonic()
+                    take, remaining = self.rule.due(key, stage, len(queue), queue[0].created, now)
+                    if not take:
+                        wait = remaining if wait is None else min(wait, remaining)
+                        break
+                    batch = [queue.popleft() for _ in range(take)]
                     self.run_batch(plan, stage, key, batch)
                     ran = True
         self.housekeeping()
         return wait
-
-    def batch_limits(self, key: tuple[int, int], stage: Stage) -> tuple[int, float]:
-        """(most requests per call, longest wait for a batch to fill) of a stage."""
-        if key in self.overrides:
-            return self.overrides[key]
-        policy = stage.batching
-        return (policy.size, (policy.timeout_ms or 0) / 1e3) if policy else (1, 0.0)
-
-    def batch_take(self, key: tuple[int, int], stage: Stage, limit: int) -> int:
-        """How many queued requests the next call of a stage takes: up to its batch
-        size, or, for a controller-planned stage with more than a batch queued (a
-        backlog: a step in load, a slow spell), up to `BACKLOG_MERGE` batches in one
-        call, which drains it faster (one call's fixed cost for several batches)."""
-        queued = len(self.queues[key])
-        if key in self.overrides and queued > limit:
-            most = BACKLOG_MERGE * limit
-            if stage.batching is not None and stage.batching.max_size:
-                most = min(most, stage.batching.max_size)
-            return min(queued, most)
-        return min(limit, queued)
 
     def run_batch(self, plan: Plan, stage: Stage, key: tuple[int, int], batch: list[Task]) -> None:
         now = time.monotonic()
         live = [
             t
             for t in batch
-            if (t.deadline is None or t.deadline > now) and (t.app, t.rid) not in self.cancelled
+            if (t.deadline is None or t.deadline > now) and not self.is_cancelled(t)
         ]
         expired = [t for t in batch if t.deadline is not None and t.deadline <= now]
         if expired and stage.batching:  # dropped late: the batching controller counts them
@@ -272,16 +300,26 @@ class Worker:
             if live:
                 self.run_live(plan, stage, key, live)
         finally:
-            if stage.replicas > 1:  # the driver counts competing runs until they end
+            if plan.competing(key[1]):  # the driver counts competing runs until they end
                 for t in batch:
-                    self.send(DRIVER, ("done", self.index, t.app, t.rid, t.attempt, t.index))
+                    self.send(DRIVER, m.Done(self.index, t.app, t.rid, t.attempt, t.index))
 
     def run_live(self, plan: Plan, stage: Stage, key: tuple[int, int], live: list[Task]) -> None:
         counters = self.counters.setdefault(key, StageCounters())
         executor = self.executor(key, stage)
         self.busy_since = started = time.monotonic()  # after any cold start
+        polled = [started]
+
+        def should_stop(position: int) -> bool:
+            now = time.monotonic()
+            if now - polled[0] >= CANCEL_POLL_S:
+                polled[0] = now
+                self.poll_cancels()
+            task = live[position]
+            return (task.deadline is not None and now > task.deadline) or self.is_cancelled(task)
+
         try:
-            results = executor.run([t.inputs for t in live])
+            results = executor.run([t.inputs for t in live], should_stop=should_stop)
         except Exception as error:  # a bug of ours: fail these requests, keep serving
             log.exception("stage %r crashed", stage.name)
             results = [error] * len(live)
@@ -304,6 +342,16 @@ class Worker:
         for task, result in zip(live, results):
             self.forward(plan, task, result)
 
+    def poll_cancels(self) -> None:
+        """Read what has arrived while a stage runs: cancellations take effect now,
+        everything else waits in the inbox for the loop."""
+        while (data := self.endpoint.recv(0)) is not None:
+            message = self.decode(data)
+            if isinstance(message, m.Cancel):
+                self.cancel(message)
+            elif message is not None:
+                self.inbox.append(message)
+
     def executor(self, key: tuple[int, int], stage: Stage) -> StageExecutor:
         """The stage's executor, loaded now if it is not (a cold start)."""
         loaded = self.executors.get(key)
@@ -320,11 +368,9 @@ class Worker:
     def forward(self, plan: Plan, task: Task, result: Any) -> None:
         stage = plan.stages[task.index]
         if stage.output == plan.output:
-            message = ("result", task.app, task.rid, task.attempt, result)
-            self.send(DRIVER, message, task.rid)
+            self.send(DRIVER, m.Result(task.app, task.rid, task.attempt, result), task.rid)
         for consumer in plan.consumer_indices(task.index):
-            message = (
-                "input",
+            message = m.Input(
                 task.app,
                 task.rid,
                 task.attempt,
@@ -335,9 +381,14 @@ class Worker:
                 task.deadline,
                 time.monotonic(),
             )
-            for worker in targets(plan, consumer, task.route, result) or (self.index,):
+            chosen = targets(plan, consumer, task.route, result)
+            if plan.stages[consumer].locality_key and not plan.feeds_from_request(consumer):
+                for worker in chosen:  # the driver counts it against that worker
+                    located = m.Located(task.app, task.rid, task.attempt, consumer, worker)
+                    self.send(DRIVER, located)
+            for worker in chosen or (self.index,):
                 if worker == self.index:
-                    self.accept(*message[1:])
+                    self.accept(message)
                 else:
                     self.send(worker, message, task.rid)
 
@@ -349,7 +400,7 @@ class Worker:
             if c.requests or c.cold_starts
         }
         queued = {key: len(q) for key, q in self.queues.items() if q}
-        self.send(DRIVER, ("stats", self.index, stages, queued, self.unloaded))
+        self.send(DRIVER, m.Stats(self.index, stages, queued, self.unloaded))
         self.counters.clear()
         self.unloaded = []
         self.dirty = bool(queued)
@@ -369,14 +420,27 @@ class Worker:
             self.waiting = {k: t for k, t in self.waiting.items() if t.created > limit}
 
     def forget_app(self, app: int) -> None:
-        self.blobs.pop(app, None)
+        self.deployed.pop(app, None)
         self.plans.pop(app, None)
-        for mapping in (self.executors, self.loaded_at, self.queues, self.counters, self.overrides):
+        self.rule.forget(app)
+        for mapping in (self.executors, self.loaded_at, self.queues, self.counters):
             for key in [k for k in mapping if k[0] == app]:
                 del mapping[key]
 
 
-def main(index: int, token: str, kvs_address: str, options: dict) -> None:
-    """Entry point of a worker process."""
+def watch_driver() -> None:
+    """Exit as soon as the driver is gone: it holds our stdin open while it lives."""
+    while sys.stdin.buffer.read(4096):
+        pass
+    os._exit(0)
+
+
+def main() -> None:
+    """Entry point of a worker process: its configuration is one JSON line on stdin."""
+    config = json.loads(sys.stdin.buffer.readline())
+    options = config["options"]
     logging.basicConfig(level=options.get("log_level", logging.WARNING))
-    Worker(index, token, kvs_address, options).serve()
+    threading.Thread(target=watch_driver, name="serveflow:watchdog", daemon=True).start()
+    Worker(config["index"], config["dir"], config["kvs"], options).serve()
+    logging.shutdown()
+    os._exit(0)  # not a normal exit: the watchdog thread is blocked reading stdin

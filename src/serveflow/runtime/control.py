@@ -1,0 +1,687 @@
+"""`ControlPlane`: every runtime policy, over an engine that only carries them out.
+
+It tracks requests (the stage runs outstanding on each worker, competing replicas and
+anyof branches, retries, deadlines, cancellation), routes them (`Scheduler`: warm
+stage, load, locality, resource classes), admits them (in-flight bound, SLO
+shedding), sizes the pool (`Autoscaler`), runs the batching controllers and keeps
+the stats. It talks to workers only through an `Engine` and the typed messages of
+`messages.py`, so the embedded runtime (processes) and the Ray runtime (actors)
+share all of it.
+
+A request's path: `App.run` -> `start` (admission) -> `_route` (workers for every
+stage; or the wait line when no worker has room) -> `Input` to the first stages'
+workers; from there results travel worker to worker and the last stage's `Result`
+comes back to `on_message`, which settles the future; `_finish` releases the
+request's load and routes requests waiting for room.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from serveflow.errors import OperatorError, OverloadError
+from serveflow.optimizer.placement import place
+from serveflow.optimizer.plan import Plan
+from serveflow.runtime import messages as m
+from serveflow.runtime.app import App
+from serveflow.runtime.engine import Engine
+from serveflow.runtime.kvs import KVS
+from serveflow.runtime.request import Request
+from serveflow.runtime.scheduler import Autoscaler, Scheduler, WorkerLoad
+from serveflow.runtime.stats import StageStats
+
+if TYPE_CHECKING:
+    from serveflow.batching.controller import BatchingController, Decision
+    from serveflow.runtime.planner import PlannerProcess
+
+log = logging.getLogger(__name__)
+
+MONITOR_EVERY_S = 0.1
+PLAN_EVERY_S = 0.1
+RESPLIT_EVERY_S = 5.0
+SWEEP_EVERY_S = 2.0
+START_TIMEOUT_S = 60.0
+MAX_FAILED_STARTS = 3  # consecutive workers dying before ready: stop trying
+
+
+@dataclass
+class WorkerState:
+    """What the control plane knows of one worker."""
+
+    index: int
+    device: int | None = None  # the GPU it owns
+    ready: bool = False
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    queued: dict[tuple[int, int], int] = field(default_factory=dict)
+    active_at: float = field(default_factory=time.monotonic)
+    busy_since: float | None = None  # running a stage since (from its heartbeat)
+    retiring: bool = False
+    killed_for: str = ""
+
+
+def check_pool(min_workers: int, max_workers: int) -> None:
+    if not 1 <= min_workers <= max_workers:
+        raise ValueError(f"need 1 <= min_workers <= max_workers: {min_workers}, {max_workers}")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+class DeployedApp(App):
+    """A plan deployed on a control plane."""
+
+    def __init__(self, app_id: int, plan: Plan, control: ControlPlane, owns: bool) -> None:
+        super().__init__(plan, control, owns, control.max_in_flight)
+        self.id = app_id
+        self.active: dict[int, Request] = {}
+        self.stage_stats = [StageStats() for _ in plan.stages]
+        self.sources = tuple(i for i, s in enumerate(plan.stages) if 0 in s.inputs)
+        # stage runs a worker may hold before requests wait at the driver; room for
+        # the largest batch so that batching stages can fill their batches
+        largest_batch = max((s.batching.size for s in plan.stages if s.batching), default=0)
+        self.worker_cap = max(control.worker_queue, 2 * largest_batch)
+        # workers the plan needs at once: competing replicas, anyof branches
+        self.width = max(
+            [s.replicas for s in plan.stages] + [len(g) for g in plan.anyof_groups]
+        )
+        # SLO-aware batching stages: a controller each, its choices pushed to workers
+        self.controllers: dict[int, BatchingController] = {}
+        adaptive = [i for i, s in enumerate(plan.stages) if s.batching and s.batching.adaptive]
+        if adaptive:  # imported here: scipy is too slow to import in every worker
+            from serveflow.batching.controller import BatchingController
+
+            searcher = control.planner().search
+            self.controllers = {
+                i: BatchingController(
+                    plan.stages[i].batching,
+                    control.max_workers,
+                    held_workers=control.min_workers,
+                    searcher=searcher,
+                )
+                for i in adaptive
+            }
+        self.decisions: dict[int, Decision] = {}
+        self._control = control
+
+    def resplit_slo(self) -> None:
+        """Share the flow's SLO by each stage's service time at its current batch size."""
+        service = {}
+        for index in self.plan.slo_stages:
+            profile, decision = self.controllers[index].profile, self.decisions.get(index)
+            if profile.ready and decision is not None:
+                service[index] = float(profile.predict([decision.max_size])[0]) * 1e3
+        if len(service) < 2 or self.plan.slo_ms is None:
+            return
+        from serveflow.optimizer.slo import assign_slo
+
+        shares = assign_slo(self.plan, self.plan.slo_ms, service)
+        for index in service:
+            share = shares.stages[index].batching.slo_ms  # type: ignore[union-attr]
+            controller = self.controllers[index]
+            if abs(share - controller.policy.slo_ms) > 0.05 * controller.policy.slo_ms:
+                controller.retarget(share)
+
+    def explain(self) -> str:
+        """The plan, plus the live choices of SLO-aware batching stages."""
+        lines = [self.plan.explain()]
+        for index, controller in self.controllers.items():
+            now = controller.snapshot()
+            lines.append(
+                f"live: stage {index + 1} {self.plan.stages[index].name!r}: "
+                f"batch_size={now['batch_size']}, timeout_ms={now['timeout_ms']:.1f}, "
+                f"workers={now['workers']}, arrival_rate={now['arrival_rate']:.1f}/s, "
+                f"p{now['percentile'] * 100:g} predicted={_ms(now['predicted_p_ms'])} "
+                f"measured={_ms(now['measured_p_ms'])} (slo {now['slo_ms']:g} ms)"
+            )
+        return "\n".join(lines)
+
+    def _submit(self, request: Request) -> None:
+        self._control.start(self, request)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return self._control.stage_figures(self)
+
+    def _shutdown(self) -> None:
+        self._control.undeploy(self)
+
+
+class ControlPlane:
+    """Runs plans on an engine's workers; see the module docstring.
+
+    min_workers / max_workers: CPU pool size limits (the pool has at least as many
+        workers as the widest stage: competing replicas, anyof branches).
+    gpus: the GPU devices, one worker each, which run the GPU-placed stages.
+    max_in_flight: requests an app holds at once; more fail fast with OverloadError.
+    worker_queue: stage runs routed to one worker before further requests wait at the
+        driver for room (raised to fit batching stages' batches).
+    retries: times a request is re-run when a worker dies under it.
+    idle_s: a worker idle this long is retired (above min_workers).
+    target_in_flight: stage runs per worker above which the pool grows.
+    stage_timeout_s: a worker running one batch longer than this is killed and its
+        requests re-run (None: no limit).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        kvs: KVS,
+        *,
+        min_workers: int,
+        max_workers: int,
+        gpus: list[int],
+        max_in_flight: int,
+        worker_queue: int,
+        retries: int,
+        idle_s: float,
+        target_in_flight: float,
+        stage_timeout_s: float | None,
+    ) -> None:
+        check_pool(min_workers, max_workers)
+        self.engine = engine
+        self.kvs = kvs
+        self.gpus = gpus
+        self.min_workers = min_workers
+        self.max_workers = max_workers
+        self.max_in_flight = max_in_flight
+        self.worker_queue = worker_queue
+        self.retries = retries
+        self.stage_timeout_s = stage_timeout_s
+        self._autoscaler = Autoscaler(min_workers, max_workers, target_in_flight, idle_s)
+        self._scheduler = Scheduler(spread_at=target_in_flight)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._workers: dict[int, WorkerState] = {}
+        self._apps: dict[int, DeployedApp] = {}
+        self._deploys: dict[int, m.Deploy] = {}
+        self._next_index = itertools.count()
+        self._next_app = itertools.count(1)
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._stopping = False
+        self._failed_starts = 0
+        self._unrouted: deque[tuple[DeployedApp, Request]] = deque()
+        # competing runs by (app, request, attempt, stage, worker): "running" (request
+        # active), "done" (run ended first), "orphan" (request ended first: the run
+        # still holds its worker until the worker says it is done)
+        self._competing: dict[tuple[int, int, int, int, int], str] = {}
+        self._planner: PlannerProcess | None = None  # searches batching plans, once needed
+
+    def planner(self) -> PlannerProcess:
+        """The process that searches batching plans (out of the driver's GIL)."""
+        from serveflow.runtime.planner import PlannerProcess
+
+        with self._lock:
+            if self._planner is None:
+                self._planner = PlannerProcess()
+            return self._planner
+
+    # -- deployment ---------------------------------------------------------------------
+    def deploy(self, plan: Plan, *, owns_runtime: bool = False) -> DeployedApp:
+        plan = place(plan, bool(self.gpus))  # placement is what this runtime has
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError(f"this {type(self).__name__} is stopped")
+            self._ensure_started()
+            app = DeployedApp(next(self._next_app), plan, self, owns_runtime)
+            self._apps[app.id] = app
+            self._deploys[app.id] = self.engine.publish(app.id, plan)
+            for w in self._workers.values():
+                if w.ready:
+                    self.engine.send(w.index, self._deploys[app.id])
+            need = min(max(self.min_workers, app.width), self.max_workers)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while self._cpu_ready() < need or self._gpus_missing():
+                if self._failed_starts >= MAX_FAILED_STARTS:
+                    raise RuntimeError("workers fail to start; see the log above")
+                self._spawn_missing(need)
+                if not self._changed.wait(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError("workers did not start in time")
+        return app
+
+    def undeploy(self, app: DeployedApp) -> None:
+        with self._lock:
+            self._apps.pop(app.id, None)
+            self._deploys.pop(app.id, None)
+            self._scheduler.forget(app.id)
+            for w in self._workers.values():
+                w.load.warm -= {k for k in w.load.warm if k[0] == app.id}
+                w.load.loading -= {k for k in w.load.loading if k[0] == app.id}
+                if w.ready:
+                    self.engine.send(w.index, m.Undeploy(app.id))
+            self.engine.unpublish(app.id)
+
+    def _cpu_ready(self) -> int:
+        return sum(w.ready and w.device is None for w in self._workers.values())
+
+    def _gpus_missing(self) -> bool:
+        """Whether a deployed app places stages on GPUs whose workers are not ready."""
+        if not any(s.placement == "gpu" for a in self._apps.values() for s in a.plan.stages):
+            return False
+        ready = {w.device for w in self._workers.values() if w.ready}
+        return not set(self.gpus) <= ready
+
+    # -- requests -----------------------------------------------------------------------
+    def start(self, app: DeployedApp, request: Request) -> None:
+        if app.controllers and not self._admit(app, request):
+            return
+        with self._lock:
+            app.active[request.id] = request
+            self._route(app, request)
+        request.future.add_done_callback(lambda _: self._finish(app, request))
+
+    def _admit(self, app: DeployedApp, request: Request) -> bool:
+        """Ask each SLO-aware batching stage whether this request can still meet its
+        SLO; a refusal sheds the request with OverloadError naming the stage."""
+        now = time.monotonic()
+        with self._lock:
+            waiting = [r for a, r in self._unrouted if a is app]
+            queued = {
+                i: len(waiting) + sum(w.queued.get((app.id, i), 0) for w in self._workers.values())
+                for i in app.controllers
+            }
+            # the oldest request still queued ahead: waiting here, else the oldest in flight
+            oldest = waiting[0] if waiting else next(iter(app.active.values()), None)
+            oldest_wait = now - oldest.submitted if oldest is not None else 0.0
+        for index, controller in app.controllers.items():
+            controller.on_arrival(now)
+            if not controller.admit(now, queued[index], oldest_wait if queued[index] else 0.0):
+                stage = app.plan.stages[index]
+                request.settle(
+                    OverloadError(
+                        f"stage {stage.name!r} cannot meet its SLO of "
+                        f"{stage.batching.slo_ms:g} ms at this load; request shed"
+                    )
+                )
+                return False
+        return True
+
+    def _route(self, app: DeployedApp, request: Request) -> None:
+        """(Re)start a request: pick workers for every stage, send the table to the
+        first stages. Called with the lock held."""
+        loads = {i: w.load for i, w in self._workers.items() if w.ready and not w.retiring}
+        cpu = [load.outstanding for load in loads.values() if not load.gpu]
+        routed = None
+        if cpu and min(cpu) < app.worker_cap:
+            caps = {i: d.workers for i, d in app.decisions.items()}
+            packs = {i: (d.max_size, d.timeout_s) for i, d in app.decisions.items()}
+            routed = self._scheduler.route(
+                app.id, app.plan, loads, request.table, caps, packs, time.monotonic()
+            )
+        if routed is None:
+            # Late binding: wait here, not in a worker's queue, until a worker has room;
+            # new workers from the autoscaler then take their share of the backlog.
+            request.route, request.charges = (), []
+            self._unrouted.append((app, request))
+            return
+        request.route, request.charges = routed
+        for index, w in request.charges:
+            if app.plan.competing(index):
+                self._competing[(app.id, request.id, request.attempt, index, w)] = "running"
+        from serveflow.runtime.scheduler import targets
+
+        for index in app.sources:
+            message = m.Input(
+                app.id,
+                request.id,
+                request.attempt,
+                index,
+                0,
+                request.table,
+                request.route,
+                request.deadline,
+                time.monotonic(),
+            )
+            for w in targets(app.plan, index, request.route, request.table):
+                self.engine.send(w, message, request.id)
+
+    def _finish(self, app: DeployedApp, request: Request) -> None:
+        with self._lock:
+            if app.active.pop(request.id, None) is None:
+                return
+            if request.future.cancelled() or request.future.exception() is not None:
+                # a deadline, a client gone, a failure: its queued work is dropped and
+                # running work stops after the operator call in progress
+                for w in request.workers():
+                    self.engine.send(w, m.Cancel(app.id, request.id))
+            self._release(app, request)
+            self._route_waiting()
+
+    def _route_waiting(self) -> None:
+        """Route requests waiting for room, oldest first, while workers have room."""
+        waiting = len(self._unrouted)
+        while waiting and self._unrouted:
+            waiting -= 1
+            app, request = self._unrouted.popleft()
+            if not request.future.done():
+                self._route(app, request)
+                if not request.route:
+                    return  # still no room; it went back to the end of the line
+
+    def _release(self, app: DeployedApp, request: Request) -> None:
+        """Stop counting a finished (or re-routed) request's stage runs against its
+        workers. A competing run still going keeps its worker counted until that
+        worker says it is done, so new requests avoid the worker busy with a loser;
+        queued losers are cancelled."""
+        cancel = set()
+        for index, w in request.charges:
+            key = (app.id, request.id, request.attempt, index, w)
+            state = self._competing.pop(key, None)
+            if state == "running":
+                self._competing[key] = "orphan"  # released when its worker is done
+                cancel.add(w)
+            elif state is None and w in self._workers:
+                self._workers[w].load.outstanding -= 1
+        request.charges = []
+        for w in cancel:
+            self.engine.send(w, m.Cancel(app.id, request.id))
+
+    def _on_done(self, message: m.Done) -> None:
+        """A worker finished (or dropped) a competing run."""
+        key = (message.app, message.rid, message.attempt, message.stage, message.worker)
+        state = self._competing.get(key)
+        if state is None or state == "done" or message.worker not in self._workers:
+            return
+        self._workers[message.worker].load.outstanding -= 1
+        if state == "running":
+            self._competing[key] = "done"  # already released when the request ends
+        else:
+            del self._competing[key]
+            self._route_waiting()
+
+    def _on_located(self, message: m.Located) -> None:
+        """A worker sent a locality stage's run to `target`: count it there."""
+        app = self._apps.get(message.app)
+        request = app.active.get(message.rid) if app else None
+        worker = self._workers.get(message.target)
+        if request is None or request.attempt != message.attempt or worker is None:
+            return
+        request.charges.append((message.stage, message.target))
+        worker.load.outstanding += 1
+        if app is not None and app.plan.competing(message.stage):
+            key = (app.id, request.id, request.attempt, message.stage, message.target)
+            self._competing[key] = "running"
+
+    def _retry(self, app: DeployedApp, request: Request, lost: WorkerState, why: str) -> None:
+        self._release(app, request)
+        request.attempt += 1
+        if request.attempt > self.retries:
+            request.settle(
+                OperatorError(
+                    f"worker {lost.index} died while running this request ({why}); "
+                    f"gave up after {self.retries} retries",
+                    "worker",
+                )
+            )
+            return
+        log.warning("worker %d died; re-running request %d", lost.index, request.id)
+        self._route(app, request)
+
+    # -- messages from workers ------------------------------------------------------------
+    def on_message(self, message: Any) -> None:
+        match message:
+            case m.Result(app_id, rid, _, value):
+                app = self._apps.get(app_id)
+                request = app.active.get(rid) if app else None
+                if request is not None:
+                    request.settle(value)
+            case m.Stats():
+                self._on_stats(message)
+            case m.Done():
+                with self._lock:
+                    self._on_done(message)
+            case m.Located():
+                with self._lock:
+                    self._on_located(message)
+            case m.Beat(index, busy_since):
+                with self._lock:
+                    if index in self._workers:
+                        self._workers[index].busy_since = busy_since
+            case m.Hello(index, _):
+                self._on_hello(index)
+
+    def _on_hello(self, index: int) -> None:
+        with self._lock:
+            w = self._workers.get(index)
+            if w is None:
+                return
+            for deploy in self._deploys.values():
+                self.engine.send(index, deploy)
+            for app in self._apps.values():
+                for stage_index, d in app.decisions.items():
+                    self.engine.send(index, m.Policy(app.id, stage_index, d.max_size, d.timeout_s))
+            w.ready = True
+            self._failed_starts = 0
+            self._changed.notify_all()
+            self._route_waiting()
+
+    def _on_stats(self, message: m.Stats) -> None:
+        with self._lock:
+            w = self._workers.get(message.worker)
+            if w is None:
+                return
+            w.queued = message.queued
+            w.load.warm -= set(message.unloaded)
+            if message.stages or message.queued:
+                w.active_at = time.monotonic()
+            for (app_id, stage_index), counts in message.stages.items():
+                app = self._apps.get(app_id)
+                if app is None:
+                    continue
+                requests, batches, cold_starts, latencies, batch_log = counts
+                if cold_starts:
+                    w.load.loading.discard((app_id, stage_index))
+                sizes = [size for size, _, _, _ in batch_log if size]
+                app.stage_stats[stage_index].add(requests, batches, cold_starts, latencies, sizes)
+                controller = app.controllers.get(stage_index)
+                for size, service_s, end, each in batch_log if controller else ():
+                    controller.on_batch_done(size, service_s, end, each)
+
+    # -- the pool -----------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.engine.start(self)
+        threads = ((self._monitor, "monitor"), (self._plan, "planner"))
+        for target, name in threads:
+            thread = threading.Thread(target=target, name=f"serveflow:{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._spawn_missing(self.min_workers)
+
+    def _spawn_missing(self, need: int) -> None:
+        for _ in range(need - sum(w.device is None for w in self._workers.values())):
+            self._spawn()
+        if any(s.placement == "gpu" for a in self._apps.values() for s in a.plan.stages):
+            held = {w.device for w in self._workers.values()}
+            for device in self.gpus:
+                if device not in held:
+                    self._spawn(device)
+
+    def _spawn(self, device: int | None = None) -> None:
+        if self._failed_starts >= MAX_FAILED_STARTS:
+            return
+        index = next(self._next_index)
+        self._workers[index] = WorkerState(index, device, load=WorkerLoad(gpu=device is not None))
+        self.engine.start_worker(index, device)
+
+    def _monitor(self) -> None:
+        next_sweep = time.monotonic() + SWEEP_EVERY_S
+        while not self._stopping:
+            time.sleep(MONITOR_EVERY_S)
+            with self._lock:
+                if self._stopping:
+                    return
+                self._kill_stuck()
+                self._replace_dead()
+                self._autoscale()
+                if time.monotonic() >= next_sweep:
+                    keep = {rid for app in self._apps.values() for rid in app.active}
+                    keep |= {key[1] for key in self._competing}  # losers may still read
+                    self.engine.sweep(keep)
+                    next_sweep = time.monotonic() + SWEEP_EVERY_S
+
+    def _plan(self) -> None:
+        """Ask SLO-aware batching controllers for their choices (a search can take a
+        second, so not under the lock) and push changes to the workers; re-split a
+        flow-level SLO by the service times measured so far."""
+        next_split = time.monotonic() + RESPLIT_EVERY_S
+        while not self._stopping:
+            time.sleep(PLAN_EVERY_S)
+            if time.monotonic() >= next_split:
+                next_split = time.monotonic() + RESPLIT_EVERY_S
+                for app in list(self._apps.values()):
+                    app.resplit_slo()
+            for app in list(self._apps.values()):
+                for index, controller in app.controllers.items():
+                    decision = controller.decision(time.monotonic())
+                    with self._lock:
+                        before = app.decisions.get(index)
+                        app.decisions[index] = decision
+                        self._prewarm(app, index, decision.held)
+                        chosen = (decision.max_size, decision.timeout_s)
+                        if before is None or (before.max_size, before.timeout_s) != chosen:
+                            policy = m.Policy(app.id, index, *chosen)
+                            for w in self._workers.values():
+                                if w.ready:
+                                    self.engine.send(w.index, policy)
+
+    def _prewarm(self, app: DeployedApp, index: int, count: int) -> None:
+        """Load stage `index` on the `count` workers its capped routing will use, before
+        requests reach them: a model loading on the request path would miss the SLO.
+        Called with the lock held."""
+        key = (app.id, index)
+        gpu = app.plan.stages[index].placement == "gpu"
+        ready = [
+            w for w in self._workers.values() if w.ready and not w.retiring and w.load.gpu == gpu
+        ]
+        ready.sort(key=lambda w: (key not in w.load.warm, w.index))
+        for w in ready[:count]:
+            if key not in w.load.warm:
+                w.load.warm.add(key)
+                w.load.loading.add(key)  # routed elsewhere until its report says loaded
+                self.engine.send(w.index, m.Load(app.id, index))
+
+    def _kill_stuck(self) -> None:
+        """Kill a worker whose stage has run longer than `stage_timeout_s` (its
+        requests are then re-run elsewhere, or fail once out of retries)."""
+        if self.stage_timeout_s is None:
+            return
+        now = time.monotonic()
+        for w in self._workers.values():
+            if w.busy_since is not None and now - w.busy_since > self.stage_timeout_s:
+                w.killed_for = f"a stage ran longer than stage_timeout_s={self.stage_timeout_s:g}"
+                log.warning("worker %d: %s; killing it", w.index, w.killed_for)
+                self.engine.kill(w.index)
+                w.busy_since = None
+
+    def _replace_dead(self) -> None:
+        for index, why in self.engine.exited().items():
+            w = self._workers.pop(index, None)
+            if w is None:
+                continue
+            for key in [k for k in self._competing if k[4] == index]:
+                del self._competing[key]
+            if w.retiring:
+                continue
+            log.warning("worker %d ended: %s", index, why)
+            if not w.ready:
+                self._failed_starts += 1
+                self._changed.notify_all()
+            for app in self._apps.values():
+                for request in list(app.active.values()):
+                    if index in request.workers():
+                        self._retry(app, request, w, w.killed_for or why)
+        self._spawn_missing(self.min_workers)
+
+    def _autoscale(self) -> None:
+        now = time.monotonic()
+        cpu = [w for w in self._workers.values() if w.device is None]
+        ready = [w for w in cpu if w.ready and not w.retiring]
+        starting = sum(not w.ready for w in cpu)
+        idle = {
+            w.index: now - w.active_at for w in ready if w.load.outstanding == 0 and not w.queued
+        }
+        floor = max(
+            [1]
+            + [a.width for a in self._apps.values()]
+            + [  # a controller's plan and its spare (warm-up keeps to what the pool holds)
+                d.held
+                for a in self._apps.values()
+                for d in a.decisions.values()
+                if d.predicted_ms is not None
+            ]
+        )
+        loads = [w.load.outstanding for w in ready]
+        retiring = sum(w.retiring for w in cpu)
+        waiting = len(self._unrouted)
+        add, retire = self._autoscaler.plan(
+            loads, waiting, starting, idle, retiring=retiring, usable=self._usable()
+        )
+        add = max(add, min(floor, self.max_workers - retiring) - len(ready) - starting)
+        for _ in range(add):
+            self._spawn()
+        for index in retire:
+            if len(ready) > floor:
+                self._workers[index].retiring = True
+                self.engine.send(index, m.Exit())
+        self._spawn_missing(0)  # GPU workers that died
+
+    def _usable(self) -> int | None:
+        """Workers the deployed apps can use at most: bounded only when every stage of
+        every app is held to a worker count by its batching controller."""
+        total = 0
+        for app in self._apps.values():
+            if len(app.decisions) < len(app.plan.stages):
+                return None
+            total += sum(d.held for d in app.decisions.values())
+        return total or None
+
+    # -- figures ------------------------------------------------------------------------
+    def stage_figures(self, app: DeployedApp) -> dict[str, dict[str, Any]]:
+        figures = {}
+        with self._lock:
+            for index, stage in enumerate(app.plan.stages):
+                key = (app.id, index)
+                entry = app.stage_stats[index].snapshot()
+                entry["workers"] = sum(key in w.load.warm for w in self._workers.values())
+                entry["queue"] = sum(w.queued.get(key, 0) for w in self._workers.values())
+                if index in app.sources:  # requests waiting at the driver for room
+                    entry["queue"] += sum(1 for a, _ in self._unrouted if a is app)
+                if stage.batching:
+                    entry["batch_size"] = stage.batching.size
+                    entry["timeout_ms"] = stage.batching.timeout_ms or 0.0
+                if index in app.controllers:
+                    live = app.controllers[index].snapshot()
+                    entry |= {k: v for k, v in live.items() if k not in ("workers",)}
+                    entry["workers_target"] = live["workers"]
+                figures[stage.name] = entry
+        return figures
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (for operations and tests)."""
+        return self.engine.worker_pids()
+
+    # -- shutdown -----------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop every app (draining in-flight requests), then the workers; removes
+        every process and file this runtime made."""
+        for app in list(self._apps.values()):
+            app.stop()
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        for thread in self._threads:
+            thread.join()
+        self.engine.stop()
+        if self._planner is not None:
+            self._planner.close()
+        self.kvs.close()

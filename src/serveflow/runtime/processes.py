@@ -1,0 +1,167 @@
+"""`ProcessEngine`: workers as local processes, messages as Unix datagrams.
+
+Everything lives in one private run directory (mode 0700) under /dev/shm: the
+sockets, the shared-memory files of large values and the published plans. Other
+users can neither connect to the sockets nor read the files; only this user's
+processes can send a message, so decoding one (pickle) runs nobody else's code.
+A worker reads its configuration from stdin and exits when stdin closes: the driver
+dying, even by SIGKILL, ends every worker within moments. A new engine removes the
+directories of engines whose process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import cloudpickle
+
+from serveflow.optimizer.plan import Plan
+from serveflow.runtime import codec, rundir
+from serveflow.runtime import messages as m
+from serveflow.runtime.engine import Events
+from serveflow.runtime.transport import Endpoint, PeerGone
+from serveflow.runtime.worker import DRIVER, socket_path
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+WORKER_MAIN = "from serveflow.runtime.worker import main; main()"
+FROM_WORKERS = (m.Hello, m.Result, m.Done, m.Located, m.Beat, m.Stats)
+
+
+class ProcessEngine:
+    def __init__(self, kvs_address: str, options: dict[str, Any], gpus_declared: bool) -> None:
+        rundir.remove_stale(SHM_DIR, "run")
+        self._dir = rundir.RunDir(SHM_DIR, "run")
+        self._kvs_address = kvs_address
+        self._options = options
+        self._hide_gpus = gpus_declared  # CPU workers then see no device
+        self._shm = codec.SharedMemory(self._dir.path)
+        self._endpoint = Endpoint(socket_path(self._dir.path, DRIVER))
+        self._processes: dict[int, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._receiver: threading.Thread | None = None
+
+    def start(self, events: Events) -> None:
+        self._receiver = threading.Thread(
+            target=self._receive, args=(events,), name="serveflow:receiver", daemon=True
+        )
+        self._receiver.start()
+
+    def start_worker(self, index: int, device: int | None) -> None:
+        """A fresh interpreter (never a re-import of the user's main module, unlike
+        multiprocessing) that finds the user's modules on our sys.path."""
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(device)
+        elif self._hide_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        process = subprocess.Popen(
+            [sys.executable, "-c", WORKER_MAIN], stdin=subprocess.PIPE, env=env
+        )
+        config = {
+            "index": index,
+            "dir": self._dir.path,
+            "kvs": self._kvs_address,
+            "options": self._options,
+        }
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(config).encode() + b"\n")
+        process.stdin.flush()  # stdin stays open: its end of file tells the worker we died
+        with self._lock:
+            self._processes[index] = process
+
+    def send(self, worker: int, message: Any, rid: int = 0) -> None:
+        try:
+            data = codec.encode(message, self._shm, rid)
+            self._endpoint.send(socket_path(self._dir.path, worker), data)
+        except PeerGone:  # `exited` reports the death; its requests are re-run
+            log.debug("worker %d is gone", worker)
+
+    def publish(self, app: int, plan: Plan) -> m.Deploy:
+        path = self._dir.join(f"plan-{app}")
+        with open(path, "wb") as file:
+            cloudpickle.dump(plan, file)
+        return m.Deploy(app, path)
+
+    def unpublish(self, app: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._dir.join(f"plan-{app}"))
+
+    def kill(self, index: int) -> None:
+        with self._lock:
+            process = self._processes.get(index)
+        if process is not None:
+            process.kill()
+
+    def exited(self) -> dict[int, str]:
+        gone = {}
+        with self._lock:
+            for index, process in list(self._processes.items()):
+                if process.poll() is not None:
+                    del self._processes[index]
+                    self._close_stdin(process)
+                    gone[index] = f"exit code {process.returncode}"
+        return gone
+
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            return [p.pid for p in self._processes.values() if p.poll() is None]
+
+    def sweep(self, keep: set[int]) -> None:
+        codec.sweep(self._dir.path, keep)
+        self._shm.forget_older_than(codec.FORWARD_WINDOW_S)
+
+    def stop(self) -> None:
+        with self._lock:
+            processes = list(self._processes.items())
+        for index, _ in processes:
+            self.send(index, m.Exit())
+        for _, process in processes:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            self._close_stdin(process)
+        if self._receiver is not None:
+            self.send(DRIVER, m.Exit())  # wakes the receiver thread
+            self._receiver.join()
+        self._endpoint.close()
+        self._dir.remove()
+
+    @staticmethod
+    def _close_stdin(process: subprocess.Popen) -> None:
+        with contextlib.suppress(OSError):
+            if process.stdin is not None:
+                process.stdin.close()
+
+    def _receive(self, events: Events) -> None:
+        while True:
+            try:
+                data = self._endpoint.recv(None)
+            except OSError:
+                return  # closed by stop()
+            if data is None:
+                continue
+            try:
+                message = codec.decode(data, self._shm)
+            except Exception:  # a request already swept; nothing waits for it
+                log.debug("undecodable message", exc_info=True)
+                continue
+            if isinstance(message, m.Exit):
+                return
+            if not isinstance(message, FROM_WORKERS):
+                log.warning("dropping a %s message: not from a worker", type(message).__name__)
+                continue
+            try:
+                events.on_message(message)
+            except Exception:  # never let one bad message stop every request
+                log.exception("failed to handle %s from a worker", type(message).__name__)
