@@ -5,6 +5,10 @@ Systems, all started in this run on this machine:
   `app.run(table).result()` through the Python API; serveflow-fused for reference.
 - ray-serve: three composed deployments (each holds a handle to the next), called from
   the driver through a DeploymentHandle.
+- ray-cgraph: Ray Compiled Graphs (`ray.dag`), Ray's fastest path: three identity actors
+  chained with `.bind()` from an `InputNode`, `experimental_compile()`d; a request is
+  `ray.get(dag.execute(payload))`. Its throughput runs with 32 requests in flight when
+  `_max_inflight_executions=32` is accepted (else at Ray's limit; the record says so).
 - pipe-floor: the same 3 hops as raw pipe round trips between 3 identity processes.
 - triton: one identity Python model on Triton Inference Server (nvidia-pytriton, CPU),
   over gRPC; skipped with the reason when benchmarks/.triton-venv is missing or broken.
@@ -12,7 +16,7 @@ Systems, all started in this run on this machine:
 Sequential latencies are measured in interleaved rounds; then throughput with 32
 requests in flight for each system. Prints the ratios the targets are stated in.
 
-    python -m benchmarks.overhead [--quick] [--no-ray] [--no-triton]
+    python -m benchmarks.overhead [--quick] [--no-ray] [--no-cgraph] [--no-triton]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ IN_FLIGHT = 32
 TARGET_VS_RAY = 1 / 20  # serveflow median / ray-serve median
 TARGET_VS_FLOOR = 3.0  # serveflow median / pipe-floor median
 TARGET_THROUGHPUT = 10.0  # serveflow req/s / ray-serve req/s at 32 in flight
+# serveflow / ray-cgraph has no target: printed for reference.
 
 
 def identity_chain(stages: int, name: str = "overhead") -> sf.Flow:
@@ -74,6 +79,9 @@ class ServeflowSystem:
 def main(argv: list[str] | None = None) -> int:
     def flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve peer")
+        parser.add_argument(
+            "--no-cgraph", action="store_true", help="skip the Ray Compiled Graphs peer"
+        )
         parser.add_argument("--no-triton", action="store_true", help="skip the Triton peer")
 
     args = common.parse_args(__doc__.splitlines()[0], argv, flags)
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     submitters: dict[str, Callable[[], Any]] = {}
     notes: dict[str, str] = {}
     triton: Any = None
+    cgraph: Any = None
     try:
         from benchmarks.peers.pipes import PipeChain
 
@@ -137,6 +146,27 @@ def main(argv: list[str] | None = None) -> int:
                 notes["ray-serve"] = f"unavailable: {error} (pip install -e '.[bench]')"
                 log.warning("ray serve peer unavailable: %s", error)
 
+        # After Ray Serve: closers run in reverse, so the graph is torn down before
+        # Serve's close shuts down the Ray they share.
+        if own.no_cgraph:
+            notes["ray-cgraph"] = "skipped (--no-cgraph)"
+        else:
+            try:
+                from benchmarks.peers.ray_cgraph import RayCompiledChain
+
+                log.info("compiling the Ray compiled graph")
+                cgraph = RayCompiledChain(STAGES, max_inflight=IN_FLIGHT)
+                closers.append(cgraph.close)
+                if cgraph.call(payload) != payload:
+                    raise AssertionError("ray compiled graph changed the payload")
+                seq["ray-cgraph"] = lambda k: common.sequential(lambda: cgraph.call(payload), k)
+                submitters["ray-cgraph"] = lambda: cgraph.submit(payload)
+                if cgraph.note:
+                    notes["ray-cgraph"] = cgraph.note
+            except ImportError as error:
+                notes["ray-cgraph"] = f"unavailable: {error} (pip install -e '.[bench]')"
+                log.warning("ray compiled graph peer unavailable: %s", error)
+
         log.info("warm-up: %d requests each", warmup)
         for run in seq.values():
             run(warmup)
@@ -179,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for name, lat in latencies.items():
         loop = loop_latencies.get(name, [])
+        extra: dict[str, Any] = {}
+        if name == "ray-cgraph" and cgraph is not None:
+            extra = {
+                "max_inflight_executions": cgraph.max_inflight,
+                "ray_version": cgraph.ray_version,
+                "ray_num_cpus": cgraph.ray_cpus,
+            }
         records.append(
             common.record(
                 "1-stage identity, 10 KB, sequential (gRPC)" if name == "triton" else scenario,
@@ -187,11 +224,14 @@ def main(argv: list[str] | None = None) -> int:
                 throughput.get(name),
                 stages=1 if name == "triton" else STAGES,
                 fused=name == "serveflow-fused",
-                in_flight=IN_FLIGHT,
+                in_flight=min(IN_FLIGHT, cgraph.max_inflight)
+                if name == "ray-cgraph" and cgraph is not None
+                else IN_FLIGHT,
                 median_ms_at_32=common.percentile(loop, 50) if loop else None,
                 p99_ms_at_32=common.percentile(loop, 99) if loop else None,
                 payload_bytes=PAYLOAD_BYTES,
                 note=notes.get(name),
+                **extra,
             )
         )
     for name, note in notes.items():
@@ -212,11 +252,19 @@ def main(argv: list[str] | None = None) -> int:
             TARGET_THROUGHPUT,
             "ge",
         ),
+        ("serveflow / ray-cgraph median", "ray-cgraph", "median_ms", None, "le"),
+        ("serveflow / ray-cgraph throughput@32", "ray-cgraph", "throughput_rps", None, "ge"),
     ):
         value = common.ratio(sf_rec.get(key), by.get(other, {}).get(key))
-        met = None if value is None else (value <= target if better == "le" else value >= target)
         sign = "<=" if better == "le" else ">="
-        ratios.append({"ratio": label, "value": value, "target": f"{sign} {target:g}", "met": met})
+        if target is None:  # for reference only
+            met, shown = None, "-"
+        else:
+            met = (
+                None if value is None else (value <= target if better == "le" else value >= target)
+            )
+            shown = f"{sign} {target:g}"
+        ratios.append({"ratio": label, "value": value, "target": shown, "met": met})
         sf_rec[f"ratio_{other}_{key}"] = value
 
     common.print_table(
