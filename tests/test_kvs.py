@@ -2,7 +2,14 @@
 public interface, with a real redis-server and real second processes."""
 
 import multiprocessing
+import os
 import pickle
+import select
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -11,7 +18,7 @@ import pytest
 import serveflow as sf
 from redis_fixture import redis_server, redis_url  # noqa: F401  (fixtures)
 from serveflow.runtime.cache import CachedKVS
-from serveflow.runtime.kvs import LMDBStore, MemoryKVS, RedisStore, open_kvs
+from serveflow.runtime.kvs import LMDBFullError, LMDBStore, MemoryKVS, RedisStore, open_kvs
 
 WAIT_S = 30  # generous bound on a child process's reply; a healthy run takes < 2 s
 SPAWN = multiprocessing.get_context("spawn")
@@ -226,62 +233,125 @@ def test_forked_child_refuses_an_inherited_lmdb_store(tmp_path):
     store.close()
 
 
-# ------------------------------------------------------------------ LMDB map growth
+# ------------------------------------------------------------------ LMDB map size
 
 
-def test_lmdb_map_grows_past_initial_size(tmp_path):
-    initial = 1 << 20
-    store = LMDBStore(str(tmp_path / "kvs"), map_size=initial)
-    arrays = {f"a{i}": np.full(1 << 17, i, dtype=np.float64) for i in range(4)}  # 4 x 1 MiB
-    for key, array in arrays.items():
-        store.put(key, array)
-    store.put("big", np.zeros(3 << 18))  # one value larger than twice the start (6 MiB)
-    assert store.map_size > 4 * initial
-    got = store.get_many(list(arrays))
-    assert all(np.array_equal(g, a) for g, a in zip(got, arrays.values()))
+def test_lmdb_default_map_is_large_and_the_file_grows_with_the_data(tmp_path):
+    store = LMDBStore(str(tmp_path / "kvs"))
+    if sys.maxsize > 2**32:
+        assert store.map_size == 1 << 40  # only address space: nothing is resized
+    for i in range(8):
+        store.put(f"a{i}", np.full(1 << 17, i, dtype=np.float64))  # 8 x 1 MiB
+    data = os.stat(tmp_path / "kvs" / "data.mdb")
+    assert data.st_size < 64 << 20  # what `ls` shows: the data, not the map
+    assert data.st_blocks * 512 < 64 << 20  # what `du` shows
     store.close()
 
 
-@pytest.mark.skip(
-    reason="known bug: the in-process resize can livelock under 3 spinning reader threads "
-    "(seen once in a CI run, > 5 min in LMDBStore._write); see the closing note of issue 3"
-)
-def test_lmdb_map_grows_while_other_threads_read(tmp_path):
+def test_lmdb_write_past_the_map_names_the_key_and_the_size(tmp_path):
     store = LMDBStore(str(tmp_path / "kvs"), map_size=1 << 20)
-    store.put("steady", list(range(100)))
-    errors, reads = [], [0]
-    done, reading = threading.Event(), threading.Event()
+    assert store.map_size == 1 << 20
+    store.put("small", [1, 2, 3])
+    with pytest.raises(LMDBFullError, match=r"'big'.*1048576 bytes"):
+        store.put("big", np.zeros(1 << 18))  # 2 MiB
+    with pytest.raises(LMDBFullError, match=r"'k0', 'k1', 'k2' and 1 more"):
+        store.put_many({f"k{i}": np.zeros(1 << 16) for i in range(4)})
+    assert store.get_many(["small", "big", "k0"]) == [[1, 2, 3], None, None]  # nothing half done
+    store.put("small", "still writable")
+    assert store.get("small") == "still writable"
+    store.close()
 
-    def reader():
+
+def _while_threads_read(store, write, readers=3):
+    """Run `write()` in a thread while `readers` threads read `store` in a loop, each
+    read checked; fails (instead of hanging) if the writer or a reader is stuck."""
+    store.put("steady", list(range(100)))
+    errors, reads, written = [], [0] * readers, []
+    done = threading.Event()
+    reading = [threading.Event() for _ in range(readers)]
+
+    def reader(n):
         try:
             while not done.is_set():
                 assert store.get_many(["steady", "missing"]) == [list(range(100)), None]
-                reads[0] += 1
-                reading.set()
+                for key in written[-2:]:  # a large value written meanwhile, read whole
+                    value = store.get(key)
+                    assert value[0] == value[-1] == int(key[1:]), key
+                reads[n] += 1
+                reading[n].set()
         except Exception as e:  # reported below, in the test's thread
             errors.append(e)
 
-    threads = [threading.Thread(target=reader) for _ in range(3)]
+    def writer():
+        try:
+            write(written)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(n,), daemon=True) for n in range(readers)]
     for thread in threads:
         thread.start()
+    writing = threading.Thread(target=writer, daemon=True)
     try:
-        assert reading.wait(WAIT_S)
-        for i in range(8):  # 8 MiB through a 1 MiB map: several resizes under readers
-            store.put(f"a{i}", np.full(1 << 17, i, dtype=np.float64))
+        assert all(r.wait(WAIT_S) for r in reading)
+        before = list(reads)
+        writing.start()
+        writing.join(WAIT_S)
+        assert not writing.is_alive(), "writer stuck while threads read"
     finally:
         done.set()
         for thread in threads:
-            thread.join()
+            thread.join(WAIT_S)
+    assert not any(t.is_alive() for t in threads), "reader stuck"
     assert errors == []
-    assert [a[0] for a in store.get_many([f"a{i}" for i in range(8)])] == list(range(8))
+    assert all(after > b for after, b in zip(reads, before))  # readers ran during writes
+    return written
+
+
+def test_lmdb_large_writes_while_other_threads_read(tmp_path):
+    store = LMDBStore(str(tmp_path / "kvs"))
+
+    def write(written):
+        for i in range(16):  # 64 MiB, in 4 MiB values
+            store.put(f"a{i}", np.full(1 << 19, i, dtype=np.float64))
+            written.append(f"a{i}")
+
+    written = _while_threads_read(store, write)
+    assert [a[0] for a in store.get_many(written)] == list(range(16))
+    store.close()
+
+
+def test_lmdb_full_while_other_threads_read(tmp_path):
+    store = LMDBStore(str(tmp_path / "kvs"), map_size=8 << 20)
+    full = []
+
+    def write(written):
+        for i in range(64):  # 1 MiB values into an 8 MiB map
+            try:
+                store.put(f"a{i}", np.full(1 << 17, i, dtype=np.float64))
+            except LMDBFullError as e:
+                full.append(str(e))
+                return
+            written.append(f"a{i}")
+
+    written = _while_threads_read(store, write)
+    assert len(full) == 1 and f"'a{len(written)}'" in full[0] and "8388608" in full[0]
+    assert 0 < len(written) < 8
+    assert [a[0] for a in store.get_many(written)] == list(range(len(written)))
     store.close()
 
 
 def _child_small_map(path, conn):
     store = LMDBStore(path, map_size=1 << 20)
-    conn.send(store.get("k0") is not None)  # opened before the parent grows the map
+    conn.send(store.get("k0") is not None)  # opened before the parent wrote past 1 MiB
     conn.recv()
-    # The parent grew the map meanwhile: read its new values, then grow it further.
+    try:
+        store.get("k1")
+        conn.send("no error")
+    except RuntimeError as e:
+        conn.send(str(e))
+    store.close()
+    store = LMDBStore(path)  # the default map
     conn.send(float(sum(store.get(f"k{i}").sum() for i in range(3))))
     for i in range(3, 6):
         store.put(f"k{i}", np.ones(1 << 17))
@@ -289,9 +359,9 @@ def _child_small_map(path, conn):
     store.close()
 
 
-def test_lmdb_growth_seen_by_other_process(tmp_path):
+def test_lmdb_data_past_a_process_map_is_a_clear_error_there(tmp_path):
     path = str(tmp_path / "kvs")
-    store = LMDBStore(path, map_size=1 << 20)
+    store = LMDBStore(path)
     store.put("k0", np.ones(10))
     ours, theirs = SPAWN.Pipe()
     child = SPAWN.Process(target=_child_small_map, args=(path, theirs))
@@ -299,17 +369,87 @@ def test_lmdb_growth_seen_by_other_process(tmp_path):
     try:
         assert _reply(ours) is True
         for i in range(3):
-            store.put(f"k{i}", np.ones(1 << 17))  # 3 MiB > the 1 MiB map
-        ours.send("grown")
+            store.put(f"k{i}", np.ones(1 << 17))  # 3 MiB > the child's 1 MiB map
+        ours.send("written")
+        error = _reply(ours)
+        assert path in error and "1048576 bytes" in error and "map_size" in error
         assert _reply(ours) == 3.0 * (1 << 17)
-        assert _reply(ours) >= 6 << 20
+        assert _reply(ours) == store.map_size
     finally:
         child.join(WAIT_S)
         if child.is_alive():
             child.kill()
     assert child.exitcode == 0
-    assert store.get("k5").sum() == 1 << 17  # and the parent reads past its old map size
+    assert store.get("k5").sum() == 1 << 17  # the child's writes, seen here
     store.close()
+
+
+# ------------------------------------------------------------------ temporary LMDB stores
+
+_MAKE_TEMPORARY_STORE = (
+    "import sys\n"
+    "from serveflow.runtime.kvs import LMDBStore\n"
+    "store = LMDBStore()\n"
+    "store.put('k', 1)\n"
+    "print(store.path, flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def _temporary_store_in_child():
+    """A child process holding `LMDBStore()` until its stdin closes; and its store's path."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _MAKE_TEMPORARY_STORE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    ready, _, _ = select.select([child.stdout], [], [], WAIT_S)
+    if not ready:
+        child.kill()
+        pytest.fail("child process did not print its store's path")
+    path = child.stdout.readline().strip()
+    assert os.path.isfile(os.path.join(path, "data.mdb")), path
+    return child, path
+
+
+def test_temporary_store_of_a_killed_process_is_removed_by_the_next_one():
+    child, path = _temporary_store_in_child()
+    assert os.path.dirname(path) == os.path.realpath(tempfile.gettempdir())
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    child.send_signal(signal.SIGKILL)
+    child.wait(WAIT_S)
+    child.stdout.close()
+    child.stdin.close()
+    assert os.path.isdir(path)  # a killed process cannot clean up
+    store = LMDBStore()
+    try:
+        assert not os.path.exists(path)
+        assert os.path.isdir(store.path)
+    finally:
+        store.close()
+    assert not os.path.exists(store.path)
+
+
+def test_temporary_store_of_a_live_process_is_kept():
+    ours = LMDBStore()
+    child, path = _temporary_store_in_child()
+    try:
+        store = LMDBStore()  # removes stale stores only
+        store.close()
+        assert os.path.isdir(path) and os.path.isdir(ours.path)
+        other = open_kvs(f"lmdb://{path}")
+        assert other.get("k") == 1
+        other.close()
+        assert os.path.isdir(path)  # opened by address: not ours to remove
+    finally:
+        child.stdin.close()  # the child exits normally, closing its store
+        child.wait(WAIT_S)
+        child.stdout.close()
+    assert child.returncode == 0
+    assert not os.path.exists(path)
+    assert ours.get("k") is None
+    ours.close()
 
 
 # ------------------------------------------------------------------ open_kvs

@@ -19,16 +19,19 @@ their address, so a store handed to a spawned worker reopens there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
-import shutil
 import struct
+import sys
 import tempfile
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
+
+from serveflow.runtime import rundir
 
 logger = logging.getLogger(__name__)
 
@@ -118,42 +121,40 @@ class MemoryKVS:
 # --------------------------------------------------------------------------- LMDB
 
 _VERSION = struct.Struct("<Q")
-_DEFAULT_MAP_SIZE = 256 << 20  # address space reserved up front; the file stays sparse
+# The memory map is fixed when the environment is opened and never resized (resizing
+# needs every transaction of the process closed, which races with reader threads).
+# LMDB only reserves that much address space; the file grows with the data, never to
+# the map size, so a map far larger than any store needs costs nothing.
+_DEFAULT_MAP_SIZE = 1 << 40 if sys.maxsize > 2**32 else 1 << 30  # 1 TiB on 64-bit
+# Where address space is capped (ulimit -v), the default map is halved until it opens.
+_SMALLEST_DEFAULT_MAP_SIZE = 256 << 20
 
 
-class _Gate:
-    """Lets many LMDB transactions of this process run at once, or one map resize alone
-    (LMDB requires no open transaction in the process while the map is resized)."""
+class LMDBFullError(RuntimeError):
+    """A write to an `LMDBStore` does not fit in its memory map (`map_size` bytes)."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._active = 0
-        self._resizing = False
 
-    def enter(self) -> None:
-        with self._cond:
-            while self._resizing:
-                self._cond.wait()
-            self._active += 1
+def _open_env(path: str, map_size: int) -> Any:
+    import lmdb
 
-    def leave(self) -> None:
-        with self._cond:
-            self._active -= 1
-            if self._resizing and self._active == 0:
-                self._cond.notify_all()
-
-    def begin_exclusive(self) -> None:
-        with self._cond:
-            while self._resizing:
-                self._cond.wait()
-            self._resizing = True
-            while self._active:
-                self._cond.wait()
-
-    def end_exclusive(self) -> None:
-        with self._cond:
-            self._resizing = False
-            self._cond.notify_all()
+    size = map_size
+    while True:
+        try:
+            env = lmdb.open(
+                path,
+                map_size=size,
+                max_dbs=2,
+                max_readers=1024,
+                readahead=False,  # random lookups: do not read pages nobody asked for
+            )
+        except lmdb.MemoryError:
+            if map_size != _DEFAULT_MAP_SIZE or size <= _SMALLEST_DEFAULT_MAP_SIZE:
+                raise
+            size = max(size // 2, _SMALLEST_DEFAULT_MAP_SIZE)
+            continue
+        if size != map_size:
+            logger.warning("LMDB map of %s is %d MiB: no address space for more", path, size >> 20)
+        return env
 
 
 class _EnvHandle:
@@ -161,20 +162,12 @@ class _EnvHandle:
     same directory (LMDB forbids opening one environment twice in a process)."""
 
     def __init__(self, path: str, map_size: int) -> None:
-        import lmdb
-
         self.path = path
         self.pid = os.getpid()
         self.refs = 0
         self.stale = False  # set in a forked child: this handle belongs to the parent
-        self.gate = _Gate()
-        self.env = lmdb.open(
-            path,
-            map_size=map_size,
-            max_dbs=2,
-            max_readers=1024,
-            readahead=False,  # random lookups: do not read pages nobody asked for
-        )
+        self.env = _open_env(path, map_size)
+        self.map_size: int = self.env.info()["map_size"]  # fixed from here on
         stale_readers = self.env.reader_check()  # slots left by killed processes
         if stale_readers:
             logger.info("cleared %d stale LMDB reader slots in %s", stale_readers, path)
@@ -231,10 +224,16 @@ def _release_env(handle: _EnvHandle) -> None:
             handle.env.close()
 
 
-def _release_store(handle: _EnvHandle, owned_dir: str | None) -> None:
+def _release_store(handle: _EnvHandle, run_dir: rundir.RunDir | None) -> None:
     _release_env(handle)
-    if owned_dir is not None and os.getpid() == handle.pid:
-        shutil.rmtree(owned_dir, ignore_errors=True)
+    if run_dir is not None and os.getpid() == handle.pid:
+        run_dir.remove()
+
+
+def _describe_keys(bkeys: Sequence[bytes]) -> str:
+    names = [repr(k[1:].decode("utf-8")[:60]) for k in bkeys[:3]]
+    more = f" and {len(bkeys) - 3} more" if len(bkeys) > 3 else ""
+    return ("key " if len(bkeys) == 1 else "keys ") + ", ".join(names) + more
 
 
 class LMDBStore:
@@ -243,21 +242,36 @@ class LMDBStore:
     started with 'spawn' or 'forkserver' reopens it). A process forked while the
     environment was open here cannot use it: RuntimeError, with that advice.
 
-    `path=None` makes a temporary directory, removed when this store is closed.
-    The memory map starts at `map_size` bytes and doubles whenever a write does not fit.
-    Reads unpickle straight from the mapped pages, inside a read transaction.
+    `path=None` makes a private temporary directory (`rundir.RunDir` of kind "kvs"),
+    removed when this store is closed; directories left by processes that died without
+    closing theirs are removed when the next temporary store is made.
+
+    The memory map is `map_size` bytes (default 1 TiB on 64-bit systems), fixed for as
+    long as the environment is open in this process: LMDB only reserves the address
+    space, and the file grows with the data, so the map is never resized. A write that
+    does not fit raises `LMDBFullError` naming the keys and the map size. Every process
+    should use a map at least as large as the data others write (the default does):
+    one that opened the environment with a smaller map cannot read past it
+    (RuntimeError). Reads unpickle straight from the mapped pages, in a read transaction.
     """
 
     def __init__(self, path: str | None = None, *, map_size: int = _DEFAULT_MAP_SIZE) -> None:
-        self._owned_dir: str | None = None
+        self._run_dir: rundir.RunDir | None = None
         if path is None:
-            path = self._owned_dir = tempfile.mkdtemp(prefix="serveflow-kvs-")
+            parent = tempfile.gettempdir()
+            rundir.remove_stale(parent, "kvs")  # temporary stores of dead processes
+            self._run_dir = rundir.RunDir(parent, "kvs")
+            path = self._run_dir.path
         self.path = os.path.realpath(path)
-        os.makedirs(self.path, exist_ok=True)
-        self._map_size = map_size
         self._closed = False
-        self._handle = _acquire_env(self.path, map_size)
-        self._finalizer = weakref.finalize(self, _release_store, self._handle, self._owned_dir)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            self._handle = _acquire_env(self.path, map_size)
+        except BaseException:
+            if self._run_dir is not None:
+                self._run_dir.remove()
+            raise
+        self._finalizer = weakref.finalize(self, _release_store, self._handle, self._run_dir)
 
     @property
     def address(self) -> str:
@@ -265,13 +279,8 @@ class LMDBStore:
 
     @property
     def map_size(self) -> int:
-        """Current size of the memory map in bytes (grows on demand)."""
-        handle = self._env()
-        handle.gate.enter()  # info() must not race a resize on another thread
-        try:
-            return handle.env.info()["map_size"]
-        finally:
-            handle.gate.leave()
+        """Size of the memory map in bytes (fixed while the environment is open here)."""
+        return self._env().map_size
 
     def __repr__(self) -> str:
         return f"LMDBStore({self.path!r})"
@@ -328,7 +337,7 @@ class LMDBStore:
                 txn.put(bkey, blob, db=handle.values)
                 _bump(txn, handle, bkey)
 
-        self._write(handle, write)
+        self._write(handle, write, [bkey for bkey, _ in blobs])
 
     def delete(self, key: str) -> None:
         handle = self._env()
@@ -338,7 +347,7 @@ class LMDBStore:
             if txn.delete(bkey, db=handle.values):
                 _bump(txn, handle, bkey)
 
-        self._write(handle, write)
+        self._write(handle, write, [bkey])
 
     def close(self) -> None:
         """Release this process's environment (when no other store here uses it)."""
@@ -367,46 +376,52 @@ class LMDBStore:
     def _read(self, handle: _EnvHandle, fn: Any) -> Any:
         import lmdb
 
-        while True:
-            handle.gate.enter()
-            try:
-                with handle.env.begin(buffers=True) as txn:
-                    return fn(txn)
-            except lmdb.MapResizedError:
-                pass  # another process grew the map: adopt its size, then retry
-            finally:
-                handle.gate.leave()
-            self._resize(handle, 0)
+        try:
+            with handle.env.begin(buffers=True) as txn:
+                return fn(txn)
+        except lmdb.MapResizedError as e:
+            raise self._outgrown(handle) from e
 
-    def _write(self, handle: _EnvHandle, fn: Any) -> None:
+    def _write(self, handle: _EnvHandle, fn: Any, bkeys: Sequence[bytes]) -> None:
         import lmdb
 
-        while True:
-            handle.gate.enter()
-            try:
-                with handle.env.begin(write=True) as txn:
-                    fn(txn)
-                return
-            except lmdb.MapResizedError:
-                new_size = 0
-            except lmdb.MapFullError:
-                new_size = handle.env.info()["map_size"] * 2
-            finally:
-                handle.gate.leave()
-            self._resize(handle, new_size)
-
-    @staticmethod
-    def _resize(handle: _EnvHandle, new_size: int) -> None:
-        """Grow the map to `new_size` bytes; 0 adopts the size another process set."""
-        handle.gate.begin_exclusive()
         try:
-            if new_size and handle.env.info()["map_size"] >= new_size:
-                return  # another thread of this process grew it meanwhile
-            handle.env.set_mapsize(new_size)
-            if new_size:
-                logger.info("LMDB map of %s grown to %d MiB", handle.path, new_size >> 20)
-        finally:
-            handle.gate.end_exclusive()
+            txn = handle.env.begin(write=True)
+        except lmdb.MapResizedError as e:
+            raise self._outgrown(handle) from e
+        try:
+            fn(txn)
+        except lmdb.MapFullError as e:
+            # End the failed transaction with commit(), not abort(): LMDB has marked it
+            # failed, so commit writes nothing, ends it and raises BadTxnError. py-lmdb's
+            # abort() of a write transaction first waits until no operation of this
+            # environment runs on any thread, which reader threads busy on the store can
+            # put off indefinitely (the old resize-on-full livelocked there).
+            with contextlib.suppress(lmdb.BadTxnError):
+                txn.commit()
+            raise self._full(handle, bkeys) from e
+        except BaseException:
+            txn.abort()
+            raise
+        try:
+            txn.commit()
+        except lmdb.MapFullError as e:  # LMDB ended the transaction itself
+            raise self._full(handle, bkeys) from e
+
+    def _full(self, handle: _EnvHandle, bkeys: Sequence[bytes]) -> LMDBFullError:
+        return LMDBFullError(
+            f"LMDB store {self.path} is full: writing {_describe_keys(bkeys)} does not fit "
+            f"in its map of {handle.map_size} bytes ({handle.map_size / 2**20:g} MiB); "
+            f"open it with a larger map_size"
+        )
+
+    def _outgrown(self, handle: _EnvHandle) -> RuntimeError:
+        return RuntimeError(
+            f"LMDB store {self.path} holds more data than this process's map of "
+            f"{handle.map_size} bytes (another process, opened with a larger map_size, "
+            f"wrote past it): open the store with a map_size at least as large as the "
+            f"other processes' (the default is {_DEFAULT_MAP_SIZE} bytes)"
+        )
 
 
 def _bump(txn: Any, handle: _EnvHandle, bkey: bytes) -> None:

@@ -5,16 +5,22 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list; 0.0 when empty."""
-    if not sorted_values:
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q` quantile (a fraction, 0.5 for the median) of `values`; 0.0 when empty.
+
+    Computed by `numpy.quantile` with method="linear" (numpy's default; type 7 of
+    Hyndman & Fan, as in R and Excel's PERCENTILE.INC): linear interpolation between
+    the two nearest ranks, so the median of [1, 2, 3, 4, 5, 6] is 3.5. `values` need not
+    be sorted."""
+    if len(values) == 0:
         return 0.0
-    rank = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values) + 0.5) - 1))
-    return sorted_values[rank]
+    return float(np.quantile(np.asarray(values, dtype=float), q, method="linear"))
 
 
 class StageStats:
@@ -51,7 +57,7 @@ class StageStats:
         with self._lock:
             while self._latencies and self._latencies[0][0] < since:
                 self._latencies.popleft()
-            window = sorted(latency for _, latency in self._latencies)
+            window = [latency for _, latency in self._latencies]
             figures = {
                 "requests": self.requests,
                 "p50_ms": percentile(window, 0.50) * 1e3,
