@@ -154,13 +154,13 @@ def test_requests_avoid_a_worker_still_loading_the_stage():
     loading = WorkerLoad(warm={key}, loading={key})  # idle, but seconds from ready
     workers = {0: busy, 1: loading}
     scheduler = Scheduler()
-    assert scheduler.route(0, plan, workers)[0] == (0,)
-    assert scheduler.route(0, plan, workers, packs={0: (4, 0.1)})[0] == (0,)
+    assert scheduler.route(0, plan, workers)[0][0] == (0,)
+    assert scheduler.route(0, plan, workers, packs={0: (4, 0.1)})[0][0] == (0,)
     # Held to one worker, a spare loading at a lower index does not take the stage.
     spare = {0: WorkerLoad(warm={key}, loading={key}), 1: WorkerLoad(outstanding=9, warm={key})}
-    assert scheduler.route(0, plan, spare, caps={0: 1})[0] == (1,)
+    assert scheduler.route(0, plan, spare, caps={0: 1})[0][0] == (1,)
     loading.loading.clear()
-    assert scheduler.route(0, plan, workers)[0] == (1,)
+    assert scheduler.route(0, plan, workers)[0][0] == (1,)
 
 
 def test_a_new_batch_opens_on_the_worker_that_frees_first():
@@ -173,7 +173,7 @@ def test_a_new_batch_opens_on_the_worker_that_frees_first():
     scheduler = Scheduler()
 
     def route(now: float) -> int:
-        return scheduler.route(0, plan, workers, packs={0: (2, 10.0)}, now=now)[0][0]
+        return scheduler.route(0, plan, workers, packs={0: (2, 10.0)}, now=now)[0][0][0]
 
     # batches of 2: the first on worker 0, the second on 1, the third behind the first
     assert [route(t) for t in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)] == [0, 0, 1, 1, 0, 0]

@@ -31,8 +31,11 @@ class RunDir:
 
     def __init__(self, parent: str, kind: str) -> None:
         self.path = tempfile.mkdtemp(prefix=f"{PREFIX}{kind}-", dir=parent)
-        self._lock = os.open(os.path.join(self.path, LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+        # locked before it takes its name: `remove_stale` never sees it unlocked
+        creating = os.path.join(self.path, LOCK + ".new")
+        self._lock = os.open(creating, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(creating, os.path.join(self.path, LOCK))
 
     def join(self, name: str) -> str:
         return os.path.join(self.path, name)

@@ -173,10 +173,11 @@ def _settled(future: Future[Table]) -> Table:
     return future.result()
 
 
-async def _outcome(future: Future[Table]) -> Table:
+async def _outcome(future: Future[Table], receive: Receive | None = None) -> Table:
     """Await a concurrent future from the event loop: no wait at all when it is done
     already (a refusal), else one thread-safe wake-up when it settles (lighter than
-    asyncio.wrap_future, which chains cancellation and state both ways)."""
+    asyncio.wrap_future, which chains cancellation and state both ways). With
+    `receive`, a client that goes away cancels the request: its workers drop it."""
     if future.done():
         return _settled(future)
     loop = asyncio.get_running_loop()
@@ -186,8 +187,23 @@ async def _outcome(future: Future[Table]) -> Table:
         loop.call_soon_threadsafe(_wake, waiter)
 
     future.add_done_callback(wake)
-    await waiter
+    watch = None if receive is None else loop.create_task(_watch_disconnect(receive, future))
+    try:
+        await waiter
+    finally:
+        if watch is not None:
+            watch.cancel()
+    if future.cancelled():
+        raise _Disconnected
     return _settled(future)
+
+
+async def _watch_disconnect(receive: Receive, future: Future[Table]) -> None:
+    """Cancel `future` when the client disconnects (the body is read: the next
+    message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    future.cancel()
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -274,7 +290,7 @@ async def _run_predict(
                 future = app.run(table, timeout=timeout)
             except RuntimeError as error:
                 raise AppStopping(str(error)) from None
-            output = await _outcome(future)
+            output = await _outcome(future, receive)
     except AppStopping as error:
         raise HTTPProblem(503, str(error), headers={"Retry-After": "1"}) from None
     except Exception as error:

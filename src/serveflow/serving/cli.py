@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import serveflow as sf
 from serveflow.serving.loader import LoadError, load_flows
@@ -111,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
         "before their body is decoded",
     )
     serve.add_argument(
+        "--stage-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="a worker running one stage call longer than S seconds is replaced and its "
+        "requests re-run (or failed once out of retries; default: no limit)",
+    )
+    serve.add_argument(
+        "--gpus",
+        type=_gpus,
+        default=None,
+        metavar="N|ID,ID",
+        help="GPU devices for gpu=True stages: a count or device ids (default: detect)",
+    )
+    serve.add_argument(
         "--token",
         default=os.environ.get("SERVEFLOW_TOKEN") or None,
         help="require 'Authorization: Bearer TOKEN' on all but /healthz and /readyz "
@@ -176,16 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gpus(text: str) -> int | list[int]:
+    """--gpus: a count ("2") or device ids ("0,3")."""
+    try:
+        ids = [int(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a count or comma-separated ids, got {text!r}") from None
+    if any(d < 0 for d in ids):
+        raise argparse.ArgumentTypeError(f"device ids are not negative, got {text!r}")
+    return ids if "," in text else ids[0]
+
+
 def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | None) -> int:
     from serveflow.serving.server import Server
 
-    options: dict[str, int] = {}
+    options: dict[str, Any] = {}
     if args.workers is not None:
         options["min_workers"] = args.workers
     if args.max_workers is not None:
         options["max_workers"] = max(args.max_workers, args.workers or 1)
     if args.max_in_flight is not None:
         options["max_in_flight"] = args.max_in_flight
+    if args.stage_timeout is not None:
+        options["stage_timeout_s"] = args.stage_timeout
+    if args.gpus is not None:
+        options["gpus"] = args.gpus
     runtime = sf.LocalRuntime(**options)
     try:
         apps = {flow.name: flow.deploy(rules=rules, runtime=runtime) for flow in flows}
