@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 
 import serveflow as sf
+from serveflow.errors import DeadlineError
+from serveflow.runtime.kvs import MemoryKVS
+from serveflow.runtime.stage import StageExecutor
 
 TIMEOUT = 10
 
@@ -627,3 +630,82 @@ def test_deploy_default_rules_and_stop():
         assert app.run(sf.Table({"a": [1]})).result(timeout=TIMEOUT).to_rows() == [{"x": 2}]
     finally:
         app.stop()
+
+
+# --- StageExecutor.run(should_stop=...): cancellation inside a fused stage ------------
+
+
+def _executor(flow):
+    (stage,) = sf.optimize(flow).stages
+    return StageExecutor(stage, MemoryKVS())
+
+
+def test_should_stop_between_rows_fails_only_that_request():
+    seen = {"first": [], "second": [], "third": []}
+
+    def first(v):
+        seen["first"].append(v)
+        return v + 1
+
+    def second(v):
+        seen["second"].append(v)
+        return v * 10
+
+    def third(row):
+        seen["third"].append(row["a"])
+        return True
+
+    flow = sf.Flow("f")
+    flow.map(first, col="a", name="first").map(second, col="a", name="second").filter(
+        third, name="third"
+    )
+    executor = _executor(flow)
+    asked = []
+
+    def should_stop(k):  # request 0 is stopped once "first" has done 2 of its rows
+        asked.append(k)
+        return k == 0 and len([v for v in seen["first"] if v < 10]) >= 2
+
+    requests = [{0: sf.Table({"a": [1, 2, 3, 4]})}, {0: sf.Table({"a": [10, 20, 30]})}]
+    stopped, done = executor.run(requests, should_stop=should_stop)
+
+    assert isinstance(stopped, DeadlineError)
+    assert "stopped: deadline passed or request cancelled" in str(stopped)
+    assert "'first'" in str(stopped)
+    assert [v for v in seen["first"] if v < 10] == [1, 2]  # the rest of its rows skipped
+    assert all(v > 10 for v in seen["second"] + seen["third"])  # later ops never saw it
+    assert done.to_rows() == [{"a": 110}, {"a": 210}, {"a": 310}]
+    assert set(asked) == {0, 1}
+    assert executor.run(requests)[0].to_rows() == [{"a": 20}, {"a": 30}, {"a": 40}, {"a": 50}]
+
+
+def test_should_stop_before_an_operator_skips_it():
+    calls = []
+    flow = sf.Flow("f")
+    flow.map(lambda v: calls.append(v) or v, col="a", name="one").map(
+        lambda v: calls.append(-v) or v, col="a", name="two"
+    )
+    executor = _executor(flow)
+    stopped_after_one = lambda k: len(calls) >= 2  # noqa: E731
+    (out,) = executor.run([{0: sf.Table({"a": [1, 2]})}], should_stop=stopped_after_one)
+    assert isinstance(out, DeadlineError)
+    assert "'two'" in str(out)
+    assert calls == [1, 2]
+
+
+def test_should_stop_drops_stopped_requests_from_a_merged_batch():
+    batches = []
+
+    def double(values):
+        batches.append(list(values))
+        return [v * 2 for v in values]
+
+    flow = sf.Flow("f")
+    flow.map(double, col="a", batching=True, name="double")
+    executor = _executor(flow)
+    requests = [{0: sf.Table({"a": [i, i + 1]})} for i in (1, 10, 100)]
+    outs = executor.run(requests, should_stop=lambda k: k == 1)
+    assert batches == [[1, 2, 100, 101]]  # one call, without request 1's rows
+    assert outs[0].to_rows() == [{"a": 2}, {"a": 4}]
+    assert isinstance(outs[1], DeadlineError) and "'double'" in str(outs[1])
+    assert outs[2].to_rows() == [{"a": 200}, {"a": 202}]

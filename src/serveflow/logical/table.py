@@ -23,34 +23,40 @@ def new_qids(n: int) -> list[int]:
 
 
 class Row(Mapping[str, Any]):
-    """A read-only view of one row; `row.qid` is its request-row id."""
+    """A read-only view of one row; `row.qid` is its request-row id.
 
-    __slots__ = ("_values", "qid")
+    Rows of one table share `names` (column -> position in `values`), so making a
+    row builds no dict.
+    """
 
-    def __init__(self, values: dict[str, Any], qid: int) -> None:
+    __slots__ = ("_names", "_values", "qid")
+
+    def __init__(self, names: dict[str, int], values: tuple[Any, ...], qid: int) -> None:
+        self._names = names
         self._values = values
         self.qid = qid
 
     def __getitem__(self, column: str) -> Any:
         try:
-            return self._values[column]
+            return self._values[self._names[column]]
         except KeyError:
-            raise MissingColumnError(column, list(self._values)) from None
+            raise MissingColumnError(column, list(self._names)) from None
 
     def __contains__(self, column: object) -> bool:
-        return column in self._values
+        return column in self._names
 
     def get(self, column: str, default: Any = None) -> Any:
-        return self._values.get(column, default)
+        i = self._names.get(column)
+        return default if i is None else self._values[i]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._names)
 
     def __repr__(self) -> str:
-        return f"Row({self._values!r}, qid={self.qid})"
+        return f"Row({dict(zip(self._names, self._values))!r}, qid={self.qid})"
 
 
 class Table:
@@ -136,8 +142,8 @@ class Table:
         return zip(*self._columns.values()) if self._columns else iter([()] * len(self))
 
     def __iter__(self) -> Iterator[Row]:
-        for values, qid in zip(self._row_values(), self._qids):
-            yield Row(dict(zip(self._columns, values)), qid)
+        names = {name: i for i, name in enumerate(self._columns)}
+        return map(Row, itertools.repeat(names), self._row_values(), self._qids)
 
     def __len__(self) -> int:
         return len(self._qids)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from serveflow.errors import MissingColumnError
 from serveflow.logical.operators import Agg, Filter, GroupBy, Join, Lookup, Map, Op, Union
 from serveflow.logical.table import Table, new_qids
 from serveflow.runtime.kvs import KVS
@@ -15,13 +16,26 @@ class ShapeError(ValueError):
     """A user function returned the wrong number of values."""
 
 
-def apply(op: Op, inputs: Sequence[Table], fn: Callable[..., Any] | None, kvs: KVS) -> Table:
-    """Run `op` on its input tables; `fn` is the op's loaded function (map, filter)."""
+class Stopped(Exception):
+    """Raised between row calls when the request's `stop()` said to give up."""
+
+
+Stop = Callable[[], bool] | None
+
+
+def apply(
+    op: Op, inputs: Sequence[Table], fn: Callable[..., Any] | None, kvs: KVS, stop: Stop = None
+) -> Table:
+    """Run `op` on its input tables; `fn` is the op's loaded function (map, filter).
+
+    `stop`, if given, is asked before every call of `fn` in a row-by-row map or filter;
+    when it returns True the op raises `Stopped`.
+    """
     match op:
         case Map():
-            return run_map(op, fn, inputs[0])
+            return run_map(op, fn, inputs[0], stop)
         case Filter():
-            return run_filter(op, fn, inputs[0])
+            return run_filter(op, fn, inputs[0], stop)
         case GroupBy():
             column(inputs[0], op.col)  # a missing group column is an input error now
             return Table._make(inputs[0]._columns, inputs[0]._qids, group_by=op.col)
@@ -37,21 +51,40 @@ def apply(op: Op, inputs: Sequence[Table], fn: Callable[..., Any] | None, kvs: K
 
 
 def column(table: Table, name: str) -> list[Any]:
-    """A column's values; an empty table has nothing to read, so any column is empty."""
-    if not len(table) and name not in table._columns:
+    """A column's values, not copied: read them, never change them. An empty table has
+    nothing to read, so any column is empty."""
+    values = table._columns.get(name)
+    if values is None:
+        if len(table._qids):
+            raise MissingColumnError(name, table.columns)
         return []
-    return table.column(name)
+    return values
+
+
+def _each(fn: Callable[..., Any], items: Iterable[Any], stop: Stop) -> list[Any]:
+    """`fn` of each item, asking `stop()` before every call."""
+    if stop is None:
+        return list(map(fn, items))
+    results = []
+    for item in items:
+        if stop():
+            raise Stopped
+        results.append(fn(item))
+    return results
 
 
 def _replace_column(table: Table, name: str, values: list[Any], new_name: str) -> Table:
     """`table` with column `name` replaced by `values` under `new_name`, order kept."""
-    if name not in table._columns:  # only for an empty table, see `column`
+    if new_name == name or name not in table._columns:  # not there: an empty table
         return Table._make({**table._columns, new_name: values}, table._qids)
     columns = {
         (new_name if c == name else c): (values if c == name else v)
         for c, v in table._columns.items()
     }
     return Table._make(columns, table._qids)
+
+
+_SEQUENCES = (tuple, list)  # the usual multi-values, known without `_is_multi`
 
 
 def _is_multi(value: Any) -> bool:
@@ -70,7 +103,7 @@ def _to_columns(op: Map, results: list[Any]) -> dict[str, list[Any]]:
     if len(names) == 1:
         return {names[0]: results}
     for value in results:
-        if not _is_multi(value) or len(value) != len(names):
+        if (type(value) not in _SEQUENCES and not _is_multi(value)) or len(value) != len(names):
             got = f"{len(value)} values" if _is_multi(value) else f"one value {value!r}"
             raise ShapeError(f"returned {got} for names {list(names)}")
     return {name: [value[i] for value in results] for i, name in enumerate(names)}
@@ -87,17 +120,15 @@ def _one_per_row(results: Any, rows: int) -> list[Any]:
     return results
 
 
-def run_map(op: Map, fn: Callable[..., Any], table: Table) -> Table:
+def run_map(op: Map, fn: Callable[..., Any], table: Table, stop: Stop = None) -> Table:
     if op.batching is not None:
         results = fn(column(table, op.col) if op.col else table)
         if isinstance(results, Table) and op.col is None and op.names is None:
             _one_per_row(results, len(table))
             return Table._make(results._columns, table._qids)
         results = _one_per_row(results, len(table))
-    elif op.col is not None:
-        results = [fn(value) for value in column(table, op.col)]
     else:
-        results = [fn(row) for row in table]
+        results = _each(fn, column(table, op.col) if op.col is not None else table, stop)
     if op.col is not None:
         return _replace_column(table, op.col, results, op.names[0] if op.names else op.col)
     return Table._make(_to_columns(op, results), table._qids)
@@ -110,12 +141,14 @@ def _groups(table: Table) -> dict[Any, list[int]]:
     return groups
 
 
-def run_filter(op: Filter, pred: Callable[..., Any], table: Table) -> Table:
+def run_filter(op: Filter, pred: Callable[..., Any], table: Table, stop: Stop = None) -> Table:
     if op.group:
-        keep = sorted(i for rows in _groups(table).values() if pred(table.take(rows)) for i in rows)
+        groups = list(_groups(table).values())
+        kept = _each(lambda rows: pred(table.take(rows)), groups, stop)
+        keep = sorted(i for rows, ok in zip(groups, kept) if ok for i in rows)
     else:
-        keep = [i for i, row in enumerate(table) if pred(row)]
-    return table.take(keep)
+        keep = [i for i, ok in enumerate(_each(pred, table, stop)) if ok]
+    return table if len(keep) == len(table) else table.take(keep)
 
 
 def _aggregate(fn: str, values: list[Any]) -> Any:
