@@ -91,18 +91,24 @@ class Plan:
         ]
 
     @functools.cached_property
-    def anyof_groups(self) -> tuple[tuple[int, ...], ...]:
-        """For each anyof whose inputs come from other stages: the indices of those
-        stages (its branches), which run concurrently on distinct workers."""
-        groups = []
-        for stage in self.stages:
+    def anyof_races(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """For each anyof whose inputs come from other stages: (the index of its
+        stage, the indices of those stages: its branches). Branches run concurrently,
+        on distinct workers, and the anyof's stage on none of theirs."""
+        races = []
+        for index, stage in enumerate(self.stages):
             for op in stage.ops:
                 if isinstance(op, AnyOf):
                     outputs = self._index_of_output
                     branches = tuple(dict.fromkeys(outputs[i] for i in op.inputs if i in outputs))
                     if len(branches) > 1:
-                        groups.append(branches)
-        return tuple(groups)
+                        races.append((index, branches))
+        return tuple(races)
+
+    @property
+    def anyof_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The branches of each anyof race."""
+        return tuple(branches for _, branches in self.anyof_races)
 
     def competing(self, index: int) -> bool:
         """Whether runs of stage `index` race others for one result (competing

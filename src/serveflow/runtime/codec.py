@@ -48,7 +48,6 @@ class SharedMemory:
         # dropping one never unmaps memory an array still uses.
         self._mapped: dict[str, tuple[mmap.mmap, int, int, float]] = {}
 
-
     def place(self, buffer: memoryview, request_id: int) -> tuple[str, int, int]:
         """Where `buffer` is in shared memory: its existing place, or a new file."""
         address = _address(buffer)

@@ -70,6 +70,12 @@ def check_pool(min_workers: int, max_workers: int) -> None:
         raise ValueError(f"need 1 <= min_workers <= max_workers: {min_workers}, {max_workers}")
 
 
+def _expected(expected: dict[int, float | None], index: int) -> float:
+    """A stage's typical latency for ordering anyof branches; 0 for a stage that is
+    no branch or not measured yet (tried first: it may be the fastest)."""
+    return expected.get(index) or 0.0
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
@@ -87,9 +93,11 @@ class DeployedApp(App):
         # the largest batch so that batching stages can fill their batches
         largest_batch = max((s.batching.size for s in plan.stages if s.batching), default=0)
         self.worker_cap = max(control.worker_queue, 2 * largest_batch)
-        # workers the plan needs at once: competing replicas, anyof branches
+        self.branches = {i for g in plan.anyof_groups for i in g}
+        # workers the plan needs at once: competing replicas; an anyof's branches and
+        # one more for the anyof itself (behind a branch, it would wait for the branch)
         self.width = max(
-            [s.replicas for s in plan.stages] + [len(g) for g in plan.anyof_groups]
+            [s.replicas for s in plan.stages] + [len(g) + 1 for g in plan.anyof_groups]
         )
         # SLO-aware batching stages: a controller each, its choices pushed to workers
         self.controllers: dict[int, BatchingController] = {}
@@ -308,11 +316,12 @@ class ControlPlane:
         loads = {i: w.load for i, w in self._workers.items() if w.ready and not w.retiring}
         cpu = [load.outstanding for load in loads.values() if not load.gpu]
         routed = None
+        expected = {i: app.stage_stats[i].typical_s for i in app.branches}
         if cpu and min(cpu) < app.worker_cap:
             caps = {i: d.workers for i, d in app.decisions.items()}
             packs = {i: (d.max_size, d.timeout_s) for i, d in app.decisions.items()}
             routed = self._scheduler.route(
-                app.id, app.plan, loads, request.table, caps, packs, time.monotonic()
+                app.id, app.plan, loads, request.table, caps, packs, time.monotonic(), expected
             )
         if routed is None:
             # Late binding: wait here, not in a worker's queue, until a worker has room;
@@ -326,7 +335,8 @@ class ControlPlane:
                 self._competing[(app.id, request.id, request.attempt, index, w)] = "running"
         from serveflow.runtime.scheduler import targets
 
-        for index in app.sources:
+        # anyof branches sharing a worker run in the order sent: the fastest known first
+        for index in sorted(app.sources, key=lambda i: _expected(expected, i)):
             message = m.Input(
                 app.id,
                 request.id,
@@ -474,11 +484,12 @@ class ControlPlane:
                 app = self._apps.get(app_id)
                 if app is None:
                     continue
-                requests, batches, cold_starts, latencies, batch_log = counts
+                requests, batches, cold_starts, latencies, batch_log, stopped = counts
                 if cold_starts:
                     w.load.loading.discard((app_id, stage_index))
                 sizes = [size for size, _, _, _ in batch_log if size]
-                app.stage_stats[stage_index].add(requests, batches, cold_starts, latencies, sizes)
+                stats = app.stage_stats[stage_index]
+                stats.add(requests, batches, cold_starts, latencies, sizes, stopped)
                 controller = app.controllers.get(stage_index)
                 for size, service_s, end, each in batch_log if controller else ():
                     controller.on_batch_done(size, service_s, end, each)
@@ -609,9 +620,11 @@ class ControlPlane:
         idle = {
             w.index: now - w.active_at for w in ready if w.load.outstanding == 0 and not w.queued
         }
+        # workers an anyof or replicas need at once, besides those busy with losers
+        losers = len({key[4] for key, state in self._competing.items() if state == "orphan"})
         floor = max(
             [1]
-            + [a.width for a in self._apps.values()]
+            + [a.width + losers for a in self._apps.values() if a.width > 1]
             + [  # a controller's plan and its spare (warm-up keeps to what the pool holds)
                 d.held
                 for a in self._apps.values()

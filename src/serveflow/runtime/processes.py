@@ -81,7 +81,7 @@ class ProcessEngine:
     def send(self, worker: int, message: Any, rid: int = 0) -> None:
         try:
             data = codec.encode(message, self._shm, rid)
-            self._endpoint.send(socket_path(self._dir.path, worker), data)
+            self._endpoint.send(socket_path(self._dir.path, worker, message), data)
         except PeerGone:  # `exited` reports the death; its requests are re-run
             log.debug("worker %d is gone", worker)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,12 +76,14 @@ class Scheduler:
         caps: Mapping[int, int] | None = None,
         packs: Mapping[int, tuple[int, float]] | None = None,
         now: float = 0.0,
+        expected: Mapping[int, float | None] | None = None,
     ) -> tuple[Route, list[tuple[int, int]]] | None:
         """Pick workers for every stage of one request (whose table is `table`) and
         count the runs known now as outstanding: returns the route and those (stage,
         worker) charges, or None when some stage has no worker of its resource class.
         `caps` limits some stages (by index) to that many workers; `packs` gives some
-        stages' (batch size, timeout seconds) to pack batches by, at time `now`."""
+        stages' (batch size, timeout seconds) to pack batches by, at time `now`;
+        `expected` some stages' typical latency in seconds (None: not known yet)."""
         pools = []
         for stage in plan.stages:
             gpu = stage.placement == "gpu"
@@ -89,13 +91,20 @@ class Scheduler:
             if not pool:
                 return None
             pools.append(pool)
-        route: list[tuple[int, ...]] = []
-        for index, stage in enumerate(plan.stages):
-            key, pool = (app_id, index), pools[index]
-            siblings = {w for g in plan.anyof_groups if index in g for i in g if i < index
-                        for w in route[i]}  # fmt: skip
-            if siblings and len(pool) > len(siblings):  # anyof branches: distinct workers
-                pool = {w: load for w, load in pool.items() if w not in siblings}
+        # An anyof's branches go to distinct workers, the one expected fastest first:
+        # it gets the least loaded worker (others may be busy with earlier losers).
+        speed = expected or {}
+        branches = sorted(
+            {i for g in plan.anyof_groups for i in g},
+            key=lambda i: (speed.get(i) or 0.0, i),
+        )
+        order = branches + [i for i in range(len(plan.stages)) if i not in branches]
+        route: list[tuple[int, ...]] = [()] * len(plan.stages)
+        for index in order:
+            stage, key, pool = plan.stages[index], (app_id, index), pools[index]
+            rivals = _rivals(plan, index, route)
+            if rivals and len(pool) > len(rivals):
+                pool = {w: load for w, load in pool.items() if w not in rivals}
             cap = (caps or {}).get(index)
             if follows_winner(plan, index):
                 chosen: list[int] = []
@@ -107,7 +116,7 @@ class Scheduler:
                 chosen = self._least_loaded(key, pool, stage.replicas, cap)
             for w in chosen:
                 workers[w].warm.add(key)
-            route.append(tuple(chosen))
+            route[index] = tuple(chosen)
         final = tuple(route)
         charges = list(charged(plan, final))
         for index, stage in enumerate(plan.stages):
@@ -189,6 +198,18 @@ class Scheduler:
         if others and (len(warm) < n or all(pool[w].outstanding >= self.spread_at for w in warm)):
             warm += self._least_loaded(key, {w: pool[w] for w in others}, max(1, n - len(warm)))
         return sorted(warm)
+
+
+def _rivals(plan: Plan, index: int, route: Sequence[tuple[int, ...]]) -> set[int]:
+    """Workers stage `index` should avoid: those of the other branches of its anyof
+    race, or, for an anyof's own stage, those of its branches (a branch that keeps
+    running would hold up the anyof behind it)."""
+    rivals: set[int] = set()
+    for consumer, branches in plan.anyof_races:
+        if index == consumer or index in branches:
+            rivals.update(w for i in branches if i != index for w in route[i])
+    return rivals
+
 
 def charged(plan: Plan, route: Route) -> Iterable[tuple[int, int]]:
     """(stage index, worker) of the stage runs a route counts against its workers. The

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 import cloudpickle
 
-from serveflow.errors import OperatorError
+from serveflow.errors import DeadlineError, OperatorError
 from serveflow.logical.operators import AnyOf
 from serveflow.logical.table import Table
 from serveflow.optimizer.plan import Plan, Stage
@@ -42,12 +43,24 @@ DRIVER = -1
 STATS_EVERY_S = 0.25
 HEARTBEAT_S = 0.5
 IDLE_WAKE_S = 1.0
-CANCEL_POLL_S = 0.005  # while a stage runs, look for cancellations this often
+CANCELS = ".cancel"  # suffix of the socket that takes only `Cancel` messages
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
 
 
-def socket_path(directory: str, index: int) -> str:
-    return os.path.join(directory, "driver" if index == DRIVER else f"w{index}")
+def socket_path(directory: str, index: int, message: Any = None) -> str:
+    """Where to send `message` to process `index`: cancellations go to a worker's
+    second socket, read by a thread of their own while the worker runs a stage."""
+    name = "driver" if index == DRIVER else f"w{index}"
+    if isinstance(message, m.Cancel):
+        name += CANCELS
+    return os.path.join(directory, name)
+
+
+class Interrupted(BaseException):
+    """Raised in a running stage call whose requests were all cancelled (a loser of
+    an anyof, a deadline passed, a client gone): as `ray.cancel` does, it unwinds the
+    user's code at the next bytecode or interrupted system call. A BaseException, so
+    that user code catching Exception does not swallow it."""
 
 
 @dataclass
@@ -88,6 +101,7 @@ class StageCounters:
     batches: int = 0
     cold_starts: int = 0
     latencies: list[float] = field(default_factory=list)
+    stopped: list[float] = field(default_factory=list)  # runs cut short: how long they ran
     # batching stages: (size, run s, end, each request's latency from arrival here)
     batch_log: list[tuple[int, float, float, list[float]]] = field(default_factory=list)
 
@@ -100,6 +114,7 @@ class Worker:
         self.index = index
         self.directory = directory
         self.endpoint = Endpoint(socket_path(directory, index))
+        self.cancels = Endpoint(socket_path(directory, index, m.Cancel(0, 0)))
         self.shm = codec.SharedMemory(directory)
         self.kvs = CachedKVS(open_kvs(kvs_address), options["cache_bytes"])
         self.idle_unload_s: float = options["idle_unload_s"]
@@ -113,9 +128,13 @@ class Worker:
         self.counters: dict[tuple[int, int], StageCounters] = {}
         self.unloaded: list[tuple[int, int]] = []
         self.busy_since: float | None = None
-        # (app, rid) -> when: every stage of it cancelled; (app, rid, stage) -> when
+        # (app, rid) -> when: every stage of it cancelled; (app, rid, stage) -> when.
+        # Written by the cancel thread too: changes under `cancel_lock`.
         self.cancelled: dict[tuple[int, ...], float] = {}
-        self.inbox: deque[Any] = deque()  # read while a stage ran, not yet handled
+        self.cancel_lock = threading.Lock()
+        self.in_call: list[Task] = []  # the tasks of the stage call in progress
+        self.run_serial = 0  # counts stage calls
+        self.interrupt_serial = -1  # the call to interrupt
         self.rule = BatchRule()
         self.dirty = False  # something to report to the driver
         self.running = True
@@ -124,6 +143,11 @@ class Worker:
     def serve(self) -> None:
         self.send(DRIVER, m.Hello(self.index, os.getpid()))
         threading.Thread(target=self.heartbeat, name="serveflow:heartbeat", daemon=True).start()
+        signal.signal(signal.SIGUSR1, self.on_interrupt)
+        main = threading.main_thread().ident
+        threading.Thread(
+            target=self.watch_cancels, args=(main,), name="serveflow:cancels", daemon=True
+        ).start()
         next_report = 0.0
         while self.running:
             wait = self.run_ready()
@@ -133,19 +157,19 @@ class Worker:
                 next_report = now + STATS_EVERY_S
             if self.dirty:
                 wait = min(wait if wait is not None else STATS_EVERY_S, next_report - now)
-            if self.inbox:
-                wait = 0.0
             # wake at least every IDLE_WAKE_S to unload idle stages
             data = self.endpoint.recv(IDLE_WAKE_S if wait is None else max(0.0, min(wait, 1.0)))
-            while self.inbox:
-                self.handle(self.inbox.popleft())
             while data is not None:
                 message = self.decode(data)
-                if message is not None:
-                    self.handle(message)
+                try:
+                    if message is not None:
+                        self.handle(message)
+                except Exception:  # a bug of ours, or an app undeployed meanwhile
+                    log.exception("failed to handle a %s message", type(message).__name__)
                 data = self.endpoint.recv(0)
         self.report()
         self.endpoint.close()
+        self.cancels.close()
 
     def decode(self, data: bytes) -> Any:
         """A message, or None (logged) for anything else: never raises."""
@@ -193,7 +217,29 @@ class Worker:
 
     def cancel(self, message: m.Cancel) -> None:
         key = (message.app, message.rid) + (() if message.stage is None else (message.stage,))
-        self.cancelled[key] = time.monotonic()
+        with self.cancel_lock:
+            self.cancelled[key] = time.monotonic()
+
+    def watch_cancels(self, main: int) -> None:
+        """Take cancellations as they come, also while the main thread runs a stage;
+        interrupt a call once every request in it is cancelled."""
+        while True:
+            try:
+                data = self.cancels.recv(None)
+            except OSError:
+                return  # closed
+            message = self.decode(data) if data is not None else None
+            if not isinstance(message, m.Cancel):
+                continue
+            self.cancel(message)
+            serial, in_call = self.run_serial, self.in_call
+            if in_call and all(self.is_cancelled(t) for t in in_call):
+                self.interrupt_serial = serial
+                signal.pthread_kill(main, signal.SIGUSR1)
+
+    def on_interrupt(self, signum: int, frame: Any) -> None:
+        if self.in_call and self.interrupt_serial == self.run_serial:
+            raise Interrupted
 
     def is_cancelled(self, task: Task) -> bool:
         return (task.app, task.rid) in self.cancelled or (
@@ -215,7 +261,7 @@ class Worker:
             )
             data = codec.encode(message._replace(value=failure), self.shm, rid)
         try:
-            self.endpoint.send(socket_path(self.directory, worker), data)
+            self.endpoint.send(socket_path(self.directory, worker, message), data)
         except PeerGone:  # that worker died; the driver re-runs the request
             log.debug("worker %d is gone; dropping a message", worker)
 
@@ -223,8 +269,11 @@ class Worker:
     def plan(self, app: int) -> Plan | None:
         plan = self.plans.get(app)
         if plan is None and app in self.deployed:
-            with open(self.deployed[app], "rb") as file:
-                plan = self.plans[app] = cloudpickle.load(file)
+            try:
+                with open(self.deployed[app], "rb") as file:
+                    plan = self.plans[app] = cloudpickle.load(file)
+            except FileNotFoundError:  # undeployed since
+                self.deployed.pop(app, None)
         return plan
 
     def accept(self, message: m.Input) -> None:
@@ -250,16 +299,17 @@ class Worker:
             del self.waiting[key]
             self.started[key] = time.monotonic()
             self.queues.setdefault((app, index), deque()).append(task)
-            if isinstance(stage.ops[0], AnyOf):
-                self.cancel_losers(plan, task, stage)
 
-    def cancel_losers(self, plan: Plan, task: Task, stage: Stage) -> None:
-        """An anyof has its result: the branches still running or queued are dropped."""
-        for op in stage.inputs:
-            if op not in task.inputs and op:
-                loser = plan.index_of(op)
-                for worker in task.route[loser]:
-                    self.send(worker, m.Cancel(task.app, task.rid, loser))
+    def cancel_rivals(self, plan: Plan, task: Task) -> None:
+        """This stage run won an anyof race (the first success reaches the anyof):
+        the other branches' runs are dropped, or interrupted if running. Sent from
+        here, not from the anyof's worker, which may be busy."""
+        for consumer, branches in plan.anyof_races:
+            if task.index in branches and consumer in plan.consumer_indices(task.index):
+                for loser in branches:
+                    if loser != task.index:
+                        for worker in task.route[loser]:
+                            self.send(worker, m.Cancel(task.app, task.rid, loser))
 
     def run_ready(self) -> float | None:
         """Run every runnable batch, including those that running others made ready
@@ -308,22 +358,23 @@ class Worker:
         counters = self.counters.setdefault(key, StageCounters())
         executor = self.executor(key, stage)
         self.busy_since = started = time.monotonic()  # after any cold start
-        polled = [started]
 
         def should_stop(position: int) -> bool:
-            now = time.monotonic()
-            if now - polled[0] >= CANCEL_POLL_S:
-                polled[0] = now
-                self.poll_cancels()
             task = live[position]
-            return (task.deadline is not None and now > task.deadline) or self.is_cancelled(task)
+            expired = task.deadline is not None and time.monotonic() > task.deadline
+            return expired or self.is_cancelled(task)
 
+        self.run_serial += 1
         try:
+            self.in_call = live
             results = executor.run([t.inputs for t in live], should_stop=should_stop)
+        except Interrupted:
+            results = [stopped(stage) for _ in live]
         except Exception as error:  # a bug of ours: fail these requests, keep serving
             log.exception("stage %r crashed", stage.name)
             results = [error] * len(live)
         finally:
+            self.in_call = []
             self.busy_since = None
         done = time.monotonic()
         if executor.load_error is None:
@@ -331,7 +382,10 @@ class Worker:
         self.dirty = True
         counters.requests += len(live)
         counters.batches += 1
-        counters.latencies.extend(done - t.created for t in live)
+        # runs stopped early (cancelled, past their deadline) say nothing of the stage
+        for task, result in zip(live, results):
+            each = counters.stopped if isinstance(result, DeadlineError) else counters.latencies
+            each.append(done - task.created)
         if stage.batching and executor.load_error is None:
             # For the batching controller: the service time of the call alone, and the
             # latencies of requests sent once the stage was loaded (a cold start is no
@@ -341,16 +395,6 @@ class Worker:
             counters.batch_log.append((len(live), done - started, done, latencies))
         for task, result in zip(live, results):
             self.forward(plan, task, result)
-
-    def poll_cancels(self) -> None:
-        """Read what has arrived while a stage runs: cancellations take effect now,
-        everything else waits in the inbox for the loop."""
-        while (data := self.endpoint.recv(0)) is not None:
-            message = self.decode(data)
-            if isinstance(message, m.Cancel):
-                self.cancel(message)
-            elif message is not None:
-                self.inbox.append(message)
 
     def executor(self, key: tuple[int, int], stage: Stage) -> StageExecutor:
         """The stage's executor, loaded now if it is not (a cold start)."""
@@ -391,11 +435,13 @@ class Worker:
                     self.accept(message)
                 else:
                     self.send(worker, message, task.rid)
+        if plan.anyof_races and isinstance(result, Table):
+            self.cancel_rivals(plan, task)
 
     # -- upkeep -----------------------------------------------------------------------
     def report(self) -> None:
         stages = {
-            key: (c.requests, c.batches, c.cold_starts, c.latencies, c.batch_log)
+            key: (c.requests, c.batches, c.cold_starts, c.latencies, c.batch_log, c.stopped)
             for key, c in self.counters.items()
             if c.requests or c.cold_starts
         }
@@ -416,7 +462,8 @@ class Worker:
         if len(self.started) + len(self.cancelled) > 10_000 or len(self.waiting) > 1_000:
             limit = now - FORGET_AFTER_S
             self.started = {k: t for k, t in self.started.items() if t > limit}
-            self.cancelled = {k: t for k, t in self.cancelled.items() if t > limit}
+            with self.cancel_lock:
+                self.cancelled = {k: t for k, t in self.cancelled.items() if t > limit}
             self.waiting = {k: t for k, t in self.waiting.items() if t.created > limit}
 
     def forget_app(self, app: int) -> None:
@@ -426,6 +473,12 @@ class Worker:
         for mapping in (self.executors, self.loaded_at, self.queues, self.counters):
             for key in [k for k in mapping if k[0] == app]:
                 del mapping[key]
+
+
+def stopped(stage: Stage) -> DeadlineError:
+    return DeadlineError(
+        f"stage {stage.name!r} stopped: the request was cancelled or passed its deadline"
+    )
 
 
 def watch_driver() -> None:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -198,12 +198,26 @@ async def _outcome(future: Future[Table], receive: Receive | None = None) -> Tab
     return _settled(future)
 
 
-async def _watch_disconnect(receive: Receive, future: Future[Table]) -> None:
+async def _watch_disconnect(receive: Receive, future: Future[Table] | asyncio.Task[Table]) -> None:
     """Cancel `future` when the client disconnects (the body is read: the next
     message is the disconnect)."""
     while (await receive())["type"] != "http.disconnect":
         pass
     future.cancel()
+
+
+async def _unless_disconnected(work: Coroutine[Any, Any, Table], receive: Receive) -> Table:
+    """Await `work`, cancelled if the client disconnects meanwhile."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task))
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if task.cancelled() and not watch.done():
+            raise  # we are cancelled ourselves
+        raise _Disconnected from None
+    finally:
+        watch.cancel()
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -284,7 +298,7 @@ async def _run_predict(
     coalescer = state.coalescers.get(name) if timeout is None else None
     try:
         if coalescer is not None:
-            output = await coalescer.run(table)
+            output = await _unless_disconnected(coalescer.run(table), receive)
         else:
             try:
                 future = app.run(table, timeout=timeout)

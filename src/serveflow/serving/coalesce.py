@@ -71,12 +71,15 @@ class Coalescer:
         self.app = app
         self.max_rows = max_rows
         self._pending: list[Waiter] = []
+        self._running: dict[asyncio.Future[Table], tuple[list[Waiter], Future[Table]]] = {}
         self._scheduled = False
         self.merged_requests = 0  # runtime requests that carried several HTTP requests
         self.requests = 0
 
     async def run(self, table: Table) -> Table:
-        """The output of one request (raises what the deployment raised for it)."""
+        """The output of one request (raises what the deployment raised for it).
+        Cancelled (the client went away), it leaves its merged request, which is
+        cancelled once nobody waits for it."""
         check_schema(self.app.plan.schema, table)  # a bad request fails alone, at once
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Table] = loop.create_future()
@@ -84,7 +87,15 @@ class Coalescer:
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)  # after the requests read in this iteration
-        return await waiter
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            running = self._running.pop(waiter, None)
+            if running is not None:
+                group, future = running
+                if all(w.done() for _, w in group):
+                    future.cancel()
+            raise
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -105,6 +116,9 @@ class Coalescer:
                 self._submit(chunk)
 
     def _submit(self, group: list[Waiter]) -> None:
+        group = [w for w in group if not w[1].done()]  # not those whose client left
+        if not group:
+            return
         self.requests += len(group)
         table = group[0][0] if len(group) == 1 else Table.concat([t for t, _ in group])
         if len(group) > 1:
@@ -116,6 +130,8 @@ class Coalescer:
                 _fail(waiter, AppStopping(str(error)))
             return
         loop = group[0][1].get_loop()
+        for _, waiter in group:
+            self._running[waiter] = (group, future)
 
         def done(f: Future[Table]) -> None:
             loop.call_soon_threadsafe(self._settle, group, f)
@@ -123,6 +139,10 @@ class Coalescer:
         future.add_done_callback(done)
 
     def _settle(self, group: list[Waiter], future: Future[Table]) -> None:
+        for _, waiter in group:
+            self._running.pop(waiter, None)
+        if future.cancelled():
+            return
         error = future.exception()
         if len(group) == 1:
             _, waiter = group[0]
