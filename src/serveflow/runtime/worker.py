@@ -45,6 +45,8 @@ HEARTBEAT_S = 0.5
 IDLE_WAKE_S = 1.0
 CANCELS = ".cancel"  # suffix of the socket that takes only `Cancel` messages
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
+HOUSEKEEPING_EVERY_S = 0.1  # unload idle stages at most this often
+FORGET_EVERY_S = 10.0  # look for requests to forget at most this often
 
 
 def socket_path(directory: str, index: int, message: Any = None) -> str:
@@ -123,7 +125,11 @@ class Worker:
         self.executors: dict[tuple[int, int], tuple[StageExecutor, float]] = {}
         self.loaded_at: dict[tuple[int, int], float] = {}  # when each stage finished loading
         self.waiting: dict[tuple[int, int, int, int], Task] = {}
+        # tasks started whose stage may still get inputs for them (a competing
+        # replica's copy, an anyof's other branches, a join's input after the other
+        # one failed): those inputs are dropped
         self.started: dict[tuple[int, int, int, int], float] = {}
+        self.next_housekeeping = self.next_forget = 0.0
         self.queues: dict[tuple[int, int], deque[Task]] = {}
         self.counters: dict[tuple[int, int], StageCounters] = {}
         self.unloaded: list[tuple[int, int]] = []
@@ -297,7 +303,8 @@ class Worker:
         stage = plan.stages[index]
         if task.ready(stage):
             del self.waiting[key]
-            self.started[key] = time.monotonic()
+            if late_inputs(plan, index):
+                self.started[key] = time.monotonic()
             self.queues.setdefault((app, index), deque()).append(task)
 
     def cancel_rivals(self, plan: Plan, task: Task) -> None:
@@ -453,13 +460,19 @@ class Worker:
 
     def housekeeping(self) -> None:
         now = time.monotonic()
+        if now < self.next_housekeeping:
+            return
+        self.next_housekeeping = now + HOUSEKEEPING_EVERY_S
         for key, (_, used) in list(self.executors.items()):
             if now - used > self.idle_unload_s:
                 del self.executors[key]  # unload an idle stage: its models are freed
                 self.unloaded.append(key)
                 self.dirty = True
         self.shm.forget_older_than(codec.FORWARD_WINDOW_S)  # else mappings pin memory
+        if now < self.next_forget:
+            return
         if len(self.started) + len(self.cancelled) > 10_000 or len(self.waiting) > 1_000:
+            self.next_forget = now + FORGET_EVERY_S
             limit = now - FORGET_AFTER_S
             self.started = {k: t for k, t in self.started.items() if t > limit}
             with self.cancel_lock:
@@ -473,6 +486,14 @@ class Worker:
         for mapping in (self.executors, self.loaded_at, self.queues, self.counters):
             for key in [k for k in mapping if k[0] == app]:
                 del mapping[key]
+
+
+def late_inputs(plan: Plan, index: int) -> bool:
+    """Whether stage `index` may get an input for a request after its run started:
+    from a producer's competing replicas, or a second input (an anyof's other
+    branches, a join's other side after one side failed)."""
+    inputs = plan.stages[index].inputs
+    return len(inputs) > 1 or any(plan.stage_of(i).replicas > 1 for i in inputs if i)
 
 
 def stopped(stage: Stage) -> DeadlineError:
