@@ -33,7 +33,7 @@ from serveflow.runtime.app import App
 from serveflow.runtime.engine import Engine
 from serveflow.runtime.kvs import KVS
 from serveflow.runtime.request import Request
-from serveflow.runtime.scheduler import Autoscaler, Scheduler, WorkerLoad
+from serveflow.runtime.scheduler import Autoscaler, Scheduler, WorkerLoad, targets
 from serveflow.runtime.stats import StageStats
 
 if TYPE_CHECKING:
@@ -94,6 +94,7 @@ class DeployedApp(App):
         largest_batch = max((s.batching.size for s in plan.stages if s.batching), default=0)
         self.worker_cap = max(control.worker_queue, 2 * largest_batch)
         self.branches = {i for g in plan.anyof_groups for i in g}
+        self.competing = frozenset(i for i in range(len(plan.stages)) if plan.competing(i))
         # workers the plan needs at once: competing replicas; an anyof's branches and
         # one more for the anyof itself (behind a branch, it would wait for the branch)
         self.width = max(
@@ -314,10 +315,9 @@ class ControlPlane:
         """(Re)start a request: pick workers for every stage, send the table to the
         first stages. Called with the lock held."""
         loads = {i: w.load for i, w in self._workers.items() if w.ready and not w.retiring}
-        cpu = [load.outstanding for load in loads.values() if not load.gpu]
         routed = None
         expected = {i: app.stage_stats[i].typical_s for i in app.branches}
-        if cpu and min(cpu) < app.worker_cap:
+        if any(not load.gpu and load.outstanding < app.worker_cap for load in loads.values()):
             caps = {i: d.workers for i, d in app.decisions.items()}
             packs = {i: (d.max_size, d.timeout_s) for i, d in app.decisions.items()}
             routed = self._scheduler.route(
@@ -331,10 +331,8 @@ class ControlPlane:
             return
         request.route, request.charges = routed
         for index, w in request.charges:
-            if app.plan.competing(index):
+            if index in app.competing:
                 self._competing[(app.id, request.id, request.attempt, index, w)] = "running"
-        from serveflow.runtime.scheduler import targets
-
         # anyof branches sharing a worker run in the order sent: the fastest known first
         for index in sorted(app.sources, key=lambda i: _expected(expected, i)):
             message = m.Input(
@@ -414,7 +412,7 @@ class ControlPlane:
             return
         request.charges.append((message.stage, message.target))
         worker.load.outstanding += 1
-        if app is not None and app.plan.competing(message.stage):
+        if app is not None and message.stage in app.competing:
             key = (app.id, request.id, request.attempt, message.stage, message.target)
             self._competing[key] = "running"
 

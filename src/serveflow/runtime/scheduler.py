@@ -66,6 +66,7 @@ class Scheduler:
         self.spread_at = spread_at
         self._open: dict[StageKey, OpenBatch] = {}
         self._opened: dict[StageKey, dict[int, float]] = {}  # worker -> its last batch
+        self._facts: dict[int, PlanFacts] = {}  # by app id
 
     def route(
         self,
@@ -84,29 +85,32 @@ class Scheduler:
         `caps` limits some stages (by index) to that many workers; `packs` gives some
         stages' (batch size, timeout seconds) to pack batches by, at time `now`;
         `expected` some stages' typical latency in seconds (None: not known yet)."""
-        pools = []
-        for stage in plan.stages:
-            gpu = stage.placement == "gpu"
+        facts = self._facts.get(app_id)
+        if facts is None or facts.plan is not plan:
+            facts = self._facts[app_id] = PlanFacts.of(plan)
+        pools = {}  # by resource class: gpu or not
+        for gpu in set(facts.gpu):
             pool = {w: load for w, load in workers.items() if load.gpu == gpu}
             if not pool:
                 return None
-            pools.append(pool)
-        # An anyof's branches go to distinct workers, the one expected fastest first:
-        # it gets the least loaded worker (others may be busy with earlier losers).
-        speed = expected or {}
-        branches = sorted(
-            {i for g in plan.anyof_groups for i in g},
-            key=lambda i: (speed.get(i) or 0.0, i),
-        )
-        order = branches + [i for i in range(len(plan.stages)) if i not in branches]
+            pools[gpu] = pool
+        order: Iterable[int] = range(len(plan.stages))
+        if facts.branches:
+            # An anyof's branches go to distinct workers, the one expected fastest
+            # first: it gets the least loaded worker (others may be busy with earlier
+            # losers).
+            speed = expected or {}
+            branches = sorted(facts.branches, key=lambda i: (speed.get(i) or 0.0, i))
+            order = branches + [i for i in order if i not in facts.branches]
         route: list[tuple[int, ...]] = [()] * len(plan.stages)
         for index in order:
-            stage, key, pool = plan.stages[index], (app_id, index), pools[index]
-            rivals = _rivals(plan, index, route)
-            if rivals and len(pool) > len(rivals):
-                pool = {w: load for w, load in pool.items() if w not in rivals}
-            cap = (caps or {}).get(index)
-            if follows_winner(plan, index):
+            stage, key, pool = plan.stages[index], (app_id, index), pools[facts.gpu[index]]
+            if index in facts.racing:
+                rivals = _rivals(plan, index, route)
+                if rivals and len(pool) > len(rivals):
+                    pool = {w: load for w, load in pool.items() if w not in rivals}
+            cap = caps.get(index) if caps else None
+            if facts.follows[index]:
                 chosen: list[int] = []
             elif stage.locality_key:
                 chosen = self._locality(key, pool, stage.replicas)
@@ -118,10 +122,9 @@ class Scheduler:
                 workers[w].warm.add(key)
             route[index] = tuple(chosen)
         final = tuple(route)
-        charges = list(charged(plan, final))
-        for index, stage in enumerate(plan.stages):
-            if stage.locality_key and plan.feeds_from_request(index):
-                charges.extend((index, w) for w in targets(plan, index, final, table))
+        charges = [(index, w) for index in facts.charged for w in final[index]]
+        for index in facts.located:
+            charges.extend((index, w) for w in targets(plan, index, final, table))
         for _, w in charges:
             workers[w].outstanding += 1
         return final, charges
@@ -159,6 +162,7 @@ class Scheduler:
         for key in [k for k in self._open if k[0] == app_id]:
             del self._open[key]
             self._opened.pop(key, None)
+        self._facts.pop(app_id, None)
 
     @staticmethod
     def _least_loaded(
@@ -170,21 +174,26 @@ class Scheduler:
     ) -> list[int]:
         """The `n` workers with the fewest outstanding runs (warm ones first; among
         equals, the one given work longest ago by `since`, else the lowest index)."""
+        pool: Iterable[int] = workers
+        if cap is not None:
+            warm = [w for w in workers if key in workers[w].warm]
+            if len(warm) >= cap:
+                # Stable (the stage keeps its workers), those still loading (a spare,
+                # a worker a plan is adding) last.
+                pool = sorted(warm, key=lambda w: (key in workers[w].loading, w))[:cap]
+        order = since or {}
 
-        def score(w: int) -> float:
+        def rank(w: int) -> tuple[float, float, int]:
             load = workers[w]
             if key in load.loading:
-                return load.outstanding + LOADING_PENALTY
-            return load.outstanding + (0.0 if key in load.warm else COLD_PENALTY)
+                score = load.outstanding + LOADING_PENALTY
+            else:
+                score = load.outstanding + (0.0 if key in load.warm else COLD_PENALTY)
+            return score, order.get(w, -math.inf), w
 
-        pool = list(workers)
-        warm = [w for w in pool if key in workers[w].warm]
-        if cap is not None and len(warm) >= cap:
-            # Stable (the stage keeps its workers), those still loading (a spare, a
-            # worker a plan is adding) last.
-            pool = sorted(warm, key=lambda w: (key in workers[w].loading, w))[:cap]
-        since = since or {}
-        return sorted(pool, key=lambda w: (score(w), since.get(w, -math.inf), w))[:n]
+        if n == 1 and pool:
+            return [min(pool, key=rank)]
+        return sorted(pool, key=rank)[:n]
 
     def _locality(self, key: StageKey, pool: Mapping[int, WorkerLoad], n: int) -> list[int]:
         """The workers a locality stage's keys are hashed over: those it is warm on
@@ -198,6 +207,35 @@ class Scheduler:
         if others and (len(warm) < n or all(pool[w].outstanding >= self.spread_at for w in warm)):
             warm += self._least_loaded(key, {w: pool[w] for w in others}, max(1, n - len(warm)))
         return sorted(warm)
+
+
+@dataclass(frozen=True)
+class PlanFacts:
+    """What routing needs to know of a plan, worked out once, not for every request."""
+
+    plan: Plan
+    gpu: tuple[bool, ...]  # per stage: placed on GPU workers
+    branches: frozenset[int]  # the branches of anyof races
+    racing: frozenset[int]  # stages that avoid rivals' workers: branches, anyofs
+    follows: tuple[bool, ...]  # per stage: `follows_winner`
+    charged: tuple[int, ...]  # stages whose chosen workers are charged (`charged`)
+    located: tuple[int, ...]  # locality stages fed by the request: charged by key
+
+    @classmethod
+    def of(cls, plan: Plan) -> PlanFacts:
+        stages = range(len(plan.stages))
+        branches = frozenset(i for g in plan.anyof_groups for i in g)
+        return cls(
+            plan,
+            gpu=tuple(stage.placement == "gpu" for stage in plan.stages),
+            branches=branches,
+            racing=branches | {consumer for consumer, _ in plan.anyof_races},
+            follows=tuple(follows_winner(plan, i) for i in stages),
+            charged=tuple(i for i in stages if not plan.stages[i].locality_key),
+            located=tuple(
+                i for i in stages if plan.stages[i].locality_key and plan.feeds_from_request(i)
+            ),
+        )
 
 
 def _rivals(plan: Plan, index: int, route: Sequence[tuple[int, ...]]) -> set[int]:
