@@ -307,6 +307,8 @@ async def _run_predict(
             output = await _outcome(future, receive)
     except AppStopping as error:
         raise HTTPProblem(503, str(error), headers={"Retry-After": "1"}) from None
+    except _Disconnected:
+        raise  # nobody to answer, and no failure of the flow
     except Exception as error:
         raise problem_from(error, name, debug=state.debug) from None
     accept = headers.get("accept", JSON)
