@@ -13,6 +13,7 @@ once, even in the middle of a user's call.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -52,10 +53,13 @@ FORGET_EVERY_S = 10.0  # look for requests to forget at most this often
 def socket_path(directory: str, index: int, message: Any = None) -> str:
     """Where to send `message` to process `index`: cancellations go to a worker's
     second socket, read by a thread of their own while the worker runs a stage."""
+    return _socket_path(directory, index, isinstance(message, m.Cancel))
+
+
+@functools.lru_cache(maxsize=1024)  # asked for every message sent
+def _socket_path(directory: str, index: int, cancels: bool) -> str:
     name = "driver" if index == DRIVER else f"w{index}"
-    if isinstance(message, m.Cancel):
-        name += CANCELS
-    return os.path.join(directory, name)
+    return os.path.join(directory, name + CANCELS if cancels else name)
 
 
 class Interrupted(BaseException):
@@ -65,7 +69,39 @@ class Interrupted(BaseException):
     that user code catching Exception does not swallow it."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class StageFacts:
+    """What the hot path asks of one stage of a plan, worked out once per plan."""
+
+    stage: Stage
+    inputs: tuple[int, ...]  # `stage.inputs`
+    anyof: bool  # starts with an anyof: runnable on its first success
+    competing: bool  # `plan.competing`: the driver counts its runs until told `Done`
+    late_inputs: bool  # may get inputs for a run already started (`late_inputs`)
+    located: bool  # its worker is known only once its lookup key is (`Located`)
+    to_driver: bool  # its output is the plan's: sent to the driver as the `Result`
+    consumers: tuple[int, ...]  # the stages reading its output
+    replicas: dict[int, int]  # per input op: its stage's replicas (1 for the request)
+
+    @classmethod
+    def of(cls, plan: Plan) -> list[StageFacts]:
+        return [
+            cls(
+                stage,
+                stage.inputs,
+                isinstance(stage.ops[0], AnyOf),
+                plan.competing(index),
+                late_inputs(plan, index),
+                bool(stage.locality_key) and not plan.feeds_from_request(index),
+                stage.output == plan.output,
+                plan.consumer_indices(index),
+                {i: plan.stage_of(i).replicas if i else 1 for i in stage.inputs},
+            )
+            for index, stage in enumerate(plan.stages)
+        ]
+
+
+@dataclass(slots=True)
 class Task:
     """One request's inputs to one stage; runnable once `ready`."""
 
@@ -90,9 +126,9 @@ class Task:
                 return
         self.inputs[op_id] = value
 
-    def ready(self, stage: Stage) -> bool:
+    def ready(self, stage: StageFacts) -> bool:
         values = [self.inputs.get(i) for i in stage.inputs]
-        if isinstance(stage.ops[0], AnyOf):  # one success, or every input failed
+        if stage.anyof:  # one success, or every input failed
             return any(isinstance(v, Table) for v in values) or None not in values
         return None not in values or any(isinstance(v, BaseException) for v in values)
 
@@ -122,6 +158,7 @@ class Worker:
         self.idle_unload_s: float = options["idle_unload_s"]
         self.deployed: dict[int, str] = {}  # app -> its plan file
         self.plans: dict[int, Plan] = {}
+        self.facts: dict[int, list[StageFacts]] = {}  # app -> per stage
         self.executors: dict[tuple[int, int], tuple[StageExecutor, float]] = {}
         self.loaded_at: dict[tuple[int, int], float] = {}  # when each stage finished loading
         self.waiting: dict[tuple[int, int, int, int], Task] = {}
@@ -248,6 +285,8 @@ class Worker:
             raise Interrupted
 
     def is_cancelled(self, task: Task) -> bool:
+        if not self.cancelled:
+            return False
         return (task.app, task.rid) in self.cancelled or (
             task.app,
             task.rid,
@@ -278,6 +317,7 @@ class Worker:
             try:
                 with open(self.deployed[app], "rb") as file:
                     plan = self.plans[app] = cloudpickle.load(file)
+                self.facts[app] = StageFacts.of(plan)
             except FileNotFoundError:  # undeployed since
                 self.deployed.pop(app, None)
         return plan
@@ -286,26 +326,34 @@ class Worker:
         """An input of stage `index` for one request, sent at `sent` (its latency at
         this stage counts from there, including time spent unread in our socket)."""
         app, rid, attempt, index = message.app, message.rid, message.attempt, message.stage
-        plan = self.plan(app)
+        facts = self.facts.get(app)
+        if facts is None and self.plan(app) is not None:
+            facts = self.facts[app]
         key = (app, rid, attempt, index)
-        if plan is None or key in self.started:
+        if facts is None or key in self.started:
             return  # an undeployed app, a loser of a race already decided
-        if (app, rid) in self.cancelled or (app, rid, index) in self.cancelled:
-            if plan.competing(index):  # the driver counts the run until told
+        stage = facts[index]
+        if self.cancelled and ((app, rid) in self.cancelled or (app, rid, index) in self.cancelled):
+            if stage.competing:  # the driver counts the run until told
                 self.send(DRIVER, m.Done(self.index, app, rid, attempt, index))
             return
-        task = self.waiting.get(key)
-        if task is None:
-            task = Task(app, rid, attempt, index, message.route, message.deadline, message.sent)
-            self.waiting[key] = task
-        producer = plan.stage_of(message.op).replicas if message.op else 1
-        task.add(message.op, message.value, producer)
-        stage = plan.stages[index]
-        if task.ready(stage):
+        if stage.late_inputs:
+            task = self.waiting.get(key)
+            if task is None:
+                task = Task(app, rid, attempt, index, message.route, message.deadline, message.sent)
+                self.waiting[key] = task
+            task.add(message.op, message.value, stage.replicas.get(message.op, 1))
+            if not task.ready(stage):
+                return
             del self.waiting[key]
-            if late_inputs(plan, index):
-                self.started[key] = time.monotonic()
-            self.queues.setdefault((app, index), deque()).append(task)
+            self.started[key] = time.monotonic()
+        else:  # its one input: runnable now
+            task = Task(app, rid, attempt, index, message.route, message.deadline, message.sent)
+            task.inputs[message.op] = message.value
+        queue = self.queues.get((app, index))
+        if queue is None:
+            queue = self.queues[(app, index)] = deque()
+        queue.append(task)
 
     def cancel_rivals(self, plan: Plan, task: Task) -> None:
         """This stage run won an anyof race (the first success reaches the anyof):
@@ -328,41 +376,50 @@ class Worker:
             wait: float | None = None
             for key, queue in list(self.queues.items()):
                 while queue:
-                    plan = self.plans[key[0]]
-                    stage = plan.stages[key[1]]
+                    stage = self.facts[key[0]][key[1]]
                     now = time.monotonic()
-                    take, remaining = self.rule.due(key, stage, len(queue), queue[0].created, now)
+                    take, remaining = self.rule.due(
+                        key, stage.stage, len(queue), queue[0].created, now
+                    )
                     if not take:
                         wait = remaining if wait is None else min(wait, remaining)
                         break
                     batch = [queue.popleft() for _ in range(take)]
-                    self.run_batch(plan, stage, key, batch)
+                    self.run_batch(self.plans[key[0]], stage, key, batch)
                     ran = True
         self.housekeeping()
         return wait
 
-    def run_batch(self, plan: Plan, stage: Stage, key: tuple[int, int], batch: list[Task]) -> None:
+    def run_batch(
+        self, plan: Plan, facts: StageFacts, key: tuple[int, int], batch: list[Task]
+    ) -> None:
         now = time.monotonic()
         live = [
             t
             for t in batch
             if (t.deadline is None or t.deadline > now) and not self.is_cancelled(t)
         ]
-        expired = [t for t in batch if t.deadline is not None and t.deadline <= now]
-        if expired and stage.batching:  # dropped late: the batching controller counts them
-            counters = self.counters.setdefault(key, StageCounters())
-            counters.batch_log.append((0, 0.0, now, [now - t.created for t in expired]))
-            self.dirty = True
+        if facts.stage.batching:  # dropped late: the batching controller counts them
+            expired = [t for t in batch if t.deadline is not None and t.deadline <= now]
+            if expired:
+                counters = self.counters.setdefault(key, StageCounters())
+                counters.batch_log.append((0, 0.0, now, [now - t.created for t in expired]))
+                self.dirty = True
         try:
             if live:
-                self.run_live(plan, stage, key, live)
+                self.run_live(plan, facts, key, live)
         finally:
-            if plan.competing(key[1]):  # the driver counts competing runs until they end
+            if facts.competing:  # the driver counts competing runs until they end
                 for t in batch:
                     self.send(DRIVER, m.Done(self.index, t.app, t.rid, t.attempt, t.index))
 
-    def run_live(self, plan: Plan, stage: Stage, key: tuple[int, int], live: list[Task]) -> None:
-        counters = self.counters.setdefault(key, StageCounters())
+    def run_live(
+        self, plan: Plan, facts: StageFacts, key: tuple[int, int], live: list[Task]
+    ) -> None:
+        stage = facts.stage
+        counters = self.counters.get(key)
+        if counters is None:
+            counters = self.counters[key] = StageCounters()
         executor = self.executor(key, stage)
         self.busy_since = started = time.monotonic()  # after any cold start
 
@@ -401,7 +458,7 @@ class Worker:
             latencies = [done - t.created for t in live if t.created >= loaded_at]
             counters.batch_log.append((len(live), done - started, done, latencies))
         for task, result in zip(live, results):
-            self.forward(plan, task, result)
+            self.forward(plan, facts, task, result)
 
     def executor(self, key: tuple[int, int], stage: Stage) -> StageExecutor:
         """The stage's executor, loaded now if it is not (a cold start)."""
@@ -416,24 +473,23 @@ class Worker:
             self.executors[key] = (executor, now)
         return executor
 
-    def forward(self, plan: Plan, task: Task, result: Any) -> None:
-        stage = plan.stages[task.index]
-        if stage.output == plan.output:
+    def forward(self, plan: Plan, stage: StageFacts, task: Task, result: Any) -> None:
+        if stage.to_driver:
             self.send(DRIVER, m.Result(task.app, task.rid, task.attempt, result), task.rid)
-        for consumer in plan.consumer_indices(task.index):
+        for consumer in stage.consumers:
             message = m.Input(
                 task.app,
                 task.rid,
                 task.attempt,
                 consumer,
-                stage.output,
+                stage.stage.output,
                 result,
                 task.route,
                 task.deadline,
                 time.monotonic(),
             )
             chosen = targets(plan, consumer, task.route, result)
-            if plan.stages[consumer].locality_key and not plan.feeds_from_request(consumer):
+            if self.facts[task.app][consumer].located:
                 for worker in chosen:  # the driver counts it against that worker
                     located = m.Located(task.app, task.rid, task.attempt, consumer, worker)
                     self.send(DRIVER, located)
@@ -482,6 +538,7 @@ class Worker:
     def forget_app(self, app: int) -> None:
         self.deployed.pop(app, None)
         self.plans.pop(app, None)
+        self.facts.pop(app, None)
         self.rule.forget(app)
         for mapping in (self.executors, self.loaded_at, self.queues, self.counters):
             for key in [k for k in mapping if k[0] == app]:
