@@ -68,12 +68,18 @@ class Endpoint:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._sock = _socket()  # receives only; its timeout changes per call
+        self._sock = _socket()  # receives only
         self._bind(path)
         os.chmod(path, 0o600)
         info = os.stat(path)
         self._inode = (info.st_dev, info.st_ino)
+        # Non-blocking for good, waits in poll: a timeout per call would cost a system
+        # call to switch the socket's mode each time.
+        self._sock.setblocking(False)
+        self._poller = select.poll()
+        self._poller.register(self._sock, select.POLLIN)
         self._buffer = bytearray(MAX_DATAGRAM)
+        self._view = memoryview(self._buffer)
         # Destinations without a backlog: the hot path's one lookup. The other fields
         # change only under the lock.
         self._direct: dict[str, socket.socket] = {}
@@ -142,12 +148,13 @@ class Endpoint:
     def recv(self, timeout: float | None) -> bytes | None:
         """The next message, or None after `timeout` seconds (0: don't wait; None:
         wait forever). Only one thread may receive."""
-        self._sock.settimeout(timeout)
+        if timeout != 0 and not self._poller.poll(None if timeout is None else timeout * 1e3):
+            return None
         try:
             n = self._sock.recv_into(self._buffer)
-        except (TimeoutError, BlockingIOError):
+        except BlockingIOError:
             return None
-        return bytes(self._buffer[:n])
+        return bytes(self._view[:n])
 
     def close(self) -> None:
         """Close every socket, drop the backlogs and remove the socket file."""
