@@ -112,6 +112,42 @@ def test_anyof_answers_with_its_fastest_branch_not_its_slowest(pool, rules):
         assert took < 1.0, f"request {i} took {took:.2f} s: anyof waited for a slow branch"
 
 
+@pytest.mark.timeout(60)
+def test_anyof_branches_that_are_chains_race_as_wholes(pool):
+    rt = pool.runtime()
+    flow = sf.Flow("chains")
+    slow = flow.map(lambda r: time.sleep(3) or "slow", names=["who"]).map(
+        lambda r: r["who"], names=["who"]
+    )
+    fast = flow.map(lambda r: "fast", names=["who"]).map(lambda r: r["who"], names=["who"])
+    slow.anyof(fast).map(lambda r: r["who"].upper(), names=["who"])
+    app = pool.deploy(flow, rt, sf.Rules(fusion=False))
+    app.run({"a": [0]}).result(timeout=RESULT_S)
+    for i in (1, 2, 3):
+        started = time.monotonic()
+        out = app.run({"a": [i]}).result(timeout=RESULT_S).to_rows()
+        took = time.monotonic() - started
+        assert out == [{"who": "FAST"}] and took < 1.0, (i, out, took)
+
+
+@pytest.mark.timeout(90)
+def test_anyof_on_a_pool_smaller_than_its_branches_learns_the_fast_one(pool):
+    rt = pool.runtime(max_workers=2)
+    flow = sf.Flow("narrow")
+    slow1 = flow.map(lambda r: time.sleep(2) or "slow1", names=["who"])
+    slow2 = flow.map(lambda r: time.sleep(1) or "slow2", names=["who"])
+    fast = flow.map(lambda r: "fast", names=["who"])
+    slow1.anyof(slow2, fast)
+    app = pool.deploy(flow, rt)
+    for i in range(3):  # the branches share workers: the first requests explore
+        app.run({"a": [i]}).result(timeout=RESULT_S)
+        time.sleep(0.5)  # stats reach the driver
+    started = time.monotonic()
+    outs = [app.run({"a": [i]}).result(timeout=RESULT_S).to_rows() for i in range(5)]
+    took = time.monotonic() - started
+    assert outs == [[{"who": "fast"}]] * 5 and took < 2.0, (outs, took)
+
+
 # -- 2. locality that scales -----------------------------------------------------------
 
 
@@ -168,6 +204,29 @@ def test_locality_spreads_keys_over_workers_and_keeps_each_key_on_one(pool):
 
 
 # -- 3. a deploy is never lost ---------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_a_key_whose_worker_is_busy_with_a_long_call_goes_to_another(pool):
+    rt = pool.runtime(min_workers=3, max_workers=3)
+    flow = sf.Flow("busy-key")
+    flow.lookup("k", dynamic=True, into="v").map(
+        lambda r: (time.sleep(20) if r["v"] == "slow" else None, os.getpid())[1], names=["pid"]
+    )
+    app = pool.deploy(flow, rt)
+    keys = [f"k{i}" for i in range(30)]
+    for key in keys:
+        app.kvs.put(key, key)
+    app.kvs.put("slow", "slow")
+    owner = {k: app.run({"k": [k]}).result(timeout=RESULT_S).column("pid")[0] for k in keys}
+    stuck = app.run({"k": ["slow"]})  # holds its key's worker for 20 s
+    time.sleep(0.5)
+    for key in keys:  # every key answers, those of the busy worker's too
+        started = time.monotonic()
+        app.run({"k": [key]}).result(timeout=RESULT_S)
+        assert time.monotonic() - started < 2.0, f"key {key} waited behind a busy worker"
+    assert len(set(owner.values())) >= 2
+    stuck.cancel()
 
 
 def _slow_model(load_s: float):
@@ -233,6 +292,43 @@ def test_a_worker_busy_loading_a_model_does_not_delay_other_flows(pool):
 
 
 # -- 5. a timed-out request frees its worker -------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_requests_do_not_queue_behind_a_worker_busy_loading_a_model(pool):
+    rt = pool.runtime(min_workers=1, max_workers=3)
+    slow = sf.Flow("loading")
+    slow.map(_slow_model(8.0), names=["x"])
+    pool.deploy(slow, rt).run({"a": [1]})  # its worker is busy for 8 s
+    time.sleep(1.5)
+    flow = sf.Flow("other")
+    flow.map(lambda r: r["a"], names=["a"])
+    app = pool.deploy(flow, rt)
+    started = time.monotonic()
+    assert app.run({"a": [3]}).result(timeout=RESULT_S).to_rows() == [{"a": 3}]
+    took = time.monotonic() - started
+    assert took < 5.0, f"waited {took:.1f} s behind a worker busy loading a model"
+
+
+@pytest.mark.timeout(90)
+def test_stage_timeout_replaces_a_worker_that_stopped_answering(pool):
+    rt = pool.runtime(min_workers=2, max_workers=2, stage_timeout_s=2.0)
+    flow = sf.Flow("frozen")
+    flow.map(lambda r: time.sleep(1) or os.getpid(), names=["pid"])
+    app = pool.deploy(flow, rt)
+    app.run({"a": [0]}).result(timeout=RESULT_S)
+    running = app.run({"a": [1]})
+    time.sleep(0.3)
+    frozen = rt.worker_pids()
+    for pid in frozen:  # no heartbeat can come: as when user code holds the GIL
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        out = running.result(timeout=RESULT_S).column("pid")[0]
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert out not in frozen  # re-run on a worker that replaced a frozen one
 
 
 def _slow_rows_app(pool: Pool):
@@ -482,6 +578,27 @@ def test_a_second_local_user_cannot_make_the_runtime_run_code(pool):
 
 
 @pytest.mark.timeout(60)
+def test_messages_no_worker_sends_do_not_stop_the_driver(pool):
+    from serveflow.runtime import codec
+    from serveflow.runtime import messages as m
+
+    rt, app = _serving_app(pool)
+    shm = codec.SharedMemory(tempfile.mkdtemp())
+    wrong = [m.Exit(), m.Beat(0, "x"), m.Beat("x", None), m.Stats(0, [], 5, None),
+             m.Done([1], 2, 3, 4, 5), m.Result(1, [2], 0, None), m.Hello("x", 1)]  # fmt: skip
+    for worker in [*rt._workers, "nobody"]:  # also as a worker that exists
+        wrong += [m.Beat(worker, "x"), m.Stats(worker, [], 5, None)]
+    targets = _unix_addresses([os.getpid()])
+    assert _send_all(targets, [codec.encode(w, shm) for w in wrong]) > 0
+    time.sleep(1.0)
+    _still_serves(app)
+    victim = rt.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)  # the monitor still replaces workers
+    assert _wait_for(lambda: victim not in rt.worker_pids() and len(rt.worker_pids()) >= 2)
+    _still_serves(app)
+
+
+@pytest.mark.timeout(60)
 def test_malformed_messages_to_the_driver_do_not_stop_it(pool):
     _, app = _serving_app(pool)
     targets = _unix_addresses([os.getpid()])
@@ -499,10 +616,13 @@ DRIVER = textwrap.dedent(
     import numpy as np
     import serveflow as sf
 
-    rt = sf.LocalRuntime(min_workers=2)
+    rt = sf.LocalRuntime(min_workers=3)
+    hog = sf.Flow("hog")  # holds the GIL: a thread of its worker cannot run
+    hog.map(lambda r: sum(range(10**12)), names=["x"])
+    held = [hog.deploy(runtime=rt).run({"a": [1]})]
     sleepy = sf.Flow("sleepy")
     sleepy.map(lambda r: time.sleep(60) or 1, names=["x"])
-    held = [sleepy.deploy(runtime=rt).run({"a": [1]})]
+    held.append(sleepy.deploy(runtime=rt).run({"a": [1]}))
     arrays = sf.Flow("arrays")
     arrays.map(lambda x: x[::-1].copy(), col="x")
     big = np.arange(1_000_000, dtype=np.uint8)
