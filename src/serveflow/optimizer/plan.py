@@ -91,29 +91,48 @@ class Plan:
         ]
 
     @functools.cached_property
-    def anyof_races(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    def anyof_races(self) -> tuple[tuple[int, tuple[tuple[int, ...], ...]], ...]:
         """For each anyof whose inputs come from other stages: (the index of its
-        stage, the indices of those stages: its branches). Branches run concurrently,
-        on distinct workers, and the anyof's stage on none of theirs."""
+        stage, its branches). A branch is the stages only it uses, in order, the one
+        feeding the anyof last. Branches run concurrently, on distinct workers, and the
+        anyof's stage on none of theirs."""
         races = []
         for index, stage in enumerate(self.stages):
             for op in stage.ops:
                 if isinstance(op, AnyOf):
                     outputs = self._index_of_output
-                    branches = tuple(dict.fromkeys(outputs[i] for i in op.inputs if i in outputs))
-                    if len(branches) > 1:
-                        races.append((index, branches))
+                    heads = dict.fromkeys(outputs[i] for i in op.inputs if i in outputs)
+                    if len(heads) > 1:
+                        races.append((index, tuple(self._branch(head) for head in heads)))
         return tuple(races)
+
+    def _branch(self, head: int) -> tuple[int, ...]:
+        """Stage `head` and the stages upstream of it that feed nothing else."""
+        chain, frontier = {head}, [head]
+        while frontier:
+            for op in self.stages[frontier.pop()].inputs:
+                if op != SOURCE_ID:
+                    producer = self._index_of_output[op]
+                    if producer not in chain and all(
+                        c in chain for c in self._consumer_indices[producer]
+                    ):
+                        chain.add(producer)
+                        frontier.append(producer)
+        return tuple(sorted(chain))
 
     @property
     def anyof_groups(self) -> tuple[tuple[int, ...], ...]:
-        """The branches of each anyof race."""
-        return tuple(branches for _, branches in self.anyof_races)
+        """For each anyof race, the stages feeding the anyof (the branches' heads)."""
+        return tuple(tuple(b[-1] for b in branches) for _, branches in self.anyof_races)
+
+    @functools.cached_property
+    def _racing(self) -> frozenset[int]:
+        return frozenset(i for _, branches in self.anyof_races for b in branches for i in b)
 
     def competing(self, index: int) -> bool:
         """Whether runs of stage `index` race others for one result (competing
         replicas, anyof branches): losers are cancelled or their results dropped."""
-        return self.stages[index].replicas > 1 or any(index in g for g in self.anyof_groups)
+        return self.stages[index].replicas > 1 or index in self._racing
 
     @property
     def output_stage(self) -> Stage:
@@ -145,7 +164,7 @@ class Plan:
                 lines.append(f"    operator: {chain}")
             if stage.batching:
                 lines.append(f"    batched across requests: {stage.batching.describe()}")
-            if any(i - 1 in g for g in self.anyof_groups):
+            if i - 1 in self._racing:
                 lines.append("    anyof branch: runs concurrently with the others, own worker")
             if stage.replicas > 1:
                 lines.append(

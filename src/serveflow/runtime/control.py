@@ -48,6 +48,8 @@ RESPLIT_EVERY_S = 5.0
 SWEEP_EVERY_S = 2.0
 START_TIMEOUT_S = 60.0
 MAX_FAILED_STARTS = 3  # consecutive workers dying before ready: stop trying
+SILENT_S = 2.0  # a worker not heard from this long (heartbeats every 0.5 s) gets no runs
+STALLED_S = 1.0  # a call running this long: a locality key goes to another worker
 
 
 @dataclass
@@ -61,6 +63,7 @@ class WorkerState:
     queued: dict[tuple[int, int], int] = field(default_factory=dict)
     active_at: float = field(default_factory=time.monotonic)
     busy_since: float | None = None  # running a stage since (from its heartbeat)
+    heard_at: float = field(default_factory=time.monotonic)  # its last heartbeat or report
     retiring: bool = False
     killed_for: str = ""
 
@@ -71,7 +74,7 @@ def check_pool(min_workers: int, max_workers: int) -> None:
 
 
 def _expected(expected: dict[int, float | None], index: int) -> float:
-    """A stage's typical latency for ordering anyof branches; 0 for a stage that is
+    """A stage's typical run time for ordering anyof branches; 0 for a stage that is
     no branch or not measured yet (tried first: it may be the fastest)."""
     return expected.get(index) or 0.0
 
@@ -93,7 +96,8 @@ class DeployedApp(App):
         # the largest batch so that batching stages can fill their batches
         largest_batch = max((s.batching.size for s in plan.stages if s.batching), default=0)
         self.worker_cap = max(control.worker_queue, 2 * largest_batch)
-        self.branches = {i for g in plan.anyof_groups for i in g}
+        # each anyof branch's stages by its head, whose latency orders the branches
+        self.branch_of = {i: b[-1] for _, branches in plan.anyof_races for b in branches for i in b}
         self.competing = frozenset(i for i in range(len(plan.stages)) if plan.competing(i))
         # workers the plan needs at once: competing replicas; an anyof's branches and
         # one more for the anyof itself (behind a branch, it would wait for the branch)
@@ -295,12 +299,13 @@ class ControlPlane:
                 i: len(waiting) + sum(w.queued.get((app.id, i), 0) for w in self._workers.values())
                 for i in app.controllers
             }
-            # the oldest request still queued ahead: waiting here, else the oldest in flight
-            oldest = waiting[0] if waiting else next(iter(app.active.values()), None)
-            oldest_wait = now - oldest.submitted if oldest is not None else 0.0
+            # how long the batch now forming has been waiting (its timeout counts from there)
+            opened = {i: self._scheduler.open_since((app.id, i), now) for i in app.controllers}
         for index, controller in app.controllers.items():
             controller.on_arrival(now)
-            if not controller.admit(now, queued[index], oldest_wait if queued[index] else 0.0):
+            formed = opened[index]
+            oldest_wait = now - formed if formed is not None else 0.0
+            if not controller.admit(now, queued[index], oldest_wait):
                 stage = app.plan.stages[index]
                 request.settle(
                     OverloadError(
@@ -316,7 +321,7 @@ class ControlPlane:
         first stages. Called with the lock held."""
         loads = {i: w.load for i, w in self._workers.items() if w.ready and not w.retiring}
         routed = None
-        expected = {i: app.stage_stats[i].typical_s for i in app.branches}
+        expected = {i: app.stage_stats[head].typical_s for i, head in app.branch_of.items()}
         if any(not load.gpu and load.outstanding < app.worker_cap for load in loads.values()):
             caps = {i: d.workers for i, d in app.decisions.items()}
             packs = {i: (d.max_size, d.timeout_s) for i, d in app.decisions.items()}
@@ -447,12 +452,25 @@ class ControlPlane:
             case m.Located():
                 with self._lock:
                     self._on_located(message)
-            case m.Beat(index, busy_since):
-                with self._lock:
-                    if index in self._workers:
-                        self._workers[index].busy_since = busy_since
+            case m.Beat(index, busy_since, loading):
+                self._on_beat(index, busy_since, loading)
             case m.Hello(index, _):
                 self._on_hello(index)
+
+    def _on_beat(self, index: Any, busy_since: Any, loading: Any) -> None:
+        if not isinstance(busy_since, float | None) or not (
+            loading is None or (isinstance(loading, tuple) and len(loading) == 2)
+        ):
+            log.warning("dropping a malformed heartbeat from worker %r", index)
+            return
+        with self._lock:
+            w = self._workers.get(index)
+            if w is not None:
+                w.busy_since, w.heard_at = busy_since, time.monotonic()
+                available = w.load.loading_now is None and not w.load.silent
+                w.load.loading_now, w.load.silent = loading, False
+                if not available and loading is None:
+                    self._route_waiting()  # it takes runs again
 
     def _on_hello(self, index: int) -> None:
         with self._lock:
@@ -470,10 +488,14 @@ class ControlPlane:
             self._route_waiting()
 
     def _on_stats(self, message: m.Stats) -> None:
+        if not isinstance(message.stages, dict) or not isinstance(message.queued, dict):
+            log.warning("dropping malformed stats from worker %r", message.worker)
+            return
         with self._lock:
             w = self._workers.get(message.worker)
             if w is None:
                 return
+            w.heard_at = time.monotonic()
             w.queued = message.queued
             w.load.warm -= set(message.unloaded)
             if message.stages or message.queued:
@@ -482,12 +504,12 @@ class ControlPlane:
                 app = self._apps.get(app_id)
                 if app is None:
                     continue
-                requests, batches, cold_starts, latencies, batch_log, stopped = counts
+                requests, batches, cold_starts, latencies, batch_log, service, stopped = counts
                 if cold_starts:
                     w.load.loading.discard((app_id, stage_index))
                 sizes = [size for size, _, _, _ in batch_log if size]
                 stats = app.stage_stats[stage_index]
-                stats.add(requests, batches, cold_starts, latencies, sizes, stopped)
+                stats.add(requests, batches, cold_starts, latencies, sizes, service, stopped)
                 controller = app.controllers.get(stage_index)
                 for size, service_s, end, each in batch_log if controller else ():
                     controller.on_batch_done(size, service_s, end, each)
@@ -528,14 +550,18 @@ class ControlPlane:
             with self._lock:
                 if self._stopping:
                     return
-                self._kill_stuck()
-                self._replace_dead()
-                self._autoscale()
-                if time.monotonic() >= next_sweep:
-                    keep = {rid for app in self._apps.values() for rid in app.active}
-                    keep |= {key[1] for key in self._competing}  # losers may still read
-                    self.engine.sweep(keep)
-                    next_sweep = time.monotonic() + SWEEP_EVERY_S
+                try:
+                    self._watch_workers()
+                    self._kill_stuck()
+                    self._replace_dead()
+                    self._autoscale()
+                    if time.monotonic() >= next_sweep:
+                        keep = {rid for app in self._apps.values() for rid in app.active}
+                        keep |= {key[1] for key in self._competing}  # losers may still read
+                        self.engine.sweep(keep)
+                        next_sweep = time.monotonic() + SWEEP_EVERY_S
+                except Exception:  # a bug of ours: log it, keep watching the pool
+                    log.exception("the runtime's monitor failed a round")
 
     def _plan(self) -> None:
         """Ask SLO-aware batching controllers for their choices (a search can take a
@@ -578,18 +604,34 @@ class ControlPlane:
                 w.load.loading.add(key)  # routed elsewhere until its report says loaded
                 self.engine.send(w.index, m.Load(app.id, index))
 
+    def _watch_workers(self) -> None:
+        """Mark workers not heard from (frozen, holding the GIL) and those in a long
+        call, from their heartbeats: routing avoids them."""
+        now = time.monotonic()
+        for w in self._workers.values():
+            if w.ready:
+                w.load.silent = now - w.heard_at > SILENT_S
+                w.load.stalled = w.busy_since is not None and now - w.busy_since > STALLED_S
+
     def _kill_stuck(self) -> None:
-        """Kill a worker whose stage has run longer than `stage_timeout_s` (its
-        requests are then re-run elsewhere, or fail once out of retries)."""
+        """Kill a worker whose stage has run longer than `stage_timeout_s`, or that
+        has not been heard from for as long while holding work (frozen, or holding the
+        GIL): its requests are then re-run elsewhere, or fail once out of retries."""
         if self.stage_timeout_s is None:
             return
         now = time.monotonic()
+        limit = self.stage_timeout_s
         for w in self._workers.values():
-            if w.busy_since is not None and now - w.busy_since > self.stage_timeout_s:
-                w.killed_for = f"a stage ran longer than stage_timeout_s={self.stage_timeout_s:g}"
-                log.warning("worker %d: %s; killing it", w.index, w.killed_for)
-                self.engine.kill(w.index)
-                w.busy_since = None
+            if w.killed_for:
+                continue
+            if w.busy_since is not None and now - w.busy_since > limit:
+                w.killed_for = f"a stage ran longer than stage_timeout_s={limit:g}"
+            elif w.ready and w.load.outstanding and now - w.heard_at > max(limit, SILENT_S):
+                w.killed_for = f"it stopped answering for longer than stage_timeout_s={limit:g}"
+            else:
+                continue
+            log.warning("worker %d: %s; killing it", w.index, w.killed_for)
+            self.engine.kill(w.index)
 
     def _replace_dead(self) -> None:
         for index, why in self.engine.exited().items():
@@ -630,11 +672,19 @@ class ControlPlane:
                 if d.predicted_ms is not None
             ]
         )
-        loads = [w.load.outstanding for w in ready]
+        # busy loading a model or silent: no room for new runs
+        taking = [w for w in ready if not (w.load.silent or w.load.loading_now)]
+        loads = [w.load.outstanding for w in taking]
         retiring = sum(w.retiring for w in cpu)
         waiting = len(self._unrouted)
         add, retire = self._autoscaler.plan(
-            loads, waiting, starting, idle, retiring=retiring, usable=self._usable()
+            loads,
+            waiting,
+            starting,
+            idle,
+            retiring=retiring,
+            usable=self._usable(),
+            unavailable=len(ready) - len(taking),
         )
         add = max(add, min(floor, self.max_workers - retiring) - len(ready) - starting)
         for _ in range(add):

@@ -115,10 +115,12 @@ class Located(NamedTuple):
 
 
 class Beat(NamedTuple):
-    """Since when the worker has been running a stage (None: idle again)."""
+    """Sent every heartbeat: since when the worker has been running a stage call
+    (None: idle), and the (app, stage) it is loading, if any."""
 
     worker: int
     busy_since: float | None
+    loading: tuple[int, int] | None = None
 
 
 class Stats(NamedTuple):

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -48,6 +49,13 @@ class ProcessEngine:
         self._processes: dict[int, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self._receiver: threading.Thread | None = None
+        self._closing = False
+        self._failed: dict[int, str] = {}  # workers that could not start
+        self._spawns: queue.SimpleQueue[tuple[int, int | None] | None] = queue.SimpleQueue()
+        self._spawn_thread = threading.Thread(
+            target=self._spawner, name="serveflow:spawner", daemon=True
+        )
+        self._spawn_thread.start()
 
     def start(self, events: Events) -> None:
         self._receiver = threading.Thread(
@@ -56,6 +64,24 @@ class ProcessEngine:
         self._receiver.start()
 
     def start_worker(self, index: int, device: int | None) -> None:
+        """Start worker `index` (from the engine's spawner thread: a worker is
+        killed when the thread that started it ends, see `worker.die_with_parent`)."""
+        self._spawns.put((index, device))
+
+    def _spawner(self) -> None:
+        while (job := self._spawns.get()) is not None:
+            index, device = job
+            try:
+                process = self._popen(index, device)
+            except Exception as error:  # reported as a worker that exited
+                log.exception("cannot start worker %d", index)
+                with self._lock:
+                    self._failed[index] = f"could not start: {error}"
+                continue
+            with self._lock:
+                self._processes[index] = process
+
+    def _popen(self, index: int, device: int | None) -> subprocess.Popen:
         """A fresh interpreter (never a re-import of the user's main module, unlike
         multiprocessing) that finds the user's modules on our sys.path."""
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -71,12 +97,12 @@ class ProcessEngine:
             "dir": self._dir.path,
             "kvs": self._kvs_address,
             "options": self._options,
+            "parent": os.getpid(),
         }
         assert process.stdin is not None
         process.stdin.write(json.dumps(config).encode() + b"\n")
         process.stdin.flush()  # stdin stays open: its end of file tells the worker we died
-        with self._lock:
-            self._processes[index] = process
+        return process
 
     def send(self, worker: int, message: Any, rid: int = 0) -> None:
         try:
@@ -102,8 +128,8 @@ class ProcessEngine:
             process.kill()
 
     def exited(self) -> dict[int, str]:
-        gone = {}
         with self._lock:
+            gone, self._failed = self._failed, {}
             for index, process in list(self._processes.items()):
                 if process.poll() is not None:
                     del self._processes[index]
@@ -131,7 +157,14 @@ class ProcessEngine:
                 process.kill()
                 process.wait()
             self._close_stdin(process)
+        # last: the workers die with the thread that started them (any started since)
+        self._spawns.put(None)
+        self._spawn_thread.join()
+        with self._lock:
+            for process in self._processes.values():
+                process.wait()
         if self._receiver is not None:
+            self._closing = True
             self.send(DRIVER, m.Exit())  # wakes the receiver thread
             self._receiver.join()
         self._endpoint.close()
@@ -156,7 +189,7 @@ class ProcessEngine:
             except Exception:  # a request already swept; nothing waits for it
                 log.debug("undecodable message", exc_info=True)
                 continue
-            if isinstance(message, m.Exit):
+            if isinstance(message, m.Exit) and self._closing:
                 return
             if not isinstance(message, FROM_WORKERS):
                 log.warning("dropping a %s message: not from a worker", type(message).__name__)

@@ -31,6 +31,7 @@ from serveflow.runtime.messages import Route
 StageKey = tuple[int, int]  # (app id, stage index)
 
 COLD_PENALTY = 0.5  # a warm worker is preferred over a cold one only when as idle
+BOUNDED_LOAD = 1.25  # a locality key moves off a worker this much above the average
 LOADING_PENALTY = 1000.0  # one still loading the stage only when all are (seconds away)
 
 
@@ -42,6 +43,13 @@ class WorkerLoad:
     warm: set[StageKey] | None = None
     loading: set[StageKey] | None = None  # warm stages it has not finished loading
     gpu: bool = False  # owns a GPU: runs GPU-placed stages, and only those
+    loading_now: StageKey | None = None  # busy loading this stage: no other stage's runs
+    silent: bool = False  # no heartbeat for a while (frozen, or holding the GIL): no runs
+    stalled: bool = False  # one call running for a while: keys go to another worker
+
+    def takes(self, key: StageKey) -> bool:
+        """Whether new runs of stage `key` may be routed here now."""
+        return not self.silent and (self.loading_now is None or self.loading_now == key)
 
     def __post_init__(self) -> None:
         self.warm = self.warm if self.warm is not None else set()
@@ -51,11 +59,16 @@ class WorkerLoad:
 @dataclass
 class OpenBatch:
     """The batch a packed stage is filling: on `worker`, `count` requests so far, the
-    first sent at `opened_at`."""
+    first sent at `opened_at`; it goes at `size` requests or `timeout_s` after that."""
 
     worker: int
     count: int
     opened_at: float
+    size: int = 0
+    timeout_s: float = 0.0
+
+    def open(self, now: float) -> bool:
+        return self.count < self.size and now - self.opened_at < self.timeout_s
 
 
 class Scheduler:
@@ -94,17 +107,27 @@ class Scheduler:
             if not pool:
                 return None
             pools[gpu] = pool
+        if any(load.silent or load.loading_now for load in workers.values()):
+            pools = {gpu: dict(pool) for gpu, pool in pools.items()}  # filtered per stage
+            held = True
+        else:
+            held = False
         order: Iterable[int] = range(len(plan.stages))
         if facts.branches:
             # An anyof's branches go to distinct workers, the one expected fastest
             # first: it gets the least loaded worker (others may be busy with earlier
             # losers).
             speed = expected or {}
-            branches = sorted(facts.branches, key=lambda i: (speed.get(i) or 0.0, i))
-            order = branches + [i for i in order if i not in facts.branches]
+            branches = sorted(facts.branches, key=lambda b: (speed.get(b[-1]) or 0.0, b))
+            first = [i for b in branches for i in b]
+            order = first + [i for i in order if i not in first]
         route: list[tuple[int, ...]] = [()] * len(plan.stages)
         for index in order:
             stage, key, pool = plan.stages[index], (app_id, index), pools[facts.gpu[index]]
+            if held:  # a worker busy loading another stage, or silent, takes nothing
+                pool = {w: load for w, load in pool.items() if load.takes(key)}
+                if not pool:
+                    return None  # wait for one (the autoscaler counts it as missing)
             if index in facts.racing:
                 rivals = _rivals(plan, index, route)
                 if rivals and len(pool) > len(rivals):
@@ -114,6 +137,10 @@ class Scheduler:
                 chosen: list[int] = []
             elif stage.locality_key:
                 chosen = self._locality(key, pool, stage.replicas)
+                if index in facts.located:  # its key is known: pick the worker now
+                    for w in chosen:
+                        workers[w].warm.add(key)  # all of them stay candidates
+                    chosen = self._bounded(ranked(plan, index, chosen, table), pool)
             elif packs and index in packs:
                 chosen = [self._pack(key, pool, cap, *packs[index], now)]
             else:
@@ -124,7 +151,7 @@ class Scheduler:
         final = tuple(route)
         charges = [(index, w) for index in facts.charged for w in final[index]]
         for index in facts.located:
-            charges.extend((index, w) for w in targets(plan, index, final, table))
+            charges.extend((index, w) for w in final[index])
         for _, w in charges:
             workers[w].outstanding += 1
         return final, charges
@@ -153,9 +180,15 @@ class Scheduler:
         # Among workers as loaded, the one given a batch longest ago frees first.
         opened = self._opened.setdefault(key, {})
         worker = self._least_loaded(key, workers, 1, cap, opened)[0]
-        self._open[key] = OpenBatch(worker, 1, now)
+        self._open[key] = OpenBatch(worker, 1, now, size, timeout_s)
         opened[worker] = now
         return worker
+
+    def open_since(self, key: StageKey, now: float) -> float | None:
+        """When the first request of the batch a packed stage is filling was sent
+        (None: none is open; the next request opens one)."""
+        batch = self._open.get(key)
+        return batch.opened_at if batch is not None and batch.open(now) else None
 
     def forget(self, app_id: int) -> None:
         """Drop an undeployed app's open batches."""
@@ -195,6 +228,20 @@ class Scheduler:
             return [min(pool, key=rank)]
         return sorted(pool, key=rank)[:n]
 
+    @staticmethod
+    def _bounded(ranked: list[int], pool: Mapping[int, WorkerLoad]) -> list[int]:
+        """The first worker in a key's rendezvous ranking with room (consistent
+        hashing with bounded loads: below 1.25x the candidates' average load, this
+        run included; not in a long call): a key keeps meeting its worker and its
+        cache, unless that one is busy while others are not."""
+        bound = math.ceil(
+            BOUNDED_LOAD * (sum(pool[w].outstanding for w in ranked) + 1) / len(ranked)
+        )
+        for w in ranked:
+            if pool[w].outstanding < bound and not pool[w].stalled:
+                return [w]
+        return [min(ranked, key=lambda w: (pool[w].stalled, pool[w].outstanding))]
+
     def _locality(self, key: StageKey, pool: Mapping[int, WorkerLoad], n: int) -> list[int]:
         """The workers a locality stage's keys are hashed over: those it is warm on
         (at first, every worker of the pool), plus the least loaded other one while
@@ -204,7 +251,8 @@ class Scheduler:
         others = [w for w in pool if key not in pool[w].warm]
         if not warm:
             return sorted(pool)
-        if others and (len(warm) < n or all(pool[w].outstanding >= self.spread_at for w in warm)):
+        busy = all(pool[w].outstanding >= self.spread_at or pool[w].stalled for w in warm)
+        if others and (len(warm) < n or busy):
             warm += self._least_loaded(key, {w: pool[w] for w in others}, max(1, n - len(warm)))
         return sorted(warm)
 
@@ -215,7 +263,7 @@ class PlanFacts:
 
     plan: Plan
     gpu: tuple[bool, ...]  # per stage: placed on GPU workers
-    branches: frozenset[int]  # the branches of anyof races
+    branches: tuple[tuple[int, ...], ...]  # the branches of anyof races (their stages)
     racing: frozenset[int]  # stages that avoid rivals' workers: branches, anyofs
     follows: tuple[bool, ...]  # per stage: `follows_winner`
     charged: tuple[int, ...]  # stages whose chosen workers are charged (`charged`)
@@ -224,12 +272,13 @@ class PlanFacts:
     @classmethod
     def of(cls, plan: Plan) -> PlanFacts:
         stages = range(len(plan.stages))
-        branches = frozenset(i for g in plan.anyof_groups for i in g)
+        branches = tuple(b for _, race in plan.anyof_races for b in race)
         return cls(
             plan,
             gpu=tuple(stage.placement == "gpu" for stage in plan.stages),
             branches=branches,
-            racing=branches | {consumer for consumer, _ in plan.anyof_races},
+            racing=frozenset(i for b in branches for i in b)
+            | {consumer for consumer, _ in plan.anyof_races},
             follows=tuple(follows_winner(plan, i) for i in stages),
             charged=tuple(i for i in stages if not plan.stages[i].locality_key),
             located=tuple(
@@ -244,8 +293,9 @@ def _rivals(plan: Plan, index: int, route: Sequence[tuple[int, ...]]) -> set[int
     running would hold up the anyof behind it)."""
     rivals: set[int] = set()
     for consumer, branches in plan.anyof_races:
-        if index == consumer or index in branches:
-            rivals.update(w for i in branches if i != index for w in route[i])
+        for branch in branches:
+            if index == consumer or (index not in branch and any(index in b for b in branches)):
+                rivals.update(w for i in branch for w in route[i])
     return rivals
 
 
@@ -279,14 +329,20 @@ def targets(plan: Plan, index: int, route: Route, table: Any) -> tuple[int, ...]
     rendezvous hashing: one key always meets the same worker (and its cache) while
     the candidates stay, and a new candidate takes only its share of keys."""
     stage, chosen = plan.stages[index], route[index]
-    if not stage.locality_key or not chosen:
+    if not stage.locality_key or len(chosen) <= stage.replicas:
         return chosen
-    keys = table._columns.get(stage.locality_key) if isinstance(table, Table) else None
+    return tuple(ranked(plan, index, chosen, table)[: stage.replicas])
+
+
+def ranked(plan: Plan, index: int, candidates: Sequence[int], table: Any) -> list[int]:
+    """Locality stage `index`'s candidates in rendezvous order for the key its input
+    `table` looks up (as given without one)."""
+    column = plan.stages[index].locality_key
+    keys = table._columns.get(column) if isinstance(table, Table) and column else None
     if not keys:
-        return chosen[: stage.replicas]
+        return list(candidates)
     key = str(keys[0]).encode()
-    ranked = sorted(chosen, key=lambda w: _rendezvous(key, w), reverse=True)
-    return tuple(ranked[: stage.replicas])
+    return sorted(candidates, key=lambda w: _rendezvous(key, w), reverse=True)
 
 
 def _rendezvous(key: bytes, worker: int) -> bytes:
@@ -312,21 +368,24 @@ class Autoscaler:
         *,
         retiring: int = 0,
         usable: int | None = None,
+        unavailable: int = 0,
     ) -> tuple[int, list[int]]:
         """(workers to start, workers to retire), from the stage runs outstanding on
         each ready worker, requests waiting for room, workers starting and workers
         still exiting (they count against `max_workers` until gone). `usable`: how
         many workers the deployed stages can use at most (stages capped by a batching
-        controller), None when unbounded: growth past it would only hold idle workers."""
+        controller), None when unbounded: growth past it would only hold idle workers.
+        `unavailable`: ready workers that take no new runs now (busy loading a model,
+        silent): they count against `max_workers` but give no room."""
         loads = list(outstanding)
-        size = len(loads) + starting
+        size = len(loads) + starting + unavailable
         if size < self.min_workers:
             return self.min_workers - size, []
         demand = sum(loads) + waiting
-        busy = bool(loads) and demand / len(loads) > self.target_in_flight
+        busy = demand / len(loads) > self.target_in_flight if loads else waiting > 0
         if busy:  # enough workers for the demand at once, not one at a time
             limit = min(self.max_workers - retiring, usable or self.max_workers)
-            want = min(limit, math.ceil(demand / self.target_in_flight))
+            want = min(limit, unavailable + math.ceil(demand / self.target_in_flight))
             return max(0, want - size), []
         idle = [w for w, seconds in sorted(idle_for.items()) if seconds >= self.idle_s]
         if idle and size > self.min_workers:

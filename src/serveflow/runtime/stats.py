@@ -35,7 +35,7 @@ class StageStats:
         self.requests = 0
         self.batches = 0
         self.cold_starts = 0
-        self.typical_s: float | None = None  # a moving average of the latencies
+        self.typical_s: float | None = None  # a moving average of calls' run times
 
     def add(
         self,
@@ -44,21 +44,21 @@ class StageStats:
         cold_starts: int,
         latencies_s: list[float],
         batch_sizes: Iterable[int] = (),
+        service_s: Iterable[float] = (),
         stopped_s: Iterable[float] = (),
     ) -> None:
-        """Record a report. `stopped_s`: how long runs cut short (cancelled, past a
-        deadline) had been going: not latencies, but the typical latency is at least
-        as long."""
+        """Record a report: `service_s` the run times of calls, `stopped_s` how long
+        calls cut short (cancelled, past a deadline) had run: the typical run time
+        is at least that."""
         now = time.monotonic()
         with self._lock:
             self.requests += requests
             self.batches += batches
             self.cold_starts += cold_starts
             self._latencies.extend((now, latency) for latency in latencies_s)
-            if latencies_s:
-                mean = sum(latencies_s) / len(latencies_s)
+            for run_s in service_s:
                 typical = self.typical_s
-                self.typical_s = mean if typical is None else typical + 0.2 * (mean - typical)
+                self.typical_s = run_s if typical is None else typical + 0.2 * (run_s - typical)
             for least in stopped_s:
                 if self.typical_s is None or self.typical_s < least:
                     self.typical_s = least

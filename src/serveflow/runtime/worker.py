@@ -13,6 +13,7 @@ once, even in the middle of a user's call.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
@@ -48,6 +49,7 @@ CANCELS = ".cancel"  # suffix of the socket that takes only `Cancel` messages
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
 HOUSEKEEPING_EVERY_S = 0.1  # unload idle stages at most this often
 FORGET_EVERY_S = 10.0  # look for requests to forget at most this often
+PR_SET_PDEATHSIG = 1
 
 
 def socket_path(directory: str, index: int, message: Any = None) -> str:
@@ -139,7 +141,8 @@ class StageCounters:
     batches: int = 0
     cold_starts: int = 0
     latencies: list[float] = field(default_factory=list)
-    stopped: list[float] = field(default_factory=list)  # runs cut short: how long they ran
+    service: list[float] = field(default_factory=list)  # each call's run time
+    stopped: list[float] = field(default_factory=list)  # calls cut short: how long they ran
     # batching stages: (size, run s, end, each request's latency from arrival here)
     batch_log: list[tuple[int, float, float, list[float]]] = field(default_factory=list)
 
@@ -171,6 +174,7 @@ class Worker:
         self.counters: dict[tuple[int, int], StageCounters] = {}
         self.unloaded: list[tuple[int, int]] = []
         self.busy_since: float | None = None
+        self.loading: tuple[int, int] | None = None  # the stage being loaded
         # (app, rid) -> when: every stage of it cancelled; (app, rid, stage) -> when.
         # Written by the cancel thread too: changes under `cancel_lock`.
         self.cancelled: dict[tuple[int, ...], float] = {}
@@ -227,15 +231,13 @@ class Worker:
         return message
 
     def heartbeat(self) -> None:
-        """Tell the driver since when a stage has been running (None once it ended):
-        the driver kills a worker whose stage runs past the runtime's stage timeout."""
-        sent = None
+        """Tell the driver, every HEARTBEAT_S, since when a stage call has been running
+        and which stage is loading: it routes around a worker busy loading a model,
+        and one it stops hearing from (frozen, or the GIL held in C code); it kills a
+        worker whose call runs past the runtime's stage timeout."""
         while self.running:
             time.sleep(HEARTBEAT_S)
-            busy_since = self.busy_since
-            if busy_since is not None or sent is not None:
-                self.send(DRIVER, m.Beat(self.index, busy_since))
-                sent = busy_since
+            self.send(DRIVER, m.Beat(self.index, self.busy_since, self.loading))
 
     def handle(self, message: Any) -> None:
         match message:
@@ -299,16 +301,28 @@ class Worker:
         except Exception as error:  # an output that cannot travel fails its request
             if not isinstance(message, m.Input | m.Result):
                 raise
-            failure = OperatorError(
-                f"stage output of request {message.rid} cannot be sent: "
-                f"{type(error).__name__}: {error}",
-                "worker",
-            )
-            data = codec.encode(message._replace(value=failure), self.shm, rid)
+            data = codec.encode(self.unsendable(message, error), self.shm, rid)
         try:
             self.endpoint.send(socket_path(self.directory, worker, message), data)
         except PeerGone:  # that worker died; the driver re-runs the request
             log.debug("worker %d is gone; dropping a message", worker)
+
+    def unsendable(self, message: m.Input | m.Result, error: Exception) -> Any:
+        """`message` carrying, instead of its value, an OperatorError naming the
+        operator whose output could not be pickled."""
+        plan = self.plans.get(message.app)
+        if plan is None:
+            op = None
+        else:
+            stage = plan.stage_of(message.op) if isinstance(message, m.Input) else None
+            op = (stage or plan.output_stage).ops[-1]
+        name = op.name if op is not None else "?"
+        failure = OperatorError(
+            f"operator {name!r} returned a value that cannot be sent to another process "
+            f"(it must pickle): {type(error).__name__}: {error}",
+            name,
+        )
+        return message._replace(value=failure)
 
     # -- tasks ------------------------------------------------------------------------
     def plan(self, app: int) -> Plan | None:
@@ -360,33 +374,50 @@ class Worker:
         the other branches' runs are dropped, or interrupted if running. Sent from
         here, not from the anyof's worker, which may be busy."""
         for consumer, branches in plan.anyof_races:
-            if task.index in branches and consumer in plan.consumer_indices(task.index):
-                for loser in branches:
-                    if loser != task.index:
-                        for worker in task.route[loser]:
-                            self.send(worker, m.Cancel(task.app, task.rid, loser))
+            heads = [b[-1] for b in branches]
+            if task.index in heads and consumer in plan.consumer_indices(task.index):
+                for branch in branches:
+                    if branch[-1] != task.index:
+                        for loser in branch:
+                            for worker in task.route[loser]:
+                                self.cancel_run(worker, m.Cancel(task.app, task.rid, loser))
+
+    def cancel_run(self, worker: int, message: m.Cancel) -> None:
+        """Cancel a stage run: here at once (a queued run must not start before the
+        message would arrive), elsewhere by message."""
+        if worker == self.index:
+            self.cancel(message)
+        else:
+            self.send(worker, message)
 
     def run_ready(self) -> float | None:
-        """Run every runnable batch, including those that running others made ready
+        """Run every runnable batch, the one whose oldest request was sent first
+        first (across stages: a request's anyof branches sharing this worker run in
+        the order they were sent), including those that running others made ready
         here; returns how long the loop may sleep (None: until a message comes),
         shorter when a partial batch is waiting for its timeout."""
-        ran = True
-        while ran:
-            ran = False
+        while True:
             wait: float | None = None
-            for key, queue in list(self.queues.items()):
-                while queue:
-                    stage = self.facts[key[0]][key[1]]
-                    now = time.monotonic()
-                    take, remaining = self.rule.due(
-                        key, stage.stage, len(queue), queue[0].created, now
-                    )
-                    if not take:
-                        wait = remaining if wait is None else min(wait, remaining)
-                        break
-                    batch = [queue.popleft() for _ in range(take)]
-                    self.run_batch(self.plans[key[0]], stage, key, batch)
-                    ran = True
+            best: tuple[int, int] | None = None
+            take = 0
+            now = time.monotonic()
+            for key, queue in self.queues.items():
+                if not queue or (
+                    best is not None and queue[0].created >= self.queues[best][0].created
+                ):
+                    continue
+                count, remaining = self.rule.due(
+                    key, self.facts[key[0]][key[1]].stage, len(queue), queue[0].created, now
+                )
+                if count:
+                    best, take = key, count
+                else:
+                    wait = remaining if wait is None else min(wait, remaining)
+            if best is None:
+                break
+            queue = self.queues[best]
+            batch = [queue.popleft() for _ in range(take)]
+            self.run_batch(self.plans[best[0]], self.facts[best[0]][best[1]], best, batch)
         self.housekeeping()
         return wait
 
@@ -446,10 +477,15 @@ class Worker:
         self.dirty = True
         counters.requests += len(live)
         counters.batches += 1
-        # runs stopped early (cancelled, past their deadline) say nothing of the stage
+        # runs stopped early (cancelled, past their deadline) are no latencies, and
+        # their run time is only a lower bound of the stage's
+        cut = False
         for task, result in zip(live, results):
-            each = counters.stopped if isinstance(result, DeadlineError) else counters.latencies
-            each.append(done - task.created)
+            if isinstance(result, DeadlineError):
+                cut = True
+            else:
+                counters.latencies.append(done - task.created)
+        (counters.stopped if cut else counters.service).append(done - started)
         if stage.batching and executor.load_error is None:
             # For the batching controller: the service time of the call alone, and the
             # latencies of requests sent once the stage was loaded (a cold start is no
@@ -465,7 +501,11 @@ class Worker:
         loaded = self.executors.get(key)
         if loaded is not None:
             return loaded[0]
-        executor = StageExecutor(stage, self.kvs)
+        self.loading = key
+        try:
+            executor = StageExecutor(stage, self.kvs)
+        finally:
+            self.loading = None
         self.counters.setdefault(key, StageCounters()).cold_starts += 1
         self.dirty = True
         if executor.load_error is None:  # else tried again with the next request
@@ -504,7 +544,15 @@ class Worker:
     # -- upkeep -----------------------------------------------------------------------
     def report(self) -> None:
         stages = {
-            key: (c.requests, c.batches, c.cold_starts, c.latencies, c.batch_log, c.stopped)
+            key: (
+                c.requests,
+                c.batches,
+                c.cold_starts,
+                c.latencies,
+                c.batch_log,
+                c.service,
+                c.stopped,
+            )
             for key, c in self.counters.items()
             if c.requests or c.cold_starts
         }
@@ -566,9 +614,22 @@ def watch_driver() -> None:
     os._exit(0)
 
 
+def die_with_parent(parent: int) -> None:
+    """Be killed when the driver's thread that started us ends, even while user
+    code holds the GIL (Linux's parent-death signal; the stdin watch needs the GIL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the stdin watch remains
+        return
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(0)
+
+
 def main() -> None:
     """Entry point of a worker process: its configuration is one JSON line on stdin."""
     config = json.loads(sys.stdin.buffer.readline())
+    die_with_parent(config["parent"])
     options = config["options"]
     logging.basicConfig(level=options.get("log_level", logging.WARNING))
     threading.Thread(target=watch_driver, name="serveflow:watchdog", daemon=True).start()
