@@ -828,3 +828,19 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+# -- values that cannot travel between processes ----------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_values_that_cannot_be_sent_fail_their_request_with_a_clear_error(pool):
+    rt = pool.runtime(min_workers=2)
+    flow = sf.Flow("unsendable")
+    flow.map(lambda r: threading.Lock() if r["a"] == 1 else r["a"], names=["b"], name="makes")
+    app = pool.deploy(flow, rt)
+    with pytest.raises(sf.OperatorError, match=r"'makes'.*pickle"):
+        app.run({"a": [1]}).result(timeout=RESULT_S)
+    with pytest.raises(sf.InputError, match="cannot be sent"):
+        app.run({"a": [lambda: 0]}).result(timeout=RESULT_S)
+    assert app.run({"a": [2]}).result(timeout=RESULT_S).to_rows() == [{"b": 2}]

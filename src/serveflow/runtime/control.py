@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from serveflow.errors import OperatorError, OverloadError
+from serveflow.errors import InputError, OperatorError, OverloadError
 from serveflow.optimizer.placement import place
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import messages as m
@@ -351,8 +351,16 @@ class ControlPlane:
                 request.deadline,
                 time.monotonic(),
             )
-            for w in targets(app.plan, index, request.route, request.table):
-                self.engine.send(w, message, request.id)
+            try:
+                for w in targets(app.plan, index, request.route, request.table):
+                    self.engine.send(w, message, request.id)
+            except Exception as error:  # e.g. a value in the table that does not pickle
+                request.settle(
+                    InputError(
+                        f"the request cannot be sent to a worker: {type(error).__name__}: {error}"
+                    )
+                )
+                return
 
     def _finish(self, app: DeployedApp, request: Request) -> None:
         with self._lock:
