@@ -211,6 +211,10 @@ class ControlPlane:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._workers: dict[int, WorkerState] = {}
+        # the loads of the workers requests may be routed to (ready, not retiring), and
+        # of those the CPU ones: worked out again after a worker is ready, retires or ends
+        self._routable: dict[int, WorkerLoad] | None = None
+        self._cpu_loads: list[WorkerLoad] = []
         self._apps: dict[int, DeployedApp] = {}
         self._deploys: dict[int, m.Deploy] = {}
         self._next_index = itertools.count()
@@ -319,14 +323,27 @@ class ControlPlane:
     def _route(self, app: DeployedApp, request: Request) -> None:
         """(Re)start a request: pick workers for every stage, send the table to the
         first stages. Called with the lock held."""
-        loads = {i: w.load for i, w in self._workers.items() if w.ready and not w.retiring}
+        if self._routable is None:
+            self._routable = {
+                i: w.load for i, w in self._workers.items() if w.ready and not w.retiring
+            }
+            self._cpu_loads = [load for load in self._routable.values() if not load.gpu]
         routed = None
         expected = {i: app.stage_stats[head].typical_s for i, head in app.branch_of.items()}
-        if any(not load.gpu and load.outstanding < app.worker_cap for load in loads.values()):
-            caps = {i: d.workers for i, d in app.decisions.items()}
-            packs = {i: (d.max_size, d.timeout_s) for i, d in app.decisions.items()}
+        if any(load.outstanding < app.worker_cap for load in self._cpu_loads):
+            caps = packs = None
+            if app.decisions:
+                caps = {i: d.workers for i, d in app.decisions.items()}
+                packs = {i: (d.max_size, d.timeout_s) for i, d in app.decisions.items()}
             routed = self._scheduler.route(
-                app.id, app.plan, loads, request.table, caps, packs, time.monotonic(), expected
+                app.id,
+                app.plan,
+                self._routable,
+                request.table,
+                caps,
+                packs,
+                time.monotonic(),
+                expected,
             )
         if routed is None:
             # Late binding: wait here, not in a worker's queue, until a worker has room;
@@ -339,7 +356,10 @@ class ControlPlane:
             if index in app.competing:
                 self._competing[(app.id, request.id, request.attempt, index, w)] = "running"
         # anyof branches sharing a worker run in the order sent: the fastest known first
-        for index in sorted(app.sources, key=lambda i: _expected(expected, i)):
+        sources = app.sources
+        if len(sources) > 1:
+            sources = tuple(sorted(sources, key=lambda i: _expected(expected, i)))
+        for index in sources:
             message = m.Input(
                 app.id,
                 request.id,
@@ -491,6 +511,7 @@ class ControlPlane:
                 for stage_index, d in app.decisions.items():
                     self.engine.send(index, m.Policy(app.id, stage_index, d.max_size, d.timeout_s))
             w.ready = True
+            self._routable = None
             self._failed_starts = 0
             self._changed.notify_all()
             self._route_waiting()
@@ -646,6 +667,7 @@ class ControlPlane:
             w = self._workers.pop(index, None)
             if w is None:
                 continue
+            self._routable = None
             for key in [k for k in self._competing if k[4] == index]:
                 del self._competing[key]
             if w.retiring:
@@ -700,6 +722,7 @@ class ControlPlane:
         for index in retire:
             if len(ready) > floor:
                 self._workers[index].retiring = True
+                self._routable = None
                 self.engine.send(index, m.Exit())
         self._spawn_missing(0)  # GPU workers that died
 

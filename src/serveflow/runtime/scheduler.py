@@ -215,18 +215,16 @@ class Scheduler:
                 # a worker a plan is adding) last.
                 pool = sorted(warm, key=lambda w: (key in workers[w].loading, w))[:cap]
         order = since or {}
-
-        def rank(w: int) -> tuple[float, float, int]:
+        ranked = []
+        for w in pool:
             load = workers[w]
             if key in load.loading:
                 score = load.outstanding + LOADING_PENALTY
             else:
                 score = load.outstanding + (0.0 if key in load.warm else COLD_PENALTY)
-            return score, order.get(w, -math.inf), w
-
-        if n == 1 and pool:
-            return [min(pool, key=rank)]
-        return sorted(pool, key=rank)[:n]
+            ranked.append((score, order.get(w, -math.inf), w))
+        ranked.sort()
+        return [w for _, _, w in ranked[:n]]
 
     @staticmethod
     def _bounded(ranked: list[int], pool: Mapping[int, WorkerLoad]) -> list[int]:

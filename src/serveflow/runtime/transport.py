@@ -80,6 +80,7 @@ class Endpoint:
         self._poller.register(self._sock, select.POLLIN)
         self._buffer = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buffer)
+        self._drained = True  # the last recv found no message waiting
         # Destinations without a backlog: the hot path's one lookup. The other fields
         # change only under the lock.
         self._direct: dict[str, socket.socket] = {}
@@ -148,13 +149,25 @@ class Endpoint:
     def recv(self, timeout: float | None) -> bytes | None:
         """The next message, or None after `timeout` seconds (0: don't wait; None:
         wait forever). Only one thread may receive."""
-        if timeout != 0 and not self._poller.poll(None if timeout is None else timeout * 1e3):
+        # Poll first only when the last call found nothing: while messages stream in,
+        # one system call each (every call lets the process's other threads run).
+        if self._drained and timeout != 0 and not self._wait(timeout):
             return None
         try:
             n = self._sock.recv_into(self._buffer)
         except BlockingIOError:
-            return None
+            self._drained = True
+            if timeout == 0 or not self._wait(timeout):
+                return None
+            try:
+                n = self._sock.recv_into(self._buffer)
+            except BlockingIOError:
+                return None
+        self._drained = False
         return bytes(self._view[:n])
+
+    def _wait(self, timeout: float | None) -> bool:
+        return bool(self._poller.poll(None if timeout is None else timeout * 1e3))
 
     def close(self) -> None:
         """Close every socket, drop the backlogs and remove the socket file."""
