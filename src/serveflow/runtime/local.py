@@ -33,7 +33,8 @@ class LocalRuntime(ControlPlane):
     """Runs plans on a pool of worker processes on this machine (the default runtime).
 
     min_workers / max_workers: CPU pool size limits (the pool has at least as many
-        workers as the widest stage: competing replicas, anyof branches).
+        workers as the widest stage, within max_workers: competing replicas, an anyof's
+        branches plus one).
     gpus: GPU devices, each owned by one worker (CUDA_VISIBLE_DEVICES set to it) that
         runs the `gpu=True` stages: None detects them (nvidia-smi), a count declares
         devices 0..n-1, a list declares those ids (e.g. for tests on a CPU machine).
