@@ -34,7 +34,6 @@ from serveflow.runtime.engine import Engine
 from serveflow.runtime.kvs import KVS
 from serveflow.runtime.request import Request
 from serveflow.runtime.scheduler import Autoscaler, Scheduler, WorkerLoad, targets
-from serveflow.runtime.stats import StageStats
 
 if TYPE_CHECKING:
     from serveflow.batching.controller import BatchingController, Decision
@@ -90,6 +89,9 @@ class DeployedApp(App):
         super().__init__(plan, control, owns, control.max_in_flight)
         self.id = app_id
         self.active: dict[int, Request] = {}
+        # imported here: numpy, which it needs, adds a third to every worker's start
+        from serveflow.runtime.stats import StageStats
+
         self.stage_stats = [StageStats() for _ in plan.stages]
         self.sources = tuple(i for i, s in enumerate(plan.stages) if 0 in s.inputs)
         # stage runs a worker may hold before requests wait at the driver; room for
