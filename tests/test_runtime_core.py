@@ -291,9 +291,6 @@ def test_a_worker_busy_loading_a_model_does_not_delay_other_flows(pool):
     assert loading.result(timeout=RESULT_S).to_rows() == [{"status": "loaded"}]
 
 
-# -- 5. a timed-out request frees its worker -------------------------------------------
-
-
 @pytest.mark.timeout(90)
 def test_requests_do_not_queue_behind_a_worker_busy_loading_a_model(pool):
     rt = pool.runtime(min_workers=1, max_workers=3)
@@ -329,6 +326,9 @@ def test_stage_timeout_replaces_a_worker_that_stopped_answering(pool):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
     assert out not in frozen  # re-run on a worker that replaced a frozen one
+
+
+# -- 5. a timed-out request frees its worker -------------------------------------------
 
 
 def _slow_rows_app(pool: Pool):
