@@ -322,9 +322,10 @@ class ControlPlane:
                 return False
         return True
 
-    def _route(self, app: DeployedApp, request: Request) -> None:
+    def _route(self, app: DeployedApp, request: Request) -> bool:
         """(Re)start a request: pick workers for every stage, send the table to the
-        first stages. Called with the lock held."""
+        first stages; or put it in the wait line. False when it waits for lack of room
+        on every worker (later requests would too). Called with the lock held."""
         if self._routable is None:
             self._routable = {
                 i: w.load for i, w in self._workers.items() if w.ready and not w.retiring
@@ -332,7 +333,8 @@ class ControlPlane:
             self._cpu_loads = [load for load in self._routable.values() if not load.gpu]
         routed = None
         expected = {i: app.stage_stats[head].typical_s for i, head in app.branch_of.items()}
-        if any(load.outstanding < app.worker_cap for load in self._cpu_loads):
+        room = any(load.outstanding < app.worker_cap for load in self._cpu_loads)
+        if room:
             caps = packs = None
             if app.decisions:
                 caps = {i: d.workers for i, d in app.decisions.items()}
@@ -352,7 +354,7 @@ class ControlPlane:
             # new workers from the autoscaler then take their share of the backlog.
             request.route, request.charges = (), []
             self._unrouted.append((app, request))
-            return
+            return room
         request.route, request.charges = routed
         for index, w in request.charges:
             if index in app.competing:
@@ -382,7 +384,8 @@ class ControlPlane:
                         f"the request cannot be sent to a worker: {type(error).__name__}: {error}"
                     )
                 )
-                return
+                break
+        return True
 
     def _finish(self, app: DeployedApp, request: Request) -> None:
         with self._lock:
@@ -402,10 +405,8 @@ class ControlPlane:
         while waiting and self._unrouted:
             waiting -= 1
             app, request = self._unrouted.popleft()
-            if not request.future.done():
-                self._route(app, request)
-                if not request.route:
-                    return  # still no room; it went back to the end of the line
+            if not request.future.done() and not self._route(app, request):
+                return  # no room anywhere: it went back to the end of the line
 
     def _release(self, app: DeployedApp, request: Request) -> None:
         """Stop counting a finished (or re-routed) request's stage runs against its
