@@ -328,6 +328,23 @@ def test_stage_timeout_replaces_a_worker_that_stopped_answering(pool):
     assert out not in frozen  # re-run on a worker that replaced a frozen one
 
 
+@pytest.mark.timeout(90)
+def test_a_worker_takes_other_stages_again_as_soon_as_its_model_is_loaded(pool):
+    rt = pool.runtime(min_workers=1, max_workers=1)
+    quick = sf.Flow("quick")
+    quick.map(lambda r: r["a"], names=["a"])
+    quick_app = pool.deploy(quick, rt)
+    quick_app.run({"a": [0]}).result(timeout=RESULT_S)
+    for i in range(3):  # loads that outlast a heartbeat, then a request right after
+        slow = sf.Flow(f"loads-{i}")
+        slow.map(_slow_model(0.8), names=["x"])
+        pool.deploy(slow, rt).run({"a": [1]}).result(timeout=RESULT_S)
+        started = time.monotonic()
+        quick_app.run({"a": [i]}).result(timeout=RESULT_S)
+        took = time.monotonic() - started
+        assert took < 0.3, f"after a model load, a request waited {took:.2f} s to be routed"
+
+
 # -- 5. a timed-out request frees its worker -------------------------------------------
 
 

@@ -177,6 +177,8 @@ class Worker:
         self.unloaded: list[tuple[int, int]] = []
         self.busy_since: float | None = None
         self.loading: tuple[int, int] | None = None  # the stage being loaded
+        self.told_loading = False  # the last heartbeat said so
+        self.beat_lock = threading.Lock()
         # (app, rid) -> when: every stage of it cancelled; (app, rid, stage) -> when.
         # Written by the cancel thread too: changes under `cancel_lock`.
         self.cancelled: dict[tuple[int, ...], float] = {}
@@ -256,7 +258,9 @@ class Worker:
         worker whose call runs past the runtime's stage timeout."""
         while self.running:
             time.sleep(HEARTBEAT_S)
-            self.send(DRIVER, m.Beat(self.index, self.busy_since, self.loading))
+            with self.beat_lock:
+                self.send(DRIVER, m.Beat(self.index, self.busy_since, self.loading))
+                self.told_loading = self.loading is not None
 
     def handle(self, message: Any) -> None:
         match message:
@@ -524,7 +528,11 @@ class Worker:
         try:
             executor = StageExecutor(stage, self.kvs)
         finally:
-            self.loading = None
+            with self.beat_lock:
+                self.loading = None
+                if self.told_loading:  # the driver routes around us until told
+                    self.send(DRIVER, m.Beat(self.index, self.busy_since, None))
+                    self.told_loading = False
         self.counters.setdefault(key, StageCounters()).cold_starts += 1
         self.dirty = True
         if executor.load_error is None:  # else tried again with the next request
