@@ -97,7 +97,7 @@ class Scheduler:
         worker) charges, or None when some stage has no worker of its resource class.
         `caps` limits some stages (by index) to that many workers; `packs` gives some
         stages' (batch size, timeout seconds) to pack batches by, at time `now`;
-        `expected` some stages' typical latency in seconds (None: not known yet)."""
+        `expected` some stages' typical run time in seconds (None: not known yet)."""
         facts = self._facts.get(app_id)
         if facts is None or facts.plan is not plan:
             facts = self._facts[app_id] = PlanFacts.of(plan)
@@ -107,11 +107,7 @@ class Scheduler:
             if not pool:
                 return None
             pools[gpu] = pool
-        if any(load.silent or load.loading_now for load in workers.values()):
-            pools = {gpu: dict(pool) for gpu, pool in pools.items()}  # filtered per stage
-            held = True
-        else:
-            held = False
+        held = any(load.silent or load.loading_now for load in workers.values())
         order: Iterable[int] = range(len(plan.stages))
         if facts.branches:
             # An anyof's branches go to distinct workers, the one expected fastest
@@ -140,7 +136,11 @@ class Scheduler:
                 if index in facts.located:  # its key is known: pick the worker now
                     for w in chosen:
                         workers[w].warm.add(key)  # all of them stay candidates
-                    chosen = self._bounded(ranked(plan, index, chosen, table), pool)
+                    by_key = ranked(plan, index, chosen, table)
+                    if stage.replicas > 1:  # competing replicas: the top-ranked ones
+                        chosen = by_key[: stage.replicas]
+                    else:
+                        chosen = self._bounded(by_key, pool)
             elif packs and index in packs:
                 chosen = [self._pack(key, pool, cap, *packs[index], now)]
             else:
