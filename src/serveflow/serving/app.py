@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
@@ -43,12 +44,13 @@ from serveflow.serving.codecs import (
 from serveflow.serving.dashboard import PAGE
 from serveflow.serving.describe import flow_info
 from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
+from serveflow.serving.limits import LimitExceeded, Limits
 from serveflow.serving.metrics import UNKNOWN_FLOW, ServingMetrics
 from serveflow.serving.openapi import openapi_spec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = Limits().max_body_bytes
 TIMEOUT_HEADER = "x-request-timeout-ms"
 _OFFLOAD_BYTES = 256 * 1024  # decode/encode bigger bodies off the event loop
 
@@ -62,7 +64,7 @@ class ServingState:
         *,
         token: str | None,
         debug: bool,
-        max_body_bytes: int,
+        limits: Limits,
         stop_apps: bool,
         max_in_flight: int | None = None,
         coalesce: bool = True,
@@ -77,7 +79,8 @@ class ServingState:
         self.metrics = ServingMetrics(self.apps)
         self.token = token
         self.debug = debug
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.max_body_bytes = limits.max_body_bytes
         self.stop_apps = stop_apps
         # Admission at the HTTP layer: past this many admitted requests of one flow, a
         # request is refused (503) before its body is decoded or the runtime sees it.
@@ -105,6 +108,13 @@ class ServingState:
             and name in self.admitted
             and self.admitted[name] >= self.max_in_flight
         )
+
+
+def with_body_limit(limits: Limits, max_body_bytes: int | None) -> Limits:
+    """`limits` with `max_body_bytes` replaced when it is given."""
+    if max_body_bytes is None:
+        return limits
+    return dataclasses.replace(limits, max_body_bytes=max_body_bytes)
 
 
 def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -290,11 +300,15 @@ async def _run_predict(
     body = await _read_body(receive, headers.get("content-length", ""), state.max_body_bytes)
     content_type = headers.get("content-type", JSON)
     try:
-        table = await _off_loop_if_big(len(body), decode_table, body, content_type, app.plan.schema)
+        table = await _off_loop_if_big(
+            len(body), decode_table, body, content_type, app.plan.schema, state.limits
+        )
     except DecodeError as error:
         raise HTTPProblem(400, str(error)) from None
     except ShapeError as error:
         raise HTTPProblem(422, str(error)) from None
+    except LimitExceeded as error:
+        raise HTTPProblem(413, str(error)) from None
     coalescer = state.coalescers.get(name) if timeout is None else None
     try:
         if coalescer is not None:
@@ -474,15 +488,18 @@ def create_app(
     *,
     token: str | None = None,
     debug: bool = False,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int | None = None,
     stop_apps: bool = True,
     max_in_flight: int | None = None,
     coalesce: bool = True,
+    limits: Limits | None = None,
 ) -> ServingASGI:
     """An ASGI app serving `apps` (flow name -> deployed App).
 
     `token`: require `Authorization: Bearer <token>` except on /healthz, /readyz and
     the static dashboard page. `debug`: include tracebacks in 500 responses.
+    `limits`: what one request may hold (serving.limits; default `Limits()`);
+    `max_body_bytes`, when given, replaces its `max_body_bytes`.
     `stop_apps`: stop (drain) every app when the ASGI lifespan ends.
     `max_in_flight`: most requests of one flow admitted at once; more get 503 with
     Retry-After at once, before their body is decoded (cheap shedding under overload).
@@ -493,7 +510,7 @@ def create_app(
         apps,
         token=token,
         debug=debug,
-        max_body_bytes=max_body_bytes,
+        limits=with_body_limit(limits or Limits(), max_body_bytes),
         stop_apps=stop_apps,
         max_in_flight=max_in_flight,
         coalesce=coalesce,

@@ -21,7 +21,8 @@ from typing import Any
 import uvicorn
 
 from serveflow.runtime.app import App
-from serveflow.serving.app import DEFAULT_MAX_BODY_BYTES, ServingState, create_app
+from serveflow.serving.app import ServingState, create_app
+from serveflow.serving.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ class Server:
     before any work is done for them (see `create_app`). `shutdown_delay`: seconds
     between SIGTERM/SIGINT and the graceful shutdown during which /readyz answers 503
     while requests are still served (default 0). `coalesce`: run concurrent requests
-    of a row-by-row flow as one runtime request (see serving.coalesce).
+    of a row-by-row flow as one runtime request (see serving.coalesce). `limits`:
+    what one request may hold (serving.limits.Limits; `max_body_bytes` replaces its
+    body limit when given).
     """
 
     def __init__(
@@ -93,7 +96,7 @@ class Server:
         port: int = 8000,
         token: str | None = None,
         debug: bool = False,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes: int | None = None,
         drain_timeout: float = 30.0,
         stop_apps: bool = True,
         log_level: str = "warning",
@@ -102,6 +105,7 @@ class Server:
         max_in_flight: int | None = None,
         shutdown_delay: float = 0.0,
         coalesce: bool = True,
+        limits: Limits | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -113,6 +117,7 @@ class Server:
             stop_apps=stop_apps,
             max_in_flight=max_in_flight,
             coalesce=coalesce,
+            limits=limits,
         )
         self.state: ServingState = self.asgi.state.serving
         config = uvicorn.Config(
