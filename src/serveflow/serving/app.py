@@ -26,7 +26,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from serveflow.logical.table import Table
 from serveflow.runtime.app import App
@@ -45,7 +45,7 @@ from serveflow.serving.dashboard import PAGE
 from serveflow.serving.describe import flow_info
 from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
 from serveflow.serving.limits import LimitExceeded, Limits
-from serveflow.serving.metrics import UNKNOWN_FLOW, ServingMetrics
+from serveflow.serving.metrics import PREDICT_ROUTE, UNKNOWN_FLOW, ServingMetrics, route_of
 from serveflow.serving.openapi import openapi_spec
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class ServingState:
             for name, body in self.refusal_body.items()
         }
         self.draining = False  # set when shutdown starts: /readyz answers 503
+        self.openapi: bytes | None = None  # the spec, once asked for
 
     def at_limit(self, name: str) -> bool:
         """Whether flow `name` (deployed) has `max_in_flight` requests admitted."""
@@ -394,7 +395,12 @@ async def metrics(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    return _json(openapi_spec(sorted(_state(request).apps)))
+    state = _state(request)
+    if state.openapi is None:  # built on first use: what is deployed does not change
+        state.openapi = encode_json(
+            openapi_spec(state.apps, limits=state.limits, secured=state.token is not None)
+        )
+    return Response(state.openapi, media_type=JSON)
 
 
 async def dashboard(request: Request) -> Response:
@@ -422,14 +428,39 @@ class ServingASGI(Starlette):
     serving: ServingState
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path: str = scope["path"]
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if scope["method"] == "POST":
             if path.startswith(_PREDICT_PREFIX) and path.endswith(_PREDICT_SUFFIX):
                 name = path[len(_PREDICT_PREFIX) : -len(_PREDICT_SUFFIX)]
                 fast = name and "/" not in name
                 if fast and await self._fast_predict(name, scope, receive, send):
                     return
-        await super().__call__(scope, receive, send)
+        status = 0
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, counted)
+        finally:
+            self._count(path, status)
+
+    def _count(self, path: str, status: int) -> None:
+        """Count a response of the routes (the predict fast path counts its own)."""
+        if not status:
+            return  # nothing was sent
+        metrics = self.serving.metrics
+        route = route_of(path)
+        metrics.count_response(route, status)
+        if route == PREDICT_ROUTE and status == 401:  # answered by the token check
+            name = path[len(_PREDICT_PREFIX) : -len(_PREDICT_SUFFIX)]
+            metrics.flow(name if name in self.serving.apps else UNKNOWN_FLOW).count(401)
 
     async def _refuse(
         self,
@@ -447,6 +478,7 @@ class ServingASGI(Starlette):
         await send({"type": "http.response.body", "body": state.refusal_body[name]})
         metrics.shed.inc()
         metrics.observe(503, time.perf_counter() - started)
+        state.metrics.count_response(PREDICT_ROUTE, 503)
 
     async def _fast_predict(self, name: str, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve a prediction; False (nothing sent) when it must go the slow way: a
@@ -480,6 +512,7 @@ class ServingASGI(Starlette):
         raw_headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": body})
+        state.metrics.count_response(PREDICT_ROUTE, status)
         return True
 
 

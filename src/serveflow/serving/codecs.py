@@ -62,6 +62,19 @@ def _wants_array(expected: Any) -> bool:
     return np.ndarray in types
 
 
+def _wants_int(expected: Any) -> bool:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return int in types and float not in types
+
+
+def _integral(value: Any) -> Any:
+    """A float holding a whole number as an int, where a float is exact (under 2**53:
+    larger ones may be integers out of the 64-bit range, rounded); else `value`."""
+    if type(value) is float and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
 def _as_array(name: str, row: int, value: list[Any]) -> np.ndarray:
     """A JSON list as the array a schema's `np.ndarray` column declares: rectangular,
     of numbers (booleans, strings, nulls and ragged lists are refused)."""
@@ -89,11 +102,15 @@ def _table(
     if schema:
         columns = dict(columns)
         for name, expected in schema.items():
-            if name in columns and _wants_array(expected):
+            if name not in columns:
+                continue
+            if _wants_array(expected):
                 columns[name] = [
                     _as_array(name, i, v) if isinstance(v, list) else v
                     for i, v in enumerate(columns[name])
                 ]
+            elif _wants_int(expected):  # JSON's 2.0 is an integer, as JSON Schema says
+                columns[name] = [_integral(v) for v in columns[name]]
     return Table(columns)
 
 
@@ -137,7 +154,7 @@ def _parse_json(body: bytes) -> Any:
     except RecursionError:  # the standard library recurses per level
         raise LimitExceeded("JSON nested too deep to parse (--max-depth)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:  # orjson's is a subclass
-        if "recursion" in str(error).lower():  # orjson stops at 1024 levels
+        if "depth limit" in str(error) or "recursion" in str(error).lower():  # orjson: 1024
             raise LimitExceeded(f"JSON nested too deep to parse: {error} (--max-depth)") from None
         raise DecodeError(f"malformed JSON: {error}") from None
 
