@@ -32,6 +32,7 @@ import asyncio
 import csv
 import io
 import itertools
+import logging
 import os
 import random
 import shutil
@@ -72,6 +73,13 @@ chain = sf.Flow("chain", schema={"x": int})
 stream = chain
 for i in range(3):
     stream = stream.map(lambda v: v, col="x", name=f"identity{i + 1}")
+
+def spin(x):  # about a millisecond of CPU: a service bound by its workers, not its ingress
+    return sum(i * i for i in range(12_000)) * 0 + x
+
+
+work = sf.Flow("work", schema={"x": int})
+work.map(spin, col="x", name="spin")
 
 arith = sf.Flow("arith", schema={"a": int, "b": int})
 arith.map(lambda r: r["a"] + r["b"], names=["sum"], name="add")
@@ -324,18 +332,18 @@ def _hey_record(scenario: str, run: dict, **extra: Any) -> common.Record:
     )  # fmt: skip
 
 
-def run_overload(seconds: float, max_in_flight: int) -> list[common.Record]:
+def run_overload(seconds: float, max_in_flight: int, flow: str = "work") -> list[common.Record]:
     records = []
     with Server("--max-in-flight", str(max_in_flight)) as server:
-        url = _predict_url(server, "chain")
+        url = _predict_url(server, flow)
         hey(url, 2.0, max_in_flight)  # warm
-        capacity = _hey_record("sustainable: closed loop, connections = --max-in-flight",
+        capacity = _hey_record(f"{flow}: sustainable (closed loop, --max-in-flight connections)",
                                hey(url, seconds, max_in_flight))  # fmt: skip
         sustainable = capacity["throughput_rps"]
-        unloaded = _hey_record("unloaded: 0.25x sustainable",
+        unloaded = _hey_record(f"{flow}: unloaded (0.25x sustainable)",
                                hey(url, seconds, 4, 0.25 * sustainable))  # fmt: skip
         flood = _hey_record(
-            "overload: 3x sustainable, 96 connections",
+            f"{flow}: overload 3x sustainable, 96 connections",
             hey(url, seconds, 96, 3.0 * sustainable),
             max_in_flight=max_in_flight,
         )
@@ -609,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--max-in-flight", type=int, default=8)
 
     args = common.parse_args(__doc__.split("\n")[0], argv, configure)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per fuzzed request
     default_parts = "chaos,overload,fuzz" if args.quick else "chaos,overload,fuzz,soak"
     parts = (args.parts or default_parts).split(",")
     seconds = args.seconds or (6.0 if args.quick else 20.0)

@@ -50,6 +50,7 @@ MAX_FAILED_STARTS = 3  # consecutive workers dying before ready: stop trying
 SILENT_S = 1.0  # a worker not heard from this long (heartbeats every 0.5 s) gets no runs
 HEARTBEAT_TIMEOUT_S = 1.5  # default: a worker not heard from this long is killed, replaced
 LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading a stage
+WEDGED_FACTOR = 4  # a silent worker the engine does not see stopped gets this many times longer
 LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
 STALLED_S = 1.0  # a call running this long: a locality key goes to another worker
 
@@ -184,10 +185,12 @@ class ControlPlane:
     target_in_flight: stage runs per worker above which the pool grows.
     stage_timeout_s: a worker running one batch longer than this is killed and its
         requests re-run (None: no limit).
-    heartbeat_timeout_s: a worker not heard from this long (heartbeats every 0.5 s;
-        frozen, stopped, or holding the GIL in native code) is killed, its requests
-        re-run elsewhere and a new worker started; while it said it was loading a
-        stage, LOADING_SILENT_S. None: never (it is only routed around).
+    heartbeat_timeout_s: a worker not heard from this long (heartbeats every 0.5 s)
+        that the engine sees stopped (SIGSTOP) is killed, its requests re-run
+        elsewhere and a new worker started; one still running (wedged: holding the GIL
+        in native code, or only slowed by an overloaded machine) after WEDGED_FACTOR
+        times as long; while it said it was loading a stage, after LOADING_SILENT_S.
+        None: never (a silent worker is only routed around).
     """
 
     def __init__(
@@ -676,16 +679,27 @@ class ControlPlane:
             if w.killed_for or not w.ready:
                 continue
             silent_for = now - w.heard_at
+            allowed = self._silence_allowed(w)
+            stopped = silent_for > allowed and self._suspended(w.index)
+            if not stopped:
+                # still running: more likely slowed (its sends to an overloaded driver
+                # wait, the machine is oversubscribed) than wedged; give it longer
+                allowed *= WEDGED_FACTOR
             if limit is not None and w.busy_since is not None and now - w.busy_since > limit:
                 w.killed_for = f"a stage ran longer than stage_timeout_s={limit:g}"
-            elif judge_silence and silent_for > self._silence_allowed(w):
-                w.killed_for = f"no heartbeat for {silent_for:.1f} s (frozen or stopped)"
+            elif judge_silence and silent_for > allowed:
+                how = "stopped" if stopped else "running, but wedged"
+                w.killed_for = f"no heartbeat for {silent_for:.1f} s ({how})"
             elif limit is not None and w.load.outstanding and silent_for > max(limit, SILENT_S):
                 w.killed_for = f"it stopped answering for longer than stage_timeout_s={limit:g}"
             else:
                 continue
             log.warning("worker %d: %s; killing it", w.index, w.killed_for)
             self.engine.kill(w.index)
+
+    def _suspended(self, index: int) -> bool:
+        suspended = getattr(self.engine, "suspended", None)  # engines that predate it: no
+        return bool(suspended is not None and suspended(index))
 
     def _silence_allowed(self, w: WorkerState) -> float:
         if self.heartbeat_timeout_s is None:
