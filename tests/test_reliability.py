@@ -14,10 +14,10 @@ import zipfile
 import httpx
 import numpy as np
 import pytest
+from benchmarks import reliability
 from prometheus_client.parser import text_string_to_metric_families
 
 import serveflow as sf
-from benchmarks import reliability
 from serveflow.serving import Server
 from serveflow.serving.limits import Limits
 
@@ -233,7 +233,11 @@ def test_every_response_is_counted_by_status_and_metrics_pass_promtool(server, c
 def test_openapi_is_generated_per_flow_with_every_status(client):
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
-    assert {"/v1/flows/arith/predict", "/v1/flows/tensor/predict", "/v1/flows/loose/predict"} <= set(paths)
+    assert {
+        "/v1/flows/arith/predict",
+        "/v1/flows/tensor/predict",
+        "/v1/flows/loose/predict",
+    } <= set(paths)
     for path in ("/metrics", "/v1/flows", "/v1/flows/arith", "/v1/flows/arith/stats"):
         assert "401" in paths[path]["get"]["responses"], path
     predict = paths["/v1/flows/arith/predict"]["post"]

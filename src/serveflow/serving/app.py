@@ -432,12 +432,12 @@ class ServingASGI(Starlette):
             await super().__call__(scope, receive, send)
             return
         path: str = scope["path"]
-        if scope["method"] == "POST":
-            if path.startswith(_PREDICT_PREFIX) and path.endswith(_PREDICT_SUFFIX):
-                name = path[len(_PREDICT_PREFIX) : -len(_PREDICT_SUFFIX)]
-                fast = name and "/" not in name
-                if fast and await self._fast_predict(name, scope, receive, send):
-                    return
+        predict = path.startswith(_PREDICT_PREFIX) and path.endswith(_PREDICT_SUFFIX)
+        if predict and scope["method"] == "POST":
+            name = path[len(_PREDICT_PREFIX) : -len(_PREDICT_SUFFIX)]
+            fast = name and "/" not in name
+            if fast and await self._fast_predict(name, scope, receive, send):
+                return
         status = 0
 
         async def counted(message: Message) -> None:

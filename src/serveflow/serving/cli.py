@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-rows", defaults.max_rows, "rows in one request"),
     )
     for option, default, what in limits:
-        serve.add_argument(option, type=int, default=default, help=f"most {what} (default {default})")
+        help_text = f"most {what} (default {default})"
+        serve.add_argument(option, type=int, default=default, help=help_text)
     serve.add_argument(
         "--drain-timeout",
         type=float,

@@ -172,12 +172,16 @@ def openapi_spec(apps: Mapping[str, App], *, limits: Limits, secured: bool) -> d
     _, definitions = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     json_object = {"application/json": {"schema": {"type": "object"}}}
     paths: dict[str, Any] = {
-        "/v1/flows": _get("Every flow: schema, SLO, explain() text, plan graph", json_object, secured),
+        "/v1/flows": _get(
+            "Every flow: schema, SLO, explain() text, plan graph", json_object, secured
+        ),
     }
     for name in sorted(apps):
         base = f"/v1/flows/{name}"
         paths[f"{base}/predict"] = _predict(name, request_models[name], secured, limits)
-        paths[base] = _get(f"Flow {name!r}: schema, SLO, explain(), plan graph", json_object, secured)
+        paths[base] = _get(
+            f"Flow {name!r}: schema, SLO, explain(), plan graph", json_object, secured
+        )
         paths[f"{base}/stats"] = _get(
             f"Live per-stage figures of flow {name!r} and its end-to-end latency",
             json_object,

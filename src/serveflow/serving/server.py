@@ -69,6 +69,14 @@ class _DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def _has_httptools() -> bool:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Server:
     """Serve deployed flows (flow name -> App) over HTTP.
 
@@ -120,6 +128,11 @@ class Server:
             limits=limits,
         )
         self.state: ServingState = self.asgi.state.serving
+        protocol: Any = http
+        if max_in_flight is not None and http in ("auto", "httptools") and _has_httptools():
+            from serveflow.serving.shedding import shedding_protocol  # needs httptools
+
+            protocol = shedding_protocol(self.state)  # refusals before any ASGI work
         config = uvicorn.Config(
             self.asgi,
             host=host,
@@ -129,7 +142,7 @@ class Server:
             lifespan="on",
             timeout_graceful_shutdown=max(1, round(drain_timeout)),
             loop=loop,  # "auto": uvloop when installed (the serve extra pins it)
-            http=http,  # "auto": httptools when installed
+            http=protocol,  # "auto": httptools when installed
         )
         self._uvicorn = _DrainingServer(config, self.state, shutdown_delay)
         self._thread: threading.Thread | None = None
