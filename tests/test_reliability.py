@@ -107,7 +107,7 @@ def _own_pid() -> int:
         ("bare .npy", None, 400, "single .npy"),
         ("truncated", _npz(x=np.arange(1000))[:100], 400, "malformed"),
         ("object array", _npz(compressed=False, x=np.array([1, None], dtype=object)), 400,
-         "unpickling"),
+         "pickle"),
     ],
     ids=lambda value: value if isinstance(value, str) and len(value) < 40 else "",
 )  # fmt: skip

@@ -239,7 +239,7 @@ def _read_npy(
     if dtype.hasobject:
         raise DecodeError(
             f".npz member {name!r} holds Python objects (dtype {dtype}); they would need "
-            "unpickling, which this server never does"
+            "pickle to load, which this server never uses"
         )
     count = math.prod(shape)
     if elements_before + count > limits.max_elements:
