@@ -518,7 +518,8 @@ def schemathesis(server: Server, examples: int) -> common.Record:
                "-H", f"Authorization: Bearer {TOKEN}", "--max-examples", str(examples),
                "--phases", "examples,coverage,fuzzing", "--no-color"]  # fmt: skip
     t0 = time.perf_counter()
-    out = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    with tempfile.TemporaryDirectory(prefix="sf-schemathesis-") as cwd:  # its cache goes there
+        out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd)
     lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
     summary = next((line for line in reversed(lines) if " in " in line and "=" in line), "")
     cases = next((line for line in lines if "generated" in line), "")
