@@ -356,7 +356,7 @@ def _loads(raw: bytes | memoryview) -> Any:
 def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     parameters = obj.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise HTTPProblem(400, f"{where}: \"parameters\" must be an object")
+        raise HTTPProblem(400, f'{where}: "parameters" must be an object')
     return parameters
 
 
@@ -387,7 +387,7 @@ def parse_infer_request(
     for index, raw in enumerate(request["inputs"]):
         where = f"input {index}"
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-            raise HTTPProblem(400, f"{where} must be an object with a \"name\"")
+            raise HTTPProblem(400, f'{where} must be an object with a "name"')
         where = f"input {raw['name']!r}"
         datatype, shape = raw.get("datatype"), raw.get("shape")
         if datatype not in DATATYPES:
@@ -411,12 +411,10 @@ def parse_infer_request(
         elif isinstance(raw.get("data"), list):
             data = raw["data"]
         else:
-            raise HTTPProblem(400, f"{where} has no \"data\" list and no binary_data_size")
+            raise HTTPProblem(400, f'{where} has no "data" list and no binary_data_size')
         inputs.append(InputTensor(raw["name"], datatype, tuple(shape), data))
     if offset != len(binary):
-        raise HTTPProblem(
-            400, f"{len(binary) - offset} bytes of binary data belong to no input"
-        )
+        raise HTTPProblem(400, f"{len(binary) - offset} bytes of binary data belong to no input")
     default_binary = _parameters(request, "request").get("binary_data_output") is True
     outputs = []
     for raw in request.get("outputs") or []:
@@ -584,6 +582,3 @@ def _allow(method: str, *allowed: str) -> None:
 
 def _ok(data: Any, status: int = 200) -> tuple[int, bytes, dict[str, str]]:
     return status, encode_json(data), {"content-type": JSON}
-
-
-

@@ -229,9 +229,7 @@ def columns_from_tensors(
         columns[tensor.name] = column_from_tensor(tensor, expected)
         rows[tensor.name] = tensor.shape[0]
     if len(set(rows.values())) > 1:
-        raise TensorError(
-            f"inputs must have the same first dimension (rows), got {rows}"
-        )
+        raise TensorError(f"inputs must have the same first dimension (rows), got {rows}")
     return columns
 
 
