@@ -65,6 +65,7 @@ EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 HEADER_LENGTH = "inference-header-content-length"
 BINARY = "application/octet-stream"
 TIMEOUT_HEADER = "x-request-timeout-ms"
+MAX_SEEN_TENSORS = 64  # tensors per model and direction that metadata remembers
 
 
 @dataclass
@@ -166,8 +167,8 @@ class V2Models:
             if datatype is not None:
                 tensors.append({"name": column, "datatype": datatype, "shape": [-1]})
             elif column in seen:
-                kind_seen, cell = seen[column]
-                tensors.append({"name": column, "datatype": kind_seen, "shape": [-1, *cell]})
+                datatype, cell = seen[column]
+                tensors.append({"name": column, "datatype": datatype, "shape": [-1, *cell]})
             else:  # np.ndarray or another type: any datatype, cells of any shape
                 tensors.append({"name": column, "datatype": "", "shape": [-1, -1]})
         for column, (datatype, cell) in seen.items():
@@ -292,11 +293,12 @@ class V2Models:
         stats.inference_count += len(table)
         stats.execution_count += 1
         stats.last_inference_ms = time.time_ns() // 1_000_000
-        seen = self.seen[name]
-        for tensor in inputs:
-            seen["inputs"][tensor.name] = (tensor.datatype, tuple(tensor.shape[1:]))
-        for tensor in tensors:
-            seen["outputs"][tensor.name] = (tensor.datatype, tuple(tensor.shape[1:]))
+        for kind, described in (("inputs", inputs), ("outputs", tensors)):
+            seen = self.seen[name][kind]
+            for tensor in described:
+                # Bounded: clients choose input names, and extra columns are allowed.
+                if tensor.name in seen or len(seen) < MAX_SEEN_TENSORS:
+                    seen[tensor.name] = (tensor.datatype, tuple(tensor.shape[1:]))
         return tensors
 
     async def _run(self, app: App, name: str, table: Table, timeout: float | None) -> Table:
