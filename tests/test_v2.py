@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -589,3 +590,14 @@ def test_cli_serves_grpc_on_a_free_port(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+def test_a_taken_grpc_port_fails_the_start_saying_so():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        app = arith_flow().deploy()
+        server = Server({"arith": app}, port=0, grpc_port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="cannot serve gRPC"):
+            server.start()
+        app.stop()

@@ -198,17 +198,24 @@ class Server:
     def start(self, startup_timeout: float = 30.0) -> Server:
         """Serve from a background thread; returns once the socket accepts requests."""
         sock = self.bind()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                asyncio.run(self._uvicorn.serve(sockets=[sock]))
+            except BaseException as error:  # e.g. the gRPC port is taken: told by start()
+                failure.append(error)
+
         self._thread = threading.Thread(
-            target=lambda: asyncio.run(self._uvicorn.serve(sockets=[sock])),
-            name=f"serveflow:http:{self.port}",
-            daemon=True,
+            target=serve, name=f"serveflow:http:{self.port}", daemon=True
         )
         self._thread.start()
         deadline = time.monotonic() + startup_timeout
         while not self._uvicorn.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"HTTP server on {self.url} did not start")
+                reason = f": {failure[0]}" if failure else ""
+                raise RuntimeError(f"server on {self.url} did not start{reason}")
             time.sleep(0.01)
         return self
 

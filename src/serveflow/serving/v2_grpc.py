@@ -254,9 +254,12 @@ class GRPCServer:
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.models), self._server
         )
-        port = self._server.add_insecure_port(self.address)
+        try:
+            port = self._server.add_insecure_port(self.address)
+        except RuntimeError:  # grpc's "Failed to bind"
+            port = 0
         if port == 0:
-            raise OSError(f"cannot bind the gRPC port {self.address}")
+            raise OSError(f"cannot serve gRPC on {self.address}: address in use or unavailable")
         self.port = port
         await self._server.start()
         log.info("V2 gRPC on %s", self.address)
