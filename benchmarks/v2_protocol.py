@@ -3,7 +3,8 @@
 Systems, started in this run on this machine, each in its own processes:
 - serveflow: `serveflow serve --grpc-port 0` on three unfused identity maps
   (`--rules fusion=off`, the flow of benchmarks.http_load) on the embedded runtime,
-  measured over V2 gRPC and over V2 HTTP (binary tensor data);
+  measured over V2 gRPC and over V2 HTTP (binary tensor data); serveflow-fused: the
+  same flow under the default rules, which fuse the three maps into one stage;
 - triton: Triton Inference Server (nvidia-pytriton, CPU, in benchmarks/.triton-venv)
   serving ONE Python identity model with dynamic batching (max batch 64), measured over
   the same two protocols.
@@ -149,7 +150,8 @@ def measure(
                         rps,
                         clients=clients,
                         protocol=protocol,
-                        stages=STAGES if target.system == "serveflow" else 1,
+                        stages=STAGES if target.system.startswith("serveflow") else 1,
+                        fused=target.system == "serveflow-fused",
                         errors=errors,
                         seconds=round(elapsed, 2),
                     )
@@ -164,21 +166,22 @@ def report_ratios(records: list[common.Record], levels: list[int]) -> list[str]:
     every concurrency, with a lower p99, per protocol."""
     by = {(r["system"], r.get("clients")): r for r in records if r.get("clients")}
     lines = []
-    for protocol in PROTOCOLS:
-        for clients in levels:
-            s = by.get((f"serveflow-{protocol}", clients))
-            t = by.get((f"triton-{protocol}", clients))
-            if not (s and t and s["throughput_rps"] and t["throughput_rps"]):
-                continue
-            gain = common.ratio(s["throughput_rps"], t["throughput_rps"])
-            p99 = common.ratio(s["p99_ms"], t["p99_ms"])
-            met = gain is not None and gain >= 1 and p99 is not None and p99 < 1
-            lines.append(
-                f"{protocol} @{clients}: throughput serveflow/triton {common.fmt(gain)}x "
-                f"({s['throughput_rps']:.0f} vs {t['throughput_rps']:.0f} req/s), "
-                f"p99 {common.fmt(s['p99_ms'])} vs {common.fmt(t['p99_ms'])} ms "
-                f"(ratio {common.fmt(p99)}): target {'met' if met else 'NOT met'}"
-            )
+    for system in ("serveflow", "serveflow-fused"):
+        for protocol in PROTOCOLS:
+            for clients in levels:
+                s = by.get((f"{system}-{protocol}", clients))
+                t = by.get((f"triton-{protocol}", clients))
+                if not (s and t and s["throughput_rps"] and t["throughput_rps"]):
+                    continue
+                gain = common.ratio(s["throughput_rps"], t["throughput_rps"])
+                p99 = common.ratio(s["p99_ms"], t["p99_ms"])
+                met = gain is not None and gain >= 1 and p99 is not None and p99 < 1
+                lines.append(
+                    f"{system} {protocol} @{clients}: throughput / triton {common.fmt(gain)}x "
+                    f"({s['throughput_rps']:.0f} vs {t['throughput_rps']:.0f} req/s), "
+                    f"p99 {common.fmt(s['p99_ms'])} vs {common.fmt(t['p99_ms'])} ms "
+                    f"(ratio {common.fmt(p99)}): target {'met' if met else 'NOT met'}"
+                )
     return lines
 
 
@@ -220,14 +223,16 @@ def main(argv: list[str] | None = None) -> None:
     rounds = 2 if args.quick else 4
     records: list[common.Record] = []
     with contextlib.ExitStack() as stack:
-        server = ServeflowServer(extra=("--grpc-port", "0"))
-        stack.callback(server.close)
-        assert server.process.stdout is not None
-        grpc_line = server.process.stdout.readline()  # "serveflow: V2 gRPC on HOST:PORT"
-        targets = [
-            Target("serveflow", "grpc", grpc_line.split(" on ")[-1].strip(), "chain", False),
-            Target("serveflow", "http", server.base.removeprefix("http://"), "chain", False),
-        ]
+        targets = []
+        for system, fused in (("serveflow", False), ("serveflow-fused", True)):
+            server = ServeflowServer(fused=fused, extra=("--grpc-port", "0"))
+            stack.callback(server.close)
+            assert server.process.stdout is not None
+            grpc_line = server.process.stdout.readline()  # "serveflow: V2 gRPC on HOST:PORT"
+            targets += [
+                Target(system, "grpc", grpc_line.split(" on ")[-1].strip(), "chain", False),
+                Target(system, "http", server.base.removeprefix("http://"), "chain", False),
+            ]
         if not args.no_triton:
             try:
                 triton = TritonServer(chain=1)
