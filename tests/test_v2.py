@@ -601,3 +601,38 @@ def test_a_taken_grpc_port_fails_the_start_saying_so():
         with pytest.raises(RuntimeError, match="cannot serve gRPC"):
             server.start()
         app.stop()
+
+
+def batched_double(table):
+    time.sleep(0.01)  # concurrent requests pile up meanwhile and form the next batch
+    return [2 * x for x in table.column("x")]
+
+
+def test_slo_batching_flows_see_every_v2_request():
+    flow = sf.Flow("slo", schema={"x": int})
+    flow.map(batched_double, names=["y"], batching=sf.Batching(slo_ms=500), name="double")
+    app = flow.deploy()
+    with Server({"slo": app}, port=0, grpc_port=0) as srv:
+
+        async def run() -> list[list[int]]:
+            client = grpcaio.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+
+            async def one(i: int) -> list[int]:
+                x = grpcaio.InferInput("x", [1], "INT64")
+                x.set_data_from_numpy(np.array([i], dtype=np.int64))
+                return (await client.infer("slo", [x])).as_numpy("y").tolist()
+
+            try:
+                return await asyncio.gather(*(one(i) for i in range(32)))
+            finally:
+                await client.close()
+
+        assert asyncio.run(run()) == [[2 * i] for i in range(32)]
+        assert "slo" not in srv.state.coalescers  # its controller batches, per request
+        for _ in range(100):  # workers report their figures every few hundred ms
+            stats = app.stats()["double"]
+            if stats["requests"] >= 32:
+                break
+            time.sleep(0.05)
+        assert stats["requests"] == 32  # each V2 request is one arrival to plan for
+        assert max(int(size) for size in stats["batch_sizes"]) > 1  # and they were batched
