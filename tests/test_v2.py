@@ -636,3 +636,31 @@ def test_slo_batching_flows_see_every_v2_request():
             time.sleep(0.05)
         assert stats["requests"] == 32  # each V2 request is one arrival to plan for
         assert max(int(size) for size in stats["batch_sizes"]) > 1  # and they were batched
+
+
+def test_grpc_typed_contents_and_request_ids(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    infer = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=grpcclient.service_pb2.ModelInferRequest.SerializeToString,
+        response_deserializer=grpcclient.service_pb2.ModelInferResponse.FromString,
+    )
+    request = grpcclient.service_pb2.ModelInferRequest(model_name="arith", id="req-7")
+    for name in ("a", "b"):
+        tensor = request.inputs.add(name=name, datatype="INT32", shape=[2])
+        tensor.contents.int_contents.extend([3, 5])
+    response = infer(request, timeout=TIMEOUT)
+    assert response.id == "req-7" and response.model_name == "arith"
+    assert response.outputs[0].name == "sum" and list(response.outputs[0].shape) == [2]
+    assert np.frombuffer(response.raw_output_contents[0], "<i8").tolist() == [6, 10]
+    request.raw_input_contents.append(b"\0" * 8)  # one raw entry for two inputs
+    with pytest.raises(grpc.RpcError) as caught:
+        infer(request, timeout=TIMEOUT)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw_input_contents" in caught.value.details()
+    channel.close()
+    # HTTP echoes the id too.
+    client = Client(server, "http-json")
+    a = (np.array([1], dtype=np.int64), "INT64")
+    result = client.infer("arith", {"a": a, "b": a}, request_id="req-8")
+    assert result.get_response()["id"] == "req-8"
