@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n\n".join(sf.optimize(flow, rules).explain() for flow in flows))
             return 0
         return _serve(args, flows, rules)
-    except (LoadError, argparse.ArgumentTypeError, sf.FlowError, OSError) as error:
+    except (LoadError, argparse.ArgumentTypeError, sf.FlowError, OSError, ImportError) as error:
         print(f"serveflow: error: {error}", file=sys.stderr)
         return 2
 

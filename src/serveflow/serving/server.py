@@ -152,8 +152,12 @@ class Server:
         )
         self._grpc = None
         if grpc_port is not None:
-            from serveflow.serving.v2_grpc import GRPCServer
-
+            try:
+                from serveflow.serving.v2_grpc import GRPCServer
+            except ImportError as error:
+                raise ImportError(
+                    f"serving gRPC needs the grpc extra (pip install 'serveflow[grpc]'): {error}"
+                ) from error
             self._grpc = GRPCServer(self.asgi.v2.models, host, grpc_port)
         self._uvicorn = _DrainingServer(
             config, self.state, shutdown_delay, self._grpc, drain_timeout
