@@ -62,8 +62,10 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def ray_runtime(ray_cluster):
-    """A `sf.RayRuntime` on the session's Ray cluster, shared like `shared_runtime`."""
-    runtime = sf.RayRuntime()
+    """A `sf.RayRuntime` on the session's Ray cluster, shared like `shared_runtime`.
+    Its workers reserve no CPU or GPU (`worker_cpus=0`, `gpus=0`): the cluster tests
+    place their own runtimes' workers by the resources they ask for."""
+    runtime = sf.RayRuntime(worker_cpus=0, max_workers=4, gpus=0)
     yield runtime
     runtime.stop()
 

@@ -61,7 +61,8 @@ class PickledResult:
 def _async_raise(thread_id: int, error: type[BaseException] | None) -> None:
     """Raise `error` in thread `thread_id` at its next bytecode (None: take back one
     not raised yet)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), error)
+    exc = None if error is None else ctypes.py_object(error)  # None: NULL
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc)
 
 
 class RayWorker(Worker):
@@ -142,7 +143,9 @@ class RayWorker(Worker):
         if worker == DRIVER:
             if isinstance(message, m.Result):
                 try:
-                    message = message._replace(value=PickledResult(cloudpickle.dumps(message.value)))
+                    message = message._replace(
+                        value=PickledResult(cloudpickle.dumps(message.value))
+                    )
                 except Exception as error:
                     failure = self.unsendable(message, error).value
                     message = message._replace(value=PickledResult(cloudpickle.dumps(failure)))

@@ -18,9 +18,7 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError as error:
-        raise ImportError(
-            "sf.RayRuntime needs Ray: pip install 'serveflow[ray]'"
-        ) from error
+        raise ImportError("sf.RayRuntime needs Ray: pip install 'serveflow[ray]'") from error
     return ray
 
 

@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU devices for gpu=True stages: a count or device ids (default: detect)",
     )
     serve.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="serve on Ray (sf.RayRuntime) instead of the embedded runtime: 'auto' joins "
+        "this machine's cluster, 'ray://HOST:10001' one through Ray Client, 'local' "
+        "starts a Ray here (needs the ray extra)",
+    )
+    serve.add_argument(
+        "--kvs",
+        default=None,
+        metavar="URL",
+        help="key-value store behind lookups: 'redis://HOST:PORT/DB' or 'lmdb:///PATH' "
+        "(default: an LMDB store in a temporary directory, one machine only)",
+    )
+    serve.add_argument(
         "--token",
         default=os.environ.get("SERVEFLOW_TOKEN") or None,
         help="require 'Authorization: Bearer TOKEN' on all but /healthz and /readyz "
@@ -217,7 +232,14 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
         options["stage_timeout_s"] = args.stage_timeout
     if args.gpus is not None:
         options["gpus"] = args.gpus
-    runtime = sf.LocalRuntime(**options)
+    if args.kvs is not None:
+        options["kvs"] = args.kvs
+    if args.ray is not None:
+        if isinstance(options.get("gpus"), list):
+            raise SystemExit("serveflow serve: error: with --ray, --gpus is a count")
+        runtime: Any = sf.RayRuntime(None if args.ray == "local" else args.ray, **options)
+    else:
+        runtime = sf.LocalRuntime(**options)
     try:
         apps = {flow.name: flow.deploy(rules=rules, runtime=runtime) for flow in flows}
         server = Server(
