@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import pickle
 import queue
 import sys
 import threading
@@ -56,6 +57,15 @@ class PickledResult:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+
+
+def _pickle(value: Any) -> bytes:
+    """`value` pickled by the C pickler, or by cloudpickle when it holds what only
+    cloudpickle can write (a lambda, a class defined in a function)."""
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:
+        return cloudpickle.dumps(value, protocol=5)
 
 
 def _async_raise(thread_id: int, error: type[BaseException] | None) -> None:
@@ -143,12 +153,10 @@ class RayWorker(Worker):
         if worker == DRIVER:
             if isinstance(message, m.Result):
                 try:
-                    message = message._replace(
-                        value=PickledResult(cloudpickle.dumps(message.value))
-                    )
+                    data = _pickle(message.value)
                 except Exception as error:
-                    failure = self.unsendable(message, error).value
-                    message = message._replace(value=PickledResult(cloudpickle.dumps(failure)))
+                    data = _pickle(self.unsendable(message, error).value)
+                message = message._replace(value=PickledResult(data))
             self.post(message)
             return
         if worker == self.index:
@@ -223,6 +231,7 @@ class WorkerActor:
         self.event: Any = None
         threading.Thread(target=self.worker.serve, name="serveflow:worker", daemon=True).start()
 
+    @ray.method(num_returns=0)  # nothing to wait for: no return object to track
     async def deliver(self, message: Any) -> None:
         if isinstance(message, m.Cancel):
             self.worker.cancel_now(message, self.worker.interrupt)
@@ -405,7 +414,7 @@ class RayEngine:
             with self._lock:
                 self._pids[index] = message.pid
         elif isinstance(message, m.Result) and isinstance(message.value, PickledResult):
-            message = message._replace(value=cloudpickle.loads(message.value.data))
+            message = message._replace(value=pickle.loads(message.value.data))
         try:
             events.on_message(message)
         except Exception:  # never let one bad message stop every request
