@@ -265,3 +265,20 @@ def test_requests_from_many_threads(ray_runtime):
     for n, outs in results.items():
         assert [o.column("y") for o in outs] == [[3 * n, 3 * i] for i in range(20)]
     assert len(results) == 8
+
+
+def test_values_that_cannot_travel_fail_their_request_alone(ray_runtime):
+    flow = sf.Flow("travel")
+    made = flow.map(
+        lambda r: threading.Lock() if r["a"] == 1 else r["a"], names=["b"], name="makes"
+    )
+    made.map(lambda r: threading.Lock() if r["b"] == 2 else r["b"], names=["c"], name="last")
+    with flow.deploy(rules=sf.Rules(fusion=False), runtime=ray_runtime) as app:
+        with pytest.raises(sf.InputError, match="cannot be sent"):
+            app.run(sf.Table({"a": [threading.Lock()]})).result(timeout=TIMEOUT)
+        # sent on to another actor ('makes' named), or run on by the same one ('last')
+        with pytest.raises(sf.OperatorError, match=r"'(makes|last)'.*pickle"):
+            app.run(sf.Table({"a": [1]})).result(timeout=TIMEOUT)
+        with pytest.raises(sf.OperatorError, match=r"'last'.*pickle"):  # actor to driver
+            app.run(sf.Table({"a": [2]})).result(timeout=TIMEOUT)
+        assert app.run(sf.Table({"a": [3]})).result(timeout=TIMEOUT).to_rows() == [{"c": 3}]

@@ -37,6 +37,7 @@ from typing import Any
 import cloudpickle
 import ray
 
+from serveflow.errors import InputError
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import messages as m
 from serveflow.runtime.engine import Events
@@ -166,11 +167,11 @@ class RayWorker(Worker):
         if peer is None:
             return  # gone: the driver re-runs the request
         try:
-            peer.deliver.remote(message)
+            peer.deliver.remote([message])
         except Exception as error:  # an output that cannot travel fails its request
             if not isinstance(message, m.Input):
                 raise
-            peer.deliver.remote(self.unsendable(message, error))
+            peer.deliver.remote([self.unsendable(message, error)])
 
     def post(self, message: Any) -> None:
         with self.outbox_lock:
@@ -232,11 +233,13 @@ class WorkerActor:
         threading.Thread(target=self.worker.serve, name="serveflow:worker", daemon=True).start()
 
     @ray.method(num_returns=0)  # nothing to wait for: no return object to track
-    async def deliver(self, message: Any) -> None:
-        if isinstance(message, m.Cancel):
-            self.worker.cancel_now(message, self.worker.interrupt)
-        else:
-            self.worker.inbox.put(message)
+    async def deliver(self, messages: list[Any]) -> None:
+        """Take `messages`, in order."""
+        for message in messages:
+            if isinstance(message, m.Cancel):
+                self.worker.cancel_now(message, self.worker.interrupt)
+            else:
+                self.worker.inbox.put(message)
 
     async def outbox(self) -> tuple[list[Any], bool]:
         """What the worker said since the last call, once it has said something;
@@ -289,8 +292,12 @@ class RayEngine:
         self._lock = threading.Lock()
         self._receiver: threading.Thread | None = None
         self._closing = False
+        self._receiver_id = 0
+        self._events: Events | None = None
+        self._held: dict[int, list[Any]] | None = None  # see `send`
 
     def start(self, events: Events) -> None:
+        self._events = events
         self._receiver = threading.Thread(
             target=self._receive, args=(events,), name="serveflow:ray-receiver", daemon=True
         )
@@ -324,9 +331,41 @@ class RayEngine:
             self._polls[poll] = index
 
     def send(self, worker: int, message: Any, rid: int = 0) -> None:
+        """Deliver now; or, from the receiver thread while it hands the control plane
+        a batch of worker messages (results settle futures, whose callbacks start
+        requests), once the batch is handled: one call per worker for all of them."""
+        if self._held is not None and threading.get_ident() == self._receiver_id:
+            self._held.setdefault(worker, []).append(message)
+            return
         handle = self._handles.get(worker)
         if handle is not None:  # else gone: `exited` reports it
-            handle.deliver.remote(message)
+            handle.deliver.remote([message])
+
+    def _deliver_held(self) -> None:
+        held, self._held = self._held or {}, None
+        for worker, messages in held.items():
+            handle = self._handles.get(worker)
+            if handle is None:
+                continue
+            try:
+                handle.deliver.remote(messages)
+            except Exception:  # one that cannot travel: alone, it fails only its request
+                for message in messages:
+                    try:
+                        handle.deliver.remote([message])
+                    except Exception as error:
+                        self._unsendable(message, error)
+
+    def _unsendable(self, message: Any, error: Exception) -> None:
+        """Fail the request whose table could not be sent, as `ControlPlane._route`
+        does when `send` raises."""
+        if not isinstance(message, m.Input) or self._events is None:
+            log.exception("cannot send a %s to a worker", type(message).__name__)
+            return
+        failure = InputError(
+            f"the request cannot be sent to a worker: {type(error).__name__}: {error}"
+        )
+        self._events.on_message(m.Result(message.app, message.rid, message.attempt, failure))
 
     def publish(self, app: int, plan: Plan) -> m.Deploy:
         """The plan's bytes travel in the `Deploy` itself (through the object store
@@ -357,7 +396,7 @@ class RayEngine:
         with self._lock:
             handles = dict(self._handles)
         for handle in handles.values():
-            handle.deliver.remote(m.Exit())
+            handle.deliver.remote([m.Exit()])
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline:
             with self._lock:
@@ -374,6 +413,7 @@ class RayEngine:
 
     # -- the receiver ---------------------------------------------------------------------
     def _receive(self, events: Events) -> None:
+        self._receiver_id = threading.get_ident()
         while not self._closing:
             with self._lock:
                 polls = list(self._polls)
@@ -383,8 +423,12 @@ class RayEngine:
             ready, rest = ray.wait(polls, num_returns=1, timeout=POLL_S)
             if ready and rest:
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-            for poll in ready:
-                self._take(poll, events)
+            self._held = {}
+            try:
+                for poll in ready:
+                    self._take(poll, events)
+            finally:
+                self._deliver_held()
 
     def _take(self, poll: Any, events: Events) -> None:
         with self._lock:
