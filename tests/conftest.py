@@ -4,6 +4,10 @@ Deployments share one `sf.LocalRuntime` per test session (generic warm workers, 
 loaded on demand, as in the serverless model), so that a deploy costs milliseconds
 instead of a worker start. A few tests deploy on the default, fresh runtime on purpose.
 Set SERVEFLOW_FRESH_RUNTIME=1 to give every deployment its own runtime instead.
+
+A test module that sets `RUNTIMES = ("local", "ray")` runs its `deploy`/`serve` tests
+on both runtimes: the Ray one on a two-node Ray cluster started once per session
+(`ray_cluster`; test_ray.py places its own runtimes' workers on it).
 """
 
 import os

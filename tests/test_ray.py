@@ -282,3 +282,27 @@ def test_values_that_cannot_travel_fail_their_request_alone(ray_runtime):
         with pytest.raises(sf.OperatorError, match=r"'last'.*pickle"):  # actor to driver
             app.run(sf.Table({"a": [2]})).result(timeout=TIMEOUT)
         assert app.run(sf.Table({"a": [3]})).result(timeout=TIMEOUT).to_rows() == [{"c": 3}]
+
+
+def _batch_sizes(table: sf.Table) -> list[int]:
+    return [len(table)] * len(table)
+
+
+def test_an_slo_stage_batches_requests_of_many_callers_on_ray(ray_runtime):
+    from serveflow.batching.controller import Decision
+
+    flow = sf.Flow("slo")
+    flow.map(_batch_sizes, names=["size"], batching=sf.Batching(slo_ms=5000), name="model")
+    with flow.deploy(runtime=ray_runtime) as app:
+        decision = Decision(4, 1.0, 1)
+        app.controllers[0].decision = lambda now: decision  # as if planned
+        deadline = time.monotonic() + TIMEOUT
+        while not app.stats()["model"]["cold_starts"] and time.monotonic() < deadline:
+            time.sleep(0.05)  # the plan's worker loads the stage before requests come
+        time.sleep(0.3)  # and has its policy
+        sent = time.monotonic()
+        futures = [app.run(sf.Table({"a": [i]})) for i in range(4)]
+        assert [f.result(timeout=TIMEOUT).column("size")[0] for f in futures] == [4] * 4
+        assert time.monotonic() - sent < 0.8  # full: dispatched without the timeout
+        stats = app.stats()["model"]
+    assert stats["workers_target"] == 1 and stats["slo_ms"] == 5000
