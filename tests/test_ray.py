@@ -306,3 +306,12 @@ def test_an_slo_stage_batches_requests_of_many_callers_on_ray(ray_runtime):
         assert time.monotonic() - sent < 0.8  # full: dispatched without the timeout
         stats = app.stats()["model"]
     assert stats["workers_target"] == 1 and stats["slo_ms"] == 5000
+
+
+def test_serve_on_ray_refuses_device_ids(tmp_path, capsys):
+    from serveflow.serving.cli import main
+
+    path = tmp_path / "flows.py"
+    path.write_text('import serveflow as sf\nf = sf.Flow("f")\nf.map(lambda r: 1, names=["x"])\n')
+    assert main(["serve", str(path), "--ray", "local", "--gpus", "0,1"]) == 2
+    assert "--gpus is a count" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="deploy flows on the embedded runtime and serve them over HTTP",
+        help="deploy flows on the embedded runtime (or Ray: --ray) and serve them over HTTP",
         description="Deploy the flows of a Python file and serve them over HTTP until "
         "SIGTERM/SIGINT (then: stop accepting, finish in-flight requests, stop workers).",
     )
@@ -234,12 +234,15 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
         options["gpus"] = args.gpus
     if args.kvs is not None:
         options["kvs"] = args.kvs
-    if args.ray is not None:
-        if isinstance(options.get("gpus"), list):
-            raise SystemExit("serveflow serve: error: with --ray, --gpus is a count")
-        runtime: Any = sf.RayRuntime(None if args.ray == "local" else args.ray, **options)
-    else:
-        runtime = sf.LocalRuntime(**options)
+    try:
+        if args.ray is None:
+            runtime: Any = sf.LocalRuntime(**options)
+        elif isinstance(options.get("gpus"), list):
+            raise ValueError("with --ray, --gpus is a count (Ray assigns the devices)")
+        else:
+            runtime = sf.RayRuntime(None if args.ray == "local" else args.ray, **options)
+    except (ValueError, ImportError) as error:  # options the runtime refused: exit 2
+        raise argparse.ArgumentTypeError(str(error)) from error
     try:
         apps = {flow.name: flow.deploy(rules=rules, runtime=runtime) for flow in flows}
         server = Server(
