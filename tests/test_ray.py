@@ -315,3 +315,16 @@ def test_serve_on_ray_refuses_device_ids(tmp_path, capsys):
     path.write_text('import serveflow as sf\nf = sf.Flow("f")\nf.map(lambda r: 1, names=["x"])\n')
     assert main(["serve", str(path), "--ray", "local", "--gpus", "0,1"]) == 2
     assert "--gpus is a count" in capsys.readouterr().err
+
+
+def test_large_arrays_travel_between_actors(ray_runtime):
+    import numpy as np
+
+    flow = sf.Flow("arrays")
+    made = flow.map(lambda r: np.full(1 << 20, r["a"], dtype=np.float32), names=["v"])
+    doubled = made.map(lambda r: r["v"] * 2, names=["v"])  # 4 MB each: the object store
+    doubled.map(lambda r: float(r["v"].sum()), names=["total"])
+    with flow.deploy(rules=sf.Rules(fusion=False), runtime=ray_runtime) as app:
+        futures = [app.run(sf.Table({"a": [i]})) for i in range(8)]
+        totals = [f.result(timeout=TIMEOUT).column("total")[0] for f in futures]
+    assert totals == [float(2 * i * (1 << 20)) for i in range(8)]

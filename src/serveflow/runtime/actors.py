@@ -91,6 +91,7 @@ class RayWorker(Worker):
         self.wake: Any = None  # set by the actor: tells its outbox call a message waits
         self.peers: dict[int, Any] = {}
         self.early: dict[int, list[Any]] = {}  # per app not deployed yet: its messages
+        self.held: dict[int, list[Any]] | None = None  # see `run_batch`
         self.undeployed: set[int] = set()
         self.thread_id = 0
         self.interruptible: int | None = None  # the serial of the call that may be interrupted
@@ -163,15 +164,36 @@ class RayWorker(Worker):
         if worker == self.index:
             self.inbox.put(message)
             return
+        if self.held is not None:
+            self.held.setdefault(worker, []).append(message)
+        else:
+            self.deliver(worker, [message])
+
+    def run_batch(self, plan: Plan, facts: Any, key: tuple[int, int], batch: list) -> None:
+        """As `Worker.run_batch`; what the call sends to other workers goes once it
+        is over, one actor call per worker (a batch's outputs in one)."""
+        self.held = {}
+        try:
+            super().run_batch(plan, facts, key, batch)
+        finally:
+            held, self.held = self.held, None
+            for worker, messages in held.items():
+                self.deliver(worker, messages)
+
+    def deliver(self, worker: int, messages: list[Any]) -> None:
         peer = self.peer(worker)
         if peer is None:
             return  # gone: the driver re-runs the request
         try:
-            peer.deliver.remote([message])
-        except Exception as error:  # an output that cannot travel fails its request
-            if not isinstance(message, m.Input):
-                raise
-            peer.deliver.remote([self.unsendable(message, error)])
+            peer.deliver.remote(messages)
+        except Exception:  # an output that cannot travel fails its request alone
+            for message in messages:
+                try:
+                    peer.deliver.remote([message])
+                except Exception as error:
+                    if not isinstance(message, m.Input):
+                        raise
+                    peer.deliver.remote([self.unsendable(message, error)])
 
     def post(self, message: Any) -> None:
         with self.outbox_lock:
