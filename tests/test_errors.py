@@ -6,6 +6,8 @@ import pytest
 import serveflow as sf
 
 TIMEOUT = 10
+# tests deploying through `deploy`/`serve` run on the embedded runtime and on Ray
+RUNTIMES = ("local", "ray")
 
 
 def assert_serves(app):

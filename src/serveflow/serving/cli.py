@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="deploy flows on the embedded runtime and serve them over HTTP",
+        help="deploy flows on the embedded runtime (or Ray: --ray) and serve them over HTTP",
         description="Deploy the flows of a Python file and serve them over HTTP until "
         "SIGTERM/SIGINT (then: stop accepting, finish in-flight requests, stop workers).",
     )
@@ -137,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N|ID,ID",
         help="GPU devices for gpu=True stages: a count or device ids (default: detect)",
+    )
+    serve.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="serve on Ray (sf.RayRuntime) instead of the embedded runtime: 'auto' joins "
+        "this machine's cluster, 'ray://HOST:10001' one through Ray Client, 'local' "
+        "starts a Ray here (needs the ray extra)",
+    )
+    serve.add_argument(
+        "--kvs",
+        default=None,
+        metavar="URL",
+        help="key-value store behind lookups: 'redis://HOST:PORT/DB' or 'lmdb:///PATH' "
+        "(default: an LMDB store in a temporary directory, one machine only)",
     )
     serve.add_argument(
         "--token",
@@ -229,7 +244,17 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
         options["stage_timeout_s"] = args.stage_timeout
     if args.gpus is not None:
         options["gpus"] = args.gpus
-    runtime = sf.LocalRuntime(**options)
+    if args.kvs is not None:
+        options["kvs"] = args.kvs
+    try:
+        if args.ray is None:
+            runtime: Any = sf.LocalRuntime(**options)
+        elif isinstance(options.get("gpus"), list):
+            raise ValueError("with --ray, --gpus is a count (Ray assigns the devices)")
+        else:
+            runtime = sf.RayRuntime(None if args.ray == "local" else args.ray, **options)
+    except (ValueError, ImportError) as error:  # options the runtime refused: exit 2
+        raise argparse.ArgumentTypeError(str(error)) from error
     try:
         apps = {flow.name: flow.deploy(rules=rules, runtime=runtime) for flow in flows}
         server = Server(
