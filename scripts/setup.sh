@@ -10,4 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras:+[$extras]}"
+# torch (the pipelines and bench extras) from PyTorch's CPU-only wheels, not the
+# multi-gigabyte CUDA build PyPI serves; everything else from PyPI.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+  --extra-index-url https://download.pytorch.org/whl/cpu -e ".${extras:+[$extras]}"
