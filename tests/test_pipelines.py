@@ -14,19 +14,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from examples.pipelines import cascade, ensemble, models, recommender, translation, video
 
 import serveflow as sf
-
-torch = pytest.importorskip("torch", reason="the pipelines extra (torch) is not installed")
-
-from examples.pipelines import (  # noqa: E402
-    cascade,
-    ensemble,
-    models,
-    recommender,
-    translation,
-    video,
-)
 
 RULE_SETS = {
     "no rewrites": sf.Rules(fusion=False, compete=False, locality=False, batching=False),
@@ -211,3 +201,22 @@ def test_ensemble_averages_three_models(runtime) -> None:
         right += label == truth
     assert right >= 0.8 * REQUESTS  # real trained models: held-out digits mostly right
     check_every_rule_set(runtime, ensemble, tables, expected)
+
+
+def test_malformed_inputs_fail_with_the_operator_named(runtime) -> None:
+    bad = {
+        cascade: (sf.Table({"image": [np.zeros((32, 32, 3), np.uint8)]}), "preprocess.*64x64x3"),
+        video: (sf.Table({"camera": ["c"], "clip": [np.zeros((4, 8, 8), np.uint8)]}), "detect"),
+        ensemble: (sf.Table({"pixels": [np.zeros((4, 4))]}), "preprocess.*8x8"),
+    }
+    for module, (table, message) in bad.items():
+        with module.build_flow().deploy(runtime=runtime) as app:
+            with pytest.raises(sf.OperatorError, match=message):
+                app.run(table).result(timeout=60)
+            good = module.make_inputs(1, seed=0)[0]
+            app.run(good).result(timeout=60)  # and the deployment keeps serving
+    with (
+        translation.build_flow().deploy(runtime=runtime) as app,
+        pytest.raises(sf.InputError, match="text"),
+    ):
+        app.run(sf.Table({"text": [42]})).result(timeout=60)
