@@ -13,7 +13,6 @@ once, even in the middle of a user's call.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import json
@@ -681,21 +680,8 @@ def die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def yield_to_the_driver() -> None:
-    """Make this process's threads (and those it starts) SCHED_BATCH: as CPU-bound,
-    a thread of ours that wakes up no longer preempts the thread running on its CPU,
-    and the driver, through which every request passes, keeps its CPU when our
-    inputs arrive (on 2 cores: 6.6k -> 8.9k requests/s through a 3-stage chain).
-    The CPU share is unchanged (no nice). Linux only; elsewhere, or if refused, a no-op."""
-    policy = getattr(os, "SCHED_BATCH", None)
-    if policy is not None:
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, policy, os.sched_param(0))
-
-
 def main() -> None:
     """Entry point of a worker process: its configuration is one JSON line on stdin."""
-    yield_to_the_driver()  # before any thread starts: they inherit it
     config = json.loads(sys.stdin.buffer.readline())
     die_with_parent(config["parent"])
     options = config["options"]
