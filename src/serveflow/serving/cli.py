@@ -38,6 +38,10 @@ HTTP API (see /openapi.json on a running server):
   GET  /healthz /readyz        liveness and readiness (never need a token)
   GET  /metrics                Prometheus text format
   GET  /                       live dashboard (with a token: open /#token=TOKEN)
+  /v2/...                      the Open Inference Protocol (KServe V2, as Triton serves it):
+                               /v2, /v2/health/live|ready, /v2/models/NAME[/versions/1]
+                               [/ready|/infer|/config|/stats]; binary tensors with
+                               Inference-Header-Content-Length; over gRPC with --grpc-port
 Errors are JSON {"error": ...}: 400 malformed body, 401 token, 404 unknown flow,
 413 body too large, 422 wrong columns/types, 500 operator failed, 503 overloaded
 (Retry-After), 504 deadline passed.
@@ -89,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
     )
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also serve the Open Inference Protocol (KServe V2) over gRPC on port N of "
+        "--host (0: a free port, printed); needs the grpc extra",
+    )
     serve.add_argument(
         "--workers",
         type=int,
@@ -259,6 +271,7 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             max_in_flight=args.max_in_flight,
             shutdown_delay=args.shutdown_delay,
             coalesce=args.coalesce,
+            grpc_port=args.grpc_port,
         )
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
             log.warning(
@@ -270,11 +283,17 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             f"(dashboard {server.url}/, metrics {server.url}/metrics)",
             flush=True,
         )
-        server.run()
+        server.run(on_started=lambda: _print_grpc(server))
     finally:
         runtime.stop()
     print("serveflow: stopped", flush=True)
     return 0
+
+
+def _print_grpc(server: Any) -> None:
+    if server.grpc_port is not None:
+        host = f"[{server.host}]" if ":" in server.host else server.host
+        print(f"serveflow: V2 gRPC on {host}:{server.grpc_port}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n\n".join(sf.optimize(flow, rules).explain() for flow in flows))
             return 0
         return _serve(args, flows, rules)
-    except (LoadError, argparse.ArgumentTypeError, sf.FlowError) as error:
+    except (LoadError, argparse.ArgumentTypeError, sf.FlowError, OSError, ImportError) as error:
         print(f"serveflow: error: {error}", file=sys.stderr)
         return 2
 
