@@ -426,6 +426,7 @@ class ServingASGI(Starlette):
     third of the server's per-request CPU went there). Same answers as the route."""
 
     serving: ServingState
+    v2: Any  # serving.v2.V2HTTP: every path under /v2 (the Open Inference Protocol)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -447,7 +448,10 @@ class ServingASGI(Starlette):
             await send(message)
 
         try:
-            await super().__call__(scope, receive, counted)
+            if (path + "/").startswith("/v2/"):
+                await self.v2(scope, receive, counted)
+            else:
+                await super().__call__(scope, receive, counted)
         finally:
             self._count(path, status)
 
@@ -578,4 +582,7 @@ def create_app(
     )
     asgi.state.serving = state
     asgi.serving = state
+    from serveflow.serving.v2 import V2HTTP, V2Models  # imports this module
+
+    asgi.v2 = V2HTTP(V2Models(state))
     return asgi

@@ -127,6 +127,8 @@ def route_of(path: str) -> str:
     """The route template a path falls under, for a label of bounded cardinality."""
     if path in ROUTES:
         return path
+    if (path + "/").startswith("/v2/"):
+        return "/v2"  # the Open Inference Protocol (serving.v2)
     if path.startswith("/v1/flows/"):
         parts = path[len("/v1/flows/") :].split("/")
         if len(parts) == 1:
