@@ -11,8 +11,8 @@ GET  /v2/models[/{flow}[/versions/1]]/stats    Triton's statistics extension
 POST /v2/repository/index                      the flows, all READY
 
 `V2Models` holds what the HTTP front and the gRPC one (`v2_grpc.py`) share: metadata,
-statistics and `infer`, which runs a request as the JSON API does (same token, body
-limit, admission bound, coalescing, deadline, metrics and error classes). Tensors map
+statistics and `infer`, which runs a request as the JSON API does (same token, request
+limits, admission bound, coalescing, deadline, metrics and error classes). Tensors map
 to columns as `v2_tensors` says. Errors are `{"error": message}` with the HTTP status of
 the JSON API, except that input errors are 400, as the protocol asks.
 """
@@ -40,8 +40,9 @@ from serveflow.serving.app import (
 )
 from serveflow.serving.auth import token_matches
 from serveflow.serving.coalesce import AppStopping
-from serveflow.serving.codecs import JSON, encode_json
+from serveflow.serving.codecs import JSON, check_json_limits, encode_json
 from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
+from serveflow.serving.limits import LimitExceeded, Limits
 from serveflow.serving.metrics import UNKNOWN_FLOW
 from serveflow.serving.v2_tensors import (
     DATATYPES,
@@ -275,9 +276,11 @@ class V2Models:
         stats = self.stats[name]
         t0 = time.perf_counter_ns()
         try:
-            table = Table(columns_from_tensors(inputs, app.plan.schema))
+            table = Table(columns_from_tensors(inputs, app.plan.schema, state.limits))
         except TensorError as error:
             raise HTTPProblem(400, str(error)) from None
+        except LimitExceeded as error:
+            raise HTTPProblem(413, str(error)) from None
         t1 = time.perf_counter_ns()
         state.admitted[name] += 1
         try:
@@ -363,11 +366,13 @@ def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
 
 
 def parse_infer_request(
-    body: bytes, header_length: str | None
+    body: bytes, header_length: str | None, limits: Limits
 ) -> tuple[dict[str, Any], list[InputTensor], list[RequestedOutput]]:
     """An HTTP inference request: (the JSON object, inputs, requested outputs).
     With `header_length` (Inference-Header-Content-Length) the JSON is that many
-    leading bytes and binary tensor data follows, in input order."""
+    leading bytes and binary tensor data follows, in input order. The JSON is held to
+    `limits` as a `/v1` body is (HTTPProblem 413); the tensors' shapes are checked
+    later, by `V2Models.infer`."""
     if header_length is None:
         head, binary = memoryview(body), memoryview(b"")
     else:
@@ -381,7 +386,15 @@ def parse_infer_request(
         head, binary = memoryview(body)[:cut], memoryview(body)[cut:]
     try:
         request = _loads(head)
+        check_json_limits(request, limits)
+    except LimitExceeded as error:
+        raise HTTPProblem(413, str(error)) from None
+    except RecursionError:  # the standard library recurses per level
+        raise HTTPProblem(413, "JSON nested too deep to parse (--max-depth)") from None
     except (ValueError, UnicodeDecodeError) as error:  # orjson's error is a ValueError
+        if "recursion" in str(error).lower():  # orjson stops at 1,024 levels
+            message = f"JSON nested too deep to parse: {error} (--max-depth)"
+            raise HTTPProblem(413, message) from None
         raise HTTPProblem(400, f"malformed JSON: {error}") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise HTTPProblem(400, 'the body must be a JSON object with an "inputs" list')
@@ -560,7 +573,9 @@ class V2HTTP:
         with models.measured(name):
             limit = models.state.max_body_bytes
             body = await _read_body(receive, headers.get("content-length", ""), limit)
-            request, inputs, requested = parse_infer_request(body, headers.get(HEADER_LENGTH))
+            request, inputs, requested = parse_infer_request(
+                body, headers.get(HEADER_LENGTH), models.state.limits
+            )
             timeout = _timeout_s(headers.get(TIMEOUT_HEADER)) or _timeout_parameter(request)
             work = models.infer(name, version, inputs, [o.name for o in requested], timeout)
             tensors = await _unless_disconnected(work, receive)

@@ -10,9 +10,11 @@ so both fronts share one `V2Models`: admission, coalescing, metrics and statisti
 A token is `authorization: Bearer TOKEN` metadata (not needed by ServerLive and
 ServerReady). Errors are status codes: NOT_FOUND (unknown model or version),
 INVALID_ARGUMENT (bad tensors, wrong columns or types), UNAUTHENTICATED,
-RESOURCE_EXHAUSTED (over the body limit), UNAVAILABLE with retry information
-(`grpc-retry-pushback-ms` and a google.rpc.RetryInfo detail) when overloaded or
-stopping, DEADLINE_EXCEEDED, INTERNAL (an operator failed; the message names it).
+RESOURCE_EXHAUSTED (over a request limit: gRPC's own error for a message over
+--max-body-mb, else the message of HTTP's 413, naming the limit and its --max-...
+option), UNAVAILABLE with retry information (`grpc-retry-pushback-ms` and a
+google.rpc.RetryInfo detail) when overloaded or stopping, DEADLINE_EXCEEDED, INTERNAL
+(an operator failed; the message names it).
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ def _inputs(request: service_pb2.ModelInferRequest) -> list[InputTensor]:
                     f"input {tensor.name!r}: {tensor.datatype!r} data must come in "
                     "raw_input_contents",
                 )
-            data = list(getattr(tensor.contents, field))
+            # The repeated field itself, not a list of it: the limits are checked
+            # (`check_limits`, from its length) before anything is copied.
+            data = getattr(tensor.contents, field)
         inputs.append(InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
     return inputs
 

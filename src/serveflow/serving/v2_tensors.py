@@ -8,7 +8,11 @@ Outputs are the output table's columns: a column of numbers, bools, strings or
 equally shaped arrays is one tensor, rows first.
 
 Protocol-neutral: the HTTP front (`v2.py`) and the gRPC one (`v2_grpc.py`) both call
-`columns_from_tensors` and `tensor_from_column`. Nothing here unpickles anything.
+`check_limits`, `columns_from_tensors` and `tensor_from_column`. Nothing here unpickles
+anything. The server's `Limits` hold as for `/v1`: `check_limits` judges the declared
+shapes (elements, rows, decoded bytes) before anything is converted, and a BYTES element
+longer than `max_string_chars` (bytes, or characters of a JSON string) is refused before
+it is copied.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from serveflow.serving.limits import Limits, over
 
 # V2 datatype -> numpy dtype (little-endian, as the binary extension sends them).
 NUMPY_TYPES: dict[str, np.dtype[Any]] = {
@@ -46,6 +52,9 @@ SCHEMA_DATATYPES: dict[Any, str] = {
     str: "BYTES",
     bytes: "BYTES",
 }
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class TensorError(ValueError):
@@ -102,13 +111,22 @@ def serialize_bytes(values: Sequence[bytes] | np.ndarray) -> bytes:
     return b"".join(struct.pack("<I", len(value)) + value for value in values)
 
 
-def deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
-    """The elements of a length-prefixed BYTES buffer; TensorError if it is cut short."""
+def deserialize_bytes(
+    raw: bytes, name: str, count: int | None = None, max_length: int | None = None
+) -> list[bytes]:
+    """The elements of a length-prefixed BYTES buffer; TensorError if it is cut short
+    or holds more than `count` elements, LimitExceeded for an element over `max_length`
+    bytes (both before the element is copied)."""
     values, offset, view = [], 0, memoryview(raw)
     while offset < len(raw):
         if offset + 4 > len(raw):
             raise TensorError(f"input {name!r}: BYTES data ends inside an element length")
+        if count is not None and len(values) == count:
+            raise TensorError(f"input {name!r}: BYTES data holds more than {count} elements")
         (length,) = struct.unpack_from("<I", raw, offset)
+        if max_length is not None and length > max_length:
+            what = f"the length in bytes of a BYTES element of input {name!r}"
+            raise over(what, length, max_length, "max-string-chars")
         offset += 4
         if offset + length > len(raw):
             raise TensorError(
@@ -138,9 +156,9 @@ def _wants_bytes(expected: Any) -> bool:
     return bytes in types and str not in types
 
 
-def _bytes_cells(tensor: InputTensor, count: int, keep_bytes: bool) -> list[Any]:
+def _bytes_cells(tensor: InputTensor, count: int, keep_bytes: bool, longest: int) -> list[Any]:
     if isinstance(tensor.data, bytes | bytearray | memoryview):
-        elements: list[Any] = deserialize_bytes(bytes(tensor.data), tensor.name)
+        elements: list[Any] = deserialize_bytes(bytes(tensor.data), tensor.name, count, longest)
     else:
         elements = _flatten(tensor.data)
     if len(elements) != count:
@@ -150,6 +168,9 @@ def _bytes_cells(tensor: InputTensor, count: int, keep_bytes: bool) -> list[Any]
         )
     values: list[Any] = []
     for element in elements:
+        if isinstance(element, str | bytes) and len(element) > longest:
+            what = f"the length of a BYTES element of input {tensor.name!r}"
+            raise over(what, len(element), longest, "max-string-chars")
         if isinstance(element, str):
             values.append(element.encode() if keep_bytes else element)
         elif isinstance(element, bytes):
@@ -197,8 +218,11 @@ def _numeric_array(tensor: InputTensor, count: int) -> np.ndarray:
         ) from None
 
 
-def column_from_tensor(tensor: InputTensor, expected: Any = None) -> list[Any]:
-    """The rows of one input tensor (`expected`: the column's schema type, if any)."""
+def column_from_tensor(
+    tensor: InputTensor, expected: Any = None, limits: Limits = DEFAULT_LIMITS
+) -> list[Any]:
+    """The rows of one input tensor (`expected`: the column's schema type, if any).
+    LimitExceeded for a BYTES element over `limits.max_string_chars`."""
     if tensor.datatype not in DATATYPES:
         raise TensorError(
             f"input {tensor.name!r}: unsupported datatype {tensor.datatype!r} "
@@ -211,22 +235,58 @@ def column_from_tensor(tensor: InputTensor, expected: Any = None) -> list[Any]:
         )
     count = math.prod(tensor.shape)
     if tensor.datatype == "BYTES":
-        return _bytes_cells(tensor, count, _wants_bytes(expected))
+        longest = limits.max_string_chars
+        return _bytes_cells(tensor, count, _wants_bytes(expected), longest)
     array = _numeric_array(tensor, count)
     return array.tolist() if array.ndim == 1 else list(array)
 
 
+def check_limits(tensors: Sequence[InputTensor], limits: Limits) -> None:
+    """LimitExceeded when the inputs' declared shapes are over `limits`: elements of
+    all inputs (or values a flat list holds, if more), rows (the first dimension), and
+    bytes once decoded (numeric: elements times the datatype's size; BYTES: the raw
+    data). Converts nothing: call it before `columns_from_tensors`. Malformed shapes
+    are left for `columns_from_tensors` to name."""
+    elements = decoded = 0
+    for tensor in tensors:
+        shape = tensor.shape
+        if not shape or any(not isinstance(d, int) or d < 0 for d in shape):
+            continue
+        if shape[0] > limits.max_rows:
+            raise over(f"rows of input {tensor.name!r}", shape[0], limits.max_rows, "max-rows")
+        count = math.prod(shape)
+        raw = isinstance(tensor.data, bytes | bytearray | memoryview)
+        if not raw:  # JSON nests its lists (counted by check_json_limits); gRPC's are flat
+            count = max(count, len(tensor.data))
+        elements += count
+        if elements > limits.max_elements:
+            what = "tensor elements in the request"
+            raise over(what, elements, limits.max_elements, "max-elements")
+        dtype = NUMPY_TYPES.get(tensor.datatype)
+        if dtype is not None:
+            decoded += count * dtype.itemsize
+        elif raw:  # BYTES: its elements are at most the data they come in
+            decoded += len(tensor.data)
+        if decoded > limits.max_decoded_bytes:
+            what = "bytes of the request's tensors, decoded"
+            raise over(what, decoded, limits.max_decoded_bytes, "max-decoded-mb")
+
+
 def columns_from_tensors(
-    tensors: Sequence[InputTensor], schema: Mapping[str, Any] | None
+    tensors: Sequence[InputTensor],
+    schema: Mapping[str, Any] | None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> dict[str, list[Any]]:
-    """The request table's columns; TensorError naming the input at fault."""
+    """The request table's columns; TensorError naming the input at fault,
+    LimitExceeded past `limits` (see `check_limits`, which it calls first)."""
+    check_limits(tensors, limits)
     columns: dict[str, list[Any]] = {}
     rows: dict[str, int] = {}
     for tensor in tensors:
         if tensor.name in columns:
             raise TensorError(f"input {tensor.name!r} is given twice")
         expected = schema.get(tensor.name) if schema else None
-        columns[tensor.name] = column_from_tensor(tensor, expected)
+        columns[tensor.name] = column_from_tensor(tensor, expected, limits)
         rows[tensor.name] = tensor.shape[0]
     if len(set(rows.values())) > 1:
         raise TensorError(f"inputs must have the same first dimension (rows), got {rows}")
