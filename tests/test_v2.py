@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 import serveflow as sf
 from serveflow.serving import Server
+from serveflow.serving.limits import Limits, MiB
 
 TIMEOUT = 10
 PROTOCOLS = ["http-binary", "http-json", "grpc"]
@@ -352,7 +353,134 @@ def test_malformed_http_bodies_are_400(server):
 
 def test_body_over_the_limit(client):
     x = np.zeros((1, 128 * 1024), dtype=np.uint8)  # 128 KB > the 64 KB limit
-    _expect_error(client, 413, "RESOURCE_EXHAUSTED", client.infer, "tensor", {"x": (x, "UINT8")})
+    message = _expect_error(
+        client, 413, "RESOURCE_EXHAUSTED", client.infer, "tensor", {"x": (x, "UINT8")}
+    )
+    if client.protocol != "grpc":  # gRPC's own message, from its max_receive_message_length
+        assert "--max-body-mb" in message, message
+
+
+# --- request limits: each checked before the memory it guards is spent ----------------
+
+LIMITS = Limits(
+    max_body_bytes=1 * MiB,  # large enough not to hide the limits below
+    max_decoded_bytes=4000,
+    max_elements=1000,
+    max_depth=8,
+    max_string_chars=64,
+    max_rows=100,
+)
+
+
+@pytest.fixture(scope="module")
+def limited():
+    runtime = sf.LocalRuntime()
+    apps = {f.name: f.deploy(runtime=runtime) for f in (tensor_flow(), text_flow())}
+    with Server(apps, port=0, grpc_port=0, limits=LIMITS) as srv:
+        yield srv
+    runtime.stop()
+
+
+@pytest.fixture(params=PROTOCOLS)
+def limited_client(request, limited):
+    c = Client(limited, request.param)
+    yield c
+    c.client.close()
+
+
+def _strings(values: list[str], shape: tuple[int, ...] | None = None) -> np.ndarray:
+    array = np.array(values, dtype=object)
+    return array.reshape(shape) if shape else array
+
+
+def _at_the_limits(client: Client) -> None:
+    """Requests exactly at every limit are served (and the server still serves)."""
+    x = np.arange(500, dtype=np.float64).reshape(100, 5)  # 100 rows, 4,000 bytes
+    assert np.array_equal(client.infer("tensor", {"x": (x, "FP64")}).as_numpy("y"), x * 2)
+    s, raw = _strings(["s" * 64]), _strings(["r" * 64])
+    result = client.infer("text", {"s": (s, "BYTES"), "raw": (raw, "BYTES")})
+    assert result.as_numpy("upper").tolist() == [b"S" * 64]
+
+
+@pytest.mark.parametrize(
+    "model, inputs, option",
+    [
+        ("tensor", {"x": (np.zeros((101, 1), np.uint8), "UINT8")}, "max-rows"),
+        ("tensor", {"x": (np.zeros((10, 101), np.uint8), "UINT8")}, "max-elements"),
+        ("tensor", {"x": (np.zeros((5, 101)), "FP64")}, "max-decoded-mb"),  # 4,040 bytes
+        (
+            "text",
+            {"s": (_strings(["s" * 65]), "BYTES"), "raw": (_strings(["r"]), "BYTES")},
+            "max-string-chars",
+        ),
+        (
+            "text",
+            {"s": (_strings(["r"], (1,)), "BYTES"), "raw": (_strings(["r" * 65]), "BYTES")},
+            "max-string-chars",
+        ),
+        (
+            "text",  # 1,010 BYTES elements in 10 rows
+            {
+                "s": (_strings(["s"] * 505, (5, 101)), "BYTES"),
+                "raw": (_strings(["r"] * 505, (5, 101)), "BYTES"),
+            },
+            "max-elements",
+        ),
+    ],
+    ids=["rows", "elements", "decoded-bytes", "string", "bytes-element", "bytes-elements"],
+)
+def test_inputs_over_a_limit(limited_client, model, inputs, option):
+    client = limited_client
+    message = _expect_error(client, 413, "RESOURCE_EXHAUSTED", client.infer, model, inputs)
+    assert f"--{option}" in message and "over the limit" in message, message
+    _at_the_limits(client)
+
+
+def test_json_nested_over_the_depth_limit(limited):
+    data: list = [1.0]
+    for _ in range(6):  # the outer object, "inputs", an input and 7 lists: 10 deep
+        data = [data]
+    tensor = {"name": "x", "datatype": "FP64", "shape": [1] * 7, "data": data}
+    r = httpx.post(f"{limited.url}/v2/models/tensor/infer", json={"inputs": [tensor]})
+    assert r.status_code == 413 and "--max-depth" in r.json()["error"], r.text
+    _at_the_limits(Client(limited, "http-json"))
+
+
+def test_grpc_typed_contents_over_a_limit(limited):
+    channel = grpc.insecure_channel(f"127.0.0.1:{limited.grpc_port}")
+    call = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=grpcclient.service_pb2.ModelInferRequest.SerializeToString,
+        response_deserializer=grpcclient.service_pb2.ModelInferResponse.FromString,
+    )
+    many = grpcclient.service_pb2.ModelInferRequest(model_name="tensor")
+    # Declares one element and holds 1,001: judged by what it holds.
+    many.inputs.add(name="x", datatype="FP64", shape=[1]).contents.fp64_contents.extend(
+        [0.0] * 1001
+    )
+    rows = grpcclient.service_pb2.ModelInferRequest(model_name="tensor")
+    rows.inputs.add(name="x", datatype="INT64", shape=[101]).contents.int64_contents.extend(
+        [1] * 101
+    )
+    wide = grpcclient.service_pb2.ModelInferRequest(model_name="tensor")
+    wide.inputs.add(name="x", datatype="INT64", shape=[1, 501]).contents.int64_contents.extend(
+        [1] * 501
+    )  # 501 small integers travel in ~500 bytes, decode to 4,008
+    long = grpcclient.service_pb2.ModelInferRequest(model_name="text")
+    long.inputs.add(name="s", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"s" * 65)
+    long.inputs.add(name="raw", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"r")
+    for request, option in (
+        (many, "max-elements"),
+        (rows, "max-rows"),
+        (wide, "max-decoded-mb"),
+        (long, "max-string-chars"),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request, timeout=TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+        assert f"--{option}" in caught.value.details(), caught.value.details()
+    channel.close()
+    _at_the_limits(Client(limited, "grpc"))
 
 
 def test_unsupported_grpc_calls_are_unimplemented(server):

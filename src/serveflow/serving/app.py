@@ -143,7 +143,7 @@ class _Disconnected(Exception):
 
 
 async def _read_body(receive: Receive, length: str, limit: int) -> bytes:
-    too_big = HTTPProblem(413, f"request body over the limit of {limit} bytes")
+    too_big = HTTPProblem(413, f"request body over the limit of {limit:,} bytes (--max-body-mb)")
     if length.isdigit() and int(length) > limit:
         raise too_big
     chunks, size = [], 0

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-decoded-mb",
         type=float,
         default=defaults.max_decoded_bytes / MiB,
-        help="most MiB an .npz body's arrays may inflate to "
+        help="most MiB an .npz body's arrays (or V2 tensors) may decode to "
         f"(default {defaults.max_decoded_bytes // MiB})",
     )
     limits = (

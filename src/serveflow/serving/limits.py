@@ -25,12 +25,14 @@ class Limits:
     few thousand rows; raise them per server (`serveflow serve --max-...`).
 
     max_body_bytes: the request body as sent (compressed, for `.npz`).
-    max_decoded_bytes: an `.npz` body's arrays once inflated, all together.
-    max_elements: values in one request: array elements of an `.npz`, or scalars
-        (numbers, strings, booleans, nulls) of a JSON body.
+    max_decoded_bytes: an `.npz` body's arrays once inflated, or a V2 request's
+        tensors once decoded, all together.
+    max_elements: values in one request: array elements of an `.npz` or of V2
+        tensors, or scalars (numbers, strings, booleans, nulls) of a JSON body.
     max_depth: nesting of a JSON body, counting its outer object (`{"rows":
         [{"x": [[1]]}]}` is 5 deep).
-    max_string_chars: characters of one JSON string (a key or a value).
+    max_string_chars: characters of one JSON string (a key or a value), or bytes of
+        one V2 BYTES element sent as binary data.
     max_rows: rows of one request.
     """
 
