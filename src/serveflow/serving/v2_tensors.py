@@ -235,8 +235,7 @@ def column_from_tensor(
         )
     count = math.prod(tensor.shape)
     if tensor.datatype == "BYTES":
-        longest = limits.max_string_chars
-        return _bytes_cells(tensor, count, _wants_bytes(expected), longest)
+        return _bytes_cells(tensor, count, _wants_bytes(expected), limits.max_string_chars)
     array = _numeric_array(tensor, count)
     return array.tolist() if array.ndim == 1 else list(array)
 
@@ -245,8 +244,8 @@ def check_limits(tensors: Sequence[InputTensor], limits: Limits) -> None:
     """LimitExceeded when the inputs' declared shapes are over `limits`: elements of
     all inputs (or values a flat list holds, if more), rows (the first dimension), and
     bytes once decoded (numeric: elements times the datatype's size; BYTES: the raw
-    data). Converts nothing: call it before `columns_from_tensors`. Malformed shapes
-    are left for `columns_from_tensors` to name."""
+    data). Converts nothing; `columns_from_tensors` calls it first. Malformed shapes
+    are left for `column_from_tensor` to name."""
     elements = decoded = 0
     for tensor in tensors:
         shape = tensor.shape
