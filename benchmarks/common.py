@@ -141,40 +141,52 @@ def closed_loop(
 
     `submit()` starts one request and returns a concurrent.futures.Future. Returns
     (throughput in req/s, per-request latencies in ms, failures). Gives up after
-    `timeout_s` seconds and reports what completed by then."""
-    slots = threading.Semaphore(in_flight)
-    lock = threading.Lock()
-    all_done = threading.Event()
+    `timeout_s` seconds and reports what completed by then.
+
+    The submitting thread refills every free slot each time it wakes, so completions
+    that land together cost the client one wake-up, as an event-loop client's would
+    (one wake per completion made this client the bottleneck of the fastest peers)."""
+    done = threading.Condition()
     latencies: list[float] = []
     failures = [0]
     finished = [0]
 
     def on_done(t0: float, future: Future[Any]) -> None:
         elapsed = (time.perf_counter() - t0) * 1e3
-        with lock:
+        with done:
             if future.cancelled() or future.exception() is not None:
                 failures[0] += 1
             else:
                 latencies.append(elapsed)
             finished[0] += 1
-            if finished[0] >= total:
-                all_done.set()
-        slots.release()
+            done.notify()
 
     start = time.perf_counter()
     deadline = start + timeout_s
-    for _ in range(total):
-        if not slots.acquire(timeout=max(0.0, deadline - time.perf_counter())):
-            log.warning("closed loop: timed out after %.0f s", timeout_s)
+    sent = 0
+    while True:
+        with done:
+            free = in_flight - (sent - finished[0])
+            while not free and time.perf_counter() < deadline:
+                done.wait(timeout=max(0.0, deadline - time.perf_counter()))
+                free = in_flight - (sent - finished[0])
+            if finished[0] >= total or time.perf_counter() >= deadline:
+                break
+        for _ in range(min(free, total - sent)):
+            t0 = time.perf_counter()
+            future = submit()
+            future.add_done_callback(lambda f, t0=t0: on_done(t0, f))
+            sent += 1
+        if sent >= total:
+            with done:
+                while finished[0] < total and time.perf_counter() < deadline:
+                    done.wait(timeout=max(0.0, deadline - time.perf_counter()))
             break
-        t0 = time.perf_counter()
-        future = submit()
-        future.add_done_callback(lambda f, t0=t0: on_done(t0, f))
-    all_done.wait(timeout=max(0.0, deadline - time.perf_counter()))
+    if time.perf_counter() >= deadline:
+        log.warning("closed loop: timed out after %.0f s", timeout_s)
     elapsed = time.perf_counter() - start
-    with lock:
-        done = len(latencies)
-        return done / elapsed if elapsed > 0 else 0.0, list(latencies), failures[0]
+    with done:
+        return len(latencies) / elapsed if elapsed > 0 else 0.0, list(latencies), failures[0]
 
 
 class ThreadedSubmitter:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serveflow.errors import InputError, OperatorError, OverloadError
+from serveflow.logical.table import Table
 from serveflow.optimizer.placement import place
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import messages as m
@@ -293,7 +294,9 @@ class ControlPlane:
         with self._lock:
             app.active[request.id] = request
             self._route(app, request)
-        request.future.add_done_callback(lambda _: self._finish(app, request))
+        request.future.add_done_callback(
+            lambda f: self._finish(app, request, f.cancelled() or f.exception() is not None)
+        )
 
     def _admit(self, app: DeployedApp, request: Request) -> bool:
         """Ask each SLO-aware batching stage whether this request can still meet its
@@ -406,12 +409,11 @@ class ControlPlane:
                 break
         return True
 
-    def _finish(self, app: DeployedApp, request: Request) -> None:
+    def _finish(self, app: DeployedApp, request: Request, failed: bool) -> None:
         now = time.monotonic()
         with self._lock:
             if app.active.pop(request.id, None) is None:
                 return
-            failed = request.future.cancelled() or request.future.exception() is not None
             for index, controller in app.controllers.items():
                 # the end of a stage whose output is the flow's is seen here, now
                 final = app.plan.stages[index].output == app.plan.output
@@ -499,6 +501,9 @@ class ControlPlane:
                 app = self._apps.get(app_id)
                 request = app.active.get(rid) if app else None
                 if request is not None:
+                    # Book-keeping first: the caller waiting on the future runs as soon
+                    # as this thread lets go of the GIL, not after its callbacks.
+                    self._finish(app, request, not isinstance(value, Table))
                     request.settle(value)
             case m.Stats():
                 self._on_stats(message)

@@ -226,6 +226,19 @@ class Scheduler:
     ) -> list[int]:
         """The `n` workers with the fewest outstanding runs (warm ones first; among
         equals, the one given work longest ago by `since`, else the lowest index)."""
+        if n == 1 and cap is None and since is None:  # the usual case, on the hot path
+            best, best_score = -1, math.inf
+            for w, load in workers.items():
+                score = load.outstanding + (
+                    LOADING_PENALTY
+                    if key in load.loading
+                    else 0.0
+                    if key in load.warm
+                    else COLD_PENALTY
+                )
+                if score < best_score or (score == best_score and w < best):
+                    best, best_score = w, score
+            return [best]
         pool: Iterable[int] = workers
         if cap is not None:
             warm = [w for w in workers if key in workers[w].warm]
