@@ -17,10 +17,12 @@ The loop is closed twice:
   on that worker move by the surprise (a slow call delays all of them), so errors do
   not accumulate;
 - the residuals (observed end - predicted end: dispatch, sockets, wake-ups, the GIL,
-  timer slack, service noise) are kept over a sliding window, and the admission adds
-  their `percentile` quantile: a request is admitted when it is predicted to finish
-  within the SLO with that probability. The window settles within a few hundred
-  calls, a second or two under load.
+  timer slack, service noise) are kept over a sliding window (the last `RESIDUALS`
+  calls of the last `RESIDUAL_WINDOW_S` seconds), and the admission adds a high
+  quantile of them (`admit_quantile`: 0.9 for a p99 SLO). Not the SLO's percentile
+  itself: the tail of the residuals is stalls of the whole machine or driver (a
+  core taken away, a long GIL hold) that hit every request in flight alike, which
+  no refusal avoids, while refusing on them would refuse nearly everything.
 
 Pure computation; the controller calls it under its lock.
 """
@@ -34,9 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RESIDUALS = 400  # observed calls the overhead quantile is taken over
+RESIDUALS = 400  # observed calls the overhead quantile is taken over, at most
+RESIDUAL_WINDOW_S = 5.0  # ... and only those of the last seconds: it settles that fast
 MIN_RESIDUALS = 50  # before this many, DEFAULT_OVERHEAD_S stands in
+REQUANTILE_EVERY = 16  # new residuals between recomputations of the quantiles
 DEFAULT_OVERHEAD_S = 0.001
+PROBE_EVERY_S = 1.0  # an idle worker takes one request this often whatever its prediction
 STALE_S = 2.0  # a group predicted to have ended this long ago, never observed, is dropped
 
 
@@ -70,6 +75,8 @@ class StageLedger:
 
     def __init__(self, percentile: float = 0.99) -> None:
         self.percentile = percentile
+        # a tenth of the SLO's tail share, as a quantile (0.99 -> 0.9, 0.95 -> 0.5)
+        self.admit_quantile = max(0.5, 1.0 - 10.0 * (1.0 - percentile))
         self.size = 1
         self.timeout_s = 0.0
         self.merge = 1
@@ -77,9 +84,11 @@ class StageLedger:
         self._service = np.zeros(2)  # seconds by requests per call (index 0 unused)
         self._queues: dict[int, deque[Group]] = {}
         self._where: dict[int, tuple[int, Group]] = {}
-        self._residuals: deque[float] = deque(maxlen=RESIDUALS)
+        self._residuals: deque[tuple[float, float]] = deque(maxlen=RESIDUALS)  # (end, s)
+        self._fresh = 0  # residuals since the quantiles were computed
         self._overhead: tuple[float, float] | None = None  # (median, quantile), cached
         self.prompt = False  # ends are reported as they happen (`finished`), not later
+        self._probed_at = -math.inf
 
     # --- configuration ---------------------------------------------------------------
 
@@ -98,19 +107,24 @@ class StageLedger:
         self.rate = max(0.0, rate)
 
     def overhead(self) -> tuple[float, float]:
-        """(median, `percentile` quantile) of the residuals, seconds."""
-        if self._overhead is None:
+        """(median, `admit_quantile` quantile) of the recent residuals, seconds."""
+        if self._overhead is None or self._fresh >= REQUANTILE_EVERY:
+            self._fresh = 0
+            if self._residuals:
+                newest = self._residuals[-1][0]
+                while self._residuals[0][0] < newest - RESIDUAL_WINDOW_S:
+                    self._residuals.popleft()
             if len(self._residuals) < MIN_RESIDUALS:
                 self._overhead = (DEFAULT_OVERHEAD_S, DEFAULT_OVERHEAD_S)
             else:
-                values = np.fromiter(self._residuals, float)
-                median, high = np.quantile(values, [0.5, self.percentile])
+                values = self.residuals()
+                median, high = np.quantile(values, [0.5, self.admit_quantile])
                 self._overhead = (float(median), max(float(high), float(median)))
         return self._overhead
 
     def residuals(self) -> np.ndarray:
-        """The residuals observed (seconds), oldest first."""
-        return np.fromiter(self._residuals, float)
+        """The recent residuals (seconds), oldest first."""
+        return np.fromiter((r for _, r in self._residuals), float, len(self._residuals))
 
     # --- decisions -------------------------------------------------------------------
 
@@ -133,7 +147,7 @@ class StageLedger:
             worker = self._first_free(workers, now)
         queue = self._queues.get(worker)
         last = queue[-1] if queue else None
-        _, high = self.overhead()
+        median, high = self.overhead()
         joins = self._joinable(queue, now)
         if joins:
             assert last is not None
@@ -153,9 +167,16 @@ class StageLedger:
         latency = start + self._service[count + extra] - now + high
         # A worker with nothing to run before this request serves it as soon as the
         # stage can: refusing it would help no other request, and the stage would
-        # stop learning (no calls, no residuals) while its estimate is off.
+        # stop learning (no calls, no residuals) while a tail of stalls inflates its
+        # overhead quantile. Admitted then when its typical latency meets the SLO.
         idle = not queue or queue[-1].end <= now or (len(queue) == 1 and queue[0].start > now)
-        admit = idle or (fits and latency <= slo_s)
+        # Even past that, one such request a second probes: a profile learned from a
+        # slow spell (a model's first calls) would otherwise refuse everything forever.
+        typical = latency - high + median
+        probe = idle and now - self._probed_at >= PROBE_EVERY_S
+        admit = (fits and latency <= slo_s) or (idle and typical <= slo_s) or probe
+        if probe and admit and not (fits and latency <= slo_s):
+            self._probed_at = now
         if admit or enter_anyway:
             deadline = now + slo_s - high
             if joins:
@@ -269,8 +290,8 @@ class StageLedger:
         """`group`'s call ended at `end`: learn the residual, move the groups queued
         behind it by the surprise, and drop it and those before it."""
         residual = end - group.end
-        self._residuals.append(residual)
-        self._overhead = None
+        self._residuals.append((end, residual))
+        self._fresh += 1
         median, _ = self.overhead()
         surprise = residual - median
         while queue:
