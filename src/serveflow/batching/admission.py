@@ -41,7 +41,7 @@ RESIDUAL_WINDOW_S = 5.0  # ... and only those of the last seconds: it settles th
 MIN_RESIDUALS = 50  # before this many, DEFAULT_OVERHEAD_S stands in
 REQUANTILE_EVERY = 16  # new residuals between recomputations of the quantiles
 DEFAULT_OVERHEAD_S = 0.001
-PROBE_EVERY_S = 1.0  # an idle worker takes one request this often whatever its prediction
+PROBE_EVERY_S = 0.2  # an idle worker takes one request this often whatever its prediction
 STALE_S = 2.0  # a group predicted to have ended this long ago, never observed, is dropped
 
 
@@ -170,12 +170,12 @@ class StageLedger:
         # stop learning (no calls, no residuals) while a tail of stalls inflates its
         # overhead quantile. Admitted then when its typical latency meets the SLO.
         idle = not queue or queue[-1].end <= now or (len(queue) == 1 and queue[0].start > now)
-        # Even past that, one such request a second probes: a profile learned from a
-        # slow spell (a model's first calls) would otherwise refuse everything forever.
+        # Even past that, one every PROBE_EVERY_S probes: a profile learned from a slow
+        # spell (a model's first calls) would otherwise refuse everything for long.
         typical = latency - high + median
         probe = idle and now - self._probed_at >= PROBE_EVERY_S
         admit = (fits and latency <= slo_s) or (idle and typical <= slo_s) or probe
-        if probe and admit and not (fits and latency <= slo_s):
+        if probe and not ((fits and latency <= slo_s) or typical <= slo_s):
             self._probed_at = now
         if admit or enter_anyway:
             deadline = now + slo_s - high
@@ -249,12 +249,15 @@ class StageLedger:
 
     def _joinable(self, queue: deque[Group] | None, now: float) -> bool:
         """Whether a request routed to this worker now would run in its last group:
-        the group has room and has not started (predicted to start later; or, when
-        ends are seen as they happen, the call before it has not been seen ending:
-        the worker is still on it, and takes what queued meanwhile)."""
+        the group has room and has not started: predicted to start later, or, when
+        ends are seen as they happen, the call before it has not been seen ending
+        though predicted to (the worker is still on it, and takes what queued
+        meanwhile), up to the usual lateness (past that, a stalled report)."""
         if not queue or queue[-1].count >= self.merge:
             return False
-        return queue[-1].start > now or (self.prompt and len(queue) > 1)
+        if queue[-1].start > now:
+            return True
+        return self.prompt and len(queue) > 1 and now <= queue[-2].end + self.overhead()[1]
 
     def _wait(self, count: int) -> float:
         return self.timeout_s if count < self.size else 0.0

@@ -3,8 +3,8 @@ batching stage should use now, and whether to admit an arrival.
 
 The runtime drives it (no threads here; calls are serialized by a lock):
 
-- `on_arrival(now, count)` for every request offered to the stage, then
-  `admit(now, rid, workers, open_worker)` for that same request (False: refuse it),
+- `on_arrival(now)` for every request offered to the stage, then
+  `admit(now, rid, workers, worker)` for that same request (False: refuse it),
   and `routed(rid, worker, now)` once the router placed it;
 - `finished(rid, now, ok)` when an admitted request's result reached the driver (a
   stage whose output is the flow's), and `on_batch_done(size, service_s, now,
@@ -161,12 +161,10 @@ class BatchingController:
 
     # --- runtime hooks -------------------------------------------------------------
 
-    def on_arrival(self, now: float, count: int = 1) -> None:
-        """`count` requests offered at `now` (a coalesced HTTP request carries several)."""
+    def on_arrival(self, now: float) -> None:
         with self._lock:
-            for _ in range(count):
-                self.arrivals.record(now)
-                self._pending.append(now)
+            self.arrivals.record(now)
+            self._pending.append(now)
 
     def on_batch_done(
         self,

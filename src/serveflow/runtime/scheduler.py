@@ -203,12 +203,6 @@ class Scheduler:
             return batch.worker
         return self._least_loaded(key, pool, 1, cap, self._opened.get(key, {}))[0]
 
-    def open_since(self, key: StageKey, now: float) -> float | None:
-        """When the first request of the batch a packed stage is filling was sent
-        (None: none is open; the next request opens one)."""
-        batch = self._open.get(key)
-        return batch.opened_at if batch is not None and batch.open(now) else None
-
     def forget(self, app_id: int) -> None:
         """Drop an undeployed app's open batches."""
         for key in [k for k in self._open if k[0] == app_id]:
