@@ -4,6 +4,7 @@ dispatch, service noise, hops), then the issue's three cases on the real runtime
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -94,6 +95,21 @@ def test_a_late_call_moves_the_calls_queued_behind_it() -> None:
     ledger.finished(0, 0.015)  # predicted at 5 ms, ended at 15: the rest are 10 ms later
     after = ledger.admit(100, 0.015, 1.0, [0], 0).latency_s
     assert after + 0.015 == pytest.approx(before + 0.010, abs=2e-3)
+
+
+def test_a_workers_report_of_a_call_resolves_its_oldest_queued_calls() -> None:
+    # a stage whose output is not the flow's: its ends come with the worker's report
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    for rid in range(3):
+        ledger.admit(rid, 0.0, 1.0, [0], 0)
+    for rid in range(3):
+        ledger.finished(rid, 0.1, ok=False)  # the request ended later, downstream
+    ledger.observed(0, 1, 0.015)  # the first call (5 ms predicted) ended at 15 ms
+    # the two queued behind it move by the surprise (10 ms, less the usual 1 ms): they
+    # end at 19 and 24 ms, and a new call after them at 29 ms (+1 ms overhead)
+    after = ledger.admit(3, 0.015, 1.0, [0], 0).latency_s
+    assert after == pytest.approx(0.029 - 0.015 + 0.001)
+    assert not ledger.prompt
 
 
 # -- the controller in a simulated runtime ----------------------------------------
@@ -209,3 +225,43 @@ def test_runtime_an_overload_is_refused_at_arrival_and_the_rest_served_in_time()
     assert got["refused_later"] == 0, got  # every refusal was decided inside app.run
     assert got["p99_ms"] <= 1000, got  # not queued: before, seconds, growing with the run
     assert got["goodput"] >= 250, got  # 2 workers serve ~1,300/s within 30 ms at best
+
+
+def _slow_stage(values: list[int]) -> list[int]:
+    time.sleep(0.02 + 0.001 * len(values))
+    return list(values)
+
+
+def test_http_requests_arriving_together_are_each_an_arrival_and_refused_alone() -> None:
+    import httpx
+
+    from serveflow.serving import Server
+
+    flow = sf.Flow("http13")
+    flow.map(_slow_stage, names=["y"], col="a", batching=sf.Batching(slo_ms=60), name="model")
+    runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
+    try:
+        with Server({"f": flow.deploy(runtime=runtime)}, port=0) as server:
+            url = f"{server.url}/v1/flows/f/predict"
+            assert httpx.post(url, json={"rows": [{"a": 0}]}, timeout=30).status_code == 200
+            n = 40
+            barrier = threading.Barrier(n)
+            codes: list[int] = [0] * n
+
+            def send(i: int) -> None:
+                barrier.wait(30)
+                codes[i] = httpx.post(url, json={"rows": [{"a": i}]}, timeout=30).status_code
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            time.sleep(1.0)  # workers report their counts every 0.25 s
+            figures = server.state.apps["f"].stats()["model"]
+    finally:
+        runtime.stop()
+    # one worker, 20 ms + 1 ms per row within 60 ms: not 40 at once; each refused alone
+    assert set(codes) == {200, 503}, codes
+    assert figures["shed"] == codes.count(503)
+    assert figures["requests"] == 1 + codes.count(200)  # one runtime request per HTTP one

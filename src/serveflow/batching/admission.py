@@ -54,7 +54,6 @@ class Group:
     start: float  # predicted
     end: float  # predicted
     deadline: float  # the latest end its earliest request accepts (SLO less overhead)
-    members: int = 0  # requests still tracked (admitted, not finished)
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,6 @@ class StageLedger:
             else:
                 group = Group(now, 1, start, start + self._service[1], deadline)
                 self._queues.setdefault(worker, deque()).append(group)
-            group.members += 1
             self._where[rid] = (worker, group)
         return Verdict(admit, latency, worker)
 
@@ -210,7 +208,6 @@ class StageLedger:
             start = max(free, now + self._wait(1))
             group = Group(now, 1, start, start + self._service[1], entry[1].deadline)
             queue.append(group)
-        group.members += 1
         self._where[rid] = (worker, group)
 
     def finished(self, rid: int, now: float, ok: bool = True) -> None:
@@ -220,11 +217,11 @@ class StageLedger:
         if entry is None:
             return
         worker, group = entry
-        group.members -= 1
         queue = self._queues.get(worker)
-        self.prompt = True
-        if ok and queue and group in queue:
-            self._resolve(queue, group, now)
+        if ok:
+            self.prompt = True
+            if queue and group in queue:
+                self._resolve(queue, group, now)
 
     def observed(self, worker: int, size: int, end: float) -> None:
         """Worker `worker` ended a call of `size` requests at `end` (as its report
@@ -283,7 +280,6 @@ class StageLedger:
         if entry is None:
             return
         worker, group = entry
-        group.members -= 1
         group.count = max(group.count - 1, 0)
         queue = self._queues.get(worker)
         if queue and group.count == 0 and group in queue:
