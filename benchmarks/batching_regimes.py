@@ -10,7 +10,7 @@ Stages (2 workers each, one stage per flow, col mode: `fn(list_of_x)`):
 
 Per curve, SLOs of `--slo-x` times the single-request service time (full: 3, 10, 30;
 quick: 5, 20), and open-loop arrivals at `--loads` shares of the stage's capacity
-(full: 0.2, 0.5, 0.8, 1.0, 1.5, 3.0; quick: 0.5, 3.0, and not the 1 + 0.2b curve),
+(full: 0.2, 0.5, 0.8, 1.0, 1.5, 3.0; quick: 0.5, 1, 3, and not the 1 + 0.2b curve),
 Poisson or a 2-state MMPP of the same mean (bursts at 5/3 of it for ~0.5 s, lulls
 at 1/3 for ~0.5 s).
 Capacity: the most requests per second 2 workers serve within the SLO with one batch
