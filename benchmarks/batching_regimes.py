@@ -187,7 +187,9 @@ class ServeflowSystem(System):
 
     def deploy(self, slo_ms: float) -> None:
         flow = sf.Flow(f"regimes-{self.name}")
-        flow.map(self.curve.make(), col="x", names=["y"], batching=self.policy(slo_ms), name=STAGE)
+        # a model is a class, loaded once per worker; a sleeper an instance
+        stage = self.curve.make if self.curve.name == MODEL else self.curve.make()
+        flow.map(stage, col="x", names=["y"], batching=self.policy(slo_ms), name=STAGE)
         self.app = flow.deploy(runtime=self.runtime)
         for _ in range(3):  # bursts: the stage loads on the workers they spread over
             burst = [self.app.run(sf.Table({"x": [self.curve.payload(i)]})) for i in range(16)]
