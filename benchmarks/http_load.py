@@ -200,9 +200,9 @@ def identity(x):
 
 protocol = os.fdopen(os.dup(1), "w", buffering=1)  # tritonserver logs to fd 1: keep
 os.dup2(2, 1)                                      # the protocol on a private copy
-http_port = free_port()
+http_port, grpc_port = free_port(), free_port()
 config = TritonConfig(http_address="127.0.0.1", http_port=http_port,
-                      grpc_address="127.0.0.1", grpc_port=free_port(),
+                      grpc_address="127.0.0.1", grpc_port=grpc_port,
                       metrics_address="127.0.0.1", metrics_port=free_port(),
                       allow_gpu_metrics=False, exit_timeout_secs=5)
 with Triton(config=config) as triton:
@@ -212,7 +212,7 @@ with Triton(config=config) as triton:
                     outputs=[Tensor(name="out", dtype=np.int64, shape=(1,))],
                     config=ModelConfig(max_batch_size={max_batch}, batcher=DynamicBatcher()))
     triton.run()
-    protocol.write(json.dumps({{"http_port": http_port}}) + "\\n")
+    protocol.write(json.dumps({{"http_port": http_port, "grpc_port": grpc_port}}) + "\\n")
     sys.stdin.read()  # until the parent closes our stdin
 """
 
@@ -236,7 +236,8 @@ def triton_call(base: str, models: list[str]) -> Call:
 
 class TritonServer:
     """Triton (nvidia-pytriton) in benchmarks/.triton-venv serving identity models over
-    HTTP; `call` sends one request through `chain` of them (1: one model)."""
+    HTTP (and gRPC, on `grpc_port`); `call` sends one request through `chain` of them
+    (1: one model)."""
 
     def __init__(self, chain: int, start_timeout_s: float = 180.0) -> None:
         from benchmarks.peers.triton import VENV_PYTHON, TritonUnavailable, _python_lib_dir
@@ -262,14 +263,14 @@ class TritonServer:
             text=True,
         )
         try:
-            port = self._wait_ready(start_timeout_s)
+            port, self.grpc_port = self._wait_ready(start_timeout_s)
         except BaseException:
             self.close()
             raise
         self.url = f"http://127.0.0.1:{port}"
         self.call = triton_call(self.url, models)
 
-    def _wait_ready(self, timeout_s: float) -> int:
+    def _wait_ready(self, timeout_s: float) -> tuple[int, int]:
         from benchmarks.peers.triton import TritonUnavailable
 
         assert self.process.stdout is not None
@@ -278,7 +279,8 @@ class TritonServer:
             if select.select([self.process.stdout], [], [], 0.5)[0]:
                 line = self.process.stdout.readline()
                 if line.startswith("{"):
-                    return int(json.loads(line)["http_port"])
+                    ports = json.loads(line)
+                    return int(ports["http_port"]), int(ports["grpc_port"])
             if self.process.poll() is not None:
                 self._log.seek(0)
                 tail = self._log.read()[-3000:]

@@ -6,6 +6,8 @@ import pytest
 import serveflow as sf
 
 TIMEOUT = 10
+# tests deploying through `deploy`/`serve` run on the embedded runtime and on Ray
+RUNTIMES = ("local", "ray")
 
 
 def assert_serves(app):
@@ -311,3 +313,26 @@ def test_errors_are_distinct_exception_types():
     assert issubclass(sf.OperatorError, Exception)
     assert issubclass(sf.InputError, Exception)
     assert not issubclass(sf.InputError, sf.OperatorError)
+
+
+def test_a_failure_before_parallel_branches_and_joins_fails_the_request():
+    """A failure passes through parallel branches to the joins that meet them; a join
+    runs as soon as one input failed, and its other input, still missing, must not
+    stand in for the failure (the request used to succeed with None). Two workers, so
+    that the branches' failures arrive in any order."""
+    flow = sf.Flow("branches")
+    doubled = flow.map(explode, names=["y"], name="explode")
+    a = doubled.map(lambda r: r["y"], names=["y"], name="a")
+    b = doubled.map(lambda r: r["y"], names=["b"], name="b")
+    c = doubled.map(lambda r: r["y"], names=["c"], name="c")
+    a.join(b).join(c).map(lambda r: r["y"], names=["y"], name="after")
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            assert_serves(app)  # every stage loaded
+            for _ in range(8):
+                with pytest.raises(sf.OperatorError, match=r"explode.*boom"):
+                    app.run(sf.Table({"x": [-1]})).result(timeout=TIMEOUT)
+            assert_serves(app)
+    finally:
+        runtime.stop()

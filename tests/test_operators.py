@@ -9,6 +9,8 @@ from serveflow.runtime.kvs import MemoryKVS
 from serveflow.runtime.stage import StageExecutor
 
 TIMEOUT = 10
+# tests deploying through `deploy`/`serve` run on the embedded runtime and on Ray
+RUNTIMES = ("local", "ray")
 
 
 def ms(rows):

@@ -541,3 +541,36 @@ def test_whole_request_operators_and_slo_batching_are_never_coalesced():
         responses = _concurrently(f"{srv.url}/v1/flows/counts/predict", bodies)
     for body, response in zip(bodies, responses, strict=True):
         assert response.json() == {"rows": [{"x": len(body["rows"])}]}
+
+
+def slow_double(row):
+    time.sleep(0.01)  # a model's worth of work per row
+    return 2 * row["x"]
+
+
+def test_rows_that_cost_milliseconds_are_not_coalesced():
+    """Merged rows run one after another on one worker: once rows are measured to cost
+    milliseconds, concurrent requests go apart (bar a rare probe) and use the pool."""
+    flow = sf.Flow("slow")
+    flow.map(slow_double, names=["x"], name="double").map(slow_double, names=["y"])
+    cheap = sf.Flow("cheap")
+    cheap.map(lambda r: r["x"], names=["x"])
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    apps = {"slow": flow.deploy(runtime=runtime), "cheap": cheap.deploy(runtime=runtime)}
+    try:
+        with Server(apps, port=0) as srv:
+            for name in apps:  # warm: stages loaded, a cost measured
+                for x in range(3):
+                    httpx.post(f"{srv.url}/v1/flows/{name}/predict",
+                               json={"rows": [{"x": x}]}, timeout=TIMEOUT)  # fmt: skip
+            merged = {name: srv.state.coalescers[name].merged_requests for name in apps}
+            for _ in range(3):
+                for name in apps:
+                    bodies = [{"rows": [{"x": i}]} for i in range(16)]
+                    responses = _concurrently(f"{srv.url}/v1/flows/{name}/predict", bodies)
+                    assert all(r.status_code == 200 for r in responses), responses[0].text
+            added = {n: srv.state.coalescers[n].merged_requests - merged[n] for n in apps}
+    finally:
+        runtime.stop()
+    assert added["slow"] <= 1  # at most one probe
+    assert added["cheap"] >= 1  # cheap rows still merge

@@ -31,7 +31,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -87,7 +87,15 @@ def _bounded(what: str, fn: Callable[[], Any], timeout_s: float) -> bool:
 class RayCompiledChain:
     """`stages` identity actors in one compiled graph; `call(payload)` is one request."""
 
-    def __init__(self, stages: int = 3, *, max_inflight: int = MAX_INFLIGHT) -> None:
+    def __init__(
+        self,
+        stages: int = 3,
+        *,
+        max_inflight: int = MAX_INFLIGHT,
+        steps: Sequence[Callable[..., Any]] | None = None,
+    ) -> None:
+        """`steps`: instead of identities, one function per actor, applied to the
+        payload in turn (a class is instantiated once in its actor, then called)."""
         if stages < 1:
             raise ValueError(f"stages must be >= 1, got {stages}")
         self._ray, self._owns_ray = start_ray()
@@ -95,11 +103,14 @@ class RayCompiledChain:
         from ray.dag import InputNode
 
         @ray.remote(num_cpus=0)
-        class Identity:
-            def forward(self, payload: Any) -> Any:
-                return payload
+        class Step:
+            def __init__(self, step: Callable[..., Any] | None) -> None:
+                self.fn = step() if isinstance(step, type) else step
 
-        self._actors = [Identity.remote() for _ in range(stages)]
+            def forward(self, payload: Any) -> Any:
+                return payload if self.fn is None else self.fn(payload)
+
+        self._actors = [Step.remote(step) for step in (steps or [None] * stages)]
         with InputNode() as inp:
             node = inp
             for actor in self._actors:

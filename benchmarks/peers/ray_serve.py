@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -51,26 +52,41 @@ def start_serve() -> tuple[Any, Any]:
     return ray, serve
 
 
+def _identity(payload: Any) -> Any:
+    return payload
+
+
 class RayServeChain:
     """`stages` composed identity deployments; `call(payload)` is one request."""
 
-    def __init__(self, stages: int = 3, *, app_name: str = "serveflow-bench") -> None:
+    def __init__(
+        self,
+        stages: int = 3,
+        *,
+        app_name: str = "serveflow-bench",
+        steps: Sequence[Callable[..., Any]] | None = None,
+    ) -> None:
+        """`steps`: instead of identities, one function per deployment, applied to the
+        payload in turn (a class is instantiated once per replica, then called)."""
         self._ray, self._serve = start_serve()
         serve = self._serve
+        steps = list(steps) if steps is not None else [_identity] * stages
 
         @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING)
-        class Identity:
-            def __init__(self, downstream: Any = None) -> None:
+        class Step:
+            def __init__(self, step: Callable[..., Any], downstream: Any = None) -> None:
+                self.fn = step() if isinstance(step, type) else step
                 self.downstream = downstream
 
             async def __call__(self, payload: Any) -> Any:
+                payload = self.fn(payload)
                 if self.downstream is None:
                     return payload
                 return await self.downstream.remote(payload)
 
-        node = Identity.options(name=f"s{stages}").bind()
-        for i in range(stages - 1, 0, -1):
-            node = Identity.options(name=f"s{i}").bind(node)
+        node = Step.options(name=f"s{len(steps)}").bind(steps[-1])
+        for i in range(len(steps) - 1, 0, -1):
+            node = Step.options(name=f"s{i}").bind(steps[i - 1], node)
         self.handle = serve.run(node, name=app_name, route_prefix=None)
         self._app_name = app_name
         self._closed = False
@@ -94,7 +110,9 @@ class RayServeChain:
     async def _acall(self, payload: Any) -> Any:
         return await self.handle.remote(payload)
 
-    def close(self) -> None:
+    def close(self, *, shutdown: bool = True) -> None:
+        """Stop the client loop; with `shutdown`, Serve and Ray too (else only this
+        chain's application is deleted: another may still use them)."""
         if self._closed:
             return
         self._closed = True
@@ -102,6 +120,9 @@ class RayServeChain:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(timeout=10)
             self._loop.close()
+        if not shutdown:
+            self._serve.delete(self._app_name)
+            return
         try:
             self._serve.shutdown()
         finally:

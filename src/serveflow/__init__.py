@@ -18,6 +18,7 @@ from serveflow.errors import (
 from serveflow.logical import Batching, Flow, Row, Stream, Table
 from serveflow.optimizer import Plan, Rules, Stage, optimize
 from serveflow.runtime.app import App
+from serveflow.runtime.cluster import RayRuntime
 from serveflow.runtime.local import LocalRuntime
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "OperatorError",
     "OverloadError",
     "Plan",
+    "RayRuntime",
     "Row",
     "Rules",
     "ServeflowError",

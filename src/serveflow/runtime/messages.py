@@ -18,11 +18,12 @@ Route = tuple[tuple[int, ...], ...]  # per stage index: the worker indices that 
 
 
 class Deploy(NamedTuple):
-    """A plan to serve as app `app`: cloudpickled bytes in the file at `path` (the
-    control plane keeps the file until the app is undeployed)."""
+    """A plan to serve as app `app`: cloudpickled, in the file at `path` that the
+    process engine wrote (kept until the app is undeployed), or the bytes themselves
+    (the Ray engine)."""
 
     app: int
-    path: str
+    path: Any
 
 
 class Undeploy(NamedTuple):

@@ -107,7 +107,9 @@ class StageExecutor:
                     return value
             return next(e for e in inputs if e is not None)
         for value in inputs:
-            if not isinstance(value, Table):  # an upstream failure passes through
+            # an upstream failure passes through: a join runs once one input failed,
+            # while its other input may not be there yet (None)
+            if isinstance(value, BaseException):
                 return value
         try:
             stop = None if should_stop is None else partial(should_stop, k)

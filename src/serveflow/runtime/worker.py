@@ -13,7 +13,6 @@ once, even in the middle of a user's call.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import json
@@ -155,10 +154,7 @@ class Worker:
         from serveflow.runtime.kvs import open_kvs
 
         self.index = index
-        self.directory = directory
-        self.endpoint = Endpoint(socket_path(directory, index))
-        self.cancels = Endpoint(socket_path(directory, index, m.Cancel(0, 0)))
-        self.shm = codec.SharedMemory(directory)
+        self.open_transport(directory)
         self.kvs = CachedKVS(open_kvs(kvs_address), options["cache_bytes"])
         self.idle_unload_s: float = options["idle_unload_s"]
         self.deployed: dict[int, str] = {}  # app -> its plan file
@@ -190,6 +186,13 @@ class Worker:
         self.dirty = False  # something to report to the driver
         self.running = True
 
+    def open_transport(self, directory: str) -> None:
+        """This worker's sockets in the run directory, and its shared-memory files."""
+        self.directory = directory
+        self.endpoint = Endpoint(socket_path(directory, self.index))
+        self.cancels = Endpoint(socket_path(directory, self.index, m.Cancel(0, 0)))
+        self.shm = codec.SharedMemory(directory)
+
     # -- messages ---------------------------------------------------------------------
     def serve(self) -> None:
         self.send(DRIVER, m.Hello(self.index, os.getpid()))
@@ -199,6 +202,12 @@ class Worker:
         threading.Thread(
             target=self.watch_cancels, args=(main,), name="serveflow:cancels", daemon=True
         ).start()
+        self.loop()
+        self.endpoint.close()
+        self.cancels.close()
+
+    def loop(self) -> None:
+        """Take messages and run stages until told to `Exit`."""
         next_report = 0.0
         while self.running:
             wait = self.run_ready()
@@ -217,10 +226,12 @@ class Worker:
                         self.handle(message)
                 except Exception:  # a bug of ours, or an app undeployed meanwhile
                     log.exception("failed to handle a %s message", type(message).__name__)
-                data = self.endpoint.recv(0)
+                data = self.poll()
         self.report()
-        self.endpoint.close()
-        self.cancels.close()
+
+    def poll(self) -> Any:
+        """The next message if one is waiting, else None."""
+        return self.endpoint.recv(0)
 
     def next_message(self, timeout: float) -> bytes | None:
         """The next message, or None after `timeout` seconds. For its first SPIN_S
@@ -297,13 +308,17 @@ class Worker:
             except OSError:
                 return  # closed
             message = self.decode(data) if data is not None else None
-            if not isinstance(message, m.Cancel):
-                continue
-            self.cancel(message)
-            serial, in_call = self.run_serial, self.in_call
-            if in_call and all(self.is_cancelled(t) for t in in_call):
-                self.interrupt_serial = serial
-                signal.pthread_kill(main, signal.SIGUSR1)
+            if isinstance(message, m.Cancel):
+                self.cancel_now(message, lambda: signal.pthread_kill(main, signal.SIGUSR1))
+
+    def cancel_now(self, message: m.Cancel, interrupt: Any) -> None:
+        """Record a cancellation (from any thread); `interrupt()` the stage call in
+        progress when every request in it is now cancelled."""
+        self.cancel(message)
+        serial, in_call = self.run_serial, self.in_call
+        if in_call and all(self.is_cancelled(t) for t in in_call):
+            self.interrupt_serial = serial
+            interrupt()
 
     def on_interrupt(self, signum: int, frame: Any) -> None:
         if self.in_call and self.interrupt_serial == self.run_serial:
@@ -352,12 +367,16 @@ class Worker:
         plan = self.plans.get(app)
         if plan is None and app in self.deployed:
             try:
-                with open(self.deployed[app], "rb") as file:
-                    plan = self.plans[app] = cloudpickle.load(file)
+                plan = self.plans[app] = self.read_plan(self.deployed[app])
                 self.facts[app] = StageFacts.of(plan)
             except FileNotFoundError:  # undeployed since
                 self.deployed.pop(app, None)
         return plan
+
+    def read_plan(self, where: Any) -> Plan:
+        """The plan a `Deploy` names (raises FileNotFoundError once it is undeployed)."""
+        with open(where, "rb") as file:
+            return cloudpickle.load(file)
 
     def accept(self, message: m.Input) -> None:
         """An input of stage `index` for one request, sent at `sent` (its latency at
@@ -485,7 +504,7 @@ class Worker:
         self.run_serial += 1
         try:
             self.in_call = live
-            results = executor.run([t.inputs for t in live], should_stop=should_stop)
+            results = self.call(executor, [t.inputs for t in live], should_stop)
         except Interrupted:
             results = [stopped(stage) for _ in live]
         except Exception as error:  # a bug of ours: fail these requests, keep serving
@@ -518,6 +537,10 @@ class Worker:
             counters.batch_log.append((len(live), done - started, done, latencies))
         for task, result in zip(live, results):
             self.forward(plan, facts, task, result)
+
+    def call(self, executor: StageExecutor, inputs: list, should_stop: Any) -> list:
+        """One stage call (interrupted by raising `Interrupted` in it)."""
+        return executor.run(inputs, should_stop=should_stop)
 
     def executor(self, key: tuple[int, int], stage: Stage) -> StageExecutor:
         """The stage's executor, loaded now if it is not (a cold start)."""
@@ -599,7 +622,7 @@ class Worker:
                 del self.executors[key]  # unload an idle stage: its models are freed
                 self.unloaded.append(key)
                 self.dirty = True
-        self.shm.forget_older_than(codec.FORWARD_WINDOW_S)  # else mappings pin memory
+        self.release_mappings()
         if now < self.next_forget:
             return
         if len(self.started) + len(self.cancelled) > 10_000 or len(self.waiting) > 1_000:
@@ -609,6 +632,10 @@ class Worker:
             with self.cancel_lock:
                 self.cancelled = {k: t for k, t in self.cancelled.items() if t > limit}
             self.waiting = {k: t for k, t in self.waiting.items() if t.created > limit}
+
+    def release_mappings(self) -> None:
+        """Unmap shared-memory values no longer forwarded: else they pin memory."""
+        self.shm.forget_older_than(codec.FORWARD_WINDOW_S)
 
     def forget_app(self, app: int) -> None:
         self.deployed.pop(app, None)
@@ -653,21 +680,8 @@ def die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def yield_to_the_driver() -> None:
-    """Make this process's threads (and those it starts) SCHED_BATCH: as CPU-bound,
-    a thread of ours that wakes up no longer preempts the thread running on its CPU,
-    and the driver, through which every request passes, keeps its CPU when our
-    inputs arrive (on 2 cores: 6.6k -> 8.9k requests/s through a 3-stage chain).
-    The CPU share is unchanged (no nice). Linux only; elsewhere, or if refused, a no-op."""
-    policy = getattr(os, "SCHED_BATCH", None)
-    if policy is not None:
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, policy, os.sched_param(0))
-
-
 def main() -> None:
     """Entry point of a worker process: its configuration is one JSON line on stdin."""
-    yield_to_the_driver()  # before any thread starts: they inherit it
     config = json.loads(sys.stdin.buffer.readline())
     die_with_parent(config["parent"])
     options = config["options"]

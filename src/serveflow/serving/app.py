@@ -406,8 +406,12 @@ class ServingASGI(Starlette):
     third of the server's per-request CPU went there). Same answers as the route."""
 
     serving: ServingState
+    v2: Any  # serving.v2.V2HTTP: every path under /v2 (the Open Inference Protocol)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] + "/").startswith("/v2/"):
+            await self.v2(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             path: str = scope["path"]
             if path.startswith(_PREDICT_PREFIX) and path.endswith(_PREDICT_SUFFIX):
@@ -528,4 +532,7 @@ def create_app(
     )
     asgi.state.serving = state
     asgi.serving = state
+    from serveflow.serving.v2 import V2HTTP, V2Models  # imports this module
+
+    asgi.v2 = V2HTTP(V2Models(state))
     return asgi

@@ -38,6 +38,10 @@ HTTP API (see /openapi.json on a running server):
   GET  /healthz /readyz        liveness and readiness (never need a token)
   GET  /metrics                Prometheus text format
   GET  /                       live dashboard (with a token: open /#token=TOKEN)
+  /v2/...                      the Open Inference Protocol (KServe V2, as Triton serves it):
+                               /v2, /v2/health/live|ready, /v2/models/NAME[/versions/1]
+                               [/ready|/infer|/config|/stats]; binary tensors with
+                               Inference-Header-Content-Length; over gRPC with --grpc-port
 Errors are JSON {"error": ...}: 400 malformed body, 401 token, 404 unknown flow,
 413 body too large, 422 wrong columns/types, 500 operator failed, 503 overloaded
 (Retry-After), 504 deadline passed.
@@ -80,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="deploy flows on the embedded runtime and serve them over HTTP",
+        help="deploy flows on the embedded runtime (or Ray: --ray) and serve them over HTTP",
         description="Deploy the flows of a Python file and serve them over HTTP until "
         "SIGTERM/SIGINT (then: stop accepting, finish in-flight requests, stop workers).",
     )
@@ -89,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
     )
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also serve the Open Inference Protocol (KServe V2) over gRPC on port N of "
+        "--host (0: a free port, printed); needs the grpc extra",
+    )
     serve.add_argument(
         "--workers",
         type=int,
@@ -125,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N|ID,ID",
         help="GPU devices for gpu=True stages: a count or device ids (default: detect)",
+    )
+    serve.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="serve on Ray (sf.RayRuntime) instead of the embedded runtime: 'auto' joins "
+        "this machine's cluster, 'ray://HOST:10001' one through Ray Client, 'local' "
+        "starts a Ray here (needs the ray extra)",
+    )
+    serve.add_argument(
+        "--kvs",
+        default=None,
+        metavar="URL",
+        help="key-value store behind lookups: 'redis://HOST:PORT/DB' or 'lmdb:///PATH' "
+        "(default: an LMDB store in a temporary directory, one machine only)",
     )
     serve.add_argument(
         "--token",
@@ -217,7 +244,17 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
         options["stage_timeout_s"] = args.stage_timeout
     if args.gpus is not None:
         options["gpus"] = args.gpus
-    runtime = sf.LocalRuntime(**options)
+    if args.kvs is not None:
+        options["kvs"] = args.kvs
+    try:
+        if args.ray is None:
+            runtime: Any = sf.LocalRuntime(**options)
+        elif isinstance(options.get("gpus"), list):
+            raise ValueError("with --ray, --gpus is a count (Ray assigns the devices)")
+        else:
+            runtime = sf.RayRuntime(None if args.ray == "local" else args.ray, **options)
+    except (ValueError, ImportError) as error:  # options the runtime refused: exit 2
+        raise argparse.ArgumentTypeError(str(error)) from error
     try:
         apps = {flow.name: flow.deploy(rules=rules, runtime=runtime) for flow in flows}
         server = Server(
@@ -234,6 +271,7 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             max_in_flight=args.max_in_flight,
             shutdown_delay=args.shutdown_delay,
             coalesce=args.coalesce,
+            grpc_port=args.grpc_port,
         )
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
             log.warning(
@@ -245,11 +283,17 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             f"(dashboard {server.url}/, metrics {server.url}/metrics)",
             flush=True,
         )
-        server.run()
+        server.run(on_started=lambda: _print_grpc(server))
     finally:
         runtime.stop()
     print("serveflow: stopped", flush=True)
     return 0
+
+
+def _print_grpc(server: Any) -> None:
+    if server.grpc_port is not None:
+        host = f"[{server.host}]" if ":" in server.host else server.host
+        print(f"serveflow: V2 gRPC on {host}:{server.grpc_port}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n\n".join(sf.optimize(flow, rules).explain() for flow in flows))
             return 0
         return _serve(args, flows, rules)
-    except (LoadError, argparse.ArgumentTypeError, sf.FlowError) as error:
+    except (LoadError, argparse.ArgumentTypeError, sf.FlowError, OSError, ImportError) as error:
         print(f"serveflow: error: {error}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import uvicorn
@@ -27,15 +27,36 @@ log = logging.getLogger(__name__)
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, marking the app not ready as soon as shutdown is asked for."""
+    """uvicorn's server, marking the app not ready as soon as shutdown is asked for,
+    and serving V2 gRPC on the same event loop when given a `grpc` server."""
 
     def __init__(
-        self, config: uvicorn.Config, state: ServingState, shutdown_delay: float = 0.0
+        self,
+        config: uvicorn.Config,
+        state: ServingState,
+        shutdown_delay: float = 0.0,
+        grpc: Any = None,
+        drain_timeout: float = 30.0,
     ) -> None:
         super().__init__(config)
         self._state = state
         self._shutdown_delay = shutdown_delay
         self._delay: threading.Timer | None = None
+        self._grpc = grpc  # serving.v2_grpc.GRPCServer, or None
+        self._drain_timeout = drain_timeout
+        self.on_started: Callable[[], None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._grpc is not None:
+            await self._grpc.start()  # before HTTP: a port in use fails the start
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._grpc is not None:  # in-flight calls finish before the apps stop
+            await self._grpc.stop(self._drain_timeout)
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """First signal: not ready at once; after `shutdown_delay` s (still serving, so
@@ -82,7 +103,9 @@ class Server:
     before any work is done for them (see `create_app`). `shutdown_delay`: seconds
     between SIGTERM/SIGINT and the graceful shutdown during which /readyz answers 503
     while requests are still served (default 0). `coalesce`: run concurrent requests
-    of a row-by-row flow as one runtime request (see serving.coalesce).
+    of a row-by-row flow as one runtime request (see serving.coalesce). `grpc_port`:
+    also serve the Open Inference Protocol over gRPC on this port of `host` (0: a free
+    one; `grpc_port` tells it once started; needs the `grpc` extra).
     """
 
     def __init__(
@@ -102,6 +125,7 @@ class Server:
         max_in_flight: int | None = None,
         shutdown_delay: float = 0.0,
         coalesce: bool = True,
+        grpc_port: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -126,7 +150,18 @@ class Server:
             loop=loop,  # "auto": uvloop when installed (the serve extra pins it)
             http=http,  # "auto": httptools when installed
         )
-        self._uvicorn = _DrainingServer(config, self.state, shutdown_delay)
+        self._grpc = None
+        if grpc_port is not None:
+            try:
+                from serveflow.serving.v2_grpc import GRPCServer
+            except ImportError as error:
+                raise ImportError(
+                    f"serving gRPC needs the grpc extra (pip install 'serveflow[grpc]'): {error}"
+                ) from error
+            self._grpc = GRPCServer(self.asgi.v2.models, host, grpc_port)
+        self._uvicorn = _DrainingServer(
+            config, self.state, shutdown_delay, self._grpc, drain_timeout
+        )
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
 
@@ -134,6 +169,11 @@ class Server:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def grpc_port(self) -> int | None:
+        """The V2 gRPC port (the one chosen, once started, when asked for 0)."""
+        return None if self._grpc is None else self._grpc.port
 
     def bind(self) -> socket.socket:
         """Open the listening socket now (idempotent); `port=0` picks a free port,
@@ -151,26 +191,35 @@ class Server:
             self._socket = sock
         return self._socket
 
-    def run(self) -> None:
-        """Serve in this thread until SIGTERM or SIGINT, then shut down gracefully."""
+    def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """Serve in this thread until SIGTERM or SIGINT, then shut down gracefully.
+        `on_started` is called once both fronts accept requests."""
         sock = self.bind()
         log.info("serving %s on %s", ", ".join(self.state.apps), self.url)
+        self._uvicorn.on_started = on_started
         self._uvicorn.run(sockets=[sock])
 
     def start(self, startup_timeout: float = 30.0) -> Server:
         """Serve from a background thread; returns once the socket accepts requests."""
         sock = self.bind()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                asyncio.run(self._uvicorn.serve(sockets=[sock]))
+            except BaseException as error:  # e.g. the gRPC port is taken: told by start()
+                failure.append(error)
+
         self._thread = threading.Thread(
-            target=lambda: asyncio.run(self._uvicorn.serve(sockets=[sock])),
-            name=f"serveflow:http:{self.port}",
-            daemon=True,
+            target=serve, name=f"serveflow:http:{self.port}", daemon=True
         )
         self._thread.start()
         deadline = time.monotonic() + startup_timeout
         while not self._uvicorn.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"HTTP server on {self.url} did not start")
+                reason = f": {failure[0]}" if failure else ""
+                raise RuntimeError(f"server on {self.url} did not start{reason}")
             time.sleep(0.01)
         return self
 

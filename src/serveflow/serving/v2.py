@@ -1,0 +1,586 @@
+"""The Open Inference Protocol (KServe V2) over HTTP, under /v2; a flow is a model.
+
+GET  /v2                                       server metadata (name, version, extensions)
+GET  /v2/health/live  /v2/health/ready         liveness, readiness (never need a token)
+GET  /v2/models/{flow}[/versions/1]            model metadata: inputs and outputs
+GET  /v2/models/{flow}[/versions/1]/ready      model readiness
+POST /v2/models/{flow}[/versions/1]/infer      inference; JSON, or JSON + binary tensors
+                                               (Inference-Header-Content-Length)
+GET  /v2/models/{flow}[/versions/1]/config     Triton's model configuration extension
+GET  /v2/models[/{flow}[/versions/1]]/stats    Triton's statistics extension
+POST /v2/repository/index                      the flows, all READY
+
+`V2Models` holds what the HTTP front and the gRPC one (`v2_grpc.py`) share: metadata,
+statistics and `infer`, which runs a request as the JSON API does (same token, body
+limit, admission bound, coalescing, deadline, metrics and error classes). Tensors map
+to columns as `v2_tensors` says. Errors are `{"error": message}` with the HTTP status of
+the JSON API, except that input errors are 400, as the protocol asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import serveflow
+from serveflow.logical.table import Table
+from serveflow.runtime.app import App
+from serveflow.serving.app import (
+    ServingState,
+    _Disconnected,
+    _outcome,
+    _read_body,
+    _timeout_s,
+    _unless_disconnected,
+)
+from serveflow.serving.auth import token_matches
+from serveflow.serving.coalesce import AppStopping
+from serveflow.serving.codecs import JSON, encode_json
+from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
+from serveflow.serving.metrics import UNKNOWN_FLOW
+from serveflow.serving.v2_tensors import (
+    DATATYPES,
+    InputTensor,
+    OutputError,
+    OutputTensor,
+    TensorError,
+    columns_from_tensors,
+    schema_datatype,
+    tensor_from_column,
+)
+
+try:
+    import orjson
+except ImportError:  # the standard library does the same, slower
+    orjson = None  # type: ignore[assignment]
+
+VERSION = "1"  # every flow is served as version "1" of its model
+PLATFORM = "serveflow"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+HEADER_LENGTH = "inference-header-content-length"
+BINARY = "application/octet-stream"
+TIMEOUT_HEADER = "x-request-timeout-ms"
+MAX_SEEN_TENSORS = 64  # tensors per model and direction that metadata remembers
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class ModelStats:
+    """Triton's per-model statistics, for the V2 requests of one flow."""
+
+    last_inference_ms: int = 0
+    inference_count: int = 0  # rows inferred
+    execution_count: int = 0  # requests run
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)  # tensors -> table
+    compute_infer: Duration = field(default_factory=Duration)  # the flow's run
+    compute_output: Duration = field(default_factory=Duration)  # table -> tensors
+
+    def as_dict(self, name: str) -> dict[str, Any]:
+        zero = Duration().as_dict()
+        return {
+            "name": name,
+            "version": VERSION,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.as_dict(),
+                "fail": self.fail.as_dict(),
+                "queue": zero,  # the runtime's queueing is inside compute_infer
+                "compute_input": self.compute_input.as_dict(),
+                "compute_infer": self.compute_infer.as_dict(),
+                "compute_output": self.compute_output.as_dict(),
+                "cache_hit": zero,
+                "cache_miss": zero,
+            },
+            "batch_stats": [],
+        }
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool = False  # HTTP: send it as binary data
+
+
+def _datatype_for_config(datatype: str) -> str:
+    return {"BYTES": "TYPE_STRING", "": "TYPE_INVALID"}.get(datatype, f"TYPE_{datatype}")
+
+
+class V2Models:
+    """The deployed flows as V2 models. Event-loop only, like ServingState."""
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+        self.stats = {name: ModelStats() for name in state.apps}
+        # Datatype and cell shape of each tensor last seen, for metadata the schema
+        # does not give (outputs; np.ndarray inputs).
+        self.seen: dict[str, dict[str, dict[str, tuple[str, tuple[int, ...]]]]] = {
+            name: {"inputs": {}, "outputs": {}} for name in state.apps
+        }
+
+    # --- lookups -------------------------------------------------------------------
+
+    def app(self, name: str, version: str | None = None) -> App:
+        """The deployment serving model `name`; HTTPProblem 404 if none (or no such
+        version)."""
+        app = self.state.apps.get(name)
+        if app is None:
+            known = ", ".join(sorted(self.state.apps)) or "none"
+            raise HTTPProblem(404, f"no model (flow) named {name!r} (models: {known})")
+        if version not in (None, "", VERSION):
+            raise HTTPProblem(404, f"model {name!r} has no version {version!r} (versions: 1)")
+        return app
+
+    def ready(self) -> bool:
+        return not self.state.draining
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "serveflow", "version": serveflow.__version__, "extensions": EXTENSIONS}
+
+    def _tensors(self, name: str, kind: str) -> list[dict[str, Any]]:
+        seen = self.seen[name][kind]
+        tensors = []
+        schema = self.state.apps[name].plan.schema if kind == "inputs" else None
+        declared = dict(schema or {})
+        for column, expected in declared.items():
+            datatype = schema_datatype(expected)
+            if datatype is not None:
+                tensors.append({"name": column, "datatype": datatype, "shape": [-1]})
+            elif column in seen:
+                datatype, cell = seen[column]
+                tensors.append({"name": column, "datatype": datatype, "shape": [-1, *cell]})
+            else:  # np.ndarray or another type: any datatype, cells of any shape
+                tensors.append({"name": column, "datatype": "", "shape": [-1, -1]})
+        for column, (datatype, cell) in seen.items():
+            if column not in declared:
+                tensors.append({"name": column, "datatype": datatype, "shape": [-1, *cell]})
+        return tensors
+
+    def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        self.app(name, version)
+        return {
+            "name": name,
+            "versions": [VERSION],
+            "platform": PLATFORM,
+            "inputs": self._tensors(name, "inputs"),
+            "outputs": self._tensors(name, "outputs"),
+        }
+
+    def config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model configuration: tensors with the row dimension as -1
+        (max_batch_size 0: rows are part of every shape), the plan as a parameter."""
+        app = self.app(name, version)
+
+        def tensors(kind: str) -> list[dict[str, Any]]:
+            return [
+                {"name": t["name"], "data_type": _datatype_for_config(t["datatype"]),
+                 "dims": t["shape"]}
+                for t in self._tensors(name, kind)
+            ]  # fmt: skip
+
+        return {
+            "name": name,
+            "platform": PLATFORM,
+            "backend": PLATFORM,
+            "max_batch_size": 0,
+            "input": tensors("inputs"),
+            "output": tensors("outputs"),
+            "parameters": {"explain": {"string_value": app.explain()}},
+        }
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Triton's statistics of one model, or of all with `name` None or ""."""
+        if name:
+            self.app(name, version)
+            names = [name]
+        else:
+            names = sorted(self.state.apps)
+        return {"model_stats": [self.stats[n].as_dict(n) for n in names]}
+
+    def repository_index(self) -> list[dict[str, str]]:
+        state = "READY" if self.ready() else "UNAVAILABLE"
+        return [{"name": n, "version": VERSION, "state": state} for n in sorted(self.state.apps)]
+
+    # --- inference -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def measured(self, name: str) -> Iterator[None]:
+        """Record one inference request of model `name` in the server's metrics and
+        the model's statistics: its status from how the block ends (an HTTPProblem's
+        status, 499 when the client went away, 500 for anything else)."""
+        known = name in self.state.apps
+        metrics = self.state.metrics.flow(name if known else UNKNOWN_FLOW)
+        started = time.perf_counter_ns()
+        status = 500
+        metrics.in_flight.inc()
+        try:
+            yield
+            status = 200
+        except HTTPProblem as problem:
+            status = problem.status
+            if status == 503:
+                metrics.shed.inc()
+            raise
+        except (asyncio.CancelledError, _Disconnected):
+            status = 499  # nginx's "client closed request": nobody reads an answer
+            raise
+        finally:
+            elapsed = time.perf_counter_ns() - started
+            metrics.in_flight.dec()
+            metrics.observe(status, elapsed / 1e9)
+            if known:
+                stats = self.stats[name]
+                (stats.success if status == 200 else stats.fail).add(elapsed)
+
+    async def infer(
+        self,
+        name: str,
+        version: str | None,
+        inputs: Sequence[InputTensor],
+        outputs: Sequence[str],
+        timeout: float | None,
+    ) -> list[OutputTensor]:
+        """Run one inference as the JSON API runs a prediction; the output tensors
+        (`outputs` names them, empty: every output column). Raises HTTPProblem, whose
+        status says which protocol error to answer. Call it inside `measured`."""
+        app = self.app(name, version)
+        state = self.state
+        if state.at_limit(name):
+            raise HTTPProblem(
+                503,
+                f"model {name!r} has {state.admitted[name]} requests in flight (the limit); "
+                "retry later",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        stats = self.stats[name]
+        t0 = time.perf_counter_ns()
+        try:
+            table = Table(columns_from_tensors(inputs, app.plan.schema))
+        except TensorError as error:
+            raise HTTPProblem(400, str(error)) from None
+        t1 = time.perf_counter_ns()
+        state.admitted[name] += 1
+        try:
+            output = await self._run(app, name, table, timeout)
+        finally:
+            state.admitted[name] -= 1
+        t2 = time.perf_counter_ns()
+        tensors = self._output_tensors(name, output, outputs)
+        t3 = time.perf_counter_ns()
+        stats.compute_input.add(t1 - t0)
+        stats.compute_infer.add(t2 - t1)
+        stats.compute_output.add(t3 - t2)
+        stats.inference_count += len(table)
+        stats.execution_count += 1
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        for kind, described in (("inputs", inputs), ("outputs", tensors)):
+            seen = self.seen[name][kind]
+            for tensor in described:
+                # Bounded: clients choose input names, and extra columns are allowed.
+                if tensor.name in seen or len(seen) < MAX_SEEN_TENSORS:
+                    seen[tensor.name] = (tensor.datatype, tuple(tensor.shape[1:]))
+        return tensors
+
+    async def _run(self, app: App, name: str, table: Table, timeout: float | None) -> Table:
+        coalescer = self.state.coalescers.get(name) if timeout is None else None
+        try:
+            if coalescer is not None:
+                return await coalescer.run(table)
+            try:
+                future = app.run(table, timeout=timeout)
+            except RuntimeError as error:
+                raise AppStopping(str(error)) from None
+            try:
+                return await _outcome(future)
+            except asyncio.CancelledError:
+                future.cancel()  # the client went away: its workers drop the request
+                raise
+        except AppStopping as error:
+            raise HTTPProblem(503, str(error), headers={"Retry-After": "1"}) from None
+        except (asyncio.CancelledError, _Disconnected):
+            raise
+        except Exception as error:
+            problem = problem_from(error, name, debug=self.state.debug)
+            if problem.status == 422:  # the protocol's status for a bad request
+                problem.status = 400
+            raise problem from None
+
+    def _output_tensors(
+        self, name: str, output: Table, wanted: Sequence[str]
+    ) -> list[OutputTensor]:
+        columns = output.columns
+        if wanted:
+            missing = [n for n in wanted if n not in columns]
+            if missing:
+                raise HTTPProblem(
+                    400, f"model {name!r} has no output {missing[0]!r} (outputs: {columns})"
+                )
+            columns = list(wanted)
+        seen = self.seen[name]["outputs"]
+        try:
+            return [
+                tensor_from_column(c, output.column(c), seen.get(c, ("BYTES", ()))[0])
+                for c in columns
+            ]
+        except OutputError as error:
+            raise HTTPProblem(500, str(error)) from None
+
+
+# --- HTTP --------------------------------------------------------------------------
+
+
+def _loads(raw: bytes | memoryview) -> Any:
+    if orjson is not None:
+        return orjson.loads(raw)
+    return json.loads(bytes(raw))
+
+
+def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    parameters = obj.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise HTTPProblem(400, f'{where}: "parameters" must be an object')
+    return parameters
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None
+) -> tuple[dict[str, Any], list[InputTensor], list[RequestedOutput]]:
+    """An HTTP inference request: (the JSON object, inputs, requested outputs).
+    With `header_length` (Inference-Header-Content-Length) the JSON is that many
+    leading bytes and binary tensor data follows, in input order."""
+    if header_length is None:
+        head, binary = memoryview(body), memoryview(b"")
+    else:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise HTTPProblem(
+                400,
+                f"Inference-Header-Content-Length {header_length!r} is not a length within "
+                f"the body of {len(body)} bytes",
+            )
+        cut = int(header_length)
+        head, binary = memoryview(body)[:cut], memoryview(body)[cut:]
+    try:
+        request = _loads(head)
+    except (ValueError, UnicodeDecodeError) as error:  # orjson's error is a ValueError
+        raise HTTPProblem(400, f"malformed JSON: {error}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise HTTPProblem(400, 'the body must be a JSON object with an "inputs" list')
+    inputs, offset = [], 0
+    for index, raw in enumerate(request["inputs"]):
+        where = f"input {index}"
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise HTTPProblem(400, f'{where} must be an object with a "name"')
+        where = f"input {raw['name']!r}"
+        datatype, shape = raw.get("datatype"), raw.get("shape")
+        if datatype not in DATATYPES:
+            raise HTTPProblem(
+                400, f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}"
+            )
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise HTTPProblem(400, f"{where}: shape must be a list of non-negative integers")
+        size = _parameters(raw, where).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise HTTPProblem(
+                    400,
+                    f"{where}: binary_data_size {size!r} runs past the {len(binary)} bytes "
+                    "of binary data",
+                )
+            data: bytes | list[Any] = bytes(binary[offset : offset + size])
+            offset += size
+        elif isinstance(raw.get("data"), list):
+            data = raw["data"]
+        else:
+            raise HTTPProblem(400, f'{where} has no "data" list and no binary_data_size')
+        inputs.append(InputTensor(raw["name"], datatype, tuple(shape), data))
+    if offset != len(binary):
+        raise HTTPProblem(400, f"{len(binary) - offset} bytes of binary data belong to no input")
+    default_binary = _parameters(request, "request").get("binary_data_output") is True
+    outputs = []
+    for raw in request.get("outputs") or []:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise HTTPProblem(400, 'each of "outputs" must be an object with a "name"')
+        binary_data = _parameters(raw, f"output {raw['name']!r}").get("binary_data")
+        outputs.append(
+            RequestedOutput(raw["name"], default_binary if binary_data is None else binary_data)
+        )
+    return request, inputs, outputs
+
+
+def _timeout_parameter(request: Mapping[str, Any]) -> float | None:
+    """Triton's "timeout" request parameter (microseconds), in seconds."""
+    micros = _parameters(request, "request").get("timeout")
+    if micros is None:
+        return None
+    if not isinstance(micros, int) or isinstance(micros, bool) or micros <= 0:
+        raise HTTPProblem(400, f"parameter timeout must be a positive integer (µs), got {micros!r}")
+    return micros / 1e6
+
+
+def encode_infer_response(
+    name: str,
+    request_id: str | None,
+    tensors: Sequence[OutputTensor],
+    binary: Mapping[str, bool],
+) -> tuple[bytes, dict[str, str]]:
+    """The HTTP response body and headers: JSON, followed by binary data for the
+    outputs `binary` marks (with Inference-Header-Content-Length)."""
+    outputs, chunks = [], []
+    for tensor in tensors:
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
+        if binary.get(tensor.name, False):
+            raw = tensor.raw()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            try:
+                entry["data"] = tensor.json_data()
+            except OutputError as error:
+                raise HTTPProblem(500, str(error)) from None
+        outputs.append(entry)
+    response: dict[str, Any] = {"model_name": name, "model_version": VERSION, "outputs": outputs}
+    if request_id:
+        response["id"] = request_id
+    head = encode_json(response)
+    if not chunks:
+        return head, {"content-type": JSON}
+    headers = {"content-type": BINARY, HEADER_LENGTH: str(len(head))}
+    return b"".join([head, *chunks]), headers
+
+
+class V2HTTP:
+    """The ASGI handler of every path under /v2 (the server routes them here before
+    its router: this handler checks the token itself, health checks excepted)."""
+
+    def __init__(self, models: V2Models) -> None:
+        self.models = models
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        parts = [p for p in scope["path"].split("/")[2:] if p]
+        headers: dict[str, str] = {}
+        for key, value in scope["headers"]:
+            headers[key.decode("latin-1").lower()] = value.decode("latin-1")
+        status, body, extra = 200, b"", {"content-type": JSON}
+        try:
+            token = self.models.state.token
+            if token is not None and parts[:1] != ["health"]:
+                given = headers.get("authorization", "").encode("latin-1")
+                if not token_matches(given, token):
+                    reason = "missing" if not given else "wrong"
+                    raise HTTPProblem(
+                        401,
+                        f"unauthorized: {reason} 'Authorization: Bearer' token",
+                        headers={"www-authenticate": 'Bearer realm="serveflow"'},
+                    )
+            status, body, extra = await self._route(scope["method"], parts, headers, receive)
+        except HTTPProblem as problem:
+            status, body = problem.status, encode_json(problem.body())
+            extra = {"content-type": JSON, **{k.lower(): v for k, v in problem.headers.items()}}
+        except _Disconnected:
+            return
+        raw_headers = [(k.encode(), v.encode()) for k, v in extra.items()]
+        raw_headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _route(
+        self, method: str, parts: list[str], headers: Mapping[str, str], receive: Any
+    ) -> tuple[int, bytes, dict[str, str]]:
+        models = self.models
+        version = None
+        if len(parts) >= 4 and parts[0] == "models" and parts[2] == "versions":
+            version = parts[3]
+            parts = parts[:2] + parts[4:]
+        match parts:
+            case []:
+                _allow(method, "GET")
+                return _ok(models.server_metadata())
+            case ["health", "live"]:
+                _allow(method, "GET")
+                return _ok({"live": True})
+            case ["health", "ready"]:
+                _allow(method, "GET")
+                ready = models.ready()
+                return _ok({"ready": ready}, 200 if ready else 503)
+            case ["models", "stats"]:
+                _allow(method, "GET")
+                return _ok(models.statistics())
+            case ["repository", "index"]:
+                _allow(method, "POST", "GET")
+                return _ok(models.repository_index())
+            case ["models", name]:
+                _allow(method, "GET")
+                return _ok(models.metadata(name, version))
+            case ["models", name, "ready"]:
+                _allow(method, "GET")
+                models.app(name, version)
+                ready = models.ready()
+                return _ok({"name": name, "ready": ready}, 200 if ready else 503)
+            case ["models", name, "config"]:
+                _allow(method, "GET")
+                return _ok(models.config(name, version))
+            case ["models", name, "stats"]:
+                _allow(method, "GET")
+                return _ok(models.statistics(name, version))
+            case ["models", name, "infer"]:
+                _allow(method, "POST")
+                return await self._infer(name, version, headers, receive)
+        raise HTTPProblem(404, f"no V2 endpoint at /v2/{'/'.join(parts)}")
+
+    async def _infer(
+        self, name: str, version: str | None, headers: Mapping[str, str], receive: Any
+    ) -> tuple[int, bytes, dict[str, str]]:
+        models = self.models
+        with models.measured(name):
+            limit = models.state.max_body_bytes
+            body = await _read_body(receive, headers.get("content-length", ""), limit)
+            request, inputs, requested = parse_infer_request(body, headers.get(HEADER_LENGTH))
+            timeout = _timeout_s(headers.get(TIMEOUT_HEADER)) or _timeout_parameter(request)
+            work = models.infer(name, version, inputs, [o.name for o in requested], timeout)
+            tensors = await _unless_disconnected(work, receive)
+            default_binary = _parameters(request, "request").get("binary_data_output") is True
+            binary = {t.name: default_binary for t in tensors}
+            binary |= {o.name: o.binary for o in requested}
+            request_id = request.get("id")
+            content, extra = encode_infer_response(
+                name, request_id if isinstance(request_id, str) else None, tensors, binary
+            )
+        return 200, content, extra
+
+
+def _allow(method: str, *allowed: str) -> None:
+    if method not in allowed and not (method == "HEAD" and "GET" in allowed):
+        raise HTTPProblem(
+            405, f"method {method} not allowed here (allowed: {', '.join(allowed)})",
+            headers={"allow": ", ".join(allowed)},
+        )  # fmt: skip
+
+
+def _ok(data: Any, status: int = 200) -> tuple[int, bytes, dict[str, str]]:
+    return status, encode_json(data), {"content-type": JSON}

@@ -1,0 +1,666 @@
+"""The Open Inference Protocol (KServe V2) with NVIDIA's own clients (tritonclient):
+HTTP with binary data on and off, gRPC, and their asyncio clients under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import httpx
+import numpy as np
+import orjson
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+import tritonclient.http as httpclient
+import tritonclient.http.aio as httpaio
+from google.rpc import error_details_pb2, status_pb2
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+import serveflow as sf
+from serveflow.serving import Server
+
+TIMEOUT = 10
+PROTOCOLS = ["http-binary", "http-json", "grpc"]
+
+
+def arith_flow() -> sf.Flow:
+    flow = sf.Flow("arith", schema={"a": int, "b": int})
+    total = flow.map(lambda r: r["a"] + r["b"], names=["sum"], name="add")
+    total.filter(lambda r: r["sum"] % 2 == 0, name="even")
+    return flow
+
+
+def tensor_flow() -> sf.Flow:
+    flow = sf.Flow("tensor", schema={"x": np.ndarray})
+    flow.map(lambda r: (r["x"] * 2, float(r["x"].sum())), names=["y", "total"], name="double")
+    return flow
+
+
+def text_flow() -> sf.Flow:
+    flow = sf.Flow("text", schema={"s": str, "raw": bytes})
+    flow.map(
+        lambda r: (r["s"].upper(), len(r["raw"]), r["raw"][::-1], r["s"] == "yes"),
+        names=["upper", "n", "reversed", "yes"],
+        name="strings",
+    )
+    return flow
+
+
+def explode(row):
+    raise ValueError(f"cannot handle {row['x']}")
+
+
+def failing_flow() -> sf.Flow:
+    flow = sf.Flow("fails")
+    flow.map(explode, names=["y"], name="explode")
+    return flow
+
+
+def slow_flow() -> sf.Flow:
+    flow = sf.Flow("slow", schema={"s": float})
+    flow.map(lambda r: time.sleep(r["s"]) or r["s"], names=["slept"], name="nap")
+    return flow
+
+
+@pytest.fixture(scope="module")
+def server():
+    runtime = sf.LocalRuntime()
+    flows = (arith_flow(), tensor_flow(), text_flow(), failing_flow())
+    apps = {f.name: f.deploy(runtime=runtime) for f in flows}
+    slow_runtime = sf.LocalRuntime(max_in_flight=1)  # a second request is refused
+    apps["slow"] = slow_flow().deploy(runtime=slow_runtime)
+    with Server(apps, port=0, grpc_port=0, max_body_bytes=64 * 1024) as srv:
+        yield srv
+    runtime.stop()
+    slow_runtime.stop()
+
+
+class Client:
+    """One tritonclient per protocol, with the input/output helpers of its module."""
+
+    def __init__(self, server: Server, protocol: str, headers: dict[str, str] | None = None):
+        self.protocol = protocol
+        self.binary = protocol == "http-binary"
+        self.module = grpcclient if protocol == "grpc" else httpclient
+        if protocol == "grpc":
+            self.client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        else:
+            self.client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+        self.headers = headers
+
+    def tensor(self, name: str, array: np.ndarray, datatype: str):
+        tensor = self.module.InferInput(name, list(array.shape), datatype)
+        if self.protocol == "grpc":
+            tensor.set_data_from_numpy(array)
+        else:
+            tensor.set_data_from_numpy(array, binary_data=self.binary)
+        return tensor
+
+    def infer(self, model: str, inputs: dict, outputs: list[str] | None = None, **kwargs):
+        tensors = [self.tensor(name, *spec) for name, spec in inputs.items()]
+        requested = None
+        if outputs is not None:
+            if self.protocol == "grpc":
+                requested = [grpcclient.InferRequestedOutput(n) for n in outputs]
+            else:
+                requested = [
+                    httpclient.InferRequestedOutput(n, binary_data=self.binary) for n in outputs
+                ]
+        return self.client.infer(model, tensors, outputs=requested, headers=self.headers, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+@pytest.fixture(params=PROTOCOLS)
+def client(request, server):
+    c = Client(server, request.param)
+    yield c
+    c.client.close()
+
+
+def _status(error: InferenceServerException) -> str:
+    return str(error.status())
+
+
+def _expect_error(client: Client, http_status: int, grpc_code: str, call, *args, **kwargs):
+    with pytest.raises(InferenceServerException) as caught:
+        call(*args, **kwargs)
+    expected = f"StatusCode.{grpc_code}" if client.protocol == "grpc" else str(http_status)
+    assert _status(caught.value) == expected, caught.value
+    return caught.value.message()
+
+
+# --- health and metadata ---------------------------------------------------------------
+
+
+def test_health_and_server_metadata(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("arith")
+    assert client.is_model_ready("arith", "1")
+    assert not client.is_model_ready("nope")
+    assert not client.is_model_ready("arith", "2")
+    metadata = (
+        client.get_server_metadata(as_json=True)
+        if client.protocol == "grpc"
+        else (client.get_server_metadata())
+    )
+    assert metadata["name"] == "serveflow"
+    assert metadata["version"] == sf.__version__
+    assert {"binary_tensor_data", "model_configuration", "statistics"} <= set(
+        metadata["extensions"]
+    )
+
+
+def _json(client: Client, call, *args):
+    return call(*args, as_json=True) if client.protocol == "grpc" else call(*args)
+
+
+def test_model_metadata_follows_the_schema_and_the_outputs_seen(client):
+    meta = _json(client, client.get_model_metadata, "arith")
+    assert meta["name"] == "arith" and meta["versions"] == ["1"]
+    assert meta["platform"] == "serveflow"
+    inputs = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]}
+    assert inputs == {"a": ("INT64", [-1]), "b": ("INT64", [-1])}
+    x = np.ones((2, 3, 4), dtype=np.float32)
+    client.infer("tensor", {"x": (x, "FP32")})
+    meta = _json(client, client.get_model_metadata, "tensor")
+    outputs = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]}
+    assert outputs == {"y": ("FP32", [-1, 3, 4]), "total": ("FP64", [-1])}
+    message = _expect_error(client, 404, "NOT_FOUND", client.get_model_metadata, "nope")
+    assert "'nope'" in message and "arith" in message  # names the models served
+    message = _expect_error(client, 404, "NOT_FOUND", client.get_model_metadata, "arith", "7")
+    assert "version '7'" in message
+
+
+def test_model_config(client):
+    config = _json(client, client.get_model_config, "arith")
+    config = config.get("config", config)  # gRPC wraps it in ModelConfigResponse
+    assert config["name"] == "arith"
+    assert [(t["name"], t["data_type"]) for t in config["input"]] == [
+        ("a", "TYPE_INT64"),
+        ("b", "TYPE_INT64"),
+    ]
+    assert "stage 1" in config["parameters"]["explain"]["string_value"]
+
+
+# --- inference -------------------------------------------------------------------------
+
+
+def test_numeric_tensors_run_through_the_flow(client):
+    a = np.array([1, 2, 3, 4], dtype=np.int64)
+    b = np.array([1, 1, 1, 10], dtype=np.int32)  # an INT32 tensor fills an int column too
+    result = client.infer("arith", {"a": (a, "INT64"), "b": (b, "INT32")})
+    total = result.as_numpy("sum")
+    assert total.dtype == np.int64
+    assert total.tolist() == [2, 4, 14]  # the filter kept the even sums
+
+
+def test_tensor_cells_keep_their_shape_and_dtype(client):
+    x = np.arange(24, dtype=np.float32).reshape(3, 2, 4)
+    result = client.infer("tensor", {"x": (x, "FP32")})
+    y = result.as_numpy("y")
+    assert y.dtype == np.float32 and y.shape == (3, 2, 4)
+    np.testing.assert_array_equal(y, x * 2)
+    np.testing.assert_allclose(result.as_numpy("total"), x.reshape(3, -1).sum(axis=1))
+    # A tensor of one row, and of other numeric types, round-trips too.
+    for dtype, datatype in ((np.uint8, "UINT8"), (np.float64, "FP64"), (np.int16, "INT16")):
+        x = np.arange(6, dtype=dtype).reshape(1, 2, 3)
+        y = client.infer("tensor", {"x": (x, datatype)}).as_numpy("y")
+        assert y.dtype == dtype
+        np.testing.assert_array_equal(y, x * 2)
+
+
+def test_bytes_are_str_or_bytes_as_the_schema_says(client):
+    s = np.array(["héllo", "yes", ""], dtype=np.object_)
+    raw = np.array([b"\xff\x00\x01", b"ab", b""], dtype=np.object_)
+    if client.protocol == "http-json":
+        raw = np.array(["xyz", "ab", ""], dtype=np.object_)  # JSON carries text only
+    result = client.infer("text", {"s": (s, "BYTES"), "raw": (raw, "BYTES")})
+    assert [v.decode() for v in result.as_numpy("upper")] == ["HÉLLO", "YES", ""]
+    assert result.as_numpy("n").tolist() == [3, 2, 0]  # bytes in the flow: their length
+    assert result.as_numpy("yes").tolist() == [False, True, False]
+    if client.protocol != "http-json":
+        assert result.as_numpy("reversed").tolist() == [b"\x01\x00\xff", b"ba", b""]
+
+
+def test_non_utf8_bytes_need_binary_output_over_json(server):
+    client = Client(server, "http-json")
+    s = np.array(["a"], dtype=np.object_)
+    raw = httpclient.InferInput("raw", [1], "BYTES")
+    raw.set_data_from_numpy(np.array([b"\xff"], dtype=np.object_), binary_data=True)
+    with pytest.raises(InferenceServerException) as caught:
+        client.client.infer(
+            "text",
+            [client.tensor("s", s, "BYTES"), raw],
+            outputs=[httpclient.InferRequestedOutput("reversed", binary_data=False)],
+        )
+    assert "binary" in caught.value.message() and "'reversed'" in caught.value.message()
+
+
+def test_requested_outputs_only(client):
+    x = np.ones((2, 2), dtype=np.float32)
+    result = client.infer("tensor", {"x": (x, "FP32")}, outputs=["total"])
+    assert result.as_numpy("total").tolist() == [2.0, 2.0]
+    assert result.as_numpy("y") is None
+    message = _expect_error(
+        client, 400, "INVALID_ARGUMENT", client.infer, "tensor", {"x": (x, "FP32")}, ["nope"]
+    )
+    assert "'nope'" in message and "total" in message
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def test_bad_input_is_invalid_argument_naming_it(client):
+    a = np.array([1.5], dtype=np.float32)
+    b = np.array([1], dtype=np.int64)
+    message = _expect_error(
+        client,
+        400,
+        "INVALID_ARGUMENT",
+        client.infer,
+        "arith",
+        {"a": (a, "FP32"), "b": (b, "INT64")},
+    )
+    assert "'a'" in message and "int" in message  # the schema wants int
+    message = _expect_error(
+        client, 400, "INVALID_ARGUMENT", client.infer, "arith", {"a": (b, "INT64")}
+    )
+    assert "'b'" in message  # the missing column
+    two = np.array([1, 2], dtype=np.int64)
+    message = _expect_error(
+        client,
+        400,
+        "INVALID_ARGUMENT",
+        client.infer,
+        "arith",
+        {"a": (b, "INT64"), "b": (two, "INT64")},
+    )
+    assert "first dimension" in message
+
+
+def test_failing_operator_is_internal_naming_it(client):
+    message = _expect_error(
+        client, 500, "INTERNAL", client.infer, "fails", {"x": (np.array([7]), "INT64")}
+    )
+    assert "explode" in message and "cannot handle 7" in message
+    assert "Traceback" not in message
+
+
+def test_unknown_model_is_not_found(client):
+    message = _expect_error(
+        client, 404, "NOT_FOUND", client.infer, "nope", {"x": (np.array([1]), "INT64")}
+    )
+    assert "'nope'" in message
+
+
+def test_deadline_is_deadline_exceeded(client):
+    s = np.array([0.5])
+    # gRPC: the call's deadline; HTTP: Triton's request timeout parameter, in µs.
+    kwargs = {"client_timeout": 0.1} if client.protocol == "grpc" else {"timeout": 100_000}
+    _expect_error(
+        client, 504, "DEADLINE_EXCEEDED", client.infer, "slow", {"s": (s, "FP64")}, **kwargs
+    )
+    time.sleep(0.5)  # let the nap end: the slow flow takes one request at a time
+
+
+def test_malformed_http_bodies_are_400(server):
+    url = f"{server.url}/v2/models/arith/infer"
+    one = '{"inputs": [{"name": "a", "datatype": "%s", "shape": %s, "data": %s}]}'
+    cases = {
+        "{not json": "malformed JSON",
+        '{"inputs": 3}': '"inputs"',
+        one % ("INT128", "[1]", "[1]"): "INT128",
+        one % ("INT64", "[-1]", "[1]"): "shape",
+        one % ("INT64", "[2]", "[1]"): "2 elements",
+        one % ("INT64", "[1]", '["x"]'): "INT64",
+        one % ("BOOL", "[1]", "[1]"): "BOOL",
+    }
+    for body, needle in cases.items():
+        r = httpx.post(url, content=body.encode(), timeout=TIMEOUT)
+        assert r.status_code == 400, body
+        assert needle in r.json()["error"], (body, r.json())
+    # Binary data: a header length past the body, sizes past the data, bytes left over.
+    size = {"binary_data_size": 16}
+    head = orjson.dumps(
+        {"inputs": [{"name": "a", "datatype": "INT64", "shape": [2], "parameters": size}]}
+    )
+    for length, tail, needle in (
+        (len(head) + 100, b"", "Inference-Header-Content-Length"),
+        (len(head), b"\0" * 8, "binary_data_size"),
+        (len(head), b"\0" * 24, "belong to no input"),
+    ):
+        r = httpx.post(
+            url,
+            content=head + tail,
+            headers={"Inference-Header-Content-Length": str(length)},
+            timeout=TIMEOUT,
+        )
+        assert r.status_code == 400 and needle in r.json()["error"], r.text
+
+
+def test_body_over_the_limit(client):
+    x = np.zeros((1, 128 * 1024), dtype=np.uint8)  # 128 KB > the 64 KB limit
+    _expect_error(client, 413, "RESOURCE_EXHAUSTED", client.infer, "tensor", {"x": (x, "UINT8")})
+
+
+def test_unsupported_grpc_calls_are_unimplemented(server):
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    with pytest.raises(InferenceServerException) as caught:
+        client.load_model("arith")
+    assert _status(caught.value) == "StatusCode.UNIMPLEMENTED"
+    assert "RepositoryModelLoad" in caught.value.message()
+    client.close()
+
+
+def test_unknown_http_paths_and_methods(server):
+    assert httpx.get(f"{server.url}/v2/models/arith/nothing").status_code == 404
+    r = httpx.get(f"{server.url}/v2/models/arith/infer")
+    assert r.status_code == 405 and "POST" in r.json()["error"]
+
+
+def test_overload_is_unavailable_with_retry_information(server):
+    results = []
+
+    def first():
+        c = Client(server, "grpc")
+        results.append(c.infer("slow", {"s": (np.array([0.6]), "FP64")}).as_numpy("slept"))
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        _wait_in_flight(server, "slow", 1)
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        request = grpcclient.service_pb2.ModelInferRequest(model_name="slow")
+        tensor = request.inputs.add(name="s", datatype="FP64", shape=[1])
+        tensor.contents.fp64_contents.append(0.0)
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=grpcclient.service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=grpcclient.service_pb2.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request, timeout=TIMEOUT)
+        http = httpx.post(
+            f"{server.url}/v2/models/slow/infer",
+            json={"inputs": [{"name": "s", "datatype": "FP64", "shape": [1], "data": [0.0]}]},
+        )
+    finally:
+        thread.join(TIMEOUT)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    trailers = dict(error.trailing_metadata())
+    assert int(trailers["grpc-retry-pushback-ms"]) >= 1000
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    retry = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(retry) and retry.retry_delay.seconds >= 1
+    assert http.status_code == 503 and int(http.headers["Retry-After"]) >= 1
+    assert results and results[0].tolist() == [0.6]
+    channel.close()
+
+
+def _wait_in_flight(server: Server, flow: str, count: int) -> None:
+    for _ in range(500):
+        text = httpx.get(f"{server.url}/metrics").text
+        values = {
+            s.labels["flow"]: s.value
+            for f in text_string_to_metric_families(text)
+            if f.name == "serveflow_requests_in_flight"
+            for s in f.samples
+        }
+        if values.get(flow, 0) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{flow} never had {count} request(s) in flight")
+
+
+def test_server_admission_bound_refuses_v2_requests_too():
+    app = slow_flow().deploy()
+    with Server({"slow": app}, port=0, grpc_port=0, max_in_flight=1) as srv:
+        results = []
+        first = threading.Thread(
+            target=lambda: results.append(
+                Client(srv, "http-binary").infer("slow", {"s": (np.array([0.5]), "FP64")})
+            )
+        )
+        first.start()
+        try:
+            _wait_in_flight(srv, "slow", 1)
+            grpc_client = Client(srv, "grpc")
+            _expect_error(
+                grpc_client, 503, "UNAVAILABLE", grpc_client.infer, "slow",
+                {"s": (np.array([0.0]), "FP64")},
+            )  # fmt: skip
+            stage_requests = sum(s["requests"] for s in app.stats().values())
+        finally:
+            first.join(TIMEOUT)
+        assert results and results[0].as_numpy("slept").tolist() == [0.5]
+        assert stage_requests <= 1  # the refused request never reached the runtime
+
+
+# --- statistics and metrics ------------------------------------------------------------
+
+
+def _model_stats(client: Client, name: str) -> dict:
+    stats = _json(client, client.get_inference_statistics, name)
+    (entry,) = stats["model_stats"]
+    return entry
+
+
+def test_statistics_count_inferences_and_failures(client):
+    before = _model_stats(client, "arith")
+    a = np.array([2, 4, 6], dtype=np.int64)
+    for _ in range(3):
+        client.infer("arith", {"a": (a, "INT64"), "b": (a, "INT64")})
+    with pytest.raises(InferenceServerException):
+        client.infer("arith", {"a": (a, "INT64")})
+    after = _model_stats(client, "arith")
+    assert after["name"] == "arith" and after["version"] == "1"
+
+    def count(entry, *path):
+        for key in path:
+            entry = entry.get(key, {})
+        return int(entry or 0)
+
+    assert count(after, "inference_count") - count(before, "inference_count") == 9
+    success = ("inference_stats", "success", "count")
+    assert count(after, *success) - count(before, *success) == 3
+    fail = ("inference_stats", "fail", "count")
+    assert count(after, *fail) - count(before, *fail) == 1
+    assert count(after, "inference_stats", "compute_infer", "ns") > 0
+    assert int(after["last_inference"]) > 0
+    everything = _json(client, client.get_inference_statistics)
+    assert {m["name"] for m in everything["model_stats"]} >= {"arith", "tensor", "slow"}
+
+
+def test_v2_requests_count_in_the_prometheus_metrics(server):
+    def ok_count() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        for family in text_string_to_metric_families(text):
+            if family.name == "serveflow_requests":
+                for sample in family.samples:
+                    if sample.labels == {"flow": "tensor", "status": "200"}:
+                        return sample.value
+        return 0.0
+
+    before = ok_count()
+    for protocol in PROTOCOLS:
+        Client(server, protocol).infer("tensor", {"x": (np.ones((1, 2), np.float32), "FP32")})
+    assert ok_count() - before == len(PROTOCOLS)
+
+
+# --- concurrency with the asyncio clients ----------------------------------------------
+
+
+async def _many(server: Server, protocol: str, requests: int) -> list[tuple[int, list[int]]]:
+    if protocol == "grpc":
+        module, client = grpcaio, grpcaio.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    else:
+        module = httpaio
+        client = httpaio.InferenceServerClient(server.url.removeprefix("http://"), conn_limit=64)
+
+    async def one(i: int) -> tuple[int, list[int]]:
+        a = np.array([i, i + 1], dtype=np.int64)
+        b = np.array([i, i + 1], dtype=np.int64)
+        tensors = []
+        for name, value in (("a", a), ("b", b)):
+            tensor = module.InferInput(name, [2], "INT64")
+            tensor.set_data_from_numpy(value)
+            tensors.append(tensor)
+        result = await client.infer("arith", tensors)
+        return i, result.as_numpy("sum").tolist()
+
+    try:
+        return await asyncio.gather(*(one(i) for i in range(requests)))
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_async_clients_under_concurrency_get_their_own_rows(server, protocol):
+    coalescer = server.state.coalescers["arith"]
+    merged_before = coalescer.merged_requests
+    for _ in range(2):
+        results = asyncio.run(_many(server, protocol, 64))
+        assert sorted(results) == [(i, [2 * i, 2 * i + 2]) for i in range(64)]
+    # Requests arriving together were merged into runtime requests, as on /v1.
+    assert coalescer.merged_requests > merged_before
+
+
+# --- token -----------------------------------------------------------------------------
+
+
+def test_token_guards_v2_but_health_checks():
+    app = arith_flow().deploy()
+    with Server({"arith": app}, port=0, grpc_port=0, token="s3cret") as srv:
+        a = (np.array([1], dtype=np.int64), "INT64")
+        for protocol in ("http-binary", "grpc"):
+            anonymous = Client(srv, protocol)
+            assert anonymous.is_server_live() and anonymous.is_server_ready()
+            grpc_code = "UNAUTHENTICATED"
+            message = _expect_error(
+                anonymous, 401, grpc_code, anonymous.infer, "arith", {"a": a, "b": a}
+            )
+            assert "missing" in message
+            _expect_error(anonymous, 401, grpc_code, anonymous.get_model_metadata, "arith")
+            wrong = Client(srv, protocol, headers={"authorization": "Bearer nope"})
+            assert "wrong" in _expect_error(
+                wrong, 401, grpc_code, wrong.infer, "arith", {"a": a, "b": a}
+            )
+            right = Client(srv, protocol, headers={"authorization": "Bearer s3cret"})
+            assert right.infer("arith", {"a": a, "b": a}).as_numpy("sum").tolist() == [2]
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def test_cli_serves_grpc_on_a_free_port(tmp_path):
+    path = tmp_path / "flows.py"
+    path.write_text(
+        "import serveflow as sf\n"
+        "double = sf.Flow('double', schema={'x': float})\n"
+        "double.map(lambda r: 2 * r['x'], names=['y'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serveflow.serving.cli", "serve", str(path), "--port", "0",
+         "--grpc-port", "0", "--log-level", "warning"],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline(), process.stdout.readline()]
+        address = next(line for line in lines if "V2 gRPC on" in line).split()[-1]
+        client = grpcclient.InferenceServerClient(address)
+        x = grpcclient.InferInput("x", [2], "FP64")
+        x.set_data_from_numpy(np.array([1.5, -2.0]))
+        assert client.infer("double", [x]).as_numpy("y").tolist() == [3.0, -4.0]
+        client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
+def test_a_taken_grpc_port_fails_the_start_saying_so():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        app = arith_flow().deploy()
+        server = Server({"arith": app}, port=0, grpc_port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="cannot serve gRPC"):
+            server.start()
+        app.stop()
+
+
+def batched_double(table):
+    time.sleep(0.01)  # concurrent requests pile up meanwhile and form the next batch
+    return [2 * x for x in table.column("x")]
+
+
+def test_slo_batching_flows_see_every_v2_request():
+    flow = sf.Flow("slo", schema={"x": int})
+    flow.map(batched_double, names=["y"], batching=sf.Batching(slo_ms=500), name="double")
+    app = flow.deploy()
+    with Server({"slo": app}, port=0, grpc_port=0) as srv:
+
+        async def run() -> list[list[int]]:
+            client = grpcaio.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+
+            async def one(i: int) -> list[int]:
+                x = grpcaio.InferInput("x", [1], "INT64")
+                x.set_data_from_numpy(np.array([i], dtype=np.int64))
+                return (await client.infer("slo", [x])).as_numpy("y").tolist()
+
+            try:
+                return await asyncio.gather(*(one(i) for i in range(32)))
+            finally:
+                await client.close()
+
+        assert asyncio.run(run()) == [[2 * i] for i in range(32)]
+        assert "slo" not in srv.state.coalescers  # its controller batches, per request
+        for _ in range(100):  # workers report their figures every few hundred ms
+            stats = app.stats()["double"]
+            if stats["requests"] >= 32:
+                break
+            time.sleep(0.05)
+        assert stats["requests"] == 32  # each V2 request is one arrival to plan for
+        assert max(int(size) for size in stats["batch_sizes"]) > 1  # and they were batched
+
+
+def test_grpc_typed_contents_and_request_ids(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    infer = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=grpcclient.service_pb2.ModelInferRequest.SerializeToString,
+        response_deserializer=grpcclient.service_pb2.ModelInferResponse.FromString,
+    )
+    request = grpcclient.service_pb2.ModelInferRequest(model_name="arith", id="req-7")
+    for name in ("a", "b"):
+        tensor = request.inputs.add(name=name, datatype="INT32", shape=[2])
+        tensor.contents.int_contents.extend([3, 5])
+    response = infer(request, timeout=TIMEOUT)
+    assert response.id == "req-7" and response.model_name == "arith"
+    assert response.outputs[0].name == "sum" and list(response.outputs[0].shape) == [2]
+    assert np.frombuffer(response.raw_output_contents[0], "<i8").tolist() == [6, 10]
+    request.raw_input_contents.append(b"\0" * 8)  # one raw entry for two inputs
+    with pytest.raises(grpc.RpcError) as caught:
+        infer(request, timeout=TIMEOUT)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw_input_contents" in caught.value.details()
+    channel.close()
+    # HTTP echoes the id too.
+    client = Client(server, "http-json")
+    a = (np.array([1], dtype=np.int64), "INT64")
+    result = client.infer("arith", {"a": a, "b": a}, request_id="req-8")
+    assert result.get_response()["id"] == "req-8"
