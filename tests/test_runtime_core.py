@@ -329,6 +329,31 @@ def test_stage_timeout_replaces_a_worker_that_stopped_answering(pool):
 
 
 @pytest.mark.timeout(90)
+def test_a_frozen_worker_is_replaced_within_seconds_by_default(pool):
+    """SIGSTOP (no stage timeout set): the stopped worker's requests run again on
+    another worker within the default heartbeat timeout, and the pool replaces it."""
+    rt = pool.runtime(min_workers=2, max_workers=2)
+    flow = sf.Flow("stopped")
+    flow.map(lambda r: time.sleep(0.2) or os.getpid(), names=["pid"])
+    app = pool.deploy(flow, rt)
+    warm = [app.run({"a": [i]}) for i in range(8)]  # both workers load the stage
+    assert {f.result(timeout=RESULT_S).column("pid")[0] for f in warm} == set(rt.worker_pids())
+    frozen = rt.worker_pids()[0]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        futures = [app.run({"a": [i]}) for i in range(6)]  # some go to the frozen one
+        pids = [f.result(timeout=RESULT_S).column("pid")[0] for f in futures]
+        took = time.monotonic() - started
+        assert frozen not in pids
+        assert took < 4.0, f"requests on a stopped worker took {took:.1f} s to be re-run"
+        assert _wait_for(lambda: frozen not in rt.worker_pids() and len(rt.worker_pids()) == 2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+
+
+@pytest.mark.timeout(90)
 def test_a_worker_takes_other_stages_again_as_soon_as_its_model_is_loaded(pool):
     rt = pool.runtime(min_workers=1, max_workers=1)
     quick = sf.Flow("quick")

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from numbers import Real
+from reprlib import Repr
 from typing import Any
 
 from serveflow.errors import InputError
 from serveflow.logical.table import Table
 
+_short = Repr()  # bounded, whatever the nesting
+_short.maxlevel, _short.maxstring, _short.maxother = 3, 60, 60
+
 
 def _accepts(expected: Any, value: Any) -> bool:
+    if isinstance(value, bool) and not _names(expected, bool):
+        return False  # True is an int to Python, not to a schema that says int
     if expected is float and isinstance(value, Real) and not isinstance(value, bool):
         return True  # an int where a float is declared is fine, as in Python's typing
     return isinstance(value, expected)
+
+
+def _names(expected: Any, kind: type) -> bool:
+    return kind in expected if isinstance(expected, tuple) else expected is kind
 
 
 def _type_name(expected: Any) -> str:
@@ -38,6 +48,6 @@ def check_schema(schema: Mapping[str, Any] | None, table: Table) -> None:
             if not _accepts(expected, value):
                 raise InputError(
                     f"column {name!r} row {i}: expected {_type_name(expected)}, "
-                    f"got {type(value).__name__} {value!r:.80}",
+                    f"got {type(value).__name__} {_short.repr(value)}",
                     name,
                 )

@@ -24,6 +24,7 @@ Ray is imported only here and in `cluster.py`: the core install does not need it
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -266,8 +267,6 @@ class WorkerActor:
     async def outbox(self) -> tuple[list[Any], bool]:
         """What the worker said since the last call, once it has said something;
         True when the worker loop ended (an `Exit`)."""
-        import asyncio
-
         worker = self.worker
         if self.event is None:
             self.event = asyncio.Event()
@@ -282,9 +281,6 @@ class WorkerActor:
                 closed = messages[-1] is None
                 return [x for x in messages if x is not None], closed
             await self.event.wait()
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 class RayEngine:

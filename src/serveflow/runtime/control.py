@@ -49,6 +49,10 @@ SWEEP_EVERY_S = 2.0
 START_TIMEOUT_S = 60.0
 MAX_FAILED_STARTS = 3  # consecutive workers dying before ready: stop trying
 SILENT_S = 2.0  # a worker not heard from this long (heartbeats every 0.5 s) gets no runs
+HEARTBEAT_TIMEOUT_S = 1.5  # default: a worker not heard from this long is killed, replaced
+LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading a stage
+WEDGED_FACTOR = 4  # a silent worker the engine does not see stopped gets this many times longer
+LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
 STALLED_S = 1.0  # a call running this long: a locality key goes to another worker
 
 
@@ -182,6 +186,12 @@ class ControlPlane:
     target_in_flight: stage runs per worker above which the pool grows.
     stage_timeout_s: a worker running one batch longer than this is killed and its
         requests re-run (None: no limit).
+    heartbeat_timeout_s: a worker not heard from this long (heartbeats every 0.5 s)
+        that the engine sees stopped (SIGSTOP) is killed, its requests re-run
+        elsewhere and a new worker started; one still running (wedged: holding the GIL
+        in native code, or only slowed by an overloaded machine) after WEDGED_FACTOR
+        times as long; while it said it was loading a stage, after LOADING_SILENT_S.
+        None: never (a silent worker is only routed around).
     """
 
     def __init__(
@@ -198,8 +208,11 @@ class ControlPlane:
         idle_s: float,
         target_in_flight: float,
         stage_timeout_s: float | None,
+        heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
     ) -> None:
         check_pool(min_workers, max_workers)
+        if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
+            raise ValueError(f"heartbeat_timeout_s: a positive number, got {heartbeat_timeout_s}")
         self.engine = engine
         self.kvs = kvs
         self.gpus = gpus
@@ -209,6 +222,8 @@ class ControlPlane:
         self.worker_queue = worker_queue
         self.retries = retries
         self.stage_timeout_s = stage_timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._driver_late_until = 0.0  # heartbeats are not judged before this
         self._autoscaler = Autoscaler(min_workers, max_workers, target_in_flight, idle_s)
         self._scheduler = Scheduler(spread_at=target_in_flight)
         self._lock = threading.RLock()
@@ -610,11 +625,18 @@ class ControlPlane:
 
     def _monitor(self) -> None:
         next_sweep = time.monotonic() + SWEEP_EVERY_S
+        last = time.monotonic()
         while not self._stopping:
             time.sleep(MONITOR_EVERY_S)
             with self._lock:
                 if self._stopping:
                     return
+                now = time.monotonic()
+                if now - last > MONITOR_EVERY_S + LATE_ROUND_S:
+                    # this process was not scheduled for a while: the heartbeats that
+                    # arrived meanwhile are still unread, no worker is to blame
+                    self._driver_late_until = now + SILENT_S
+                last = now
                 try:
                     self._watch_workers()
                     self._kill_stuck()
@@ -679,24 +701,45 @@ class ControlPlane:
                 w.load.stalled = w.busy_since is not None and now - w.busy_since > STALLED_S
 
     def _kill_stuck(self) -> None:
-        """Kill a worker whose stage has run longer than `stage_timeout_s`, or that
-        has not been heard from for as long while holding work (frozen, or holding the
-        GIL): its requests are then re-run elsewhere, or fail once out of retries."""
-        if self.stage_timeout_s is None:
-            return
+        """Kill a worker whose stage has run longer than `stage_timeout_s`, or that has
+        not been heard from for `heartbeat_timeout_s` (frozen, stopped, or holding the
+        GIL in native code): its requests are then re-run elsewhere (or fail once out
+        of retries) and `_replace_dead` starts another worker."""
         now = time.monotonic()
         limit = self.stage_timeout_s
+        judge_silence = now >= self._driver_late_until
         for w in self._workers.values():
-            if w.killed_for:
+            if w.killed_for or not w.ready:
                 continue
-            if w.busy_since is not None and now - w.busy_since > limit:
+            silent_for = now - w.heard_at
+            allowed = self._silence_allowed(w)
+            stopped = silent_for > allowed and self._suspended(w.index)
+            if not stopped:
+                # still running: more likely slowed (its sends to an overloaded driver
+                # wait, the machine is oversubscribed) than wedged; give it longer
+                allowed *= WEDGED_FACTOR
+            if limit is not None and w.busy_since is not None and now - w.busy_since > limit:
                 w.killed_for = f"a stage ran longer than stage_timeout_s={limit:g}"
-            elif w.ready and w.load.outstanding and now - w.heard_at > max(limit, SILENT_S):
+            elif judge_silence and silent_for > allowed:
+                how = "stopped" if stopped else "running, but wedged"
+                w.killed_for = f"no heartbeat for {silent_for:.1f} s ({how})"
+            elif limit is not None and w.load.outstanding and silent_for > max(limit, SILENT_S):
                 w.killed_for = f"it stopped answering for longer than stage_timeout_s={limit:g}"
             else:
                 continue
             log.warning("worker %d: %s; killing it", w.index, w.killed_for)
             self.engine.kill(w.index)
+
+    def _suspended(self, index: int) -> bool:
+        suspended = getattr(self.engine, "suspended", None)  # engines that predate it: no
+        return bool(suspended is not None and suspended(index))
+
+    def _silence_allowed(self, w: WorkerState) -> float:
+        if self.heartbeat_timeout_s is None:
+            return float("inf")
+        if w.load.loading_now is not None:  # a model load may hold the GIL for long
+            return max(self.heartbeat_timeout_s, LOADING_SILENT_S)
+        return self.heartbeat_timeout_s
 
     def _replace_dead(self) -> None:
         for index, why in self.engine.exited().items():

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 60.0  # the timer wakes at least this often: a far deadline is no wait error
 
 
 class Deadlines:
@@ -36,8 +41,12 @@ class Deadlines:
         while True:
             with self._wake:
                 while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
-                    self._wake.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else MAX_WAIT_S
+                    self._wake.wait(min(wait, MAX_WAIT_S))
                 if self._closed:
                     return
                 _, _, action = heapq.heappop(self._heap)
-            action()
+            try:
+                action()
+            except Exception:  # one failing action must not stop every later deadline
+                log.exception("a deadline's action failed")

@@ -48,6 +48,12 @@ class Engine(Protocol):
 
     def worker_pids(self) -> list[int]: ...
 
+    def suspended(self, index: int) -> bool:
+        """Whether the worker is known to be stopped (e.g. by SIGSTOP) rather than busy:
+        the control plane then kills it as soon as its heartbeats are late. An engine
+        that cannot tell answers False (late heartbeats are then given longer)."""
+        ...
+
     def sweep(self, keep: set[int]) -> None:
         """Free the data of requests not in `keep`."""
 

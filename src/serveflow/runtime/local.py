@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from serveflow.runtime.control import ControlPlane, check_pool
+from serveflow.runtime.control import HEARTBEAT_TIMEOUT_S, ControlPlane, check_pool
 from serveflow.runtime.kvs import KVS, open_kvs
 from serveflow.runtime.processes import ProcessEngine
 
@@ -53,6 +53,11 @@ class LocalRuntime(ControlPlane):
     target_in_flight: stage runs per worker above which the pool grows.
     stage_timeout_s: a worker running one batch longer than this is killed and its
         requests re-run (None: no limit). Guards against user code that hangs.
+    heartbeat_timeout_s: a worker not heard from this long (it beats every 0.5 s) is
+        taken for frozen (stopped, or holding the GIL in native code): it is killed, its
+        requests re-run on other workers and a new worker started. While a worker
+        loads a stage the allowance is 30 s. None: never; silent workers are only
+        routed around.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class LocalRuntime(ControlPlane):
         cache_bytes: int = 256 << 20,
         target_in_flight: float = 2.0,
         stage_timeout_s: float | None = None,
+        heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
     ) -> None:
         max_workers = max_workers or max(4, 2 * (os.cpu_count() or 1))
         if gpus is None:
@@ -100,4 +106,5 @@ class LocalRuntime(ControlPlane):
             idle_s=idle_s,
             target_in_flight=target_in_flight,
             stage_timeout_s=stage_timeout_s,
+            heartbeat_timeout_s=heartbeat_timeout_s,
         )

@@ -141,6 +141,17 @@ class ProcessEngine:
         with self._lock:
             return [p.pid for p in self._processes.values() if p.poll() is None]
 
+    def suspended(self, index: int) -> bool:
+        with self._lock:
+            process = self._processes.get(index)
+        if process is None:
+            return False
+        try:  # Linux: the state field follows the parenthesised command name
+            with open(f"/proc/{process.pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+        except (OSError, IndexError):
+            return False
+
     def sweep(self, keep: set[int]) -> None:
         codec.sweep(self._dir.path, keep)
         self._shm.forget_older_than(codec.FORWARD_WINDOW_S)

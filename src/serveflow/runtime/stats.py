@@ -35,6 +35,8 @@ class StageStats:
         self.requests = 0
         self.batches = 0
         self.cold_starts = 0
+        self.latency_count = 0  # every latency reported, and their sum (for a summary)
+        self.latency_sum_s = 0.0
         self.typical_s: float | None = None  # a moving average of calls' run times
 
     def add(
@@ -56,6 +58,8 @@ class StageStats:
             self.batches += batches
             self.cold_starts += cold_starts
             self._latencies.extend((now, latency) for latency in latencies_s)
+            self.latency_count += len(latencies_s)
+            self.latency_sum_s += sum(latencies_s)
             for run_s in service_s:
                 typical = self.typical_s
                 self.typical_s = run_s if typical is None else typical + 0.2 * (run_s - typical)
@@ -76,6 +80,8 @@ class StageStats:
                 "p99_ms": percentile(window, 0.99) * 1e3,
                 "batch_mean": self.requests / self.batches if self.batches else 0.0,
                 "cold_starts": self.cold_starts,
+                "latency_count": self.latency_count,
+                "latency_sum_s": self.latency_sum_s,
             }
             if self.batch_sizes:
                 figures["batch_sizes"] = dict(sorted(self.batch_sizes.items()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
@@ -25,7 +26,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from serveflow.logical.table import Table
 from serveflow.runtime.app import App
@@ -43,12 +44,13 @@ from serveflow.serving.codecs import (
 from serveflow.serving.dashboard import PAGE
 from serveflow.serving.describe import flow_info
 from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
-from serveflow.serving.metrics import UNKNOWN_FLOW, ServingMetrics
+from serveflow.serving.limits import LimitExceeded, Limits
+from serveflow.serving.metrics import PREDICT_ROUTE, UNKNOWN_FLOW, ServingMetrics, route_of
 from serveflow.serving.openapi import openapi_spec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = Limits().max_body_bytes
 TIMEOUT_HEADER = "x-request-timeout-ms"
 _OFFLOAD_BYTES = 256 * 1024  # decode/encode bigger bodies off the event loop
 
@@ -62,7 +64,7 @@ class ServingState:
         *,
         token: str | None,
         debug: bool,
-        max_body_bytes: int,
+        limits: Limits,
         stop_apps: bool,
         max_in_flight: int | None = None,
         coalesce: bool = True,
@@ -77,7 +79,8 @@ class ServingState:
         self.metrics = ServingMetrics(self.apps)
         self.token = token
         self.debug = debug
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.max_body_bytes = limits.max_body_bytes
         self.stop_apps = stop_apps
         # Admission at the HTTP layer: past this many admitted requests of one flow, a
         # request is refused (503) before its body is decoded or the runtime sees it.
@@ -97,6 +100,7 @@ class ServingState:
             for name, body in self.refusal_body.items()
         }
         self.draining = False  # set when shutdown starts: /readyz answers 503
+        self.openapi: bytes | None = None  # the spec, once asked for
 
     def at_limit(self, name: str) -> bool:
         """Whether flow `name` (deployed) has `max_in_flight` requests admitted."""
@@ -105,6 +109,13 @@ class ServingState:
             and name in self.admitted
             and self.admitted[name] >= self.max_in_flight
         )
+
+
+def with_body_limit(limits: Limits, max_body_bytes: int | None) -> Limits:
+    """`limits` with `max_body_bytes` replaced when it is given."""
+    if max_body_bytes is None:
+        return limits
+    return dataclasses.replace(limits, max_body_bytes=max_body_bytes)
 
 
 def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -290,11 +301,15 @@ async def _run_predict(
     body = await _read_body(receive, headers.get("content-length", ""), state.max_body_bytes)
     content_type = headers.get("content-type", JSON)
     try:
-        table = await _off_loop_if_big(len(body), decode_table, body, content_type, app.plan.schema)
+        table = await _off_loop_if_big(
+            len(body), decode_table, body, content_type, app.plan.schema, state.limits
+        )
     except DecodeError as error:
         raise HTTPProblem(400, str(error)) from None
     except ShapeError as error:
         raise HTTPProblem(422, str(error)) from None
+    except LimitExceeded as error:
+        raise HTTPProblem(413, str(error)) from None
     coalescer = state.coalescers.get(name) if timeout is None else None
     try:
         if coalescer is not None:
@@ -380,7 +395,12 @@ async def metrics(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    return _json(openapi_spec(sorted(_state(request).apps)))
+    state = _state(request)
+    if state.openapi is None:  # built on first use: what is deployed does not change
+        state.openapi = encode_json(
+            openapi_spec(state.apps, limits=state.limits, secured=state.token is not None)
+        )
+    return Response(state.openapi, media_type=JSON)
 
 
 async def dashboard(request: Request) -> Response:
@@ -409,17 +429,42 @@ class ServingASGI(Starlette):
     v2: Any  # serving.v2.V2HTTP: every path under /v2 (the Open Inference Protocol)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (scope["path"] + "/").startswith("/v2/"):
-            await self.v2(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
             return
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path: str = scope["path"]
-            if path.startswith(_PREDICT_PREFIX) and path.endswith(_PREDICT_SUFFIX):
-                name = path[len(_PREDICT_PREFIX) : -len(_PREDICT_SUFFIX)]
-                fast = name and "/" not in name
-                if fast and await self._fast_predict(name, scope, receive, send):
-                    return
-        await super().__call__(scope, receive, send)
+        path: str = scope["path"]
+        predict = path.startswith(_PREDICT_PREFIX) and path.endswith(_PREDICT_SUFFIX)
+        if predict and scope["method"] == "POST":
+            name = path[len(_PREDICT_PREFIX) : -len(_PREDICT_SUFFIX)]
+            fast = name and "/" not in name
+            if fast and await self._fast_predict(name, scope, receive, send):
+                return
+        status = 0
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if (path + "/").startswith("/v2/"):
+                await self.v2(scope, receive, counted)
+            else:
+                await super().__call__(scope, receive, counted)
+        finally:
+            self._count(path, status)
+
+    def _count(self, path: str, status: int) -> None:
+        """Count a response of the routes (the predict fast path counts its own)."""
+        if not status:
+            return  # nothing was sent
+        metrics = self.serving.metrics
+        route = route_of(path)
+        metrics.count_response(route, status)
+        if route == PREDICT_ROUTE and status == 401:  # answered by the token check
+            name = path[len(_PREDICT_PREFIX) : -len(_PREDICT_SUFFIX)]
+            metrics.flow(name if name in self.serving.apps else UNKNOWN_FLOW).count(401)
 
     async def _refuse(
         self,
@@ -437,6 +482,7 @@ class ServingASGI(Starlette):
         await send({"type": "http.response.body", "body": state.refusal_body[name]})
         metrics.shed.inc()
         metrics.observe(503, time.perf_counter() - started)
+        state.metrics.count_response(PREDICT_ROUTE, 503)
 
     async def _fast_predict(self, name: str, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve a prediction; False (nothing sent) when it must go the slow way: a
@@ -470,6 +516,7 @@ class ServingASGI(Starlette):
         raw_headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": body})
+        state.metrics.count_response(PREDICT_ROUTE, status)
         return True
 
 
@@ -478,15 +525,18 @@ def create_app(
     *,
     token: str | None = None,
     debug: bool = False,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int | None = None,
     stop_apps: bool = True,
     max_in_flight: int | None = None,
     coalesce: bool = True,
+    limits: Limits | None = None,
 ) -> ServingASGI:
     """An ASGI app serving `apps` (flow name -> deployed App).
 
     `token`: require `Authorization: Bearer <token>` except on /healthz, /readyz and
     the static dashboard page. `debug`: include tracebacks in 500 responses.
+    `limits`: what one request may hold (serving.limits; default `Limits()`);
+    `max_body_bytes`, when given, replaces its `max_body_bytes`.
     `stop_apps`: stop (drain) every app when the ASGI lifespan ends.
     `max_in_flight`: most requests of one flow admitted at once; more get 503 with
     Retry-After at once, before their body is decoded (cheap shedding under overload).
@@ -497,7 +547,7 @@ def create_app(
         apps,
         token=token,
         debug=debug,
-        max_body_bytes=max_body_bytes,
+        limits=with_body_limit(limits or Limits(), max_body_bytes),
         stop_apps=stop_apps,
         max_in_flight=max_in_flight,
         coalesce=coalesce,

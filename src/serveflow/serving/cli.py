@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import serveflow as sf
+from serveflow.serving.limits import Limits, MiB
 from serveflow.serving.loader import LoadError, load_flows
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ HTTP API (see /openapi.json on a running server):
                                [/ready|/infer|/config|/stats]; binary tensors with
                                Inference-Header-Content-Length; over gRPC with --grpc-port
 Errors are JSON {"error": ...}: 400 malformed body, 401 token, 404 unknown flow,
-413 body too large, 422 wrong columns/types, 500 operator failed, 503 overloaded
+413 over a request limit (--max-body-mb, --max-decoded-mb, --max-elements, --max-depth,
+--max-string-chars, --max-rows), 422 wrong columns/types, 500 operator failed, 503 overloaded
 (Retry-After), 504 deadline passed.
 """
 
@@ -159,9 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer TOKEN' on all but /healthz and /readyz "
         "(default: $SERVEFLOW_TOKEN; prefer the variable, a command line is visible to ps)",
     )
+    defaults = Limits()
     serve.add_argument(
-        "--max-body-mb", type=float, default=16.0, help="request body limit in MB (default 16)"
+        "--max-body-mb",
+        type=float,
+        default=defaults.max_body_bytes / MiB,
+        help=f"request body limit in MiB (default {defaults.max_body_bytes // MiB})",
     )
+    serve.add_argument(
+        "--max-decoded-mb",
+        type=float,
+        default=defaults.max_decoded_bytes / MiB,
+        help="most MiB an .npz body's arrays may inflate to "
+        f"(default {defaults.max_decoded_bytes // MiB})",
+    )
+    limits = (
+        ("--max-elements", defaults.max_elements, "values in one request (array elements)"),
+        ("--max-depth", defaults.max_depth, "nesting depth of a JSON body"),
+        ("--max-string-chars", defaults.max_string_chars, "characters of one JSON string"),
+        ("--max-rows", defaults.max_rows, "rows in one request"),
+    )
+    for option, default, what in limits:
+        help_text = f"most {what} (default {default})"
+        serve.add_argument(option, type=int, default=default, help=help_text)
     serve.add_argument(
         "--drain-timeout",
         type=float,
@@ -233,6 +255,17 @@ def _gpus(text: str) -> int | list[int]:
 def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | None) -> int:
     from serveflow.serving.server import Server
 
+    try:
+        limits = Limits(
+            max_body_bytes=int(args.max_body_mb * MiB),
+            max_decoded_bytes=int(args.max_decoded_mb * MiB),
+            max_elements=args.max_elements,
+            max_depth=args.max_depth,
+            max_string_chars=args.max_string_chars,
+            max_rows=args.max_rows,
+        )
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("Limits.", "--")) from None
     options: dict[str, Any] = {}
     if args.workers is not None:
         options["min_workers"] = args.workers
@@ -263,7 +296,7 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             port=args.port,
             token=args.token,
             debug=args.debug,
-            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+            limits=limits,
             drain_timeout=args.drain_timeout,
             log_level=args.log_level,
             loop=args.loop,

@@ -10,7 +10,10 @@ is loaded with `allow_pickle=False`: object arrays are refused, nothing is unpic
 Send `Accept: application/x-npz` to get the output the same way.
 
 Where a flow's schema declares `np.ndarray` for a column, JSON lists in that column
-are turned into arrays, so one flow serves both forms.
+are turned into arrays (rectangular, of numbers), so one flow serves both forms.
+
+Every body is checked against the server's `Limits` (serving.limits) before the memory
+a limit guards is spent: a zip bomb is refused from its directory, not by inflating it.
 
 JSON goes through orjson when it is installed (the `serve` extra pins it: several times
 faster than the standard library on the per-request path, numpy arrays natively), and
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +32,9 @@ from typing import Any
 import numpy as np
 
 from serveflow.logical.table import Table
+from serveflow.serving.limits import LimitExceeded, Limits, over
+
+DEFAULT_LIMITS = Limits()
 
 try:
     import orjson
@@ -55,62 +62,227 @@ def _wants_array(expected: Any) -> bool:
     return np.ndarray in types
 
 
-def _table(columns: Mapping[str, list[Any]], schema: Mapping[str, Any] | None) -> Table:
+def _wants_int(expected: Any) -> bool:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return int in types and float not in types
+
+
+def _integral(value: Any) -> Any:
+    """A float holding a whole number as an int, where a float is exact (under 2**53:
+    larger ones may be integers out of the 64-bit range, rounded); else `value`."""
+    if type(value) is float and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+def _as_array(name: str, row: int, value: list[Any]) -> np.ndarray:
+    """A JSON list as the array a schema's `np.ndarray` column declares: rectangular,
+    of numbers (booleans, strings, nulls and ragged lists are refused)."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, OverflowError):
+        array = None
+    if array is None or array.dtype.kind not in "iuf":
+        raise ShapeError(
+            f"column {name!r} row {row}: expected (nested, rectangular) lists of numbers "
+            "for an array"
+        )
+    return array
+
+
+def _table(
+    columns: Mapping[str, list[Any]], schema: Mapping[str, Any] | None, limits: Limits
+) -> Table:
     lengths = {name: len(values) for name, values in columns.items()}
     if len(set(lengths.values())) > 1:
         raise ShapeError(f"columns must have equal lengths, got {lengths}")
+    rows = next(iter(lengths.values()), 0)
+    if rows > limits.max_rows:
+        raise over("rows in the request", rows, limits.max_rows, "max-rows")
     if schema:
         columns = dict(columns)
         for name, expected in schema.items():
-            if name in columns and _wants_array(expected):
-                columns[name] = [np.asarray(v) if isinstance(v, list) else v for v in columns[name]]
+            if name not in columns:
+                continue
+            if _wants_array(expected):
+                columns[name] = [
+                    _as_array(name, i, v) if isinstance(v, list) else v
+                    for i, v in enumerate(columns[name])
+                ]
+            elif _wants_int(expected):  # JSON's 2.0 is an integer, as JSON Schema says
+                columns[name] = [_integral(v) for v in columns[name]]
     return Table(columns)
 
 
-def _from_json(body: bytes, schema: Mapping[str, Any] | None) -> Table:
+def check_json_limits(data: Any, limits: Limits) -> None:
+    """Raise LimitExceeded when a parsed JSON document nests deeper than
+    `limits.max_depth`, holds a string (key or value) longer than
+    `limits.max_string_chars`, or more than `limits.max_elements` scalars. One pass,
+    level by level, without recursion."""
+    longest = limits.max_string_chars
+    level, depth, scalars = [data], 1, 0
+    while level:
+        if depth > limits.max_depth:
+            raise LimitExceeded(f"JSON nested deeper than {limits.max_depth} levels (--max-depth)")
+        below = []
+        for value in level:
+            if type(value) is dict:
+                if value and max(map(len, value)) > longest:
+                    key = max(value, key=len)
+                    raise over("a JSON key's length", len(key), longest, "max-string-chars")
+                children: Any = value.values()
+            elif type(value) is list:
+                children = value
+            else:  # only a scalar document gets here
+                children, below = (value,), None
+            for child in children:
+                kind = type(child)
+                if kind is dict or kind is list:
+                    below.append(child)
+                    continue
+                scalars += 1
+                if kind is str and len(child) > longest:
+                    raise over("a JSON string's length", len(child), longest, "max-string-chars")
+        if scalars > limits.max_elements:
+            raise over("values in the JSON body", scalars, limits.max_elements, "max-elements")
+        level, depth = below or [], depth + 1
+
+
+def _parse_json(body: bytes) -> Any:
     try:
-        data = orjson.loads(body) if orjson is not None else json.loads(body)
+        return orjson.loads(body) if orjson is not None else json.loads(body)
+    except RecursionError:  # the standard library recurses per level
+        raise LimitExceeded("JSON nested too deep to parse (--max-depth)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:  # orjson's is a subclass
+        if "depth limit" in str(error) or "recursion" in str(error).lower():  # orjson: 1024
+            raise LimitExceeded(f"JSON nested too deep to parse: {error} (--max-depth)") from None
         raise DecodeError(f"malformed JSON: {error}") from None
+
+
+def _check_rows(data: dict[str, Any], limits: Limits) -> None:
+    lists = [data["rows"]] if "rows" in data else data["columns"]
+    if not isinstance(lists, list):
+        lists = lists.values() if isinstance(lists, dict) else []
+    rows = max((len(v) for v in lists if isinstance(v, list)), default=0)
+    if rows > limits.max_rows:
+        raise over("rows in the request", rows, limits.max_rows, "max-rows")
+
+
+def _from_json(body: bytes, schema: Mapping[str, Any] | None, limits: Limits) -> Table:
+    data = _parse_json(body)
     if not isinstance(data, dict) or len(data.keys() & {"rows", "columns"}) != 1:
         raise ShapeError('the body must be a JSON object with "rows" or "columns"')
+    _check_rows(data, limits)  # cheap, and before the pass over every value
+    check_json_limits(data, limits)
     if "rows" in data:
         rows = data["rows"]
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ShapeError('"rows" must be a list of objects (one per row)')
         names = list(dict.fromkeys(name for row in rows for name in row))
-        return _table({n: [row.get(n) for row in rows] for n in names}, schema)
+        return _table({n: [row.get(n) for row in rows] for n in names}, schema, limits)
     columns = data["columns"]
     if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
         raise ShapeError('"columns" must be an object mapping column names to lists')
-    return _table(columns, schema)
+    return _table(columns, schema, limits)
 
 
-def _from_npz(body: bytes, schema: Mapping[str, Any] | None) -> Table:
-    columns: dict[str, list[Any]] = {}
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError)
+
+
+def read_npz(body: bytes, limits: Limits) -> dict[str, np.ndarray]:
+    """The arrays of a `.npz` body by member name (".npy" dropped), read without
+    pickle. Sizes are checked before anything is inflated: the zip directory's
+    uncompressed sizes against `max_decoded_bytes` (inflating stops at the declared
+    size), each `.npy` header's shape against `max_elements` and its member's size.
+    DecodeError for what is not such an archive, LimitExceeded past a limit."""
+    if body.startswith(_NPY_MAGIC):
+        raise DecodeError(
+            "expected a .npz archive (numpy.savez: a zip of .npy arrays, one per column), "
+            "got a single .npy array"
+        )
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
-            for name in archive.files:
-                array = archive[name]
-                if array.ndim == 0:
-                    raise ShapeError(f"column {name!r} is a scalar; its first axis must be rows")
-                columns[name] = array.tolist() if array.ndim == 1 else list(array)
-    except ShapeError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+        infos = archive.infolist()
+    except _ZIP_ERRORS as error:
         raise DecodeError(f"malformed .npz body: {error}") from None
-    except AttributeError:  # np.load read a bare .npy, not an archive
-        raise DecodeError("expected a .npz archive (numpy.savez), got a single .npy") from None
-    return _table(columns, schema)
+    inflated = sum(info.file_size for info in infos)
+    if inflated > limits.max_decoded_bytes:
+        what = "the .npz body's arrays, inflated, in bytes"
+        raise over(what, inflated, limits.max_decoded_bytes, "max-decoded-mb")
+    arrays: dict[str, np.ndarray] = {}
+    elements = 0
+    for info in infos:
+        name = info.filename.removesuffix(".npy")
+        try:
+            with archive.open(info) as member:
+                array, count = _read_npy(name, member, info.file_size, limits, elements)
+        except (DecodeError, LimitExceeded):
+            raise
+        except (*_ZIP_ERRORS, NotImplementedError, RuntimeError) as error:
+            raise DecodeError(f"malformed .npz member {name!r}: {error}") from None
+        elements += count
+        arrays[name] = array
+    return arrays
 
 
-def decode_table(body: bytes, content_type: str, schema: Mapping[str, Any] | None) -> Table:
-    """The request table from a body; DecodeError or ShapeError when it is not one."""
+def _read_npy(
+    name: str, member: Any, size: int, limits: Limits, elements_before: int
+) -> tuple[np.ndarray, int]:
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise DecodeError(f".npz member {name!r}: .npy format {version} is not supported")
+    if dtype.hasobject:
+        raise DecodeError(
+            f".npz member {name!r} holds Python objects (dtype {dtype}); they would need "
+            "pickle to load, which this server never uses"
+        )
+    count = math.prod(shape)
+    if elements_before + count > limits.max_elements:
+        what = "array elements in the .npz body"
+        raise over(what, elements_before + count, limits.max_elements, "max-elements")
+    nbytes = count * dtype.itemsize
+    if nbytes > size:
+        raise DecodeError(
+            f".npz member {name!r}: its header declares {nbytes:,} bytes of data, "
+            f"the member holds {size:,}"
+        )
+    flat = np.empty(count, dtype)
+    if nbytes and member.readinto(flat.view(np.uint8)) != nbytes:
+        raise DecodeError(f".npz member {name!r} is truncated")
+    member.read(1)  # reaches the end: zipfile checks the member's CRC there
+    return flat.reshape(shape, order="F" if fortran else "C"), count
+
+
+def _from_npz(body: bytes, schema: Mapping[str, Any] | None, limits: Limits) -> Table:
+    columns: dict[str, list[Any]] = {}
+    for name, array in read_npz(body, limits).items():
+        if array.ndim == 0:
+            raise ShapeError(f"column {name!r} is a scalar; its first axis must be rows")
+        if len(array) > limits.max_rows:
+            raise over("rows in the request", len(array), limits.max_rows, "max-rows")
+        columns[name] = array.tolist() if array.ndim == 1 else list(array)
+    return _table(columns, schema, limits)
+
+
+def decode_table(
+    body: bytes,
+    content_type: str,
+    schema: Mapping[str, Any] | None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Table:
+    """The request table from a body: DecodeError (400) when it is not one of the
+    formats, ShapeError (422) when it is not a table, LimitExceeded (413) when it is
+    over one of `limits`, each raised before the memory the limit guards is spent."""
     media = content_type.split(";")[0].strip().lower()
     if media == NPZ:
-        return _from_npz(body, schema)
+        return _from_npz(body, schema, limits)
     if media in ("", JSON) or media.endswith("+json"):
-        return _from_json(body, schema)
+        return _from_json(body, schema, limits)
     raise DecodeError(f"unsupported Content-Type {media!r}; send {JSON} or {NPZ}")
 
 

@@ -29,6 +29,9 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # and +Inf
 UNKNOWN_FLOW = "(unknown)"  # the label of requests for flows that do not exist
+ROUTES = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/flows"})
+OTHER_ROUTE = "(other)"  # the route label of paths no route serves
+PREDICT_ROUTE = "/v1/flows/{name}/predict"
 
 
 def batch_size_buckets(
@@ -60,10 +63,11 @@ class StageCollector(Collector):
         requests = CounterMetricFamily(
             "serveflow_stage_requests", "Requests a stage has finished.", labels=labels
         )
-        latency = GaugeMetricFamily(
+        latency = Metric(
             "serveflow_stage_latency_seconds",
-            "Stage latency (queue + run) over a recent window, at quantile 0.5 and 0.99.",
-            labels=[*labels, "quantile"],
+            "Stage latency (queue + run): quantiles 0.5 and 0.99 over the last 10 s, "
+            "count and sum since the start.",
+            "summary",
         )
         queue = GaugeMetricFamily(
             "serveflow_stage_queue_length", "Requests waiting for the stage.", labels=labels
@@ -96,8 +100,7 @@ class StageCollector(Collector):
             for stage, s in app.stats().items():
                 key = [flow, stage]
                 requests.add_metric(key, s.get("requests", 0))
-                latency.add_metric([*key, "0.5"], s.get("p50_ms", 0.0) / 1e3)
-                latency.add_metric([*key, "0.99"], s.get("p99_ms", 0.0) / 1e3)
+                _add_summary(latency, dict(zip(labels, key, strict=True)), s)
                 queue.add_metric(key, s.get("queue", 0))
                 workers.add_metric(key, s.get("workers", 0))
                 cold.add_metric(key, s.get("cold_starts", 0))
@@ -110,6 +113,29 @@ class StageCollector(Collector):
                     batch_sizes.add_metric(key, buckets, total)
         yield from (requests, latency, queue, workers, cold, batch_mean, batch_limit)
         yield from (batch_timeout, batch_sizes)
+
+
+def _add_summary(family: Metric, labels: dict[str, str], stats: Mapping[str, Any]) -> None:
+    name = family.name
+    for quantile, field in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
+        family.add_sample(name, {**labels, "quantile": quantile}, stats.get(field, 0.0) / 1e3)
+    family.add_sample(f"{name}_count", labels, float(stats.get("latency_count", 0)))
+    family.add_sample(f"{name}_sum", labels, float(stats.get("latency_sum_s", 0.0)))
+
+
+def route_of(path: str) -> str:
+    """The route template a path falls under, for a label of bounded cardinality."""
+    if path in ROUTES:
+        return path
+    if (path + "/").startswith("/v2/"):
+        return "/v2"  # the Open Inference Protocol (serving.v2)
+    if path.startswith("/v1/flows/"):
+        parts = path[len("/v1/flows/") :].split("/")
+        if len(parts) == 1:
+            return "/v1/flows/{name}"
+        if len(parts) == 2 and parts[1] in ("stats", "predict"):
+            return "/v1/flows/{name}/" + parts[1]
+    return OTHER_ROUTE
 
 
 class LatencyWindow:
@@ -151,13 +177,17 @@ class FlowMetrics:
         self._duration = metrics.duration.labels(flow) if known else None
         self._window = metrics.windows.get(flow)
 
-    def observe(self, status: int, seconds: float) -> None:
+    def count(self, status: int) -> None:
+        """Count one answer with `status` (no latency: e.g. a 401 of the token check)."""
         counter = self._by_status.get(status)
         if counter is None:
             counter = self._by_status[status] = self._metrics.requests.labels(
                 self.flow, str(status)
             )
         counter.inc()
+
+    def observe(self, status: int, seconds: float) -> None:
+        self.count(status)
         if self._duration is not None:
             self._duration.observe(seconds)
             if status < 400 and self._window is not None:
@@ -188,6 +218,13 @@ class ServingMetrics:
             ["flow"],
             registry=self.registry,
         )
+        self.responses = Counter(
+            "serveflow_http_responses",
+            "Every HTTP response, by route template and status (predictions included).",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self._responses: dict[tuple[str, int], Any] = {}
         self.in_flight = Gauge(
             "serveflow_requests_in_flight",
             "Prediction requests the HTTP server is handling.",
@@ -211,6 +248,13 @@ class ServingMetrics:
 
     def observe(self, flow: str, status: int, seconds: float) -> None:
         self.flow(flow).observe(status, seconds)
+
+    def count_response(self, route: str, status: int) -> None:
+        """Count one HTTP response (`route` from `route_of`)."""
+        counter = self._responses.get((route, status))
+        if counter is None:
+            counter = self._responses[route, status] = self.responses.labels(route, str(status))
+        counter.inc()
 
     def http_summary(self, flow: str) -> dict[str, Any]:
         """Counts by status and the recent latency summary of one flow."""

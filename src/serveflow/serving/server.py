@@ -21,7 +21,8 @@ from typing import Any
 import uvicorn
 
 from serveflow.runtime.app import App
-from serveflow.serving.app import DEFAULT_MAX_BODY_BYTES, ServingState, create_app
+from serveflow.serving.app import ServingState, create_app
+from serveflow.serving.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,14 @@ class _DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def _has_httptools() -> bool:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Server:
     """Serve deployed flows (flow name -> App) over HTTP.
 
@@ -105,7 +114,9 @@ class Server:
     while requests are still served (default 0). `coalesce`: run concurrent requests
     of a row-by-row flow as one runtime request (see serving.coalesce). `grpc_port`:
     also serve the Open Inference Protocol over gRPC on this port of `host` (0: a free
-    one; `grpc_port` tells it once started; needs the `grpc` extra).
+    one; `grpc_port` tells it once started; needs the `grpc` extra). `limits`: what one
+    request may hold (serving.limits.Limits; `max_body_bytes` replaces its body limit
+    when given).
     """
 
     def __init__(
@@ -116,7 +127,7 @@ class Server:
         port: int = 8000,
         token: str | None = None,
         debug: bool = False,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes: int | None = None,
         drain_timeout: float = 30.0,
         stop_apps: bool = True,
         log_level: str = "warning",
@@ -126,6 +137,7 @@ class Server:
         shutdown_delay: float = 0.0,
         coalesce: bool = True,
         grpc_port: int | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -137,8 +149,14 @@ class Server:
             stop_apps=stop_apps,
             max_in_flight=max_in_flight,
             coalesce=coalesce,
+            limits=limits,
         )
         self.state: ServingState = self.asgi.state.serving
+        protocol: Any = http
+        if max_in_flight is not None and http in ("auto", "httptools") and _has_httptools():
+            from serveflow.serving.shedding import shedding_protocol  # needs httptools
+
+            protocol = shedding_protocol(self.state)  # refusals before any ASGI work
         config = uvicorn.Config(
             self.asgi,
             host=host,
@@ -148,7 +166,7 @@ class Server:
             lifespan="on",
             timeout_graceful_shutdown=max(1, round(drain_timeout)),
             loop=loop,  # "auto": uvloop when installed (the serve extra pins it)
-            http=http,  # "auto": httptools when installed
+            http=protocol,  # "auto": httptools when installed
         )
         self._grpc = None
         if grpc_port is not None:

@@ -1,0 +1,688 @@
+"""Reliability under faults, floods, bad input and time, probed from outside.
+
+Each part starts `serveflow serve` in a child process and drives it over HTTP:
+
+- chaos: closed-loop clients send requests with unique inputs; every `--kill-every`
+  seconds one worker is SIGKILLed, then one is SIGSTOPped for `--stop-s` seconds.
+  Every answer is checked against its input (no wrong, duplicate or missing answer);
+  reported: errors, throughput vs the same clients without faults, and the slowest
+  requests while a worker was stopped (the heartbeat timeout bounds them).
+- overload: `hey` (a load generator outside this process tree) finds the sustainable
+  rate (closed loop with as many connections as the server admits), the unloaded p99
+  (at a quarter of it), then offers 3x the sustainable rate to a server with
+  `--max-in-flight`: admitted throughput and p99 vs those, and what a refusal costs.
+- fuzz: schemathesis against the live server's /openapi.json (every check, the
+  server's token set), then hypothesis-built bodies: wrong types, huge values, deep
+  nesting, NaN, unicode, compression bombs and lying `.npy` headers. No answer may be
+  a 5xx; the server's memory and /healthz latency are sampled throughout.
+- soak: `hey` at half the sustainable rate for `--minutes`; every 5 s the RSS of every
+  process of the server and its /dev/shm run directory; p99 per 10 s window.
+
+    python -m benchmarks.reliability [--quick] [--parts chaos,overload,fuzz,soak]
+        [--minutes 30] [--seconds 20]
+
+Writes results/reliability.json (records per DESIGN.md) and results/reliability.png.
+Exits 1 when a check fails (`--quick` is what CI runs, without the soak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import io
+import itertools
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import numpy as np
+
+from benchmarks import common
+
+NAME = "reliability"
+SYSTEM = "serveflow"
+TOKEN = "reliability-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SHM = Path("/dev/shm")
+RUN_DIR_PREFIX = "serveflow-"
+GOODPUT_TARGET = 0.9  # admitted throughput at 3x / sustainable
+P99_TARGET = 1.5  # admitted p99 at 3x / unloaded p99
+FROZEN_BOUND_S = 3.0  # requests on a stopped worker answered within (1.5 s timeout + re-run)
+SCHEMATHESIS_CONFIG = Path(__file__).with_name("reliability_schemathesis.toml")
+
+FLOWS = """
+import numpy as np
+import serveflow as sf
+
+chain = sf.Flow("chain", schema={"x": int})
+stream = chain
+for i in range(3):
+    stream = stream.map(lambda v: v, col="x", name=f"identity{i + 1}")
+
+def spin(x):  # about a millisecond of CPU: a service bound by its workers, not its ingress
+    return sum(i * i for i in range(12_000)) * 0 + x
+
+
+work = sf.Flow("work", schema={"x": int})
+work.map(spin, col="x", name="spin")
+
+arith = sf.Flow("arith", schema={"a": int, "b": int})
+arith.map(lambda r: r["a"] + r["b"], names=["sum"], name="add")
+
+text = sf.Flow("text", schema={"user": str, "text": str})
+text.map(lambda r: (r["user"], len(r["text"])), names=["user", "chars"], name="measure")
+
+tensor = sf.Flow("tensor", schema={"x": np.ndarray})
+tensor.map(lambda r: (r["x"] * 2, float(r["x"].sum())), names=["y", "total"], name="double")
+"""
+
+
+# --- the server and its processes ---------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"serveflow.runtime.worker" in f.read()
+    except OSError:
+        return False
+
+
+def _dir_mb(path: Path) -> float:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total / 2**20
+
+
+class Server:
+    """`serveflow serve` on the flows above, in a child process."""
+
+    def __init__(self, *options: str) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="sf-reliability-")
+        path = Path(self._dir.name) / "flows.py"
+        path.write_text(FLOWS)
+        before = set(os.listdir(SHM)) if SHM.is_dir() else set()
+        command = [sys.executable, "-m", "serveflow.serving.cli", "serve", str(path),
+                   "--port", "0", "--log-level", "warning", "--workers", "2", *options]  # fmt: skip
+        env = {**os.environ, "SERVEFLOW_TOKEN": TOKEN}
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if " on http://" not in line:
+            self.close()
+            raise RuntimeError(f"serveflow serve did not start: {line!r}")
+        self.url = line.split(" on ")[1].split()[0]
+        self.wait_workers(2)
+        new = set(os.listdir(SHM)) - before if SHM.is_dir() else set()
+        self.shm_dirs = [SHM / n for n in new if n.startswith(RUN_DIR_PREFIX)]
+
+    def workers(self) -> list[int]:
+        return [pid for pid in _children(self.process.pid) if _is_worker(pid)]
+
+    def wait_workers(self, count: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.workers()) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def rss_mb(self) -> dict[str, float]:
+        """RSS of the server process and of each of its children (workers, planner)."""
+        rss = {"server": _rss_mb(self.process.pid)}
+        rss.update({f"pid {c}": _rss_mb(c) for c in _children(self.process.pid)})
+        return rss
+
+    def shm_mb(self) -> float:
+        return sum(_dir_mb(d) for d in self.shm_dirs)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._dir.cleanup()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _predict_url(server: Server, flow: str) -> str:
+    return f"{server.url}/v1/flows/{flow}/predict"
+
+
+# --- chaos ------------------------------------------------------------------------------
+
+
+async def _clients(
+    url: str, clients: int, seconds: float, counter: Iterator[int]
+) -> list[tuple[float, float, str]]:
+    """Closed loops of `clients` for `seconds`: (sent at s, latency s, outcome) per
+    request, outcome "ok", "wrong" (an answer that is not its input) or an HTTP status."""
+    outcomes: list[tuple[float, float, str]] = []
+    start = time.perf_counter()
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(headers=AUTH, timeout=timeout) as session:
+
+        async def loop() -> None:
+            while time.perf_counter() - start < seconds:
+                value = next(counter)
+                sent = time.perf_counter()
+                try:
+                    async with session.post(url, json={"rows": [{"x": value}]}) as response:
+                        body = await response.json() if response.status == 200 else None
+                        ok = body == {"rows": [{"x": value}]}
+                        outcome = ("ok" if ok else "wrong") if body else str(response.status)
+                except (TimeoutError, aiohttp.ClientError) as error:
+                    outcome = type(error).__name__
+                outcomes.append((sent - start, time.perf_counter() - sent, outcome))
+
+        await asyncio.gather(*(loop() for _ in range(clients)))
+    return outcomes
+
+
+def _chaos_record(scenario: str, outcomes: list[tuple[float, float, str]], seconds: float,
+                  **extra: Any) -> common.Record:  # fmt: skip
+    ok = [lat * 1e3 for _, lat, outcome in outcomes if outcome == "ok"]
+    failed = [o for _, _, o in outcomes if o != "ok"]
+    return common.record(
+        scenario, SYSTEM, ok, len(ok) / seconds, requests=len(outcomes),
+        errors=len(failed), wrong=failed.count("wrong"),
+        failures=sorted(set(failed)), max_ms=max(ok, default=None), **extra,
+    )  # fmt: skip
+
+
+def run_chaos(seconds: float, kill_every: float, stop_s: float) -> list[common.Record]:
+    records = []
+    counter = itertools.count()
+    with Server("--max-workers", "4") as server:
+        url = _predict_url(server, "chain")
+        asyncio.run(_clients(url, 8, 2.0, counter))  # warm every stage
+        calm = asyncio.run(_clients(url, 8, seconds, counter))
+        records.append(_chaos_record("chaos: no faults", calm, seconds))
+
+        kills: list[float] = []
+        stop = threading.Event()
+
+        def killer() -> None:
+            started = time.perf_counter()
+            while not stop.wait(kill_every):
+                workers = server.workers()
+                if workers:
+                    os.kill(random.choice(workers), signal.SIGKILL)
+                    kills.append(time.perf_counter() - started)
+
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        killed = asyncio.run(_clients(url, 8, seconds, counter))
+        stop.set()
+        thread.join()
+        records.append(_chaos_record(f"chaos: SIGKILL a worker every {kill_every:g} s",
+                                     killed, seconds, kills=len(kills)))  # fmt: skip
+
+        server.wait_workers(2)
+        asyncio.run(_clients(url, 8, 1.0, counter))  # the replacements warm
+        frozen = server.workers()[0]
+
+        def freeze() -> None:
+            time.sleep(1.0)
+            os.kill(frozen, signal.SIGSTOP)
+            time.sleep(stop_s)
+            with contextlib.suppress(ProcessLookupError):  # killed as frozen, as it should be
+                os.kill(frozen, signal.SIGCONT)
+
+        thread = threading.Thread(target=freeze, daemon=True)
+        thread.start()
+        stopped = asyncio.run(_clients(url, 8, stop_s + 2.0, counter))
+        thread.join()
+        replaced = frozen not in server.workers()
+        records.append(_chaos_record(f"chaos: SIGSTOP a worker for {stop_s:g} s", stopped,
+                                     stop_s + 2.0, replaced=replaced))  # fmt: skip
+    return records
+
+
+def chaos_failures(records: list[common.Record]) -> list[str]:
+    problems = []
+    for r in records:
+        if r["errors"]:
+            problems.append(f"{r['scenario']}: {r['errors']} errors ({r['failures']})")
+    stopped = records[-1]
+    if not stopped.get("replaced"):
+        problems.append("the SIGSTOPped worker was not replaced")
+    if stopped["max_ms"] is not None and stopped["max_ms"] > FROZEN_BOUND_S * 1e3:
+        problems.append(f"a request waited {stopped['max_ms']:.0f} ms on a stopped worker")
+    return problems
+
+
+# --- overload (hey) -----------------------------------------------------------------------
+
+
+def hey(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
+    """Run `hey` for `seconds` with `connections` (and `rate` req/s in all, split over
+    them); its per-request CSV as (offset s, latency ms, status) and the wall time."""
+    body = '{"rows": [{"x": 1}]}'
+    # niced: on a machine shared with the server, the generator stands for clients on
+    # other machines and should not take the server's CPU (every phase alike)
+    command = ["nice", "-n", "10", "hey", "-z", f"{seconds:g}s", "-c", str(connections),
+               "-m", "POST", "-T", "application/json", "-d", body,
+               "-H", f"Authorization: Bearer {TOKEN}", "-t", "10", "-o", "csv"]  # fmt: skip
+    if rate is not None:
+        command += ["-q", f"{rate / connections:.3f}"]
+    out = subprocess.run([*command, url], capture_output=True, text=True, timeout=seconds + 60)
+    rows = []
+    for row in csv.DictReader(io.StringIO(out.stdout)):
+        rows.append((float(row["offset"]), float(row["response-time"]) * 1e3,
+                     int(row["status-code"])))  # fmt: skip
+    return {"rows": rows, "seconds": seconds}
+
+
+def _hey_record(scenario: str, run: dict, **extra: Any) -> common.Record:
+    rows, seconds = run["rows"], run["seconds"]
+    admitted = [lat for _, lat, status in rows if status == 200]
+    refused = [lat for _, lat, status in rows if status == 503]
+    other = len(rows) - len(admitted) - len(refused)
+    return common.record(
+        scenario, SYSTEM, admitted, len(admitted) / seconds, offered_rps=len(rows) / seconds,
+        refused_rps=len(refused) / seconds, refused_median_ms=common.percentile(refused, 50),
+        refused_p99_ms=common.percentile(refused, 99), other_statuses=other, **extra,
+    )  # fmt: skip
+
+
+def run_overload(seconds: float, max_in_flight: int, flow: str = "work") -> list[common.Record]:
+    records = []
+    with Server("--max-in-flight", str(max_in_flight)) as server:
+        url = _predict_url(server, flow)
+        hey(url, 2.0, max_in_flight)  # warm
+
+        def measured(scenario: str, *args: Any, **extra: Any) -> common.Record:
+            cpu = _cpu_s(server.process.pid)
+            record = _hey_record(scenario, hey(url, seconds, *args), **extra)
+            record["server_cpu_s"] = _cpu_s(server.process.pid) - cpu
+            return record
+
+        capacity = measured(f"{flow}: sustainable (closed loop, --max-in-flight connections)",
+                            max_in_flight)  # fmt: skip
+        sustainable = capacity["throughput_rps"]
+        unloaded = measured(f"{flow}: unloaded (0.25x sustainable)", 4, 0.25 * sustainable)
+        flood = measured(f"{flow}: overload 3x sustainable, 96 connections", 96,
+                         3.0 * sustainable, max_in_flight=max_in_flight)  # fmt: skip
+        flood["goodput_ratio"] = common.ratio(flood["throughput_rps"], sustainable)
+        flood["p99_ratio_vs_unloaded"] = common.ratio(flood["p99_ms"], unloaded["p99_ms"])
+        # the server process's CPU per admitted request, measured at the sustainable
+        # rate, leaves what the refusals of the flood cost it
+        per_admitted = capacity["server_cpu_s"] / max(1, capacity["n"])
+        refusals = flood["refused_rps"] * seconds
+        refusing = flood["server_cpu_s"] - per_admitted * flood["n"]
+        flood["server_cpu_per_admitted_us"] = per_admitted * 1e6
+        flood["server_cpu_per_refusal_us"] = refusing / refusals * 1e6 if refusals else None
+        records += [capacity, unloaded, flood]
+    return records
+
+
+def overload_failures(records: list[common.Record]) -> list[str]:
+    flood = records[-1]
+    problems = []
+    if (flood["goodput_ratio"] or 0) < GOODPUT_TARGET:
+        problems.append(f"admitted throughput at 3x is {flood['goodput_ratio']:.2f}x sustainable")
+    if (flood["p99_ratio_vs_unloaded"] or 99) > P99_TARGET:
+        problems.append(f"admitted p99 at 3x is {flood['p99_ratio_vs_unloaded']:.2f}x unloaded")
+    if flood["other_statuses"]:
+        problems.append(f"{flood['other_statuses']} answers neither 200 nor 503 at 3x")
+    return problems
+
+
+# --- fuzz ---------------------------------------------------------------------------------
+
+
+def _npz(**arrays: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _lying_npz(shape: tuple[int, ...]) -> bytes:
+    """A .npz whose .npy header declares `shape` of float64 but holds 8 bytes."""
+    header = io.BytesIO()
+    descr = {"descr": "<f8", "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(header, descr)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + b"\0" * 8)
+    return buffer.getvalue()
+
+
+def bombs() -> list[tuple[str, bytes]]:
+    """Compressed bodies that inflate far beyond their size."""
+    npy = io.BytesIO()
+    np.save(npy, np.zeros(10))
+    return [
+        ("npz bomb 1 GiB of zeros", _npz(x=np.zeros(2**30, dtype=np.uint8))),
+        ("npz bomb 8 columns x 128 MiB", _npz(**{f"c{i}": np.zeros(2**27, np.uint8)
+                                                  for i in range(8)})),
+        ("npz lying header 10^12 floats", _lying_npz((10**12,))),
+        ("npz lying header 2-D 10^6 x 10^6", _lying_npz((10**6, 10**6))),
+        ("bare .npy", npy.getvalue()),
+        ("truncated zip", _npz(x=np.arange(100))[:50]),
+    ]  # fmt: skip
+
+
+def _fuzz_bodies(examples: int, predict: Any) -> dict[int, int]:
+    """Hypothesis-built JSON bodies against every flow; counts by status. Raises
+    AssertionError on a 5xx that is not 503/504."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=50),
+    )  # fmt: skip
+
+    def containers(inner: Any) -> Any:
+        return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+
+    values = st.recursive(scalars, containers, max_leaves=20)
+    columns = st.sampled_from(["a", "b", "x", "user", "text", "", "é", "\x00"])
+    rows = st.lists(st.dictionaries(columns, values, max_size=4), max_size=5)
+    nested = st.integers(1, 3000).map(lambda d: '{"rows": [{"x": ' + "[" * d + "]" * d + "}]}")
+    raw = st.one_of(
+        rows.map(lambda r: ("json", {"rows": r})),
+        st.dictionaries(columns, st.lists(values, max_size=4), max_size=3).map(
+            lambda c: ("json", {"columns": c})),
+        values.map(lambda v: ("json", v)),
+        nested.map(lambda text: ("text", text)),
+        st.sampled_from(['{"rows": [{"a": NaN, "b": 1}]}', '{"rows": [{"a": Infinity}]}',
+                         '{"rows": [{"a": 1e999}]}', '{"rows": [{"user": "\\ud800", "text": ""}]}',
+                         '{"rows": [', '\xff\xfe', '']).map(lambda t: ("text", t)),
+        st.binary(max_size=200).map(lambda b: ("npz", b)),
+    )  # fmt: skip
+    statuses: dict[int, int] = {}
+
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(flow=st.sampled_from(["arith", "text", "tensor", "chain"]), body=raw)
+    def probe(flow: str, body: tuple[str, Any]) -> None:
+        status = predict(flow, *body)
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status < 500 or status in (503, 504), f"{status} for {body!r:.200}"
+
+    probe()
+    return statuses
+
+
+def run_fuzz(examples: int, schemathesis_examples: int) -> list[common.Record]:
+    records = []
+    with Server() as server, httpx.Client(headers=AUTH, timeout=30) as client:
+        samples: list[tuple[float, float, float]] = []  # (t, server RSS MB, healthz ms)
+        stop = threading.Event()
+        started = time.perf_counter()
+
+        def sample() -> None:
+            probe = httpx.Client(base_url=server.url, timeout=30)  # one kept-alive connection
+            while not stop.wait(0.1):
+                t0 = time.perf_counter()
+                with contextlib.suppress(httpx.HTTPError):
+                    probe.get("/healthz")
+                samples.append((t0 - started, _rss_mb(server.process.pid),
+                                (time.perf_counter() - t0) * 1e3))  # fmt: skip
+            probe.close()
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        rss_before = _rss_mb(server.process.pid)
+
+        def predict(flow: str, kind: str, body: Any) -> int:
+            url = _predict_url(server, flow)
+            if kind == "json":
+                return client.post(url, json=body).status_code
+            media = "application/x-npz" if kind == "npz" else "application/json"
+            content = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+            return client.post(url, content=content, headers={"Content-Type": media}).status_code
+
+        for label, body in bombs():
+            t0 = time.perf_counter()
+            status = predict("tensor", "npz", body)
+            took = (time.perf_counter() - t0) * 1e3
+            records.append(common.record(f"fuzz: {label} ({len(body):,} B)", SYSTEM, [took],
+                                         None, status=status))  # fmt: skip
+        failure = ""
+        try:
+            statuses = _fuzz_bodies(examples, predict)
+        except AssertionError as error:
+            failure, statuses = str(error), {}
+        stop.set()
+        thread.join()
+        health = [ms for _, _, ms in samples]
+        records.append(common.record(
+            "fuzz: hypothesis bodies", SYSTEM, None, None, examples=examples,
+            statuses={str(k): v for k, v in sorted(statuses.items())}, failure=failure,
+            rss_before_mb=rss_before, rss_max_mb=max((r for _, r, _ in samples), default=None),
+            healthz_p99_ms=common.percentile(health, 99), healthz_max_ms=max(health, default=None),
+        ))  # fmt: skip
+        records.append(schemathesis(server, schemathesis_examples))
+    return records
+
+
+def schemathesis(server: Server, examples: int) -> common.Record:
+    command = [str(Path(sys.executable).with_name("schemathesis")), "--config-file",
+               str(SCHEMATHESIS_CONFIG), "run", f"{server.url}/openapi.json", "--checks", "all",
+               "-H", f"Authorization: Bearer {TOKEN}", "--max-examples", str(examples),
+               "--phases", "examples,coverage,fuzzing", "--no-color"]  # fmt: skip
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sf-schemathesis-") as cwd:  # its cache goes there
+        out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd)
+    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    summary = next((line for line in reversed(lines) if " in " in line and "=" in line), "")
+    cases = next((line for line in lines if "generated" in line), "")
+    failures = [line for line in lines if line.startswith(("- ", "❌"))]
+    return common.record("fuzz: schemathesis, every check", SYSTEM, None, None,
+                         exit_code=out.returncode, summary=summary.strip("= "), cases=cases,
+                         failures=failures[:20], seconds=time.perf_counter() - t0)  # fmt: skip
+
+
+def fuzz_failures(records: list[common.Record]) -> list[str]:
+    problems = []
+    for r in records:
+        if "status" in r and r["status"] not in (400, 413):
+            problems.append(f"{r['scenario']}: answered {r['status']}")
+        if r.get("failure"):
+            problems.append(f"{r['scenario']}: {r['failure']}")
+        if r.get("exit_code"):
+            problems.append(f"{r['scenario']}: {r['summary']} {r['failures']}")
+    return problems
+
+
+# --- soak ---------------------------------------------------------------------------------
+
+
+def run_soak(minutes: float, rate: float | None) -> list[common.Record]:
+    seconds = minutes * 60
+    with Server() as server:
+        url = _predict_url(server, "chain")
+        hey(url, 2.0, 8)
+        if rate is None:
+            rate = 0.5 * _hey_record("soak: capacity", hey(url, 10.0, 16))["throughput_rps"]
+        samples: list[dict[str, Any]] = []
+        stop = threading.Event()
+        started = time.perf_counter()
+
+        def sample() -> None:
+            while True:
+                rss = server.rss_mb()
+                t = time.perf_counter() - started
+                samples.append({"t_s": t, "rss_mb": rss, "rss_total_mb": sum(rss.values()),
+                                "shm_mb": server.shm_mb()})  # fmt: skip
+                if stop.wait(5.0):
+                    return
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        run = hey(url, seconds, 16, rate)
+        stop.set()
+        thread.join()
+    windows = []
+    for start in range(0, int(seconds), 10):
+        lats = [lat for t, lat, s in run["rows"] if start <= t < start + 10 and s == 200]
+        windows.append({"t_s": start, "p99_ms": common.percentile(lats, 99), "n": len(lats)})
+    record = _hey_record(f"soak: {minutes:g} min at {rate:.0f} req/s", run, rate_asked=rate)
+    # flat: the last quarter against the second (the first warms caches and pools)
+    quarter = max(1, len(samples) // 4)
+    early, late = samples[quarter : 2 * quarter], samples[-quarter:]
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+
+    # per process (the pool may grow or retire a worker meanwhile): late vs early
+    growth = {}
+    for key in set(early[0]["rss_mb"]) & set(late[-1]["rss_mb"]) if early and late else ():
+        before = [r["rss_mb"][key] for r in early if key in r["rss_mb"]]
+        after = [r["rss_mb"][key] for r in late if key in r["rss_mb"]]
+        growth[key] = common.ratio(sum(after) / len(after), sum(before) / len(before))
+    record.update(
+        rss_growth_by_process=growth,
+        rss_growth_max=max((g for g in growth.values() if g is not None), default=None),
+        rss_early_mb=mean(early, "rss_total_mb"), rss_late_mb=mean(late, "rss_total_mb"),
+        shm_early_mb=mean(early, "shm_mb"), shm_late_mb=mean(late, "shm_mb"),
+        rss_growth=common.ratio(mean(late, "rss_total_mb"), mean(early, "rss_total_mb")),
+        samples=samples, windows=windows,
+    )  # fmt: skip
+    return [record]
+
+
+def soak_failures(records: list[common.Record]) -> list[str]:
+    r = records[-1]
+    problems = []
+    if (r["rss_growth_max"] or 0) > 1.05:
+        problems.append(f"a process's memory grew {r['rss_growth_max']:.3f}x over the soak")
+    if r["shm_late_mb"] > r["shm_early_mb"] * 1.05 + 1.0:
+        problems.append(f"/dev/shm grew {r['shm_early_mb']:.1f} -> {r['shm_late_mb']:.1f} MB")
+    if r["other_statuses"] or r["refused_rps"]:
+        problems.append("requests failed during the soak")
+    return problems
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def plot(records: list[common.Record], out: Path) -> None:
+    fig, axes = common.new_figure(1, 2, size=(13, 4.5))
+    soak = next((r for r in records if r["scenario"].startswith("soak: ") and "samples" in r), None)
+    left, right = axes[0]
+    if soak is not None:
+        minutes = [s["t_s"] / 60 for s in soak["samples"]]
+        left.plot(minutes, [s["rss_total_mb"] for s in soak["samples"]], label="RSS, all processes")
+        left.plot(minutes, [s["shm_mb"] for s in soak["samples"]], label="/dev/shm run dir")
+        left.set(xlabel="minutes", ylabel="MB", title=soak["scenario"])
+        twin = left.twinx()
+        twin.plot([w["t_s"] / 60 for w in soak["windows"]],
+                  [w["p99_ms"] for w in soak["windows"]], "r.", label="p99 per 10 s")  # fmt: skip
+        twin.set_ylabel("p99 ms")
+        left.legend(loc="upper left")
+        twin.legend(loc="upper right")
+    bars = [r for r in records if r["scenario"].startswith(("chaos", "sustainable", "overload"))]
+    right.barh([r["scenario"] for r in bars], [r["throughput_rps"] or 0 for r in bars])
+    right.set(xlabel="answered req/s (200)", title="throughput under faults and overload")
+    common.save_figure(fig, NAME, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def configure(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--parts", default=None,
+                            help="comma-separated: chaos,overload,fuzz,soak (default: all; "
+                                 "--quick: all but soak)")  # fmt: skip
+        parser.add_argument("--seconds", type=float, default=None, help="per measured phase")
+        parser.add_argument("--minutes", type=float, default=30.0, help="soak length")
+        parser.add_argument("--soak-rate", type=float, default=None,
+                            help="soak req/s (default: half the measured capacity)")  # fmt: skip
+        parser.add_argument("--max-in-flight", type=int, default=8)
+
+    args = common.parse_args(__doc__.split("\n")[0], argv, configure)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per fuzzed request
+    default_parts = "chaos,overload,fuzz" if args.quick else "chaos,overload,fuzz,soak"
+    parts = (args.parts or default_parts).split(",")
+    seconds = args.seconds or (6.0 if args.quick else 20.0)
+    if ("overload" in parts or "soak" in parts) and shutil.which("hey") is None:
+        print("`hey` is missing: bash scripts/reliability_tools.sh", file=sys.stderr)
+        return 2
+    records: list[common.Record] = []
+    problems: list[str] = []
+    if "chaos" in parts:
+        got = run_chaos(seconds, kill_every=2.0 if args.quick else 5.0,
+                        stop_s=5.0 if args.quick else 20.0)  # fmt: skip
+        records += got
+        problems += chaos_failures(got)
+    if "overload" in parts:
+        got = run_overload(seconds, args.max_in_flight)
+        records += got
+        problems += overload_failures(got)
+    if "fuzz" in parts:
+        got = run_fuzz(examples=150 if args.quick else 1000,
+                       schemathesis_examples=20 if args.quick else 200)  # fmt: skip
+        records += got
+        problems += fuzz_failures(got)
+    if "soak" in parts:
+        got = run_soak(args.minutes, args.soak_rate)
+        records += got
+        problems += soak_failures(got)
+    common.print_table(records, ("scenario", "median_ms", "p99_ms", "throughput_rps", "errors",
+                                 "goodput_ratio", "p99_ratio_vs_unloaded", "status"))  # fmt: skip
+    common.write_json(NAME, records, args.out)
+    plot(records, args.out)
+    for problem in problems:
+        print(f"FAILED: {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
