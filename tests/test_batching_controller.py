@@ -25,7 +25,7 @@ def test_fixed_policy_returns_the_fixed_values() -> None:
     controller = BatchingController(sf.Batching(max_size=10, timeout_ms=10), max_workers=3)
     for t in np.linspace(0, 5, 200):
         controller.on_arrival(float(t))
-        assert controller.admit(float(t), queued=10_000, oldest_wait_s=1.0)
+        assert controller.admit(float(t), rid=int(t * 100), workers=[0, 1, 2])
     decision = controller.decision(5.0)
     assert decision == Decision(10, 0.01, 3)
     snap = controller.snapshot()
@@ -67,16 +67,19 @@ def test_overload_sheds_requests_that_would_miss_the_slo() -> None:
     controller, now = _planned(sf.Batching(slo_ms=20), 5000, workers=1)
     decision = controller.decision(now)
     assert not decision.feasible  # 1 worker cannot serve 5000/s within 20 ms
-    admitted = [controller.admit(now, queued=q, oldest_wait_s=0.0) for q in range(0, 400, 10)]
-    assert admitted[0] is True  # an empty queue is served
-    assert admitted[-1] is False  # a long queue means a miss: shed
+    # 200 requests at once on the one worker: the first are served, the queue past
+    # what 20 ms allows is refused
+    admitted = [controller.admit(now, rid=i, workers=[0], worker=0) for i in range(200)]
+    assert admitted[0] is True
+    assert admitted[-1] is False
+    assert 0 < admitted.count(True) < 40
     assert controller.snapshot()["shed"] == admitted.count(False)
 
 
 def test_overload_serve_admits_everything_and_counts_late() -> None:
     controller, now = _planned(sf.Batching(slo_ms=20, on_overload="serve"), 5000, workers=1)
     controller.decision(now)
-    assert all(controller.admit(now, queued=q, oldest_wait_s=0.0) for q in range(0, 400, 10))
+    assert all(controller.admit(now, rid=i, workers=[0], worker=0) for i in range(200))
     assert controller.snapshot()["shed"] == 0
     assert controller.snapshot()["late_predicted"] > 0
 

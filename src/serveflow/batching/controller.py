@@ -4,15 +4,21 @@ batching stage should use now, and whether to admit an arrival.
 The runtime drives it (no threads here; calls are serialized by a lock):
 
 - `on_arrival(now)` for every request offered to the stage, then
-  `admit(now, queued, oldest_wait_s)` for that same request (False: reject it);
-- `on_batch_done(size, service_s, now, latencies_s)` after each batch (service time
-  of the call, each request's latency);
+  `admit(now, rid, workers, worker)` for that same request (False: refuse it),
+  and `routed(rid, worker, now)` once the router placed it;
+- `finished(rid, now, ok)` when an admitted request's result reached the driver (a
+  stage whose output is the flow's), and `on_batch_done(size, service_s, now,
+  latencies_s, worker)` after each batch (service time of the call, each request's
+  latency);
 - `decision(now)` whenever it forms a batch (cheap: re-plans every `replan_s` seconds
   or on a rate shift, otherwise returns the cached decision);
 - `snapshot()` for `app.stats()`.
 
-Measured latencies come with each finished batch (the runtime reports every request's
-latency at the stage), or are inferred assuming first-in first-out batches.
+Admission (`admission.StageLedger`) predicts each arrival's latency from the stage's
+state: the calls queued on each worker, the batch filling, the service profile and
+the runtime's measured overhead. Measured latencies come with each finished batch
+(the runtime reports every request's latency at the stage), or are inferred assuming
+first-in first-out batches.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from serveflow.batching.admission import StageLedger
 from serveflow.batching.arrivals import MAP, ArrivalLog
 from serveflow.batching.model import (
     Prediction,
@@ -61,6 +68,8 @@ PREMISE_RATE_SLACK = 1.2  # arrivals above this x the planned peak rate void a c
 REPLAN_CHANGE = 0.1  # a periodic re-plan searches only when the basis moved more than this
 SPARE_AT = 0.5  # peak-phase utilization of the planned workers past which one more is loaded
 COST_TOLERANCE = 0.15  # the cost objective takes the fastest plan within this of the cheapest
+BACKLOG_MERGE = 2  # planned batches a worker runs as one call when they queue (BatchRule)
+OVERHEAD_POINTS = 32  # measured runtime overhead, as quantiles, handed to each search
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,8 @@ class BatchingController:
         self.target_scale = INITIAL_TARGET_SCALE
         self._recent: list[float] = []
         self._decision = self._initial_decision()
+        self.ledger = StageLedger(policy.percentile)
+        self._ledger_basis: tuple | None = None  # what the ledger was last told
 
     # --- runtime hooks -------------------------------------------------------------
 
@@ -161,14 +172,19 @@ class BatchingController:
         service_s: float,
         now: float,
         latencies_s: Sequence[float] | None = None,
+        worker: int | None = None,
     ) -> None:
         """A batch of `size` finished at `now` after `service_s` in the model. With
         `latencies_s` (each request's measured latency, as the runtime reports it),
         those are recorded; without, they are inferred from the arrivals, oldest
-        first (exact only while no request is dropped on the way)."""
+        first (exact only while no request is dropped on the way). With `worker`, the
+        admission ledger learns when that worker's call ended (for a stage whose
+        requests' ends the driver does not see itself: see `finished`)."""
         with self._lock:
             if size:
                 self.profile.observe(size, service_s)
+                if worker is not None:
+                    self.ledger.observed(worker, size, now)
             popped = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
             if latencies_s is None:
                 latencies_s = [now - arrived for arrived in popped]
@@ -179,23 +195,67 @@ class BatchingController:
                 if latency > slo_s:
                     self.late += 1
 
-    def admit(self, now: float, queued: int, oldest_wait_s: float) -> bool:
-        """Whether to accept the arrival just reported by `on_arrival`: False only with
-        an SLO, `on_overload="shed"`, and a predicted latency for this request (from
-        the queue ahead of it, the current decision and the service profile) past the
-        SLO."""
+    def admit(
+        self,
+        now: float,
+        rid: int,
+        workers: Sequence[int],
+        worker: int | None = None,
+    ) -> bool:
+        """Whether to accept request `rid`, just reported by `on_arrival`: False only
+        with an SLO, `on_overload="shed"`, and a predicted latency past the SLO on
+        `worker` (where the router will send it; None: the first of the stage's
+        `workers` to free), from the calls queued there (see `admission`). Admitted
+        requests are entered in the ledger."""
         if not self.policy.adaptive:
             return True
         with self._lock:
-            if self._predicted_wait(queued, oldest_wait_s) * 1e3 <= self.policy.slo_ms:
+            self._sync_ledger()
+            serve = self.policy.on_overload == "serve"
+            slo_s = self.policy.slo_ms / 1e3
+            verdict = self.ledger.admit(rid, now, slo_s, workers, worker, serve)
+            if verdict.admit:
                 return True
-            if self.policy.on_overload == "serve":
+            if serve:
                 self.late_predicted += 1
                 return True
             self.shed += 1
             if self._pending:
                 self._pending.pop()  # it will never finish
             return False
+
+    def routed(self, rid: int, worker: int, now: float) -> None:
+        """The router sent admitted request `rid` to `worker`."""
+        with self._lock:
+            self.ledger.routed(rid, worker, now)
+
+    def finished(self, rid: int, now: float, ok: bool = True) -> None:
+        """Admitted request `rid` ended at `now`; `ok`: it ran (its result came back),
+        so its call's end is observed (for a stage whose output is the flow's, the
+        driver sees that end itself, without waiting for the worker's report)."""
+        with self._lock:
+            self.ledger.finished(rid, now, ok)
+
+    def forget(self, rid: int) -> None:
+        """Admitted request `rid` will not run after all (another stage refused it)."""
+        with self._lock:
+            self.ledger.forget(rid)
+
+    def _sync_ledger(self) -> None:
+        """Tell the ledger the batching in force and the service times (when changed)."""
+        d = self._decision
+        basis = (d.max_size, d.timeout_s, self.profile.refits, self.profile.observations > 0)
+        if basis == self._ledger_basis:
+            return
+        self._ledger_basis = basis
+        merge = BACKLOG_MERGE * d.max_size
+        if self.policy.max_size:
+            merge = min(merge, self.policy.max_size)
+        merge = max(merge, d.max_size)
+        service = self.profile.predict(np.arange(merge + 1))
+        service[0] = 0.0
+        rate = self._fitted.rate if self._fitted is not None else 0.0
+        self.ledger.plan(d.max_size, d.timeout_s, merge, service, rate)
 
     def decision(self, now: float) -> Decision:
         with self._lock:
@@ -270,6 +330,10 @@ class BatchingController:
                     if self.profile.ready
                     else None
                 ),
+                "overhead_ms": {  # the runtime's own, measured by the admission ledger
+                    "median": self.ledger.overhead()[0] * 1e3,
+                    "percentile": self.ledger.overhead()[1] * 1e3,
+                },
                 "shed": self.shed,
                 "late": self.late,
                 "late_predicted": self.late_predicted,
@@ -350,16 +414,18 @@ class BatchingController:
             # a core for a fraction of a second, from a machine whose workers need it.
             return None
         self._fitted = fitted
+        space = self.space()
         key = (
             _rounded(fitted.d0.ravel()),
             _rounded(fitted.d1.ravel()),
             _rounded([self.profile.a, self.profile.b, self.profile.c, self.target_scale]),
+            _rounded(space.overhead[OVERHEAD_POINTS // 2 :: OVERHEAD_POINTS // 4]),
         )
         if key in self._cache:
             self._decision = self._cache[key]
             self._basis = self._basis_of(fitted)
             return None
-        return key, fitted, copy.deepcopy(self.profile), self.space()
+        return key, fitted, copy.deepcopy(self.profile), space
 
     def _basis_of(self, fitted: MAP) -> np.ndarray:
         """What a plan rests on: the arrival rate (mean and peak phase), the service
@@ -391,18 +457,17 @@ class BatchingController:
             self.held_workers,
             self.idle_price,
             self.grid,
+            self._overhead_points(),
         )
 
-    def _predicted_wait(self, queued: int, oldest_wait_s: float) -> float:
-        """Rough latency of a request arriving behind `queued` others now."""
-        d = self._decision
-        size = max(d.max_size, 1)
-        service = self.profile.predict(np.array([1, size]))
-        ahead = queued + 1
-        rounds = math.ceil(ahead / (size * d.workers))
-        forming = max(d.timeout_s - oldest_wait_s, 0.0) if ahead < size else 0.0
-        last = float(service[0]) if rounds == 1 and ahead < size else float(service[1])
-        return forming + (rounds - 1) * float(service[1]) + last
+    def _overhead_points(self) -> tuple[float, ...]:
+        """The admission ledger's residuals as `OVERHEAD_POINTS` quantiles (none until
+        it has enough to say)."""
+        residuals = self.ledger.residuals()
+        if len(residuals) < 4 * OVERHEAD_POINTS:
+            return ()
+        points = np.quantile(residuals, (np.arange(OVERHEAD_POINTS) + 0.5) / OVERHEAD_POINTS)
+        return tuple(round(float(p), 5) for p in points)
 
 
 @dataclass(frozen=True)
@@ -419,6 +484,7 @@ class SearchSpace:
     held_workers: int
     idle_price: float
     grid: int
+    overhead: tuple[float, ...] = ()  # measured runtime overhead, seconds (quantiles)
 
     def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
         """(batch size, timeout) pairs worth evaluating under the SLO."""
@@ -444,7 +510,10 @@ class SearchSpace:
         evaluated: list[tuple[Prediction, float, float]] = []  # (prediction, p_s, cost)
         per_phase = slow_switching(arrivals)
         pairs = self.candidates(service)
-        residuals = service.residuals()  # reduced once to the points every prediction uses
+        # What the model does not hold: the measured spread of real calls around the
+        # fitted service times and the runtime's own costs (the admission ledger's
+        # residuals hold both), else the service spread alone.
+        residuals = np.array(self.overhead) if self.overhead else service.residuals()
         noise = noise_points(residuals)[0] if residuals is not None else None
         # One matrix exponential per (batch size, process): all timeouts share its grid.
         processes = (
@@ -509,10 +578,24 @@ class SearchSpace:
             peak = float(arrivals.phase_rates.max()) * pred.busy_per_request_s / pred.workers
             spare = int(peak > SPARE_AT and pred.workers < self.max_workers)
             return dataclasses.replace(_decision(best, True), spare=spare)
-        if evaluated:  # overload: the lowest predicted latency, the SLO cannot hold
-            return _decision(min(evaluated, key=lambda e: (e[1], e[2])), False)
-        # Not even stable: the most throughput we have.
-        return Decision(self.cap, min(0.6 * slo_s, slo_s), self.max_workers, math.inf, False)
+        return self.overload(arrivals, service)
+
+    def overload(self, arrivals: MAP, service: ServiceProfile) -> Decision:
+        """The plan when no configuration meets the SLO at the offered rate: admission
+        then refuses the excess, and the plan serves as many requests within the SLO
+        as it can (goodput). All workers; no timeout (the queue is never empty: a
+        free worker takes what waits, up to the batch size); the largest batch size
+        n a request can wait for and still meet the SLO (a request arriving as a call
+        starts waits for it, then runs in the next: 2 x service(n) + overhead), which
+        has the most throughput (k * n / service(n)) of those."""
+        workers = self.max_workers
+        slack = float(np.median(self.overhead)) if self.overhead else 0.0
+        sizes = np.arange(1, self.cap + 1)
+        times = np.asarray(service.predict(sizes), dtype=float)
+        fits = 2 * times + slack <= self.slo_s
+        best = int(sizes[fits][-1]) if fits.any() else 1
+        predicted = 2e3 * float(times[best - 1]) + slack * 1e3
+        return Decision(best, 0.0, workers, predicted, False)
 
 
 Searcher = Callable[[SearchSpace, MAP, ServiceProfile], Decision]

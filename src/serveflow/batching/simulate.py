@@ -1,5 +1,7 @@
 """Discrete-event simulation of a batching buffer and its workers (deterministic for
-given arrival times): the ground truth the analytical model is checked against.
+given arrival times): the ground truth the analytical model is checked against, and
+(`simulate_controlled`) the runtime's routing and dispatch around a batching
+controller, in simulated time, for tests of its decisions.
 
 `pull` (the runtime's semantics): one buffer; a free worker takes up to `B` queued
 requests once `B` are queued or the oldest has waited `T` (at once when `T` is 0).
@@ -11,8 +13,12 @@ of the `k` workers.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -101,3 +107,137 @@ def _pull(
     if i < n or queue:
         raise RuntimeError("simulate: step bound reached before every request was served")
     return latency, np.array(sizes)
+
+
+@dataclass
+class Served:
+    """What `simulate_controlled` saw: per request (arrival order) its latency in
+    seconds, or NaN when refused; `refused_at`, how long after arrival each refusal
+    was decided (0: at once, the simulation has no admission cost); the batch sizes
+    run; the decisions in force over time as (time, Decision)."""
+
+    latencies: np.ndarray
+    sizes: np.ndarray
+    decisions: list
+
+    @property
+    def refused(self) -> np.ndarray:
+        return np.isnan(self.latencies)
+
+
+def simulate_controlled(
+    arrivals: np.ndarray,
+    service: ServiceFn,
+    controller: Any,
+    workers: int,
+    *,
+    send_s: float = 0.0,
+    reply_s: float = 0.0,
+    noise: Callable[[int], float] | None = None,
+    plan_every_s: float = 0.1,
+) -> Served:
+    """The runtime around a `BatchingController`, in simulated time: each arrival is
+    offered to the controller (`on_arrival`, `admit`), routed as the runtime's
+    scheduler packs batches (one filling at a time, on the least loaded of the
+    decision's workers; a new one when it is full or its timeout has passed), reaches
+    its worker `send_s` later, and runs as `BatchRule` says (full, or its oldest has
+    waited the timeout since it was sent; more than a batch queued: up to two batches
+    as one call). A call of n requests takes `service([n])` plus `noise(n)` seconds
+    (none by default); its results reach the driver `reply_s` later, where the
+    controller hears of them (`finished`, `on_batch_done`). The controller is asked
+    for its decision every `plan_every_s`, its searches run inline."""
+    times = np.asarray(arrivals, dtype=float)
+    n = len(times)
+    latencies = np.full(n, np.nan)
+    sizes: list[int] = []
+    decisions: list = []
+    queues: list[deque[tuple[int, float]]] = [deque() for _ in range(workers)]
+    busy_until = [0.0] * workers
+    outstanding = [0] * workers
+    opened_at = [-math.inf] * workers  # when each worker was last given a batch
+    open_batch: list = [None]  # [worker, count, opened, size, timeout] of the filling batch
+    events: list[tuple[float, int, int, Any]] = []  # (time, kind, seq, data)
+    seq = itertools.count()
+    ARRIVE, WAKE, PLAN, DONE = 0, 1, 2, 3
+    for i, t in enumerate(times):
+        heapq.heappush(events, (float(t), ARRIVE, next(seq), i))
+    end_time = float(times[-1]) if n else 0.0
+    heapq.heappush(events, (0.0, PLAN, next(seq), None))
+    decision = controller.decision(0.0)
+    decisions.append((0.0, decision))
+
+    def limits() -> tuple[int, float, int]:
+        size = decision.max_size
+        merge = 2 * size
+        if controller.policy.max_size:
+            merge = min(merge, controller.policy.max_size)
+        return size, decision.timeout_s, max(merge, size)
+
+    def try_run(w: int, now: float) -> None:
+        if busy_until[w] > now or not queues[w]:
+            return
+        size, timeout, merge = limits()
+        queue = queues[w]
+        oldest = queue[0][1]
+        if timeout and len(queue) < size and oldest + timeout > now:
+            heapq.heappush(events, (oldest + timeout, WAKE, next(seq), w))
+            return
+        take = min(len(queue), merge if len(queue) > size else size)
+        batch = [queue.popleft() for _ in range(take)]
+        took = float(service(np.array([take]))[0]) + (noise(take) if noise else 0.0)
+        busy_until[w] = now + took
+        sizes.append(take)
+        heapq.heappush(events, (now + took, DONE, next(seq), (w, batch, took)))
+
+    while events:
+        now, kind, _, data = heapq.heappop(events)
+        if kind == ARRIVE:
+            i = data
+            controller.on_arrival(now)
+            size, timeout, _ = limits()
+            pool = list(range(min(decision.workers, workers)))
+            batch = open_batch[0]
+            filling = (
+                batch is not None
+                and batch[0] in pool
+                and batch[1] < size
+                and now - batch[2] < timeout
+            )
+            w = batch[0] if filling else min(pool, key=lambda k: (outstanding[k], opened_at[k]))
+            if not controller.admit(now, i, pool, w):
+                continue
+            if filling:
+                batch[1] += 1
+            else:
+                open_batch[0] = [w, 1, now, size, timeout]
+                opened_at[w] = now
+            controller.routed(i, w, now)
+            outstanding[w] += 1
+            heapq.heappush(events, (now + send_s, WAKE, next(seq), (w, i, now)))
+        elif kind == WAKE:
+            if isinstance(data, tuple):  # a request reaching its worker
+                w, i, sent = data
+                queues[w].append((i, sent))
+            else:
+                w = data
+            try_run(w, now)
+        elif kind == DONE:
+            w, batch, took = data
+            back = now + reply_s
+            each = []
+            for i, sent in batch:
+                latencies[i] = back - times[i]
+                each.append(now - sent)
+                outstanding[w] -= 1
+                controller.finished(i, back)
+            controller.on_batch_done(len(batch), took, now, each)
+            try_run(w, now)
+        elif kind == PLAN:
+            decision = controller.decision(now)
+            if not decisions or decisions[-1][1] != decision:
+                decisions.append((now, decision))
+            if now < end_time:
+                heapq.heappush(events, (now + plan_every_s, PLAN, next(seq), None))
+            for w in range(workers):
+                try_run(w, now)
+    return Served(latencies, np.array(sizes), decisions)

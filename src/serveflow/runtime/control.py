@@ -315,21 +315,18 @@ class ControlPlane:
 
     def _admit(self, app: DeployedApp, request: Request) -> bool:
         """Ask each SLO-aware batching stage whether this request can still meet its
-        SLO; a refusal sheds the request with OverloadError naming the stage."""
+        SLO, predicted from where the router would send it and what is queued there;
+        a refusal sheds the request with OverloadError naming the stage, at once."""
         now = time.monotonic()
         with self._lock:
-            waiting = [r for a, r in self._unrouted if a is app]
-            queued = {
-                i: len(waiting) + sum(w.queued.get((app.id, i), 0) for w in self._workers.values())
-                for i in app.controllers
-            }
-            # how long the batch now forming has been waiting (its timeout counts from there)
-            opened = {i: self._scheduler.open_since((app.id, i), now) for i in app.controllers}
+            places = {i: self._next_place(app, i, now) for i in app.controllers}
+        admitted = []
         for index, controller in app.controllers.items():
             controller.on_arrival(now)
-            formed = opened[index]
-            oldest_wait = now - formed if formed is not None else 0.0
-            if not controller.admit(now, queued[index], oldest_wait):
+            workers, worker = places[index]
+            if not controller.admit(now, request.id, workers, worker):
+                for other in admitted:
+                    other.forget(request.id)
                 stage = app.plan.stages[index]
                 request.settle(
                     OverloadError(
@@ -338,7 +335,26 @@ class ControlPlane:
                     )
                 )
                 return False
+            admitted.append(controller)
         return True
+
+    def _next_place(self, app: DeployedApp, index: int, now: float) -> tuple[list[int], int | None]:
+        """An SLO stage's workers (as its plan caps them) and the one a request
+        routed now would go to. Called with the lock held."""
+        key = (app.id, index)
+        gpu = app.plan.stages[index].placement == "gpu"
+        routable = self._routable
+        if routable is None:
+            routable = {i: w.load for i, w in self._workers.items() if w.ready and not w.retiring}
+        pool = {w: load for w, load in routable.items() if load.gpu == gpu}
+        decision = app.decisions.get(index)
+        if decision is None:
+            return sorted(pool), None
+        worker = self._scheduler.next_pack(
+            key, pool, decision.workers, decision.max_size, decision.timeout_s, now
+        )
+        warm = sorted(w for w in pool if key in pool[w].warm)[: decision.workers]
+        return warm or sorted(pool)[: decision.workers], worker
 
     def _route(self, app: DeployedApp, request: Request) -> bool:
         """(Re)start a request: pick workers for every stage, send the table to the
@@ -374,6 +390,9 @@ class ControlPlane:
             self._unrouted.append((app, request))
             return room
         request.route, request.charges = routed
+        for index, controller in app.controllers.items():  # admission follows it there
+            if request.route[index]:
+                controller.routed(request.id, request.route[index][0], time.monotonic())
         for index, w in request.charges:
             if index in app.competing:
                 self._competing[(app.id, request.id, request.attempt, index, w)] = "running"
@@ -406,9 +425,14 @@ class ControlPlane:
         return True
 
     def _finish(self, app: DeployedApp, request: Request, failed: bool) -> None:
+        now = time.monotonic()
         with self._lock:
             if app.active.pop(request.id, None) is None:
                 return
+            for index, controller in app.controllers.items():
+                # the end of a stage whose output is the flow's is seen here, now
+                final = app.plan.stages[index].output == app.plan.output
+                controller.finished(request.id, now, final and not failed)
             if failed:
                 # a deadline, a client gone, a failure: its queued work is dropped and
                 # running work stops after the operator call in progress
@@ -564,8 +588,11 @@ class ControlPlane:
                 stats = app.stage_stats[stage_index]
                 stats.add(requests, batches, cold_starts, latencies, sizes, service, stopped)
                 controller = app.controllers.get(stage_index)
+                # the ends of a stage whose output is the flow's are seen as they happen
+                final = app.plan.stages[stage_index].output == app.plan.output
+                worker = None if final else message.worker
                 for size, service_s, end, each in batch_log if controller else ():
-                    controller.on_batch_done(size, service_s, end, each)
+                    controller.on_batch_done(size, service_s, end, each, worker)
 
     # -- the pool -----------------------------------------------------------------------
     def _ensure_started(self) -> None:

@@ -184,11 +184,24 @@ class Scheduler:
         opened[worker] = now
         return worker
 
-    def open_since(self, key: StageKey, now: float) -> float | None:
-        """When the first request of the batch a packed stage is filling was sent
-        (None: none is open; the next request opens one)."""
+    def next_pack(
+        self,
+        key: StageKey,
+        workers: Mapping[int, WorkerLoad],
+        cap: int | None,
+        size: int,
+        timeout_s: float,
+        now: float,
+    ) -> int | None:
+        """The worker `_pack` would give a request of packed stage `key` now (None:
+        no worker takes it), without routing it: what admission predicts for."""
+        pool = {w: load for w, load in workers.items() if load.takes(key)}
+        if not pool:
+            return None
         batch = self._open.get(key)
-        return batch.opened_at if batch is not None and batch.open(now) else None
+        if batch is not None and batch.worker in pool and batch.open(now):
+            return batch.worker
+        return self._least_loaded(key, pool, 1, cap, self._opened.get(key, {}))[0]
 
     def forget(self, app_id: int) -> None:
         """Drop an undeployed app's open batches."""

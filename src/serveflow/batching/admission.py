@@ -1,0 +1,306 @@
+"""Admission for an SLO batching stage: each arriving request's latency, predicted from
+the stage's state now, and a refusal when it would miss the SLO.
+
+`StageLedger` mirrors what the runtime does with the requests it admitted, worker by
+worker: requests routed to a worker queue there and run as one call once the worker
+is free and the call is due (full at the planned batch size, or its first request has
+waited the planned timeout; at once with no timeout), up to `merge` requests per call
+(a worker with more than a batch queued runs up to two as one call, `BatchRule`).
+Each queued call (a `Group`) has a predicted start and end. An arriving request joins
+the last group of its worker while that has not started and has room, else opens a
+new one after it; its predicted latency is that group's end (with the arrivals
+expected to join it before it starts) plus the runtime's own overhead, less now.
+
+The loop is closed twice:
+
+- each finished group's observed end corrects the ledger: the groups queued behind it
+  on that worker move by the surprise (a slow call delays all of them), so errors do
+  not accumulate;
+- the residuals (observed end - predicted end: dispatch, sockets, wake-ups, the GIL,
+  timer slack, service noise) are kept over a sliding window (the last `RESIDUALS`
+  calls of the last `RESIDUAL_WINDOW_S` seconds), and the admission adds a high
+  quantile of them (`admit_quantile`: 0.9 for a p99 SLO). Not the SLO's percentile
+  itself: the tail of the residuals is stalls of the whole machine or driver (a
+  core taken away, a long GIL hold) that hit every request in flight alike, which
+  no refusal avoids, while refusing on them would refuse nearly everything.
+
+Pure computation; the controller calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+RESIDUALS = 400  # observed calls the overhead quantile is taken over, at most
+RESIDUAL_WINDOW_S = 5.0  # ... and only those of the last seconds: it settles that fast
+MIN_RESIDUALS = 50  # before this many, DEFAULT_OVERHEAD_S stands in
+REQUANTILE_EVERY = 16  # new residuals between recomputations of the quantiles
+DEFAULT_OVERHEAD_S = 0.001
+PROBE_EVERY_S = 0.2  # an idle worker takes one request this often whatever its prediction
+STALE_S = 2.0  # a group predicted to have ended this long ago, never observed, is dropped
+
+
+@dataclass(eq=False)
+class Group:
+    """Requests queued on one worker that will run as one call."""
+
+    opened: float
+    count: int
+    start: float  # predicted
+    end: float  # predicted
+    deadline: float  # the latest end its earliest request accepts (SLO less overhead)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One admission: `admit`; `latency_s`, the predicted latency with the overhead
+    quantile; `worker`, the worker it was entered on."""
+
+    admit: bool
+    latency_s: float
+    worker: int | None
+
+
+class StageLedger:
+    """The predicted queue of one SLO batching stage, per worker; see the module
+    docstring. `plan(...)` sets the batching in force and the service times;
+    `admit(rid, now, slo_s, ...)` predicts and enters; `routed` moves an entered
+    request to the worker the router chose; `finished` / `observed` report ends."""
+
+    def __init__(self, percentile: float = 0.99) -> None:
+        self.percentile = percentile
+        # a tenth of the SLO's tail share, as a quantile (0.99 -> 0.9, 0.95 -> 0.5)
+        self.admit_quantile = max(0.5, 1.0 - 10.0 * (1.0 - percentile))
+        self.size = 1
+        self.timeout_s = 0.0
+        self.merge = 1
+        self.rate = 0.0
+        self._service = np.zeros(2)  # seconds by requests per call (index 0 unused)
+        self._queues: dict[int, deque[Group]] = {}
+        self._where: dict[int, tuple[int, Group]] = {}
+        self._residuals: deque[tuple[float, float]] = deque(maxlen=RESIDUALS)  # (end, s)
+        self._fresh = 0  # residuals since the quantiles were computed
+        self._overhead: tuple[float, float] | None = None  # (median, quantile), cached
+        self.prompt = False  # ends are reported as they happen (`finished`), not later
+        self._probed_at = -math.inf
+
+    # --- configuration ---------------------------------------------------------------
+
+    def plan(
+        self, size: int, timeout_s: float, merge: int, service_s: Sequence[float], rate: float
+    ) -> None:
+        """The batching in force: `size` requests per batch, `timeout_s`, at most
+        `merge` requests per call; `service_s[n]`: seconds for a call of n requests
+        (n = 1 .. merge); `rate`: arrivals per second offered to the stage."""
+        self.size, self.timeout_s = max(1, size), max(0.0, timeout_s)
+        self.merge = max(self.size, merge)
+        service = np.asarray(service_s, dtype=float)
+        if len(service) < self.merge + 1:
+            raise ValueError(f"StageLedger.plan: service_s needs {self.merge + 1} entries")
+        self._service = service
+        self.rate = max(0.0, rate)
+
+    def overhead(self) -> tuple[float, float]:
+        """(median, `admit_quantile` quantile) of the recent residuals, seconds."""
+        if self._overhead is None or self._fresh >= REQUANTILE_EVERY:
+            self._fresh = 0
+            if self._residuals:
+                newest = self._residuals[-1][0]
+                while self._residuals[0][0] < newest - RESIDUAL_WINDOW_S:
+                    self._residuals.popleft()
+            if len(self._residuals) < MIN_RESIDUALS:
+                self._overhead = (DEFAULT_OVERHEAD_S, DEFAULT_OVERHEAD_S)
+            else:
+                values = self.residuals()
+                median, high = np.quantile(values, [0.5, self.admit_quantile])
+                self._overhead = (float(median), max(float(high), float(median)))
+        return self._overhead
+
+    def residuals(self) -> np.ndarray:
+        """The recent residuals (seconds), oldest first."""
+        return np.fromiter((r for _, r in self._residuals), float, len(self._residuals))
+
+    # --- decisions -------------------------------------------------------------------
+
+    def admit(
+        self,
+        rid: int,
+        now: float,
+        slo_s: float,
+        workers: Sequence[int],
+        worker: int | None = None,
+        enter_anyway: bool = False,
+    ) -> Verdict:
+        """Predict request `rid`'s latency if it arrives now, on `worker` (the one the
+        router will pick; None: the one of the stage's `workers` that frees first),
+        and enter it there when it meets the SLO (or `enter_anyway`: it will be
+        served late)."""
+        if not workers:
+            return Verdict(True, 0.0, None)
+        if worker is None:
+            worker = self._first_free(workers, now)
+        queue = self._queues.get(worker)
+        last = queue[-1] if queue else None
+        median, high = self.overhead()
+        joins = self._joinable(queue, now)
+        if joins:
+            assert last is not None
+            count = last.count + 1
+            start = self._start(queue, last.opened, count, now)
+            end = start + self._service[count]
+            # the requests already waiting in that call must still meet theirs
+            fits = end <= last.deadline
+        else:
+            count = 1
+            free = max(last.end, now) if last is not None else now
+            start = max(free, now + self._wait(1))
+            fits = True
+        # requests expected to join before it starts lengthen its call
+        per_worker = self.rate if self.timeout_s > 0 else self.rate / len(workers)
+        extra = min(self.merge - count, int(per_worker * max(start - now, 0.0)))
+        latency = start + self._service[count + extra] - now + high
+        # A worker with nothing to run before this request serves it as soon as the
+        # stage can: refusing it would help no other request, and the stage would
+        # stop learning (no calls, no residuals) while a tail of stalls inflates its
+        # overhead quantile. Admitted then when its typical latency meets the SLO.
+        idle = not queue or queue[-1].end <= now or (len(queue) == 1 and queue[0].start > now)
+        # Even past that, one every PROBE_EVERY_S probes: a profile learned from a slow
+        # spell (a model's first calls) would otherwise refuse everything for long.
+        typical = latency - high + median
+        probe = idle and now - self._probed_at >= PROBE_EVERY_S
+        admit = (fits and latency <= slo_s) or (idle and typical <= slo_s) or probe
+        if probe and not ((fits and latency <= slo_s) or typical <= slo_s):
+            self._probed_at = now
+        if admit or enter_anyway:
+            deadline = now + slo_s - high
+            if joins:
+                assert last is not None
+                last.count, last.start, last.end = count, start, end
+                last.deadline = min(last.deadline, deadline)
+                group = last
+            else:
+                group = Group(now, 1, start, start + self._service[1], deadline)
+                self._queues.setdefault(worker, deque()).append(group)
+            self._where[rid] = (worker, group)
+        return Verdict(admit, latency, worker)
+
+    def routed(self, rid: int, worker: int, now: float) -> None:
+        """The router sent `rid` to `worker`: move it there if it was entered on
+        another."""
+        entry = self._where.get(rid)
+        if entry is None or entry[0] == worker:
+            return
+        self._leave(rid)
+        queue = self._queues.setdefault(worker, deque())
+        last = queue[-1] if queue else None
+        if last is not None and self._joinable(queue, now):
+            last.count += 1
+            last.start = self._start(queue, last.opened, last.count, now)
+            last.end = last.start + self._service[last.count]
+            group = last
+        else:
+            free = max(last.end, now) if last is not None else now
+            start = max(free, now + self._wait(1))
+            group = Group(now, 1, start, start + self._service[1], entry[1].deadline)
+            queue.append(group)
+        self._where[rid] = (worker, group)
+
+    def finished(self, rid: int, now: float, ok: bool = True) -> None:
+        """Request `rid` ended at `now` (its result reached the driver): with `ok`, its
+        call's end is observed (the first report of a call counts)."""
+        entry = self._where.pop(rid, None)
+        if entry is None:
+            return
+        worker, group = entry
+        queue = self._queues.get(worker)
+        if ok:
+            self.prompt = True
+            if queue and group in queue:
+                self._resolve(queue, group, now)
+
+    def observed(self, worker: int, size: int, end: float) -> None:
+        """Worker `worker` ended a call of `size` requests at `end` (as its report
+        says): the oldest groups it holds, `size` requests' worth, are resolved."""
+        queue = self._queues.get(worker)
+        if not queue or size < 1:
+            return
+        covered, last = 0, None
+        for group in queue:
+            covered += group.count
+            last = group
+            if covered >= size:
+                break
+        if last is not None:
+            self._resolve(queue, last, end)
+
+    def forget(self, rid: int) -> None:
+        """Request `rid` was not run after all (refused later, failed before routing)."""
+        self._leave(rid)
+
+    # --- internals -------------------------------------------------------------------
+
+    def _joinable(self, queue: deque[Group] | None, now: float) -> bool:
+        """Whether a request routed to this worker now would run in its last group:
+        the group has room and has not started: predicted to start later, or, when
+        ends are seen as they happen, the call before it has not been seen ending
+        though predicted to (the worker is still on it, and takes what queued
+        meanwhile), up to the usual lateness (past that, a stalled report)."""
+        if not queue or queue[-1].count >= self.merge:
+            return False
+        if queue[-1].start > now:
+            return True
+        return self.prompt and len(queue) > 1 and now <= queue[-2].end + self.overhead()[1]
+
+    def _wait(self, count: int) -> float:
+        return self.timeout_s if count < self.size else 0.0
+
+    def _start(self, queue: deque[Group], opened: float, count: int, now: float) -> float:
+        """Start of the last group of `queue` holding `count` requests, opened at
+        `opened`: once the call before it ends and once it is due."""
+        before = queue[-2].end if len(queue) > 1 else now
+        due = opened + self.timeout_s if count < self.size else now
+        return max(before, due, now)
+
+    def _first_free(self, workers: Sequence[int], now: float) -> int:
+        best, best_end = workers[0], math.inf
+        for w in workers:
+            queue = self._queues.get(w)
+            end = queue[-1].end if queue else now
+            if end < best_end:
+                best, best_end = w, end
+        return best
+
+    def _leave(self, rid: int) -> None:
+        entry = self._where.pop(rid, None)
+        if entry is None:
+            return
+        worker, group = entry
+        group.count = max(group.count - 1, 0)
+        queue = self._queues.get(worker)
+        if queue and group.count == 0 and group in queue:
+            queue.remove(group)
+
+    def _resolve(self, queue: deque[Group], group: Group, end: float) -> None:
+        """`group`'s call ended at `end`: learn the residual, move the groups queued
+        behind it by the surprise, and drop it and those before it."""
+        residual = end - group.end
+        self._residuals.append((end, residual))
+        self._fresh += 1
+        median, _ = self.overhead()
+        surprise = residual - median
+        while queue:
+            done = queue.popleft()
+            if done is group:
+                break
+        for later in queue:
+            later.start += surprise
+            later.end += surprise
+        # groups that ended long ago and were never observed (cancelled, lost)
+        for other in self._queues.values():
+            while other and other[0].end < end - STALE_S:
+                other.popleft()

@@ -1,0 +1,273 @@
+"""Admission and plans of SLO batching stages at tight SLOs, under bursts and at
+overload (issue 13): the controller in the loop of a simulated runtime (routing,
+dispatch, service noise, hops), then the issue's three cases on the real runtime."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import serveflow as sf
+from serveflow.batching import MAP, BatchingController
+from serveflow.batching.admission import StageLedger
+from serveflow.batching.model import linear_service
+from serveflow.batching.simulate import simulate_controlled
+
+
+def _run(
+    rate: float,
+    slo_ms: float,
+    a_ms: float,
+    b_ms: float,
+    *,
+    bursty: bool = False,
+    seconds: float = 10.0,
+    workers: int = 2,
+    seed: int = 3,
+) -> dict:
+    """The controller on a simulated stage of a + b * rows ms on `workers` workers,
+    open-loop arrivals at `rate` (Poisson, or a 2-state MMPP of the same mean),
+    with 0.2 ms hops each way and gamma service noise; figures after 3 s."""
+    rng = np.random.default_rng(seed)
+    process = MAP.mmpp2(rate / 3, 5 * rate / 3, 1.0, 1.0) if bursty else MAP.poisson(rate)
+    times = process.sample(int(rate * seconds), rng)
+    controller = BatchingController(sf.Batching(slo_ms=slo_ms), workers, held_workers=workers)
+    out = simulate_controlled(
+        times,
+        linear_service(a_ms / 1e3, b_ms / 1e3),
+        controller,
+        workers,
+        send_s=0.0002,
+        reply_s=0.0002,
+        noise=lambda n: float(rng.gamma(2.0, 0.0002)),
+    )
+    steady = times > 3.0
+    latencies = out.latencies[steady]
+    answered = latencies[~np.isnan(latencies)]
+    within = answered <= slo_ms / 1e3
+    span = times[steady][-1] - times[steady][0]
+    return {
+        "within": within.sum() / len(latencies),
+        "refused": 1.0 - len(answered) / len(latencies),
+        "p99_over_slo": float(np.quantile(answered, 0.99)) * 1e3 / slo_ms,
+        "goodput": within.sum() / span,
+        "decision": out.decisions[-1][1],
+    }
+
+
+# -- the ledger alone ---------------------------------------------------------------
+
+
+def _ledger(size: int = 4, timeout_s: float = 0.01, merge: int = 8) -> StageLedger:
+    ledger = StageLedger()
+    ledger.plan(size, timeout_s, merge, [0.0] + [0.004 + 0.001 * n for n in range(1, merge + 1)], 0)
+    return ledger
+
+
+def test_a_request_joins_the_filling_batch_and_one_behind_a_busy_worker_waits_for_it() -> None:
+    ledger = _ledger(timeout_s=0.002)
+    first = ledger.admit(1, 0.0, 1.0, [0], 0)  # waits 2 ms for company, runs 5 ms
+    assert first.admit and first.latency_s == pytest.approx(0.002 + 0.005 + 0.001)
+    for rid in (2, 3, 4):  # fills the batch of 4 at 1 ms: it runs at once, until 9 ms
+        ledger.admit(rid, 0.001, 1.0, [0], 0)
+    behind = ledger.admit(5, 0.002, 1.0, [0], 0)  # due at 4 ms, runs once the worker frees
+    assert behind.latency_s == pytest.approx(0.009 + 0.005 - 0.002 + 0.001)
+
+
+def test_an_arrival_that_would_miss_is_refused_and_not_entered() -> None:
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    verdicts = [ledger.admit(rid, 0.0, 0.020, [0], 0) for rid in range(10)]
+    # 5 ms calls one after another: ends at 5, 10, 15 ms (+1 ms overhead) fit in 20 ms
+    assert [v.admit for v in verdicts] == [True] * 3 + [False] * 7
+    ledger.finished(0, 0.006)  # the first call ended; the queue moves up
+    assert ledger.admit(10, 0.006, 0.020, [0], 0).admit
+
+
+def test_a_late_call_moves_the_calls_queued_behind_it() -> None:
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    for rid in range(3):
+        ledger.admit(rid, 0.0, 1.0, [0], 0)
+    before = ledger.admit(99, 0.0, 1.0, [0], 0, enter_anyway=False).latency_s
+    ledger.forget(99)
+    ledger.finished(0, 0.015)  # predicted at 5 ms, ended at 15: the rest are 10 ms later
+    after = ledger.admit(100, 0.015, 1.0, [0], 0).latency_s
+    assert after + 0.015 == pytest.approx(before + 0.010, abs=2e-3)
+
+
+def test_a_workers_report_of_a_call_resolves_its_oldest_queued_calls() -> None:
+    # a stage whose output is not the flow's: its ends come with the worker's report
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    for rid in range(3):
+        ledger.admit(rid, 0.0, 1.0, [0], 0)
+    for rid in range(3):
+        ledger.finished(rid, 0.1, ok=False)  # the request ended later, downstream
+    ledger.observed(0, 1, 0.015)  # the first call (5 ms predicted) ended at 15 ms
+    # the two queued behind it move by the surprise (10 ms, less the usual 1 ms): they
+    # end at 19 and 24 ms, and a new call after them at 29 ms (+1 ms overhead)
+    after = ledger.admit(3, 0.015, 1.0, [0], 0).latency_s
+    assert after == pytest.approx(0.029 - 0.015 + 0.001)
+    assert not ledger.prompt
+
+
+# -- the controller in a simulated runtime ----------------------------------------
+
+
+def test_issue_case_400_per_s_slo_60_ms_holds_without_refusals() -> None:
+    got = _run(400, 60, 4, 1)
+    assert got["within"] >= 0.99 and got["refused"] <= 0.01
+
+
+def test_issue_case_300_per_s_slo_15_ms_holds() -> None:
+    got = _run(300, 15, 4, 1)
+    assert got["within"] >= 0.99 and got["refused"] <= 0.01
+    assert got["p99_over_slo"] <= 1.0
+
+
+def test_issue_case_3000_per_s_slo_30_ms_refuses_the_excess_and_serves_the_rest_in_time() -> None:
+    got = _run(3000, 30, 4, 1)
+    assert not got["decision"].feasible
+    assert got["p99_over_slo"] <= 1.1
+    # 2 workers, 2 x service(n) <= 30 ms: n = 8 at most in time, 12 ms: ~1330/s
+    assert got["goodput"] >= 0.9 * 1330
+    assert 0.45 <= got["refused"] <= 0.65
+
+
+@pytest.mark.parametrize(
+    ("rate", "slo_ms", "a_ms", "b_ms", "bursty"),
+    [
+        (2000, 6, 1, 0.2, False),  # tight: 5x single service, ~50% of capacity
+        (4000, 6, 1, 0.2, True),  # bursts above capacity at a tight SLO
+        (30, 75, 20, 5, False),  # slow model, low load
+        (150, 250, 20, 5, True),  # slow model, bursty
+    ],
+)
+def test_admitted_requests_meet_the_slo_across_regimes(rate, slo_ms, a_ms, b_ms, bursty) -> None:
+    got = _run(rate, slo_ms, a_ms, b_ms, bursty=bursty, seconds=8.0)
+    assert got["p99_over_slo"] <= 1.1
+    if not bursty:
+        assert got["within"] >= 0.98 and got["refused"] <= 0.02
+
+
+# -- the real runtime ----------------------------------------------------------------
+
+
+def _stage(table: sf.Table) -> list[int]:
+    time.sleep(0.004 + 0.001 * len(table))  # 4 ms + 1 ms per row
+    return table.column("a")
+
+
+LATE_SEND_S = 0.05
+
+
+def _drive(rate: float, slo_ms: float, seconds: float) -> dict:
+    """Open-loop Poisson arrivals at `rate` from one client thread to a 4 ms + 1
+    ms/row stage on 2 workers; latency from each request's call (on a loaded machine
+    the client itself falls behind its schedule: that lag is no latency of the
+    runtime's)."""
+    flow = sf.Flow("issue13")
+    flow.map(_stage, names=["a"], batching=sf.Batching(slo_ms=slo_ms), name="model")
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            app.run({"a": [0]}).result(timeout=30)
+            gaps = np.random.default_rng(7).exponential(1 / rate, int(rate * seconds))
+            ends: dict[int, float] = {}
+            sent, called, futures, settled = [], [], [], []
+            start = time.monotonic()
+            for i, when in enumerate(start + np.cumsum(gaps)):
+                time.sleep(max(0.0, when - time.monotonic()))
+                if time.monotonic() - when > LATE_SEND_S:
+                    continue  # a starved client skips, not bursts: the offered rate holds
+                called.append(time.monotonic())
+                future = app.run({"a": [i]})
+                settled.append(future.done())  # a refusal is decided inside app.run
+                k = len(futures)
+                future.add_done_callback(lambda _, k=k: ends.__setitem__(k, time.monotonic()))
+                sent.append(when)
+                futures.append(future)
+            answered, refused, refused_later = [], [], 0
+            for i, future in enumerate(futures):
+                try:
+                    future.result(timeout=60)
+                    answered.append(ends[i] - called[i])
+                except sf.OverloadError:
+                    refused.append(ends[i] - called[i])
+                    refused_later += not settled[i]
+            figures = app.stats()["model"]
+    finally:
+        runtime.stop()
+    answered_ms = np.array(answered) * 1e3
+    return {
+        "within": float((answered_ms <= slo_ms).sum()) / len(futures),
+        "refused": len(refused) / len(futures),
+        "p99_ms": float(np.quantile(answered_ms, 0.99)) if len(answered) else 0.0,
+        "refusal_p99_ms": float(np.quantile(refused, 0.99)) * 1e3 if refused else 0.0,
+        "refused_later": refused_later,
+        "goodput": float((answered_ms <= slo_ms).sum()) / seconds,
+        "stats": figures,
+        "client_lag_ms": float(np.max(np.array(called) - np.array(sent))) * 1e3,
+    }
+
+
+# The real runtime: behaviour, with bounds generous enough for a shared 2-core machine
+# at a load average of 20 (the whole run, warm-up included; the client and the driver
+# share one process), and still far from the runtime before issue 13 (measured here at
+# a load average of 9-10, the overload case: answered p99 1.5 s and 8 answers/s within
+# 30 ms). How close each regime comes to its SLO is `benchmarks.batching_regimes`'.
+
+
+def test_runtime_a_load_the_slo_allows_is_served_not_refused() -> None:
+    got = _drive(400, 60, 6.0)  # the issue's first case
+    assert got["refused"] <= 0.1, got
+    assert got["within"] >= 0.75, got
+
+
+def test_runtime_an_overload_is_refused_at_arrival_and_the_rest_served_in_time() -> None:
+    got = _drive(3000, 30, 6.0)  # the issue's third case: far beyond 2 workers
+    assert got["refused"] >= 0.3, got
+    assert got["refused_later"] == 0, got  # every refusal was decided inside app.run
+    assert got["p99_ms"] <= 1000, got  # not queued: before, seconds, growing with the run
+    assert got["goodput"] >= 250, got  # 2 workers serve ~1,300/s within 30 ms at best
+
+
+def _slow_stage(values: list[int]) -> list[int]:
+    time.sleep(0.02 + 0.001 * len(values))
+    return list(values)
+
+
+def test_http_requests_arriving_together_are_each_an_arrival_and_refused_alone() -> None:
+    import httpx
+
+    from serveflow.serving import Server
+
+    flow = sf.Flow("http13")
+    flow.map(_slow_stage, names=["y"], col="a", batching=sf.Batching(slo_ms=60), name="model")
+    runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
+    try:
+        with Server({"f": flow.deploy(runtime=runtime)}, port=0) as server:
+            url = f"{server.url}/v1/flows/f/predict"
+            assert httpx.post(url, json={"rows": [{"a": 0}]}, timeout=30).status_code == 200
+            n = 40
+            barrier = threading.Barrier(n)
+            codes: list[int] = [0] * n
+
+            def send(i: int) -> None:
+                barrier.wait(30)
+                codes[i] = httpx.post(url, json={"rows": [{"a": i}]}, timeout=30).status_code
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            time.sleep(1.0)  # workers report their counts every 0.25 s
+            figures = server.state.apps["f"].stats()["model"]
+    finally:
+        runtime.stop()
+    # one worker, 20 ms + 1 ms per row within 60 ms: not 40 at once; each refused alone
+    assert set(codes) == {200, 503}, codes
+    assert figures["shed"] == codes.count(503)
+    assert figures["requests"] == 1 + codes.count(200)  # one runtime request per HTTP one
