@@ -407,6 +407,10 @@ class RayEngine:
         with self._lock:
             return [self._pids[i] for i in self._handles if i in self._pids]
 
+    def suspended(self, index: int) -> bool:
+        """Unknown: an actor may live on another node (late heartbeats get longer)."""
+        return False
+
     def sweep(self, keep: set[int]) -> None:
         """Nothing to do: Ray frees a value once no reference to it is left."""
 

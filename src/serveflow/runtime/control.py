@@ -713,7 +713,7 @@ class ControlPlane:
                 continue
             silent_for = now - w.heard_at
             allowed = self._silence_allowed(w)
-            stopped = silent_for > allowed and self._suspended(w.index)
+            stopped = silent_for > allowed and self.engine.suspended(w.index)
             if not stopped:
                 # still running: more likely slowed (its sends to an overloaded driver
                 # wait, the machine is oversubscribed) than wedged; give it longer
@@ -729,10 +729,6 @@ class ControlPlane:
                 continue
             log.warning("worker %d: %s; killing it", w.index, w.killed_for)
             self.engine.kill(w.index)
-
-    def _suspended(self, index: int) -> bool:
-        suspended = getattr(self.engine, "suspended", None)  # engines that predate it: no
-        return bool(suspended is not None and suspended(index))
 
     def _silence_allowed(self, w: WorkerState) -> float:
         if self.heartbeat_timeout_s is None:
