@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from serveflow.runtime.control import ControlPlane, check_pool
-from serveflow.runtime.kvs import KVS, open_kvs
+from serveflow.runtime.kvs import KVS, open_shared_kvs
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,7 @@ class RayRuntime(ControlPlane):
                     "kvs: this Ray cluster spans several machines; name a store every "
                     "node reaches, e.g. kvs='redis://host:6379/0'"
                 )
-            store = open_kvs(kvs)
-            if store.address == "memory":
-                raise ValueError(
-                    "kvs='memory' is private to one process; workers need a shared store: "
-                    "'redis://host:port/db' (or None on a one-machine Ray)"
-                )
+            store = open_shared_kvs(kvs, "'redis://host:port/db' (or None on a one-machine Ray)")
             from serveflow.runtime.actors import RayEngine
 
             options = {"cache_bytes": cache_bytes, "idle_unload_s": idle_unload_s}

@@ -562,6 +562,17 @@ def open_kvs(spec: str | KVS | None, *, default_dir: str | None = None) -> KVS:
     )
 
 
+def open_shared_kvs(spec: str | KVS | None, choices: str) -> KVS:
+    """`open_kvs` for a runtime whose workers are other processes: a store they all
+    reach (not "memory"). `choices` names the ones that work there, for the error."""
+    store = open_kvs(spec)
+    if store.address == "memory":
+        raise ValueError(
+            f"kvs='memory' is private to one process; workers need a shared store: {choices}"
+        )
+    return store
+
+
 # --------------------------------------------------------------------------- helpers
 
 

@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Sequence
 
 from serveflow.runtime.control import HEARTBEAT_TIMEOUT_S, ControlPlane, check_pool
-from serveflow.runtime.kvs import KVS, open_kvs
+from serveflow.runtime.kvs import KVS, open_shared_kvs
 from serveflow.runtime.processes import ProcessEngine
 
 
@@ -87,12 +87,7 @@ class LocalRuntime(ControlPlane):
         if len(set(devices)) != len(devices) or any(d < 0 for d in devices):
             raise ValueError(f"gpus: distinct non-negative device ids, got {gpus!r}")
         check_pool(min_workers, max_workers)
-        store = open_kvs(kvs)
-        if store.address == "memory":
-            raise ValueError(
-                "kvs='memory' is private to one process; workers need a shared store: "
-                "None (LMDB), 'lmdb:///path' or 'redis://host:port/db'"
-            )
+        store = open_shared_kvs(kvs, "None (LMDB), 'lmdb:///path' or 'redis://host:port/db'")
         options = {"cache_bytes": cache_bytes, "idle_unload_s": idle_unload_s}
         super().__init__(
             ProcessEngine(store.address, options, gpus_declared=bool(devices)),

@@ -160,29 +160,26 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         metadata = self.models.server_metadata()
         return json_format.ParseDict(metadata, service_pb2.ServerMetadataResponse())
 
-    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+    async def _about(self, context: Any, read: Any, request: Any) -> Any:
+        """`read(name, version)` of the model the request names, or the call aborted
+        with the protocol's status (NOT_FOUND, ...)."""
         await self._authorize(context)
         try:
-            metadata = self.models.metadata(request.name, request.version)
+            return read(request.name, request.version)
         except HTTPProblem as problem:
             await _abort(context, problem)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        metadata = await self._about(context, self.models.metadata, request)
         return json_format.ParseDict(metadata, service_pb2.ModelMetadataResponse())
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        await self._authorize(context)
-        try:
-            config = self.models.config(request.name, request.version)
-        except HTTPProblem as problem:
-            await _abort(context, problem)
+        config = await self._about(context, self.models.config, request)
         message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
         return service_pb2.ModelConfigResponse(config=message)
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        await self._authorize(context)
-        try:
-            stats = self.models.statistics(request.name, request.version)
-        except HTTPProblem as problem:
-            await _abort(context, problem)
+        stats = await self._about(context, self.models.statistics, request)
         return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse())
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
