@@ -34,7 +34,13 @@ from serveflow.runtime.app import App
 from serveflow.runtime.engine import Engine
 from serveflow.runtime.kvs import KVS
 from serveflow.runtime.request import Request
-from serveflow.runtime.scheduler import Autoscaler, Scheduler, WorkerLoad, targets
+from serveflow.runtime.scheduler import (
+    DEFAULT_COST_S,
+    Autoscaler,
+    Scheduler,
+    WorkerLoad,
+    targets,
+)
 
 if TYPE_CHECKING:
     from serveflow.batching.controller import BatchingController, Decision
@@ -367,6 +373,7 @@ class ControlPlane:
             self._cpu_loads = [load for load in self._routable.values() if not load.gpu]
         routed = None
         expected = {i: app.stage_stats[head].typical_s for i, head in app.branch_of.items()}
+        costs = [stats.typical_s for stats in app.stage_stats]
         room = any(load.outstanding < app.worker_cap for load in self._cpu_loads)
         if room:
             caps = packs = None
@@ -382,6 +389,7 @@ class ControlPlane:
                 packs,
                 time.monotonic(),
                 expected,
+                costs,
             )
         if routed is None:
             # Late binding: wait here, not in a worker's queue, until a worker has room;
@@ -390,6 +398,8 @@ class ControlPlane:
             self._unrouted.append((app, request))
             return room
         request.route, request.charges = routed
+        for index, w in request.charges:
+            self._charge_work(request, index, w, costs[index])
         for index, controller in app.controllers.items():  # admission follows it there
             if request.route[index]:
                 controller.routed(request.id, request.route[index][0], time.monotonic())
@@ -464,12 +474,28 @@ class ControlPlane:
                 cancel.add(w)
             elif state is None and w in self._workers:
                 self._workers[w].load.outstanding -= 1
-        request.charges = []
+        for (_, w), cost in request.work.items():
+            if w in self._workers:
+                self._workers[w].load.work -= cost
+        request.charges, request.work = [], {}
         for w in cancel:
             self.engine.send(w, m.Cancel(app.id, request.id))
 
+    def _charge_work(self, request: Request, index: int, w: int, cost: float | None) -> None:
+        """Count a run's expected seconds against worker `w` until it is done."""
+        cost = cost or DEFAULT_COST_S
+        request.work[(index, w)] = request.work.get((index, w), 0.0) + cost
+        self._workers[w].load.work += cost
+
     def _on_done(self, message: m.Done) -> None:
-        """A worker finished (or dropped) a competing run."""
+        """A worker finished (or dropped) a run: a competing one, or a long one (its
+        expected seconds no longer count against the worker)."""
+        app = self._apps.get(message.app)
+        request = app.active.get(message.rid) if app else None
+        if request is not None and request.attempt == message.attempt:
+            cost = request.work.pop((message.stage, message.worker), None)
+            if cost is not None and message.worker in self._workers:
+                self._workers[message.worker].load.work -= cost
         key = (message.app, message.rid, message.attempt, message.stage, message.worker)
         state = self._competing.get(key)
         if state is None or state == "done" or message.worker not in self._workers:
@@ -490,6 +516,9 @@ class ControlPlane:
             return
         request.charges.append((message.stage, message.target))
         worker.load.outstanding += 1
+        self._charge_work(
+            request, message.stage, message.target, app.stage_stats[message.stage].typical_s
+        )
         if app is not None and message.stage in app.competing:
             key = (app.id, request.id, request.attempt, message.stage, message.target)
             self._competing[key] = "running"

@@ -26,6 +26,8 @@ class Request:
         self.deadline = None if timeout is None else self.submitted + timeout
         self.route: tuple[tuple[int, ...], ...] = ()
         self.charges: list[tuple[int, int]] = []  # (stage, worker) runs counted as load
+        # (stage, worker) -> expected seconds of that run, counted until it is done
+        self.work: dict[tuple[int, int], float] = {}
         self.attempt = 0
 
     def settle(self, result: Any) -> bool:

@@ -4,6 +4,11 @@
   (cpu, gpu) run it: one where the stage is warm with the fewest requests outstanding,
   a cold one when the warm ones are busy (the stage then scales out), `replicas`
   distinct workers for competing stages, distinct workers for an anyof's branches.
+  Once stages' run times are known (`costs`), a stage of one worker goes where it is
+  expected to finish first: after the work already given to each worker (`work`) and
+  after its inputs, one hop later on another worker than its producer's. A chain then
+  stays on one worker, parallel branches of one request go to distinct workers when
+  that ends them sooner, and a cheap run avoids a worker busy with a long one.
   An SLO-batching stage packs its batches instead: consecutive requests go to one
   worker until its batch is full or timed out, as if one buffer fed all workers (the
   queue the batching model predicts; spread over k workers, each batch would fill k
@@ -33,6 +38,8 @@ StageKey = tuple[int, int]  # (app id, stage index)
 COLD_PENALTY = 0.5  # a warm worker is preferred over a cold one only when as idle
 BOUNDED_LOAD = 1.25  # a locality key moves off a worker this much above the average
 LOADING_PENALTY = 1000.0  # one still loading the stage only when all are (seconds away)
+HOP_S = 2e-4  # an input sent to another worker (socket, wake-up, copy), for `costs`
+DEFAULT_COST_S = 1e-3  # a stage's run time before one is measured
 
 
 @dataclass
@@ -40,6 +47,7 @@ class WorkerLoad:
     """What the scheduler knows of one worker."""
 
     outstanding: int = 0  # stage runs routed to it whose request is not finished
+    work: float = 0.0  # expected seconds of the runs routed to it not known to be done
     warm: set[StageKey] | None = None
     loading: set[StageKey] | None = None  # warm stages it has not finished loading
     gpu: bool = False  # owns a GPU: runs GPU-placed stages, and only those
@@ -91,13 +99,17 @@ class Scheduler:
         packs: Mapping[int, tuple[int, float]] | None = None,
         now: float = 0.0,
         expected: Mapping[int, float | None] | None = None,
+        costs: Sequence[float | None] | None = None,
     ) -> tuple[Route, list[tuple[int, int]]] | None:
         """Pick workers for every stage of one request (whose table is `table`) and
         count the runs known now as outstanding: returns the route and those (stage,
         worker) charges, or None when some stage has no worker of its resource class.
         `caps` limits some stages (by index) to that many workers; `packs` gives some
         stages' (batch size, timeout seconds) to pack batches by, at time `now`;
-        `expected` some stages' typical run time in seconds (None: not known yet)."""
+        `expected` some stages' typical run time in seconds (None: not known yet);
+        `costs` every stage's (None: not known yet), to route single-worker stages by
+        expected finish time (else by outstanding runs); the caller adds each charged
+        run's cost to its worker's `work` and takes it off once the run is done."""
         facts = self._facts.get(app_id)
         if facts is None or facts.plan is not plan:
             facts = self._facts[app_id] = PlanFacts.of(plan)
@@ -118,6 +130,8 @@ class Scheduler:
             first = [i for b in branches for i in b]
             order = first + [i for i in order if i not in first]
         route: list[tuple[int, ...]] = [()] * len(plan.stages)
+        finish = [0.0] * len(plan.stages)  # expected, from now (with `costs`)
+        free: dict[int, float] = {}  # when each worker is expected free (with `costs`)
         for index in order:
             stage, key, pool = plan.stages[index], (app_id, index), pools[facts.gpu[index]]
             if held:  # a worker busy loading another stage, or silent, takes nothing
@@ -143,11 +157,20 @@ class Scheduler:
                         chosen = self._bounded(by_key, pool)
             elif packs and index in packs:
                 chosen = [self._pack(key, pool, cap, *packs[index], now)]
+            elif costs is not None and stage.replicas == 1 and cap is None:
+                chosen = [_earliest(key, pool, facts.producers[index], route, finish, free,
+                                    costs[index] or DEFAULT_COST_S)]  # fmt: skip
             else:
                 chosen = self._least_loaded(key, pool, stage.replicas, cap)
             for w in chosen:
                 workers[w].warm.add(key)
             route[index] = tuple(chosen)
+            if costs is not None:
+                ready = max((finish[p] for p in facts.producers[index]), default=0.0)
+                start = max([ready] + [free.get(w, workers[w].work) for w in chosen])
+                finish[index] = start + (costs[index] or DEFAULT_COST_S)
+                for w in chosen:
+                    free[w] = finish[index]
         final = tuple(route)
         charges = [(index, w) for index in facts.charged for w in final[index]]
         for index in facts.located:
@@ -281,6 +304,36 @@ class Scheduler:
         return sorted(warm)
 
 
+def _earliest(
+    key: StageKey,
+    pool: Mapping[int, WorkerLoad],
+    producers: tuple[int, ...],
+    route: Sequence[tuple[int, ...]],
+    finish: Sequence[float],
+    free: Mapping[int, float],
+    cost: float,
+) -> int:
+    """The worker where a run of stage `key` costing `cost` seconds is expected to
+    finish first: once the worker is free (`free`, else its `work`) and its inputs are
+    there (their producers' `finish`, one hop later from another worker); a cold
+    worker costs half a run more, one still loading it LOADING_PENALTY. Among equals,
+    the one with the fewest outstanding runs, then the lowest index."""
+    best, best_score = -1, (math.inf, 0)
+    for w, load in pool.items():
+        ready = 0.0
+        for p in producers:
+            ready = max(ready, finish[p] + (0.0 if not route[p] or w in route[p] else HOP_S))
+        start = max(ready, free.get(w, load.work))
+        if key in load.loading:
+            start += LOADING_PENALTY
+        elif key not in load.warm:
+            start += COLD_PENALTY * cost
+        score = (start, load.outstanding)
+        if score < best_score or (score == best_score and w < best):
+            best, best_score = w, score
+    return best
+
+
 @dataclass(frozen=True)
 class PlanFacts:
     """What routing needs to know of a plan, worked out once, not for every request."""
@@ -290,6 +343,7 @@ class PlanFacts:
     branches: tuple[tuple[int, ...], ...]  # the branches of anyof races (their stages)
     racing: frozenset[int]  # stages that avoid rivals' workers: branches, anyofs
     follows: tuple[bool, ...]  # per stage: `follows_winner`
+    producers: tuple[tuple[int, ...], ...]  # per stage: the stages whose output it reads
     charged: tuple[int, ...]  # stages whose chosen workers are charged (`charged`)
     located: tuple[int, ...]  # locality stages fed by the request: charged by key
 
@@ -304,6 +358,9 @@ class PlanFacts:
             racing=frozenset(i for b in branches for i in b)
             | {consumer for consumer, _ in plan.anyof_races},
             follows=tuple(follows_winner(plan, i) for i in stages),
+            producers=tuple(
+                tuple(plan.index_of(op) for op in plan.stages[i].inputs if op) for i in stages
+            ),
             charged=tuple(i for i in stages if not plan.stages[i].locality_key),
             located=tuple(
                 i for i in stages if plan.stages[i].locality_key and plan.feeds_from_request(i)

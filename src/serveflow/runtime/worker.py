@@ -51,6 +51,7 @@ FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branc
 HOUSEKEEPING_EVERY_S = 0.1  # unload idle stages at most this often
 FORGET_EVERY_S = 10.0  # look for requests to forget at most this often
 PR_SET_PDEATHSIG = 1
+DONE_AFTER_S = 1e-3  # a call this long says `Done`: the driver stops counting it as load
 
 
 def socket_path(directory: str, index: int, message: Any = None) -> str:
@@ -482,7 +483,9 @@ class Worker:
             if live:
                 self.run_live(plan, facts, key, live)
         finally:
-            if facts.competing:  # the driver counts competing runs until they end
+            # the driver counts competing runs until they end, and long ones' expected
+            # seconds (shorter ones it releases with their request)
+            if facts.competing or time.monotonic() - now >= DONE_AFTER_S:
                 for t in batch:
                     self.send(DRIVER, m.Done(self.index, t.app, t.rid, t.attempt, t.index))
 
