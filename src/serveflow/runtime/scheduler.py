@@ -158,16 +158,19 @@ class Scheduler:
             elif packs and index in packs:
                 chosen = [self._pack(key, pool, cap, *packs[index], now)]
             elif costs is not None and stage.replicas == 1 and cap is None:
-                chosen = [_earliest(key, pool, facts.producers[index], route, finish, free,
-                                    costs[index] or DEFAULT_COST_S)]  # fmt: skip
+                cost = costs[index] or DEFAULT_COST_S
+                w, start = _earliest(key, pool, facts.producers[index], route, finish, free, cost)
+                finish[index] = free[w] = start + cost
+                chosen = [w]
             else:
                 chosen = self._least_loaded(key, pool, stage.replicas, cap)
             for w in chosen:
                 workers[w].warm.add(key)
             route[index] = tuple(chosen)
-            if costs is not None:
-                ready = max((finish[p] for p in facts.producers[index]), default=0.0)
-                start = max([ready] + [free.get(w, workers[w].work) for w in chosen])
+            if costs is not None and not finish[index]:  # routed otherwise: when it ends
+                start = max((finish[p] for p in facts.producers[index]), default=0.0)
+                for w in chosen:
+                    start = max(start, free.get(w, workers[w].work))
                 finish[index] = start + (costs[index] or DEFAULT_COST_S)
                 for w in chosen:
                     free[w] = finish[index]
@@ -312,26 +315,32 @@ def _earliest(
     finish: Sequence[float],
     free: Mapping[int, float],
     cost: float,
-) -> int:
+) -> tuple[int, float]:
     """The worker where a run of stage `key` costing `cost` seconds is expected to
-    finish first: once the worker is free (`free`, else its `work`) and its inputs are
-    there (their producers' `finish`, one hop later from another worker); a cold
-    worker costs half a run more, one still loading it LOADING_PENALTY. Among equals,
-    the one with the fewest outstanding runs, then the lowest index."""
-    best, best_score = -1, (math.inf, 0)
+    start (so finish) first, and when: once the worker is free (`free`, else its
+    `work`) and its inputs are there (their producers' `finish`, one hop later from
+    another worker); a cold worker costs half a run more, one still loading it
+    LOADING_PENALTY. Among equals, the one with the fewest outstanding runs, then the
+    lowest index. On the hot path: plain loops."""
+    best, best_start, best_outstanding = -1, math.inf, 0
     for w, load in pool.items():
-        ready = 0.0
+        start = 0.0
         for p in producers:
-            ready = max(ready, finish[p] + (0.0 if not route[p] or w in route[p] else HOP_S))
-        start = max(ready, free.get(w, load.work))
-        if key in load.loading:
+            at = finish[p] if w in route[p] or not route[p] else finish[p] + HOP_S
+            if at > start:
+                start = at
+        at = free.get(w, load.work)
+        if at > start:
+            start = at
+        if load.loading and key in load.loading:
             start += LOADING_PENALTY
         elif key not in load.warm:
             start += COLD_PENALTY * cost
-        score = (start, load.outstanding)
-        if score < best_score or (score == best_score and w < best):
-            best, best_score = w, score
-    return best
+        if start < best_start or (
+            start == best_start and (load.outstanding, w) < (best_outstanding, best)
+        ):
+            best, best_start, best_outstanding = w, start, load.outstanding
+    return best, best_start
 
 
 @dataclass(frozen=True)
