@@ -1,6 +1,6 @@
-"""Routing by expected finish time: a request's parallel branches run at once on
-distinct workers, a chain stays on one worker, and a run avoids a worker with long
-work ahead of it."""
+"""Routing by expected work: a run avoids a worker busy with a long run even when
+that worker has fewer runs outstanding, and a request's chain and branches stay on
+one worker unless that worker has other work ahead."""
 
 from __future__ import annotations
 
@@ -11,42 +11,50 @@ import pytest
 import serveflow as sf
 from serveflow.runtime.scheduler import Scheduler, WorkerLoad
 
-BRANCH_S = 0.4
+LONG_S, MEDIUM_S = 1.5, 0.1
 
 
-def _slow_left(row: sf.Row) -> int:
-    time.sleep(BRANCH_S)
-    return row["x"] + 1
+def _sleep_long(row: sf.Row) -> int:
+    time.sleep(LONG_S)
+    return row["x"]
 
 
-def _slow_right(row: sf.Row) -> int:
-    time.sleep(BRANCH_S)
-    return row["x"] * 2
+def _sleep_medium(row: sf.Row) -> int:
+    time.sleep(MEDIUM_S)
+    return row["x"]
 
 
-def _fork_join() -> sf.Flow:
-    flow = sf.Flow("fork", schema={"x": int})
-    source = flow.map(lambda r: r["x"], names=["x"], name="source")
-    left = source.map(_slow_left, names=["left"], name="left")
-    right = source.map(_slow_right, names=["right"], name="right")
-    left.join(right)
+def _flow(name: str, *steps) -> sf.Flow:
+    flow = sf.Flow(name, schema={"x": int})
+    table = flow
+    for i, step in enumerate(steps):
+        table = table.map(step, names=["x"], name=f"{name}{i}")
     return flow
 
 
 @pytest.mark.timeout(120)
-def test_parallel_branches_of_one_request_run_at_once_on_distinct_workers():
+def test_a_cheap_request_avoids_the_worker_busy_with_a_long_run():
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    rules = sf.Rules(fusion=False)
     try:
-        app = _fork_join().deploy(runtime=runtime)
-        for x in range(3):  # warm: both branches loaded, run times measured
-            app.run({"x": [x]}).result(timeout=60)
-        for x in range(3):
+        slow = _flow("slow", _sleep_long).deploy(runtime=runtime, rules=rules)
+        chain = _flow("chain", *[_sleep_medium] * 3).deploy(runtime=runtime, rules=rules)
+        cheap = _flow("cheap", lambda r: r["x"]).deploy(runtime=runtime, rules=rules)
+        for app in (slow, chain, cheap):  # loaded, and their run times measured
+            app.run({"x": [0]}).result(timeout=60)
+        time.sleep(1.0)  # workers report run times every 0.25 s
+        for _ in range(2):
+            long_run = slow.run({"x": [1]})  # one worker: one run, LONG_S to go
+            time.sleep(0.2)
+            medium = chain.run({"x": [2]})  # the other: three runs, 3 * MEDIUM_S
+            time.sleep(0.05)
             started = time.monotonic()
-            out = app.run({"x": [x]}).result(timeout=60)
+            assert cheap.run({"x": [3]}).result(timeout=60).to_rows() == [{"x": 3}]
             took = time.monotonic() - started
-            assert out.to_rows() == [{"left": x + 1, "right": 2 * x}]
-            # one after the other they would take 2 * BRANCH_S
-            assert took < 1.6 * BRANCH_S, f"branches ran one after the other: {took:.2f} s"
+            # behind the long run it would take over 1 s
+            assert took < LONG_S / 2, f"waited behind the long run: {took:.2f} s"
+            medium.result(timeout=60)
+            long_run.result(timeout=60)
     finally:
         runtime.stop()
 
@@ -58,20 +66,24 @@ def _route(plan, workers, costs):
     return [chosen[0] for chosen in route]
 
 
-def test_a_chain_stays_on_one_worker_and_branches_split_when_run_times_are_known():
-    plan = _fork_join().optimize(sf.Rules(fusion=False))
-    names = [stage.name for stage in plan.stages]
-    assert names[:3] == ["source", "left", "right"]
-    costs = [1e-4, 0.4, 0.4] + [1e-4] * (len(names) - 3)
-    route = _route(plan, {0: WorkerLoad(), 1: WorkerLoad()}, costs)
-    assert route[1] != route[2]  # the two slow branches in parallel
-    assert route[0] in (route[1], route[2])  # the source next to one, not a hop away
+def _fork_join() -> sf.Flow:
+    flow = sf.Flow("fork", schema={"x": int})
+    source = flow.map(lambda r: r["x"], names=["x"], name="source")
+    left = source.filter(lambda r: r["x"] > 0).map(lambda r: r["x"], names=["left"], name="left")
+    right = source.filter(lambda r: r["x"] < 0).map(lambda r: r["x"], names=["right"])
+    left.join(right, how="outer")
+    return flow
 
-    chain = sf.Flow("chain", schema={"x": int})
-    chain.map(lambda r: r["x"], name="a").map(lambda r: r["x"], name="b")
-    chain_plan = chain.optimize(sf.Rules(fusion=False))
-    route = _route(chain_plan, {0: WorkerLoad(), 1: WorkerLoad()}, [0.01, 0.01])
-    assert route[0] == route[1]
+
+def test_a_request_stays_on_one_worker_unless_that_worker_has_work_ahead():
+    plan = _fork_join().optimize(sf.Rules(fusion=False))
+    costs = [1e-4] + [0.02] * (len(plan.stages) - 1)
+    # idle workers: chain and branches together, no hop
+    assert len(set(_route(plan, {0: WorkerLoad(), 1: WorkerLoad()}, costs))) == 1
+    # the source goes to the worker with less work; a stage after it moves only if
+    # its worker has more work ahead than the stage's input is away
+    route = _route(plan, {0: WorkerLoad(work=0.5), 1: WorkerLoad(outstanding=4, work=0.01)}, costs)
+    assert set(route) == {1}
 
 
 def test_a_run_avoids_the_worker_with_long_work_ahead_even_with_fewer_runs():
