@@ -51,7 +51,7 @@ FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branc
 HOUSEKEEPING_EVERY_S = 0.1  # unload idle stages at most this often
 FORGET_EVERY_S = 10.0  # look for requests to forget at most this often
 PR_SET_PDEATHSIG = 1
-DONE_AFTER_S = 1e-3  # a stage with a call this long says `Done` after each (see run_batch)
+DONE_AFTER_S = 1e-3  # a stage whose calls average this long says `Done` after each one
 
 
 def socket_path(directory: str, index: int, message: Any = None) -> str:
@@ -184,7 +184,7 @@ class Worker:
         self.run_serial = 0  # counts stage calls
         self.interrupt_serial = -1  # the call to interrupt
         self.rule = BatchRule()
-        self.long_stages: set[tuple[int, int]] = set()  # with a call over DONE_AFTER_S
+        self.call_s: dict[tuple[int, int], float] = {}  # per stage: calls' moving average
         self.dirty = False  # something to report to the driver
         self.running = True
 
@@ -487,7 +487,7 @@ class Worker:
             # The driver counts competing runs until they end, and the expected seconds
             # of a long stage's runs (even a quick one: an input its filter emptied);
             # other runs it releases with their request.
-            if facts.competing or key in self.long_stages:
+            if facts.competing or self.call_s.get(key, 0.0) >= DONE_AFTER_S:
                 for t in batch:
                     self.send(DRIVER, m.Done(self.index, t.app, t.rid, t.attempt, t.index))
 
@@ -533,8 +533,9 @@ class Worker:
             else:
                 counters.latencies.append(done - task.created)
         (counters.stopped if cut else counters.service).append(done - started)
-        if done - started >= DONE_AFTER_S:  # the call alone, not a cold start before it
-            self.long_stages.add(key)
+        average = self.call_s.get(key)  # of the call alone, not a cold start before it
+        took = done - started
+        self.call_s[key] = took if average is None else average + 0.2 * (took - average)
         if stage.batching and executor.load_error is None:
             # For the batching controller: the service time of the call alone, and the
             # latencies of requests sent once the stage was loaded (a cold start is no
@@ -649,10 +650,9 @@ class Worker:
         self.plans.pop(app, None)
         self.facts.pop(app, None)
         self.rule.forget(app)
-        for mapping in (self.executors, self.loaded_at, self.queues, self.counters):
+        for mapping in (self.executors, self.loaded_at, self.queues, self.counters, self.call_s):
             for key in [k for k in mapping if k[0] == app]:
                 del mapping[key]
-        self.long_stages = {key for key in self.long_stages if key[0] != app}
 
 
 def late_inputs(plan: Plan, index: int) -> bool:
