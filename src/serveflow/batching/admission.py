@@ -318,20 +318,30 @@ class StageLedger:
 
     def _catch_up(self, queue: deque[Group], now: float) -> None:
         """When ends are seen as they happen, a call not seen ending by its typical end
-        is still running (a stall: the worker or the machine was slow): until it is
-        seen, it ends no earlier than now, and the calls queued behind it move with it.
-        Without this an overrunning call counts as over, and a stall admits requests
-        behind it that it will make late."""
+        is still running (a stall: the worker, or the machine, was slow). Its end is
+        then expected where past calls that ran at least this late ended (the median
+        of those residuals; twice the lateness when none did), and the calls queued
+        behind it move with it. Without this, a request arriving during a stall
+        would be predicted to run at once, and admitted to be late."""
         first = queue[0]
         if not self.prompt or first.start > now:
             return
-        late = now - (first.end + self.overhead()[0])
-        if late <= 0 or now - (first.end - first.slip) > STALE_S:
+        median = self.overhead()[0]
+        planned = first.end - first.slip
+        late = now - planned  # the residual so far
+        if late <= median or late > STALE_S:
             return
-        first.slip += late
-        for group in queue:
-            group.start = max(group.start + late, now) if group is not first else group.start
-            group.end += late
+        past = self.residuals()
+        longer = past[past > late]
+        expected = float(np.median(longer)) if len(longer) else 2.0 * late
+        move = expected - median - first.slip
+        if move <= 0:
+            return
+        first.slip += move
+        first.end += move
+        for group in list(queue)[1:]:
+            group.start += move
+            group.end += move
 
     def _wait(self, count: int) -> float:
         return self.timeout_s if count < self.size else 0.0
