@@ -128,6 +128,18 @@ def test_a_call_running_past_its_end_holds_back_the_requests_behind_it() -> None
     assert after.admit and after.latency_s == pytest.approx(0.005 + 0.001, abs=1e-3)
 
 
+def test_a_call_whose_requests_all_failed_holds_nothing_back() -> None:
+    ledger = _ledger(size=4, timeout_s=0.0, merge=4)
+    ledger.admit(0, 0.0, 1.0, [0], 0)
+    ledger.finished(0, 0.005)  # ends are seen as they happen
+    for rid in (1, 2, 3):
+        ledger.admit(rid, 0.005, 1.0, [0], 0)
+    for rid in (1, 2, 3):
+        ledger.finished(rid, 0.008, ok=False)  # the operator raised: the call is over
+    later = ledger.admit(4, 0.050, 0.020, [0], 0)
+    assert later.admit and later.latency_s == pytest.approx(0.005 + 0.001, abs=1e-3)
+
+
 def test_after_a_refusal_arrivals_are_refused_outright_until_a_worker_could_take_one() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     slo = 0.020

@@ -272,7 +272,8 @@ class StageLedger:
 
     def finished(self, rid: int, now: float, ok: bool = True) -> None:
         """Request `rid` ended at `now` (its result reached the driver): with `ok`, its
-        call's end is observed (the first report of a call counts)."""
+        call's end is observed (the first report of a call counts); without, once ends
+        are seen as they happen (`prompt`), it leaves its call."""
         entry = self._where.pop(rid, None)
         if entry is None:
             return
@@ -282,6 +283,14 @@ class StageLedger:
             self.prompt = True
             if queue and group in queue:
                 self._resolve(queue, group, now)
+        elif self.prompt:
+            # failed, cancelled or past its deadline: it runs no more (its call failed,
+            # or it is dropped from the queue); a call all of whose requests did so is
+            # over, and no stall to wait for
+            group.count -= 1
+            if group.count <= 0 and queue and group in queue:
+                queue.remove(group)
+                self.closed_until = -math.inf
 
     def observed(self, worker: int, size: int, end: float) -> None:
         """Worker `worker` ended a call of `size` requests at `end` (as its report
