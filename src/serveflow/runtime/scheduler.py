@@ -140,7 +140,8 @@ class Scheduler:
                 pool = {w: load for w, load in pool.items() if load.takes(key)}
                 if not pool:
                     return None  # wait for one (the autoscaler counts it as missing)
-            if index in facts.racing:
+            racing = index in facts.racing  # by outstanding runs: a loser counts until Done
+            if racing:
                 rivals = _rivals(plan, index, route)
                 if rivals and len(pool) > len(rivals):
                     pool = {w: load for w, load in pool.items() if w not in rivals}
@@ -159,7 +160,7 @@ class Scheduler:
                         chosen = self._bounded(by_key, pool)
             elif packs and index in packs:
                 chosen = [self._pack(key, pool, cap, *packs[index], now)]
-            elif costs is not None and stage.replicas == 1 and cap is None:
+            elif costs is not None and stage.replicas == 1 and cap is None and not racing:
                 cost = costs[index] or DEFAULT_COST_S
                 w, start = _earliest(key, pool, facts.producers[index], route, finish, cost)
                 finish[index] = start + cost
