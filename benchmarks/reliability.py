@@ -7,10 +7,15 @@ Each part starts `serveflow serve` in a child process and drives it over HTTP:
   Every answer is checked against its input (no wrong, duplicate or missing answer);
   reported: errors, throughput vs the same clients without faults, and the slowest
   requests while a worker was stopped (the heartbeat timeout bounds them).
-- overload: `hey` (a load generator outside this process tree) finds the sustainable
-  rate (closed loop with as many connections as the server admits), the unloaded p99
-  (at a quarter of it), then offers 3x the sustainable rate to a server with
-  `--max-in-flight`: admitted throughput and p99 vs those, and what a refusal costs.
+- overload: `wrk` (a load generator outside this process tree, with open_loop.lua: one
+  connection per thread, each on its own Poisson schedule) finds the sustainable rate
+  (closed loop with as many connections as the server admits), the unloaded p99 (at a
+  quarter of it), then offers 3x the sustainable rate over 96 connections to a server
+  with `--max-in-flight`: admitted throughput and p99 vs those, what a refusal costs
+  the server, and the CPU the generator and the workers used in each phase. (`hey -q`
+  is not used there: its connections tick at the same instants, so a flood arrives in
+  bursts of 96 with nothing between them, and the admitted slots sit empty between
+  bursts whatever the server does.)
 - fuzz: schemathesis against the live server's /openapi.json (every check, the
   server's token set), then hypothesis-built bodies: wrong types, huge values, deep
   nesting, NaN, unicode, compression bombs and lying `.npy` headers. No answer may be
@@ -36,6 +41,7 @@ import itertools
 import logging
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -306,7 +312,7 @@ def chaos_failures(records: list[common.Record]) -> list[str]:
     return problems
 
 
-# --- overload (hey) -----------------------------------------------------------------------
+# --- overload (wrk) -----------------------------------------------------------------------
 
 
 def hey(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
@@ -328,6 +334,39 @@ def hey(url: str, seconds: float, connections: int, rate: float | None = None) -
     return {"rows": rows, "seconds": seconds}
 
 
+OPEN_LOOP_SCRIPT = Path(__file__).with_name("open_loop.lua")
+
+
+def open_loop(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
+    """Run `wrk` with open_loop.lua for `seconds`: `connections` connections (a thread
+    each), each sending on its own Poisson schedule (`rate` req/s in all), or a closed
+    loop without `rate`; rows as `hey` gives them, and the CPU seconds wrk used."""
+    per_connection = 0.0 if rate is None else rate / connections
+    body = '{"rows": [{"x": 1}]}'
+    # niced like hey: the generator stands for clients on other machines
+    command = ["nice", "-n", "10", "wrk", f"-t{connections}", f"-c{connections}",
+               f"-d{seconds:g}s", "--timeout", "10s", "-s", str(OPEN_LOOP_SCRIPT), url,
+               "--", f"{per_connection:.6f}", body, f"Bearer {TOKEN}",
+               f"{time.monotonic():.6f}"]  # fmt: skip
+    cpu = _children_cpu_s()
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    cpu = _children_cpu_s() - cpu
+    rows = []
+    for line in out.stdout.splitlines():
+        if line.startswith("row,"):
+            _, offset, latency, status = line.split(",")
+            rows.append((float(offset), float(latency), int(status)))
+    if not rows:
+        raise RuntimeError(f"wrk gave no rows ({out.returncode}): {out.stderr.strip()[-500:]}")
+    return {"rows": rows, "seconds": seconds, "client_cpu_s": cpu}
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _hey_record(scenario: str, run: dict, **extra: Any) -> common.Record:
     rows, seconds = run["rows"], run["seconds"]
     admitted = [lat for _, lat, status in rows if status == 200]
@@ -344,12 +383,18 @@ def run_overload(seconds: float, max_in_flight: int, flow: str = "work") -> list
     records = []
     with Server("--max-in-flight", str(max_in_flight)) as server:
         url = _predict_url(server, flow)
-        hey(url, 2.0, max_in_flight)  # warm
+        open_loop(url, 2.0, max_in_flight)  # warm
 
         def measured(scenario: str, *args: Any, **extra: Any) -> common.Record:
             cpu = _cpu_s(server.process.pid)
-            record = _hey_record(scenario, hey(url, seconds, *args), **extra)
+            worker_cpu = {pid: _cpu_s(pid) for pid in server.workers()}
+            run = open_loop(url, seconds, *args)
+            record = _hey_record(scenario, run, **extra)
             record["server_cpu_s"] = _cpu_s(server.process.pid) - cpu
+            record["workers_cpu_s"] = sum(  # workers started meanwhile count from 0
+                _cpu_s(pid) - worker_cpu.get(pid, 0.0) for pid in server.workers()
+            )
+            record["client_cpu_s"] = run["client_cpu_s"]
             return record
 
         capacity = measured(f"{flow}: sustainable (closed loop, --max-in-flight connections)",
@@ -652,9 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     default_parts = "chaos,overload,fuzz" if args.quick else "chaos,overload,fuzz,soak"
     parts = (args.parts or default_parts).split(",")
     seconds = args.seconds or (6.0 if args.quick else 20.0)
-    if ("overload" in parts or "soak" in parts) and shutil.which("hey") is None:
-        print("`hey` is missing: bash scripts/reliability_tools.sh", file=sys.stderr)
-        return 2
+    for tool, needed in (("hey", "soak" in parts), ("wrk", "overload" in parts)):
+        if needed and shutil.which(tool) is None:
+            print(f"`{tool}` is missing: bash scripts/reliability_tools.sh", file=sys.stderr)
+            return 2
     records: list[common.Record] = []
     problems: list[str] = []
     if "chaos" in parts:
