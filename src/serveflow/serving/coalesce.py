@@ -13,9 +13,9 @@ Only flows whose every operator works row by row are coalesced (map, row filter,
 join on qid, union): there a request's output rows are exactly those derived from its
 input rows, whoever else shared the call. Merging pays only while rows are cheap: a
 merged request's rows run one after another in each stage, on one worker, so once rows
-take a fraction of a millisecond or more (models), merging saves little driver time and serializes work
-the pool would run in parallel (clients in a closed loop then send every round as one
-merged request, which keeps one worker of a chain busy at a time). The coalescer
+take a fraction of a millisecond or more (models), merging saves little driver time
+and serializes work the pool would run in parallel (clients in a closed loop then send
+every round as one merged request, which keeps one worker of a chain busy at a time). The coalescer
 therefore measures what its requests take per row and merges only while the cheapest
 recent one took under MERGE_BELOW_MS; otherwise it merges one group every PROBE_EVERY_S,
 to measure again. The bound is a quarter of a millisecond: a flow whose rows take half a
