@@ -52,6 +52,10 @@ SILENT_S = 2.0  # a worker not heard from this long (heartbeats every 0.5 s) get
 HEARTBEAT_TIMEOUT_S = 1.5  # default: a worker not heard from this long is killed, replaced
 LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading a stage
 WEDGED_FACTOR = 4  # a silent worker the engine does not see stopped gets this many times longer
+# ...unless it used at least this share of a core over the second half of its
+# allowance: then it runs code that keeps its heartbeat thread out (the GIL held in
+# native code), which a starved or blocked process does not
+WEDGED_CPU_SHARE = 0.1
 LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
 STALLED_S = 1.0  # a call running this long: a locality key goes to another worker
 
@@ -70,6 +74,7 @@ class WorkerState:
     heard_at: float = field(default_factory=time.monotonic)  # its last heartbeat or report
     retiring: bool = False
     killed_for: str = ""
+    cpu_mark: tuple[float, float] | None = None  # (when, CPU seconds) while silent
 
 
 def check_pool(min_workers: int, max_workers: int) -> None:
@@ -187,11 +192,11 @@ class ControlPlane:
     stage_timeout_s: a worker running one batch longer than this is killed and its
         requests re-run (None: no limit).
     heartbeat_timeout_s: a worker not heard from this long (heartbeats every 0.5 s)
-        that the engine sees stopped (SIGSTOP) is killed, its requests re-run
-        elsewhere and a new worker started; one still running (wedged: holding the GIL
-        in native code, or only slowed by an overloaded machine) after WEDGED_FACTOR
-        times as long; while it said it was loading a stage, after LOADING_SILENT_S.
-        None: never (a silent worker is only routed around).
+        that the engine sees stopped (SIGSTOP) or still using the CPU (wedged: holding
+        the GIL in native code) is killed, its requests re-run elsewhere and a new
+        worker started; one neither (blocked, or starved by an overloaded machine)
+        after WEDGED_FACTOR times as long; while it said it was loading a stage,
+        after LOADING_SILENT_S. None: never (a silent worker is only routed around).
     """
 
     def __init__(
@@ -714,14 +719,15 @@ class ControlPlane:
             silent_for = now - w.heard_at
             allowed = self._silence_allowed(w)
             stopped = silent_for > allowed and self.engine.suspended(w.index)
-            if not stopped:
-                # still running: more likely slowed (its sends to an overloaded driver
-                # wait, the machine is oversubscribed) than wedged; give it longer
+            wedged = not stopped and self._keeps_heartbeats_out(w, now, allowed)
+            if not (stopped or wedged):
+                # neither stopped nor seen running: more likely starved of CPU by an
+                # oversubscribed machine, or blocked, than wedged; give it longer
                 allowed *= WEDGED_FACTOR
             if limit is not None and w.busy_since is not None and now - w.busy_since > limit:
                 w.killed_for = f"a stage ran longer than stage_timeout_s={limit:g}"
             elif judge_silence and silent_for > allowed:
-                how = "stopped" if stopped else "running, but wedged"
+                how = "stopped" if stopped else "running, wedged" if wedged else "silent"
                 w.killed_for = f"no heartbeat for {silent_for:.1f} s ({how})"
             elif limit is not None and w.load.outstanding and silent_for > max(limit, SILENT_S):
                 w.killed_for = f"it stopped answering for longer than stage_timeout_s={limit:g}"
@@ -729,6 +735,27 @@ class ControlPlane:
                 continue
             log.warning("worker %d: %s; killing it", w.index, w.killed_for)
             self.engine.kill(w.index)
+
+    def _keeps_heartbeats_out(self, w: WorkerState, now: float, allowed: float) -> bool:
+        """Whether silent worker `w` kept using the CPU over the second half of its
+        allowance while the engine handled every message sent to it: it is running,
+        and its heartbeat thread cannot get in (the GIL held in native code). A process
+        stopped, blocked or starved of CPU uses next to none; a model load is announced
+        before it starts (and allowed LOADING_SILENT_S)."""
+        if now - w.heard_at < allowed / 2:
+            return False
+        cpu = self.engine.cpu_seconds(w.index)
+        if cpu is None:
+            return False
+        if w.cpu_mark is None or w.cpu_mark[0] < w.heard_at:  # silent since: measure
+            w.cpu_mark = (now, cpu)
+            return False
+        since, used = now - w.cpu_mark[0], cpu - w.cpu_mark[1]
+        return (
+            since > 0
+            and used >= WEDGED_CPU_SHARE * since
+            and self.engine.caught_up_at() >= w.cpu_mark[0]
+        )
 
     def _silence_allowed(self, w: WorkerState) -> float:
         if self.heartbeat_timeout_s is None:

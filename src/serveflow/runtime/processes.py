@@ -19,6 +19,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import cloudpickle
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 WORKER_MAIN = "from serveflow.runtime.worker import main; main()"
 FROM_WORKERS = (m.Hello, m.Result, m.Done, m.Located, m.Beat, m.Stats)
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of CPU times in /proc
 
 
 class ProcessEngine:
@@ -51,6 +53,8 @@ class ProcessEngine:
         self._receiver: threading.Thread | None = None
         self._closing = False
         self._failed: dict[int, str] = {}  # workers that could not start
+        self._caught_up_at = time.monotonic()  # see caught_up_at
+        self._waiting = False  # the receiver waits for a message: it is caught up
         self._spawns: queue.SimpleQueue[tuple[int, int | None] | None] = queue.SimpleQueue()
         self._spawn_thread = threading.Thread(
             target=self._spawner, name="serveflow:spawner", daemon=True
@@ -152,6 +156,21 @@ class ProcessEngine:
         except (OSError, IndexError):
             return False
 
+    def cpu_seconds(self, index: int) -> float | None:
+        with self._lock:
+            process = self._processes.get(index)
+        if process is None:
+            return None
+        try:  # Linux: utime and stime, the 12th and 13th fields after the command name
+            with open(f"/proc/{process.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def caught_up_at(self) -> float:
+        return time.monotonic() if self._waiting else self._caught_up_at
+
     def sweep(self, keep: set[int]) -> None:
         codec.sweep(self._dir.path, keep)
         self._shm.forget_older_than(codec.FORWARD_WINDOW_S)
@@ -190,7 +209,12 @@ class ProcessEngine:
     def _receive(self, events: Events) -> None:
         while True:
             try:
-                data = self._endpoint.recv(None)
+                data = self._endpoint.recv(0)  # the same system calls as waiting at once
+                if data is None:  # nothing sent is unhandled while this waits
+                    self._waiting = True
+                    data = self._endpoint.recv(None)
+                    self._caught_up_at = time.monotonic()
+                    self._waiting = False
             except OSError:
                 return  # closed by stop()
             if data is None:
