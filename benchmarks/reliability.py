@@ -338,9 +338,11 @@ OPEN_LOOP_SCRIPT = Path(__file__).with_name("open_loop.lua")
 
 
 def open_loop(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
-    """Run `wrk` with open_loop.lua for `seconds`: `connections` connections (a thread
-    each), each sending on its own Poisson schedule (`rate` req/s in all), or a closed
-    loop without `rate`; rows as `hey` gives them, and the CPU seconds wrk used."""
+    """Run `wrk` with open_loop.lua for `seconds` (whole: wrk takes no fraction):
+    `connections` connections (a thread each), each sending on its own Poisson schedule
+    (`rate` req/s in all), or a closed loop without `rate`; rows as `hey` gives them,
+    and the CPU seconds wrk used."""
+    seconds = max(1, round(seconds))
     per_connection = 0.0 if rate is None else rate / connections
     body = '{"rows": [{"x": 1}]}'
     # niced like hey: the generator stands for clients on other machines
@@ -379,41 +381,63 @@ def _hey_record(scenario: str, run: dict, **extra: Any) -> common.Record:
     )  # fmt: skip
 
 
-def run_overload(seconds: float, max_in_flight: int, flow: str = "work") -> list[common.Record]:
-    records = []
+OVERLOAD_ROUNDS = 3  # the phases alternate this many times: drift on a shared machine hits all
+UNLOADED_CONNECTIONS = 16  # at a quarter of the rate, one slow answer delays few others
+
+
+def run_overload(
+    seconds: float, max_in_flight: int, flow: str = "work", rounds: int = OVERLOAD_ROUNDS
+) -> list[common.Record]:
+    """Sustainable, unloaded and 3x phases of `seconds` each, measured as `rounds`
+    alternating slices; each round's rates follow its own closed-loop slice."""
+    closed = f"{flow}: sustainable (closed loop, --max-in-flight connections)"
+    phases = {
+        closed: (max_in_flight, None),
+        f"{flow}: unloaded (0.25x sustainable)": (UNLOADED_CONNECTIONS, 0.25),
+        f"{flow}: overload 3x sustainable, 96 connections": (96, 3.0),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in phases}
     with Server("--max-in-flight", str(max_in_flight)) as server:
         url = _predict_url(server, flow)
         open_loop(url, 2.0, max_in_flight)  # warm
+        for _ in range(rounds):
+            rate = None
+            for name, (connections, share) in phases.items():
+                cpu = _cpu_s(server.process.pid)
+                worker_cpu = {pid: _cpu_s(pid) for pid in server.workers()}
+                offered = None if share is None else share * rate
+                run = open_loop(url, seconds / rounds, connections, offered)
+                run["server_cpu_s"] = _cpu_s(server.process.pid) - cpu
+                run["workers_cpu_s"] = sum(  # workers started meanwhile count from 0
+                    _cpu_s(pid) - worker_cpu.get(pid, 0.0) for pid in server.workers()
+                )
+                runs[name].append(run)
+                if share is None:
+                    rate = sum(status == 200 for _, _, status in run["rows"]) / run["seconds"]
+    capacity, unloaded, flood = (_merged(name, runs[name]) for name in phases)
+    flood["max_in_flight"] = max_in_flight
+    sustainable = capacity["throughput_rps"]
+    flood["goodput_ratio"] = common.ratio(flood["throughput_rps"], sustainable)
+    flood["offered_ratio"] = common.ratio(flood["offered_rps"], sustainable)
+    flood["p99_ratio_vs_unloaded"] = common.ratio(flood["p99_ms"], unloaded["p99_ms"])
+    # the server process's CPU per admitted request, measured at the sustainable rate,
+    # leaves what the refusals of the flood cost it
+    per_admitted = capacity["server_cpu_s"] / max(1, capacity["n"])
+    refusals = flood["refused_rps"] * flood["seconds"]
+    refusing = flood["server_cpu_s"] - per_admitted * flood["n"]
+    flood["server_cpu_per_admitted_us"] = per_admitted * 1e6
+    flood["server_cpu_per_refusal_us"] = refusing / refusals * 1e6 if refusals else None
+    return [capacity, unloaded, flood]
 
-        def measured(scenario: str, *args: Any, **extra: Any) -> common.Record:
-            cpu = _cpu_s(server.process.pid)
-            worker_cpu = {pid: _cpu_s(pid) for pid in server.workers()}
-            run = open_loop(url, seconds, *args)
-            record = _hey_record(scenario, run, **extra)
-            record["server_cpu_s"] = _cpu_s(server.process.pid) - cpu
-            record["workers_cpu_s"] = sum(  # workers started meanwhile count from 0
-                _cpu_s(pid) - worker_cpu.get(pid, 0.0) for pid in server.workers()
-            )
-            record["client_cpu_s"] = run["client_cpu_s"]
-            return record
 
-        capacity = measured(f"{flow}: sustainable (closed loop, --max-in-flight connections)",
-                            max_in_flight)  # fmt: skip
-        sustainable = capacity["throughput_rps"]
-        unloaded = measured(f"{flow}: unloaded (0.25x sustainable)", 4, 0.25 * sustainable)
-        flood = measured(f"{flow}: overload 3x sustainable, 96 connections", 96,
-                         3.0 * sustainable, max_in_flight=max_in_flight)  # fmt: skip
-        flood["goodput_ratio"] = common.ratio(flood["throughput_rps"], sustainable)
-        flood["p99_ratio_vs_unloaded"] = common.ratio(flood["p99_ms"], unloaded["p99_ms"])
-        # the server process's CPU per admitted request, measured at the sustainable
-        # rate, leaves what the refusals of the flood cost it
-        per_admitted = capacity["server_cpu_s"] / max(1, capacity["n"])
-        refusals = flood["refused_rps"] * seconds
-        refusing = flood["server_cpu_s"] - per_admitted * flood["n"]
-        flood["server_cpu_per_admitted_us"] = per_admitted * 1e6
-        flood["server_cpu_per_refusal_us"] = refusing / refusals * 1e6 if refusals else None
-        records += [capacity, unloaded, flood]
-    return records
+def _merged(scenario: str, runs: list[dict]) -> common.Record:
+    """One record of a phase's slices: their requests together, CPU summed."""
+    total = {"rows": [row for run in runs for row in run["rows"]],
+             "seconds": sum(run["seconds"] for run in runs)}  # fmt: skip
+    record = _hey_record(scenario, total, rounds=len(runs), seconds=total["seconds"])
+    for key in ("server_cpu_s", "workers_cpu_s", "client_cpu_s"):
+        record[key] = sum(run[key] for run in runs)
+    return record
 
 
 def overload_failures(records: list[common.Record]) -> list[str]:
