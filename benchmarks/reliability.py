@@ -390,11 +390,11 @@ def run_overload(
 ) -> list[common.Record]:
     """Sustainable, unloaded and 3x phases of `seconds` each, measured as `rounds`
     alternating slices; each round's rates follow its own closed-loop slice."""
-    closed = f"{flow}: sustainable (closed loop, --max-in-flight connections)"
+    bound = f"{flow}, --max-in-flight {max_in_flight}"
     phases = {
-        closed: (max_in_flight, None),
-        f"{flow}: unloaded (0.25x sustainable)": (UNLOADED_CONNECTIONS, 0.25),
-        f"{flow}: overload 3x sustainable, 96 connections": (96, 3.0),
+        f"{bound}: sustainable (closed loop, as many connections)": (max_in_flight, None),
+        f"{bound}: unloaded (0.25x sustainable)": (UNLOADED_CONNECTIONS, 0.25),
+        f"{bound}: overload 3x sustainable, 96 connections": (96, 3.0),
     }
     runs: dict[str, list[dict]] = {name: [] for name in phases}
     with Server("--max-in-flight", str(max_in_flight)) as server:
@@ -443,12 +443,15 @@ def _merged(scenario: str, runs: list[dict]) -> common.Record:
 def overload_failures(records: list[common.Record]) -> list[str]:
     flood = records[-1]
     problems = []
+    bound = f"--max-in-flight {flood['max_in_flight']}"
     if (flood["goodput_ratio"] or 0) < GOODPUT_TARGET:
-        problems.append(f"admitted throughput at 3x is {flood['goodput_ratio']:.2f}x sustainable")
+        problems.append(f"{bound}: admitted throughput at 3x is "
+                        f"{flood['goodput_ratio']:.2f}x sustainable")  # fmt: skip
     if (flood["p99_ratio_vs_unloaded"] or 99) > P99_TARGET:
-        problems.append(f"admitted p99 at 3x is {flood['p99_ratio_vs_unloaded']:.2f}x unloaded")
+        problems.append(f"{bound}: admitted p99 at 3x is "
+                        f"{flood['p99_ratio_vs_unloaded']:.2f}x unloaded")  # fmt: skip
     if flood["other_statuses"]:
-        problems.append(f"{flood['other_statuses']} answers neither 200 nor 503 at 3x")
+        problems.append(f"{bound}: {flood['other_statuses']} answers neither 200 nor 503 at 3x")
     return problems
 
 
@@ -699,7 +702,9 @@ def plot(records: list[common.Record], out: Path) -> None:
         twin.set_ylabel("p99 ms")
         left.legend(loc="upper left")
         twin.legend(loc="upper right")
-    bars = [r for r in records if r["scenario"].startswith(("chaos", "sustainable", "overload"))]
+    bars = [r for r in records
+            if r["scenario"].startswith("chaos") or ": sustainable" in r["scenario"]
+            or ": overload" in r["scenario"]]  # fmt: skip
     right.barh([r["scenario"] for r in bars], [r["throughput_rps"] or 0 for r in bars])
     right.set(xlabel="answered req/s (200)", title="throughput under faults and overload")
     common.save_figure(fig, NAME, out)
@@ -714,7 +719,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--minutes", type=float, default=30.0, help="soak length")
         parser.add_argument("--soak-rate", type=float, default=None,
                             help="soak req/s (default: half the measured capacity)")  # fmt: skip
-        parser.add_argument("--max-in-flight", type=int, default=8)
+        parser.add_argument("--max-in-flight", default="8,4",
+                            help="overload: the bounds to try, comma-separated (default 8,4: "
+                                 "4 and 2 per worker)")  # fmt: skip
 
     args = common.parse_args(__doc__.split("\n")[0], argv, configure)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per fuzzed request
@@ -733,9 +740,10 @@ def main(argv: list[str] | None = None) -> int:
         records += got
         problems += chaos_failures(got)
     if "overload" in parts:
-        got = run_overload(seconds, args.max_in_flight)
-        records += got
-        problems += overload_failures(got)
+        for bound in args.max_in_flight.split(","):
+            got = run_overload(seconds, int(bound))
+            records += got
+            problems += overload_failures(got)
     if "fuzz" in parts:
         got = run_fuzz(examples=150 if args.quick else 1000,
                        schemathesis_examples=20 if args.quick else 200)  # fmt: skip
