@@ -658,7 +658,7 @@ DRIVER = textwrap.dedent(
     import numpy as np
     import serveflow as sf
 
-    rt = sf.LocalRuntime(min_workers=3)
+    rt = sf.LocalRuntime(min_workers=3, heartbeat_timeout_s=None)  # the hog stays
     hog = sf.Flow("hog")  # holds the GIL: a thread of its worker cannot run
     hog.map(lambda r: sum(range(10**12)), names=["x"])
     held = [hog.deploy(runtime=rt).run({"a": [1]})]
