@@ -109,7 +109,7 @@ def test_a_model_load_holding_the_gil_longer_than_the_timeout_is_not_a_wedge(run
     quick.map(lambda r: os.getpid(), names=["pid"])
     before = quick.deploy(runtime=rt).run({"a": [0]}).result(timeout=RESULT_S).column("pid")[0]
     slow = sf.Flow("loads")
-    slow.map(_gil_holding_model(3.0), names=["pid", "held_s"])
+    slow.map(_gil_holding_model(4.0), names=["pid", "held_s"])
     (row,) = slow.deploy(runtime=rt).run({"a": [1]}).result(timeout=RESULT_S).to_rows()
-    assert row["held_s"] > 2.0  # the load held the GIL past the 1.5 s timeout
+    assert row["held_s"] > 1.7  # the load held the GIL past the 1.5 s timeout
     assert row["pid"] == before and rt.worker_pids() == [before], "the loading worker was killed"

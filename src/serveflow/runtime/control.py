@@ -719,7 +719,7 @@ class ControlPlane:
             silent_for = now - w.heard_at
             allowed = self._silence_allowed(w)
             stopped = silent_for > allowed and self.engine.suspended(w.index)
-            wedged = not stopped and self._keeps_heartbeats_out(w, now, allowed)
+            wedged = None if stopped else self._keeps_heartbeats_out(w, now, allowed)
             if not (stopped or wedged):
                 # neither stopped nor seen running: more likely starved of CPU by an
                 # oversubscribed machine, or blocked, than wedged; give it longer
@@ -727,7 +727,7 @@ class ControlPlane:
             if limit is not None and w.busy_since is not None and now - w.busy_since > limit:
                 w.killed_for = f"a stage ran longer than stage_timeout_s={limit:g}"
             elif judge_silence and silent_for > allowed:
-                how = "stopped" if stopped else "running, wedged" if wedged else "silent"
+                how = "stopped" if stopped else f"wedged: {wedged}" if wedged else "silent"
                 w.killed_for = f"no heartbeat for {silent_for:.1f} s ({how})"
             elif limit is not None and w.load.outstanding and silent_for > max(limit, SILENT_S):
                 w.killed_for = f"it stopped answering for longer than stage_timeout_s={limit:g}"
@@ -736,26 +736,26 @@ class ControlPlane:
             log.warning("worker %d: %s; killing it", w.index, w.killed_for)
             self.engine.kill(w.index)
 
-    def _keeps_heartbeats_out(self, w: WorkerState, now: float, allowed: float) -> bool:
-        """Whether silent worker `w` kept using the CPU over the second half of its
-        allowance while the engine handled every message sent to it: it is running,
-        and its heartbeat thread cannot get in (the GIL held in native code). A process
-        stopped, blocked or starved of CPU uses next to none; a model load is announced
-        before it starts (and allowed LOADING_SILENT_S)."""
+    def _keeps_heartbeats_out(self, w: WorkerState, now: float, allowed: float) -> str | None:
+        """How much CPU silent worker `w` used over the second half of its allowance,
+        if at least WEDGED_CPU_SHARE of a core while the engine handled every message
+        sent until then: it is running, and its heartbeat thread cannot get in (the
+        GIL held in native code); else None. A process stopped, blocked or starved of
+        CPU uses next to none; a model load is announced before it starts (and
+        allowed LOADING_SILENT_S)."""
         if now - w.heard_at < allowed / 2:
-            return False
+            return None
         cpu = self.engine.cpu_seconds(w.index)
         if cpu is None:
-            return False
+            return None
         if w.cpu_mark is None or w.cpu_mark[0] < w.heard_at:  # silent since: measure
             w.cpu_mark = (now, cpu)
-            return False
+            return None
         since, used = now - w.cpu_mark[0], cpu - w.cpu_mark[1]
-        return (
-            since > 0
-            and used >= WEDGED_CPU_SHARE * since
-            and self.engine.caught_up_at() >= w.cpu_mark[0]
-        )
+        caught_up = self.engine.caught_up_at() >= w.cpu_mark[0]  # (pings the engine)
+        if since > 0 and used >= WEDGED_CPU_SHARE * since and caught_up:
+            return f"{used:.2f} s of CPU in {since:.2f} s"
+        return None
 
     def _silence_allowed(self, w: WorkerState) -> float:
         if self.heartbeat_timeout_s is None:

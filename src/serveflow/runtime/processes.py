@@ -37,6 +37,7 @@ SHM_DIR = "/dev/shm"
 WORKER_MAIN = "from serveflow.runtime.worker import main; main()"
 FROM_WORKERS = (m.Hello, m.Result, m.Done, m.Located, m.Beat, m.Stats)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of CPU times in /proc
+_PING = b""  # the engine to its own receiver (no message encodes to nothing)
 
 
 class ProcessEngine:
@@ -54,7 +55,7 @@ class ProcessEngine:
         self._closing = False
         self._failed: dict[int, str] = {}  # workers that could not start
         self._caught_up_at = time.monotonic()  # see caught_up_at
-        self._waiting = False  # the receiver waits for a message: it is caught up
+        self._ping_sent: float | None = None  # a ping on its way to the receiver since
         self._spawns: queue.SimpleQueue[tuple[int, int | None] | None] = queue.SimpleQueue()
         self._spawn_thread = threading.Thread(
             target=self._spawner, name="serveflow:spawner", daemon=True
@@ -169,7 +170,16 @@ class ProcessEngine:
             return None
 
     def caught_up_at(self) -> float:
-        return time.monotonic() if self._waiting else self._caught_up_at
+        """When the last ping the engine sent itself was sent, once the receiver got
+        it: datagrams queue in order, so every message sent before it was handled.
+        Sends the next ping if none is on its way (called each monitor round)."""
+        if self._ping_sent is None:
+            self._ping_sent = time.monotonic()
+            try:
+                self._endpoint.send(self._endpoint.path, _PING)
+            except OSError:  # closing
+                self._ping_sent = None
+        return self._caught_up_at
 
     def sweep(self, keep: set[int]) -> None:
         codec.sweep(self._dir.path, keep)
@@ -209,15 +219,14 @@ class ProcessEngine:
     def _receive(self, events: Events) -> None:
         while True:
             try:
-                data = self._endpoint.recv(0)  # the same system calls as waiting at once
-                if data is None:  # nothing sent is unhandled while this waits
-                    self._waiting = True
-                    data = self._endpoint.recv(None)
-                    self._caught_up_at = time.monotonic()
-                    self._waiting = False
+                data = self._endpoint.recv(None)
             except OSError:
                 return  # closed by stop()
             if data is None:
+                continue
+            if data == _PING:
+                self._caught_up_at = self._ping_sent or self._caught_up_at
+                self._ping_sent = None
                 continue
             try:
                 message = codec.decode(data, self._shm)
