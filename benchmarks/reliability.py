@@ -414,6 +414,8 @@ def run_overload(
                 runs[name].append(run)
                 if share is None:
                     rate = sum(status == 200 for _, _, status in run["rows"]) / run["seconds"]
+                    if not rate:
+                        raise RuntimeError(f"{name}: no request answered")
     capacity, unloaded, flood = (_merged(name, runs[name]) for name in phases)
     flood["max_in_flight"] = max_in_flight
     sustainable = capacity["throughput_rps"]
