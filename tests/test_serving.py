@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -13,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import serveflow as sf
 from serveflow.serving import Server
-from serveflow.serving.coalesce import PROBE_EVERY_S
+from serveflow.serving.coalesce import PROBE_EVERY_S, Coalescer
 
 TIMEOUT = 10
 
@@ -550,21 +551,11 @@ def slow_double(row):
     return 2 * row["x"]
 
 
-def half_ms_double(row):
-    end = time.perf_counter() + 0.0005  # half a millisecond of CPU per row
-    while time.perf_counter() < end:
-        pass
-    return 2 * row["x"]
-
-
-@pytest.mark.parametrize("dear", [slow_double, half_ms_double], ids=["10ms", "0.5ms"])
-def test_rows_that_cost_a_fraction_of_a_millisecond_or_more_are_not_coalesced(dear):
+def test_rows_that_cost_milliseconds_are_not_coalesced():
     """Merged rows run one after another on one worker: once rows are measured to cost
-    a quarter of a millisecond or more, concurrent requests go apart (bar a probe a
-    second) and use the pool. Half-millisecond rows used to be merged: they were
-    measured under the bound, and a request's clock could start after its answer."""
+    milliseconds, concurrent requests go apart (bar a probe a second) and use the pool."""
     flow = sf.Flow("slow")
-    flow.map(dear, names=["x"], name="double").map(dear, names=["y"])
+    flow.map(slow_double, names=["x"], name="double").map(slow_double, names=["y"])
     cheap = sf.Flow("cheap")
     cheap.map(lambda r: r["x"], names=["x"])
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
@@ -588,3 +579,31 @@ def test_rows_that_cost_a_fraction_of_a_millisecond_or_more_are_not_coalesced(de
         runtime.stop()
     assert added["slow"] <= 1 + elapsed / PROBE_EVERY_S  # probes only
     assert added["cheap"] >= 1  # cheap rows still merge
+
+
+def test_requests_read_together_are_merged_into_one_runtime_request_per_worker():
+    """One merged request runs on one worker while the others idle: 16 requests read in
+    one event-loop iteration go as one runtime request per worker of the first stage."""
+    flow = sf.Flow("cheap")
+    flow.map(lambda r: r["x"], names=["x"], name="same")
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        app = flow.deploy(runtime=runtime)
+        deadline = time.monotonic() + TIMEOUT
+        while app.stats()["same"]["workers"] < 2 and time.monotonic() < deadline:
+            for future in [app.run({"x": [i]}) for i in range(8)]:  # both workers load it
+                future.result(timeout=TIMEOUT)
+        assert app.stats()["same"]["workers"] == 2
+        coalescer = Coalescer(app)
+
+        async def together() -> list[sf.Table]:
+            return await asyncio.gather(*(coalescer.run(sf.Table({"x": [i]})) for i in range(16)))
+
+        time.sleep(0.5)  # the warm-up's figures reported
+        before = app.stats()["same"]["requests"]
+        outputs = asyncio.run(together())
+        assert [out.column("x")[0] for out in outputs] == list(range(16))
+        time.sleep(1.0)  # workers report their figures every 0.25 s while busy
+        assert app.stats()["same"]["requests"] - before == 2
+    finally:
+        runtime.stop()

@@ -18,10 +18,12 @@ and serializes work the pool would run in parallel (clients in a closed loop the
 every round as one merged request, which keeps one worker of a chain busy at a time). The coalescer
 therefore measures what its requests take per row and merges only while the cheapest
 recent one took under MERGE_BELOW_MS; otherwise it merges one group every PROBE_EVERY_S,
-to measure again. The bound is a quarter of a millisecond: a flow whose rows take half a
-millisecond of CPU each (2 workers, 8 requests admitted at a time) merged its requests
-by the handful and ran them one worker at a time, and served 15-20% less than unmerged,
-in a closed loop and flooded alike. Groupby/agg, joins on a column and anyof see
+to measure again (a request's time counts from before it is sent: its answer may be
+back before the event loop runs again). Requests read together are merged into as
+many runtime requests as the flow's first stage has workers, not fewer: one merged
+request would run on one worker while the others idle (a flow of half-millisecond rows
+on 2 workers, 8 requests admitted at a time, served 15-20% less merged whole than
+unmerged, in a closed loop and flooded alike). Groupby/agg, joins on a column and anyof see
 a request as a whole and are never coalesced, nor are flows with an SLO-batching stage
 (its controller does the batching, per request). If a merged request fails (an operator
 raised on some row, a missing column), each of its requests is run again alone, so only
@@ -51,11 +53,12 @@ MAX_ROWS = 512  # most rows in one merged request
 # "arrived together" alone merges nothing there; at 64 concurrent V2 gRPC clients this
 # window cut the workers' CPU per request 2.5-3x and the driver's by 10-20%.
 BUSY_WINDOW_S = 0.002
-MERGE_BELOW_MS = 0.25  # per row: above, rows are worth running as requests of their own
+MERGE_BELOW_MS = 1.0  # per row: above, rows are worth running as requests of their own
 COST_WINDOW = 64  # recent requests whose time per row decides
 # While rows are dear, one group is merged this often to measure again: a time, not a
 # share of groups, so that the few requests slowed by a probe stay below the p99.
 PROBE_EVERY_S = 1.0
+WORKERS_EVERY_S = 1.0  # how often the first stage's worker count is read (app.stats())
 ROW_LOCAL = (Source, Map, Filter, Lookup, Join, Union)
 
 
@@ -104,6 +107,7 @@ class Coalescer:
         self.requests = 0
         self._ms_per_row: deque[float] = deque(maxlen=COST_WINDOW)
         self._probed_at = 0.0  # when a group was last merged while rows were dear
+        self._workers, self._workers_at = 1, float("-inf")  # the first stage's workers
 
     def _cheap(self) -> bool:
         """No measure yet, or the cheapest recent request took under MERGE_BELOW_MS per
@@ -120,6 +124,15 @@ class Coalescer:
             return False
         self._probed_at = now
         return True
+
+    def _parallel(self) -> int:
+        """Workers the flow's first stage runs on (read at most every WORKERS_EVERY_S)."""
+        now = time.monotonic()
+        if now - self._workers_at >= WORKERS_EVERY_S:
+            self._workers_at = now
+            figures = self.app.stats().get(self.app.plan.stages[0].name, {})
+            self._workers = max(1, int(figures.get("workers", 1)))
+        return self._workers
 
     async def run(self, table: Table) -> Table:
         """The output of one request (raises what the deployment raised for it).
@@ -156,10 +169,11 @@ class Coalescer:
                 self._submit([waiter])
             return
         for group in groups.values():
+            most = -(-len(group) // self._parallel())  # requests per merged request
             chunk: list[Waiter] = []
             rows = 0
             for waiter in group:
-                if chunk and rows + len(waiter[0]) > self.max_rows:
+                if chunk and (rows + len(waiter[0]) > self.max_rows or len(chunk) >= most):
                     self._submit(chunk)
                     chunk, rows = [], 0
                 chunk.append(waiter)
