@@ -13,17 +13,17 @@ Only flows whose every operator works row by row are coalesced (map, row filter,
 join on qid, union): there a request's output rows are exactly those derived from its
 input rows, whoever else shared the call. Merging pays only while rows are cheap: a
 merged request's rows run one after another in each stage, on one worker, so once rows
-take a fraction of a millisecond or more (models), merging saves little driver time
-and serializes work the pool would run in parallel (clients in a closed loop then send
-every round as one merged request, which keeps one worker of a chain busy at a time). The coalescer
-therefore measures what its requests take per row and merges only while the cheapest
-recent one took under MERGE_BELOW_MS; otherwise it merges one group every PROBE_EVERY_S,
-to measure again (a request's time counts from before it is sent: its answer may be
-back before the event loop runs again). Requests read together are merged into as
-many runtime requests as the flow's first stage has workers, not fewer: one merged
-request would run on one worker while the others idle (a flow of half-millisecond rows
-on 2 workers, 8 requests admitted at a time, served 15-20% less merged whole than
-unmerged, in a closed loop and flooded alike). Groupby/agg, joins on a column and anyof see
+take milliseconds each (models), merging saves little driver time and serializes work
+the pool would run in parallel (clients in a closed loop then send every round as one
+merged request, which keeps one worker of a chain busy at a time). The coalescer
+therefore measures what its requests take per row, from before each is sent (its answer
+may be back before the event loop runs again), and merges only while the cheapest
+recent one took under MERGE_BELOW_MS; otherwise it merges one group every
+PROBE_EVERY_S, to measure again. Requests read together are merged into as many
+runtime requests as the flow's first stage has workers, not fewer: one merged request
+would run on one worker while the others idle (a flow of half-millisecond rows on 2
+workers, 8 requests admitted at a time, served 15-20% less merged whole than unmerged,
+in a closed loop and flooded alike). Groupby/agg, joins on a column and anyof see
 a request as a whole and are never coalesced, nor are flows with an SLO-batching stage
 (its controller does the batching, per request). If a merged request fails (an operator
 raised on some row, a missing column), each of its requests is run again alone, so only
