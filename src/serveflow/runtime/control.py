@@ -553,6 +553,7 @@ class ControlPlane:
             w = self._workers.get(index)
             if w is None:
                 return
+            w.heard_at = time.monotonic()  # a slow start is no silence
             for deploy in self._deploys.values():
                 self.engine.send(index, deploy)
             for app in self._apps.values():
@@ -695,10 +696,15 @@ class ControlPlane:
         """Mark workers not heard from (frozen, holding the GIL) and those in a long
         call, from their heartbeats: routing avoids them."""
         now = time.monotonic()
+        heard_again = False
         for w in self._workers.values():
             if w.ready:
-                w.load.silent = now - w.heard_at > SILENT_S
+                silent = now - w.heard_at > SILENT_S
+                heard_again |= w.load.silent and not silent
+                w.load.silent = silent
                 w.load.stalled = w.busy_since is not None and now - w.busy_since > STALLED_S
+        if heard_again:  # heard from by a report, not a heartbeat: route what waits for it
+            self._route_waiting()
 
     def _kill_stuck(self) -> None:
         """Kill a worker whose stage has run longer than `stage_timeout_s`, or that has
