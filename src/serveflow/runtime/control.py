@@ -469,7 +469,10 @@ class ControlPlane:
             waiting -= 1
             app, request = self._unrouted.popleft()
             if not request.ended and not self._route(app, request):
-                return  # no room anywhere: it went back to the end of the line
+                # no room anywhere: it waits at the head of the line again (at the
+                # end, requests would overtake it on every try: a long tail)
+                self._unrouted.appendleft(self._unrouted.pop())
+                return
 
     def _release(self, app: DeployedApp, request: Request) -> None:
         """Stop counting a finished (or re-routed) request's stage runs against its
