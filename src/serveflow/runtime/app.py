@@ -75,7 +75,7 @@ class App(abc.ABC):
         """Submit one request; its future holds the output table, or fails for this
         request alone with OperatorError, InputError, OverloadError (too many requests
         in flight) or DeadlineError (`timeout` seconds passed; queued work is dropped)."""
-        request = Request(as_table(table), timeout, self._ended, self._lead)
+        request = Request(as_table(table), timeout, self._ended)
         with self._lock:
             if self._stopped:
                 raise RuntimeError(f"app {self.name!r} is stopped")
@@ -109,11 +109,6 @@ class App(abc.ABC):
     @abc.abstractmethod
     def _submit(self, request: Request) -> None:
         """Start executing a request's first stages."""
-
-    @abc.abstractmethod
-    def _lead(self, request: Request, timeout: float | None) -> None:
-        """A caller is about to wait up to `timeout` for `request`: the runtime may
-        take its workers' messages on the caller's thread meanwhile."""
 
     @abc.abstractmethod
     def _finish(self, request: Request, failed: bool) -> None:

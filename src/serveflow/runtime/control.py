@@ -167,9 +167,6 @@ class DeployedApp(App):
     def _finish(self, request: Request, failed: bool) -> None:
         self._control.finish(self, request, failed)
 
-    def _lead(self, request: Request, timeout: float | None) -> None:
-        self._control.lead(request, timeout)
-
     def stats(self) -> dict[str, dict[str, Any]]:
         return self._control.stage_figures(self)
 
@@ -428,25 +425,10 @@ class ControlPlane:
                 break
         return True
 
-    def lead(self, request: Request, timeout: float | None) -> None:
-        """A caller waits for `request`: if it is the only request in flight and the
-        engine can (`ProcessEngine.lead`), the caller reads the workers' messages
-        itself until it is done. With others in flight, the receiver thread serves
-        every caller, each woken by it."""
-        lead = getattr(self.engine, "lead", None)
-        if lead is not None:
-            lead(lambda: request.ended, timeout, self._in_flight)
-
-    def _in_flight(self) -> int:
-        return sum(len(app.active) for app in list(self._apps.values()))
-
     def finish(self, app: DeployedApp, request: Request, failed: bool) -> None:
         """A request ended (`Request.on_end`): release its load, cancel its work if it
         failed, route requests waiting for room."""
         now = time.monotonic()
-        nudge = getattr(self.engine, "nudge", None)
-        if nudge is not None:  # ended by a deadline, a cancel, a retry given up
-            nudge()
         with self._lock:
             if app.active.pop(request.id, None) is None:
                 return

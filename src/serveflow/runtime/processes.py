@@ -16,12 +16,9 @@ import json
 import logging
 import os
 import queue
-import select
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -38,10 +35,6 @@ log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 WORKER_MAIN = "from serveflow.runtime.worker import main; main()"
 FROM_WORKERS = (m.Hello, m.Result, m.Done, m.Located, m.Beat, m.Stats)
-# After a caller read its own result (`lead`), the receiver thread leaves the socket to
-# the next caller this long: a caller making requests one after another reads every
-# result itself, and the receiver thread sleeps.
-PARK_S = 0.002
 
 
 class ProcessEngine:
@@ -56,22 +49,7 @@ class ProcessEngine:
         self._processes: dict[int, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self._receiver: threading.Thread | None = None
-        self._events: Events | None = None
         self._closing = False
-        # Whoever reads the socket holds `_reading`: the receiver thread, or a caller
-        # waiting for its request's result (`lead`), named by `_leader`. The receiver
-        # thread parks while a caller leads and for PARK_S after; a write to the wake
-        # pipe makes whoever polls look again (a caller wants the socket, a led
-        # request was settled by another thread, the engine stops).
-        self._reading = threading.Lock()
-        self._reader: int | None = None  # the thread holding `_reading`
-        self._leader: int | None = None
-        self._led_at = 0.0
-        self._park = threading.Condition()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._poller = select.poll()
-        self._poller.register(self._endpoint.fileno(), select.POLLIN)
-        self._poller.register(self._wake_r, select.POLLIN)
         self._failed: dict[int, str] = {}  # workers that could not start
         self._spawns: queue.SimpleQueue[tuple[int, int | None] | None] = queue.SimpleQueue()
         self._spawn_thread = threading.Thread(
@@ -80,9 +58,8 @@ class ProcessEngine:
         self._spawn_thread.start()
 
     def start(self, events: Events) -> None:
-        self._events = events
         self._receiver = threading.Thread(
-            target=self._receive, name="serveflow:receiver", daemon=True
+            target=self._receive, args=(events,), name="serveflow:receiver", daemon=True
         )
         self._receiver.start()
 
@@ -198,14 +175,10 @@ class ProcessEngine:
             for process in self._processes.values():
                 process.wait()
         if self._receiver is not None:
-            with self._park:
-                self._closing = True
-                self._park.notify()
-            self._wake()
+            self._closing = True
+            self.send(DRIVER, m.Exit())  # wakes the receiver thread
             self._receiver.join()
         self._endpoint.close()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
         self._dir.remove()
 
     @staticmethod
@@ -214,104 +187,25 @@ class ProcessEngine:
             if process.stdin is not None:
                 process.stdin.close()
 
-    # -- reading the workers' messages ---------------------------------------------------
-    def lead(
-        self, done: Callable[[], bool], timeout: float | None, in_flight: Callable[[], int]
-    ) -> None:
-        """Read and handle the workers' messages on the calling thread until `done()`,
-        or for `timeout` seconds: a caller waiting for the only request in flight
-        (`in_flight() == 1`) reads its result itself, where the receiver thread would
-        wake, read it, and then wake the caller. Returns at once if other requests are
-        in flight (the receiver thread serves them all) or another thread reads (a
-        caller, or this one in a callback of a message it handles)."""
-        me = threading.get_ident()
-        with self._park:
-            if self._leader is not None or self._reader == me or self._closing:
-                return
-            if in_flight() > 1:
-                self._unpark()
-                return
-            self._leader = me
-        try:
-            if not self._reading.acquire(blocking=False):
-                self._wake()  # the receiver thread polls: it lets go and parks
-                if not self._reading.acquire(timeout=-1 if timeout is None else timeout):
-                    return
-            try:
-                self._reader = me
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while not done():
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        break
-                    self._read(left)
-            finally:
-                self._reader = None
-                self._reading.release()
-        finally:
-            with self._park:
-                self._leader = None
-                self._led_at = time.monotonic()
-                if in_flight():  # others' requests, or this one timed out
-                    self._unpark()
-
-    def _unpark(self) -> None:
-        """Let the receiver thread read at once (called holding `_park`)."""
-        if self._led_at:
-            self._led_at = 0.0
-            self._park.notify()
-
-    def nudge(self) -> None:
-        """A request was settled by another thread than the one reading: a caller
-        leading for it looks again."""
-        if self._leader is not None and self._leader != threading.get_ident():
-            self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # full pipe: a wake-up is pending anyway
-            os.write(self._wake_w, b"\0")
-
-    def _read(self, timeout: float | None) -> None:
-        """Wait up to `timeout` seconds for messages or a wake-up; handle every message
-        waiting. Called holding `_reading`."""
-        for fd, _ in self._poller.poll(None if timeout is None else timeout * 1e3):
-            if fd == self._wake_r:
-                with contextlib.suppress(OSError):
-                    os.read(self._wake_r, 4096)
-        while (data := self._endpoint.recv(0)) is not None:
-            self._handle(data)
-
-    def _receive(self) -> None:
-        me = threading.get_ident()
+    def _receive(self, events: Events) -> None:
         while True:
-            with self._park:
-                # parked while a caller reads, and PARK_S after (rechecked that often:
-                # a caller that finds nothing left in flight leaves without a word)
-                while not self._closing and (
-                    self._leader is not None or time.monotonic() < self._led_at + PARK_S
-                ):
-                    self._park.wait(PARK_S)
-                if self._closing:
-                    return
-            with self._reading:
-                self._reader = me
-                try:
-                    while self._leader is None and not self._closing:
-                        self._read(None)
-                finally:
-                    self._reader = None
-
-    def _handle(self, data: bytes) -> None:
-        try:
-            message = codec.decode(data, self._shm)
-        except Exception:  # a request already swept; nothing waits for it
-            log.debug("undecodable message", exc_info=True)
-            return
-        if not isinstance(message, FROM_WORKERS):
-            log.warning("dropping a %s message: not from a worker", type(message).__name__)
-            return
-        try:
-            assert self._events is not None
-            self._events.on_message(message)
-        except Exception:  # never let one bad message stop every request
-            log.exception("failed to handle %s from a worker", type(message).__name__)
+            try:
+                data = self._endpoint.recv(None)
+            except OSError:
+                return  # closed by stop()
+            if data is None:
+                continue
+            try:
+                message = codec.decode(data, self._shm)
+            except Exception:  # a request already swept; nothing waits for it
+                log.debug("undecodable message", exc_info=True)
+                continue
+            if isinstance(message, m.Exit) and self._closing:
+                return
+            if not isinstance(message, FROM_WORKERS):
+                log.warning("dropping a %s message: not from a worker", type(message).__name__)
+                continue
+            try:
+                events.on_message(message)
+            except Exception:  # never let one bad message stop every request
+                log.exception("failed to handle %s from a worker", type(message).__name__)

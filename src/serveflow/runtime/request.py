@@ -15,27 +15,11 @@ _ids = itertools.count(1)
 
 class RequestFuture(Future):
     """A request's future. Cancelling it ends the request (its workers drop it) like
-    any other failure. A caller waiting for it may read the workers' messages itself
-    (`Request.lead`) rather than be woken by the thread that would."""
+    any other failure."""
 
     def __init__(self, request: Request) -> None:
         super().__init__()
         self._request = request
-
-    def result(self, timeout: float | None = None) -> Table:
-        return super().result(self._lead(timeout))
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        return super().exception(self._lead(timeout))
-
-    def _lead(self, timeout: float | None) -> float | None:
-        """The time left of `timeout` after leading (see `Request.lead`)."""
-        lead = self._request.lead
-        if lead is None or self.done():
-            return timeout
-        started = time.monotonic()
-        lead(self._request, timeout)
-        return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
 
     def cancel(self) -> bool:
         if not self._request.claim():
@@ -54,18 +38,13 @@ class Request:
     `on_end(request, failed)` is the owner's book-keeping, run once when the request ends, by
     whoever ends it: the thread settling it (before the future is resolved, so the
     caller it wakes finds the books done) or the caller cancelling its future. It
-    replaces done-callbacks, which cost a lock and a call each on the hot path.
-
-    `lead(request, timeout)`, if given, is called by a caller about to wait for the
-    result: it may take the workers' messages on the caller's thread until the request
-    is done (or the timeout passes), saving two thread wake-ups."""
+    replaces done-callbacks, which cost a lock and a call each on the hot path."""
 
     def __init__(
         self,
         table: Table,
         timeout: float | None = None,
         on_end: Callable[[Request, bool], None] | None = None,
-        lead: Callable[[Request, float | None], None] | None = None,
     ) -> None:
         self.id = next(_ids)
         self.table = table
@@ -76,7 +55,6 @@ class Request:
         self.charges: list[tuple[int, int]] = []  # (stage, worker) runs counted as load
         self.attempt = 0
         self.on_end = on_end
-        self.lead = lead
         self._unclaimed = [True]  # popped (atomically) by the one that ends the request
 
     def claim(self) -> bool:
