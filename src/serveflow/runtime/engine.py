@@ -6,10 +6,6 @@ cancellation), and reports what its workers say and which of them exited. It dec
 nothing: every policy (routing, retries, admission, scaling, batching) is in
 `control.ControlPlane`. `processes.ProcessEngine` runs workers as local processes;
 a Ray engine runs them as actors.
-
-An engine may also offer `lead(done, timeout, in_flight)` and `nudge()` (see
-`ProcessEngine.lead`): a caller waiting for the only request in flight then reads the
-workers' messages on its own thread. The control plane uses them where they exist.
 """
 
 from __future__ import annotations
