@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import serveflow as sf
-from serveflow.batching import MAP, BatchingController
+from serveflow.batching import MAP, BatchingController, Decision
 from serveflow.batching.admission import StageLedger
+from serveflow.batching.controller import search_here
 from serveflow.batching.model import linear_service
 from serveflow.batching.simulate import simulate_controlled
 
@@ -110,6 +111,82 @@ def test_a_workers_report_of_a_call_resolves_its_oldest_queued_calls() -> None:
     after = ledger.admit(3, 0.015, 1.0, [0], 0).latency_s
     assert after == pytest.approx(0.029 - 0.015 + 0.001)
     assert not ledger.prompt
+
+
+def test_a_call_running_past_its_end_holds_back_the_requests_behind_it() -> None:
+    # ends are seen as they happen (a stage whose output is the flow's)
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    ledger.admit(0, 0.0, 1.0, [0], 0)
+    ledger.finished(0, 0.005)
+    ledger.admit(1, 0.005, 1.0, [0], 0)  # predicted to run 5 -> 10 ms; it stalls
+    # at 40 ms it has not been seen ending: it is still running, and a request behind
+    # it runs after it, not at once (5 ms + the default 1 ms overhead)
+    behind = ledger.admit(2, 0.040, 0.020, [0], 0)
+    assert not behind.admit and behind.latency_s >= 0.005 + 0.001 + 0.001
+    ledger.finished(1, 0.045)  # it ended at 45 ms: the queue is free from then
+    after = ledger.admit(3, 0.046, 0.020, [0], 0)
+    assert after.admit and after.latency_s == pytest.approx(0.005 + 0.001, abs=1e-3)
+
+
+def test_a_call_whose_requests_all_failed_holds_nothing_back() -> None:
+    ledger = _ledger(size=4, timeout_s=0.0, merge=4)
+    ledger.admit(0, 0.0, 1.0, [0], 0)
+    ledger.finished(0, 0.005)  # ends are seen as they happen
+    for rid in (1, 2, 3):
+        ledger.admit(rid, 0.005, 1.0, [0], 0)
+    for rid in (1, 2, 3):
+        ledger.finished(rid, 0.008, ok=False)  # the operator raised: the call is over
+    later = ledger.admit(4, 0.050, 0.020, [0], 0)
+    assert later.admit and later.latency_s == pytest.approx(0.005 + 0.001, abs=1e-3)
+
+
+def test_after_a_refusal_arrivals_are_refused_outright_until_a_worker_could_take_one() -> None:
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    slo = 0.020
+    admitted = [ledger.admit(rid, 0.0, slo, [0], 0).admit for rid in range(4)]
+    assert admitted == [True] * 3 + [False]  # ends at 5, 10, 15 ms; a 4th at 20 + 1
+    # the 4th would end at 20 ms + 1 ms overhead: no arrival meets 20 ms before ~1 ms
+    assert ledger.closed(0.0005)
+    assert not ledger.closed(0.0015)
+    # what `closed` refuses, a prediction refuses too
+    probe = _ledger(size=1, timeout_s=0.0, merge=1)
+    for rid in range(3):
+        probe.admit(rid, 0.0, slo, [0], 0)
+    assert not probe.admit(9, 0.0005, slo, [0], 0).admit
+    ledger.finished(0, 0.0008)  # a call ends (early): the queue moved, predict again
+    assert not ledger.closed(0.0009)
+
+
+def test_an_overload_is_planned_at_once_without_a_search() -> None:
+    searched = []
+
+    def searcher(space, arrivals, service):
+        searched.append(arrivals.rate)
+        return search_here(space, arrivals, service)
+
+    def planned(rate: float) -> Decision:
+        controller = BatchingController(
+            sf.Batching(slo_ms=30), 2, held_workers=2, searcher=searcher
+        )
+        for n in (1, 2, 4, 8):
+            for _ in range(4):
+                controller.profile.observe(n, 0.004 + 0.001 * n)
+        times = MAP.poisson(rate).sample(int(rate * 2), np.random.default_rng(1))
+        for t in times:
+            controller.on_arrival(float(t))
+        return controller.decision(float(times[-1]))
+
+    # 2 workers of 4 + 1 ms/row serve at most ~2 x 21 / 25 ms = 1,700/s in calls that
+    # fit in the SLO planned against (25.5 ms): at 3,000/s no plan is feasible
+    over = planned(3000)
+    assert not over.feasible and not searched
+    assert over.workers == 2 and over.timeout_s == 0.0
+    # the largest batch waited for once and run within the SLO: 2 x (4 + 8) + 1 <= 25.5
+    assert 6 <= over.max_size <= 8 and over.capacity_rps == pytest.approx(
+        2 * over.max_size / (0.004 + 0.001 * over.max_size)
+    )
+    # below that ceiling the search decides, as before
+    assert planned(400).feasible and searched
 
 
 # -- the controller in a simulated runtime ----------------------------------------

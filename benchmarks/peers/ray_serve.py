@@ -42,6 +42,8 @@ def start_serve() -> tuple[Any, Any]:
 
     if not ray.is_initialized():
         ray.init(
+            # a Ray of its own: never one another process on this machine started
+            address="local",
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.WARNING,

@@ -42,6 +42,8 @@ MIN_RESIDUALS = 50  # before this many, DEFAULT_OVERHEAD_S stands in
 REQUANTILE_EVERY = 16  # new residuals between recomputations of the quantiles
 DEFAULT_OVERHEAD_S = 0.001
 PROBE_EVERY_S = 0.2  # an idle worker takes one request this often whatever its prediction
+REOPEN_GRID = 50  # after a refusal, admission is tried again every SLO / this ...
+REOPEN_STEPS = 8  # ... this many times ahead; arrivals in between are refused outright
 STALE_S = 2.0  # a group predicted to have ended this long ago, never observed, is dropped
 
 
@@ -54,6 +56,29 @@ class Group:
     start: float  # predicted
     end: float  # predicted
     deadline: float  # the latest end its earliest request accepts (SLO less overhead)
+    slip: float = 0.0  # how far start and end were moved while it ran past its end
+
+
+@dataclass(frozen=True)
+class _Prediction:
+    """A request's prospects on one worker: it `joins` the last queued call (else
+    opens one), making it `count` requests from `start` to `end`; `fits`: the
+    requests already in that call still meet theirs; `latency`, with the overhead
+    quantile `high`; `typical`, with the median overhead; `idle`: nothing runs
+    before it."""
+
+    joins: bool
+    count: int
+    start: float
+    end: float
+    fits: bool
+    latency: float
+    typical: float
+    idle: bool
+    high: float
+
+    def meets(self, slo_s: float) -> bool:
+        return (self.fits and self.latency <= slo_s) or (self.idle and self.typical <= slo_s)
 
 
 @dataclass(frozen=True)
@@ -87,6 +112,7 @@ class StageLedger:
         self._fresh = 0  # residuals since the quantiles were computed
         self._overhead: tuple[float, float] | None = None  # (median, quantile), cached
         self.prompt = False  # ends are reported as they happen (`finished`), not later
+        self.closed_until = -math.inf  # arrivals before this are refused (`closed`)
         self._probed_at = -math.inf
 
     # --- configuration ---------------------------------------------------------------
@@ -104,6 +130,7 @@ class StageLedger:
             raise ValueError(f"StageLedger.plan: service_s needs {self.merge + 1} entries")
         self._service = service
         self.rate = max(0.0, rate)
+        self.closed_until = -math.inf
 
     def overhead(self) -> tuple[float, float]:
         """(median, `admit_quantile` quantile) of the recent residuals, seconds."""
@@ -145,11 +172,40 @@ class StageLedger:
         if worker is None:
             worker = self._first_free(workers, now)
         queue = self._queues.get(worker)
+        if queue:
+            self._catch_up(queue, now)
+        p = self._predict(queue, now, len(workers))
+        # Even past the idle rule (see `_predict`), one every PROBE_EVERY_S probes: a
+        # profile learned from a slow spell (a model's first calls) would otherwise
+        # refuse everything for long.
+        meets = p.meets(slo_s)
+        probe = p.idle and now - self._probed_at >= PROBE_EVERY_S
+        if probe and not meets and p.typical > slo_s:
+            self._probed_at = now
+        admit = meets or probe
+        if not admit and not enter_anyway and not p.idle:
+            self.closed_until = self._reopens(workers, now, slo_s)
+        if admit or enter_anyway:
+            deadline = now + slo_s - p.high
+            last = queue[-1] if queue else None
+            if p.joins:
+                assert last is not None
+                last.count, last.start, last.end = p.count, p.start, p.end
+                last.deadline = min(last.deadline, deadline)
+                group = last
+            else:
+                group = Group(now, 1, p.start, p.end, deadline)
+                self._queues.setdefault(worker, deque()).append(group)
+            self._where[rid] = (worker, group)
+        return Verdict(admit, p.latency, worker)
+
+    def _predict(self, queue: deque[Group] | None, now: float, workers: int) -> _Prediction:
+        """What a request arriving now on a worker with `queue` would meet (pure)."""
         last = queue[-1] if queue else None
         median, high = self.overhead()
         joins = self._joinable(queue, now)
         if joins:
-            assert last is not None
+            assert queue is not None and last is not None
             count = last.count + 1
             start = self._start(queue, last.opened, count, now)
             end = start + self._service[count]
@@ -159,35 +215,39 @@ class StageLedger:
             count = 1
             free = max(last.end, now) if last is not None else now
             start = max(free, now + self._wait(1))
+            end = start + self._service[1]
             fits = True
         # requests expected to join before it starts lengthen its call
-        per_worker = self.rate if self.timeout_s > 0 else self.rate / len(workers)
+        per_worker = self.rate if self.timeout_s > 0 else self.rate / workers
         extra = min(self.merge - count, int(per_worker * max(start - now, 0.0)))
         latency = start + self._service[count + extra] - now + high
         # A worker with nothing to run before this request serves it as soon as the
         # stage can: refusing it would help no other request, and the stage would
         # stop learning (no calls, no residuals) while a tail of stalls inflates its
-        # overhead quantile. Admitted then when its typical latency meets the SLO.
+        # overhead quantile. It is admitted when its typical latency meets the SLO.
         idle = not queue or queue[-1].end <= now or (len(queue) == 1 and queue[0].start > now)
-        # Even past that, one every PROBE_EVERY_S probes: a profile learned from a slow
-        # spell (a model's first calls) would otherwise refuse everything for long.
         typical = latency - high + median
-        probe = idle and now - self._probed_at >= PROBE_EVERY_S
-        admit = (fits and latency <= slo_s) or (idle and typical <= slo_s) or probe
-        if probe and not ((fits and latency <= slo_s) or typical <= slo_s):
-            self._probed_at = now
-        if admit or enter_anyway:
-            deadline = now + slo_s - high
-            if joins:
-                assert last is not None
-                last.count, last.start, last.end = count, start, end
-                last.deadline = min(last.deadline, deadline)
-                group = last
-            else:
-                group = Group(now, 1, start, start + self._service[1], deadline)
-                self._queues.setdefault(worker, deque()).append(group)
-            self._where[rid] = (worker, group)
-        return Verdict(admit, latency, worker)
+        return _Prediction(joins, count, start, end, fits, latency, typical, idle, high)
+
+    def _reopens(self, workers: Sequence[int], now: float, slo_s: float) -> float:
+        """After a refusal: the first time, on a grid of REOPEN_STEPS steps of a
+        REOPEN_GRID-th of the SLO, at which some worker would admit an arrival if
+        nothing but time changed (no call seen ending, no new plan, nothing
+        forgotten; it is reset when one does). Arrivals before then are refused
+        without a prediction each (`closed`): under overload most arrivals are, and
+        the driver refusing them shares its cores with the results of those
+        admitted."""
+        step = slo_s / REOPEN_GRID
+        for k in range(REOPEN_STEPS):
+            t = now + k * step
+            for w in workers:
+                if self._predict(self._queues.get(w), t, len(workers)).meets(slo_s):
+                    return t
+        return now + REOPEN_STEPS * step
+
+    def closed(self, now: float) -> bool:
+        """Whether an arrival now is refused for certain (see `_reopens`)."""
+        return now < self.closed_until
 
     def routed(self, rid: int, worker: int, now: float) -> None:
         """The router sent `rid` to `worker`: move it there if it was entered on
@@ -212,7 +272,8 @@ class StageLedger:
 
     def finished(self, rid: int, now: float, ok: bool = True) -> None:
         """Request `rid` ended at `now` (its result reached the driver): with `ok`, its
-        call's end is observed (the first report of a call counts)."""
+        call's end is observed (the first report of a call counts); without, once ends
+        are seen as they happen (`prompt`), it leaves its call."""
         entry = self._where.pop(rid, None)
         if entry is None:
             return
@@ -222,6 +283,14 @@ class StageLedger:
             self.prompt = True
             if queue and group in queue:
                 self._resolve(queue, group, now)
+        elif self.prompt:
+            # failed, cancelled or past its deadline: it runs no more (its call failed,
+            # or it is dropped from the queue); a call all of whose requests did so is
+            # over, and no stall to wait for
+            group.count -= 1
+            if group.count <= 0 and queue and group in queue:
+                queue.remove(group)
+                self.closed_until = -math.inf
 
     def observed(self, worker: int, size: int, end: float) -> None:
         """Worker `worker` ended a call of `size` requests at `end` (as its report
@@ -256,6 +325,33 @@ class StageLedger:
             return True
         return self.prompt and len(queue) > 1 and now <= queue[-2].end + self.overhead()[1]
 
+    def _catch_up(self, queue: deque[Group], now: float) -> None:
+        """When ends are seen as they happen, a call not seen ending by its typical end
+        is still running (a stall: the worker, or the machine, was slow). Its end is
+        then expected where past calls that ran at least this late ended (the median
+        of those residuals; twice the lateness when none did), and the calls queued
+        behind it move with it. Without this, a request arriving during a stall
+        would be predicted to run at once, and admitted to be late."""
+        first = queue[0]
+        if not self.prompt or first.start > now:
+            return
+        median = self.overhead()[0]
+        planned = first.end - first.slip
+        late = now - planned  # the residual so far
+        if late <= median or late > STALE_S:
+            return
+        past = self.residuals()
+        longer = past[past > late]
+        expected = float(np.median(longer)) if len(longer) else 2.0 * late
+        move = expected - median - first.slip
+        if move <= 0:
+            return
+        first.slip += move
+        first.end += move
+        for group in list(queue)[1:]:
+            group.start += move
+            group.end += move
+
     def _wait(self, count: int) -> float:
         return self.timeout_s if count < self.size else 0.0
 
@@ -279,6 +375,7 @@ class StageLedger:
         entry = self._where.pop(rid, None)
         if entry is None:
             return
+        self.closed_until = -math.inf
         worker, group = entry
         group.count = max(group.count - 1, 0)
         queue = self._queues.get(worker)
@@ -288,11 +385,12 @@ class StageLedger:
     def _resolve(self, queue: deque[Group], group: Group, end: float) -> None:
         """`group`'s call ended at `end`: learn the residual, move the groups queued
         behind it by the surprise, and drop it and those before it."""
-        residual = end - group.end
+        self.closed_until = -math.inf
+        residual = end - (group.end - group.slip)  # against the prediction it was given
         self._residuals.append((end, residual))
         self._fresh += 1
         median, _ = self.overhead()
-        surprise = residual - median
+        surprise = end - group.end - median  # of which `slip` already moved those behind
         while queue:
             done = queue.popleft()
             if done is group:
@@ -302,5 +400,5 @@ class StageLedger:
             later.end += surprise
         # groups that ended long ago and were never observed (cancelled, lost)
         for other in self._queues.values():
-            while other and other[0].end < end - STALE_S:
+            while other and other[0].end - other[0].slip < end - STALE_S:
                 other.popleft()

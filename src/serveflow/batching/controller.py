@@ -78,7 +78,9 @@ class Decision:
     latency for it (None before anything is known); `feasible`: the SLO is predicted
     to hold; `cost_ms`: worker-milliseconds per request (busy, plus idle at its price);
     `spare`: workers to keep loaded beyond `workers`, sent nothing until a plan uses them
-    (a burst past the planned rate then finds them warm, not seconds from ready)."""
+    (a burst past the planned rate then finds them warm, not seconds from ready);
+    `capacity_rps`: for an overload plan, the requests per second it serves within
+    the SLO."""
 
     max_size: int
     timeout_s: float
@@ -87,6 +89,7 @@ class Decision:
     feasible: bool = True
     cost_ms: float | None = None
     spare: int = 0
+    capacity_rps: float | None = None  # an overload plan's: what it serves within the SLO
 
     @property
     def timeout_ms(self) -> float:
@@ -223,6 +226,22 @@ class BatchingController:
             if self._pending:
                 self._pending.pop()  # it will never finish
             return False
+
+    def refuses_outright(self, now: float) -> bool:
+        """Whether an arrival now is refused without a prediction of its own: the
+        last refusal showed that no worker can take one in time before a later
+        moment, unless a call ends or the plan changes first (`StageLedger.closed`).
+        Counted as an arrival and a refusal; then neither `on_arrival` nor `admit`."""
+        if not self.policy.adaptive or self.policy.on_overload != "shed":
+            return False
+        if not self.ledger.closed(now):  # a float read: no lock on the common path
+            return False
+        with self._lock:
+            if not self.ledger.closed(now):
+                return False
+            self.arrivals.record(now)
+            self.shed += 1
+        return True
 
     def routed(self, rid: int, worker: int, now: float) -> None:
         """The router sent admitted request `rid` to `worker`."""
@@ -415,6 +434,14 @@ class BatchingController:
             return None
         self._fitted = fitted
         space = self.space()
+        if fitted.rate >= space.ceiling(self.profile):
+            # More arrive than all workers can serve at any batch size that runs within
+            # the SLO: no search would find a feasible plan (it would take a core for
+            # up to a second, seconds at low priority on a busy machine, while the
+            # warm-up plan served the overload). Admission refuses the excess.
+            self._decision = space.overload(fitted, self.profile)
+            self._basis = self._basis_of(fitted)
+            return None
         key = (
             _rounded(fitted.d0.ravel()),
             _rounded(fitted.d1.ravel()),
@@ -501,6 +528,16 @@ class SearchSpace:
                     continue
                 pairs.append((size, timeout))
         return sorted(set(pairs))
+
+    def ceiling(self, service: ServiceProfile) -> float:
+        """The most requests per second all workers serve with batches whose call
+        fits in the SLO (busy all the time): no plan is feasible at a higher rate."""
+        sizes = np.arange(1, self.cap + 1)
+        times = np.asarray(service.predict(sizes), dtype=float)
+        fits = times < self.slo_s
+        if not fits.any():
+            return 0.0
+        return float(self.max_workers * (sizes[fits] / times[fits]).max())
 
     def search(self, arrivals: MAP, service: ServiceProfile) -> Decision:
         """The best configuration for `arrivals` and `service`."""
@@ -595,7 +632,8 @@ class SearchSpace:
         fits = 2 * times + slack <= self.slo_s
         best = int(sizes[fits][-1]) if fits.any() else 1
         predicted = 2e3 * float(times[best - 1]) + slack * 1e3
-        return Decision(best, 0.0, workers, predicted, False)
+        capacity = workers * best / float(times[best - 1]) if fits.any() else 0.0
+        return Decision(best, 0.0, workers, predicted, False, capacity_rps=capacity)
 
 
 Searcher = Callable[[SearchSpace, MAP, ServiceProfile], Decision]

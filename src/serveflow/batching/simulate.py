@@ -137,15 +137,16 @@ def simulate_controlled(
     plan_every_s: float = 0.1,
 ) -> Served:
     """The runtime around a `BatchingController`, in simulated time: each arrival is
-    offered to the controller (`on_arrival`, `admit`), routed as the runtime's
-    scheduler packs batches (one filling at a time, on the least loaded of the
-    decision's workers; a new one when it is full or its timeout has passed), reaches
-    its worker `send_s` later, and runs as `BatchRule` says (full, or its oldest has
-    waited the timeout since it was sent; more than a batch queued: up to two batches
-    as one call). A call of n requests takes `service([n])` plus `noise(n)` seconds
-    (none by default); its results reach the driver `reply_s` later, where the
-    controller hears of them (`finished`, `on_batch_done`). The controller is asked
-    for its decision every `plan_every_s`, its searches run inline."""
+    offered to the controller (`refuses_outright`, else `on_arrival` and `admit`),
+    routed as the runtime's scheduler packs batches (one filling at a time, on the
+    least loaded of the decision's workers; a new one when it is full or its timeout
+    has passed), reaches its worker `send_s` later, and runs as `BatchRule` says
+    (full, or its oldest has waited the timeout since it was sent; more than a batch
+    queued: up to two batches as one call). A call of n requests takes
+    `service([n])` plus `noise(n)` seconds (none by default); its results reach the
+    driver `reply_s` later, where the controller hears of them (`finished`,
+    `on_batch_done`). The controller is asked for its decision every
+    `plan_every_s`, its searches run inline."""
     times = np.asarray(arrivals, dtype=float)
     n = len(times)
     latencies = np.full(n, np.nan)
@@ -193,6 +194,8 @@ def simulate_controlled(
         now, kind, _, data = heapq.heappop(events)
         if kind == ARRIVE:
             i = data
+            if controller.refuses_outright(now):
+                continue
             controller.on_arrival(now)
             size, timeout, _ = limits()
             pool = list(range(min(decision.workers, workers)))

@@ -319,13 +319,18 @@ class ControlPlane:
         SLO, predicted from where the router would send it and what is queued there;
         a refusal sheds the request with OverloadError naming the stage, at once."""
         now = time.monotonic()
-        with self._lock:
-            places = {i: self._next_place(app, i, now) for i in app.controllers}
+        places = None
         admitted = []
         for index, controller in app.controllers.items():
-            controller.on_arrival(now)
-            workers, worker = places[index]
-            if not controller.admit(now, request.id, workers, worker):
+            refused = controller.refuses_outright(now)
+            if not refused:
+                if places is None:
+                    with self._lock:
+                        places = {i: self._next_place(app, i, now) for i in app.controllers}
+                controller.on_arrival(now)
+                workers, worker = places[index]
+                refused = not controller.admit(now, request.id, workers, worker)
+            if refused:
                 for other in admitted:
                     other.forget(request.id)
                 stage = app.plan.stages[index]
