@@ -11,7 +11,7 @@ share all of it.
 A request's path: `App.run` -> `start` (admission) -> `_route` (workers for every
 stage; or the wait line when no worker has room) -> `Input` to the first stages'
 workers; from there results travel worker to worker and the last stage's `Result`
-comes back to `on_message`, which settles the future; `_finish` releases the
+comes back to `on_message`, which settles the future; `finish` releases the
 request's load and routes requests waiting for room.
 """
 
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serveflow.errors import InputError, OperatorError, OverloadError
-from serveflow.logical.table import Table
 from serveflow.optimizer.placement import place
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import messages as m
@@ -170,6 +169,9 @@ class DeployedApp(App):
     def _submit(self, request: Request) -> None:
         self._control.start(self, request)
 
+    def _finish(self, request: Request, failed: bool) -> None:
+        self._control.finish(self, request, failed)
+
     def stats(self) -> dict[str, dict[str, Any]]:
         return self._control.stage_figures(self)
 
@@ -312,11 +314,10 @@ class ControlPlane:
         if app.controllers and not self._admit(app, request):
             return
         with self._lock:
+            if request.ended:  # a deadline already passed, or cancelled
+                return
             app.active[request.id] = request
             self._route(app, request)
-        request.future.add_done_callback(
-            lambda f: self._finish(app, request, f.cancelled() or f.exception() is not None)
-        )
 
     def _admit(self, app: DeployedApp, request: Request) -> bool:
         """Ask each SLO-aware batching stage whether this request can still meet its
@@ -434,7 +435,9 @@ class ControlPlane:
                 break
         return True
 
-    def _finish(self, app: DeployedApp, request: Request, failed: bool) -> None:
+    def finish(self, app: DeployedApp, request: Request, failed: bool) -> None:
+        """A request ended (`Request.on_end`): release its load, cancel its work if it
+        failed, route requests waiting for room."""
         now = time.monotonic()
         with self._lock:
             if app.active.pop(request.id, None) is None:
@@ -457,8 +460,11 @@ class ControlPlane:
         while waiting and self._unrouted:
             waiting -= 1
             app, request = self._unrouted.popleft()
-            if not request.future.done() and not self._route(app, request):
-                return  # no room anywhere: it went back to the end of the line
+            if not request.ended and not self._route(app, request):
+                # no room anywhere: it waits at the head of the line again (at the
+                # end, requests would overtake it on every try: a long tail)
+                self._unrouted.appendleft(self._unrouted.pop())
+                return
 
     def _release(self, app: DeployedApp, request: Request) -> None:
         """Stop counting a finished (or re-routed) request's stage runs against its
@@ -526,10 +532,7 @@ class ControlPlane:
                 app = self._apps.get(app_id)
                 request = app.active.get(rid) if app else None
                 if request is not None:
-                    # Book-keeping first: the caller waiting on the future runs as soon
-                    # as this thread lets go of the GIL, not after its callbacks.
-                    self._finish(app, request, not isinstance(value, Table))
-                    request.settle(value)
+                    request.settle(value)  # its book-keeping first (`finish`)
             case m.Stats():
                 self._on_stats(message)
             case m.Done():
@@ -563,6 +566,7 @@ class ControlPlane:
             w = self._workers.get(index)
             if w is None:
                 return
+            w.heard_at = time.monotonic()  # a slow start is no silence
             for deploy in self._deploys.values():
                 self.engine.send(index, deploy)
             for app in self._apps.values():
@@ -705,10 +709,15 @@ class ControlPlane:
         """Mark workers not heard from (frozen, holding the GIL) and those in a long
         call, from their heartbeats: routing avoids them."""
         now = time.monotonic()
+        heard_again = False
         for w in self._workers.values():
             if w.ready:
-                w.load.silent = now - w.heard_at > SILENT_S
+                silent = now - w.heard_at > SILENT_S
+                heard_again |= w.load.silent and not silent
+                w.load.silent = silent
                 w.load.stalled = w.busy_since is not None and now - w.busy_since > STALLED_S
+        if heard_again:  # heard from by a report, not a heartbeat: route what waits for it
+            self._route_waiting()
 
     def _kill_stuck(self) -> None:
         """Kill a worker whose stage has run longer than `stage_timeout_s`, or that has
