@@ -15,6 +15,9 @@ Systems, all started in this run on this machine:
 
 Sequential latencies are measured in interleaved rounds; then throughput with 32
 requests in flight for each system. Prints the ratios the targets are stated in.
+For serveflow, the records also give the CPU time per request at 32 in flight of the
+driver (this process: the runtime's control plane and the benchmark's client) and of
+its workers together: what bounds throughput on a machine of few cores.
 
     python -m benchmarks.overhead [--quick] [--no-ray] [--no-cgraph] [--no-triton]
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +80,19 @@ class ServeflowSystem:
         self.app.stop()
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes `pids` have used, from /proc."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     def flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve peer")
@@ -95,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     closers: list[Callable[[], None]] = []
     seq: dict[str, Callable[[int], list[float]]] = {}
     submitters: dict[str, Callable[[], Any]] = {}
+    worker_pids: dict[str, Callable[[], list[int]]] = {}  # systems whose CPU is counted
+    cpu: dict[str, dict[str, float]] = {}
     notes: dict[str, str] = {}
     triton: Any = None
     cgraph: Any = None
@@ -110,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         closers.append(unfused.close)
         seq["serveflow"] = lambda k: common.sequential(unfused.call, k)
         submitters["serveflow"] = unfused.submit
+        worker_pids["serveflow"] = unfused.app.runtime.worker_pids
 
         fused = ServeflowSystem(sf.Rules(), payload)
         closers.append(fused.close)
         seq["serveflow-fused"] = lambda k: common.sequential(fused.call, k)
         submitters["serveflow-fused"] = fused.submit
+        worker_pids["serveflow-fused"] = fused.app.runtime.worker_pids
 
         if own.no_triton:
             notes["triton"] = "skipped (--no-triton)"
@@ -189,7 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, submit in submitters.items():
             total = n_loop // 3 if name == "ray-serve" else n_loop
             common.closed_loop(submit, min(total, 100), IN_FLIGHT)  # warm the pool
+            pids = worker_pids[name]() if name in worker_pids else []
+            before = os.times(), _cpu_seconds(pids)
             rps, lat, failures = common.closed_loop(submit, total, IN_FLIGHT)
+            if pids:
+                driver = os.times()
+                cpu[name] = {
+                    "driver_cpu_us_per_request": 1e6
+                    * (driver.user + driver.system - before[0].user - before[0].system)
+                    / total,
+                    "workers_cpu_us_per_request": 1e6 * (_cpu_seconds(pids) - before[1]) / total,
+                }
             throughput[name] = rps
             loop_latencies[name] = lat
             if failures:
@@ -232,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 payload_bytes=PAYLOAD_BYTES,
                 note=notes.get(name),
                 **extra,
+                **cpu.get(name, {}),
             )
         )
     for name, note in notes.items():
@@ -282,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         title="overhead: 3 identity stages, 10 KB",
     )
     common.print_table(ratios, ("ratio", "value", "target", "met"), title="ratios")
+    for name, figures in cpu.items():
+        print(
+            f"cpu at {IN_FLIGHT} in flight, {name}: driver "
+            f"{figures['driver_cpu_us_per_request']:.0f} us + workers "
+            f"{figures['workers_cpu_us_per_request']:.0f} us per request"
+        )
     for name, note in notes.items():
         print(f"note: {name}: {note}")
     common.write_json(NAME, records, args.out)

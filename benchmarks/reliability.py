@@ -7,10 +7,15 @@ Each part starts `serveflow serve` in a child process and drives it over HTTP:
   Every answer is checked against its input (no wrong, duplicate or missing answer);
   reported: errors, throughput vs the same clients without faults, and the slowest
   requests while a worker was stopped (the heartbeat timeout bounds them).
-- overload: `hey` (a load generator outside this process tree) finds the sustainable
-  rate (closed loop with as many connections as the server admits), the unloaded p99
-  (at a quarter of it), then offers 3x the sustainable rate to a server with
-  `--max-in-flight`: admitted throughput and p99 vs those, and what a refusal costs.
+- overload: `wrk` (a load generator outside this process tree, with open_loop.lua: one
+  connection per thread, each on its own Poisson schedule) finds the sustainable rate
+  (closed loop with as many connections as the server admits), the unloaded p99 (at a
+  quarter of it), then offers 3x the sustainable rate over 96 connections to a server
+  with `--max-in-flight`: admitted throughput and p99 vs those, what a refusal costs
+  the server, and the CPU the generator and the workers used in each phase. (`hey -q`
+  is not used there: its connections tick at the same instants, so a flood arrives in
+  bursts of 96 with nothing between them, and the admitted slots sit empty between
+  bursts whatever the server does.)
 - fuzz: schemathesis against the live server's /openapi.json (every check, the
   server's token set), then hypothesis-built bodies: wrong types, huge values, deep
   nesting, NaN, unicode, compression bombs and lying `.npy` headers. No answer may be
@@ -36,6 +41,7 @@ import itertools
 import logging
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -306,7 +312,7 @@ def chaos_failures(records: list[common.Record]) -> list[str]:
     return problems
 
 
-# --- overload (hey) -----------------------------------------------------------------------
+# --- overload (wrk) -----------------------------------------------------------------------
 
 
 def hey(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
@@ -328,6 +334,41 @@ def hey(url: str, seconds: float, connections: int, rate: float | None = None) -
     return {"rows": rows, "seconds": seconds}
 
 
+OPEN_LOOP_SCRIPT = Path(__file__).with_name("open_loop.lua")
+
+
+def open_loop(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
+    """Run `wrk` with open_loop.lua for `seconds` (whole: wrk takes no fraction):
+    `connections` connections (a thread each), each sending on its own Poisson schedule
+    (`rate` req/s in all), or a closed loop without `rate`; rows as `hey` gives them,
+    and the CPU seconds wrk used."""
+    seconds = max(1, round(seconds))
+    per_connection = 0.0 if rate is None else rate / connections
+    body = '{"rows": [{"x": 1}]}'
+    # niced like hey: the generator stands for clients on other machines
+    command = ["nice", "-n", "10", "wrk", f"-t{connections}", f"-c{connections}",
+               f"-d{seconds:g}s", "--timeout", "10s", "-s", str(OPEN_LOOP_SCRIPT), url,
+               "--", f"{per_connection:.6f}", body, f"Bearer {TOKEN}",
+               f"{time.monotonic():.6f}"]  # fmt: skip
+    cpu = _children_cpu_s()
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    cpu = _children_cpu_s() - cpu
+    rows = []
+    for line in out.stdout.splitlines():
+        if line.startswith("row,"):
+            _, offset, latency, status = line.split(",")
+            rows.append((float(offset), float(latency), int(status)))
+    if not rows:
+        raise RuntimeError(f"wrk gave no rows ({out.returncode}): {out.stderr.strip()[-500:]}")
+    return {"rows": rows, "seconds": seconds, "client_cpu_s": cpu}
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _hey_record(scenario: str, run: dict, **extra: Any) -> common.Record:
     rows, seconds = run["rows"], run["seconds"]
     admitted = [lat for _, lat, status in rows if status == 200]
@@ -340,46 +381,79 @@ def _hey_record(scenario: str, run: dict, **extra: Any) -> common.Record:
     )  # fmt: skip
 
 
-def run_overload(seconds: float, max_in_flight: int, flow: str = "work") -> list[common.Record]:
-    records = []
+OVERLOAD_ROUNDS = 3  # the phases alternate this many times: drift on a shared machine hits all
+UNLOADED_CONNECTIONS = 16  # at a quarter of the rate, one slow answer delays few others
+
+
+def run_overload(
+    seconds: float, max_in_flight: int, flow: str = "work", rounds: int = OVERLOAD_ROUNDS
+) -> list[common.Record]:
+    """Sustainable, unloaded and 3x phases of `seconds` each, measured as `rounds`
+    alternating slices; each round's rates follow its own closed-loop slice."""
+    bound = f"{flow}, --max-in-flight {max_in_flight}"
+    phases = {
+        f"{bound}: sustainable (closed loop, as many connections)": (max_in_flight, None),
+        f"{bound}: unloaded (0.25x sustainable)": (UNLOADED_CONNECTIONS, 0.25),
+        f"{bound}: overload 3x sustainable, 96 connections": (96, 3.0),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in phases}
     with Server("--max-in-flight", str(max_in_flight)) as server:
         url = _predict_url(server, flow)
-        hey(url, 2.0, max_in_flight)  # warm
+        open_loop(url, 2.0, max_in_flight)  # warm
+        for _ in range(rounds):
+            rate = None
+            for name, (connections, share) in phases.items():
+                cpu = _cpu_s(server.process.pid)
+                worker_cpu = {pid: _cpu_s(pid) for pid in server.workers()}
+                offered = None if share is None else share * rate
+                run = open_loop(url, seconds / rounds, connections, offered)
+                run["server_cpu_s"] = _cpu_s(server.process.pid) - cpu
+                run["workers_cpu_s"] = sum(  # workers started meanwhile count from 0
+                    _cpu_s(pid) - worker_cpu.get(pid, 0.0) for pid in server.workers()
+                )
+                runs[name].append(run)
+                if share is None:
+                    rate = sum(status == 200 for _, _, status in run["rows"]) / run["seconds"]
+                    if not rate:
+                        raise RuntimeError(f"{name}: no request answered")
+    capacity, unloaded, flood = (_merged(name, runs[name]) for name in phases)
+    flood["max_in_flight"] = max_in_flight
+    sustainable = capacity["throughput_rps"]
+    flood["goodput_ratio"] = common.ratio(flood["throughput_rps"], sustainable)
+    flood["offered_ratio"] = common.ratio(flood["offered_rps"], sustainable)
+    flood["p99_ratio_vs_unloaded"] = common.ratio(flood["p99_ms"], unloaded["p99_ms"])
+    # the server process's CPU per admitted request, measured at the sustainable rate,
+    # leaves what the refusals of the flood cost it
+    per_admitted = capacity["server_cpu_s"] / max(1, capacity["n"])
+    refusals = flood["refused_rps"] * flood["seconds"]
+    refusing = flood["server_cpu_s"] - per_admitted * flood["n"]
+    flood["server_cpu_per_admitted_us"] = per_admitted * 1e6
+    flood["server_cpu_per_refusal_us"] = refusing / refusals * 1e6 if refusals else None
+    return [capacity, unloaded, flood]
 
-        def measured(scenario: str, *args: Any, **extra: Any) -> common.Record:
-            cpu = _cpu_s(server.process.pid)
-            record = _hey_record(scenario, hey(url, seconds, *args), **extra)
-            record["server_cpu_s"] = _cpu_s(server.process.pid) - cpu
-            return record
 
-        capacity = measured(f"{flow}: sustainable (closed loop, --max-in-flight connections)",
-                            max_in_flight)  # fmt: skip
-        sustainable = capacity["throughput_rps"]
-        unloaded = measured(f"{flow}: unloaded (0.25x sustainable)", 4, 0.25 * sustainable)
-        flood = measured(f"{flow}: overload 3x sustainable, 96 connections", 96,
-                         3.0 * sustainable, max_in_flight=max_in_flight)  # fmt: skip
-        flood["goodput_ratio"] = common.ratio(flood["throughput_rps"], sustainable)
-        flood["p99_ratio_vs_unloaded"] = common.ratio(flood["p99_ms"], unloaded["p99_ms"])
-        # the server process's CPU per admitted request, measured at the sustainable
-        # rate, leaves what the refusals of the flood cost it
-        per_admitted = capacity["server_cpu_s"] / max(1, capacity["n"])
-        refusals = flood["refused_rps"] * seconds
-        refusing = flood["server_cpu_s"] - per_admitted * flood["n"]
-        flood["server_cpu_per_admitted_us"] = per_admitted * 1e6
-        flood["server_cpu_per_refusal_us"] = refusing / refusals * 1e6 if refusals else None
-        records += [capacity, unloaded, flood]
-    return records
+def _merged(scenario: str, runs: list[dict]) -> common.Record:
+    """One record of a phase's slices: their requests together, CPU summed."""
+    total = {"rows": [row for run in runs for row in run["rows"]],
+             "seconds": sum(run["seconds"] for run in runs)}  # fmt: skip
+    record = _hey_record(scenario, total, rounds=len(runs), seconds=total["seconds"])
+    for key in ("server_cpu_s", "workers_cpu_s", "client_cpu_s"):
+        record[key] = sum(run[key] for run in runs)
+    return record
 
 
 def overload_failures(records: list[common.Record]) -> list[str]:
     flood = records[-1]
     problems = []
+    bound = f"--max-in-flight {flood['max_in_flight']}"
     if (flood["goodput_ratio"] or 0) < GOODPUT_TARGET:
-        problems.append(f"admitted throughput at 3x is {flood['goodput_ratio']:.2f}x sustainable")
+        problems.append(f"{bound}: admitted throughput at 3x is "
+                        f"{flood['goodput_ratio']:.2f}x sustainable")  # fmt: skip
     if (flood["p99_ratio_vs_unloaded"] or 99) > P99_TARGET:
-        problems.append(f"admitted p99 at 3x is {flood['p99_ratio_vs_unloaded']:.2f}x unloaded")
+        problems.append(f"{bound}: admitted p99 at 3x is "
+                        f"{flood['p99_ratio_vs_unloaded']:.2f}x unloaded")  # fmt: skip
     if flood["other_statuses"]:
-        problems.append(f"{flood['other_statuses']} answers neither 200 nor 503 at 3x")
+        problems.append(f"{bound}: {flood['other_statuses']} answers neither 200 nor 503 at 3x")
     return problems
 
 
@@ -630,7 +704,9 @@ def plot(records: list[common.Record], out: Path) -> None:
         twin.set_ylabel("p99 ms")
         left.legend(loc="upper left")
         twin.legend(loc="upper right")
-    bars = [r for r in records if r["scenario"].startswith(("chaos", "sustainable", "overload"))]
+    bars = [r for r in records
+            if r["scenario"].startswith("chaos") or ": sustainable" in r["scenario"]
+            or ": overload" in r["scenario"]]  # fmt: skip
     right.barh([r["scenario"] for r in bars], [r["throughput_rps"] or 0 for r in bars])
     right.set(xlabel="answered req/s (200)", title="throughput under faults and overload")
     common.save_figure(fig, NAME, out)
@@ -645,16 +721,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--minutes", type=float, default=30.0, help="soak length")
         parser.add_argument("--soak-rate", type=float, default=None,
                             help="soak req/s (default: half the measured capacity)")  # fmt: skip
-        parser.add_argument("--max-in-flight", type=int, default=8)
+        parser.add_argument("--max-in-flight", default="8,4",
+                            help="overload: the bounds to try, comma-separated (default 8,4: "
+                                 "4 and 2 per worker)")  # fmt: skip
 
     args = common.parse_args(__doc__.split("\n")[0], argv, configure)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per fuzzed request
     default_parts = "chaos,overload,fuzz" if args.quick else "chaos,overload,fuzz,soak"
     parts = (args.parts or default_parts).split(",")
     seconds = args.seconds or (6.0 if args.quick else 20.0)
-    if ("overload" in parts or "soak" in parts) and shutil.which("hey") is None:
-        print("`hey` is missing: bash scripts/reliability_tools.sh", file=sys.stderr)
-        return 2
+    for tool, needed in (("hey", "soak" in parts), ("wrk", "overload" in parts)):
+        if needed and shutil.which(tool) is None:
+            print(f"`{tool}` is missing: bash scripts/reliability_tools.sh", file=sys.stderr)
+            return 2
     records: list[common.Record] = []
     problems: list[str] = []
     if "chaos" in parts:
@@ -663,9 +742,10 @@ def main(argv: list[str] | None = None) -> int:
         records += got
         problems += chaos_failures(got)
     if "overload" in parts:
-        got = run_overload(seconds, args.max_in_flight)
-        records += got
-        problems += overload_failures(got)
+        for bound in args.max_in_flight.split(","):
+            got = run_overload(seconds, int(bound))
+            records += got
+            problems += overload_failures(got)
     if "fuzz" in parts:
         got = run_fuzz(examples=150 if args.quick else 1000,
                        schemathesis_examples=20 if args.quick else 200)  # fmt: skip

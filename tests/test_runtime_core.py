@@ -395,6 +395,19 @@ def test_a_request_past_its_deadline_stops_occupying_its_worker(pool):
 
 
 @pytest.mark.timeout(60)
+def test_a_cancelled_future_stops_occupying_its_worker(pool):
+    app = _slow_rows_app(pool)
+    long = app.run({"a": list(range(100))})  # 10 s of work
+    time.sleep(0.3)
+    assert long.cancel() and long.cancelled()
+    assert not long.cancel() or long.cancelled()  # cancelling twice changes nothing
+    started = time.monotonic()
+    assert app.run({"a": [7]}).result(timeout=RESULT_S).to_rows() == [{"a": 7}]
+    took = time.monotonic() - started
+    assert took < 2.0, f"the next request waited {took:.2f} s for a cancelled one"
+
+
+@pytest.mark.timeout(60)
 def test_a_request_whose_http_client_went_away_stops_occupying_its_worker(pool):
     from serveflow.serving import Server
 
@@ -658,7 +671,7 @@ DRIVER = textwrap.dedent(
     import numpy as np
     import serveflow as sf
 
-    rt = sf.LocalRuntime(min_workers=3)
+    rt = sf.LocalRuntime(min_workers=3, heartbeat_timeout_s=None)  # the hog stays
     hog = sf.Flow("hog")  # holds the GIL: a thread of its worker cannot run
     hog.map(lambda r: sum(range(10**12)), names=["x"])
     held = [hog.deploy(runtime=rt).run({"a": [1]})]

@@ -411,6 +411,13 @@ class RayEngine:
         """Unknown: an actor may live on another node (late heartbeats get longer)."""
         return False
 
+    def cpu_seconds(self, index: int) -> float | None:
+        """Unknown, for the same reason: a silent actor gets the longer allowance."""
+        return None
+
+    def caught_up_at(self) -> float:
+        return time.monotonic()  # not used: cpu_seconds is unknown
+
     def sweep(self, keep: set[int]) -> None:
         """Nothing to do: Ray frees a value once no reference to it is left."""
 

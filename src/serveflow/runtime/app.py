@@ -75,20 +75,21 @@ class App(abc.ABC):
         """Submit one request; its future holds the output table, or fails for this
         request alone with OperatorError, InputError, OverloadError (too many requests
         in flight) or DeadlineError (`timeout` seconds passed; queued work is dropped)."""
-        request = Request(as_table(table), timeout)
+        request = Request(as_table(table), timeout, self._ended)
         with self._lock:
             if self._stopped:
                 raise RuntimeError(f"app {self.name!r} is stopped")
-            if len(self._in_flight) >= self._max_in_flight:
-                request.settle(
-                    OverloadError(
-                        f"flow {self.name!r} has {len(self._in_flight)} requests in flight "
-                        "(the limit); retry later"
-                    )
+            in_flight = len(self._in_flight)
+            if in_flight < self._max_in_flight:
+                self._in_flight.add(request.future)
+        if in_flight >= self._max_in_flight:
+            request.settle(
+                OverloadError(
+                    f"flow {self.name!r} has {in_flight} requests in flight "
+                    "(the limit); retry later"
                 )
-                return request.future
-            self._in_flight.add(request.future)
-        request.future.add_done_callback(self._forget)
+            )
+            return request.future
         try:
             check_schema(self.plan.schema, request.table)
         except InputError as error:
@@ -100,13 +101,19 @@ class App(abc.ABC):
         self._submit(request)
         return request.future
 
-    def _forget(self, future: Future[Table]) -> None:
+    def _ended(self, request: Request, failed: bool) -> None:
         with self._lock:
-            self._in_flight.discard(future)
+            self._in_flight.discard(request.future)
+        self._finish(request, failed)
 
     @abc.abstractmethod
     def _submit(self, request: Request) -> None:
         """Start executing a request's first stages."""
+
+    @abc.abstractmethod
+    def _finish(self, request: Request, failed: bool) -> None:
+        """Release what a request that ended (settled or cancelled) held: called once,
+        before its future is resolved; also for requests never submitted."""
 
     @abc.abstractmethod
     def stats(self) -> dict[str, dict[str, Any]]:

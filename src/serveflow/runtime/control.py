@@ -11,7 +11,7 @@ share all of it.
 A request's path: `App.run` -> `start` (admission) -> `_route` (workers for every
 stage; or the wait line when no worker has room) -> `Input` to the first stages'
 workers; from there results travel worker to worker and the last stage's `Result`
-comes back to `on_message`, which settles the future; `_finish` releases the
+comes back to `on_message`, which settles the future; `finish` releases the
 request's load and routes requests waiting for room.
 """
 
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serveflow.errors import InputError, OperatorError, OverloadError
-from serveflow.logical.table import Table
 from serveflow.optimizer.placement import place
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import messages as m
@@ -58,6 +57,10 @@ SILENT_S = 2.0  # a worker not heard from this long (heartbeats every 0.5 s) get
 HEARTBEAT_TIMEOUT_S = 1.5  # default: a worker not heard from this long is killed, replaced
 LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading a stage
 WEDGED_FACTOR = 4  # a silent worker the engine does not see stopped gets this many times longer
+# ...unless it used at least this share of a core over the second half of its
+# allowance: then it runs code that keeps its heartbeat thread out (the GIL held in
+# native code), which a starved or blocked process does not
+WEDGED_CPU_SHARE = 0.1
 LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
 STALLED_S = 1.0  # a call running this long: a locality key goes to another worker
 
@@ -76,6 +79,7 @@ class WorkerState:
     heard_at: float = field(default_factory=time.monotonic)  # its last heartbeat or report
     retiring: bool = False
     killed_for: str = ""
+    cpu_mark: tuple[float, float] | None = None  # (when, CPU seconds) while silent
 
 
 def check_pool(min_workers: int, max_workers: int) -> None:
@@ -171,6 +175,9 @@ class DeployedApp(App):
     def _submit(self, request: Request) -> None:
         self._control.start(self, request)
 
+    def _finish(self, request: Request, failed: bool) -> None:
+        self._control.finish(self, request, failed)
+
     def stats(self) -> dict[str, dict[str, Any]]:
         return self._control.stage_figures(self)
 
@@ -193,11 +200,11 @@ class ControlPlane:
     stage_timeout_s: a worker running one batch longer than this is killed and its
         requests re-run (None: no limit).
     heartbeat_timeout_s: a worker not heard from this long (heartbeats every 0.5 s)
-        that the engine sees stopped (SIGSTOP) is killed, its requests re-run
-        elsewhere and a new worker started; one still running (wedged: holding the GIL
-        in native code, or only slowed by an overloaded machine) after WEDGED_FACTOR
-        times as long; while it said it was loading a stage, after LOADING_SILENT_S.
-        None: never (a silent worker is only routed around).
+        that the engine sees stopped (SIGSTOP) or still using the CPU (wedged: holding
+        the GIL in native code) is killed, its requests re-run elsewhere and a new
+        worker started; one neither (blocked, or starved by an overloaded machine)
+        after WEDGED_FACTOR times as long; while it said it was loading a stage,
+        after LOADING_SILENT_S. None: never (a silent worker is only routed around).
     """
 
     def __init__(
@@ -313,11 +320,10 @@ class ControlPlane:
         if app.controllers and not self._admit(app, request):
             return
         with self._lock:
+            if request.ended:  # a deadline already passed, or cancelled
+                return
             app.active[request.id] = request
             self._route(app, request)
-        request.future.add_done_callback(
-            lambda f: self._finish(app, request, f.cancelled() or f.exception() is not None)
-        )
 
     def _admit(self, app: DeployedApp, request: Request) -> bool:
         """Ask each SLO-aware batching stage whether this request can still meet its
@@ -439,7 +445,9 @@ class ControlPlane:
                 break
         return True
 
-    def _finish(self, app: DeployedApp, request: Request, failed: bool) -> None:
+    def finish(self, app: DeployedApp, request: Request, failed: bool) -> None:
+        """A request ended (`Request.on_end`): release its load, cancel its work if it
+        failed, route requests waiting for room."""
         now = time.monotonic()
         with self._lock:
             if app.active.pop(request.id, None) is None:
@@ -462,8 +470,11 @@ class ControlPlane:
         while waiting and self._unrouted:
             waiting -= 1
             app, request = self._unrouted.popleft()
-            if not request.future.done() and not self._route(app, request):
-                return  # no room anywhere: it went back to the end of the line
+            if not request.ended and not self._route(app, request):
+                # no room anywhere: it waits at the head of the line again (at the
+                # end, requests would overtake it on every try: a long tail)
+                self._unrouted.appendleft(self._unrouted.pop())
+                return
 
     def _release(self, app: DeployedApp, request: Request) -> None:
         """Stop counting a finished (or re-routed) request's stage runs against its
@@ -550,10 +561,7 @@ class ControlPlane:
                 app = self._apps.get(app_id)
                 request = app.active.get(rid) if app else None
                 if request is not None:
-                    # Book-keeping first: the caller waiting on the future runs as soon
-                    # as this thread lets go of the GIL, not after its callbacks.
-                    self._finish(app, request, not isinstance(value, Table))
-                    request.settle(value)
+                    request.settle(value)  # its book-keeping first (`finish`)
             case m.Stats():
                 self._on_stats(message)
             case m.Done():
@@ -587,6 +595,7 @@ class ControlPlane:
             w = self._workers.get(index)
             if w is None:
                 return
+            w.heard_at = time.monotonic()  # a slow start is no silence
             for deploy in self._deploys.values():
                 self.engine.send(index, deploy)
             for app in self._apps.values():
@@ -729,10 +738,15 @@ class ControlPlane:
         """Mark workers not heard from (frozen, holding the GIL) and those in a long
         call, from their heartbeats: routing avoids them."""
         now = time.monotonic()
+        heard_again = False
         for w in self._workers.values():
             if w.ready:
-                w.load.silent = now - w.heard_at > SILENT_S
+                silent = now - w.heard_at > SILENT_S
+                heard_again |= w.load.silent and not silent
+                w.load.silent = silent
                 w.load.stalled = w.busy_since is not None and now - w.busy_since > STALLED_S
+        if heard_again:  # heard from by a report, not a heartbeat: route what waits for it
+            self._route_waiting()
 
     def _kill_stuck(self) -> None:
         """Kill a worker whose stage has run longer than `stage_timeout_s`, or that has
@@ -748,14 +762,15 @@ class ControlPlane:
             silent_for = now - w.heard_at
             allowed = self._silence_allowed(w)
             stopped = silent_for > allowed and self.engine.suspended(w.index)
-            if not stopped:
-                # still running: more likely slowed (its sends to an overloaded driver
-                # wait, the machine is oversubscribed) than wedged; give it longer
+            wedged = None if stopped else self._keeps_heartbeats_out(w, now, allowed)
+            if not (stopped or wedged):
+                # neither stopped nor seen running: more likely starved of CPU by an
+                # oversubscribed machine, or blocked, than wedged; give it longer
                 allowed *= WEDGED_FACTOR
             if limit is not None and w.busy_since is not None and now - w.busy_since > limit:
                 w.killed_for = f"a stage ran longer than stage_timeout_s={limit:g}"
             elif judge_silence and silent_for > allowed:
-                how = "stopped" if stopped else "running, but wedged"
+                how = "stopped" if stopped else f"wedged: {wedged}" if wedged else "silent"
                 w.killed_for = f"no heartbeat for {silent_for:.1f} s ({how})"
             elif limit is not None and w.load.outstanding and silent_for > max(limit, SILENT_S):
                 w.killed_for = f"it stopped answering for longer than stage_timeout_s={limit:g}"
@@ -763,6 +778,27 @@ class ControlPlane:
                 continue
             log.warning("worker %d: %s; killing it", w.index, w.killed_for)
             self.engine.kill(w.index)
+
+    def _keeps_heartbeats_out(self, w: WorkerState, now: float, allowed: float) -> str | None:
+        """How much CPU silent worker `w` used over the second half of its allowance,
+        if at least WEDGED_CPU_SHARE of a core while the engine handled every message
+        sent until then: it is running, and its heartbeat thread cannot get in (the
+        GIL held in native code); else None. A process stopped, blocked or starved of
+        CPU uses next to none; a model load is announced before it starts (and
+        allowed LOADING_SILENT_S)."""
+        if now - w.heard_at < allowed / 2:
+            return None
+        cpu = self.engine.cpu_seconds(w.index)
+        if cpu is None:
+            return None
+        if w.cpu_mark is None or w.cpu_mark[0] < w.heard_at:  # silent since: measure
+            w.cpu_mark = (now, cpu)
+            return None
+        since, used = now - w.cpu_mark[0], cpu - w.cpu_mark[1]
+        caught_up = self.engine.caught_up_at() >= w.cpu_mark[0]  # (pings the engine)
+        if since > 0 and used >= WEDGED_CPU_SHARE * since and caught_up:
+            return f"{used:.2f} s of CPU in {since:.2f} s"
+        return None
 
     def _silence_allowed(self, w: WorkerState) -> float:
         if self.heartbeat_timeout_s is None:

@@ -54,6 +54,17 @@ class Engine(Protocol):
         that cannot tell answers False (late heartbeats are then given longer)."""
         ...
 
+    def cpu_seconds(self, index: int) -> float | None:
+        """CPU time the worker's process has used so far (every thread), or None if
+        unknown: a worker silent while it keeps using the CPU is running code that
+        keeps its heartbeat thread out (the GIL held in native code), not starved."""
+        ...
+
+    def caught_up_at(self) -> float:
+        """When (time.monotonic()) the engine last had no message from its workers
+        waiting to be handled: a heartbeat not seen since was not sent."""
+        ...
+
     def sweep(self, keep: set[int]) -> None:
         """Free the data of requests not in `keep`."""
 

@@ -53,11 +53,13 @@ class LocalRuntime(ControlPlane):
     target_in_flight: stage runs per worker above which the pool grows.
     stage_timeout_s: a worker running one batch longer than this is killed and its
         requests re-run (None: no limit). Guards against user code that hangs.
-    heartbeat_timeout_s: a worker not heard from this long (it beats every 0.5 s) is
-        taken for frozen (stopped, or holding the GIL in native code): it is killed, its
-        requests re-run on other workers and a new worker started. While a worker
-        loads a stage the allowance is 30 s. None: never; silent workers are only
-        routed around.
+    heartbeat_timeout_s: a worker not heard from this long (it beats every 0.5 s) that
+        is stopped (SIGSTOP) or still using the CPU (holding the GIL in native code) is
+        taken for frozen: it is killed, its requests re-run on other workers and a new
+        worker started. One silent without using the CPU (blocked, or starved by an
+        overloaded machine) gets 4x as long; while a worker loads a stage (it says so
+        first) the allowance is 30 s. None: never; silent workers are only routed
+        around.
     """
 
     def __init__(

@@ -19,6 +19,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import cloudpickle
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 WORKER_MAIN = "from serveflow.runtime.worker import main; main()"
 FROM_WORKERS = (m.Hello, m.Result, m.Done, m.Located, m.Beat, m.Stats)
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of CPU times in /proc
+_PING = b""  # the engine to its own receiver (no message encodes to nothing)
 
 
 class ProcessEngine:
@@ -51,6 +54,8 @@ class ProcessEngine:
         self._receiver: threading.Thread | None = None
         self._closing = False
         self._failed: dict[int, str] = {}  # workers that could not start
+        self._caught_up_at = time.monotonic()  # see caught_up_at
+        self._ping_sent: float | None = None  # a ping on its way to the receiver since
         self._spawns: queue.SimpleQueue[tuple[int, int | None] | None] = queue.SimpleQueue()
         self._spawn_thread = threading.Thread(
             target=self._spawner, name="serveflow:spawner", daemon=True
@@ -152,6 +157,30 @@ class ProcessEngine:
         except (OSError, IndexError):
             return False
 
+    def cpu_seconds(self, index: int) -> float | None:
+        with self._lock:
+            process = self._processes.get(index)
+        if process is None:
+            return None
+        try:  # Linux: utime and stime, the 12th and 13th fields after the command name
+            with open(f"/proc/{process.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def caught_up_at(self) -> float:
+        """When the last ping the engine sent itself was sent, once the receiver got
+        it: datagrams queue in order, so every message sent before it was handled.
+        Sends the next ping if none is on its way (called each monitor round)."""
+        if self._ping_sent is None:
+            self._ping_sent = time.monotonic()
+            try:
+                self._endpoint.send(self._endpoint.path, _PING)
+            except OSError:  # closing
+                self._ping_sent = None
+        return self._caught_up_at
+
     def sweep(self, keep: set[int]) -> None:
         codec.sweep(self._dir.path, keep)
         self._shm.forget_older_than(codec.FORWARD_WINDOW_S)
@@ -194,6 +223,10 @@ class ProcessEngine:
             except OSError:
                 return  # closed by stop()
             if data is None:
+                continue
+            if data == _PING:
+                self._caught_up_at = self._ping_sent or self._caught_up_at
+                self._ping_sent = None
                 continue
             try:
                 message = codec.decode(data, self._shm)

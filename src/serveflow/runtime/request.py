@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from serveflow.logical.table import Table
@@ -12,16 +13,42 @@ from serveflow.logical.table import Table
 _ids = itertools.count(1)
 
 
+class RequestFuture(Future):
+    """A request's future. Cancelling it ends the request (its workers drop it) like
+    any other failure."""
+
+    def __init__(self, request: Request) -> None:
+        super().__init__()
+        self._request = request
+
+    def cancel(self) -> bool:
+        if not self._request.claim():
+            return self.cancelled()
+        cancelled = super().cancel()  # pending until claimed: always True
+        self._request.end(True)
+        return cancelled
+
+
 class Request:
     """One request: its input, its future, and where it is being run.
 
     `route` (which workers run which stage) and `attempt` change when a worker dies
-    and the request is run again."""
+    and the request is run again.
 
-    def __init__(self, table: Table, timeout: float | None = None) -> None:
+    `on_end(request, failed)` is the owner's book-keeping, run once when the request ends, by
+    whoever ends it: the thread settling it (before the future is resolved, so the
+    caller it wakes finds the books done) or the caller cancelling its future. It
+    replaces done-callbacks, which cost a lock and a call each on the hot path."""
+
+    def __init__(
+        self,
+        table: Table,
+        timeout: float | None = None,
+        on_end: Callable[[Request, bool], None] | None = None,
+    ) -> None:
         self.id = next(_ids)
         self.table = table
-        self.future: Future[Table] = Future()
+        self.future: Future[Table] = RequestFuture(self)
         self.submitted = time.monotonic()
         self.deadline = None if timeout is None else self.submitted + timeout
         self.route: tuple[tuple[int, ...], ...] = ()
@@ -29,16 +56,37 @@ class Request:
         # (stage, worker) -> expected seconds of that run, counted until it is done
         self.work: dict[tuple[int, int], float] = {}
         self.attempt = 0
+        self.on_end = on_end
+        self._unclaimed = [True]  # popped (atomically) by the one that ends the request
+
+    def claim(self) -> bool:
+        """Whether the caller is the one to end the request (exactly one is)."""
+        try:
+            self._unclaimed.pop()
+        except IndexError:
+            return False
+        return True
+
+    @property
+    def ended(self) -> bool:
+        return not self._unclaimed
+
+    def end(self, failed: bool) -> None:
+        if self.on_end is not None:
+            self.on_end(self, failed)
 
     def settle(self, result: Any) -> bool:
         """Resolve the future with a Table or an exception; False if already done."""
+        if not self.claim():  # failed already (deadline, shutdown) or cancelled
+            return False
+        table = isinstance(result, Table)
         try:
-            if isinstance(result, Table):
+            self.end(not table)
+        finally:
+            if table:
                 self.future.set_result(result)
             else:
                 self.future.set_exception(result)
-        except InvalidStateError:  # failed already (deadline, shutdown) or cancelled
-            return False
         return True
 
     def workers(self) -> set[int]:

@@ -116,6 +116,10 @@ class Scheduler:
         facts = self._facts.get(app_id)
         if facts is None or facts.plan is not plan:
             facts = self._facts[app_id] = PlanFacts.of(plan)
+        if facts.plain is not None and not packs and not caps:
+            routed = self._route_plain(app_id, len(plan.stages), facts.plain, workers)
+            if routed is not None:
+                return routed
         pools = {}  # by resource class: gpu or not
         for gpu in set(facts.gpu):
             pool = {w: load for w, load in workers.items() if load.gpu == gpu}
@@ -182,6 +186,44 @@ class Scheduler:
         for _, w in charges:
             workers[w].outstanding += 1
         return final, charges
+
+    @staticmethod
+    def _route_plain(
+        app_id: int, stages: int, gpu: bool, workers: Mapping[int, WorkerLoad]
+    ) -> tuple[Route, list[tuple[int, int]]] | None:
+        """`route` for a plan whose stages each run once, on the least loaded worker of
+        one resource class (no replicas, races, locality or packing: most plans),
+        with one pass over the workers per stage. None when some worker takes no
+        runs now, or none is of the class: the general path sorts that out."""
+        pool = []
+        for w, load in workers.items():
+            if load.silent or load.loading_now:
+                return None
+            if load.gpu == gpu:
+                pool.append((w, load))
+        if not pool:
+            return None
+        route = []
+        for index in range(stages):
+            key = (app_id, index)
+            best, best_load, best_score = -1, None, math.inf
+            for w, load in pool:  # as `_least_loaded`; ties go to the first (lowest index)
+                score = load.outstanding + (
+                    LOADING_PENALTY
+                    if key in load.loading
+                    else 0.0
+                    if key in load.warm
+                    else COLD_PENALTY
+                )
+                if score < best_score or (score == best_score and w < best):
+                    best, best_load, best_score = w, load, score
+            best_load.warm.add(key)
+            route.append((best,))
+        charges = []
+        for index, (w,) in enumerate(route):
+            workers[w].outstanding += 1
+            charges.append((index, w))
+        return tuple(route), charges
 
     def _pack(
         self,
@@ -354,6 +396,9 @@ class PlanFacts:
     producers: tuple[tuple[int, ...], ...]  # per stage: the stages whose output it reads
     charged: tuple[int, ...]  # stages whose chosen workers are charged (`charged`)
     located: tuple[int, ...]  # locality stages fed by the request: charged by key
+    # the resource class (gpu or not) of every stage, when each stage runs once on one
+    # worker that nothing else constrains (`Scheduler._route_plain`); else None
+    plain: bool | None
 
     @classmethod
     def of(cls, plan: Plan) -> PlanFacts:
@@ -373,7 +418,23 @@ class PlanFacts:
             located=tuple(
                 i for i in stages if plan.stages[i].locality_key and plan.feeds_from_request(i)
             ),
+            plain=_plain(plan),
         )
+
+
+def _plain(plan: Plan) -> bool | None:
+    """See `PlanFacts.plain`."""
+    classes = {stage.placement == "gpu" for stage in plan.stages}
+    if (
+        len(classes) != 1
+        or plan.anyof_races
+        or any(
+            stage.replicas != 1 or stage.locality_key or follows_winner(plan, i)
+            for i, stage in enumerate(plan.stages)
+        )
+    ):
+        return None
+    return classes.pop()
 
 
 def _rivals(plan: Plan, index: int, route: Sequence[tuple[int, ...]]) -> set[int]:

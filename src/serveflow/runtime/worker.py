@@ -555,7 +555,10 @@ class Worker:
         loaded = self.executors.get(key)
         if loaded is not None:
             return loaded[0]
-        self.loading = key
+        with self.beat_lock:  # said before the load, which may hold the GIL throughout
+            self.loading = key
+            self.send(DRIVER, m.Beat(self.index, self.busy_since, key))
+            self.told_loading = True
         try:
             executor = StageExecutor(stage, self.kvs)
         finally:
