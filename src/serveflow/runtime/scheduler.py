@@ -117,7 +117,7 @@ class Scheduler:
         if facts is None or facts.plan is not plan:
             facts = self._facts[app_id] = PlanFacts.of(plan)
         if facts.plain is not None and not packs and not caps:
-            routed = self._route_plain(app_id, len(plan.stages), facts.plain, workers)
+            routed = self._route_plain(app_id, len(plan.stages), facts.plain, workers, costs)
             if routed is not None:
                 return routed
         pools = {}  # by resource class: gpu or not
@@ -189,12 +189,19 @@ class Scheduler:
 
     @staticmethod
     def _route_plain(
-        app_id: int, stages: int, gpu: bool, workers: Mapping[int, WorkerLoad]
+        app_id: int,
+        stages: int,
+        gpu: bool,
+        workers: Mapping[int, WorkerLoad],
+        costs: Sequence[float | None] | None = None,
     ) -> tuple[Route, list[tuple[int, int]]] | None:
         """`route` for a plan whose stages each run once, on the least loaded worker of
         one resource class (no replicas, races, locality or packing: most plans),
         with one pass over the workers per stage. None when some worker takes no
-        runs now, or none is of the class: the general path sorts that out."""
+        runs now, or none is of the class: the general path sorts that out. With
+        `costs`, least loaded is the least expected `work` (a cold worker: half a run
+        more), as the general path's `_earliest` for a request's first stage; the
+        request's later stages then stay on that worker."""
         pool = []
         for w, load in workers.items():
             if load.silent or load.loading_now:
@@ -207,14 +214,26 @@ class Scheduler:
         for index in range(stages):
             key = (app_id, index)
             best, best_load, best_score = -1, None, math.inf
+            if costs is not None:
+                cost = costs[index] or DEFAULT_COST_S
+                penalty = COLD_PENALTY * cost
             for w, load in pool:  # as `_least_loaded`; ties go to the first (lowest index)
-                score = load.outstanding + (
-                    LOADING_PENALTY
-                    if key in load.loading
-                    else 0.0
-                    if key in load.warm
-                    else COLD_PENALTY
-                )
+                if costs is None:
+                    score = load.outstanding + (
+                        LOADING_PENALTY
+                        if key in load.loading
+                        else 0.0
+                        if key in load.warm
+                        else COLD_PENALTY
+                    )
+                else:
+                    score = load.work + (
+                        LOADING_PENALTY
+                        if key in load.loading
+                        else 0.0
+                        if key in load.warm
+                        else penalty
+                    )
                 if score < best_score or (score == best_score and w < best):
                     best, best_load, best_score = w, load, score
             best_load.warm.add(key)
