@@ -168,29 +168,19 @@ class Scheduler:
         one resource class (no replicas, races, locality or packing: most plans),
         with one pass over the workers per stage. None when some worker takes no
         runs now, or none is of the class: the general path sorts that out."""
-        pool = []
+        pool = {}
         for w, load in workers.items():
             if load.silent or load.loading_now:
                 return None
             if load.gpu == gpu:
-                pool.append((w, load))
+                pool[w] = load
         if not pool:
             return None
         route = []
         for index in range(stages):
             key = (app_id, index)
-            best, best_load, best_score = -1, None, math.inf
-            for w, load in pool:  # as `_least_loaded`; ties go to the first (lowest index)
-                score = load.outstanding + (
-                    LOADING_PENALTY
-                    if key in load.loading
-                    else 0.0
-                    if key in load.warm
-                    else COLD_PENALTY
-                )
-                if score < best_score or (score == best_score and w < best):
-                    best, best_load, best_score = w, load, score
-            best_load.warm.add(key)
+            (best,) = Scheduler._least_loaded(key, pool, 1)
+            pool[best].warm.add(key)
             route.append((best,))
         charges = []
         for index, (w,) in enumerate(route):
