@@ -899,3 +899,20 @@ def test_values_that_cannot_be_sent_fail_their_request_with_a_clear_error(pool):
     with pytest.raises(sf.InputError, match="cannot be sent"):
         app.run({"a": [lambda: 0]}).result(timeout=RESULT_S)
     assert app.run({"a": [2]}).result(timeout=RESULT_S).to_rows() == [{"b": 2}]
+
+
+@pytest.mark.timeout(120)
+def test_anyof_losers_do_not_leave_their_workers_counted_busy(pool):
+    """Every run of a lost branch is released, also the runs it never reached: a
+    long-lived runtime serving an anyof keeps routing (it once filled up with losers'
+    charges and then held every new request at the driver for good)."""
+    rt = pool.runtime(max_workers=2, worker_queue=4)
+    flow = sf.Flow("losers")
+    slow = flow.map(lambda r: time.sleep(0.05) or "slow", names=["who"])
+    slow = slow.map(lambda r: r["who"], names=["who"]).map(lambda r: r["who"], names=["who"])
+    fast = flow.map(lambda r: "fast", names=["who"])
+    slow.anyof(fast)
+    app = pool.deploy(flow, rt, sf.Rules(fusion=False))
+    for i in range(40):
+        out = app.run({"a": [i]}).result(timeout=RESULT_S).to_rows()
+        assert out in ([{"who": "fast"}], [{"who": "slow"}]), (i, out)

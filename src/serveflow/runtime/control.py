@@ -53,6 +53,7 @@ RESPLIT_EVERY_S = 5.0
 SWEEP_EVERY_S = 2.0
 START_TIMEOUT_S = 60.0
 MAX_FAILED_STARTS = 3  # consecutive workers dying before ready: stop trying
+ORPHAN_GRACE_S = 0.2  # a heartbeat this much after a run was orphaned was sent after it
 SILENT_S = 2.0  # a worker not heard from this long (heartbeats every 0.5 s) gets no runs
 HEARTBEAT_TIMEOUT_S = 1.5  # default: a worker not heard from this long is killed, replaced
 LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading a stage
@@ -77,6 +78,7 @@ class WorkerState:
     active_at: float = field(default_factory=time.monotonic)
     busy_since: float | None = None  # running a stage since (from its heartbeat)
     heard_at: float = field(default_factory=time.monotonic)  # its last heartbeat or report
+    beat_at: float = 0.0  # its last heartbeat (which says whether it runs a stage)
     retiring: bool = False
     killed_for: str = ""
     cpu_mark: tuple[float, float] | None = None  # (when, CPU seconds) while silent
@@ -259,6 +261,7 @@ class ControlPlane:
         # active), "done" (run ended first), "orphan" (request ended first: the run
         # still holds its worker until the worker says it is done)
         self._competing: dict[tuple[int, int, int, int, int], str] = {}
+        self._orphaned: dict[tuple[int, int, int, int, int], float] = {}  # key -> since
         self._planner: PlannerProcess | None = None  # searches batching plans, once needed
 
     def planner(self) -> PlannerProcess:
@@ -487,6 +490,7 @@ class ControlPlane:
             state = self._competing.pop(key, None)
             if state == "running":
                 self._competing[key] = "orphan"  # released when its worker is done
+                self._orphaned[key] = time.monotonic()
                 cancel.add(w)
             elif state is None and w in self._workers:
                 self._workers[w].load.outstanding -= 1
@@ -521,6 +525,7 @@ class ControlPlane:
             self._competing[key] = "done"  # already released when the request ends
         else:
             del self._competing[key]
+            self._orphaned.pop(key, None)
             self._route_waiting()
 
     def _on_located(self, message: m.Located) -> None:
@@ -584,7 +589,8 @@ class ControlPlane:
         with self._lock:
             w = self._workers.get(index)
             if w is not None:
-                w.busy_since, w.heard_at = busy_since, time.monotonic()
+                w.busy_since = busy_since
+                w.heard_at = w.beat_at = time.monotonic()
                 available = w.load.loading_now is None and not w.load.silent
                 w.load.loading_now, w.load.silent = loading, False
                 if not available and loading is None:
@@ -745,8 +751,28 @@ class ControlPlane:
                 heard_again |= w.load.silent and not silent
                 w.load.silent = silent
                 w.load.stalled = w.busy_since is not None and now - w.busy_since > STALLED_S
-        if heard_again:  # heard from by a report, not a heartbeat: route what waits for it
-            self._route_waiting()
+        if heard_again | self._release_orphans(now):
+            self._route_waiting()  # room again: route what waits for it
+
+    def _release_orphans(self, now: float) -> bool:
+        """Stop counting orphaned runs (of requests that ended while the run was
+        thought to go on) once their worker's heartbeat, sent a while after, shows
+        no call that started before: those runs ended, or never began (a lost
+        branch's later stages never receive their input, so no `Done` comes for
+        them). True if any was released."""
+        released = False
+        for key, since in list(self._orphaned.items()):
+            w = self._workers.get(key[4])
+            if w is not None and not (
+                w.beat_at > since + ORPHAN_GRACE_S
+                and (w.busy_since is None or w.busy_since > since)
+            ):
+                continue
+            del self._orphaned[key]
+            if self._competing.pop(key, None) == "orphan" and w is not None:
+                w.load.outstanding -= 1
+                released = True
+        return released
 
     def _kill_stuck(self) -> None:
         """Kill a worker whose stage has run longer than `stage_timeout_s`, or that has
@@ -815,6 +841,7 @@ class ControlPlane:
             self._routable = None
             for key in [k for k in self._competing if k[4] == index]:
                 del self._competing[key]
+                self._orphaned.pop(key, None)
             if w.retiring:
                 continue
             log.warning("worker %d ended: %s", index, why)

@@ -202,41 +202,22 @@ class Scheduler:
         `costs`, least loaded is the least expected `work` (a cold worker: half a run
         more), as the general path's `_earliest` for a request's first stage; the
         request's later stages then stay on that worker."""
-        pool = []
+        pool = {}
         for w, load in workers.items():
             if load.silent or load.loading_now:
                 return None
             if load.gpu == gpu:
-                pool.append((w, load))
+                pool[w] = load
         if not pool:
             return None
         route = []
         for index in range(stages):
             key = (app_id, index)
-            best, best_load, best_score = -1, None, math.inf
-            if costs is not None:
-                cost = costs[index] or DEFAULT_COST_S
-                penalty = COLD_PENALTY * cost
-            for w, load in pool:  # as `_least_loaded`; ties go to the first (lowest index)
-                if costs is None:
-                    score = load.outstanding + (
-                        LOADING_PENALTY
-                        if key in load.loading
-                        else 0.0
-                        if key in load.warm
-                        else COLD_PENALTY
-                    )
-                else:
-                    score = load.work + (
-                        LOADING_PENALTY
-                        if key in load.loading
-                        else 0.0
-                        if key in load.warm
-                        else penalty
-                    )
-                if score < best_score or (score == best_score and w < best):
-                    best, best_load, best_score = w, load, score
-            best_load.warm.add(key)
+            if costs is None:
+                (best,) = Scheduler._least_loaded(key, pool, 1)
+            else:
+                best, _ = _earliest(key, pool, (), (), (), costs[index] or DEFAULT_COST_S)
+            pool[best].warm.add(key)
             route.append((best,))
         charges = []
         for index, (w,) in enumerate(route):

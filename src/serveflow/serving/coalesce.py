@@ -105,6 +105,7 @@ class Coalescer:
         self._scheduled = False
         self.merged_requests = 0  # runtime requests that carried several HTTP requests
         self.requests = 0
+        self.probes = 0  # groups merged while rows were dear, to measure them again
         self._ms_per_row: deque[float] = deque(maxlen=COST_WINDOW)
         self._probed_at = 0.0  # when a group was last merged while rows were dear
         self._workers, self._workers_at = 1, float("-inf")  # the first stage's workers
@@ -123,6 +124,7 @@ class Coalescer:
         if now - self._probed_at < PROBE_EVERY_S:
             return False
         self._probed_at = now
+        self.probes += 1
         return True
 
     def _parallel(self) -> int:
