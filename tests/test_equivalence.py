@@ -177,10 +177,11 @@ def build(stream, ops):
     return stream
 
 
-def build_flow(program):
+def build_flow(program, head=None):
+    """The flow of `program`; `head(flow)`, if given, is the stream its ops start from."""
     ops, terminal = program
     flow = sf.Flow("generated")
-    stream = build(flow, ops)
+    stream = build(flow if head is None else head(flow), ops)
     if terminal is not None:
         kind, gcol, fn, col, size = terminal
         if kind == "agg":

@@ -916,3 +916,41 @@ def test_anyof_losers_do_not_leave_their_workers_counted_busy(pool):
     for i in range(40):
         out = app.run({"a": [i]}).result(timeout=RESULT_S).to_rows()
         assert out in ([{"who": "fast"}], [{"who": "slow"}]), (i, out)
+
+
+def _copies_into_lookups() -> sf.Flow:
+    """Competing copies of a high-variance stage each feed the lookups behind them:
+    one request runs a lookup stage several times on the worker its key hashes to."""
+    flow = sf.Flow("copies")
+    keyed = flow.map(lambda r: r["a"] % 6, names=["k"])
+
+    def copies(stream: sf.Stream) -> sf.Stream:
+        copied = stream.map(lambda r: (r["k"], r["k"] + 1), names=["k", "v"], high_variance=True)
+        return copied.lookup("k", dynamic=True, into="d").lookup("k", dynamic=True, into="e")
+
+    copies(keyed).anyof(copies(keyed))
+    return flow
+
+
+@pytest.mark.timeout(180)
+def test_a_runtime_serving_competing_copies_keeps_all_its_workers_for_other_flows(pool):
+    """Each run of a stage behind competing copies is released, however many copies
+    reach it: after many such requests, a burst on another flow of the same
+    long-lived runtime is spread over every worker (phantom runs once kept a worker
+    counted full for good: 34 after 60 requests here, so that every request went to
+    the other one; with every worker full, a runtime holds new requests forever)."""
+    rt = pool.runtime(max_workers=2, worker_queue=4)
+    copies = pool.deploy(_copies_into_lookups(), rt, sf.Rules(compete=True))
+    for key in range(6):
+        copies.kvs.put(str(key), key * 7)
+    for i in range(60):
+        out = copies.run({"a": [i]}).result(timeout=RESULT_S).to_rows()
+        k = i % 6
+        assert out == [{"k": k, "v": k + 1, "d": k * 7, "e": k * 7}], (i, out)
+    time.sleep(1.5)  # runs of lost branches are released by the next heartbeats
+    plain = sf.Flow("plain")
+    plain.map(lambda r: time.sleep(0.02) or os.getpid(), names=["pid"])
+    plain = pool.deploy(plain, rt)
+    burst = [plain.run({"a": [i]}) for i in range(40)]
+    pids = {f.result(timeout=RESULT_S).column("pid")[0] for f in burst}
+    assert pids == set(rt.worker_pids())

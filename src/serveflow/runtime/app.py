@@ -55,7 +55,7 @@ class App(abc.ABC):
         self.runtime = runtime
         self._owns_runtime = owns_runtime
         self._max_in_flight = max_in_flight
-        self._in_flight: set[Future[Table]] = set()
+        self._in_flight: set[Request] = set()
         self._lock = threading.Lock()
         self._stopped = False
         self._deadlines = Deadlines()
@@ -81,7 +81,7 @@ class App(abc.ABC):
                 raise RuntimeError(f"app {self.name!r} is stopped")
             in_flight = len(self._in_flight)
             if in_flight < self._max_in_flight:
-                self._in_flight.add(request.future)
+                self._in_flight.add(request)
         if in_flight >= self._max_in_flight:
             request.settle(
                 OverloadError(
@@ -103,7 +103,7 @@ class App(abc.ABC):
 
     def _ended(self, request: Request, failed: bool) -> None:
         with self._lock:
-            self._in_flight.discard(request.future)
+            self._in_flight.discard(request)
         self._finish(request, failed)
 
     @abc.abstractmethod
@@ -126,16 +126,24 @@ class App(abc.ABC):
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, let in-flight ones finish (up to `drain_timeout`
-        seconds), then release the workers. Idempotent."""
+        seconds; those still running then fail with DeadlineError and their work is
+        dropped), then release the workers. Idempotent."""
         with self._lock:
             if self._stopped:
                 return
             self._stopped = True
             pending = list(self._in_flight)
         deadline = time.monotonic() + drain_timeout
-        for future in pending:
+        for request in pending:
             with contextlib.suppress(Exception):  # timed out or cancelled: stop anyway
-                future.exception(timeout=max(0.0, deadline - time.monotonic()))
+                request.future.exception(timeout=max(0.0, deadline - time.monotonic()))
+        for request in pending:
+            request.settle(
+                DeadlineError(
+                    f"app {self.name!r} stopped before this request finished "
+                    f"(drain_timeout={drain_timeout:g} s)"
+                )
+            )
         self._shutdown()
         self._deadlines.close()
         if self._owns_runtime:

@@ -257,11 +257,13 @@ class ControlPlane:
         self._stopping = False
         self._failed_starts = 0
         self._unrouted: deque[tuple[DeployedApp, Request]] = deque()
-        # competing runs by (app, request, attempt, stage, worker): "running" (request
-        # active), "done" (run ended first), "orphan" (request ended first: the run
-        # still holds its worker until the worker says it is done)
-        self._competing: dict[tuple[int, int, int, int, int], str] = {}
-        self._orphaned: dict[tuple[int, int, int, int, int], float] = {}  # key -> since
+        # competing runs (they may go on after their request ended) charged to workers
+        # and not known to be done, by (app, request, attempt, stage, worker): how many
+        # (a stage behind competing copies runs once per copy that reaches it). Those
+        # of ended requests are orphaned (since when) and hold their worker until it
+        # says they are done or its heartbeat shows them over (`_release_orphans`).
+        self._competing: dict[tuple[int, int, int, int, int], int] = {}
+        self._orphaned: dict[tuple[int, int, int, int, int], float] = {}
         self._planner: PlannerProcess | None = None  # searches batching plans, once needed
 
     def planner(self) -> PlannerProcess:
@@ -419,7 +421,8 @@ class ControlPlane:
                 controller.routed(request.id, request.route[index][0], time.monotonic())
         for index, w in request.charges:
             if index in app.competing:
-                self._competing[(app.id, request.id, request.attempt, index, w)] = "running"
+                key = (app.id, request.id, request.attempt, index, w)
+                self._competing[key] = self._competing.get(key, 0) + 1
         # anyof branches sharing a worker run in the order sent: the fastest known first
         sources = app.sources
         if len(sources) > 1:
@@ -479,27 +482,32 @@ class ControlPlane:
                 self._unrouted.appendleft(self._unrouted.pop())
                 return
 
-    def _release(self, app: DeployedApp, request: Request) -> None:
-        """Stop counting a finished (or re-routed) request's stage runs against its
-        workers. A competing run still going keeps its worker counted until that
-        worker says it is done, so new requests avoid the worker busy with a loser;
-        queued losers are cancelled."""
-        cancel = set()
-        for index, w in request.charges:
-            key = (app.id, request.id, request.attempt, index, w)
-            state = self._competing.pop(key, None)
-            if state == "running":
-                self._competing[key] = "orphan"  # released when its worker is done
-                self._orphaned[key] = time.monotonic()
-                cancel.add(w)
-            elif state is None and w in self._workers:
-                self._workers[w].load.outstanding -= 1
+    def _release(self, app: DeployedApp, request: Request, retried: bool = False) -> None:
+        """Stop counting a finished (or `retried`) request's stage runs against its
+        workers. A competing run not known to be done keeps its worker counted (it
+        is orphaned) until that worker says it is done, so new requests avoid the
+        worker busy with a loser; queued losers are cancelled. A retried request's
+        attempt so far is cancelled wherever it ran, that attempt only (the next one
+        must go on)."""
         for (_, w), cost in request.work.items():
             if w in self._workers:
                 self._workers[w].load.work -= cost
+        cancel = set()
+        for index, w in request.charges:
+            if index in app.competing:
+                key = (app.id, request.id, request.attempt, index, w)
+                if key in self._competing and key not in self._orphaned:
+                    self._orphaned[key] = time.monotonic()
+                    cancel.add(w)
+            elif w in self._workers:
+                self._workers[w].load.release(1)
         request.charges, request.work = [], {}
+        if retried:
+            cancel = {w for w in request.workers() if w in self._workers}
         for w in cancel:
-            self.engine.send(w, m.Cancel(app.id, request.id))
+            self.engine.send(
+                w, m.Cancel(app.id, request.id, None, request.attempt if retried else None)
+            )
 
     def _charge_work(self, request: Request, index: int, w: int, cost: float | None) -> None:
         """Count a run's expected seconds against worker `w` until it is done."""
@@ -517,16 +525,19 @@ class ControlPlane:
             if cost is not None and message.worker in self._workers:
                 self._workers[message.worker].load.work -= cost
         key = (message.app, message.rid, message.attempt, message.stage, message.worker)
-        state = self._competing.get(key)
-        if state is None or state == "done" or message.worker not in self._workers:
+        runs = self._competing.get(key)
+        if not runs:  # not competing, or not charged (yet: a `Located` may come later)
             return
-        self._workers[message.worker].load.outstanding -= 1
-        if state == "running":
-            self._competing[key] = "done"  # already released when the request ends
+        if runs > 1:
+            self._competing[key] = runs - 1
         else:
             del self._competing[key]
             self._orphaned.pop(key, None)
-            self._route_waiting()
+        w = self._workers.get(message.worker)
+        if w is not None:
+            w.load.release(1)
+        if self._unrouted:
+            self._route_waiting()  # room again
 
     def _on_located(self, message: m.Located) -> None:
         """A worker sent a locality stage's run to `target`: count it there."""
@@ -540,12 +551,12 @@ class ControlPlane:
         self._charge_work(
             request, message.stage, message.target, app.stage_stats[message.stage].typical_s
         )
-        if app is not None and message.stage in app.competing:
+        if message.stage in app.competing:
             key = (app.id, request.id, request.attempt, message.stage, message.target)
-            self._competing[key] = "running"
+            self._competing[key] = self._competing.get(key, 0) + 1
 
     def _retry(self, app: DeployedApp, request: Request, lost: WorkerState, why: str) -> None:
-        self._release(app, request)
+        self._release(app, request, retried=True)
         request.attempt += 1
         if request.attempt > self.retries:
             request.settle(
@@ -769,8 +780,9 @@ class ControlPlane:
             ):
                 continue
             del self._orphaned[key]
-            if self._competing.pop(key, None) == "orphan" and w is not None:
-                w.load.outstanding -= 1
+            runs = self._competing.pop(key, 0)
+            if runs and w is not None:
+                w.load.release(runs)
                 released = True
         return released
 
@@ -863,7 +875,7 @@ class ControlPlane:
             w.index: now - w.active_at for w in ready if w.load.outstanding == 0 and not w.queued
         }
         # workers an anyof or replicas need at once, besides those busy with losers
-        losers = len({key[4] for key, state in self._competing.items() if state == "orphan"})
+        losers = len({key[4] for key in self._orphaned})
         floor = max(
             [1]
             + [a.width + losers for a in self._apps.values() if a.width > 1]

@@ -48,11 +48,13 @@ class Policy(NamedTuple):
 
 class Cancel(NamedTuple):
     """Drop a request's queued work (its running work stops after the operator call
-    in progress): every stage of it, or only `stage` (an anyof's losing branch)."""
+    in progress): every stage of it, or only `stage` (an anyof's losing branch); of
+    every attempt, or only `attempt` (one re-run since, which must go on)."""
 
     app: int
     rid: int
     stage: int | None = None
+    attempt: int | None = None
 
 
 class Exit(NamedTuple):

@@ -26,6 +26,7 @@ class RequestFuture(Future):
             return self.cancelled()
         cancelled = super().cancel()  # pending until claimed: always True
         self._request.end(True)
+        self.set_running_or_notify_cancel()  # else `wait` and `as_completed` never see it
         return cancelled
 
 

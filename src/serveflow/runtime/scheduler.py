@@ -58,6 +58,14 @@ class WorkerLoad:
     silent: bool = False  # no heartbeat for a while (frozen, or holding the GIL): no runs
     stalled: bool = False  # one call running for a while: keys go to another worker
 
+    def release(self, runs: int) -> None:
+        """Stop counting `runs` runs here, their `work` already taken off. Work is
+        charged only with runs: none is left once no run is (float rounding would
+        leave a residue that tips later choices)."""
+        self.outstanding -= runs
+        if not self.outstanding:
+            self.work = 0.0
+
     def takes(self, key: StageKey) -> bool:
         """Whether new runs of stage `key` may be routed here now."""
         return not self.silent and (self.loading_now is None or self.loading_now == key)

@@ -177,9 +177,9 @@ class Worker:
         self.loading: tuple[int, int] | None = None  # the stage being loaded
         self.told_loading = False  # the last heartbeat said so
         self.beat_lock = threading.Lock()
-        # (app, rid) -> when: every stage of it cancelled; (app, rid, stage) -> when.
+        # (app, rid, attempt, stage) of each `Cancel` -> when (see `cancelled`).
         # Written by the cancel thread too: changes under `cancel_lock`.
-        self.cancelled: dict[tuple[int, ...], float] = {}
+        self.cancelled: dict[tuple[int, int, int | None, int | None], float] = {}
         self.cancel_lock = threading.Lock()
         self.in_call: list[Task] = []  # the tasks of the stage call in progress
         self.run_serial = 0  # counts stage calls
@@ -301,7 +301,7 @@ class Worker:
                 log.warning("dropping a %s message: not for a worker", type(message).__name__)
 
     def cancel(self, message: m.Cancel) -> None:
-        key = (message.app, message.rid) + (() if message.stage is None else (message.stage,))
+        key = (message.app, message.rid, message.attempt, message.stage)
         with self.cancel_lock:
             self.cancelled[key] = time.monotonic()
 
@@ -331,13 +331,9 @@ class Worker:
             raise Interrupted
 
     def is_cancelled(self, task: Task) -> bool:
-        if not self.cancelled:
-            return False
-        return (task.app, task.rid) in self.cancelled or (
-            task.app,
-            task.rid,
-            task.index,
-        ) in self.cancelled
+        return bool(self.cancelled) and cancelled(
+            self.cancelled, task.app, task.rid, task.attempt, task.index
+        )
 
     def send(self, worker: int, message: tuple, rid: int = 0) -> None:
         try:
@@ -395,7 +391,7 @@ class Worker:
         if facts is None or key in self.started:
             return  # an undeployed app, a loser of a race already decided
         stage = facts[index]
-        if self.cancelled and ((app, rid) in self.cancelled or (app, rid, index) in self.cancelled):
+        if self.cancelled and cancelled(self.cancelled, app, rid, attempt, index):
             if stage.competing:  # the driver counts the run until told
                 self.send(DRIVER, m.Done(self.index, app, rid, attempt, index))
             return
@@ -428,7 +424,8 @@ class Worker:
                     if branch[-1] != task.index:
                         for loser in branch:
                             for worker in task.route[loser]:
-                                self.cancel_run(worker, m.Cancel(task.app, task.rid, loser))
+                                cancel = m.Cancel(task.app, task.rid, loser, task.attempt)
+                                self.cancel_run(worker, cancel)
 
     def cancel_run(self, worker: int, message: m.Cancel) -> None:
         """Cancel a stage run: here at once (a queued run must not start before the
@@ -663,6 +660,16 @@ class Worker:
         for mapping in (self.executors, self.loaded_at, self.queues, self.counters, self.call_s):
             for key in [k for k in mapping if k[0] == app]:
                 del mapping[key]
+
+
+def cancelled(keys: dict, app: int, rid: int, attempt: int, stage: int) -> bool:
+    """Whether `keys` (`Cancel`s as (app, rid, attempt, stage), None: every one)
+    cancel this run."""
+    return (
+        (app, rid, None, None) in keys
+        or (app, rid, attempt, None) in keys
+        or (app, rid, attempt, stage) in keys
+    )
 
 
 def late_inputs(plan: Plan, index: int) -> bool:
