@@ -560,9 +560,7 @@ class Worker:
             self.loading = key
             self.send(DRIVER, m.Beat(self.index, self.busy_since, key))
             self.told_loading = True
-        # out before the load starts: a backlog waiting for the driver (its queue full)
-        # is sent by a thread that needs the GIL the load may hold for seconds
-        self.endpoint.delivered(socket_path(self.directory, DRIVER), LOAD_SAID_WITHIN_S)
+        self.flush_to_driver()
         try:
             executor = StageExecutor(stage, self.kvs)
         finally:
@@ -577,6 +575,12 @@ class Worker:
             self.loaded_at[key] = now = time.monotonic()
             self.executors[key] = (executor, now)
         return executor
+
+    def flush_to_driver(self) -> None:
+        """Have what was sent to the driver out before a model load starts: a backlog
+        waiting for the driver (its queue full) is sent by a thread that needs the
+        GIL the load may hold for seconds."""
+        self.endpoint.delivered(socket_path(self.directory, DRIVER), LOAD_SAID_WITHIN_S)
 
     def forward(self, plan: Plan, stage: StageFacts, task: Task, result: Any) -> None:
         if stage.to_driver:
