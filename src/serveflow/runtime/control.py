@@ -597,6 +597,7 @@ class ControlPlane:
             w.load.warm -= set(message.unloaded)
             if message.stages or message.queued:
                 w.active_at = time.monotonic()
+            reports = []
             for (app_id, stage_index), counts in message.stages.items():
                 app = self._apps.get(app_id)
                 if app is None:
@@ -604,15 +605,20 @@ class ControlPlane:
                 requests, batches, cold_starts, latencies, batch_log, service, stopped = counts
                 if cold_starts:
                     w.load.loading.discard((app_id, stage_index))
-                sizes = [size for size, _, _, _ in batch_log if size]
-                stats = app.stage_stats[stage_index]
-                stats.add(requests, batches, cold_starts, latencies, sizes, service, stopped)
-                controller = app.controllers.get(stage_index)
-                # the ends of a stage whose output is the flow's are seen as they happen
-                final = app.plan.stages[stage_index].output == app.plan.output
-                worker = None if final else message.worker
-                for size, service_s, end, each in batch_log if controller else ():
-                    controller.on_batch_done(size, service_s, end, each, worker)
+                reports.append((app, stage_index, counts))
+        # Figures and controllers have locks of their own: a long batch log (a controller
+        # refitting its service profile) holds no admission or result back.
+        for app, stage_index, counts in reports:
+            requests, batches, cold_starts, latencies, batch_log, service, stopped = counts
+            sizes = [size for size, _, _, _ in batch_log if size]
+            stats = app.stage_stats[stage_index]
+            stats.add(requests, batches, cold_starts, latencies, sizes, service, stopped)
+            controller = app.controllers.get(stage_index)
+            # the ends of a stage whose output is the flow's are seen as they happen
+            final = app.plan.stages[stage_index].output == app.plan.output
+            worker = None if final else message.worker
+            for size, service_s, end, each in batch_log if controller else ():
+                controller.on_batch_done(size, service_s, end, each, worker)
 
     # -- the pool -----------------------------------------------------------------------
     def _ensure_started(self) -> None:
