@@ -54,8 +54,11 @@ LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading
 WEDGED_FACTOR = 4  # a silent worker the engine does not see stopped gets this many times longer
 # ...unless it used at least this share of a core over the second half of its
 # allowance: then it runs code that keeps its heartbeat thread out (the GIL held in
-# native code), which a starved or blocked process does not
+# native code), which a starved process does not
 WEDGED_CPU_SHARE = 0.1
+# ...or at most this share with every thread asleep: a call blocked holding the GIL (a
+# starved process has threads waiting for a core, and gets some CPU)
+BLOCKED_CPU_SHARE = 0.02
 LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
 STALLED_S = 1.0  # a call running this long: a locality key goes to another worker
 
@@ -783,12 +786,13 @@ class ControlPlane:
             self.engine.kill(w.index)
 
     def _keeps_heartbeats_out(self, w: WorkerState, now: float, allowed: float) -> str | None:
-        """How much CPU silent worker `w` used over the second half of its allowance,
-        if at least WEDGED_CPU_SHARE of a core while the engine handled every message
-        sent until then: it is running, and its heartbeat thread cannot get in (the
-        GIL held in native code); else None. A process stopped, blocked or starved of
-        CPU uses next to none; a model load is announced before it starts (and
-        allowed LOADING_SILENT_S)."""
+        """Why silent worker `w` is wedged, judged over the second half of its
+        allowance while the engine handled every message sent until then: it used at
+        least WEDGED_CPU_SHARE of a core (running code that keeps its heartbeat thread
+        out: the GIL held in native code), or at most BLOCKED_CPU_SHARE with every
+        thread asleep (a call blocked holding the GIL); else None. A process starved of
+        CPU uses little and has threads waiting for a core; a model load is announced
+        before it starts (and allowed LOADING_SILENT_S)."""
         if now - w.heard_at < allowed / 2:
             return None
         cpu = self.engine.cpu_seconds(w.index)
@@ -799,8 +803,12 @@ class ControlPlane:
             return None
         since, used = now - w.cpu_mark[0], cpu - w.cpu_mark[1]
         caught_up = self.engine.caught_up_at() >= w.cpu_mark[0]  # (pings the engine)
-        if since > 0 and used >= WEDGED_CPU_SHARE * since and caught_up:
+        if since <= 0 or not caught_up:
+            return None
+        if used >= WEDGED_CPU_SHARE * since:
             return f"{used:.2f} s of CPU in {since:.2f} s"
+        if used <= BLOCKED_CPU_SHARE * since and self.engine.blocked(w.index):
+            return f"blocked: {used:.2f} s of CPU in {since:.2f} s and no thread runnable"
         return None
 
     def _silence_allowed(self, w: WorkerState) -> float:
