@@ -106,7 +106,7 @@ class RayWorker(Worker):
         """Nothing mapped: the object store frees values once no reference is left."""
 
     def flush_to_driver(self) -> None:
-        """Nothing to flush: messages to the driver wait in the outbox for its poll."""
+        """Nothing to flush: the driver takes the outbox (a silent actor gets 6 s)."""
 
     def serve(self) -> None:
         self.thread_id = threading.get_ident()
@@ -417,6 +417,9 @@ class RayEngine:
     def cpu_seconds(self, index: int) -> float | None:
         """Unknown, for the same reason: a silent actor gets the longer allowance."""
         return None
+
+    def blocked(self, index: int) -> bool:
+        return False  # unknown (see suspended)
 
     def caught_up_at(self) -> float:
         return time.monotonic()  # not used: cpu_seconds is unknown

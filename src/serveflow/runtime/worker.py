@@ -347,6 +347,12 @@ class Worker:
         except PeerGone:  # that worker died; the driver re-runs the request
             log.debug("worker %d is gone; dropping a message", worker)
 
+    def flush_to_driver(self) -> None:
+        """Wait (up to LOAD_SAID_WITHIN_S) until what waits for the driver is sent: a
+        backlog (the driver's queue was full) is sent by a thread that needs the GIL,
+        which a model load may then hold for seconds."""
+        self.endpoint.delivered(socket_path(self.directory, DRIVER), LOAD_SAID_WITHIN_S)
+
     def unsendable(self, message: m.Input | m.Result, error: Exception) -> Any:
         """`message` carrying, instead of its value, an OperatorError naming the
         operator whose output could not be pickled."""
@@ -560,7 +566,7 @@ class Worker:
             self.loading = key
             self.send(DRIVER, m.Beat(self.index, self.busy_since, key))
             self.told_loading = True
-        self.flush_to_driver()
+        self.flush_to_driver()  # said before the load starts, not only queued
         try:
             executor = StageExecutor(stage, self.kvs)
         finally:
@@ -575,12 +581,6 @@ class Worker:
             self.loaded_at[key] = now = time.monotonic()
             self.executors[key] = (executor, now)
         return executor
-
-    def flush_to_driver(self) -> None:
-        """Have what was sent to the driver out before a model load starts: a backlog
-        waiting for the driver (its queue full) is sent by a thread that needs the
-        GIL the load may hold for seconds."""
-        self.endpoint.delivered(socket_path(self.directory, DRIVER), LOAD_SAID_WITHIN_S)
 
     def forward(self, plan: Plan, stage: StageFacts, task: Task, result: Any) -> None:
         if stage.to_driver:
