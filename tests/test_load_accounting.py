@@ -97,14 +97,15 @@ def _head(flow: sf.Flow) -> sf.Stream:
 def _run(app, inputs, endings) -> None:
     """Run every input, ending each as told: waited for, a timeout (seconds), or
     cancelled at once; every request must end."""
-    futures = []
+    futures = {}
     for rows, ending in zip(inputs, itertools.cycle(endings), strict=False):
         future = app.run(to_table(rows), timeout=ending if isinstance(ending, float) else None)
         if ending == "cancel":
             future.cancel()
-        futures.append(future)
+        futures[future] = (ending, rows)
     _, pending = concurrent.futures.wait(futures, timeout=TIMEOUT)
-    assert not pending, f"{len(pending)} of {len(futures)} requests never ended"
+    never = [futures[f] for f in pending]
+    assert not never, f"requests (ending, rows) that never ended: {never} of {len(futures)}"
 
 
 def test_runs_behind_competing_copies_are_each_released(runtime):
