@@ -157,6 +157,19 @@ def test_operator_error_in_competing_replicas(deploy):
         assert_serves(app)
 
 
+def test_operator_error_before_competing_replicas_fails_the_request(deploy):
+    """A failure reaching competing replicas fails the request: each copy fails, and
+    the stage after them runs where each copy ran, so each of its runs sees one
+    failure (it once waited for one per replica, and the request hung)."""
+    flow = sf.Flow("f")
+    failed = flow.map(explode, names=["x"]).map(lambda r: r["x"], names=["x"], high_variance=True)
+    failed.map(lambda r: r["x"], names=["y"])
+    with deploy(flow) as app:
+        with pytest.raises(sf.OperatorError, match="explode"):
+            app.run(sf.Table({"x": [-1]})).result(timeout=TIMEOUT)
+        assert_serves(app)
+
+
 def bad_dict_lookup(row):
     return {"k": 1}["nope"] if row["x"] < 0 else row["x"] * 2
 

@@ -35,7 +35,7 @@ from serveflow.optimizer.plan import Plan, Stage
 from serveflow.runtime import codec
 from serveflow.runtime import messages as m
 from serveflow.runtime.dispatch import BatchRule
-from serveflow.runtime.scheduler import targets
+from serveflow.runtime.scheduler import follows_winner, targets
 from serveflow.runtime.stage import StageExecutor
 from serveflow.runtime.transport import Endpoint, PeerGone
 
@@ -86,7 +86,9 @@ class StageFacts:
     located: bool  # its worker is known only once its lookup key is (`Located`)
     to_driver: bool  # its output is the plan's: sent to the driver as the `Result`
     consumers: tuple[int, ...]  # the stages reading its output
-    replicas: dict[int, int]  # per input op: its stage's replicas (1 for the request)
+    # per input op: the copies of it that reach this run (its stage's replicas; 1 for
+    # the request, and where each copy has a run of this stage of its own)
+    replicas: dict[int, int]
 
     @classmethod
     def of(cls, plan: Plan) -> list[StageFacts]:
@@ -100,7 +102,10 @@ class StageFacts:
                 bool(stage.locality_key) and not plan.feeds_from_request(index),
                 stage.output == plan.output,
                 plan.consumer_indices(index),
-                {i: plan.stage_of(i).replicas if i else 1 for i in stage.inputs},
+                {
+                    i: plan.stage_of(i).replicas if i and not follows_winner(plan, index) else 1
+                    for i in stage.inputs
+                },
             )
             for index, stage in enumerate(plan.stages)
         ]
