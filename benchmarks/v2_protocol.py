@@ -17,6 +17,7 @@ slices of the time per level, after the same warm-up. Prints a table and the rat
 writes results/v2_protocol.json and .png.
 
     python -m benchmarks.v2_protocol [--quick] [--levels 1,8,64] [--seconds S]
+        [--protocols grpc,http] [--no-fused] [--no-triton]
 """
 
 from __future__ import annotations
@@ -122,7 +123,11 @@ class Target:
 
 
 def measure(
-    targets: list[Target], levels: list[int], seconds: float, rounds: int
+    targets: list[Target],
+    levels: list[int],
+    seconds: float,
+    rounds: int,
+    protocols: tuple[str, ...] | list[str] = PROTOCOLS,
 ) -> list[common.Record]:
     """Per protocol and client count, the systems take turns (`rounds` slices of
     `seconds / rounds` each, the order alternating), so that the machine's other load
@@ -130,7 +135,7 @@ def measure(
     for target in targets:
         target.run(4, min(2.0, seconds))  # warm-up: workers, connections, batchers
     records = []
-    for protocol in PROTOCOLS:
+    for protocol in protocols:
         peers = [t for t in targets if t.protocol == protocol]
         for clients in levels:
             pooled = {t.name: ([], 0, 0.0) for t in peers}
@@ -216,15 +221,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--levels", default="1,8,64", help="client counts (default 1,8,64)")
         parser.add_argument("--seconds", type=float, default=None, help="seconds per level")
         parser.add_argument("--no-triton", action="store_true", help="skip the Triton peer")
+        parser.add_argument("--no-fused", action="store_true", help="skip serveflow-fused")
+        parser.add_argument(
+            "--protocols", default=",".join(PROTOCOLS), help="grpc, http or both (default)"
+        )
 
     args = common.parse_args(__doc__.splitlines()[0], argv, configure)
     levels = [int(n) for n in args.levels.split(",")]
     seconds = args.seconds or (4.0 if args.quick else 12.0)
     rounds = 2 if args.quick else 4
+    protocols = [p for p in PROTOCOLS if p in args.protocols.split(",")]
     records: list[common.Record] = []
     with contextlib.ExitStack() as stack:
         targets = []
-        for system, fused in (("serveflow", False), ("serveflow-fused", True)):
+        systems = [("serveflow", False)] + ([] if args.no_fused else [("serveflow-fused", True)])
+        for system, fused in systems:
             server = ServeflowServer(fused=fused, extra=("--grpc-port", "0"))
             stack.callback(server.close)
             assert server.process.stdout is not None
@@ -245,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
                     Target("triton", "grpc", f"127.0.0.1:{triton.grpc_port}", "identity1", True),
                     Target("triton", "http", triton.url.removeprefix("http://"), "identity1", True),
                 ]
-        records += measure(targets, levels, seconds, rounds)
+        targets = [t for t in targets if t.protocol in protocols]
+        records += measure(targets, levels, seconds, rounds, protocols)
 
     measured = [r for r in records if r.get("clients")]
     common.print_table(

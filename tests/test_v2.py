@@ -612,6 +612,70 @@ def test_statistics_count_inferences_and_failures(client):
     assert {m["name"] for m in everything["model_stats"]} >= {"arith", "tensor", "slow"}
 
 
+def nap_flow() -> sf.Flow:
+    flow = sf.Flow("nap", schema={"s": float})
+    flow.map(lambda r: time.sleep(r["s"]) or r["s"], names=["slept"], name="nap")
+    return flow
+
+
+def _ns(entry: dict, kind: str, what: str) -> int:
+    return int(entry["inference_stats"][kind].get(what, 0))  # gRPC's JSON: int64 as str
+
+
+@pytest.mark.parametrize(
+    ("protocol", "timeout_s"),
+    [("grpc", None), ("http-binary", None), ("grpc", 30)],
+    ids=["grpc-coalesced", "http-coalesced", "grpc-deadline"],  # a deadline: not coalesced
+)
+def test_statistics_count_the_time_queued_behind_a_busy_worker(protocol, timeout_s):
+    """One worker; three requests of 0.3 s each sent 50 ms apart: the second waits
+    about 0.25 s for the worker, the third about 0.5 s. Triton's `queue` says so, in
+    ns, and `compute_infer` no longer holds that wait."""
+    nap, spacing, sent = 0.3, 0.05, 3
+    runtime = sf.LocalRuntime(max_workers=1)
+    app = nap_flow().deploy(runtime=runtime)
+    try:
+        with Server({"nap": app}, port=0, grpc_port=0) as srv:
+            Client(srv, protocol).infer("nap", {"s": (np.array([0.0]), "FP64")})  # warm
+
+            def stats() -> dict[str, dict]:
+                return {p: _model_stats(Client(srv, p), "nap") for p in ("grpc", "http-json")}
+
+            before = stats()
+            kwargs = {} if timeout_s is None else {"client_timeout": timeout_s}
+
+            def one() -> None:
+                Client(srv, protocol).infer("nap", {"s": (np.array([nap]), "FP64")}, **kwargs)
+
+            threads = [threading.Thread(target=one) for _ in range(sent)]
+            for thread in threads:
+                thread.start()
+                time.sleep(spacing)
+            for thread in threads:
+                thread.join(TIMEOUT)
+            after = stats()
+    finally:
+        app.stop()
+        runtime.stop()
+    # the same figures over both protocols, counts and durations alike
+    for kind in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        for what in ("count", "ns"):
+            assert _ns(after["grpc"], kind, what) == _ns(after["http-json"], kind, what)
+    delta = {
+        kind: {
+            what: _ns(after["grpc"], kind, what) - _ns(before["grpc"], kind, what)
+            for what in ("count", "ns")
+        }
+        for kind in ("success", "queue", "compute_infer")
+    }
+    assert delta["success"]["count"] == delta["queue"]["count"] == sent
+    queued_s = delta["queue"]["ns"] / 1e9
+    expected_s = sum(i * (nap - spacing) for i in range(sent))  # 0 + 0.25 + 0.5
+    assert expected_s * 0.7 <= queued_s < delta["success"]["ns"] / 1e9, delta
+    infer_s = delta["compute_infer"]["ns"] / 1e9
+    assert sent * nap * 0.9 <= infer_s < sent * nap + expected_s * 0.5, delta
+
+
 def test_v2_requests_count_in_the_prometheus_metrics(server):
     def ok_count() -> float:
         text = httpx.get(f"{server.url}/metrics").text

@@ -82,7 +82,10 @@ def row_local(plan: Plan) -> bool:
     return True
 
 
-Waiter = tuple[Table, "asyncio.Future[Table]"]
+# A request's output, and when its runtime request's first stage run began (None if
+# unknown): the request was queued until then.
+Outcome = tuple[Table, float | None]
+Waiter = tuple[Table, "asyncio.Future[Outcome]"]
 
 
 class AppStopping(Exception):
@@ -101,7 +104,7 @@ class Coalescer:
         self.max_rows = max_rows
         self.busy_window_s = busy_window_s
         self._pending: list[Waiter] = []
-        self._running: dict[asyncio.Future[Table], tuple[list[Waiter], Future[Table]]] = {}
+        self._running: dict[asyncio.Future[Outcome], tuple[list[Waiter], Future[Table]]] = {}
         self._scheduled = False
         self.merged_requests = 0  # runtime requests that carried several HTTP requests
         self.requests = 0
@@ -140,9 +143,14 @@ class Coalescer:
         """The output of one request (raises what the deployment raised for it).
         Cancelled (the client went away), it leaves its merged request, which is
         cancelled once nobody waits for it."""
+        return (await self.run_timed(table))[0]
+
+    async def run_timed(self, table: Table) -> Outcome:
+        """As `run`, with when the request's first stage run began (time.monotonic;
+        None if unknown): its time queued here and in the runtime ended then."""
         check_schema(self.app.plan.schema, table)  # a bad request fails alone, at once
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Table] = loop.create_future()
+        waiter: asyncio.Future[Outcome] = loop.create_future()
         self._pending.append((table, waiter))
         if not self._scheduled:
             self._scheduled = True
@@ -223,14 +231,15 @@ class Coalescer:
             if error is not None:
                 _fail(waiter, error)
             elif not waiter.done():
-                waiter.set_result(future.result())
+                waiter.set_result((future.result(), getattr(future, "began", None)))
             return
         if error is None:
             pieces = _split(future.result(), [t for t, _ in group])
             if pieces is not None:
+                began = getattr(future, "began", None)
                 for (_, waiter), piece in zip(group, pieces, strict=True):
                     if not waiter.done():
-                        waiter.set_result(piece)
+                        waiter.set_result((piece, began))
                 return
             error = RuntimeError("output rows of unknown origin")
         if isinstance(error, OverloadError | DeadlineError):
@@ -257,6 +266,6 @@ def _split(output: Table, inputs: list[Table]) -> list[Table] | None:
     return [output.take(positions) for positions in rows]
 
 
-def _fail(waiter: asyncio.Future[Table], error: BaseException) -> None:
+def _fail(waiter: asyncio.Future[Outcome], error: BaseException) -> None:
     if not waiter.done():
         waiter.set_exception(error)

@@ -39,7 +39,7 @@ from serveflow.serving.app import (
     _unless_disconnected,
 )
 from serveflow.serving.auth import token_matches
-from serveflow.serving.coalesce import AppStopping
+from serveflow.serving.coalesce import AppStopping, Outcome
 from serveflow.serving.codecs import JSON, check_json_limits, encode_json
 from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
 from serveflow.serving.limits import LimitExceeded, Limits
@@ -91,8 +91,12 @@ class ModelStats:
     execution_count: int = 0  # requests run
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
+    # Of successful requests, as Triton: waiting before the first stage run (for the
+    # coalescer's company, at the driver for a worker with room, in a worker's queue or
+    # batch), then the stage runs up to the answer.
+    queue: Duration = field(default_factory=Duration)
     compute_input: Duration = field(default_factory=Duration)  # tensors -> table
-    compute_infer: Duration = field(default_factory=Duration)  # the flow's run
+    compute_infer: Duration = field(default_factory=Duration)  # first stage run to answer
     compute_output: Duration = field(default_factory=Duration)  # table -> tensors
 
     def as_dict(self, name: str) -> dict[str, Any]:
@@ -106,7 +110,7 @@ class ModelStats:
             "inference_stats": {
                 "success": self.success.as_dict(),
                 "fail": self.fail.as_dict(),
-                "queue": zero,  # the runtime's queueing is inside compute_infer
+                "queue": self.queue.as_dict(),
                 "compute_input": self.compute_input.as_dict(),
                 "compute_infer": self.compute_infer.as_dict(),
                 "compute_output": self.compute_output.as_dict(),
@@ -282,16 +286,22 @@ class V2Models:
         except LimitExceeded as error:
             raise HTTPProblem(413, str(error)) from None
         t1 = time.perf_counter_ns()
+        queued_from = time.monotonic()  # the runtime's clock, which `began` is on
         state.admitted[name] += 1
         try:
-            output = await self._run(app, name, table, timeout)
+            output, began = await self._run(app, name, table, timeout)
         finally:
             state.admitted[name] -= 1
         t2 = time.perf_counter_ns()
         tensors = self._output_tensors(name, output, outputs)
         t3 = time.perf_counter_ns()
+        # Unknown (no stage ran): all of it counts as compute. Clamped: on Ray the
+        # worker's clock may be another host's.
+        queued = 0 if began is None else int((began - queued_from) * 1e9)
+        queued = min(max(queued, 0), t2 - t1)
         stats.compute_input.add(t1 - t0)
-        stats.compute_infer.add(t2 - t1)
+        stats.queue.add(queued)
+        stats.compute_infer.add(t2 - t1 - queued)
         stats.compute_output.add(t3 - t2)
         stats.inference_count += len(table)
         stats.execution_count += 1
@@ -304,17 +314,19 @@ class V2Models:
                     seen[tensor.name] = (tensor.datatype, tuple(tensor.shape[1:]))
         return tensors
 
-    async def _run(self, app: App, name: str, table: Table, timeout: float | None) -> Table:
+    async def _run(
+        self, app: App, name: str, table: Table, timeout: float | None
+    ) -> Outcome:
         coalescer = self.state.coalescers.get(name) if timeout is None else None
         try:
             if coalescer is not None:
-                return await coalescer.run(table)
+                return await coalescer.run_timed(table)
             try:
                 future = app.run(table, timeout=timeout)
             except RuntimeError as error:
                 raise AppStopping(str(error)) from None
             try:
-                return await _outcome(future)
+                return await _outcome(future), getattr(future, "began", None)
             except asyncio.CancelledError:
                 future.cancel()  # the client went away: its workers drop the request
                 raise
