@@ -586,6 +586,48 @@ def test_rows_that_cost_milliseconds_are_not_coalesced():
     assert added["cheap"] >= 1  # cheap rows still merge
 
 
+def _busy(x, ms):
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+    return x
+
+
+@pytest.mark.parametrize(("row_ms", "rows", "expected"), [(0.0, 1, 1), (0.25, 4, 2)])
+def test_rows_read_together_are_cut_per_worker_only_while_their_time_pays(row_ms, rows, expected):
+    """Once the coalescer has seen requests of several sizes, 16 requests read
+    together go as one runtime request when rows cost next to nothing (cut per worker,
+    each part would cost a request's fixed time for no parallel gain), and still one per
+    worker when each part's rows take longer than that."""
+    flow = sf.Flow("rows")
+    flow.map(lambda r: _busy(r["x"], row_ms), names=["x"], name="rows")
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        app = flow.deploy(runtime=runtime)
+        deadline = time.monotonic() + TIMEOUT
+        while app.stats()["rows"]["workers"] < 2 and time.monotonic() < deadline:
+            for future in [app.run({"x": [i]}) for i in range(8)]:  # both workers load it
+                future.result(timeout=TIMEOUT)
+        coalescer = Coalescer(app)
+
+        async def together(count: int) -> list[sf.Table]:
+            return await asyncio.gather(
+                *(coalescer.run(sf.Table({"x": [i] * rows})) for i in range(count))
+            )
+
+        for _ in range(3):  # groups of 1 to 8 requests: what a row costs, against a request
+            for count in range(1, 9):
+                asyncio.run(together(count))
+        time.sleep(1.2)  # the coalescer fits its figures at most once a second
+        before = app.stats()["rows"]["requests"]
+        outputs = asyncio.run(together(16))
+        assert [out.column("x")[0] for out in outputs] == list(range(16))
+        time.sleep(1.0)  # workers report their figures every 0.25 s while busy
+        assert app.stats()["rows"]["requests"] - before == expected
+    finally:
+        runtime.stop()
+
+
 def test_requests_read_together_are_merged_into_one_runtime_request_per_worker():
     """One merged request runs on one worker while the others idle: 16 requests read in
     one event-loop iteration go as one runtime request per worker of the first stage."""
