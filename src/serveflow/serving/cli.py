@@ -327,7 +327,7 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
 def _started(server: Any) -> None:
     # What exists now (modules, flows, the servers) lives as long as the process. Out of
     # the collector's sight, a full collection scans only what requests made since: over
-    # the whole heap it stalled every call in flight for 5-40 ms (a p99 at 64 clients).
+    # the whole heap it stalled every call in flight for 40-95 ms (a p99 at 64 clients).
     gc.collect()
     gc.freeze()
     if server.grpc_port is not None:

@@ -25,11 +25,12 @@ would run on one worker while the others idle (a flow of half-millisecond rows o
 workers, 8 requests admitted at a time, served 15-20% less merged whole than unmerged,
 in a closed loop and flooded alike); but no more than the rows' time pays for: each
 part's rows must take at least a request's fixed time, both fitted to recent requests
-(time = fixed + rows x per row), so rows that cost next to nothing go as one request. Groupby/agg, joins on a column and anyof see
-a request as a whole and are never coalesced, nor are flows with an SLO-batching stage
-(its controller does the batching, per request). If a merged request fails (an operator
-raised on some row, a missing column), each of its requests is run again alone, so only
-the one at fault gets the error; overload, deadline and shutdown errors go to all.
+(time = fixed + rows x per row), so rows that cost next to nothing go as one request.
+Groupby/agg, joins on a column and anyof see a request as a whole and are never
+coalesced, nor are flows with an SLO-batching stage (its controller does the batching,
+per request). If a merged request fails (an operator raised on some row, a missing
+column), each of its requests is run again alone, so only the one at fault gets the
+error; overload, deadline and shutdown errors go to all.
 """
 
 from __future__ import annotations
