@@ -415,6 +415,9 @@ class RayEngine:
         """Unknown, for the same reason: a silent actor gets the longer allowance."""
         return None
 
+    def blocked(self, index: int) -> bool:
+        return False  # unknown (see suspended)
+
     def caught_up_at(self) -> float:
         return time.monotonic()  # not used: cpu_seconds is unknown
 
