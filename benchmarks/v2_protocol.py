@@ -17,7 +17,7 @@ slices of the time per level, after the same warm-up. Prints a table and the rat
 writes results/v2_protocol.json and .png.
 
     python -m benchmarks.v2_protocol [--quick] [--levels 1,8,64] [--seconds S]
-        [--protocols grpc,http] [--no-fused] [--no-triton]
+        [--protocols grpc,http] [--no-fused] [--no-triton] [--baseline SRC]
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def report_ratios(records: list[common.Record], levels: list[int]) -> list[str]:
     every concurrency, with a lower p99, per protocol."""
     by = {(r["system"], r.get("clients")): r for r in records if r.get("clients")}
     lines = []
-    for system in ("serveflow", "serveflow-fused"):
+    for system in ("serveflow", "serveflow-baseline", "serveflow-fused"):
         for protocol in PROTOCOLS:
             for clients in levels:
                 s = by.get((f"{system}-{protocol}", clients))
@@ -223,6 +223,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--no-triton", action="store_true", help="skip the Triton peer")
         parser.add_argument("--no-fused", action="store_true", help="skip serveflow-fused")
         parser.add_argument(
+            "--baseline",
+            metavar="SRC",
+            help="also serve the unfused flow from this src folder of another serveflow "
+            "tree (e.g. `git archive main src | tar -x -C /tmp/base`): serveflow-baseline, "
+            "to compare a change with in the same run",
+        )
+        parser.add_argument(
             "--protocols", default=",".join(PROTOCOLS), help="grpc, http or both (default)"
         )
 
@@ -234,9 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     records: list[common.Record] = []
     with contextlib.ExitStack() as stack:
         targets = []
-        systems = [("serveflow", False)] + ([] if args.no_fused else [("serveflow-fused", True)])
-        for system, fused in systems:
-            server = ServeflowServer(fused=fused, extra=("--grpc-port", "0"))
+        systems = [("serveflow", False, None)]
+        if args.baseline:
+            systems.append(("serveflow-baseline", False, args.baseline))
+        if not args.no_fused:
+            systems.append(("serveflow-fused", True, None))
+        for system, fused, source in systems:
+            server = ServeflowServer(fused=fused, extra=("--grpc-port", "0"), source=source)
             stack.callback(server.close)
             assert server.process.stdout is not None
             grpc_line = server.process.stdout.readline()  # "serveflow: V2 gRPC on HOST:PORT"

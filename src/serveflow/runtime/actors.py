@@ -215,6 +215,10 @@ class RayWorker(Worker):
             self.peers[worker] = handle
         return handle
 
+    def flush_to_driver(self, within_s: float) -> None:
+        """Nothing to wait for: `post` puts messages in the outbox the driver reads
+        (there is no socket backlog)."""
+
     def call(self, executor: StageExecutor, inputs: list, should_stop: Any) -> list:
         with self.interrupt_lock:
             self.interruptible = self.run_serial

@@ -550,6 +550,10 @@ class Worker:
                 task.began = started
             self.forward(plan, facts, task, result)
 
+    def flush_to_driver(self, within_s: float) -> None:
+        """Wait, up to `within_s`, for what waits in the backlog to the driver to be sent."""
+        self.endpoint.delivered(socket_path(self.directory, DRIVER), within_s)
+
     def call(self, executor: StageExecutor, inputs: list, should_stop: Any) -> list:
         """One stage call (interrupted by raising `Interrupted` in it)."""
         return executor.run(inputs, should_stop=should_stop)
@@ -565,7 +569,7 @@ class Worker:
             self.told_loading = True
         # out before the load starts: a backlog waiting for the driver (its queue full)
         # is sent by a thread that needs the GIL the load may hold for seconds
-        self.endpoint.delivered(socket_path(self.directory, DRIVER), LOAD_SAID_WITHIN_S)
+        self.flush_to_driver(LOAD_SAID_WITHIN_S)
         try:
             executor = StageExecutor(stage, self.kvs)
         finally:
