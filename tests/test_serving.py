@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import serveflow as sf
-from serveflow.serving import Server
+from serveflow.serving import Server, coalesce
 from serveflow.serving.coalesce import PROBE_EVERY_S, Coalescer
 
 TIMEOUT = 10
@@ -593,12 +593,12 @@ def _busy(x, ms):
     return x
 
 
-@pytest.mark.parametrize(("row_ms", "rows", "expected"), [(0.0, 1, 1), (0.25, 4, 2)])
-def test_rows_read_together_are_cut_per_worker_only_while_their_time_pays(row_ms, rows, expected):
-    """Once the coalescer has seen requests of several sizes, 16 requests read
-    together go as one runtime request when rows cost next to nothing (cut per worker,
-    each part would cost a request's fixed time for no parallel gain), and still one per
-    worker when each part's rows take longer than that."""
+def test_rows_of_next_to_no_cost_read_together_go_as_one_runtime_request():
+    """Once the coalescer has seen requests of several sizes, 16 requests of an
+    identity map read together go as one runtime request: cut per worker, each part
+    would cost a request's fixed time for no parallel gain (dear rows are still cut per
+    worker: the test below, and the fit's own test)."""
+    row_ms, rows, expected = 0.0, 1, 1
     flow = sf.Flow("rows")
     flow.map(lambda r: _busy(r["x"], row_ms), names=["x"], name="rows")
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
@@ -626,6 +626,19 @@ def test_rows_read_together_are_cut_per_worker_only_while_their_time_pays(row_ms
         assert app.stats()["rows"]["requests"] - before == expected
     finally:
         runtime.stop()
+
+
+def test_the_fit_of_a_rows_cost_against_a_requests_fixed_cost():
+    fixed, per_row = 1.0, 0.5
+    trips = [(rows, fixed + per_row * rows) for rows in (1, 2, 4, 8)] * 3
+    assert coalesce._row_share(trips) == pytest.approx(per_row / fixed)
+    # time queued, the same whatever the size, counts as fixed: fewer parts
+    queued = [(rows, ms + 4.0) for rows, ms in trips]
+    assert coalesce._row_share(queued) == pytest.approx(per_row / (fixed + 4.0))
+    cheap = [(rows, 0.8 + 0.002 * rows) for rows in (1, 3, 5, 7)] * 2
+    assert coalesce._row_share(cheap) < 0.01  # 16 rows: one part
+    assert coalesce._row_share([(4, 2.0)] * 10) is None  # one size: no slope to read
+    assert coalesce._row_share(trips[:4]) is None  # too few requests yet
 
 
 def test_requests_read_together_are_merged_into_one_runtime_request_per_worker():

@@ -282,7 +282,9 @@ class Coalescer:
 def _row_share(trips: Sequence[tuple[int, float]]) -> float | None:
     """A row's time over a request's fixed time, from requests' (rows, ms) fitted as
     ms = fixed + rows x per_row (least squares); None while the rows do not vary
-    enough to tell, or when the fixed time is nothing (then every part pays)."""
+    enough to tell, or when the fixed time is nothing (then every part pays). Time
+    queued counts as fixed on purpose: while requests queue, the pool has no idle
+    worker for a part to gain from, and each part costs a request's work."""
     if len(trips) < MIN_TRIPS:
         return None
     mean_rows = sum(r for r, _ in trips) / len(trips)
