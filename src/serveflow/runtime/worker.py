@@ -350,6 +350,12 @@ class Worker:
         except PeerGone:  # that worker died; the driver re-runs the request
             log.debug("worker %d is gone; dropping a message", worker)
 
+    def flush_to_driver(self) -> None:
+        """Wait (up to LOAD_SAID_WITHIN_S) until what waits for the driver is sent: a
+        backlog (the driver's queue was full) is sent by a thread that needs the GIL,
+        which a model load may then hold for seconds."""
+        self.endpoint.delivered(socket_path(self.directory, DRIVER), LOAD_SAID_WITHIN_S)
+
     def unsendable(self, message: m.Input | m.Result, error: Exception) -> Any:
         """`message` carrying, instead of its value, an OperatorError naming the
         operator whose output could not be pickled."""
@@ -550,10 +556,6 @@ class Worker:
                 task.began = started
             self.forward(plan, facts, task, result)
 
-    def flush_to_driver(self, within_s: float) -> None:
-        """Wait, up to `within_s`, for what waits in the backlog to the driver to be sent."""
-        self.endpoint.delivered(socket_path(self.directory, DRIVER), within_s)
-
     def call(self, executor: StageExecutor, inputs: list, should_stop: Any) -> list:
         """One stage call (interrupted by raising `Interrupted` in it)."""
         return executor.run(inputs, should_stop=should_stop)
@@ -567,9 +569,7 @@ class Worker:
             self.loading = key
             self.send(DRIVER, m.Beat(self.index, self.busy_since, key))
             self.told_loading = True
-        # out before the load starts: a backlog waiting for the driver (its queue full)
-        # is sent by a thread that needs the GIL the load may hold for seconds
-        self.flush_to_driver(LOAD_SAID_WITHIN_S)
+        self.flush_to_driver()  # said before the load starts, not only queued
         try:
             executor = StageExecutor(stage, self.kvs)
         finally:
