@@ -793,7 +793,8 @@ def test_workers_of_a_killed_driver_exit():
     pids, new = _kill_driver()
     try:
         assert pids
-        _wait_for(lambda: not any(_alive(p) for p in pids), timeout=5.0)
+        # at once with the parent-death signal; the rest is a loaded machine's slack
+        _wait_for(lambda: not any(_alive(p) for p in pids), timeout=15.0)
         survivors = sorted(p for p in pids if _alive(p))
         assert not survivors, f"workers {survivors} outlived their killed driver"
     finally:
