@@ -20,8 +20,9 @@ Each part starts `serveflow serve` in a child process and drives it over HTTP:
   server's token set), then hypothesis-built bodies: wrong types, huge values, deep
   nesting, NaN, unicode, compression bombs and lying `.npy` headers. No answer may be
   a 5xx; the server's memory and /healthz latency are sampled throughout.
-- soak: `hey` at half the sustainable rate for `--minutes`; every 5 s the RSS of every
-  process of the server and its /dev/shm run directory; p99 per 10 s window.
+- soak: `wrk` (open_loop.lua, Poisson arrivals over 16 connections) at half the
+  sustainable rate for `--minutes`; every 5 s the RSS of every process of the server
+  and its /dev/shm run directory; p99 per 10 s window.
 
     python -m benchmarks.reliability [--quick] [--parts chaos,overload,fuzz,soak]
         [--minutes 30] [--seconds 20]
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import csv
 import io
 import itertools
 import logging
@@ -315,37 +315,19 @@ def chaos_failures(records: list[common.Record]) -> list[str]:
 # --- overload (wrk) -----------------------------------------------------------------------
 
 
-def hey(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
-    """Run `hey` for `seconds` with `connections` (and `rate` req/s in all, split over
-    them); its per-request CSV as (offset s, latency ms, status) and the wall time."""
-    body = '{"rows": [{"x": 1}]}'
-    # niced: on a machine shared with the server, the generator stands for clients on
-    # other machines and should not take the server's CPU (every phase alike)
-    command = ["nice", "-n", "10", "hey", "-z", f"{seconds:g}s", "-c", str(connections),
-               "-m", "POST", "-T", "application/json", "-d", body,
-               "-H", f"Authorization: Bearer {TOKEN}", "-t", "10", "-o", "csv"]  # fmt: skip
-    if rate is not None:
-        command += ["-q", f"{rate / connections:.3f}"]
-    out = subprocess.run([*command, url], capture_output=True, text=True, timeout=seconds + 60)
-    rows = []
-    for row in csv.DictReader(io.StringIO(out.stdout)):
-        rows.append((float(row["offset"]), float(row["response-time"]) * 1e3,
-                     int(row["status-code"])))  # fmt: skip
-    return {"rows": rows, "seconds": seconds}
-
-
 OPEN_LOOP_SCRIPT = Path(__file__).with_name("open_loop.lua")
 
 
 def open_loop(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
     """Run `wrk` with open_loop.lua for `seconds` (whole: wrk takes no fraction):
     `connections` connections (a thread each), each sending on its own Poisson schedule
-    (`rate` req/s in all), or a closed loop without `rate`; rows as `hey` gives them,
+    (`rate` req/s in all), or a closed loop without `rate`; rows of (offset s, latency ms, status),
     and the CPU seconds wrk used."""
     seconds = max(1, round(seconds))
     per_connection = 0.0 if rate is None else rate / connections
     body = '{"rows": [{"x": 1}]}'
-    # niced like hey: the generator stands for clients on other machines
+    # niced: on a machine shared with the server, the generator stands for clients on
+    # other machines and should not take the server's CPU (every phase alike)
     command = ["nice", "-n", "10", "wrk", f"-t{connections}", f"-c{connections}",
                f"-d{seconds:g}s", "--timeout", "10s", "-s", str(OPEN_LOOP_SCRIPT), url,
                "--", f"{per_connection:.6f}", body, f"Bearer {TOKEN}",
@@ -624,9 +606,10 @@ def run_soak(minutes: float, rate: float | None) -> list[common.Record]:
     seconds = minutes * 60
     with Server() as server:
         url = _predict_url(server, "chain")
-        hey(url, 2.0, 8)
+        open_loop(url, 2.0, 8)
         if rate is None:
-            rate = 0.5 * _hey_record("soak: capacity", hey(url, 10.0, 16))["throughput_rps"]
+            capacity = _hey_record("soak: capacity", open_loop(url, 10.0, 16))
+            rate = 0.5 * capacity["throughput_rps"]
         samples: list[dict[str, Any]] = []
         stop = threading.Event()
         started = time.perf_counter()
@@ -642,7 +625,7 @@ def run_soak(minutes: float, rate: float | None) -> list[common.Record]:
 
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
-        run = hey(url, seconds, 16, rate)
+        run = open_loop(url, seconds, 16, rate)  # Poisson arrivals, not lockstep bursts
         stop.set()
         thread.join()
     windows = []

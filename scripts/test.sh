@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 bash scripts/redis.sh      # a real redis-server for the Redis store tests
 bash scripts/browser.sh    # Debian chromium + chromedriver for the dashboard test
-bash scripts/reliability_tools.sh  # Debian prometheus (promtool) and hey for tests/test_reliability.py
+bash scripts/reliability_tools.sh  # Debian prometheus (promtool) and wrk for tests/test_reliability.py
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"

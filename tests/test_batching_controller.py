@@ -220,3 +220,33 @@ def test_split_slo_by_service_time() -> None:
     assert split_slo(90, {"a": 0, "b": 0, "c": 0}) == {"a": 30, "b": 30, "c": 30}
     with pytest.raises(ValueError, match="slo_ms"):
         split_slo(0, {"a": 1})
+
+
+def test_arrivals_and_admissions_go_on_while_a_plan_fits_the_arrivals(monkeypatch) -> None:
+    """Fitting the arrival process takes a core for milliseconds to tens of them; the
+    request threads (arrivals, admissions, ends) must not wait for it."""
+    import threading
+
+    from serveflow.batching import controller as module
+
+    fitting, arrived = threading.Event(), threading.Event()
+    fit, blocked = module._fit, []
+
+    def slow_fit(*args):
+        fitting.set()
+        if not arrived.wait(2.0):  # the request threads waited for the fit
+            blocked.append(True)
+        return fit(*args)
+
+    monkeypatch.setattr(module, "_fit", slow_fit)
+    controller, now = _planned(sf.Batching(slo_ms=50), 400)
+    planner = threading.Thread(target=controller.decision, args=(now,))
+    planner.start()
+    assert fitting.wait(5.0)
+    controller.on_arrival(now + 0.001)
+    controller.admit(now + 0.001, rid=1, workers=[0, 1])
+    controller.finished(1, now + 0.01)
+    arrived.set()
+    planner.join(10.0)
+    assert not blocked
+    assert controller.decision(now + 0.02).feasible

@@ -1,6 +1,7 @@
 """A worker that stops answering while it serves is replaced within the default
-heartbeat timeout when it is running but wedged (native code holding the GIL, so that
-its heartbeat thread never runs), as when it is stopped (SIGSTOP: test_runtime_core);
+heartbeat timeout when it is wedged (native code holding the GIL, so that its heartbeat
+thread never runs: computing, or blocked), as when it is stopped (SIGSTOP:
+test_runtime_core);
 a model load that holds the GIL as long is not taken for a wedge. Through the public
 API, with the workers' pids to tell them apart."""
 
@@ -31,15 +32,24 @@ def _hold_gil(seconds: float) -> float:
     return time.perf_counter() - started
 
 
-def _wedging_once(marker: Path):
-    """A row function whose first call on a = 1 wedges its worker for a minute (its
-    pid written to `marker` first); every other call, the re-run included, answers
-    its pid (defined here so that it travels by value to the workers)."""
+def _block_holding_gil(seconds: float) -> None:
+    """A native call that blocks for `seconds` without letting go of the GIL (ctypes'
+    PyDLL keeps it, where CDLL releases it): the process uses no CPU meanwhile."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(int(seconds))
+
+
+def _wedging_once(marker: Path, wedge=_hold_gil):
+    """A row function whose first call on a = 1 wedges its worker for a minute with
+    `wedge` (its pid written to `marker` first); every other call, the re-run
+    included, answers its pid (defined here so that it travels by value to the
+    workers)."""
 
     def pid_or_wedge(row):
         if row["a"] == 1 and not marker.exists():
             marker.write_text(str(os.getpid()))
-            _hold_gil(60.0)
+            wedge(60.0)
         else:
             time.sleep(0.05)
         return os.getpid()
@@ -70,10 +80,13 @@ def runtime():
 
 
 @pytest.mark.timeout(90)
-def test_a_worker_wedged_in_native_code_is_replaced_within_the_default_timeout(runtime, tmp_path):
+@pytest.mark.parametrize("wedge", [_hold_gil, _block_holding_gil], ids=["busy", "blocked"])
+def test_a_worker_wedged_in_native_code_is_replaced_within_the_default_timeout(
+    runtime, tmp_path, wedge
+):
     rt = runtime(min_workers=2, max_workers=2)
     flow = sf.Flow("wedge")
-    flow.map(_wedging_once(tmp_path / "wedged"), names=["pid"])
+    flow.map(_wedging_once(tmp_path / "wedged", wedge), names=["pid"])
     app = flow.deploy(runtime=rt)
     warm = [app.run({"a": [0]}) for _ in range(8)]  # both workers load the stage
     assert {f.result(timeout=RESULT_S).column("pid")[0] for f in warm} == set(rt.worker_pids())

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -86,6 +87,21 @@ def test_order_per_destination_while_the_receiver_makes_room(endpoints):
             got += receive(receiver, 15)
     got += receive(receiver, len(messages) - len(got))
     assert got == messages
+
+
+def test_delivered_waits_for_the_backlog(endpoints):
+    """`delivered` returns once a backlog is out (the receiver made room), and says
+    False when the receiver stays full past its timeout."""
+    sender, receiver = endpoints("sender"), endpoints("receiver")
+    for i in range(FLOOD):
+        sender.send(receiver.path, f"m{i}".encode())
+    assert sender.backlog(receiver.path) > 0
+    assert not sender.delivered(receiver.path, 0.05)
+    reader = threading.Thread(target=receive, args=(receiver, FLOOD))
+    reader.start()
+    assert sender.delivered(receiver.path, 5.0)
+    assert sender.backlog(receiver.path) == 0
+    reader.join()
 
 
 def test_a_stuck_receiver_does_not_delay_another(endpoints):

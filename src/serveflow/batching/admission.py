@@ -111,6 +111,7 @@ class StageLedger:
         self._residuals: deque[tuple[float, float]] = deque(maxlen=RESIDUALS)  # (end, s)
         self._fresh = 0  # residuals since the quantiles were computed
         self._overhead: tuple[float, float] | None = None  # (median, quantile), cached
+        self._sorted = np.zeros(0)  # the residuals, sorted, as of the cached quantiles
         self.prompt = False  # ends are reported as they happen (`finished`), not later
         self.closed_until = -math.inf  # arrivals before this are refused (`closed`)
         self._probed_at = -math.inf
@@ -140,10 +141,11 @@ class StageLedger:
                 newest = self._residuals[-1][0]
                 while self._residuals[0][0] < newest - RESIDUAL_WINDOW_S:
                     self._residuals.popleft()
+            self._sorted = np.sort(self.residuals())
             if len(self._residuals) < MIN_RESIDUALS:
                 self._overhead = (DEFAULT_OVERHEAD_S, DEFAULT_OVERHEAD_S)
             else:
-                values = self.residuals()
+                values = self._sorted
                 median, high = np.quantile(values, [0.5, self.admit_quantile])
                 self._overhead = (float(median), max(float(high), float(median)))
         return self._overhead
@@ -340,9 +342,14 @@ class StageLedger:
         late = now - planned  # the residual so far
         if late <= median or late > STALE_S:
             return
-        past = self.residuals()
-        longer = past[past > late]
-        expected = float(np.median(longer)) if len(longer) else 2.0 * late
+        past = self._sorted  # as `overhead()` left them: sorted, at most a few calls old
+        cut = int(np.searchsorted(past, late, side="right"))  # the longer ones on
+        longer = len(past) - cut
+        if longer:  # their median
+            middle = cut + longer // 2
+            expected = float(past[middle] if longer % 2 else (past[middle - 1] + past[middle]) / 2)
+        else:
+            expected = 2.0 * late
         move = expected - median - first.slip
         if move <= 0:
             return

@@ -222,18 +222,7 @@ def _fit_mmpp2(times: np.ndarray, rate: float, iterations: int = 20) -> MAP | No
     for _ in range(iterations):
         emit = np.exp(counts[:, None] * np.log(lam)[None, :] - lam[None, :] - log_fact[:, None])
         emit = np.maximum(emit, 1e-300)
-        alpha = np.empty((windows, 2))
-        scale = np.empty(windows)
-        a = start * emit[0]
-        for t in range(windows):
-            if t:
-                a = (alpha[t - 1] @ trans) * emit[t]
-            scale[t] = a.sum()
-            alpha[t] = a / scale[t]
-        beta = np.empty((windows, 2))
-        beta[-1] = 1.0
-        for t in range(windows - 2, -1, -1):
-            beta[t] = trans @ (emit[t + 1] * beta[t + 1]) / scale[t + 1]
+        alpha, beta, scale = _forward_backward(start, trans, emit)
         gamma = alpha * beta
         gamma /= gamma.sum(axis=1, keepdims=True)
         xi = (
@@ -261,6 +250,33 @@ def _fit_mmpp2(times: np.ndarray, rate: float, iterations: int = 20) -> MAP | No
     return fitted
 
 
+def _forward_backward(
+    start: np.ndarray, trans: np.ndarray, emit: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scaled forward and backward variables of a 2-state HMM, and the scales. The
+    recursions run on Python floats: per step, numpy's call overhead on arrays of two
+    would cost several times the arithmetic (a fit ran for 100 ms, in a thread whose
+    GIL the requests' threads share)."""
+    (t00, t01), (t10, t11) = trans.tolist()
+    e0, e1 = emit[:, 0].tolist(), emit[:, 1].tolist()
+    n = len(e0)
+    alpha, scale = [(0.0, 0.0)] * n, [0.0] * n
+    a0, a1 = float(start[0]) * e0[0], float(start[1]) * e1[0]
+    for t in range(n):
+        if t:
+            p0, p1 = alpha[t - 1]
+            a0, a1 = (p0 * t00 + p1 * t10) * e0[t], (p0 * t01 + p1 * t11) * e1[t]
+        s = a0 + a1
+        scale[t], alpha[t] = s, (a0 / s, a1 / s)
+    beta = [(1.0, 1.0)] * n
+    b0 = b1 = 1.0
+    for t in range(n - 2, -1, -1):
+        x0, x1, s = e0[t + 1] * b0, e1[t + 1] * b1, scale[t + 1]
+        b0, b1 = (t00 * x0 + t01 * x1) / s, (t10 * x0 + t11 * x1) / s
+        beta[t] = (b0, b1)
+    return np.array(alpha), np.array(beta), np.array(scale)
+
+
 CHANGE_EVIDENCE = 5.0  # log-likelihood gain a change point needs (about p < 0.01)
 
 
@@ -285,6 +301,14 @@ class ArrivalLog:
     def __len__(self) -> int:
         return len(self._times)
 
+    def snapshot(self, now: float) -> ArrivalLog:
+        """A copy of the window as it is at `now`, to compute on without the lock."""
+        self._trim(now)
+        copy = ArrivalLog(self.window_s, self._times.maxlen or 2)
+        copy._times.extend(self._times)
+        copy.total = self.total
+        return copy
+
     def times(self, now: float) -> np.ndarray:
         self._trim(now)
         return np.fromiter(self._times, dtype=float, count=len(self._times))
@@ -298,8 +322,13 @@ class ArrivalLog:
         span = over_s if over_s is not None else min(self.window_s, now - self._times[0])
         if span <= 0:
             return 0.0
-        cutoff = now - span
-        count = sum(1 for t in reversed(self._times) if t >= cutoff) if over_s else len(self._times)
+        if not over_s:
+            return len(self._times) / span
+        cutoff, count = now - span, 0
+        for t in reversed(self._times):  # in order: from the newest back to the cutoff
+            if t < cutoff:
+                break
+            count += 1
         return count / span
 
     def fit(self, now: float, over_s: float | None = None) -> MAP | None:

@@ -281,16 +281,26 @@ class BatchingController:
             if not self.policy.adaptive:
                 return self._decision
             due = now - self._planned_at >= self.replan_s
-            shifted = False
-            if self._fitted is not None and (due or now - self._shift_checked_at >= SHIFT_CHECK_S):
-                self._shift_checked_at = now
-                if self.arrivals.rate_shift(now, self._fitted, SHIFT_WINDOW_S):
-                    log.info("arrival rate shift detected: re-planning")
-                    self._recent = []  # the old plan's latencies say nothing of the model
-                    due = shifted = True
-            if not due:
+            check = self._fitted is not None and (
+                due or now - self._shift_checked_at >= SHIFT_CHECK_S
+            )
+            if not due and not check:
                 return self._decision
-            work = self._start_plan(now, shifted)
+            if check:
+                self._shift_checked_at = now
+            window, planned_for = self.arrivals.snapshot(now), self._fitted
+        # Arrivals are fitted on a copy, outside the lock: a fit takes a core for tens
+        # of milliseconds, and every arrival and every result needs the lock.
+        shifted = planned_for is not None and window.rate_shift(now, planned_for, SHIFT_WINDOW_S)
+        if shifted:
+            log.info("arrival rate shift detected: re-planning")
+        elif not due:
+            return self._decision
+        fitted = _fit(window, now, shifted) if len(window) >= MIN_ARRIVALS_TO_PLAN else None
+        with self._lock:
+            if shifted:
+                self._recent = []  # the old plan's latencies say nothing of the model
+            work = self._start_plan(now, shifted, window, fitted)
         if work is not None:  # the search runs outside the lock: admissions go on
             key, fitted, profile, space = work
             found = self._searcher(space, fitted, profile)
@@ -381,9 +391,9 @@ class BatchingController:
         workers = max(1, min(self.held_workers, self.max_workers))
         return Decision(max(size, 2) if self._cap > 1 else 1, wait, workers, feasible=True)
 
-    def _correct(self, now: float, since: float) -> None:
+    def _correct(self, now: float, since: float, window: ArrivalLog) -> None:
         """Adjust `target_scale` from the percentile measured since the last plan (at
-        `since`)."""
+        `since`); `window`: the arrivals."""
         recent, self._recent = self._recent, []
         if len(recent) < MIN_FOR_CORRECTION:
             self._recent = recent  # keep collecting
@@ -397,7 +407,7 @@ class BatchingController:
         premises = (
             self._decision.predicted_ms is not None  # a plan, not warm-up exploration
             and self._decision.feasible
-            and self.arrivals.rate(now, now - since) <= PREMISE_RATE_SLACK * planned_for
+            and window.rate(now, now - since) <= PREMISE_RATE_SLACK * planned_for
         )
         if measured > slo_s and premises:
             shrink = max(MOST_TIGHTEN, TIGHTEN_MARGIN * slo_s / measured)  # past the overshoot
@@ -411,15 +421,14 @@ class BatchingController:
         return self.policy.slo_ms / 1e3 * self.target_scale
 
     def _start_plan(
-        self, now: float, shifted: bool
+        self, now: float, shifted: bool, window: ArrivalLog, fitted: MAP | None
     ) -> tuple[tuple, MAP, ServiceProfile, SearchSpace] | None:
-        """Under the lock: correct the target, fit arrivals (`shifted`: the rate has
-        left the planned process), and either settle the decision (warm-up, cached
-        plan) or return what a search needs."""
+        """Under the lock: correct the target and, given the arrival process `fitted` to
+        `window` (`shifted`: the rate has left the planned process), either settle the
+        decision (warm-up, cached plan) or return what a search needs."""
         since, self._planned_at = self._planned_at, now
         self._shift_checked_at = now
-        self._correct(now, since)
-        fitted = self._fit(now, shifted) if len(self.arrivals) >= MIN_ARRIVALS_TO_PLAN else None
+        self._correct(now, since, window)
         if fitted is None or not self.profile.ready:
             self._decision = self._warmup_decision()
             self._basis = None
@@ -459,20 +468,6 @@ class BatchingController:
         times of one request and of the planned batch, and the planning target."""
         service = self.profile.predict(np.array([1, self._decision.max_size]))
         return np.array([fitted.rate, fitted.phase_rates.max(), *service, self.target_scale])
-
-    def _fit(self, now: float, shifted: bool) -> MAP | None:
-        """The arrival process to plan for: fitted to the whole window (where a bursty
-        one shows its bursts), or to the arrivals since the rate changed when it has
-        left the planned process (`shifted`) or is far from what the window's process
-        produces (a burst longer than it knows, or a new level)."""
-        fitted = self.arrivals.fit(now)
-        if fitted is not None and (
-            shifted or self.arrivals.rate_shift(now, fitted, SHIFT_WINDOW_S)
-        ):
-            # from the change on: arrivals before it would hold the estimate back
-            since = self.arrivals.change_point(now, SHIFT_WINDOW_S)
-            return self.arrivals.fit(now, now - since) or fitted
-        return fitted
 
     def space(self) -> SearchSpace:
         """What a plan searches now (the planning target as it stands)."""
@@ -637,6 +632,19 @@ class SearchSpace:
 
 
 Searcher = Callable[[SearchSpace, MAP, ServiceProfile], Decision]
+
+
+def _fit(window: ArrivalLog, now: float, shifted: bool) -> MAP | None:
+    """The arrival process to plan for: fitted to the whole `window` (where a bursty
+    one shows its bursts), or to the arrivals since the rate changed when it has left
+    the planned process (`shifted`) or is far from what the window's process produces
+    (a burst longer than it knows, or a new level)."""
+    fitted = window.fit(now)
+    if fitted is not None and (shifted or window.rate_shift(now, fitted, SHIFT_WINDOW_S)):
+        # from the change on: arrivals before it would hold the estimate back
+        since = window.change_point(now, SHIFT_WINDOW_S)
+        return window.fit(now, now - since) or fitted
+    return fitted
 
 
 def search_here(space: SearchSpace, arrivals: MAP, service: ServiceProfile) -> Decision:

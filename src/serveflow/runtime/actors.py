@@ -105,6 +105,9 @@ class RayWorker(Worker):
     def release_mappings(self) -> None:
         """Nothing mapped: the object store frees values once no reference is left."""
 
+    def flush_to_driver(self) -> None:
+        """Nothing to flush: the driver takes the outbox (a silent actor gets 6 s)."""
+
     def serve(self) -> None:
         self.thread_id = threading.get_ident()
         self.send(DRIVER, m.Hello(self.index, os.getpid()))
@@ -414,6 +417,9 @@ class RayEngine:
     def cpu_seconds(self, index: int) -> float | None:
         """Unknown, for the same reason: a silent actor gets the longer allowance."""
         return None
+
+    def blocked(self, index: int) -> bool:
+        return False  # unknown (see suspended)
 
     def caught_up_at(self) -> float:
         return time.monotonic()  # not used: cpu_seconds is unknown

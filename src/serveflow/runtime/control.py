@@ -54,8 +54,11 @@ LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading
 WEDGED_FACTOR = 4  # a silent worker the engine does not see stopped gets this many times longer
 # ...unless it used at least this share of a core over the second half of its
 # allowance: then it runs code that keeps its heartbeat thread out (the GIL held in
-# native code), which a starved or blocked process does not
+# native code), which a starved process does not
 WEDGED_CPU_SHARE = 0.1
+# ...or at most this share with every thread asleep: a call blocked holding the GIL (a
+# starved process has threads waiting for a core, and gets some CPU)
+BLOCKED_CPU_SHARE = 0.02
 LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
 STALLED_S = 1.0  # a call running this long: a locality key goes to another worker
 
@@ -597,6 +600,7 @@ class ControlPlane:
             w.load.warm -= set(message.unloaded)
             if message.stages or message.queued:
                 w.active_at = time.monotonic()
+            reports = []
             for (app_id, stage_index), counts in message.stages.items():
                 app = self._apps.get(app_id)
                 if app is None:
@@ -604,15 +608,20 @@ class ControlPlane:
                 requests, batches, cold_starts, latencies, batch_log, service, stopped = counts
                 if cold_starts:
                     w.load.loading.discard((app_id, stage_index))
-                sizes = [size for size, _, _, _ in batch_log if size]
-                stats = app.stage_stats[stage_index]
-                stats.add(requests, batches, cold_starts, latencies, sizes, service, stopped)
-                controller = app.controllers.get(stage_index)
-                # the ends of a stage whose output is the flow's are seen as they happen
-                final = app.plan.stages[stage_index].output == app.plan.output
-                worker = None if final else message.worker
-                for size, service_s, end, each in batch_log if controller else ():
-                    controller.on_batch_done(size, service_s, end, each, worker)
+                reports.append((app, stage_index, counts))
+        # Figures and controllers have locks of their own: a long batch log (a controller
+        # refitting its service profile) holds no admission or result back.
+        for app, stage_index, counts in reports:
+            requests, batches, cold_starts, latencies, batch_log, service, stopped = counts
+            sizes = [size for size, _, _, _ in batch_log if size]
+            stats = app.stage_stats[stage_index]
+            stats.add(requests, batches, cold_starts, latencies, sizes, service, stopped)
+            controller = app.controllers.get(stage_index)
+            # the ends of a stage whose output is the flow's are seen as they happen
+            final = app.plan.stages[stage_index].output == app.plan.output
+            worker = None if final else message.worker
+            for size, service_s, end, each in batch_log if controller else ():
+                controller.on_batch_done(size, service_s, end, each, worker)
 
     # -- the pool -----------------------------------------------------------------------
     def _ensure_started(self) -> None:
@@ -777,12 +786,13 @@ class ControlPlane:
             self.engine.kill(w.index)
 
     def _keeps_heartbeats_out(self, w: WorkerState, now: float, allowed: float) -> str | None:
-        """How much CPU silent worker `w` used over the second half of its allowance,
-        if at least WEDGED_CPU_SHARE of a core while the engine handled every message
-        sent until then: it is running, and its heartbeat thread cannot get in (the
-        GIL held in native code); else None. A process stopped, blocked or starved of
-        CPU uses next to none; a model load is announced before it starts (and
-        allowed LOADING_SILENT_S)."""
+        """Why silent worker `w` is wedged, judged over the second half of its
+        allowance while the engine handled every message sent until then: it used at
+        least WEDGED_CPU_SHARE of a core (running code that keeps its heartbeat thread
+        out: the GIL held in native code), or at most BLOCKED_CPU_SHARE with every
+        thread asleep (a call blocked holding the GIL); else None. A process starved of
+        CPU uses little and has threads waiting for a core; a model load is announced
+        before it starts (and allowed LOADING_SILENT_S)."""
         if now - w.heard_at < allowed / 2:
             return None
         cpu = self.engine.cpu_seconds(w.index)
@@ -793,8 +803,12 @@ class ControlPlane:
             return None
         since, used = now - w.cpu_mark[0], cpu - w.cpu_mark[1]
         caught_up = self.engine.caught_up_at() >= w.cpu_mark[0]  # (pings the engine)
-        if since > 0 and used >= WEDGED_CPU_SHARE * since and caught_up:
+        if since <= 0 or not caught_up:
+            return None
+        if used >= WEDGED_CPU_SHARE * since:
             return f"{used:.2f} s of CPU in {since:.2f} s"
+        if used <= BLOCKED_CPU_SHARE * since and self.engine.blocked(w.index):
+            return f"blocked: {used:.2f} s of CPU in {since:.2f} s and no thread runnable"
         return None
 
     def _silence_allowed(self, w: WorkerState) -> float:

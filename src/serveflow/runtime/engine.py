@@ -60,6 +60,13 @@ class Engine(Protocol):
         keeps its heartbeat thread out (the GIL held in native code), not starved."""
         ...
 
+    def blocked(self, index: int) -> bool:
+        """Whether every thread of the worker is asleep now (none running or waiting
+        for a core): silent and using no CPU, it is blocked, e.g. in a native call
+        that holds the GIL, not starved by a busy machine. An engine that cannot tell
+        answers False."""
+        ...
+
     def caught_up_at(self) -> float:
         """When (time.monotonic()) the engine last had no message from its workers
         waiting to be handled: a heartbeat not seen since was not sent."""

@@ -169,6 +169,20 @@ class ProcessEngine:
         except (OSError, IndexError, ValueError):
             return None
 
+    def blocked(self, index: int) -> bool:
+        with self._lock:
+            process = self._processes.get(index)
+        if process is None:
+            return False
+        try:  # Linux: each thread's state, as in suspended
+            for thread in os.listdir(f"/proc/{process.pid}/task"):
+                with open(f"/proc/{process.pid}/task/{thread}/stat") as f:
+                    if f.read().rpartition(")")[2].split()[0] not in ("S", "D"):
+                        return False
+        except (OSError, IndexError):
+            return False
+        return True
+
     def caught_up_at(self) -> float:
         """When the last ping the engine sent itself was sent, once the receiver got
         it: datagrams queue in order, so every message sent before it was handled.

@@ -31,6 +31,7 @@ import select
 import socket
 import stat
 import threading
+import time
 from collections import deque
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,17 @@ class Endpoint:
         """How many messages wait for the destination at path `to` (diagnostics)."""
         destination = self._destinations.get(to)
         return 0 if destination is None else len(destination.queue)
+
+    def delivered(self, to: str, timeout: float) -> bool:
+        """Wait, up to `timeout` seconds and without holding the GIL, until nothing
+        waits for the destination at path `to` in this endpoint's backlog. For a
+        message that must be out before the caller holds the GIL for long."""
+        deadline = time.monotonic() + timeout
+        while self.backlog(to):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def recv(self, timeout: float | None) -> bytes | None:
         """The next message, or None after `timeout` seconds (0: don't wait; None:

@@ -45,6 +45,7 @@ DRIVER = -1
 STATS_EVERY_S = 0.25
 HEARTBEAT_S = 0.5
 IDLE_WAKE_S = 1.0
+LOAD_SAID_WITHIN_S = 1.0  # how long a model load waits for the driver to be told of it
 SPIN_S = 300e-6  # polling for the next message before sleeping (`next_message`)
 CANCELS = ".cancel"  # suffix of the socket that takes only `Cancel` messages
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
@@ -203,7 +204,8 @@ class Worker:
             target=self.watch_cancels, args=(main,), name="serveflow:cancels", daemon=True
         ).start()
         self.loop()
-        self.endpoint.close()
+        with self.beat_lock:
+            self.endpoint.close()
         self.cancels.close()
 
     def loop(self) -> None:
@@ -270,6 +272,8 @@ class Worker:
         while self.running:
             time.sleep(HEARTBEAT_S)
             with self.beat_lock:
+                if not self.running:  # the endpoint is closing
+                    return
                 self.send(DRIVER, m.Beat(self.index, self.busy_since, self.loading))
                 self.told_loading = self.loading is not None
 
@@ -344,6 +348,12 @@ class Worker:
             self.endpoint.send(socket_path(self.directory, worker, message), data)
         except PeerGone:  # that worker died; the driver re-runs the request
             log.debug("worker %d is gone; dropping a message", worker)
+
+    def flush_to_driver(self) -> None:
+        """Wait (up to LOAD_SAID_WITHIN_S) until what waits for the driver is sent: a
+        backlog (the driver's queue was full) is sent by a thread that needs the GIL,
+        which a model load may then hold for seconds."""
+        self.endpoint.delivered(socket_path(self.directory, DRIVER), LOAD_SAID_WITHIN_S)
 
     def unsendable(self, message: m.Input | m.Result, error: Exception) -> Any:
         """`message` carrying, instead of its value, an OperatorError naming the
@@ -551,6 +561,7 @@ class Worker:
             self.loading = key
             self.send(DRIVER, m.Beat(self.index, self.busy_since, key))
             self.told_loading = True
+        self.flush_to_driver()  # said before the load starts, not only queued
         try:
             executor = StageExecutor(stage, self.kvs)
         finally:
