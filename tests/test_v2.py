@@ -442,7 +442,9 @@ def test_json_nested_over_the_depth_limit(limited):
     for _ in range(6):  # the outer object, "inputs", an input and 7 lists: 10 deep
         data = [data]
     tensor = {"name": "x", "datatype": "FP64", "shape": [1] * 7, "data": data}
-    r = httpx.post(f"{limited.url}/v2/models/tensor/infer", json={"inputs": [tensor]})
+    r = httpx.post(
+        f"{limited.url}/v2/models/tensor/infer", json={"inputs": [tensor]}, timeout=TIMEOUT
+    )
     assert r.status_code == 413 and "--max-depth" in r.json()["error"], r.text
     _at_the_limits(Client(limited, "http-json"))
 
@@ -524,6 +526,7 @@ def test_overload_is_unavailable_with_retry_information(server):
         http = httpx.post(
             f"{server.url}/v2/models/slow/infer",
             json={"inputs": [{"name": "s", "datatype": "FP64", "shape": [1], "data": [0.0]}]},
+            timeout=TIMEOUT,
         )
     finally:
         thread.join(TIMEOUT)
