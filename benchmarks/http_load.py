@@ -96,7 +96,10 @@ class ServeflowServer:
         batching: bool = False,
         extra: tuple[str, ...] = (),
         max_in_flight: int = 100_000,
+        source: str | None = None,
     ) -> None:
+        """`source`: the `src` folder of another serveflow tree to serve from (a
+        baseline to compare with in the same run), instead of the installed one."""
         self._dir = tempfile.TemporaryDirectory(prefix="sf-http-load-")
         path = Path(self._dir.name) / "chain_flows.py"
         path.write_text(FLOWS_FILE.format(stages=STAGES, batching=batching))
@@ -116,7 +119,11 @@ class ServeflowServer:
         ]
         if not fused:
             command += ["--rules", "fusion=off"]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        env = None
+        if source is not None:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [source, *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
         line = self.process.stdout.readline() if self.process.stdout else ""
         if " on http://" not in line:
             self.close()

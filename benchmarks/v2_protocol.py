@@ -17,6 +17,7 @@ slices of the time per level, after the same warm-up. Prints a table and the rat
 writes results/v2_protocol.json and .png.
 
     python -m benchmarks.v2_protocol [--quick] [--levels 1,8,64] [--seconds S]
+        [--protocols grpc,http] [--no-fused] [--no-triton] [--baseline SRC]
 """
 
 from __future__ import annotations
@@ -122,7 +123,11 @@ class Target:
 
 
 def measure(
-    targets: list[Target], levels: list[int], seconds: float, rounds: int
+    targets: list[Target],
+    levels: list[int],
+    seconds: float,
+    rounds: int,
+    protocols: tuple[str, ...] | list[str] = PROTOCOLS,
 ) -> list[common.Record]:
     """Per protocol and client count, the systems take turns (`rounds` slices of
     `seconds / rounds` each, the order alternating), so that the machine's other load
@@ -130,7 +135,7 @@ def measure(
     for target in targets:
         target.run(4, min(2.0, seconds))  # warm-up: workers, connections, batchers
     records = []
-    for protocol in PROTOCOLS:
+    for protocol in protocols:
         peers = [t for t in targets if t.protocol == protocol]
         for clients in levels:
             pooled = {t.name: ([], 0, 0.0) for t in peers}
@@ -166,7 +171,7 @@ def report_ratios(records: list[common.Record], levels: list[int]) -> list[str]:
     every concurrency, with a lower p99, per protocol."""
     by = {(r["system"], r.get("clients")): r for r in records if r.get("clients")}
     lines = []
-    for system in ("serveflow", "serveflow-fused"):
+    for system in ("serveflow", "serveflow-baseline", "serveflow-fused"):
         for protocol in PROTOCOLS:
             for clients in levels:
                 s = by.get((f"{system}-{protocol}", clients))
@@ -216,16 +221,33 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--levels", default="1,8,64", help="client counts (default 1,8,64)")
         parser.add_argument("--seconds", type=float, default=None, help="seconds per level")
         parser.add_argument("--no-triton", action="store_true", help="skip the Triton peer")
+        parser.add_argument("--no-fused", action="store_true", help="skip serveflow-fused")
+        parser.add_argument(
+            "--baseline",
+            metavar="SRC",
+            help="also serve the unfused flow from this src folder of another serveflow "
+            "tree (e.g. `git archive main src | tar -x -C /tmp/base`): serveflow-baseline, "
+            "to compare a change with in the same run",
+        )
+        parser.add_argument(
+            "--protocols", default=",".join(PROTOCOLS), help="grpc, http or both (default)"
+        )
 
     args = common.parse_args(__doc__.splitlines()[0], argv, configure)
     levels = [int(n) for n in args.levels.split(",")]
     seconds = args.seconds or (4.0 if args.quick else 12.0)
     rounds = 2 if args.quick else 4
+    protocols = [p for p in PROTOCOLS if p in args.protocols.split(",")]
     records: list[common.Record] = []
     with contextlib.ExitStack() as stack:
         targets = []
-        for system, fused in (("serveflow", False), ("serveflow-fused", True)):
-            server = ServeflowServer(fused=fused, extra=("--grpc-port", "0"))
+        systems = [("serveflow", False, None)]
+        if args.baseline:
+            systems.append(("serveflow-baseline", False, args.baseline))
+        if not args.no_fused:
+            systems.append(("serveflow-fused", True, None))
+        for system, fused, source in systems:
+            server = ServeflowServer(fused=fused, extra=("--grpc-port", "0"), source=source)
             stack.callback(server.close)
             assert server.process.stdout is not None
             grpc_line = server.process.stdout.readline()  # "serveflow: V2 gRPC on HOST:PORT"
@@ -245,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
                     Target("triton", "grpc", f"127.0.0.1:{triton.grpc_port}", "identity1", True),
                     Target("triton", "http", triton.url.removeprefix("http://"), "identity1", True),
                 ]
-        records += measure(targets, levels, seconds, rounds)
+        targets = [t for t in targets if t.protocol in protocols]
+        records += measure(targets, levels, seconds, rounds, protocols)
 
     measured = [r for r in records if r.get("clients")]
     common.print_table(

@@ -173,9 +173,12 @@ def test_serve_reads_the_token_from_the_environment(flows_file):
     try:
         _wait_ready(url)
         body = {"rows": [{"a": 1}]}
-        assert httpx.post(f"{url}/v1/flows/adder/predict", json=body).status_code == 401
+        assert httpx.post(f"{url}/v1/flows/adder/predict", json=body, timeout=10).status_code == 401
         ok = httpx.post(
-            f"{url}/v1/flows/adder/predict", json=body, headers={"Authorization": "Bearer t0k"}
+            f"{url}/v1/flows/adder/predict",
+            json=body,
+            headers={"Authorization": "Bearer t0k"},
+            timeout=10,
         )
         assert ok.status_code == 200
     finally:

@@ -3,6 +3,7 @@ installed by scripts/browser.sh): the plan graph renders and the numbers move un
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -64,7 +65,7 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def wait_for(predicate, what: str, timeout: float = 15.0):
+def wait_for(predicate, what: str, timeout: float = 30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -100,7 +101,9 @@ def test_dashboard_draws_the_plan_and_updates_under_load(browser):
                     if stop_load.is_set():
                         return
                     body = {"rows": [{"text": f" Comment number {i} "}]}
-                    client.post("/v1/flows/triage/predict", json=body, headers=headers)
+                    # a request slowed past the timeout on a loaded machine ends not the load
+                    with contextlib.suppress(httpx.TimeoutException):
+                        client.post("/v1/flows/triage/predict", json=body, headers=headers)
 
         loader = threading.Thread(target=load)
         loader.start()

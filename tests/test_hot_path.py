@@ -80,12 +80,14 @@ def test_requests_of_callers_that_never_wait_are_answered_beside_one_that_does(a
     """One thread makes requests one after another (reading its results itself);
     another only adds callbacks, before, between and after them."""
     stop = threading.Event()
-    sequential = []
+    sequential, sequential_took, took = [], [], []
 
     def one_by_one() -> None:
         i = 0
         while not stop.is_set():
+            started = time.monotonic()
             sequential.append(app.run(_request(i)).result(timeout=RESULT_S).column("a")[0] == i)
+            sequential_took.append(time.monotonic() - started)
             i += 1
 
     thread = threading.Thread(target=one_by_one)
@@ -99,8 +101,7 @@ def test_requests_of_callers_that_never_wait_are_answered_beside_one_that_does(a
             future.add_done_callback(lambda f, answered=answered: answered.set())
             assert answered.wait(RESULT_S), f"request {i} was never answered"
             assert future.result().column("a") == [1000 + i]
-            took = time.monotonic() - started
-            assert took < 1.0, f"a callback-only request waited {took:.2f} s"
+            took.append(time.monotonic() - started)
             if i % 50 == 0:
                 time.sleep(0.05)
             i += 1
@@ -108,6 +109,10 @@ def test_requests_of_callers_that_never_wait_are_answered_beside_one_that_does(a
         stop.set()
         thread.join(timeout=RESULT_S)
     assert i >= 200 and len(sequential) >= 50 and all(sequential)
+    # as quick as the waiting caller's requests, run at the same time (a stall of a
+    # loaded machine slows both), or under 1 s
+    slowest = max(1.0, 2 * max(sequential_took))
+    assert max(took) < slowest, f"a callback-only request waited {max(took):.2f} s"
 
 
 @pytest.mark.timeout(60)

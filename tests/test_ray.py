@@ -190,12 +190,18 @@ def test_the_autoscaler_adds_actors_under_load(ray_cluster):
     try:
         with flow.deploy(runtime=runtime) as app:
             assert len(runtime.worker_pids()) == 1
-            futures = [app.run(sf.Table({"x": [i]})) for i in range(120)]
-            most = 1
-            while not all(f.done() for f in futures):
+            futures: list = []
+            most, deadline = 1, time.monotonic() + TIMEOUT
+            # 40 requests (2 s of one actor's work) kept waiting until a second actor is
+            # up: an actor can take seconds to start on a loaded machine
+            while most == 1 and time.monotonic() < deadline:
+                waiting = sum(not f.done() for f in futures)
+                sent = len(futures)
+                futures += [app.run(sf.Table({"x": [sent + i]})) for i in range(40 - waiting)]
                 most = max(most, len(runtime.worker_pids()))
                 time.sleep(0.05)
-            assert [f.result().to_rows() for f in futures] == [[{"x": i}] for i in range(120)]
+            rows = [f.result(timeout=TIMEOUT).to_rows() for f in futures]
+            assert rows == [[{"x": i}] for i in range(len(futures))]
             assert most > 1
     finally:
         runtime.stop()

@@ -207,8 +207,9 @@ def _count(families, name: str, **labels) -> float:
 
 def test_every_response_is_counted_by_status_and_metrics_pass_promtool(server, client):
     client.post("/v1/flows/arith/predict", json={"rows": [{"a": 1, "b": 2}]})
-    httpx.post(f"{server.url}/v1/flows/arith/predict", json={"rows": [{"a": 1, "b": 2}]})
-    httpx.get(f"{server.url}/v1/flows")  # 401
+    body = {"rows": [{"a": 1, "b": 2}]}
+    httpx.post(f"{server.url}/v1/flows/arith/predict", json=body, timeout=10)
+    httpx.get(f"{server.url}/v1/flows", timeout=10)  # 401
     client.get("/v1/flows/nope")  # 404
     client.get("/healthz")
     text = client.get("/metrics").text

@@ -149,6 +149,29 @@ def test_deadline_fails_the_request_and_drops_its_queued_work():
         runtime.stop()
 
 
+def test_a_future_says_when_its_first_stage_began_after_queueing():
+    """`future.began`: when the request's first stage run began (the end of its time
+    queued), not its last stage's; behind a busy worker, after that worker's call."""
+    runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
+    try:
+        flow = sf.Flow("queued")
+        first = flow.map(lambda r: time.sleep(r["a"]) or r["a"], names=["a"], name="first")
+        first.map(lambda r: time.sleep(0.2) or r["a"], names=["a"], name="second")
+        app = flow.deploy(rules=sf.Rules(fusion=False), runtime=runtime)
+        app.run({"a": [0.0]}).result(timeout=10)  # both stages loaded
+        submitted = time.monotonic()
+        busy = app.run({"a": [0.3]})
+        time.sleep(0.05)
+        waiting = app.run({"a": [0.0]})
+        busy.result(timeout=10)
+        waiting.result(timeout=10)
+        assert busy.began is not None and busy.began - submitted < 0.15
+        # queued behind busy's first stage (0.3 s) and second (0.2 s) on the one worker
+        assert waiting.began - busy.began > 0.45
+    finally:
+        runtime.stop()
+
+
 def test_too_many_requests_in_flight_fail_fast_with_overload():
     runtime = sf.LocalRuntime(min_workers=1, max_workers=1, max_in_flight=2)
     try:

@@ -14,6 +14,7 @@ import time
 
 import grpc
 import httpx
+import jsonschema
 import numpy as np
 import orjson
 import pytest
@@ -441,7 +442,9 @@ def test_json_nested_over_the_depth_limit(limited):
     for _ in range(6):  # the outer object, "inputs", an input and 7 lists: 10 deep
         data = [data]
     tensor = {"name": "x", "datatype": "FP64", "shape": [1] * 7, "data": data}
-    r = httpx.post(f"{limited.url}/v2/models/tensor/infer", json={"inputs": [tensor]})
+    r = httpx.post(
+        f"{limited.url}/v2/models/tensor/infer", json={"inputs": [tensor]}, timeout=TIMEOUT
+    )
     assert r.status_code == 413 and "--max-depth" in r.json()["error"], r.text
     _at_the_limits(Client(limited, "http-json"))
 
@@ -523,6 +526,7 @@ def test_overload_is_unavailable_with_retry_information(server):
         http = httpx.post(
             f"{server.url}/v2/models/slow/infer",
             json={"inputs": [{"name": "s", "datatype": "FP64", "shape": [1], "data": [0.0]}]},
+            timeout=TIMEOUT,
         )
     finally:
         thread.join(TIMEOUT)
@@ -612,6 +616,70 @@ def test_statistics_count_inferences_and_failures(client):
     assert {m["name"] for m in everything["model_stats"]} >= {"arith", "tensor", "slow"}
 
 
+def nap_flow() -> sf.Flow:
+    flow = sf.Flow("nap", schema={"s": float})
+    flow.map(lambda r: time.sleep(r["s"]) or r["s"], names=["slept"], name="nap")
+    return flow
+
+
+def _ns(entry: dict, kind: str, what: str) -> int:
+    return int(entry["inference_stats"][kind].get(what, 0))  # gRPC's JSON: int64 as str
+
+
+@pytest.mark.parametrize(
+    ("protocol", "timeout_s"),
+    [("grpc", None), ("http-binary", None), ("grpc", 30)],
+    ids=["grpc-coalesced", "http-coalesced", "grpc-deadline"],  # a deadline: not coalesced
+)
+def test_statistics_count_the_time_queued_behind_a_busy_worker(protocol, timeout_s):
+    """One worker; three requests of 0.3 s each sent 50 ms apart: the second waits
+    about 0.25 s for the worker, the third about 0.5 s. Triton's `queue` says so, in
+    ns, and `compute_infer` no longer holds that wait."""
+    nap, spacing, sent = 0.3, 0.05, 3
+    runtime = sf.LocalRuntime(max_workers=1)
+    app = nap_flow().deploy(runtime=runtime)
+    try:
+        with Server({"nap": app}, port=0, grpc_port=0) as srv:
+            Client(srv, protocol).infer("nap", {"s": (np.array([0.0]), "FP64")})  # warm
+
+            def stats() -> dict[str, dict]:
+                return {p: _model_stats(Client(srv, p), "nap") for p in ("grpc", "http-json")}
+
+            before = stats()
+            kwargs = {} if timeout_s is None else {"client_timeout": timeout_s}
+
+            def one() -> None:
+                Client(srv, protocol).infer("nap", {"s": (np.array([nap]), "FP64")}, **kwargs)
+
+            threads = [threading.Thread(target=one) for _ in range(sent)]
+            for thread in threads:
+                thread.start()
+                time.sleep(spacing)
+            for thread in threads:
+                thread.join(TIMEOUT)
+            after = stats()
+    finally:
+        app.stop()
+        runtime.stop()
+    # the same figures over both protocols, counts and durations alike
+    for kind in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        for what in ("count", "ns"):
+            assert _ns(after["grpc"], kind, what) == _ns(after["http-json"], kind, what)
+    delta = {
+        kind: {
+            what: _ns(after["grpc"], kind, what) - _ns(before["grpc"], kind, what)
+            for what in ("count", "ns")
+        }
+        for kind in ("success", "queue", "compute_infer")
+    }
+    assert delta["success"]["count"] == delta["queue"]["count"] == sent
+    queued_s = delta["queue"]["ns"] / 1e9
+    expected_s = sum(i * (nap - spacing) for i in range(sent))  # 0 + 0.25 + 0.5
+    assert expected_s * 0.7 <= queued_s < delta["success"]["ns"] / 1e9, delta
+    infer_s = delta["compute_infer"]["ns"] / 1e9
+    assert sent * nap * 0.9 <= infer_s < sent * nap + expected_s * 0.5, delta
+
+
 def test_v2_requests_count_in_the_prometheus_metrics(server):
     def ok_count() -> float:
         text = httpx.get(f"{server.url}/metrics").text
@@ -626,6 +694,121 @@ def test_v2_requests_count_in_the_prometheus_metrics(server):
     for protocol in PROTOCOLS:
         Client(server, protocol).infer("tensor", {"x": (np.ones((1, 2), np.float32), "FP32")})
     assert ok_count() - before == len(PROTOCOLS)
+
+
+# --- the OpenAPI document ---------------------------------------------------------------
+
+
+def test_openapi_lists_the_v2_endpoints_and_what_they_answer_matches_it(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    paths = spec["paths"]
+    assert {"/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/stats"} <= set(paths)
+    assert {"get", "post"} <= set(paths["/v2/repository/index"])
+    for name in server.state.apps:
+        for base in (f"/v2/models/{name}", f"/v2/models/{name}/versions/{{version}}"):
+            for suffix in ("", "/ready", "/config", "/stats"):
+                assert "get" in paths[base + suffix], base + suffix
+            assert "post" in paths[base + "/infer"]
+    infer = paths["/v2/models/arith/infer"]["post"]
+    assert {"200", "400", "413", "500", "503", "504"} <= set(infer["responses"])
+    assert "`a` (INT64), `b` (INT64)" in infer["description"]
+
+    def schema(path: str, method: str, status: str, media: str = "application/json") -> dict:
+        operation = paths[path][method]
+        where = operation["responses"][status] if status else operation["requestBody"]
+        return {**where["content"][media]["schema"], "components": spec["components"]}
+
+    def matches(path: str, method: str, answer: httpx.Response) -> None:
+        assert answer.headers["content-type"] == "application/json"
+        jsonschema.validate(answer.json(), schema(path, method, str(answer.status_code)))
+
+    # What tritonclient sends is a valid request body; the example is one too, and runs.
+    a = np.array([1, 2], dtype=np.int64)
+    tensors = []
+    for column in "ab":
+        tensor = httpclient.InferInput(column, [2], "INT64")
+        tensor.set_data_from_numpy(a, binary_data=False)
+        tensors.append(tensor)
+    body, _ = httpclient.InferenceServerClient.generate_request_body(
+        tensors, [httpclient.InferRequestedOutput("sum", binary_data=False)], request_id="7"
+    )
+    jsonschema.validate(orjson.loads(body), schema("/v2/models/arith/infer", "post", ""))
+    example = infer["requestBody"]["content"]["application/json"]["example"]
+    for request in (orjson.loads(body), example):
+        answer = httpx.post(f"{server.url}/v2/models/arith/infer", json=request)
+        assert answer.status_code == 200, answer.text
+        matches("/v2/models/arith/infer", "post", answer)
+    bad = httpx.post(f"{server.url}/v2/models/arith/infer", json={"inputs": [{"name": "a"}]})
+    assert bad.status_code == 400
+    matches("/v2/models/arith/infer", "post", bad)
+    binary = httpclient.InferRequestedOutput("sum", binary_data=True)
+    body, length = httpclient.InferenceServerClient.generate_request_body(tensors, [binary])
+    answer = httpx.post(
+        f"{server.url}/v2/models/arith/infer",
+        content=body,
+        headers={"Inference-Header-Content-Length": str(length)},
+    )
+    assert answer.headers["content-type"] in paths["/v2/models/arith/infer"]["post"][
+        "responses"]["200"]["content"]  # fmt: skip
+    for path in (
+        "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/stats",
+        "/v2/repository/index", "/v2/models/arith", "/v2/models/tensor", "/v2/models/arith/ready",
+        "/v2/models/arith/config", "/v2/models/arith/stats",
+    ):  # fmt: skip
+        matches(path, "get", httpx.get(f"{server.url}{path}"))
+    versioned = "/v2/models/arith/versions/{version}/stats"
+    matches(versioned, "get", httpx.get(f"{server.url}/v2/models/arith/versions/1/stats"))
+    matches(versioned, "get", httpx.get(f"{server.url}/v2/models/arith/versions/2/stats"))
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        {"name": "a", "datatype": "INT64", "shape": [1], "data": "1"},  # data not a list
+        {"name": "a", "datatype": "INT64", "shape": [1], "data": None},
+        {"name": "a", "datatype": "INT64", "shape": [1], "data": [1], "parameters": False},
+        {
+            "name": "a",
+            "datatype": "INT64",
+            "shape": [0],
+            "data": [],
+            "parameters": {"binary_data_size": 0},
+        },
+        {"name": "a", "datatype": "INT64", "shape": [0], "parameters": {"binary_data_size": True}},
+    ],
+)
+def test_v2_http_refuses_what_its_schema_does_not_allow(server, tensor):
+    b = {"name": "b", "datatype": "INT64", "shape": [1], "data": [1]}
+    r = httpx.post(f"{server.url}/v2/models/arith/infer", json={"inputs": [tensor, b]})
+    assert r.status_code == 400, r.text
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"outputs": {}},
+        {"outputs": 0},
+        {"id": 7},
+        {"parameters": {"binary_data_output": 1}},
+        {"parameters": []},
+        {"outputs": [{"name": "sum", "parameters": {"binary_data": "yes"}}]},
+    ],
+)
+def test_v2_http_refuses_request_fields_of_the_wrong_type(server, extra):
+    a = {"name": "a", "datatype": "INT64", "shape": [1], "data": [1]}
+    b = {**a, "name": "b"}
+    r = httpx.post(f"{server.url}/v2/models/arith/infer", json={"inputs": [a, b], **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]
+
+
+def test_v2_http_header_length_must_be_ascii_digits(server):
+    r = httpx.post(
+        f"{server.url}/v2/models/arith/infer",
+        content=b'{"inputs": []}',
+        headers={"Inference-Header-Content-Length": b"\xb2"},  # latin-1 "²": isdigit() is true
+    )
+    assert r.status_code == 400, r.text
 
 
 # --- concurrency with the asyncio clients ----------------------------------------------

@@ -576,10 +576,12 @@ class ControlPlane:
     # -- messages from workers ------------------------------------------------------------
     def on_message(self, message: Any) -> None:
         match message:
-            case m.Result(app_id, rid, _, value):
+            case m.Result(app_id, rid, _, value, began):
                 app = self._apps.get(app_id)
                 request = app.active.get(rid) if app else None
                 if request is not None:
+                    if isinstance(began, float):
+                        request.began = began
                     request.settle(value)  # its book-keeping first (`finish`)
             case m.Stats():
                 self._on_stats(message)

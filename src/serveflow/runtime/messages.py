@@ -66,7 +66,8 @@ class Exit(NamedTuple):
 
 class Input(NamedTuple):
     """The output of op `op` (0: the request table) for stage `stage` of request
-    `rid`, sent at `sent` (time.monotonic: the stage's latency counts from there)."""
+    `rid`, sent at `sent` (time.monotonic: the stage's latency counts from there).
+    `began`: when the request's first stage run began (None in the driver's inputs)."""
 
     app: int
     rid: int
@@ -77,6 +78,7 @@ class Input(NamedTuple):
     route: Route
     deadline: float | None
     sent: float
+    began: float | None = None
 
 
 # -- worker -> control plane ---------------------------------------------------------------
@@ -88,12 +90,14 @@ class Hello(NamedTuple):
 
 
 class Result(NamedTuple):
-    """The request's output (a Table) or the exception it failed with."""
+    """The request's output (a Table) or the exception it failed with; `began`: when
+    its first stage run began (time.monotonic), None if no stage ran."""
 
     app: int
     rid: int
     attempt: int
     value: Any
+    began: float | None = None
 
 
 class Done(NamedTuple):

@@ -29,6 +29,13 @@ class RequestFuture(Future):
         self.set_running_or_notify_cancel()  # else `wait` and `as_completed` never see it
         return cancelled
 
+    @property
+    def began(self) -> float | None:
+        """When the request's first stage run began (`time.monotonic`; on Ray, the
+        worker's clock), known once the future is done; None if no stage ran. Before
+        it, the request was queued: at the driver, in a worker's queue or batch."""
+        return self._request.began
+
 
 class Request:
     """One request: its input, its future, and where it is being run.
@@ -57,6 +64,7 @@ class Request:
         # (stage, worker) -> expected seconds of that run, counted until it is done
         self.work: dict[tuple[int, int], float] = {}
         self.attempt = 0
+        self.began: float | None = None  # when its first stage run began (a worker says)
         self.on_end = on_end
         self._unclaimed = [True]  # popped (atomically) by the one that ends the request
 

@@ -122,6 +122,7 @@ class Task:
     route: m.Route
     deadline: float | None
     created: float  # when its first input was sent
+    began: float | None = None  # when the request's first stage run began, once known
     inputs: dict[int, Any] = field(default_factory=dict)
     failures: dict[int, int] = field(default_factory=dict)
 
@@ -411,13 +412,18 @@ class Worker:
             if task is None:
                 task = Task(app, rid, attempt, index, message.route, message.deadline, message.sent)
                 self.waiting[key] = task
+            if message.began is not None and (task.began is None or message.began < task.began):
+                task.began = message.began  # the earliest of its inputs' first runs
             task.add(message.op, message.value, stage.replicas.get(message.op, 1))
             if not task.ready(stage):
                 return
             del self.waiting[key]
             self.started[key] = time.monotonic()
         else:  # its one input: runnable now
-            task = Task(app, rid, attempt, index, message.route, message.deadline, message.sent)
+            task = Task(
+                app, rid, attempt, index, message.route, message.deadline, message.sent,
+                message.began,
+            )  # fmt: skip
             task.inputs[message.op] = message.value
         queue = self.queues.get((app, index))
         if queue is None:
@@ -556,6 +562,8 @@ class Worker:
             latencies = [done - t.created for t in live if t.created >= loaded_at]
             counters.batch_log.append((len(live), done - started, done, latencies))
         for task, result in zip(live, results):
+            if task.began is None:  # a first stage: the request's queueing ends here
+                task.began = started
             self.forward(plan, facts, task, result)
 
     def call(self, executor: StageExecutor, inputs: list, should_stop: Any) -> list:
@@ -589,7 +597,8 @@ class Worker:
 
     def forward(self, plan: Plan, stage: StageFacts, task: Task, result: Any) -> None:
         if stage.to_driver:
-            self.send(DRIVER, m.Result(task.app, task.rid, task.attempt, result), task.rid)
+            result_message = m.Result(task.app, task.rid, task.attempt, result, task.began)
+            self.send(DRIVER, result_message, task.rid)
         for consumer in stage.consumers:
             message = m.Input(
                 task.app,
@@ -601,6 +610,7 @@ class Worker:
                 task.route,
                 task.deadline,
                 time.monotonic(),
+                task.began,
             )
             chosen = targets(plan, consumer, task.route, result)
             if self.facts[task.app][consumer].located:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -316,14 +317,19 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             f"(dashboard {server.url}/, metrics {server.url}/metrics)",
             flush=True,
         )
-        server.run(on_started=lambda: _print_grpc(server))
+        server.run(on_started=lambda: _started(server))
     finally:
         runtime.stop()
     print("serveflow: stopped", flush=True)
     return 0
 
 
-def _print_grpc(server: Any) -> None:
+def _started(server: Any) -> None:
+    # What exists now (modules, flows, the servers) lives as long as the process. Out of
+    # the collector's sight, a full collection scans only what requests made since: over
+    # the whole heap it stalled every call in flight for 40-95 ms (a p99 at 64 clients).
+    gc.collect()
+    gc.freeze()
     if server.grpc_port is not None:
         host = f"[{server.host}]" if ":" in server.host else server.host
         print(f"serveflow: V2 gRPC on {host}:{server.grpc_port}", flush=True)

@@ -23,11 +23,14 @@ PROBE_EVERY_S, to measure again. Requests read together are merged into as many
 runtime requests as the flow's first stage has workers, not fewer: one merged request
 would run on one worker while the others idle (a flow of half-millisecond rows on 2
 workers, 8 requests admitted at a time, served 15-20% less merged whole than unmerged,
-in a closed loop and flooded alike). Groupby/agg, joins on a column and anyof see
-a request as a whole and are never coalesced, nor are flows with an SLO-batching stage
-(its controller does the batching, per request). If a merged request fails (an operator
-raised on some row, a missing column), each of its requests is run again alone, so only
-the one at fault gets the error; overload, deadline and shutdown errors go to all.
+in a closed loop and flooded alike); but no more than the rows' time pays for: each
+part's rows must take at least a request's fixed time, both fitted to recent requests
+(time = fixed + rows x per row), so rows that cost next to nothing go as one request.
+Groupby/agg, joins on a column and anyof see a request as a whole and are never
+coalesced, nor are flows with an SLO-batching stage (its controller does the batching,
+per request). If a merged request fails (an operator raised on some row, a missing
+column), each of its requests is run again alone, so only the one at fault gets the
+error; overload, deadline and shutdown errors go to all.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 
 from serveflow.errors import DeadlineError, OverloadError
@@ -59,6 +63,7 @@ COST_WINDOW = 64  # recent requests whose time per row decides
 # share of groups, so that the few requests slowed by a probe stay below the p99.
 PROBE_EVERY_S = 1.0
 WORKERS_EVERY_S = 1.0  # how often the first stage's worker count is read (app.stats())
+MIN_TRIPS = 8  # recent requests needed to fit what a row costs against a request
 ROW_LOCAL = (Source, Map, Filter, Lookup, Join, Union)
 
 
@@ -82,7 +87,10 @@ def row_local(plan: Plan) -> bool:
     return True
 
 
-Waiter = tuple[Table, "asyncio.Future[Table]"]
+# A request's output, and when its runtime request's first stage run began (None if
+# unknown): the request was queued until then.
+Outcome = tuple[Table, float | None]
+Waiter = tuple[Table, "asyncio.Future[Outcome]"]
 
 
 class AppStopping(Exception):
@@ -101,12 +109,15 @@ class Coalescer:
         self.max_rows = max_rows
         self.busy_window_s = busy_window_s
         self._pending: list[Waiter] = []
-        self._running: dict[asyncio.Future[Table], tuple[list[Waiter], Future[Table]]] = {}
+        self._running: dict[asyncio.Future[Outcome], tuple[list[Waiter], Future[Table]]] = {}
         self._scheduled = False
         self.merged_requests = 0  # runtime requests that carried several HTTP requests
         self.requests = 0
         self.probes = 0  # groups merged while rows were dear, to measure them again
         self._ms_per_row: deque[float] = deque(maxlen=COST_WINDOW)
+        self._trips: deque[tuple[int, float]] = deque(maxlen=COST_WINDOW)  # (rows, ms)
+        self._row_share: float | None = None  # a row's time / a request's fixed time
+        self._fitted_at = float("-inf")
         self._probed_at = 0.0  # when a group was last merged while rows were dear
         self._workers, self._workers_at = 1, float("-inf")  # the first stage's workers
 
@@ -136,13 +147,34 @@ class Coalescer:
             self._workers = max(1, int(figures.get("workers", 1)))
         return self._workers
 
+    def _parts(self, rows: int) -> int:
+        """How many runtime requests `rows` rows read together go as: one per worker of
+        the flow's first stage (one merged request would leave the others idle), but
+        no more than the rows' own time pays for, each part's rows taking at least a
+        request's fixed time. Rows that cost next to nothing (identity maps) go as one
+        request: at 64 concurrent V2 gRPC clients, cut in four they cost the driver
+        25-50% and the workers 3-5x more CPU per call, for no parallel gain."""
+        workers = self._parallel()
+        now = time.monotonic()
+        if now - self._fitted_at >= WORKERS_EVERY_S:
+            self._fitted_at = now
+            self._row_share = _row_share(self._trips)
+        if workers == 1 or self._row_share is None:
+            return workers
+        return max(1, min(workers, int(rows * self._row_share)))
+
     async def run(self, table: Table) -> Table:
         """The output of one request (raises what the deployment raised for it).
         Cancelled (the client went away), it leaves its merged request, which is
         cancelled once nobody waits for it."""
+        return (await self.run_timed(table))[0]
+
+    async def run_timed(self, table: Table) -> Outcome:
+        """As `run`, with when the request's first stage run began (time.monotonic;
+        None if unknown): its time queued here and in the runtime ended then."""
         check_schema(self.app.plan.schema, table)  # a bad request fails alone, at once
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Table] = loop.create_future()
+        waiter: asyncio.Future[Outcome] = loop.create_future()
         self._pending.append((table, waiter))
         if not self._scheduled:
             self._scheduled = True
@@ -171,7 +203,8 @@ class Coalescer:
                 self._submit([waiter])
             return
         for group in groups.values():
-            most = -(-len(group) // self._parallel())  # requests per merged request
+            parts = self._parts(sum(len(table) for table, _ in group))
+            most = -(-len(group) // parts)  # requests per merged request
             chunk: list[Waiter] = []
             rows = 0
             for waiter in group:
@@ -206,11 +239,14 @@ class Coalescer:
 
         def done(f: Future[Table]) -> None:
             if not f.cancelled() and f.exception() is None:  # (the loop reads the window)
-                ms_per_row = (time.perf_counter() - sent) * 1e3 / rows
-                loop.call_soon_threadsafe(self._ms_per_row.append, ms_per_row)
+                loop.call_soon_threadsafe(self._measured, rows, (time.perf_counter() - sent) * 1e3)
             loop.call_soon_threadsafe(self._settle, group, f)
 
         future.add_done_callback(done)
+
+    def _measured(self, rows: int, ms: float) -> None:
+        self._ms_per_row.append(ms / rows)
+        self._trips.append((rows, ms))
 
     def _settle(self, group: list[Waiter], future: Future[Table]) -> None:
         for _, waiter in group:
@@ -223,14 +259,15 @@ class Coalescer:
             if error is not None:
                 _fail(waiter, error)
             elif not waiter.done():
-                waiter.set_result(future.result())
+                waiter.set_result((future.result(), getattr(future, "began", None)))
             return
         if error is None:
             pieces = _split(future.result(), [t for t, _ in group])
             if pieces is not None:
+                began = getattr(future, "began", None)
                 for (_, waiter), piece in zip(group, pieces, strict=True):
                     if not waiter.done():
-                        waiter.set_result(piece)
+                        waiter.set_result((piece, began))
                 return
             error = RuntimeError("output rows of unknown origin")
         if isinstance(error, OverloadError | DeadlineError):
@@ -240,6 +277,26 @@ class Coalescer:
         log.debug("merged request of %d failed (%s); running each alone", len(group), error)
         for waiter in group:
             self._submit([waiter])
+
+
+def _row_share(trips: Sequence[tuple[int, float]]) -> float | None:
+    """A row's time over a request's fixed time, from requests' (rows, ms) fitted as
+    ms = fixed + rows x per_row (least squares); None while the rows do not vary
+    enough to tell, or when the fixed time is nothing (then every part pays). Time
+    queued counts as fixed on purpose: while requests queue, the pool has no idle
+    worker for a part to gain from, and each part costs a request's work."""
+    if len(trips) < MIN_TRIPS:
+        return None
+    mean_rows = sum(r for r, _ in trips) / len(trips)
+    mean_ms = sum(ms for _, ms in trips) / len(trips)
+    spread = sum((r - mean_rows) ** 2 for r, _ in trips)
+    if spread < len(trips) * 0.25:  # (nearly) one size: no slope to read
+        return None
+    per_row = sum((r - mean_rows) * (ms - mean_ms) for r, ms in trips) / spread
+    fixed = mean_ms - per_row * mean_rows
+    if fixed <= 0:
+        return None
+    return max(per_row, 0.0) / fixed
 
 
 def _split(output: Table, inputs: list[Table]) -> list[Table] | None:
@@ -257,6 +314,6 @@ def _split(output: Table, inputs: list[Table]) -> list[Table] | None:
     return [output.take(positions) for positions in rows]
 
 
-def _fail(waiter: asyncio.Future[Table], error: BaseException) -> None:
+def _fail(waiter: asyncio.Future[Outcome], error: BaseException) -> None:
     if not waiter.done():
         waiter.set_exception(error)

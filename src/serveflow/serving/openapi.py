@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 description of one server, served at /openapi.json.
 
-Generated from what is deployed: each flow gets its own paths, and its predict
+Generated from what is deployed: each flow gets its own paths (`/v1`, and `/v2` from
+`v2_openapi`: the Open Inference Protocol), and its predict
 request body is a pydantic model built from the flow's schema (one typed property per
 declared column, bounded by the server's `Limits`), turned into JSON Schema by pydantic.
 Every status the server sends on a path is listed, 401 included when a token is set.
@@ -20,6 +21,7 @@ from pydantic.json_schema import models_json_schema
 
 import serveflow
 from serveflow.runtime.app import App
+from serveflow.serving import v2_openapi
 from serveflow.serving.limits import Limits
 
 REF = "#/components/schemas/{model}"
@@ -163,7 +165,7 @@ def _predict(name: str, model: str, secured: bool, limits: Limits) -> dict[str, 
 
 def openapi_spec(apps: Mapping[str, App], *, limits: Limits, secured: bool) -> dict[str, Any]:
     """The spec of a server deploying `apps` with `limits`; `secured`: a token is set."""
-    models: list[type[BaseModel]] = [Error, PredictResponse]
+    models: list[type[BaseModel]] = [Error, PredictResponse, *v2_openapi.MODELS]
     request_models = {}
     for name, app in apps.items():
         model = predict_request_model(name, app.plan.schema, limits)
@@ -190,6 +192,7 @@ def openapi_spec(apps: Mapping[str, App], *, limits: Limits, secured: bool) -> d
     text = {"text/plain": {"schema": {"type": "string"}}}
     paths["/metrics"] = _get("Prometheus metrics (text format)", text, secured)
     paths["/openapi.json"] = _get("This document", json_object, secured)
+    paths.update(v2_openapi.v2_paths(apps, limits=limits, secured=secured))
     open_paths = {
         "/healthz": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}},
         "/readyz": {

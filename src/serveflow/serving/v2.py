@@ -39,7 +39,7 @@ from serveflow.serving.app import (
     _unless_disconnected,
 )
 from serveflow.serving.auth import token_matches
-from serveflow.serving.coalesce import AppStopping
+from serveflow.serving.coalesce import AppStopping, Outcome
 from serveflow.serving.codecs import JSON, check_json_limits, encode_json
 from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
 from serveflow.serving.limits import LimitExceeded, Limits
@@ -91,8 +91,12 @@ class ModelStats:
     execution_count: int = 0  # requests run
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
+    # Of successful requests, as Triton: waiting before the first stage run (for the
+    # coalescer's company, at the driver for a worker with room, in a worker's queue or
+    # batch), then the stage runs up to the answer.
+    queue: Duration = field(default_factory=Duration)
     compute_input: Duration = field(default_factory=Duration)  # tensors -> table
-    compute_infer: Duration = field(default_factory=Duration)  # the flow's run
+    compute_infer: Duration = field(default_factory=Duration)  # first stage run to answer
     compute_output: Duration = field(default_factory=Duration)  # table -> tensors
 
     def as_dict(self, name: str) -> dict[str, Any]:
@@ -106,7 +110,7 @@ class ModelStats:
             "inference_stats": {
                 "success": self.success.as_dict(),
                 "fail": self.fail.as_dict(),
-                "queue": zero,  # the runtime's queueing is inside compute_infer
+                "queue": self.queue.as_dict(),
                 "compute_input": self.compute_input.as_dict(),
                 "compute_infer": self.compute_infer.as_dict(),
                 "compute_output": self.compute_output.as_dict(),
@@ -282,16 +286,22 @@ class V2Models:
         except LimitExceeded as error:
             raise HTTPProblem(413, str(error)) from None
         t1 = time.perf_counter_ns()
+        queued_from = time.monotonic()  # the runtime's clock, which `began` is on
         state.admitted[name] += 1
         try:
-            output = await self._run(app, name, table, timeout)
+            output, began = await self._run(app, name, table, timeout)
         finally:
             state.admitted[name] -= 1
         t2 = time.perf_counter_ns()
         tensors = self._output_tensors(name, output, outputs)
         t3 = time.perf_counter_ns()
+        # Unknown (no stage ran): all of it counts as compute. Clamped: on Ray the
+        # worker's clock may be another host's.
+        queued = 0 if began is None else int((began - queued_from) * 1e9)
+        queued = min(max(queued, 0), t2 - t1)
         stats.compute_input.add(t1 - t0)
-        stats.compute_infer.add(t2 - t1)
+        stats.queue.add(queued)
+        stats.compute_infer.add(t2 - t1 - queued)
         stats.compute_output.add(t3 - t2)
         stats.inference_count += len(table)
         stats.execution_count += 1
@@ -304,17 +314,17 @@ class V2Models:
                     seen[tensor.name] = (tensor.datatype, tuple(tensor.shape[1:]))
         return tensors
 
-    async def _run(self, app: App, name: str, table: Table, timeout: float | None) -> Table:
+    async def _run(self, app: App, name: str, table: Table, timeout: float | None) -> Outcome:
         coalescer = self.state.coalescers.get(name) if timeout is None else None
         try:
             if coalescer is not None:
-                return await coalescer.run(table)
+                return await coalescer.run_timed(table)
             try:
                 future = app.run(table, timeout=timeout)
             except RuntimeError as error:
                 raise AppStopping(str(error)) from None
             try:
-                return await _outcome(future)
+                return await _outcome(future), getattr(future, "began", None)
             except asyncio.CancelledError:
                 future.cancel()  # the client went away: its workers drop the request
                 raise
@@ -359,10 +369,20 @@ def _loads(raw: bytes | memoryview) -> Any:
 
 
 def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
-    parameters = obj.get("parameters") or {}
+    parameters = obj.get("parameters")
+    if parameters is None:
+        return {}
     if not isinstance(parameters, dict):
         raise HTTPProblem(400, f'{where}: "parameters" must be an object')
     return parameters
+
+
+def _flag(parameters: Mapping[str, Any], name: str, where: str) -> bool | None:
+    """A boolean parameter (None: not given)."""
+    value = parameters.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise HTTPProblem(400, f"{where}: parameter {name} must be true or false, got {value!r}")
+    return value
 
 
 def parse_infer_request(
@@ -376,7 +396,8 @@ def parse_infer_request(
     if header_length is None:
         head, binary = memoryview(body), memoryview(b"")
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        digits = header_length.isascii() and header_length.isdigit()  # not "²": int() fails
+        if not digits or int(header_length) > len(body):
             raise HTTPProblem(
                 400,
                 f"Inference-Header-Content-Length {header_length!r} is not a length within "
@@ -414,8 +435,17 @@ def parse_infer_request(
         ):
             raise HTTPProblem(400, f"{where}: shape must be a list of non-negative integers")
         size = _parameters(raw, where).get("binary_data_size")
+        if "data" in raw and not isinstance(raw["data"], list):
+            raise HTTPProblem(400, f'{where}: "data" must be a list')
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if "data" in raw:
+                raise HTTPProblem(400, f'{where} has both "data" and binary_data_size')
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size < 0
+                or (offset + size > len(binary))
+            ):
                 raise HTTPProblem(
                     400,
                     f"{where}: binary_data_size {size!r} runs past the {len(binary)} bytes "
@@ -423,22 +453,27 @@ def parse_infer_request(
                 )
             data: bytes | list[Any] = bytes(binary[offset : offset + size])
             offset += size
-        elif isinstance(raw.get("data"), list):
+        elif "data" in raw:
             data = raw["data"]
         else:
             raise HTTPProblem(400, f'{where} has no "data" list and no binary_data_size')
         inputs.append(InputTensor(raw["name"], datatype, tuple(shape), data))
     if offset != len(binary):
         raise HTTPProblem(400, f"{len(binary) - offset} bytes of binary data belong to no input")
-    default_binary = _parameters(request, "request").get("binary_data_output") is True
+    default_binary = _flag(_parameters(request, "request"), "binary_data_output", "request")
+    wanted = request.get("outputs")
+    if wanted is not None and not isinstance(wanted, list):
+        raise HTTPProblem(400, '"outputs" must be a list')
+    if not isinstance(request.get("id"), str | None):
+        raise HTTPProblem(400, '"id" must be a string')
     outputs = []
-    for raw in request.get("outputs") or []:
+    for raw in wanted or []:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise HTTPProblem(400, 'each of "outputs" must be an object with a "name"')
-        binary_data = _parameters(raw, f"output {raw['name']!r}").get("binary_data")
-        outputs.append(
-            RequestedOutput(raw["name"], default_binary if binary_data is None else binary_data)
-        )
+        where = f"output {raw['name']!r}"
+        binary_data = _flag(_parameters(raw, where), "binary_data", where)
+        binary = default_binary if binary_data is None else binary_data
+        outputs.append(RequestedOutput(raw["name"], bool(binary)))
     return request, inputs, outputs
 
 
@@ -576,7 +611,9 @@ class V2HTTP:
             request, inputs, requested = parse_infer_request(
                 body, headers.get(HEADER_LENGTH), models.state.limits
             )
-            timeout = _timeout_s(headers.get(TIMEOUT_HEADER)) or _timeout_parameter(request)
+            timeout = _timeout_s(headers.get(TIMEOUT_HEADER))
+            if timeout is None:
+                timeout = _timeout_parameter(request)
             work = models.infer(name, version, inputs, [o.name for o in requested], timeout)
             tensors = await _unless_disconnected(work, receive)
             default_binary = _parameters(request, "request").get("binary_data_output") is True
