@@ -95,13 +95,21 @@ class App(abc.ABC):
         except InputError as error:
             request.settle(error)
             return request.future
-        if timeout is not None:
-            error = DeadlineError(f"request to flow {self.name!r} took over {timeout:g} s")
-            self._deadlines.add(request.deadline, lambda: request.settle(error))
         self._submit(request)
+        if timeout is not None and not request.ended:  # not one refused at admission
+            request.timer = self._deadlines.add(
+                request.deadline, lambda: self._expire(request, timeout)
+            )
+            if request.ended:  # meanwhile: `_ended` may have run before the timer was set
+                Deadlines.cancel(request.timer)
         return request.future
 
+    def _expire(self, request: Request, timeout: float) -> None:
+        request.settle(DeadlineError(f"request to flow {self.name!r} took over {timeout:g} s"))
+
     def _ended(self, request: Request, failed: bool) -> None:
+        if request.timer is not None:  # the request and its table are freed now
+            Deadlines.cancel(request.timer)
         with self._lock:
             self._in_flight.discard(request)
         self._finish(request, failed)

@@ -18,18 +18,26 @@ class Deadlines:
     """Calls `action()` at `when` (time.monotonic) unless the entry is done by then."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._heap: list[list] = []  # [when, order, action or None once cancelled]
         self._order = itertools.count()
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="serveflow:deadlines", daemon=True)
         self._thread.start()
 
-    def add(self, when: float, action: Callable[[], None]) -> None:
+    def add(self, when: float, action: Callable[[], None]) -> list:
+        """Schedule `action`; returns the entry to `cancel` it with."""
+        entry = [when, next(self._order), action]
         with self._wake:
-            heapq.heappush(self._heap, (when, next(self._order), action))
-            if self._heap[0][2] is action:
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
                 self._wake.notify()
+        return entry
+
+    @staticmethod
+    def cancel(entry: list) -> None:
+        """Drop an entry's action (what it holds is freed now, not at its time)."""
+        entry[2] = None
 
     def close(self) -> None:
         with self._wake:
@@ -46,6 +54,8 @@ class Deadlines:
                 if self._closed:
                     return
                 _, _, action = heapq.heappop(self._heap)
+            if action is None:
+                continue
             try:
                 action()
             except Exception:  # one failing action must not stop every later deadline

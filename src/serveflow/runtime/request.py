@@ -66,6 +66,7 @@ class Request:
         self.attempt = 0
         self.began: float | None = None  # when its first stage run began (a worker says)
         self.on_end = on_end
+        self.timer: list | None = None  # its deadline's entry (`Deadlines.add`)
         self._unclaimed = [True]  # popped (atomically) by the one that ends the request
 
     def claim(self) -> bool:
