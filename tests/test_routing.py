@@ -59,6 +59,39 @@ def test_a_cheap_request_avoids_the_worker_busy_with_a_long_run():
         runtime.stop()
 
 
+def _sleep_as_asked(row: sf.Row) -> int:
+    time.sleep(row["s"])
+    return row["x"]
+
+
+@pytest.mark.timeout(120)
+def test_requests_avoid_a_worker_whose_call_runs_far_past_its_usual_time():
+    """A stage whose calls take 20 ms, but one takes 10 s: its worker's expected work
+    says 20 ms and it has one run, as the other has once it took the first of a pair,
+    so only seeing the call run on (a heartbeat's `busy_since`) keeps the second off
+    it."""
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    flow = sf.Flow("usual", schema={"x": int, "s": float})
+    flow.map(_sleep_as_asked, names=["x"], name="usual")
+    try:
+        app = flow.deploy(runtime=runtime)
+        warm = [app.run({"x": [i], "s": [0.02]}) for i in range(8)]  # both workers
+        assert all(f.result(timeout=60) for f in warm)
+        time.sleep(0.5)  # run times reported
+        long_call = app.run({"x": [-1], "s": [10.0]})
+        time.sleep(2.0)  # running past 1 s, as its worker's heartbeats say
+        started = time.monotonic()
+        for round_ in range(4):  # pairs: the second finds both workers with one run
+            pair = [app.run({"x": [round_], "s": [0.02]}) for _ in range(2)]
+            assert [f.result(timeout=60).to_rows() for f in pair] == [[{"x": round_}]] * 2
+        took = time.monotonic() - started
+        assert took < 3.0, f"requests waited behind the long call: {took:.2f} s"
+        assert not long_call.done()
+        long_call.result(timeout=60)
+    finally:
+        runtime.stop()
+
+
 def _route(plan, workers, costs):
     for w in workers.values():
         w.warm |= {(0, i) for i in range(len(plan.stages))}

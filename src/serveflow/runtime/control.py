@@ -66,7 +66,7 @@ WEDGED_CPU_SHARE = 0.1
 # starved process has threads waiting for a core, and gets some CPU)
 BLOCKED_CPU_SHARE = 0.02
 LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
-STALLED_S = 1.0  # a call running this long: a locality key goes to another worker
+STALLED_S = 1.0  # a call running this long: new runs go to other workers (STALLED_PENALTY)
 
 
 @dataclass
@@ -772,7 +772,13 @@ class ControlPlane:
                 silent = now - w.heard_at > SILENT_S
                 heard_again |= w.load.silent and not silent
                 w.load.silent = silent
-                w.load.stalled = w.busy_since is not None and now - w.busy_since > STALLED_S
+                # from the last heartbeat, so up to HEARTBEAT_S late to see a call end;
+                # but a worker none of whose runs is left is in no long call of ours
+                w.load.stalled = (
+                    w.load.outstanding > 0
+                    and w.busy_since is not None
+                    and now - w.busy_since > STALLED_S
+                )
         if heard_again | self._release_orphans(now):
             self._route_waiting()  # room again: route what waits for it
 

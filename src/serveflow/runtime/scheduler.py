@@ -41,6 +41,9 @@ StageKey = tuple[int, int]  # (app id, stage index)
 COLD_PENALTY = 0.5  # a warm worker is preferred over a cold one only when as idle
 BOUNDED_LOAD = 1.25  # a locality key moves off a worker this much above the average
 LOADING_PENALTY = 1000.0  # one still loading the stage only when all are (seconds away)
+# a worker in a call that has run over a second (`WorkerLoad.stalled`: it may run as
+# long again) only when all are, or the others have this many runs (seconds) ahead
+STALLED_PENALTY = 100.0
 HOP_S = 2e-4  # an input sent to another worker (socket, wake-up, copy), for `costs`
 DEFAULT_COST_S = 1e-3  # a stage's run time before one is measured
 
@@ -65,6 +68,7 @@ class WorkerLoad:
         self.outstanding -= runs
         if not self.outstanding:
             self.work = 0.0
+            self.stalled = False  # no run of ours left there: no long call either
 
     def takes(self, key: StageKey) -> bool:
         """Whether new runs of stage `key` may be routed here now."""
@@ -307,6 +311,8 @@ class Scheduler:
                     if key in load.warm
                     else COLD_PENALTY
                 )
+                if load.stalled:
+                    score += STALLED_PENALTY
                 if score < best_score or (score == best_score and w < best):
                     best, best_score = w, score
             return [best]
@@ -325,6 +331,8 @@ class Scheduler:
                 score = load.outstanding + LOADING_PENALTY
             else:
                 score = load.outstanding + (0.0 if key in load.warm else COLD_PENALTY)
+            if load.stalled:
+                score += STALLED_PENALTY
             ranked.append((score, order.get(w, -math.inf), w))
         ranked.sort()
         return [w for _, _, w in ranked[:n]]
@@ -370,8 +378,8 @@ def _earliest(
     start (so finish) first, and when: once the worker is through its `work` and the
     run's inputs are there (their producers' `finish`, one hop later from another
     worker); a cold worker costs half a run more, one still loading it
-    LOADING_PENALTY. Among equals, the one with the fewest outstanding runs, then the
-    lowest index. On the hot path: plain loops."""
+    LOADING_PENALTY, one in a long call STALLED_PENALTY. Among equals, the one with
+    the fewest outstanding runs, then the lowest index. On the hot path: plain loops."""
     best, best_start, best_outstanding = -1, math.inf, 0
     for w, load in pool.items():
         start = 0.0
@@ -385,6 +393,8 @@ def _earliest(
             start += LOADING_PENALTY
         elif key not in load.warm:
             start += COLD_PENALTY * cost
+        if load.stalled:
+            start += STALLED_PENALTY
         if start < best_start or (
             start == best_start and (load.outstanding, w) < (best_outstanding, best)
         ):
