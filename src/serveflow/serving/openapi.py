@@ -23,8 +23,8 @@ import serveflow
 from serveflow.runtime.app import App
 from serveflow.serving import v2_openapi
 from serveflow.serving.limits import Limits
+from serveflow.serving.v2_openapi import REF, TIMEOUT_PARAMETER, json_content
 
-REF = "#/components/schemas/{model}"
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # the integers a JSON body may carry
 
 
@@ -93,12 +93,8 @@ def predict_request_model(name: str, schema: Mapping[str, Any] | None, limits: L
     return create_model(f"{base}PredictRequest", rows=(rows, ...))
 
 
-def _json_content(ref: str) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": REF.format(model=ref)}}}
-
-
 def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": _json_content("Error")}
+    return {"description": description, "content": json_content("Error")}
 
 
 def _get(summary: str, content: dict[str, Any], secured: bool) -> dict[str, Any]:
@@ -113,7 +109,7 @@ def _predict(name: str, model: str, secured: bool, limits: Limits) -> dict[str, 
         "200": {
             "description": "the flow's output rows",
             "content": {
-                **_json_content("PredictResponse"),
+                **json_content("PredictResponse"),
                 "application/x-npz": {"schema": {"type": "string", "format": "binary"}},
             },
         },
@@ -133,13 +129,6 @@ def _predict(name: str, model: str, secured: bool, limits: Limits) -> dict[str, 
     }
     if not secured:
         del responses["401"]
-    timeout = {
-        "name": "X-Request-Timeout-Ms",
-        "in": "header",
-        "required": False,
-        "description": "deadline in milliseconds; past it the request fails with 504",
-        "schema": {"type": "number", "exclusiveMinimum": 0},
-    }
     return {
         "post": {
             "summary": f"Run one request through flow {name!r}",
@@ -150,11 +139,11 @@ def _predict(name: str, model: str, secured: bool, limits: Limits) -> dict[str, 
                 "loaded without pickle). The answer is JSON rows, or `.npz` with "
                 "`Accept: application/x-npz`."
             ),
-            "parameters": [timeout],
+            "parameters": [TIMEOUT_PARAMETER],
             "requestBody": {
                 "required": True,
                 "content": {
-                    **_json_content(model),
+                    **json_content(model),
                     "application/x-npz": {"schema": {"type": "string", "format": "binary"}},
                 },
             },

@@ -190,14 +190,25 @@ MODELS: list[type[BaseModel]] = [
 ]  # fmt: skip
 
 
-def _content(model: str) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}
+REF = "#/components/schemas/{model}"  # where the document keeps its models
+# the deadline header every predict path takes (the JSON API's and V2's)
+TIMEOUT_PARAMETER = {
+    "name": "X-Request-Timeout-Ms",
+    "in": "header",
+    "required": False,
+    "description": "deadline in milliseconds; past it the request fails with 504",
+    "schema": {"type": "number", "exclusiveMinimum": 0},
+}
+
+
+def json_content(model: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(model=model)}}}
 
 
 def _responses(ok: dict[str, Any], *statuses: tuple[int, str]) -> dict[str, Any]:
     responses = {"200": ok}
     for status, description in statuses:
-        responses[str(status)] = {"description": description, "content": _content("Error")}
+        responses[str(status)] = {"description": description, "content": json_content("Error")}
     return responses
 
 
@@ -214,12 +225,12 @@ def _operation(
         extra["security"] = []
     elif secured:
         responses = {**responses, "401": {"description": "missing or wrong bearer token",
-                                          "content": _content("Error")}}  # fmt: skip
+                                          "content": json_content("Error")}}  # fmt: skip
     return {method: {"summary": summary, "responses": responses, **extra}}
 
 
 def _ok(model: str, description: str = "OK") -> dict[str, Any]:
-    return {"description": description, "content": _content(model)}
+    return {"description": description, "content": json_content(model)}
 
 
 def _inputs_text(app: App) -> str:
@@ -265,13 +276,6 @@ def _infer(name: str, app: App, limits: Limits, secured: bool) -> dict[str, Any]
         "description": "with binary tensor data: the length of the JSON that starts the body",
         "schema": {"type": "integer", "minimum": 0},
     }
-    timeout = {
-        "name": "X-Request-Timeout-Ms",
-        "in": "header",
-        "required": False,
-        "description": "deadline in milliseconds; past it the request fails with 504",
-        "schema": {"type": "number", "exclusiveMinimum": 0},
-    }
     binary = {
         "description": "JSON and, after it, the outputs asked for as binary data",
         "headers": {
@@ -281,7 +285,7 @@ def _infer(name: str, app: App, limits: Limits, secured: bool) -> dict[str, Any]
             }
         },
         "content": {
-            **_content("V2InferResponse"),
+            **json_content("V2InferResponse"),
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }
@@ -296,7 +300,7 @@ def _infer(name: str, app: App, limits: Limits, secured: bool) -> dict[str, Any]
         (504, "the deadline passed"),
     )  # fmt: skip
     body: dict[str, Any] = {
-        **_content("V2InferRequest"),
+        **json_content("V2InferRequest"),
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     }
     example = _example(app)
@@ -310,7 +314,7 @@ def _infer(name: str, app: App, limits: Limits, secured: bool) -> dict[str, Any]
         description=f"{_inputs_text(app)} Outputs: the flow's output columns, or those "
         "asked for. Body: JSON, or JSON followed by binary tensor data "
         "(Inference-Header-Content-Length).",
-        parameters=[header, timeout],
+        parameters=[header, TIMEOUT_PARAMETER],
         requestBody={"required": True, "content": body},
     )
 
@@ -380,6 +384,6 @@ def v2_paths(apps: Mapping[str, App], *, limits: Limits, secured: bool) -> dict[
             infer = _infer(name, app, limits, secured)
             if extra:
                 infer["post"]["responses"]["404"] = {"description": not_found[1],
-                                                     "content": _content("Error")}  # fmt: skip
+                                                     "content": json_content("Error")}  # fmt: skip
             paths[f"{base}/infer"] = {**infer, **extra}
     return paths
