@@ -680,6 +680,109 @@ def test_statistics_count_the_time_queued_behind_a_busy_worker(protocol, timeout
     assert sent * nap * 0.9 <= infer_s < sent * nap + expected_s * 0.5, delta
 
 
+KINDS = ("compute_input", "compute_infer", "compute_output")
+
+
+def _batches(client: Client, name: str) -> dict[int, dict[str, tuple[int, int]]]:
+    """batch_stats as {batch_size: {kind: (count, ns)}} (gRPC's JSON leaves out zeros
+    and writes int64 as strings)."""
+    return {
+        int(entry.get("batch_size", 0)): {
+            kind: (int(entry.get(kind, {}).get("count", 0)), int(entry.get(kind, {}).get("ns", 0)))
+            for kind in KINDS
+        }
+        for entry in _model_stats(client, name).get("batch_stats", [])
+    }
+
+
+def _settled_batches(srv: Server, name: str, rows: int) -> dict[int, dict[str, tuple[int, int]]]:
+    """The batch statistics once the calls of `rows` rows are reported (workers report
+    every few hundred ms), the same over gRPC and HTTP."""
+    for _ in range(100):
+        seen = {p: _batches(Client(srv, p), name) for p in ("grpc", "http-json")}
+        if sum(size * b["compute_infer"][0] for size, b in seen["grpc"].items()) >= rows:
+            break
+        time.sleep(0.05)
+    assert seen["grpc"] == seen["http-json"]
+    return seen["grpc"]
+
+
+def batched_triple(table):
+    time.sleep(0.02)  # a call's cost, which the statistics see
+    return [3 * x for x in table.column("x")]
+
+
+def test_batch_statistics_count_the_rows_each_call_ran():
+    """Triton's batch_stats: one entry per batch size run. 32 one-row requests at once
+    to a batching map run in the worker's batches of up to 8 rows; 2-row requests at once to a plain
+    map are coalesced into calls of more rows; one-row requests one after another run
+    as calls of 1 row. Counts add up to the calls and rows the workers ran."""
+    batched = sf.Flow("batched", schema={"x": int})
+    batched.map(
+        batched_triple, names=["y"], batching=sf.Batching(max_size=8, timeout_ms=100),
+        name="triple",
+    )  # fmt: skip
+    single = sf.Flow("single", schema={"x": int})
+    single.map(lambda r: r["x"] + 1, names=["y"], name="increment")
+    runtime = sf.LocalRuntime()
+    apps = {f.name: f.deploy(runtime=runtime) for f in (batched, arith_flow(), single)}
+    try:
+        with Server(apps, port=0, grpc_port=0) as srv:
+            client = Client(srv, "grpc")
+            assert _batches(client, "batched") == {}
+
+            async def together(count: int) -> list[list[int]]:
+                aio = grpcaio.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+
+                async def one(i: int) -> list[int]:
+                    x = grpcaio.InferInput("x", [1], "INT64")
+                    x.set_data_from_numpy(np.array([i], dtype=np.int64))
+                    # a deadline: not coalesced, each request reaches the worker's batches
+                    result = await aio.infer("batched", [x], client_timeout=30)
+                    return result.as_numpy("y").tolist()
+
+                try:
+                    return await asyncio.gather(*(one(i) for i in range(count)))
+                finally:
+                    await aio.close()
+
+            assert asyncio.run(together(32)) == [[3 * i] for i in range(32)]
+            seen = _settled_batches(srv, "batched", 32)
+            assert sum(size * b["compute_infer"][0] for size, b in seen.items()) == 32
+            assert max(seen) > 1 and max(seen) <= 8, seen
+            # one row per request: the runtime's own batch sizes (requests per call)
+            runtime_sizes = apps["batched"].stats()["triple"]["batch_sizes"]
+            assert {size: b["compute_infer"][0] for size, b in seen.items()} == {
+                int(size): calls for size, calls in runtime_sizes.items()
+            }
+            for size, b in seen.items():
+                calls = b["compute_infer"][0]
+                assert b["compute_input"][0] == b["compute_output"][0] == calls
+                assert b["compute_infer"][1] >= calls * 0.02e9, (size, b)  # each slept
+                if size > 1:  # rows were merged into one table, then split
+                    assert b["compute_input"][1] > 0 and b["compute_output"][1] > 0
+
+            # coalesced: requests of 2 rows at once become runtime requests of more rows
+            merged_before = srv.state.coalescers["arith"].merged_requests
+            for _ in range(2):
+                asyncio.run(_many(srv, "grpc", 64))
+            assert srv.state.coalescers["arith"].merged_requests > merged_before
+            seen = _settled_batches(srv, "arith", 2 * 64 * 2)
+            assert sum(size * b["compute_infer"][0] for size, b in seen.items()) == 256
+            assert max(seen) > 2, seen
+            assert min(seen) >= 2, seen  # no request was split
+
+            # one row at a time
+            for i in range(5):
+                result = client.infer("single", {"x": (np.array([i]), "INT64")})
+                assert result.as_numpy("y").tolist() == [i + 1]
+            seen = _settled_batches(srv, "single", 5)
+            assert list(seen) == [1] and seen[1]["compute_infer"][0] == 5, seen
+            assert seen[1]["compute_infer"][1] > 0
+    finally:
+        runtime.stop()
+
+
 def test_v2_requests_count_in_the_prometheus_metrics(server):
     def ok_count() -> float:
         text = httpx.get(f"{server.url}/metrics").text

@@ -126,7 +126,9 @@ class App(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, dict[str, Any]]:
         """Live figures per stage name: requests, p50_ms, p99_ms, workers, queue,
-        batch_mean, cold_starts, and for batching stages batch_size and timeout_ms."""
+        batch_mean, cold_starts, executions (the calls by the rows each ran: `{rows:
+        {calls, gather_ns, run_ns, scatter_ns}}`), and for batching stages batch_size
+        and timeout_ms."""
 
     @abc.abstractmethod
     def _shutdown(self) -> None:

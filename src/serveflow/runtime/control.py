@@ -647,17 +647,17 @@ class ControlPlane:
                 app = self._apps.get(app_id)
                 if app is None:
                     continue
-                requests, batches, cold_starts, latencies, batch_log, service, stopped = counts
+                cold_starts = counts[2]
                 if cold_starts:
                     w.load.loading.discard((app_id, stage_index))
                 reports.append((app, stage_index, counts))
         # Figures and controllers have locks of their own: a long batch log (a controller
         # refitting its service profile) holds no admission or result back.
         for app, stage_index, counts in reports:
-            requests, batches, cold_starts, latencies, batch_log, service, stopped = counts
+            requests, batches, cold_starts, latencies, batch_log, service, stopped, runs = counts
             sizes = [size for size, _, _, _ in batch_log if size]
             stats = app.stage_stats[stage_index]
-            stats.add(requests, batches, cold_starts, latencies, sizes, service, stopped)
+            stats.add(requests, batches, cold_starts, latencies, sizes, service, stopped, runs)
             controller = app.controllers.get(stage_index)
             # the ends of a stage whose output is the flow's are seen as they happen
             final = app.plan.stages[stage_index].output == app.plan.output

@@ -132,7 +132,9 @@ class Beat(NamedTuple):
 
 class Stats(NamedTuple):
     """Figures since the last report: per (app, stage) `(requests, batches, cold
-    starts, latencies, batch log)`, queue lengths, stages unloaded."""
+    starts, latencies, batch log, service times, stopped calls' times, executions)`
+    (executions: the calls by the rows each ran, `rows -> [calls, gather ns, run ns,
+    scatter ns]`), queue lengths, stages unloaded."""
 
     worker: int
     stages: dict

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -50,6 +51,10 @@ class StageExecutor:
             for op in stage.ops
         ]
         self.output = stage.output
+        # Of the last `run`: seconds spent merging the requests' rows into one table
+        # for a batching map, and splitting its output back per request.
+        self.gather_s = 0.0
+        self.scatter_s = 0.0
 
     def run(
         self, requests: Sequence[Values], *, should_stop: Callable[[int], bool] | None = None
@@ -68,6 +73,7 @@ class StageExecutor:
         if self.load_error is not None:
             return [self.load_error] * len(requests)
         values = [dict(r) for r in requests]
+        self.gather_s = self.scatter_s = 0.0
         stopped: dict[int, DeadlineError] = {}  # request position -> what it fails with
         for op, fn, merged in self.steps:
             if merged:
@@ -138,15 +144,20 @@ class StageExecutor:
         if len(tables) < 2:
             outputs = [self._run_one(op, fn, [t]) for t in inputs]
         else:
+            started = time.perf_counter()
+            table = Table.concat(tables)
+            self.gather_s += time.perf_counter() - started
             try:
-                merged = apply(op, [Table.concat(tables)], fn, self.kvs)
+                merged = apply(op, [table], fn, self.kvs)
             except Exception:
                 outputs = [
                     Stopped() if should_stop and should_stop(k) else self._run_one(op, fn, [t])
                     for k, t in zip(live, inputs)
                 ]
             else:
+                started = time.perf_counter()
                 pieces = iter(merged.split([len(t) for t in tables]))
+                self.scatter_s += time.perf_counter() - started
                 outputs = [next(pieces) if isinstance(t, Table) else t for t in inputs]
         for k, out in zip(live, outputs):
             if isinstance(out, Stopped):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,8 @@ class StageStats:
         self._window_s = window_s
         self._latencies: deque[tuple[float, float]] = deque(maxlen=most)  # (when, seconds)
         self.batch_sizes: Counter[int] = Counter()
+        # calls by the rows they ran: rows -> [calls, gather ns, run ns, scatter ns]
+        self.executions: dict[int, list[int]] = {}
         self.requests = 0
         self.batches = 0
         self.cold_starts = 0
@@ -48,10 +50,12 @@ class StageStats:
         batch_sizes: Iterable[int] = (),
         service_s: Iterable[float] = (),
         stopped_s: Iterable[float] = (),
+        executions: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
         """Record a report: `service_s` the run times of calls, `stopped_s` how long
         calls cut short (cancelled, past a deadline) had run: the typical run time
-        is at least that."""
+        is at least that; `executions` the calls by the rows they ran (`rows ->
+        [calls, gather ns, run ns, scatter ns]`)."""
         now = time.monotonic()
         with self._lock:
             self.requests += requests
@@ -67,6 +71,10 @@ class StageStats:
                 if self.typical_s is None or self.typical_s < least:
                     self.typical_s = least
             self.batch_sizes.update(batch_sizes)
+            for rows, figures in (executions or {}).items():
+                total = self.executions.setdefault(int(rows), [0, 0, 0, 0])
+                for i, value in enumerate(figures[:4]):
+                    total[i] += int(value)
 
     def snapshot(self) -> dict[str, Any]:
         since = time.monotonic() - self._window_s
@@ -85,4 +93,8 @@ class StageStats:
             }
             if self.batch_sizes:
                 figures["batch_sizes"] = dict(sorted(self.batch_sizes.items()))
+            figures["executions"] = {
+                rows: dict(zip(("calls", "gather_ns", "run_ns", "scatter_ns"), totals))
+                for rows, totals in sorted(self.executions.items())
+            }
             return figures

@@ -154,6 +154,8 @@ class StageCounters:
     stopped: list[float] = field(default_factory=list)  # calls cut short: how long they ran
     # batching stages: (size, run s, end, each request's latency from arrival here)
     batch_log: list[tuple[int, float, float, list[float]]] = field(default_factory=list)
+    # calls by the rows they ran: rows -> [calls, gather ns, run ns, scatter ns]
+    executions: dict[int, list[int]] = field(default_factory=dict)
 
 
 class Worker:
@@ -551,6 +553,15 @@ class Worker:
             else:
                 counters.latencies.append(done - task.created)
         (counters.stopped if cut else counters.service).append(done - started)
+        rows = sum(_rows(task.inputs) for task in live)
+        if rows and executor.load_error is None:  # else the call ran no rows
+            gather_ns, scatter_ns = int(executor.gather_s * 1e9), int(executor.scatter_s * 1e9)
+            run_ns = max(int((done - started) * 1e9) - gather_ns - scatter_ns, 0)
+            execution = counters.executions.setdefault(rows, [0, 0, 0, 0])
+            execution[0] += 1
+            execution[1] += gather_ns
+            execution[2] += run_ns
+            execution[3] += scatter_ns
         average = self.call_s.get(key)  # of the call alone, not a cold start before it
         took = done - started
         self.call_s[key] = took if average is None else average + 0.2 * (took - average)
@@ -636,6 +647,7 @@ class Worker:
                 c.batch_log,
                 c.service,
                 c.stopped,
+                c.executions,
             )
             for key, c in self.counters.items()
             if c.requests or c.cold_starts
@@ -689,6 +701,12 @@ def cancelled(keys: dict, app: int, rid: int, attempt: int, stage: int) -> bool:
         or (app, rid, attempt, None) in keys
         or (app, rid, attempt, stage) in keys
     )
+
+
+def _rows(inputs: dict[int, Any]) -> int:
+    """Rows a request brings to a stage: its largest input table (a join's inputs may
+    differ; an anyof's branches agree)."""
+    return max((len(v) for v in inputs.values() if isinstance(v, Table)), default=0)
 
 
 def late_inputs(plan: Plan, index: int) -> bool:

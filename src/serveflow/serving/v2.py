@@ -84,7 +84,8 @@ class Duration:
 
 @dataclass
 class ModelStats:
-    """Triton's per-model statistics, for the V2 requests of one flow."""
+    """Triton's per-model statistics of the V2 requests of one flow (its batch_stats,
+    from the workers, count every call: `batch_stats`)."""
 
     last_inference_ms: int = 0
     inference_count: int = 0  # rows inferred
@@ -99,7 +100,7 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)  # first stage run to answer
     compute_output: Duration = field(default_factory=Duration)  # table -> tensors
 
-    def as_dict(self, name: str) -> dict[str, Any]:
+    def as_dict(self, name: str, batches: list[dict[str, Any]]) -> dict[str, Any]:
         zero = Duration().as_dict()
         return {
             "name": name,
@@ -117,8 +118,32 @@ class ModelStats:
                 "cache_hit": zero,
                 "cache_miss": zero,
             },
-            "batch_stats": [],
+            "batch_stats": batches,
         }
+
+
+def batch_stats(app: App) -> list[dict[str, Any]]:
+    """Triton's `batch_stats` of a flow: its stages' calls by the rows each ran, as the
+    workers measured them, whichever front (V2, the JSON API, in-process) sent the
+    rows. A call runs the rows of the requests merged into it: the coalescer's runtime
+    requests, a batching stage's batch. compute_input: merging those rows into one
+    table for a batching map; compute_output: splitting its output per request;
+    compute_infer: the rest of the call. A flow of n stages makes n calls per batch."""
+    totals: dict[int, list[int]] = {}
+    for figures in app.stats().values():
+        for rows, call in figures.get("executions", {}).items():
+            total = totals.setdefault(int(rows), [0, 0, 0, 0])
+            for i, key in enumerate(("calls", "gather_ns", "run_ns", "scatter_ns")):
+                total[i] += call[key]
+    return [
+        {
+            "batch_size": rows,
+            "compute_input": {"count": calls, "ns": gather_ns},
+            "compute_infer": {"count": calls, "ns": run_ns},
+            "compute_output": {"count": calls, "ns": scatter_ns},
+        }
+        for rows, (calls, gather_ns, run_ns, scatter_ns) in sorted(totals.items())
+    ]
 
 
 @dataclass(frozen=True)
@@ -220,7 +245,8 @@ class V2Models:
             names = [name]
         else:
             names = sorted(self.state.apps)
-        return {"model_stats": [self.stats[n].as_dict(n) for n in names]}
+        apps = self.state.apps
+        return {"model_stats": [self.stats[n].as_dict(n, batch_stats(apps[n])) for n in names]}
 
     def repository_index(self) -> list[dict[str, str]]:
         state = "READY" if self.ready() else "UNAVAILABLE"

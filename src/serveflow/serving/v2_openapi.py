@@ -162,6 +162,15 @@ class V2InferenceStats(BaseModel):
     cache_miss: V2Duration
 
 
+class V2BatchStats(BaseModel):
+    """Calls of the flow's stages that ran `batch_size` rows (every front's rows)."""
+
+    batch_size: int
+    compute_input: V2Duration = Field(description="merging the rows into one table")
+    compute_infer: V2Duration = Field(description="the rest of the call")
+    compute_output: V2Duration = Field(description="splitting the output per request")
+
+
 class V2ModelStatistics(BaseModel):
     name: str
     version: str
@@ -169,7 +178,7 @@ class V2ModelStatistics(BaseModel):
     inference_count: int = Field(description="rows inferred")
     execution_count: int = Field(description="requests run")
     inference_stats: V2InferenceStats
-    batch_stats: list[dict[str, Any]]
+    batch_stats: list[V2BatchStats]
 
 
 class V2Statistics(BaseModel):
