@@ -237,18 +237,15 @@ class Coalescer:
         for _, waiter in group:
             self._running[waiter] = (group, future)
 
-        def done(f: Future[Table]) -> None:
-            if not f.cancelled() and f.exception() is None:  # (the loop reads the window)
-                loop.call_soon_threadsafe(self._measured, rows, (time.perf_counter() - sent) * 1e3)
-            loop.call_soon_threadsafe(self._settle, group, f)
+        def done(f: Future[Table]) -> None:  # one wake-up of the loop per request
+            loop.call_soon_threadsafe(self._settle, group, f, rows, time.perf_counter() - sent)
 
         future.add_done_callback(done)
 
-    def _measured(self, rows: int, ms: float) -> None:
-        self._ms_per_row.append(ms / rows)
-        self._trips.append((rows, ms))
-
-    def _settle(self, group: list[Waiter], future: Future[Table]) -> None:
+    def _settle(self, group: list[Waiter], future: Future[Table], rows: int, took_s: float) -> None:
+        if not future.cancelled() and future.exception() is None:  # (the loop reads it)
+            self._ms_per_row.append(took_s * 1e3 / rows)
+            self._trips.append((rows, took_s * 1e3))
         for _, waiter in group:
             self._running.pop(waiter, None)
         if future.cancelled():
