@@ -15,9 +15,11 @@ admitted, so queued behind nothing. While requests queue, latency rises
 above `min_latency` and the limit shrinks; the headroom keeps one request waiting so
 the workers never idle for want of admitted work. (Envoy's headroom, sqrt(limit),
 settles one worker at 4 in flight: latency 4x the service time.) When nothing has measured
-the unqueued latency for `PROBE_EVERY_S` (a flood keeps every request queued), the
-limit drops to one until `PROBE_SAMPLES` requests have measured it again: a
-latency that rose for good (a slower model, a lost worker) is learnt within seconds.
+the unqueued latency for a while (a flood keeps every request queued), the limit drops
+to one until `PROBE_SAMPLES` requests have measured it again: a latency that rose for
+good (a slower model, a lost worker, an event loop busy refusing a flood) is learnt
+within about a second. "A while" is `PROBE_EVERY` times the unqueued latency, at least
+`PROBE_EVERY_S`, so the probes cost about 2.5% of the time at one request in flight.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ FLOOR = 2  # the least a flow admits at once (but while a probe measures, one)
 HEADROOM = 1.0  # requests admitted beyond what the latency says runs without queueing
 WINDOW_S = 0.1  # the limit moves at most this often
 WINDOW_SAMPLES = 8  # ... and once at least this many requests finished
-PROBE_EVERY_S = 10.0  # the unqueued latency is measured again after this long without
-PROBE_SAMPLES = 16  # unqueued latencies: the median of this many recent ones counts
+PROBE_EVERY_S = 1.0  # the unqueued latency is measured again after this long without
+PROBE_EVERY = 200  # ... or this many times that latency, when longer
+PROBE_SAMPLES = 5  # unqueued latencies: the median of this many recent ones counts
 
 Admission = tuple[float, int]  # (when, requests in flight then, itself included)
 
@@ -98,7 +101,7 @@ class InFlightLimit:
         if self._probing:
             return  # the limit is held at one until the probe has its samples
         least = self._unqueued_latency()
-        if least is None or now - self._measured_at > PROBE_EVERY_S:
+        if least is None or now - self._measured_at > max(PROBE_EVERY_S, PROBE_EVERY * least):
             self._probing = True
             self._unqueued.clear()
             self.value = 1
