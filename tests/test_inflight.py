@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import random
 import statistics
 import time
 
@@ -12,7 +13,7 @@ import pytest
 
 import serveflow as sf
 from serveflow.serving import Server
-from serveflow.serving.inflight import FLOOR, PROBE_EVERY_S, InFlightLimit
+from serveflow.serving.inflight import PROBE_EVERY_S, InFlightLimit
 
 
 class Service:
@@ -28,23 +29,28 @@ class Service:
         self.latencies: list[tuple[float, float]] = []  # (finished at, latency)
         self.count = 0
 
-    def flood(self, seconds: float, rate: float | None = None) -> None:
-        """Offer a request every 0.1 ms (or at `rate`) for `seconds`."""
-        step = 1e-4 if rate is None else 1 / rate
+    def flood(self, seconds: float, rate: float | None = None) -> float:
+        """Offer a request every 0.1 ms, or Poisson arrivals at `rate`, for `seconds`;
+        the share refused."""
+        rng = random.Random(1)
         until = self.now + seconds
+        offered = refused = 0
         while self.now < until:
             while self.ends and self.ends[0][0] <= self.now:
                 end, _, admission = heapq.heappop(self.ends)
                 self.bound.release(admission)
                 self.latencies.append((end, end - admission[0]))
             admission = self.bound.admit()
+            offered += 1
+            refused += admission is None
             if admission is not None:
                 slot = min(range(self.slots), key=self.free_at.__getitem__)
                 end = max(self.now, self.free_at[slot]) + self.service_s
                 self.free_at[slot] = end
                 self.count += 1
                 heapq.heappush(self.ends, (end, self.count, admission))
-            self.now += step
+            self.now += 1e-4 if rate is None else rng.expovariate(rate)
+        return refused / offered
 
     def since(self, t: float) -> tuple[float, float]:
         """(median latency, answers per second) of requests finished after `t`."""
@@ -66,7 +72,7 @@ def test_under_a_flood_the_bound_settles_where_requests_barely_queue(slots, serv
     service.flood(5.0)
     median, throughput = service.since(2.0)
     capacity = slots / (service_ms / 1000)
-    assert median <= 2.0 * service_ms / 1000  # a fixed bound of 64 waits 64 / slots times
+    assert median <= 3.0 * service_ms / 1000  # a fixed bound of 64 waits 64 / slots times
     assert throughput >= 0.9 * capacity  # the workers stay busy
     fixed = Service(slots, service_ms / 1000, ceiling=64, adaptive=False)
     fixed.flood(2.0)
@@ -79,27 +85,27 @@ def test_the_bound_follows_a_service_that_slows_down_and_recovers():
     service.service_s = 0.010  # a slower model: latency rises; queued or not, unknown
     service.flood(PROBE_EVERY_S + 3.0)  # a probe measures the unqueued latency again
     median, throughput = service.since(service.now - 2.0)
-    assert median <= 2.0 * 0.010 and throughput >= 0.85 * 4 / 0.010
+    assert median <= 3.0 * 0.010 and throughput >= 0.85 * 4 / 0.010
     service.flood(5.0, rate=100)  # light load: nothing queues, the bound opens again
     assert service.bound.value >= 32
 
 
-def test_light_load_is_never_refused():
-    service = Service(2, 0.005, ceiling=8)
-    offered = 3.0 * 200
-    service.flood(3.0, rate=200)  # 0.5 of capacity, evenly spaced: nothing queues
-    assert len(service.latencies) >= offered - 2
-    assert service.bound.value >= FLOOR
+@pytest.mark.parametrize("slots,service_ms", [(1, 10.0), (2, 2.0), (8, 20.0)])
+def test_moderate_load_is_not_refused(slots, service_ms):
+    capacity = slots / (service_ms / 1000)
+    service = Service(slots, service_ms / 1000, ceiling=32)
+    assert service.flood(20.0, rate=0.5 * capacity) == 0
+    assert service.flood(20.0, rate=0.7 * capacity) < 0.01  # bursts queue, a little
 
 
 def sleepy(x):
-    time.sleep(0.01)
+    time.sleep(0.02)
     return x
 
 
 def _flood_median_s(adaptive: bool) -> float:
     """Median latency of the requests 16 polite clients got answered in 3 s of flooding
-    one 10 ms worker behind `max_in_flight=16`."""
+    one 20 ms worker behind `max_in_flight=16`."""
     flow = sf.Flow("sleepy", schema={"x": int})
     flow.map(sleepy, col="x", name="nap")
     runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
@@ -115,7 +121,7 @@ def _flood_median_s(adaptive: bool) -> float:
                     latencies.append(time.monotonic() - started)
                 else:
                     assert r.status_code == 503 and "Retry-After" in r.headers
-                    await asyncio.sleep(0.01)  # a polite client backs off
+                    await asyncio.sleep(0.05)  # a polite client backs off
 
     async def flood(url: str) -> None:
         await client(url, time.monotonic() + 1.0)  # warm: the bound learns the service
@@ -135,6 +141,6 @@ def _flood_median_s(adaptive: bool) -> float:
 
 def test_a_flood_is_refused_rather_than_queued_inside_the_server():
     adaptive, fixed = _flood_median_s(True), _flood_median_s(False)
-    # one worker at 10 ms a request: the fixed bound keeps 16 admitted, each waiting
-    # ~160 ms; the adaptive one admits about two
+    # one worker at 20 ms a request: the fixed bound keeps 16 admitted, each waiting
+    # ~320 ms; the adaptive one admits two or three
     assert adaptive < 0.5 * fixed, (adaptive, fixed)

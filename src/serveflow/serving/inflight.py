@@ -7,19 +7,23 @@ wastes capacity whenever the service is faster. So the bound a flow enforces mov
 between a floor and the configured ceiling by the gradient rule of Envoy's adaptive
 concurrency filter:
 
-    limit <- limit * clamp(min_latency / recent_latency, 1/2, 2) + HEADROOM
+    limit <- limit * clamp(TOLERANCE * min_latency / recent_latency, 1/2, 2) + HEADROOM
 
 `recent_latency` is the median latency (admission to answer) of the requests finished
 in the last window; `min_latency` the median of requests that were alone in flight when
-admitted, so queued behind nothing. While requests queue, latency rises
-above `min_latency` and the limit shrinks; the headroom keeps one request waiting so
-the workers never idle for want of admitted work. (Envoy's headroom, sqrt(limit),
-settles one worker at 4 in flight: latency 4x the service time.) When nothing has measured
-the unqueued latency for a while (a flood keeps every request queued), the limit drops
-to one until `PROBE_SAMPLES` requests have measured it again: a latency that rose for
-good (a slower model, a lost worker, an event loop busy refusing a flood) is learnt
-within about a second. "A while" is `PROBE_EVERY` times the unqueued latency, at least
-`PROBE_EVERY_S`, so the probes cost about 2.5% of the time at one request in flight.
+admitted, so queued behind nothing. Once requests queue so that the median takes more
+than TOLERANCE unqueued latencies, the limit shrinks; below that it grows by the
+headroom, one request, per window. Envoy's gradient has no tolerance and a headroom of
+sqrt(limit): on a simulated worker that refused 5% of requests at 70% load and 14% at
+90%, and settled one worker at 4 in flight; with 1.5 and 1, it refuses nothing at 70%
+and 1-7% at 90%, and a flood's median is 2-3 service times (it was 32 with 32 admitted).
+
+When nothing has measured the unqueued latency for a while (a flood keeps every request
+queued), the limit drops to one until `PROBE_SAMPLES` requests have measured it again:
+a latency that rose for good (a slower model, a lost worker, an event loop busy
+refusing a flood) is learnt within about a second. "A while" is `PROBE_EVERY` times the
+unqueued latency, at least `PROBE_EVERY_S`: the probes hold one request in flight for
+about 2.5% of the time at most.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 
 FLOOR = 2  # the least a flow admits at once (but while a probe measures, one)
+TOLERANCE = 1.5  # the median latency the bound lets requests have, in unqueued ones
 HEADROOM = 1.0  # requests admitted beyond what the latency says runs without queueing
 WINDOW_S = 0.1  # the limit moves at most this often
 WINDOW_SAMPLES = 8  # ... and once at least this many requests finished
@@ -106,6 +111,6 @@ class InFlightLimit:
             self._unqueued.clear()
             self.value = 1
             return
-        gradient = min(2.0, max(0.5, least / recent)) if recent > 0 else 2.0
+        gradient = min(2.0, max(0.5, TOLERANCE * least / recent)) if recent > 0 else 2.0
         self._limit = min(self.ceiling, max(FLOOR, self._limit * gradient + HEADROOM))
         self.value = round(self._limit)
