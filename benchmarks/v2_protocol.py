@@ -1,10 +1,12 @@
 """The Open Inference Protocol (KServe V2): serveflow's 3 stages vs Triton's 1, 1/8/64 clients.
 
 Systems, started in this run on this machine, each in its own processes:
-- serveflow: `serveflow serve --grpc-port 0` on three unfused identity maps
-  (`--rules fusion=off`, the flow of benchmarks.http_load) on the embedded runtime,
-  measured over V2 gRPC and over V2 HTTP (binary tensor data); serveflow-fused: the
-  same flow under the default rules, which fuse the three maps into one stage;
+- serveflow: `serveflow serve --grpc-port 0 --fixed-in-flight` on three unfused
+  identity maps (`--rules fusion=off`, the flow of benchmarks.http_load) on the embedded
+  runtime, measured over V2 gRPC and over V2 HTTP (binary tensor data); serveflow-fused:
+  the same flow under the default rules, which fuse the three maps into one stage. The
+  in-flight bound is held at its ceiling (100,000), as Triton refuses nothing either:
+  this compares the protocol paths, not admission (benchmarks.reliability does);
 - triton: Triton Inference Server (nvidia-pytriton, CPU, in benchmarks/.triton-venv)
   serving ONE Python identity model with dynamic batching (max batch 64), measured over
   the same two protocols.
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_fused:
             systems.append(("serveflow-fused", True, None))
         for system, fused, source in systems:
-            server = ServeflowServer(fused=fused, extra=("--grpc-port", "0"), source=source)
+            extra = ("--grpc-port", "0", "--fixed-in-flight")
+            server = ServeflowServer(fused=fused, extra=extra, source=source)
             stack.callback(server.close)
             assert server.process.stdout is not None
             grpc_line = server.process.stdout.readline()  # "serveflow: V2 gRPC on HOST:PORT"

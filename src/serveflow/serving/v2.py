@@ -84,8 +84,8 @@ class Duration:
 
 @dataclass
 class ModelStats:
-    """Triton's per-model statistics of the V2 requests of one flow (its batch_stats,
-    from the workers, count every call: `batch_stats`)."""
+    """Triton's per-model statistics of the V2 requests of one flow; its batch_stats
+    come from the workers and count every call of the flow's stages (`batch_stats`)."""
 
     last_inference_ms: int = 0
     inference_count: int = 0  # rows inferred
