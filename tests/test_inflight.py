@@ -103,16 +103,19 @@ def sleepy(x):
     return x
 
 
-def _flood_median_s(adaptive: bool) -> float:
-    """Median latency of the requests 16 polite clients got answered in 3 s of flooding
-    one 20 ms worker behind `max_in_flight=16`."""
+def _flood(adaptive: bool, clients: int) -> tuple[float, int]:
+    """`clients` polite clients (their own connection each) keep sending for 3 s to
+    one 20 ms worker behind `max_in_flight=16`: the median latency of the answered
+    and how many were refused."""
     flow = sf.Flow("sleepy", schema={"x": int})
     flow.map(sleepy, col="x", name="nap")
     runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
     app = flow.deploy(runtime=runtime)
     latencies: list[float] = []
+    refused = 0
 
     async def client(url: str, until: float) -> None:
+        nonlocal refused
         async with httpx.AsyncClient(timeout=10) as http:
             while time.monotonic() < until:
                 started = time.monotonic()
@@ -121,13 +124,16 @@ def _flood_median_s(adaptive: bool) -> float:
                     latencies.append(time.monotonic() - started)
                 else:
                     assert r.status_code == 503 and "Retry-After" in r.headers
+                    refused += 1
                     await asyncio.sleep(0.05)  # a polite client backs off
 
     async def flood(url: str) -> None:
+        nonlocal refused
         await client(url, time.monotonic() + 1.0)  # warm: the bound learns the service
         latencies.clear()
+        refused = 0
         until = time.monotonic() + 3.0
-        await asyncio.gather(*(client(url, until) for _ in range(16)))
+        await asyncio.gather(*(client(url, until) for _ in range(clients)))
 
     try:
         with Server(
@@ -136,11 +142,19 @@ def _flood_median_s(adaptive: bool) -> float:
             asyncio.run(flood(f"{srv.url}/v1/flows/sleepy/predict"))
     finally:
         runtime.stop()
-    return statistics.median(latencies)
+    return statistics.median(latencies), refused
 
 
 def test_a_flood_is_refused_rather_than_queued_inside_the_server():
-    adaptive, fixed = _flood_median_s(True), _flood_median_s(False)
+    (adaptive, _), (fixed, _) = _flood(True, clients=32), _flood(False, clients=32)
     # one worker at 20 ms a request: the fixed bound keeps 16 admitted, each waiting
     # ~320 ms; the adaptive one admits two or three
     assert adaptive < 0.5 * fixed, (adaptive, fixed)
+
+
+def test_clients_the_ceiling_can_hold_are_never_refused():
+    """A closed loop of at most `max_in_flight` connections (a load test) queues as
+    under a fixed bound: refused, each client would only send again at once."""
+    median, refused = _flood(True, clients=12)
+    assert refused == 0
+    assert median > 0.1  # they wait behind each other: ~12 x 20 ms

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Collection, Coroutine, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -45,7 +45,7 @@ from serveflow.serving.codecs import (
 from serveflow.serving.dashboard import PAGE
 from serveflow.serving.describe import flow_info
 from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
-from serveflow.serving.inflight import InFlightLimit
+from serveflow.serving.inflight import Admission, InFlightLimit
 from serveflow.serving.limits import LimitExceeded, Limits
 from serveflow.serving.metrics import PREDICT_ROUTE, UNKNOWN_FLOW, ServingMetrics, route_of
 from serveflow.serving.openapi import openapi_spec
@@ -93,6 +93,9 @@ class ServingState:
             name: InFlightLimit(max_in_flight or sys.maxsize, adaptive and bool(max_in_flight))
             for name in self.apps
         }
+        # the server's open HTTP connections (uvicorn's set), once the shedding
+        # protocol has seen one; None: not counted (another HTTP implementation)
+        self.connections: Collection[object] | None = None
         limit_message = (
             "flow {!r} has as many requests in flight as it admits now (at most {}); retry later"
         )
@@ -111,10 +114,21 @@ class ServingState:
         self.draining = False  # set when shutdown starts: /readyz answers 503
         self.openapi: bytes | None = None  # the spec, once asked for
 
+    def crowded(self, name: str) -> bool:
+        """Whether more HTTP connections are open than flow `name`'s ceiling (then its
+        in-flight bound is the adapted one); always, when they are not counted."""
+        connections = self.connections
+        return connections is None or len(connections) > self.in_flight[name].ceiling
+
     def at_limit(self, name: str) -> bool:
         """Whether flow `name` (deployed) has as many requests admitted as it takes."""
         bound = self.in_flight.get(name)
-        return bound is not None and bound.admitted >= bound.value
+        return bound is not None and bound.admitted >= bound.bound(self.crowded(name))
+
+    def admit(self, name: str) -> Admission | None:
+        """Count a request of flow `name` in (release it with `in_flight[name]`), or
+        None: refuse it."""
+        return self.in_flight[name].admit(self.crowded(name))
 
     def refused(self, name: str, model: str = "flow") -> HTTPProblem:
         """The 503 of a request of `name` refused at its in-flight bound."""
@@ -303,7 +317,7 @@ async def _predict(
     if reserved:
         return await _run_predict(state, app, name, timeout, headers, receive)
     bound = state.in_flight[name]
-    admission = bound.admit()
+    admission = state.admit(name)
     if admission is None:
         await _read_body(receive, headers.get("content-length", ""), state.max_body_bytes)
         raise state.refused(name)

@@ -18,6 +18,14 @@ sqrt(limit): on a simulated worker that refused 5% of requests at 70% load and 1
 90%, and settled one worker at 4 in flight; with 1.5 and 1, it refuses nothing at 70%
 and 1-7% at 90%, and a flood's median is 2-3 service times (it was 32 with 32 admitted).
 
+The adapted bound holds only while more HTTP connections are open than the ceiling
+(`ServingState.crowded`): with fewer, no more requests than the ceiling can be in
+flight, a fixed bound would refuse none, and the clients are a closed loop (each waits
+for its answer before sending again: a load test of N connections, or the gRPC
+clients of one channel); refused, they would send again at once, and the refusals
+only take time from what is admitted. (Measured: 64 gRPC clients against an adaptive
+bound of 64 had half their calls refused, as Triton refuses none.)
+
 When nothing has measured the unqueued latency for a while (a flood keeps every request
 queued), the limit drops to one until `PROBE_SAMPLES` requests have measured it again:
 a latency that rose for good (a slower model, a lost worker, an event loop busy
@@ -68,9 +76,18 @@ class InFlightLimit:
         self._measured_at = self._window_start  # when an unqueued latency last came in
         self._probing = False
 
-    def admit(self) -> Admission | None:
+    def bound(self, crowded: bool = True) -> int:
+        """The requests admitted at once now: the adapted bound while `crowded` (more
+        clients than the ceiling could be sending), else the ceiling. Clients that
+        each wait for their answer before sending again (a closed loop, a load test of
+        N connections) never meet a refusal they would not have met at the ceiling:
+        refused, such a client sends again at once, and its refusals only take time
+        from the requests admitted."""
+        return self.value if crowded else self.ceiling
+
+    def admit(self, crowded: bool = True) -> Admission | None:
         """Count one request in, or None (refuse it) when the bound is reached."""
-        if self.admitted >= self.value:
+        if self.admitted >= self.bound(crowded):
             return None
         self.admitted += 1
         return self._clock(), self.admitted

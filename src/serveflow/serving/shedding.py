@@ -54,13 +54,17 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
     token = state.token
 
     class SheddingProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            state.connections = self.connections  # uvicorn's set of open connections
+
         def on_headers_complete(self) -> None:
             name = self._judged()
             if name is None:
                 super().on_headers_complete()
                 return
             bound = state.in_flight[name]
-            admission = bound.admit()  # counted now: the next request parsed sees it
+            admission = state.admit(name)  # counted now: the next request parsed sees it
             if admission is None:
                 self._refuse(name)
                 return

@@ -309,7 +309,7 @@ class V2Models:
             raise HTTPProblem(413, str(error)) from None
         t1 = time.perf_counter_ns()
         queued_from = time.monotonic()  # the runtime's clock, which `began` is on
-        admission = bound.admit()
+        admission = state.admit(name)
         if admission is None:  # the bound was reached while the tensors were decoded
             raise state.refused(name, "model")
         try:
