@@ -563,7 +563,7 @@ def test_server_admission_bound_refuses_v2_requests_too():
         results = []
         first = threading.Thread(
             target=lambda: results.append(
-                Client(srv, "http-binary").infer("slow", {"s": (np.array([0.5]), "FP64")})
+                Client(srv, "http-binary").infer("slow", {"s": (np.array([1.5]), "FP64")})
             )
         )
         first.start()
@@ -577,7 +577,8 @@ def test_server_admission_bound_refuses_v2_requests_too():
             stage_requests = sum(s["requests"] for s in app.stats().values())
         finally:
             first.join(TIMEOUT)
-        assert results and results[0].as_numpy("slept").tolist() == [0.5]
+        # (1.5 s: long enough to be seen in flight on a loaded machine)
+        assert results and results[0].as_numpy("slept").tolist() == [1.5]
         assert stage_requests <= 1  # the refused request never reached the runtime
 
 
