@@ -259,7 +259,8 @@ def _math_threads(row: sf.Row) -> tuple[int, str, str]:
     from threadpoolctl import threadpool_info
 
     blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-    return blas[0], os.environ.get("OMP_NUM_THREADS", ""), os.environ.get("OPENBLAS_NUM_THREADS", "")
+    variables = (os.environ.get(name, "") for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"))
+    return blas[0], *variables
 
 
 def _threads_seen(runtime: sf.LocalRuntime) -> tuple[int, str, str]:
