@@ -410,6 +410,8 @@ class ControlPlane:
                 expected,
                 costs,
             )
+            for w, (app_id, index) in self._scheduler.loads():  # off the requests' path
+                self.engine.send(w, m.Load(app_id, index))
         if routed is None:
             # Late binding: wait here, not in a worker's queue, until a worker has room;
             # new workers from the autoscaler then take their share of the backlog.
