@@ -307,9 +307,7 @@ class Scheduler:
         loads, self._loads = self._loads, []
         return loads
 
-    def _cold(
-        self, key: StageKey, pool: Mapping[int, WorkerLoad], w: int
-    ) -> dict[int, WorkerLoad]:
+    def _cold(self, key: StageKey, pool: Mapping[int, WorkerLoad], w: int) -> dict[int, WorkerLoad]:
         """Worker `w`, picked for a run of stage `key`, has not loaded it: the load is
         asked for now (see `loads`), and the workers of `pool` that have loaded it and
         are in no long call are returned to take the run instead (empty: none has, `w`
@@ -499,8 +497,7 @@ def _loads_model(stage: Any) -> bool:
     """Whether loading `stage` constructs a class given to map or filter (a model, whose
     load can take seconds), as `StageExecutor` does; plain functions load at once."""
     return any(
-        inspect.isclass(getattr(op, "fn", None) or getattr(op, "pred", None))
-        for op in stage.ops
+        inspect.isclass(getattr(op, "fn", None) or getattr(op, "pred", None)) for op in stage.ops
     )
 
 
