@@ -170,3 +170,34 @@ def test_requests_wait_for_no_model_load_while_a_worker_has_the_model_loaded():
         assert app.stats()["_SlowLoadingModel"]["cold_starts"] == 2
     finally:
         runtime.stop()
+
+
+def _pid_after(row: sf.Row) -> int:
+    time.sleep(row["x"])
+    return os.getpid()
+
+
+@pytest.mark.timeout(120)
+def test_a_burst_waits_for_room_instead_of_piling_onto_the_worker_not_in_a_long_call():
+    # Worker A in a long call takes no new runs, and B takes only the runs it has room
+    # for (worker_queue): the rest of a burst waits at the driver, so A takes it once
+    # its call ends. Before, the room A had let the whole burst be routed onto B, to
+    # wait there behind B's own long run while A sat idle.
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2, worker_queue=4)
+    try:
+        flow = sf.Flow("sleepy", schema={"x": float})
+        flow.map(_pid_after, names=["pid"])
+        app = flow.deploy(runtime=runtime)
+        warm = [app.run({"x": [0.2]}) for _ in range(4)]
+        assert len({f.result(timeout=60).column("pid")[0] for f in warm}) == 2
+        time.sleep(1.0)  # run times reported
+        a = app.run({"x": [2.0]})
+        time.sleep(1.4)  # A's call has run past a second, and a heartbeat said so
+        burst = [app.run({"x": [1.5]})] + [app.run({"x": [0.02]}) for _ in range(30)]
+        a_pid = a.result(timeout=60).column("pid")[0]
+        pids = [f.result(timeout=60).column("pid")[0] for f in burst]
+        assert pids[0] != a_pid  # the burst's long run went to B
+        on_a = sum(pid == a_pid for pid in pids)
+        assert on_a >= len(pids) // 3, f"A took {on_a} of {len(pids)} after its long call"
+    finally:
+        runtime.stop()

@@ -409,6 +409,7 @@ class ControlPlane:
                 time.monotonic(),
                 expected,
                 costs,
+                app.worker_cap,
             )
             for w, (app_id, index) in self._scheduler.loads():  # off the requests' path
                 self.engine.send(w, m.Load(app_id, index))

@@ -117,10 +117,12 @@ class Scheduler:
         now: float = 0.0,
         expected: Mapping[int, float | None] | None = None,
         costs: Sequence[float | None] | None = None,
+        room: int | None = None,
     ) -> tuple[Route, list[tuple[int, int]]] | None:
         """Pick workers for every stage of one request (whose table is `table`) and
         count the runs known now as outstanding: returns the route and those (stage,
-        worker) charges, or None when some stage has no worker of its resource class.
+        worker) charges, or None when some stage has no worker of its resource class,
+        or (`room`: the runs a worker may hold) none with room for a plain plan's.
         `caps` limits some stages (by index) to that many workers; `packs` gives some
         stages' (batch size, timeout seconds) to pack batches by, at time `now`;
         `expected` some stages' typical run time in seconds (None: not known yet);
@@ -130,6 +132,10 @@ class Scheduler:
         facts = self._facts.get(app_id)
         if facts is None or facts.plan is not plan:
             facts = self._facts[app_id] = PlanFacts.of(plan)
+        if facts.plain is not None and room is not None:
+            workers = _with_room(workers, facts.plain, room)
+            if not workers:
+                return None  # the request waits at the driver (late binding)
         if facts.plain is not None and not packs and not caps:
             routed = self._route_plain(app_id, facts, workers, costs)
             if routed is not None:
@@ -491,6 +497,21 @@ class PlanFacts:
             models=tuple(_loads_model(stage) for stage in plan.stages),
             plain=_plain(plan),
         )
+
+
+def _with_room(workers: Mapping[int, WorkerLoad], gpu: bool, room: int) -> dict[int, WorkerLoad]:
+    """The workers of class `gpu` a plain plan's request may go to now: those below
+    `room` outstanding runs and in no long call, or, when every one with room is in a
+    long call and so are all the others, those with room; none (the request waits for
+    room) when the only ones with room are in long calls while others are not. A
+    request is never routed onto a full worker because another one had room: while
+    a worker is in a long call, the whole wait line would go to the other one."""
+    pool = {w: load for w, load in workers.items() if load.gpu == gpu}
+    free = {w: load for w, load in pool.items() if load.outstanding < room}
+    running = {w: load for w, load in free.items() if not load.stalled}
+    if running or any(not load.stalled for load in pool.values()):
+        return running
+    return free
 
 
 def _loads_model(stage: Any) -> bool:
