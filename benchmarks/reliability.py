@@ -368,18 +368,25 @@ UNLOADED_CONNECTIONS = 16  # at a quarter of the rate, one slow answer delays fe
 
 
 def run_overload(
-    seconds: float, max_in_flight: int, flow: str = "work", rounds: int = OVERLOAD_ROUNDS
+    seconds: float,
+    max_in_flight: int,
+    flow: str = "work",
+    rounds: int = OVERLOAD_ROUNDS,
+    fixed: bool = False,
 ) -> list[common.Record]:
     """Sustainable, unloaded and 3x phases of `seconds` each, measured as `rounds`
-    alternating slices; each round's rates follow its own closed-loop slice."""
-    bound = f"{flow}, --max-in-flight {max_in_flight}"
+    alternating slices; each round's rates follow its own closed-loop slice. `fixed`:
+    the server holds its bound at `max_in_flight` (--fixed-in-flight) instead of
+    adapting it."""
+    bound = f"{flow}, --max-in-flight {max_in_flight}" + (" --fixed-in-flight" if fixed else "")
     phases = {
         f"{bound}: sustainable (closed loop, as many connections)": (max_in_flight, None),
         f"{bound}: unloaded (0.25x sustainable)": (UNLOADED_CONNECTIONS, 0.25),
         f"{bound}: overload 3x sustainable, 96 connections": (96, 3.0),
     }
     runs: dict[str, list[dict]] = {name: [] for name in phases}
-    with Server("--max-in-flight", str(max_in_flight)) as server:
+    options = ["--max-in-flight", str(max_in_flight)] + (["--fixed-in-flight"] if fixed else [])
+    with Server(*options) as server:
         url = _predict_url(server, flow)
         open_loop(url, 2.0, max_in_flight)  # warm
         for _ in range(rounds):
@@ -400,6 +407,7 @@ def run_overload(
                         raise RuntimeError(f"{name}: no request answered")
     capacity, unloaded, flood = (_merged(name, runs[name]) for name in phases)
     flood["max_in_flight"] = max_in_flight
+    flood["adaptive"] = not fixed
     sustainable = capacity["throughput_rps"]
     flood["goodput_ratio"] = common.ratio(flood["throughput_rps"], sustainable)
     flood["offered_ratio"] = common.ratio(flood["offered_rps"], sustainable)
@@ -427,7 +435,7 @@ def _merged(scenario: str, runs: list[dict]) -> common.Record:
 def overload_failures(records: list[common.Record]) -> list[str]:
     flood = records[-1]
     problems = []
-    bound = f"--max-in-flight {flood['max_in_flight']}"
+    bound = f"--max-in-flight {flood['max_in_flight']}" + ("" if flood["adaptive"] else " fixed")
     if (flood["goodput_ratio"] or 0) < GOODPUT_TARGET:
         problems.append(f"{bound}: admitted throughput at 3x is "
                         f"{flood['goodput_ratio']:.2f}x sustainable")  # fmt: skip
@@ -704,19 +712,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--minutes", type=float, default=30.0, help="soak length")
         parser.add_argument("--soak-rate", type=float, default=None,
                             help="soak req/s (default: half the measured capacity)")  # fmt: skip
-        parser.add_argument("--max-in-flight", default="8,4",
-                            help="overload: the bounds to try, comma-separated (default 8,4: "
-                                 "4 and 2 per worker)")  # fmt: skip
+        parser.add_argument("--max-in-flight", default="32,8",
+                            help="overload: the bounds to try, comma-separated (default "
+                                 "32,8: 16 and 4 per worker)")  # fmt: skip
+        parser.add_argument("--compare-fixed", action="store_true",
+                            help="overload: each bound also with --fixed-in-flight")  # fmt: skip
 
     args = common.parse_args(__doc__.split("\n")[0], argv, configure)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per fuzzed request
     default_parts = "chaos,overload,fuzz" if args.quick else "chaos,overload,fuzz,soak"
     parts = (args.parts or default_parts).split(",")
     seconds = args.seconds or (6.0 if args.quick else 20.0)
-    for tool, needed in (("hey", "soak" in parts), ("wrk", "overload" in parts)):
-        if needed and shutil.which(tool) is None:
-            print(f"`{tool}` is missing: bash scripts/reliability_tools.sh", file=sys.stderr)
-            return 2
+    if {"overload", "soak"} & set(parts) and shutil.which("wrk") is None:
+        print("`wrk` is missing: bash scripts/reliability_tools.sh", file=sys.stderr)
+        return 2
     records: list[common.Record] = []
     problems: list[str] = []
     if "chaos" in parts:
@@ -726,9 +735,11 @@ def main(argv: list[str] | None = None) -> int:
         problems += chaos_failures(got)
     if "overload" in parts:
         for bound in args.max_in_flight.split(","):
-            got = run_overload(seconds, int(bound))
-            records += got
-            problems += overload_failures(got)
+            for fixed in (False, True) if args.compare_fixed else (False,):
+                got = run_overload(seconds, int(bound), fixed=fixed)
+                records += got
+                if not fixed:  # the fixed bound is the reference, not a promise
+                    problems += overload_failures(got)
     if "fuzz" in parts:
         got = run_fuzz(examples=150 if args.quick else 1000,
                        schemathesis_examples=20 if args.quick else 200)  # fmt: skip

@@ -369,7 +369,8 @@ def test_a_worker_takes_other_stages_again_as_soon_as_its_model_is_loaded(pool):
         started = time.monotonic()
         quick_app.run({"a": [i]}).result(timeout=RESULT_S)
         took = time.monotonic() - started
-        assert took < 0.3, f"after a model load, a request waited {took:.2f} s to be routed"
+        # behind the load it would wait up to 0.8 s
+        assert took < 0.6, f"after a model load, a request waited {took:.2f} s to be routed"
 
 
 # -- 5. a timed-out request frees its worker -------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import threading
 import time
 
@@ -441,6 +442,52 @@ def test_http_admission_bound_refuses_before_the_runtime():
         assert stage_requests <= 1  # the refused requests never reached the runtime
         again = httpx.post(url, json={"rows": [{"s": 0.0}]}, timeout=TIMEOUT)
         assert again.status_code == 200  # the slot is free again
+
+
+def _send_and_leave(url: str, request: bytes) -> None:
+    """Send `request` bytes on a fresh connection and close it without reading."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        time.sleep(0.05)  # the server parses the headers before the connection closes
+
+
+def test_every_way_a_request_ends_frees_its_admission_slot():
+    app = slow_flow().deploy()
+    with Server({"slow": app}, port=0, max_in_flight=2) as srv:
+        url = f"{srv.url}/v1/flows/slow/predict"
+        head = "POST /v1/flows/slow/predict HTTP/1.1\r\nHost: x\r\n"
+        for _ in range(3):  # a leaked slot per round would leave none after two rounds
+            # the client leaves after the headers, its body never sent
+            _send_and_leave(srv.url, (head + "Content-Length: 100\r\n\r\n").encode())
+            # an upgrade request: the server may take it off the HTTP request path
+            upgrade = head + (
+                "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nContent-Length: 2\r\n\r\n{}"
+            )
+            _send_and_leave(srv.url, upgrade.encode())
+            assert httpx.post(url, content=b"{not json", timeout=TIMEOUT).status_code == 400
+            assert httpx.post(url, json={"rows": [{"t": 1}]}, timeout=TIMEOUT).status_code == 422
+            late = httpx.post(
+                url,
+                json={"rows": [{"s": 0.3}]},
+                headers={"X-Request-Timeout-Ms": "20"},
+                timeout=TIMEOUT,
+            )
+            assert late.status_code == 504
+        time.sleep(0.5)  # the timed-out runs end; the slots of leavers are freed meanwhile
+        statuses: list[int] = []
+
+        def send() -> None:
+            r = httpx.post(url, json={"rows": [{"s": 0.3}]}, timeout=TIMEOUT)
+            statuses.append(r.status_code)
+
+        pair = [threading.Thread(target=send) for _ in range(2)]
+        for thread in pair:
+            thread.start()
+        for thread in pair:
+            thread.join(TIMEOUT)
+    assert statuses == [200, 200]  # both slots are free
 
 
 def batched_ones(table):

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from concurrent.futures import Future
@@ -44,6 +45,7 @@ from serveflow.serving.codecs import (
 from serveflow.serving.dashboard import PAGE
 from serveflow.serving.describe import flow_info
 from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
+from serveflow.serving.inflight import InFlightLimit
 from serveflow.serving.limits import LimitExceeded, Limits
 from serveflow.serving.metrics import PREDICT_ROUTE, UNKNOWN_FLOW, ServingMetrics, route_of
 from serveflow.serving.openapi import openapi_spec
@@ -68,6 +70,7 @@ class ServingState:
         stop_apps: bool,
         max_in_flight: int | None = None,
         coalesce: bool = True,
+        adaptive: bool = True,
     ) -> None:
         self.apps = dict(apps)
         # Requests of row-by-row flows arriving together run as one runtime request.
@@ -82,11 +85,17 @@ class ServingState:
         self.limits = limits
         self.max_body_bytes = limits.max_body_bytes
         self.stop_apps = stop_apps
-        # Admission at the HTTP layer: past this many admitted requests of one flow, a
-        # request is refused (503) before its body is decoded or the runtime sees it.
+        # Admission at the HTTP layer: past its bound of admitted requests (at most
+        # `max_in_flight`, lower while they queue unless `adaptive` is False), a request
+        # of a flow is refused (503) before its body is decoded or the runtime sees it.
         self.max_in_flight = max_in_flight
-        self.admitted: dict[str, int] = dict.fromkeys(self.apps, 0)  # event-loop only
-        limit_message = "flow {!r} has {} requests in flight (the limit); retry later"
+        self.in_flight = {  # event-loop only
+            name: InFlightLimit(max_in_flight or sys.maxsize, adaptive and bool(max_in_flight))
+            for name in self.apps
+        }
+        limit_message = (
+            "flow {!r} has as many requests in flight as it admits now (at most {}); retry later"
+        )
         self.refusal_body = {
             name: encode_json({"error": limit_message.format(name, max_in_flight)})
             for name in self.apps
@@ -103,11 +112,18 @@ class ServingState:
         self.openapi: bytes | None = None  # the spec, once asked for
 
     def at_limit(self, name: str) -> bool:
-        """Whether flow `name` (deployed) has `max_in_flight` requests admitted."""
-        return (
-            self.max_in_flight is not None
-            and name in self.admitted
-            and self.admitted[name] >= self.max_in_flight
+        """Whether flow `name` (deployed) has as many requests admitted as it takes."""
+        bound = self.in_flight.get(name)
+        return bound is not None and bound.admitted >= bound.value
+
+    def refused(self, name: str, model: str = "flow") -> HTTPProblem:
+        """The 503 of a request of `name` refused at its in-flight bound."""
+        bound = self.in_flight[name]
+        return HTTPProblem(
+            503,
+            f"{model} {name!r} has {bound.admitted} requests in flight, as many as it admits "
+            f"now (at most {bound.ceiling}); retry later",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
 
@@ -245,16 +261,21 @@ _PREDICT_HEADERS = {
 
 
 async def serve_predict(
-    state: ServingState, name: str, headers: Mapping[str, str], receive: Receive
+    state: ServingState,
+    name: str,
+    headers: Mapping[str, str],
+    receive: Receive,
+    reserved: bool = False,
 ) -> tuple[int, bytes, str, Mapping[str, str]]:
     """One prediction: (status, body, media type, extra headers), metrics recorded.
+    `reserved`: admitted already (the shedding protocol counted it; its caller releases).
     Raises _Disconnected when the client left before sending its body."""
     metrics = state.metrics.flow(name if name in state.apps else UNKNOWN_FLOW)
     started = time.perf_counter()
     status = 500
     metrics.in_flight.inc()
     try:
-        body, media = await _predict(state, name, headers, receive)
+        body, media = await _predict(state, name, headers, receive, reserved)
         status = 200
         return status, body, media, {}
     except HTTPProblem as problem:
@@ -271,23 +292,25 @@ async def serve_predict(
 
 
 async def _predict(
-    state: ServingState, name: str, headers: Mapping[str, str], receive: Receive
+    state: ServingState,
+    name: str,
+    headers: Mapping[str, str],
+    receive: Receive,
+    reserved: bool,
 ) -> tuple[bytes, str]:
     app = _app_or_404(state, name)
     timeout = _timeout_s(headers.get(TIMEOUT_HEADER))
-    admitted = state.admitted[name]
-    if state.max_in_flight is not None and admitted >= state.max_in_flight:
+    if reserved:
+        return await _run_predict(state, app, name, timeout, headers, receive)
+    bound = state.in_flight[name]
+    admission = bound.admit()
+    if admission is None:
         await _read_body(receive, headers.get("content-length", ""), state.max_body_bytes)
-        raise HTTPProblem(
-            503,
-            f"flow {name!r} has {admitted} requests in flight (the limit); retry later",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
-    state.admitted[name] = admitted + 1
+        raise state.refused(name)
     try:
         return await _run_predict(state, app, name, timeout, headers, receive)
     finally:
-        state.admitted[name] -= 1
+        bound.release(admission)
 
 
 async def _run_predict(
@@ -418,6 +441,10 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 _PREDICT_PREFIX, _PREDICT_SUFFIX = "/v1/flows/", "/predict"
+# Scope key of a prediction the shedding protocol admitted: (flow, its admission),
+# counted when its headers were parsed, so a burst parsed in one turn of the loop
+# cannot overshoot the bound and then be refused the dear way; the ASGI app releases it.
+ADMITTED = "serveflow.admitted"
 
 
 class ServingASGI(Starlette):
@@ -431,6 +458,14 @@ class ServingASGI(Starlette):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
+            return
+        reserved = scope.pop(ADMITTED, None)  # a slot the shedding protocol took
+        if reserved is not None:
+            name, admission = reserved
+            try:
+                await self._fast_predict(name, scope, receive, send, reserved=True)
+            finally:
+                self.serving.in_flight[name].release(admission)
             return
         path: str = scope["path"]
         predict = path.startswith(_PREDICT_PREFIX) and path.endswith(_PREDICT_SUFFIX)
@@ -484,9 +519,12 @@ class ServingASGI(Starlette):
         metrics.observe(503, time.perf_counter() - started)
         state.metrics.count_response(PREDICT_ROUTE, 503)
 
-    async def _fast_predict(self, name: str, scope: Scope, receive: Receive, send: Send) -> bool:
+    async def _fast_predict(
+        self, name: str, scope: Scope, receive: Receive, send: Send, reserved: bool = False
+    ) -> bool:
         """Serve a prediction; False (nothing sent) when it must go the slow way: a
-        missing or wrong token, which the auth middleware answers."""
+        missing or wrong token, which the auth middleware answers. `reserved`: admitted
+        by the shedding protocol, which checked the token."""
         state = self.serving
         headers: dict[str, str] = {}
         authorization = b""
@@ -496,13 +534,16 @@ class ServingASGI(Starlette):
                 headers[wanted] = value.decode("latin-1")
             elif key == b"authorization":
                 authorization = value
-        if state.token is not None and not token_matches(authorization, state.token):
-            return False
-        if state.at_limit(name):  # the cheapest refusal: no task, problem or encoding
-            await self._refuse(state, name, headers, receive, send)
-            return True
+        if not reserved:
+            if state.token is not None and not token_matches(authorization, state.token):
+                return False
+            if state.at_limit(name):  # the cheapest refusal: no task, problem or encoding
+                await self._refuse(state, name, headers, receive, send)
+                return True
         try:
-            status, body, media, extra = await serve_predict(state, name, headers, receive)
+            status, body, media, extra = await serve_predict(
+                state, name, headers, receive, reserved
+            )
         except _Disconnected:
             return True
         except Exception as error:
@@ -530,6 +571,7 @@ def create_app(
     max_in_flight: int | None = None,
     coalesce: bool = True,
     limits: Limits | None = None,
+    adaptive_in_flight: bool = True,
 ) -> ServingASGI:
     """An ASGI app serving `apps` (flow name -> deployed App).
 
@@ -540,6 +582,8 @@ def create_app(
     `stop_apps`: stop (drain) every app when the ASGI lifespan ends.
     `max_in_flight`: most requests of one flow admitted at once; more get 503 with
     Retry-After at once, before their body is decoded (cheap shedding under overload).
+    `adaptive_in_flight`: admit fewer than that while admitted requests queue (see
+    serving.inflight); False holds the bound at `max_in_flight`.
     `coalesce`: run the requests of a row-by-row flow that arrive together as one
     runtime request (see serving.coalesce); requests with a deadline always go alone.
     """
@@ -551,6 +595,7 @@ def create_app(
         stop_apps=stop_apps,
         max_in_flight=max_in_flight,
         coalesce=coalesce,
+        adaptive=adaptive_in_flight,
     )
 
     @contextlib.asynccontextmanager

@@ -124,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="requests a flow holds at once; more get 503 with Retry-After at once, "
-        "before their body is decoded",
+        "before their body is decoded. Fewer are admitted while they queue (the bound "
+        "adapts to the latency of unqueued requests) unless --fixed-in-flight",
+    )
+    serve.add_argument(
+        "--fixed-in-flight",
+        action="store_true",
+        help="hold the HTTP in-flight bound at --max-in-flight instead of adapting it",
     )
     serve.add_argument(
         "--stage-timeout",
@@ -303,6 +309,7 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             loop=args.loop,
             http=args.http,
             max_in_flight=args.max_in_flight,
+            adaptive_in_flight=not args.fixed_in_flight,
             shutdown_delay=args.shutdown_delay,
             coalesce=args.coalesce,
             grpc_port=args.grpc_port,

@@ -109,7 +109,8 @@ class Server:
     `loop` ("auto", "asyncio", "uvloop") and `http` ("auto", "h11", "httptools") pick
     uvicorn's event loop and HTTP parser; "auto" takes uvloop and httptools if installed.
     `max_in_flight`: requests of one flow admitted at once; more are refused with 503
-    before any work is done for them (see `create_app`). `shutdown_delay`: seconds
+    before any work is done for them; fewer while they queue, unless
+    `adaptive_in_flight` is False (see `create_app`). `shutdown_delay`: seconds
     between SIGTERM/SIGINT and the graceful shutdown during which /readyz answers 503
     while requests are still served (default 0). `coalesce`: run concurrent requests
     of a row-by-row flow as one runtime request (see serving.coalesce). `grpc_port`:
@@ -138,6 +139,7 @@ class Server:
         coalesce: bool = True,
         grpc_port: int | None = None,
         limits: Limits | None = None,
+        adaptive_in_flight: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -150,6 +152,7 @@ class Server:
             max_in_flight=max_in_flight,
             coalesce=coalesce,
             limits=limits,
+            adaptive_in_flight=adaptive_in_flight,
         )
         self.state: ServingState = self.asgi.state.serving
         protocol: Any = http

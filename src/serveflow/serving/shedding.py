@@ -1,4 +1,4 @@
-"""Refusing a flow's requests at its in-flight limit inside the HTTP parser.
+"""Admitting or refusing a flow's requests at its in-flight limit inside the HTTP parser.
 
 Under a flood, most requests are refused. Through ASGI each refusal costs a task, a
 scope, several awaits and two sends on the event loop, and the admitted requests wait
@@ -6,9 +6,12 @@ behind those in every turn of the loop: at 3x the sustainable rate the server sp
 its time refusing and served a fraction of what it sustains. Here the refusal is
 written from uvicorn's httptools protocol the moment the request line and headers are
 parsed: a prebuilt 503 with Retry-After, no task, no body read (it is dropped as it
-arrives). Requests it cannot judge so cheaply (pipelined behind an unfinished one, a
-missing or wrong token, a percent-encoded or query-carrying path) take the ASGI path,
-which gives the same answers.
+arrives). A request under the limit is counted as admitted at that same moment, not
+when its ASGI task first runs: a flood parsed in one turn of the loop would otherwise
+all pass the check, overshoot the limit and be refused the dear way, in ASGI (it was
+most refusals at 32 in flight). Requests it cannot judge so cheaply (pipelined behind
+an unfinished one, a missing or wrong token, a percent-encoded or query-carrying path)
+take the ASGI path, which gives the same answers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from serveflow.serving.app import ADMITTED
 from serveflow.serving.auth import token_matches
 from serveflow.serving.metrics import PREDICT_ROUTE
 
@@ -51,29 +55,44 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
 
     class SheddingProtocol(HttpToolsProtocol):
         def on_headers_complete(self) -> None:
-            if not self._refused():
+            name = self._judged()
+            if name is None:
                 super().on_headers_complete()
+                return
+            bound = state.in_flight[name]
+            admission = bound.admit()  # counted now: the next request parsed sees it
+            if admission is None:
+                self._refuse(name)
+                return
+            self.scope[ADMITTED] = (name, admission)  # type: ignore[literal-required]
+            cycle = self.cycle
+            super().on_headers_complete()
+            if self.cycle is cycle:  # no request cycle started (an upgrade)
+                bound.release(admission)
 
-        def _refused(self) -> bool:
+        def _judged(self) -> str | None:
+            """The flow of a prediction this protocol admits or refuses itself; None
+            for requests the ASGI path judges."""
             url = self.url
             if not (url.startswith(_PREFIX) and url.endswith(_SUFFIX)):
-                return False
+                return None
             raw = url[len(_PREFIX) : -len(_SUFFIX)]
-            response = responses.get(raw)
-            if response is None or not state.at_limit(raw.decode()):
-                return False
+            if raw not in responses:
+                return None
             if self.cycle is not None and not self.cycle.response_complete:
-                return False  # pipelined behind an unanswered request: answers keep order
+                return None  # pipelined behind an unanswered request: answers keep order
             if self.parser.get_method() != b"POST":
-                return False
+                return None
             if token is not None and not any(
                 key == b"authorization" and token_matches(value, token)
                 for key, value in self.headers
             ):
-                return False  # the token check answers (401)
+                return None  # the token check answers (401)
+            return raw.decode()
+
+        def _refuse(self, name: str) -> None:
             self.cycle = _ANSWERED  # type: ignore[assignment]
-            self.transport.write(response)
-            name = raw.decode()
+            self.transport.write(responses[name.encode()])
             flow = state.metrics.flow(name)
             flow.shed.inc()
             flow.count(503)
@@ -84,6 +103,5 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
                 )
             else:
                 self.transport.close()
-            return True
 
     return SheddingProtocol

@@ -41,7 +41,7 @@ from serveflow.serving.app import (
 from serveflow.serving.auth import token_matches
 from serveflow.serving.coalesce import AppStopping, Outcome
 from serveflow.serving.codecs import JSON, check_json_limits, encode_json
-from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem, problem_from
+from serveflow.serving.errors import HTTPProblem, problem_from
 from serveflow.serving.limits import LimitExceeded, Limits
 from serveflow.serving.metrics import UNKNOWN_FLOW
 from serveflow.serving.v2_tensors import (
@@ -270,13 +270,9 @@ class V2Models:
         status says which protocol error to answer. Call it inside `measured`."""
         app = self.app(name, version)
         state = self.state
+        bound = state.in_flight[name]
         if state.at_limit(name):
-            raise HTTPProblem(
-                503,
-                f"model {name!r} has {state.admitted[name]} requests in flight (the limit); "
-                "retry later",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            raise state.refused(name, "model")
         stats = self.stats[name]
         t0 = time.perf_counter_ns()
         try:
@@ -287,11 +283,13 @@ class V2Models:
             raise HTTPProblem(413, str(error)) from None
         t1 = time.perf_counter_ns()
         queued_from = time.monotonic()  # the runtime's clock, which `began` is on
-        state.admitted[name] += 1
+        admission = bound.admit()
+        if admission is None:  # the bound was reached while the tensors were decoded
+            raise state.refused(name, "model")
         try:
             output, began = await self._run(app, name, table, timeout)
         finally:
-            state.admitted[name] -= 1
+            bound.release(admission)
         t2 = time.perf_counter_ns()
         tensors = self._output_tensors(name, output, outputs)
         t3 = time.perf_counter_ns()
