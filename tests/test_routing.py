@@ -4,6 +4,7 @@ one worker unless that worker has other work ahead."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -128,3 +129,75 @@ def test_a_run_avoids_the_worker_with_long_work_ahead_even_with_fewer_runs():
     assert _route(plan, workers, [1e-4]) == [1]
     # without run times, as before: the fewest outstanding runs
     assert Scheduler().route(0, plan, workers)[0][0] == (0,)
+
+
+LOAD_S, CALL_S = 3.0, 0.05
+
+
+class _SlowLoadingModel:
+    """A model whose load takes LOAD_S (weights read, a graph built) and calls CALL_S."""
+
+    def __init__(self) -> None:
+        time.sleep(LOAD_S)
+
+    def __call__(self, row: sf.Row) -> int:
+        time.sleep(CALL_S)
+        return os.getpid()
+
+
+@pytest.mark.timeout(120)
+def test_requests_wait_for_no_model_load_while_a_worker_has_the_model_loaded():
+    # Two workers, the model loaded on one: a burst must not be routed onto the other
+    # (it would wait LOAD_S for the load there); the other loads it meanwhile and then
+    # takes its share.
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        flow = sf.Flow("model", schema={"x": int})
+        flow.map(_SlowLoadingModel, names=["pid"])
+        app = flow.deploy(runtime=runtime)
+        app.run({"x": [0]}).result(timeout=60)  # loaded on one worker only
+        time.sleep(1.0)  # its run time reported
+        started = time.monotonic()
+        burst = [app.run({"x": [i]}) for i in range(6)]
+        waited = [f.result(timeout=60) and time.monotonic() - started for f in burst]
+        assert max(waited) < LOAD_S / 2, f"a request waited for a model load: {waited}"
+        time.sleep(LOAD_S + 1.0)  # the other worker has loaded it by now
+        pids = set()
+        for _ in range(3):
+            burst = [app.run({"x": [i]}) for i in range(6)]
+            pids |= {f.result(timeout=60).column("pid")[0] for f in burst}
+        assert len(pids) == 2, "the second worker never took the model's runs"
+        assert app.stats()["_SlowLoadingModel"]["cold_starts"] == 2
+    finally:
+        runtime.stop()
+
+
+def _pid_after(row: sf.Row) -> int:
+    time.sleep(row["x"])
+    return os.getpid()
+
+
+@pytest.mark.timeout(120)
+def test_a_burst_waits_for_room_instead_of_piling_onto_the_worker_not_in_a_long_call():
+    # Worker A in a long call takes no new runs, and B takes only the runs it has room
+    # for (worker_queue): the rest of a burst waits at the driver, so A takes it once
+    # its call ends. Before, the room A had let the whole burst be routed onto B, to
+    # wait there behind B's own long run while A sat idle.
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2, worker_queue=4)
+    try:
+        flow = sf.Flow("sleepy", schema={"x": float})
+        flow.map(_pid_after, names=["pid"])
+        app = flow.deploy(runtime=runtime)
+        warm = [app.run({"x": [0.2]}) for _ in range(4)]
+        assert len({f.result(timeout=60).column("pid")[0] for f in warm}) == 2
+        time.sleep(1.0)  # run times reported
+        a = app.run({"x": [2.0]})
+        time.sleep(1.4)  # A's call has run past a second, and a heartbeat said so
+        burst = [app.run({"x": [1.5]})] + [app.run({"x": [0.02]}) for _ in range(30)]
+        a_pid = a.result(timeout=60).column("pid")[0]
+        pids = [f.result(timeout=60).column("pid")[0] for f in burst]
+        assert pids[0] != a_pid  # the burst's long run went to B
+        on_a = sum(pid == a_pid for pid in pids)
+        assert on_a >= len(pids) // 3, f"A took {on_a} of {len(pids)} after its long call"
+    finally:
+        runtime.stop()

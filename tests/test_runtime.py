@@ -253,3 +253,44 @@ def test_a_hung_stage_is_killed_after_the_stage_timeout_and_others_keep_going():
         assert app.run({"a": [6]}).result(timeout=10).to_rows() == [{"a": 6}]
     finally:
         runtime.stop()
+
+
+def _math_threads(row: sf.Row) -> tuple[int, str, str]:
+    """What a stage sees: numpy's BLAS thread count and the two variables setting it."""
+    from threadpoolctl import threadpool_info
+
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    variables = (os.environ.get(name, "") for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"))
+    return blas[0], *variables
+
+
+def _threads_seen(runtime: sf.LocalRuntime) -> tuple[int, str, str]:
+    flow = sf.Flow("math_threads")
+    flow.map(_math_threads, names=["blas", "omp", "openblas"])
+    app = flow.deploy(runtime=runtime)
+    try:
+        row = app.run({"a": [1]}).result(timeout=30).to_rows()[0]
+        return row["blas"], row["omp"], row["openblas"]
+    finally:
+        app.stop()
+
+
+def test_a_worker_runs_its_math_libraries_on_one_thread_unless_told_otherwise(monkeypatch):
+    # One BLAS thread per worker, as a one-CPU Ray actor has: with every core per worker,
+    # OpenBLAS's threads spin after each call and take the cores from the other workers.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
+    try:
+        assert _threads_seen(runtime) == (1, "1", "1")
+    finally:
+        runtime.stop()
+    # A count asked for is given; a variable the user set is theirs and wins.
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    runtime = sf.LocalRuntime(min_workers=1, max_workers=1, worker_threads=2)
+    try:
+        assert _threads_seen(runtime) == (1, "2", "1")
+    finally:
+        runtime.stop()
+    with pytest.raises(ValueError, match="worker_threads"):
+        sf.LocalRuntime(worker_threads=0)

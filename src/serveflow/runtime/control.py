@@ -409,7 +409,10 @@ class ControlPlane:
                 time.monotonic(),
                 expected,
                 costs,
+                app.worker_cap,
             )
+            for w, (app_id, index) in self._scheduler.loads():  # off the requests' path
+                self.engine.send(w, m.Load(app_id, index))
         if routed is None:
             # Late binding: wait here, not in a worker's queue, until a worker has room;
             # new workers from the autoscaler then take their share of the backlog.

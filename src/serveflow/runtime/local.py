@@ -50,6 +50,12 @@ class LocalRuntime(ControlPlane):
     idle_s: a worker idle this long is retired (above min_workers).
     idle_unload_s: a stage unused this long on a worker is unloaded.
     cache_bytes: per-worker cache of looked-up values.
+    worker_threads: threads each worker's native math libraries use (BLAS, OpenMP,
+        MKL, numexpr; torch follows OMP_NUM_THREADS). A worker is one core's worth,
+        as a Ray actor with one CPU is: with the libraries' default (every core per
+        process) N workers start N x cores threads, and OpenBLAS's spin after each
+        call takes the cores from the other workers. A variable already set in this
+        process's environment (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, ...) is kept.
     target_in_flight: stage runs per worker above which the pool grows.
     stage_timeout_s: a worker running one batch longer than this is killed and its
         requests re-run (None: no limit). Guards against user code that hangs.
@@ -75,6 +81,7 @@ class LocalRuntime(ControlPlane):
         idle_s: float = 10.0,
         idle_unload_s: float = 60.0,
         cache_bytes: int = 256 << 20,
+        worker_threads: int = 1,
         target_in_flight: float = 2.0,
         stage_timeout_s: float | None = None,
         heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
@@ -89,10 +96,16 @@ class LocalRuntime(ControlPlane):
         if len(set(devices)) != len(devices) or any(d < 0 for d in devices):
             raise ValueError(f"gpus: distinct non-negative device ids, got {gpus!r}")
         check_pool(min_workers, max_workers)
+        if isinstance(worker_threads, bool) or not isinstance(worker_threads, int):
+            raise TypeError(f"worker_threads must be an int, got {worker_threads!r}")
+        if worker_threads < 1:
+            raise ValueError(f"worker_threads must be >= 1, got {worker_threads}")
         store = open_shared_kvs(kvs, "None (LMDB), 'lmdb:///path' or 'redis://host:port/db'")
         options = {"cache_bytes": cache_bytes, "idle_unload_s": idle_unload_s}
         super().__init__(
-            ProcessEngine(store.address, options, gpus_declared=bool(devices)),
+            ProcessEngine(
+                store.address, options, gpus_declared=bool(devices), worker_threads=worker_threads
+            ),
             store,
             min_workers=min_workers,
             max_workers=max_workers,

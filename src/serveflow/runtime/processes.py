@@ -38,15 +38,46 @@ WORKER_MAIN = "from serveflow.runtime.worker import main; main()"
 FROM_WORKERS = (m.Hello, m.Result, m.Done, m.Located, m.Beat, m.Stats)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of CPU times in /proc
 _PING = b""  # the engine to its own receiver (no message encodes to nothing)
+# The thread-count variables of the native math libraries user code loads (OpenMP,
+# OpenBLAS, MKL, BLIS, Apple Accelerate, numexpr; torch follows OMP_NUM_THREADS). They
+# are read when a library loads, so they are set in a worker's environment at spawn.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+def worker_environment(threads: int, device: int | None, hide_gpus: bool) -> dict[str, str]:
+    """A worker's environment: ours, with `threads` for every math library whose
+    variable the user did not set, and the CUDA device it may see."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    for name in THREAD_VARIABLES:
+        env.setdefault(name, str(threads))
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(device)
+    elif hide_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 class ProcessEngine:
-    def __init__(self, kvs_address: str, options: dict[str, Any], gpus_declared: bool) -> None:
+    def __init__(
+        self,
+        kvs_address: str,
+        options: dict[str, Any],
+        gpus_declared: bool,
+        worker_threads: int = 1,
+    ) -> None:
         rundir.remove_stale(SHM_DIR, "run")
         self._dir = rundir.RunDir(SHM_DIR, "run")
         self._kvs_address = kvs_address
         self._options = options
         self._hide_gpus = gpus_declared  # CPU workers then see no device
+        self._worker_threads = worker_threads
         self._shm = codec.SharedMemory(self._dir.path)
         self._endpoint = Endpoint(socket_path(self._dir.path, DRIVER))
         self._processes: dict[int, subprocess.Popen] = {}
@@ -89,11 +120,7 @@ class ProcessEngine:
     def _popen(self, index: int, device: int | None) -> subprocess.Popen:
         """A fresh interpreter (never a re-import of the user's main module, unlike
         multiprocessing) that finds the user's modules on our sys.path."""
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(device)
-        elif self._hide_gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        env = worker_environment(self._worker_threads, device, self._hide_gpus)
         process = subprocess.Popen(
             [sys.executable, "-c", WORKER_MAIN], stdin=subprocess.PIPE, env=env
         )

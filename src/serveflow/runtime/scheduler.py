@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class Scheduler:
         self._open: dict[StageKey, OpenBatch] = {}
         self._opened: dict[StageKey, dict[int, float]] = {}  # worker -> its last batch
         self._facts: dict[int, PlanFacts] = {}  # by app id
+        self._loads: list[tuple[int, StageKey]] = []  # (worker, stage) to load: `loads`
 
     def route(
         self,
@@ -115,10 +117,12 @@ class Scheduler:
         now: float = 0.0,
         expected: Mapping[int, float | None] | None = None,
         costs: Sequence[float | None] | None = None,
+        room: int | None = None,
     ) -> tuple[Route, list[tuple[int, int]]] | None:
         """Pick workers for every stage of one request (whose table is `table`) and
         count the runs known now as outstanding: returns the route and those (stage,
-        worker) charges, or None when some stage has no worker of its resource class.
+        worker) charges, or None when some stage has no worker of its resource class,
+        or (`room`: the runs a worker may hold) none with room for a plain plan's.
         `caps` limits some stages (by index) to that many workers; `packs` gives some
         stages' (batch size, timeout seconds) to pack batches by, at time `now`;
         `expected` some stages' typical run time in seconds (None: not known yet);
@@ -128,8 +132,12 @@ class Scheduler:
         facts = self._facts.get(app_id)
         if facts is None or facts.plan is not plan:
             facts = self._facts[app_id] = PlanFacts.of(plan)
+        if facts.plain is not None and room is not None:
+            workers = _with_room(workers, facts.plain, room)
+            if not workers:
+                return None  # the request waits at the driver (late binding)
         if facts.plain is not None and not packs and not caps:
-            routed = self._route_plain(app_id, len(plan.stages), facts.plain, workers, costs)
+            routed = self._route_plain(app_id, facts, workers, costs)
             if routed is not None:
                 return routed
         pools = {}  # by resource class: gpu or not
@@ -178,8 +186,20 @@ class Scheduler:
                 chosen = [self._pack(key, pool, cap, *packs[index], now)]
             elif costs is not None and stage.replicas == 1 and cap is None and not racing:
                 cost = costs[index] or DEFAULT_COST_S
-                w, start = _earliest(key, pool, facts.producers[index], route, finish, cost)
+                producers = facts.producers[index]
+                w, start = _earliest(key, pool, producers, route, finish, cost)
+                if facts.models[index] and key not in pool[w].warm:
+                    ready = self._cold(key, pool, w)
+                    if ready:
+                        w, start = _earliest(key, ready, producers, route, finish, cost)
                 finish[index] = start + cost
+                chosen = [w]
+            elif stage.replicas == 1 and cap is None and not racing:
+                (w,) = self._least_loaded(key, pool, 1)
+                if facts.models[index] and key not in pool[w].warm:
+                    ready = self._cold(key, pool, w)
+                    if ready:
+                        (w,) = self._least_loaded(key, ready, 1)
                 chosen = [w]
             else:
                 chosen = self._least_loaded(key, pool, stage.replicas, cap)
@@ -199,11 +219,10 @@ class Scheduler:
             workers[w].outstanding += 1
         return final, charges
 
-    @staticmethod
     def _route_plain(
+        self,
         app_id: int,
-        stages: int,
-        gpu: bool,
+        facts: PlanFacts,
         workers: Mapping[int, WorkerLoad],
         costs: Sequence[float | None] | None = None,
     ) -> tuple[Route, list[tuple[int, int]]] | None:
@@ -213,7 +232,9 @@ class Scheduler:
         runs now, or none is of the class: the general path sorts that out. With
         `costs`, least loaded is the least expected `work` (a cold worker: half a run
         more), as the general path's `_earliest` for a request's first stage; the
-        request's later stages then stay on that worker."""
+        request's later stages then stay on that worker. A stage that loads a model
+        goes to a worker that has loaded it while one has (see `_cold`)."""
+        gpu = facts.plain
         pool = {}
         for w, load in workers.items():
             if load.silent or load.loading_now:
@@ -223,12 +244,13 @@ class Scheduler:
         if not pool:
             return None
         route = []
-        for index in range(stages):
+        for index in range(len(facts.models)):
             key = (app_id, index)
-            if costs is None:
-                (best,) = Scheduler._least_loaded(key, pool, 1)
-            else:
-                best, _ = _earliest(key, pool, (), (), (), costs[index] or DEFAULT_COST_S)
+            best = self._plain_pick(key, pool, costs, index)
+            if facts.models[index] and key not in pool[best].warm:
+                ready = self._cold(key, pool, best)
+                if ready:
+                    best = self._plain_pick(key, ready, costs, index)
             pool[best].warm.add(key)
             route.append((best,))
         charges = []
@@ -283,6 +305,41 @@ class Scheduler:
         if batch is not None and batch.worker in pool and batch.open(now):
             return batch.worker
         return self._least_loaded(key, pool, 1, cap, self._opened.get(key, {}))[0]
+
+    def loads(self) -> list[tuple[int, StageKey]]:
+        """The (worker, stage) loads routing asked for since the last call: the caller
+        sends each worker a `Load` for them. Each stays in that worker's `loading` (runs
+        go elsewhere while another worker has the stage) until it reports the load."""
+        loads, self._loads = self._loads, []
+        return loads
+
+    def _cold(self, key: StageKey, pool: Mapping[int, WorkerLoad], w: int) -> dict[int, WorkerLoad]:
+        """Worker `w`, picked for a run of stage `key`, has not loaded it: the load is
+        asked for now (see `loads`), and the workers of `pool` that have loaded it and
+        are in no long call are returned to take the run instead (empty: none has, `w`
+        takes it). A load can take seconds (a model): a run sent to a cold worker
+        waits for it, and every later run sent there would too, while a warm worker
+        would have run them; the load runs meanwhile, off the requests' path."""
+        load = pool[w]
+        load.warm.add(key)
+        load.loading.add(key)
+        self._loads.append((w, key))
+        return {
+            v: other
+            for v, other in pool.items()
+            if key in other.warm and key not in other.loading and not other.stalled
+        }
+
+    @staticmethod
+    def _plain_pick(
+        key: StageKey,
+        pool: Mapping[int, WorkerLoad],
+        costs: Sequence[float | None] | None,
+        index: int,
+    ) -> int:
+        if costs is None:
+            return Scheduler._least_loaded(key, pool, 1)[0]
+        return _earliest(key, pool, (), (), (), costs[index] or DEFAULT_COST_S)[0]
 
     def forget(self, app_id: int) -> None:
         """Drop an undeployed app's open batches."""
@@ -414,6 +471,7 @@ class PlanFacts:
     producers: tuple[tuple[int, ...], ...]  # per stage: the stages whose output it reads
     charged: tuple[int, ...]  # stages whose chosen workers are charged (`charged`)
     located: tuple[int, ...]  # locality stages fed by the request: charged by key
+    models: tuple[bool, ...]  # per stage: its load constructs a class (a model: seconds)
     # the resource class (gpu or not) of every stage, when each stage runs once on one
     # worker that nothing else constrains (`Scheduler._route_plain`); else None
     plain: bool | None
@@ -436,8 +494,32 @@ class PlanFacts:
             located=tuple(
                 i for i in stages if plan.stages[i].locality_key and plan.feeds_from_request(i)
             ),
+            models=tuple(_loads_model(stage) for stage in plan.stages),
             plain=_plain(plan),
         )
+
+
+def _with_room(workers: Mapping[int, WorkerLoad], gpu: bool, room: int) -> dict[int, WorkerLoad]:
+    """The workers of class `gpu` a plain plan's request may go to now: those below
+    `room` outstanding runs and in no long call, or, when every one with room is in a
+    long call and so are all the others, those with room; none (the request waits for
+    room) when the only ones with room are in long calls while others are not. A
+    request is never routed onto a full worker because another one had room: while
+    a worker is in a long call, the whole wait line would go to the other one."""
+    pool = {w: load for w, load in workers.items() if load.gpu == gpu}
+    free = {w: load for w, load in pool.items() if load.outstanding < room}
+    running = {w: load for w, load in free.items() if not load.stalled}
+    if running or any(not load.stalled for load in pool.values()):
+        return running
+    return free
+
+
+def _loads_model(stage: Any) -> bool:
+    """Whether loading `stage` constructs a class given to map or filter (a model, whose
+    load can take seconds), as `StageExecutor` does; plain functions load at once."""
+    return any(
+        inspect.isclass(getattr(op, "fn", None) or getattr(op, "pred", None)) for op in stage.ops
+    )
 
 
 def _plain(plan: Plan) -> bool | None:
