@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -391,7 +392,10 @@ class ControlPlane:
             }
             self._cpu_loads = [load for load in self._routable.values() if not load.gpu]
         routed = None
-        expected = {i: app.stage_stats[head].typical_s for i, head in app.branch_of.items()}
+        expected = {
+            i: app.stage_stats[head].typical_s or self._lost_race(app.id, head)
+            for i, head in app.branch_of.items()
+        }
         costs = [stats.typical_s for stats in app.stage_stats]
         room = any(load.outstanding < app.worker_cap for load in self._cpu_loads)
         if room:
@@ -514,6 +518,14 @@ class ControlPlane:
             self.engine.send(
                 w, m.Cancel(app.id, request.id, None, request.attempt if retried else None)
             )
+
+    def _lost_race(self, app_id: int, index: int) -> float | None:
+        """For anyof branch `index` of app `app_id` with no measured run time: math.inf
+        while one of its runs is still going after losing a race (another branch
+        answered first, so it is the slower; it is tried last), else None (not
+        known: tried first, it may be the fastest). Called with the lock held."""
+        losing = any(key[0] == app_id and key[3] == index for key in self._orphaned)
+        return math.inf if losing else None
 
     def _charge_work(self, request: Request, index: int, w: int, cost: float | None) -> None:
         """Count a run's expected seconds against worker `w` until it is done."""
