@@ -7,7 +7,11 @@ API, with the workers' pids to tell them apart."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,3 +130,76 @@ def test_a_model_load_holding_the_gil_longer_than_the_timeout_is_not_a_wedge(run
     (row,) = slow.deploy(runtime=rt).run({"a": [1]}).result(timeout=RESULT_S).to_rows()
     assert row["held_s"] > 1.7  # the load held the GIL past the 1.5 s timeout
     assert row["pid"] == before and rt.worker_pids() == [before], "the loading worker was killed"
+
+
+# -- a starved worker is not a wedged one ------------------------------------------------
+
+STARVED_S = 3.5  # more than twice the default 1.5 s heartbeat timeout
+
+
+def _python_for(seconds: float):
+    """A CPU-bound stage in pure Python (it lets the GIL go every 5 ms, as Python
+    does) that computes for `seconds` of wall time and answers its pid."""
+
+    def compute(row):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            sum(i * i for i in range(1000))
+        return os.getpid()
+
+    return compute
+
+
+def _burners(count: int, core: int) -> list[subprocess.Popen]:
+    """`count` processes that keep `core` busy."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    for burner in burners:
+        os.sched_setaffinity(burner.pid, {core})
+    return burners
+
+
+def _schedule(pid: int, main: set[int], others: set[int], policy: int) -> None:
+    """Run the main thread of process `pid` on the cores `main`, its other threads on
+    `others` under scheduling `policy`."""
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            if tid == pid:
+                os.sched_setaffinity(tid, main)
+            else:
+                os.sched_setaffinity(tid, others)
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_starved_of_cpu_is_not_killed_as_wedged(runtime, caplog):
+    """A healthy worker runs a CPU-bound Python stage on an oversubscribed machine:
+    its heartbeat thread waits for a core while its main thread, given one now and
+    then, computes. It misses heartbeats while using the CPU, as a wedged worker
+    does, yet nothing holds the GIL: it is starved, not wedged, and keeps its
+    request (the old rule killed it at 1.5 s: "wedged: 0.14 s of CPU in 0.72 s").
+
+    To hold that state for seconds rather than moments, the worker's threads other
+    than its main one get the idle scheduling policy on a core kept busy by six
+    burners (so they wait for it throughout), and its main thread shares another
+    core with two."""
+    rt = runtime(min_workers=1, max_workers=1)
+    flow = sf.Flow("starved")
+    flow.map(_python_for(STARVED_S), names=["pid"])
+    app = flow.deploy(runtime=rt)
+    (pid,) = rt.worker_pids()
+    cores = sorted(os.sched_getaffinity(0))
+    waiting, computing = cores[0], cores[-1]
+    burners = _burners(6, waiting) + _burners(2, computing)
+    try:
+        with caplog.at_level(logging.WARNING, logger="serveflow"):
+            _schedule(pid, {computing}, {waiting}, os.SCHED_IDLE)
+            answered = app.run({"a": [0]}).result(timeout=RESULT_S).column("pid")[0]
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+        with contextlib.suppress(OSError):  # killed after all
+            _schedule(pid, set(cores), set(cores), os.SCHED_OTHER)
+    killed = [r.getMessage() for r in caplog.records if "killing it" in r.getMessage()]
+    assert not killed, f"a starved worker was killed: {killed}"
+    assert answered == pid and rt.worker_pids() == [pid]

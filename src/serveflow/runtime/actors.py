@@ -41,7 +41,7 @@ import ray
 from serveflow.errors import InputError
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import messages as m
-from serveflow.runtime.engine import Events
+from serveflow.runtime.engine import Events, ThreadTimes
 from serveflow.runtime.stage import StageExecutor
 from serveflow.runtime.worker import DRIVER, Interrupted, Worker
 
@@ -414,15 +414,12 @@ class RayEngine:
         """Unknown: an actor may live on another node (late heartbeats get longer)."""
         return False
 
-    def cpu_seconds(self, index: int) -> float | None:
+    def threads(self, index: int) -> dict[int, ThreadTimes] | None:
         """Unknown, for the same reason: a silent actor gets the longer allowance."""
         return None
 
-    def blocked(self, index: int) -> bool:
-        return False  # unknown (see suspended)
-
     def caught_up_at(self) -> float:
-        return time.monotonic()  # not used: cpu_seconds is unknown
+        return time.monotonic()  # not used: threads are unknown
 
     def sweep(self, keep: set[int]) -> None:
         """Nothing to do: Ray frees a value once no reference to it is left."""

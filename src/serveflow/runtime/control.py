@@ -30,8 +30,9 @@ from serveflow.errors import InputError, OperatorError, OverloadError
 from serveflow.optimizer.placement import place
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import messages as m
+from serveflow.runtime import silence
 from serveflow.runtime.app import App
-from serveflow.runtime.engine import Engine
+from serveflow.runtime.engine import Engine, ThreadTimes
 from serveflow.runtime.kvs import KVS
 from serveflow.runtime.request import Request
 from serveflow.runtime.scheduler import (
@@ -58,14 +59,9 @@ ORPHAN_GRACE_S = 0.2  # a heartbeat this much after a run was orphaned was sent 
 SILENT_S = 2.0  # a worker not heard from this long (heartbeats every 0.5 s) gets no runs
 HEARTBEAT_TIMEOUT_S = 1.5  # default: a worker not heard from this long is killed, replaced
 LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading a stage
-WEDGED_FACTOR = 4  # a silent worker the engine does not see stopped gets this many times longer
-# ...unless it used at least this share of a core over the second half of its
-# allowance: then it runs code that keeps its heartbeat thread out (the GIL held in
-# native code), which a starved process does not
-WEDGED_CPU_SHARE = 0.1
-# ...or at most this share with every thread asleep: a call blocked holding the GIL (a
-# starved process has threads waiting for a core, and gets some CPU)
-BLOCKED_CPU_SHARE = 0.02
+# a silent worker the engine sees neither stopped nor wedged (`silence.wedged`: judged
+# over the second half of its allowance) gets this many times longer: it may be starved
+WEDGED_FACTOR = 4
 LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
 STALLED_S = 1.0  # a call running this long: new runs go to other workers (STALLED_PENALTY)
 
@@ -85,7 +81,8 @@ class WorkerState:
     beat_at: float = 0.0  # its last heartbeat (which says whether it runs a stage)
     retiring: bool = False
     killed_for: str = ""
-    cpu_mark: tuple[float, float] | None = None  # (when, CPU seconds) while silent
+    # (when, its threads then) while silent: the start of the window `silence.wedged` judges
+    threads_mark: tuple[float, dict[int, ThreadTimes]] | None = None
 
 
 def check_pool(min_workers: int, max_workers: int) -> None:
@@ -206,11 +203,12 @@ class ControlPlane:
     stage_timeout_s: a worker running one batch longer than this is killed and its
         requests re-run (None: no limit).
     heartbeat_timeout_s: a worker not heard from this long (heartbeats every 0.5 s)
-        that the engine sees stopped (SIGSTOP) or still using the CPU (wedged: holding
-        the GIL in native code) is killed, its requests re-run elsewhere and a new
-        worker started; one neither (blocked, or starved by an overloaded machine)
-        after WEDGED_FACTOR times as long; while it said it was loading a stage,
-        after LOADING_SILENT_S. None: never (a silent worker is only routed around).
+        that the engine sees stopped (SIGSTOP) or wedged (native code holding the
+        GIL, computing or blocked: `silence.wedged`) is killed, its requests re-run
+        elsewhere and a new worker started; one neither (starved by an oversubscribed
+        machine: its threads wait for a core) after WEDGED_FACTOR times as long;
+        while it said it was loading a stage, after LOADING_SILENT_S. None: never (a
+        silent worker is only routed around).
     """
 
     def __init__(
@@ -834,8 +832,8 @@ class ControlPlane:
             stopped = silent_for > allowed and self.engine.suspended(w.index)
             wedged = None if stopped else self._keeps_heartbeats_out(w, now, allowed)
             if not (stopped or wedged):
-                # neither stopped nor seen running: more likely starved of CPU by an
-                # oversubscribed machine, or blocked, than wedged; give it longer
+                # neither stopped nor seen wedged: more likely starved of CPU by an
+                # oversubscribed machine (or not judged yet); give it longer
                 allowed *= WEDGED_FACTOR
             if limit is not None and w.busy_since is not None and now - w.busy_since > limit:
                 w.killed_for = f"a stage ran longer than stage_timeout_s={limit:g}"
@@ -850,30 +848,23 @@ class ControlPlane:
             self.engine.kill(w.index)
 
     def _keeps_heartbeats_out(self, w: WorkerState, now: float, allowed: float) -> str | None:
-        """Why silent worker `w` is wedged, judged over the second half of its
-        allowance while the engine handled every message sent until then: it used at
-        least WEDGED_CPU_SHARE of a core (running code that keeps its heartbeat thread
-        out: the GIL held in native code), or at most BLOCKED_CPU_SHARE with every
-        thread asleep (a call blocked holding the GIL); else None. A process starved of
-        CPU uses little and has threads waiting for a core; a model load is announced
-        before it starts (and allowed LOADING_SILENT_S)."""
+        """Why silent worker `w` is wedged (`silence.wedged`), judged from its threads
+        over the second half of its allowance, once the engine has handled every
+        message sent until then; else None (not yet judged, or maybe starved). A model
+        load is announced before it starts (and allowed LOADING_SILENT_S)."""
         if now - w.heard_at < allowed / 2:
             return None
-        cpu = self.engine.cpu_seconds(w.index)
-        if cpu is None:
+        threads = self.engine.threads(w.index)
+        if threads is None:
             return None
-        if w.cpu_mark is None or w.cpu_mark[0] < w.heard_at:  # silent since: measure
-            w.cpu_mark = (now, cpu)
+        if w.threads_mark is None or w.threads_mark[0] < w.heard_at:  # silent since
+            w.threads_mark = (now, threads)
             return None
-        since, used = now - w.cpu_mark[0], cpu - w.cpu_mark[1]
-        caught_up = self.engine.caught_up_at() >= w.cpu_mark[0]  # (pings the engine)
+        since = now - w.threads_mark[0]
+        caught_up = self.engine.caught_up_at() >= w.threads_mark[0]  # (pings the engine)
         if since <= 0 or not caught_up:
             return None
-        if used >= WEDGED_CPU_SHARE * since:
-            return f"{used:.2f} s of CPU in {since:.2f} s"
-        if used <= BLOCKED_CPU_SHARE * since and self.engine.blocked(w.index):
-            return f"blocked: {used:.2f} s of CPU in {since:.2f} s and no thread runnable"
-        return None
+        return silence.wedged(w.threads_mark[1], threads, since)
 
     def _silence_allowed(self, w: WorkerState) -> float:
         if self.heartbeat_timeout_s is None:

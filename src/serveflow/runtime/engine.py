@@ -10,10 +10,22 @@ a Ray engine runs them as actors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import messages as m
+
+
+@dataclass(frozen=True)
+class ThreadTimes:
+    """One thread of a worker's process as the engine saw it (`Engine.threads`);
+    the counts are since the thread started."""
+
+    cpu_s: float  # CPU time used
+    waited_s: float | None  # time runnable but waiting for a core (None: not known)
+    sleeps: int  # times it went to sleep (voluntary context switches)
+    asleep: bool  # asleep now: neither running nor waiting for a core
 
 
 class Events(Protocol):
@@ -54,17 +66,10 @@ class Engine(Protocol):
         that cannot tell answers False (late heartbeats are then given longer)."""
         ...
 
-    def cpu_seconds(self, index: int) -> float | None:
-        """CPU time the worker's process has used so far (every thread), or None if
-        unknown: a worker silent while it keeps using the CPU is running code that
-        keeps its heartbeat thread out (the GIL held in native code), not starved."""
-        ...
-
-    def blocked(self, index: int) -> bool:
-        """Whether every thread of the worker is asleep now (none running or waiting
-        for a core): silent and using no CPU, it is blocked, e.g. in a native call
-        that holds the GIL, not starved by a busy machine. An engine that cannot tell
-        answers False."""
+    def threads(self, index: int) -> dict[int, ThreadTimes] | None:
+        """The worker's threads (thread id -> what they used so far), or None if
+        unknown: from two of these the control plane tells a silent worker wedged
+        (native code holding the GIL) from one starved of CPU (`silence.wedged`)."""
         ...
 
     def caught_up_at(self) -> float:

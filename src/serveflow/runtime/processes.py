@@ -27,7 +27,7 @@ import cloudpickle
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import codec, rundir
 from serveflow.runtime import messages as m
-from serveflow.runtime.engine import Events
+from serveflow.runtime.engine import Events, ThreadTimes
 from serveflow.runtime.transport import Endpoint, PeerGone
 from serveflow.runtime.worker import DRIVER, socket_path
 
@@ -62,6 +62,29 @@ def worker_environment(threads: int, device: int | None, hide_gpus: bool) -> dic
     elif hide_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+def _thread_times(path: str) -> ThreadTimes:
+    """Linux, one thread (/proc/PID/task/TID): its state and CPU time (`stat`: the
+    state follows the parenthesised command name, utime and stime are the 12th and
+    13th fields after it), its voluntary context switches (`status`) and its time
+    waiting for a core (`schedstat`'s second field, where the kernel keeps it: it
+    writes "0 0 0" where it does not)."""
+    with open(f"{path}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    with open(f"{path}/status") as f:
+        sleeps = int(f.read().partition("\nvoluntary_ctxt_switches:")[2].split()[0])
+    waited = None
+    with contextlib.suppress(OSError, ValueError):
+        with open(f"{path}/schedstat") as f:
+            ran_ns, waited_ns, _ = (int(x) for x in f.read().split())
+        waited = waited_ns / 1e9 if ran_ns else None
+    return ThreadTimes(
+        cpu_s=(int(fields[11]) + int(fields[12])) / _CLOCK_TICKS,
+        waited_s=waited,
+        sleeps=sleeps,
+        asleep=fields[0] in ("S", "D"),
+    )
 
 
 class ProcessEngine:
@@ -184,31 +207,21 @@ class ProcessEngine:
         except (OSError, IndexError):
             return False
 
-    def cpu_seconds(self, index: int) -> float | None:
+    def threads(self, index: int) -> dict[int, ThreadTimes] | None:
         with self._lock:
             process = self._processes.get(index)
         if process is None:
             return None
-        try:  # Linux: utime and stime, the 12th and 13th fields after the command name
-            with open(f"/proc/{process.pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-        except (OSError, IndexError, ValueError):
+        task = f"/proc/{process.pid}/task"
+        threads = {}
+        try:
+            tids = os.listdir(task)
+        except OSError:  # not Linux, or the process is gone
             return None
-
-    def blocked(self, index: int) -> bool:
-        with self._lock:
-            process = self._processes.get(index)
-        if process is None:
-            return False
-        try:  # Linux: each thread's state, as in suspended
-            for thread in os.listdir(f"/proc/{process.pid}/task"):
-                with open(f"/proc/{process.pid}/task/{thread}/stat") as f:
-                    if f.read().rpartition(")")[2].split()[0] not in ("S", "D"):
-                        return False
-        except (OSError, IndexError):
-            return False
-        return True
+        for tid in tids:
+            with contextlib.suppress(OSError, IndexError, ValueError):  # a thread gone
+                threads[int(tid)] = _thread_times(f"{task}/{tid}")
+        return threads or None
 
     def caught_up_at(self) -> float:
         """When the last ping the engine sent itself was sent, once the receiver got
