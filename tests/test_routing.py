@@ -172,6 +172,53 @@ def test_requests_wait_for_no_model_load_while_a_worker_has_the_model_loaded():
         runtime.stop()
 
 
+IMPORT_S = 1.5
+
+
+class _SlowToUnpickle:
+    """Takes IMPORT_S to unpickle, as a function whose module imports big libraries
+    takes to load (unpickling it imports them)."""
+
+    def __reduce__(self):
+        return (time.sleep, (IMPORT_S,))
+
+
+def _slow_to_load():
+    """A plain function (no class: no model) whose load takes IMPORT_S."""
+    imported = _SlowToUnpickle()
+
+    def pid(row: sf.Row) -> int:
+        time.sleep(CALL_S if imported is None else 0.0)  # None once unpickled
+        return os.getpid()
+
+    return pid
+
+
+@pytest.mark.timeout(120)
+def test_requests_wait_for_no_function_load_while_a_worker_has_the_function_loaded():
+    # As for a model: the burst stays on the worker that has the function loaded
+    # while the other loads it, then the other takes its share.
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        flow = sf.Flow("function", schema={"x": int})
+        flow.map(_slow_to_load(), names=["pid"])
+        app = flow.deploy(runtime=runtime)
+        app.run({"x": [0]}).result(timeout=60)  # loaded on one worker only
+        time.sleep(1.0)  # its run time reported
+        started = time.monotonic()
+        burst = [app.run({"x": [i]}) for i in range(6)]
+        waited = [f.result(timeout=60) and time.monotonic() - started for f in burst]
+        assert max(waited) < IMPORT_S / 2, f"a request waited for a function load: {waited}"
+        time.sleep(IMPORT_S + 1.0)  # the other worker has loaded it by now
+        pids = set()
+        for _ in range(3):
+            burst = [app.run({"x": [i]}) for i in range(6)]
+            pids |= {f.result(timeout=60).column("pid")[0] for f in burst}
+        assert len(pids) == 2, "the second worker never took the function's runs"
+    finally:
+        runtime.stop()
+
+
 def _pid_after(row: sf.Row) -> int:
     time.sleep(row["x"])
     return os.getpid()

@@ -47,6 +47,11 @@ LOADING_PENALTY = 1000.0  # one still loading the stage only when all are (secon
 STALLED_PENALTY = 100.0
 HOP_S = 2e-4  # an input sent to another worker (socket, wake-up, copy), for `costs`
 DEFAULT_COST_S = 1e-3  # a stage's run time before one is measured
+# A plain function's load: unpickling it imports its module and what that imports
+# (half a second for the comments example's `normalize`). A run waits that much longer
+# for a worker that has the stage loaded rather than go to one that must load it first
+# (a model's load, seconds, is always waited out: see `_cold`).
+FUNCTION_LOAD_S = 0.5
 
 
 @dataclass
@@ -188,15 +193,17 @@ class Scheduler:
                 cost = costs[index] or DEFAULT_COST_S
                 producers = facts.producers[index]
                 w, start = _earliest(key, pool, producers, route, finish, cost)
-                if facts.models[index] and key not in pool[w].warm:
+                if key not in pool[w].warm:
                     ready = self._cold(key, pool, w)
                     if ready:
-                        w, start = _earliest(key, ready, producers, route, finish, cost)
+                        warm, then = _earliest(key, ready, producers, route, finish, cost)
+                        if then <= start + facts.load_s[index]:
+                            w, start = warm, then
                 finish[index] = start + cost
                 chosen = [w]
             elif stage.replicas == 1 and cap is None and not racing:
                 (w,) = self._least_loaded(key, pool, 1)
-                if facts.models[index] and key not in pool[w].warm:
+                if math.isinf(facts.load_s[index]) and key not in pool[w].warm:
                     ready = self._cold(key, pool, w)
                     if ready:
                         (w,) = self._least_loaded(key, ready, 1)
@@ -232,8 +239,9 @@ class Scheduler:
         runs now, or none is of the class: the general path sorts that out. With
         `costs`, least loaded is the least expected `work` (a cold worker: half a run
         more), as the general path's `_earliest` for a request's first stage; the
-        request's later stages then stay on that worker. A stage that loads a model
-        goes to a worker that has loaded it while one has (see `_cold`)."""
+        request's later stages then stay on that worker. A stage goes to a worker
+        that has loaded it while one has and is expected to start it within the
+        stage's load time of the cold one (a model: always; see `_cold`)."""
         gpu = facts.plain
         pool = {}
         for w, load in workers.items():
@@ -244,13 +252,15 @@ class Scheduler:
         if not pool:
             return None
         route = []
-        for index in range(len(facts.models)):
+        for index, load_s in enumerate(facts.load_s):
             key = (app_id, index)
-            best = self._plain_pick(key, pool, costs, index)
-            if facts.models[index] and key not in pool[best].warm:
+            best, start = self._plain_pick(key, pool, costs, index)
+            if key not in pool[best].warm and (costs is not None or math.isinf(load_s)):
                 ready = self._cold(key, pool, best)
                 if ready:
-                    best = self._plain_pick(key, ready, costs, index)
+                    warm, then = self._plain_pick(key, ready, costs, index)
+                    if then <= start + load_s:
+                        best = warm
             pool[best].warm.add(key)
             route.append((best,))
         charges = []
@@ -317,9 +327,10 @@ class Scheduler:
         """Worker `w`, picked for a run of stage `key`, has not loaded it: the load is
         asked for now (see `loads`), and the workers of `pool` that have loaded it and
         are in no long call are returned to take the run instead (empty: none has, `w`
-        takes it). A load can take seconds (a model): a run sent to a cold worker
-        waits for it, and every later run sent there would too, while a warm worker
-        would have run them; the load runs meanwhile, off the requests' path."""
+        takes it). A load can take seconds (a model; a plain function's unpickling
+        imports its module, FUNCTION_LOAD_S): a run sent to a cold worker waits for
+        it, and every later run sent there would too, while a warm worker would have
+        run them; the load runs meanwhile, off the requests' path."""
         load = pool[w]
         load.warm.add(key)
         load.loading.add(key)
@@ -336,10 +347,12 @@ class Scheduler:
         pool: Mapping[int, WorkerLoad],
         costs: Sequence[float | None] | None,
         index: int,
-    ) -> int:
+    ) -> tuple[int, float]:
+        """The worker for a run of stage `key` and when it is expected to start (0.0
+        without `costs`: the least loaded one)."""
         if costs is None:
-            return Scheduler._least_loaded(key, pool, 1)[0]
-        return _earliest(key, pool, (), (), (), costs[index] or DEFAULT_COST_S)[0]
+            return Scheduler._least_loaded(key, pool, 1)[0], 0.0
+        return _earliest(key, pool, (), (), (), costs[index] or DEFAULT_COST_S)
 
     def forget(self, app_id: int) -> None:
         """Drop an undeployed app's open batches."""
@@ -471,7 +484,9 @@ class PlanFacts:
     producers: tuple[tuple[int, ...], ...]  # per stage: the stages whose output it reads
     charged: tuple[int, ...]  # stages whose chosen workers are charged (`charged`)
     located: tuple[int, ...]  # locality stages fed by the request: charged by key
-    models: tuple[bool, ...]  # per stage: its load constructs a class (a model: seconds)
+    # per stage: its expected load time; inf for a model (`_loads_model`): seconds, so
+    # a worker that has it loaded is always worth waiting for
+    load_s: tuple[float, ...]
     # the resource class (gpu or not) of every stage, when each stage runs once on one
     # worker that nothing else constrains (`Scheduler._route_plain`); else None
     plain: bool | None
@@ -494,7 +509,9 @@ class PlanFacts:
             located=tuple(
                 i for i in stages if plan.stages[i].locality_key and plan.feeds_from_request(i)
             ),
-            models=tuple(_loads_model(stage) for stage in plan.stages),
+            load_s=tuple(
+                math.inf if _loads_model(stage) else FUNCTION_LOAD_S for stage in plan.stages
+            ),
             plain=_plain(plan),
         )
 
