@@ -219,6 +219,30 @@ def test_requests_wait_for_no_function_load_while_a_worker_has_the_function_load
         runtime.stop()
 
 
+@pytest.mark.timeout(120)
+def test_no_request_waits_for_a_load_in_the_background():
+    # A plain stage then a model, unfused, on two workers that have both loaded on
+    # one. Requests reach the other worker for the plain stage while it is asked to
+    # load the model in the background; neither they nor later requests wait for it
+    # (the worker used to load it before running the inputs already sent to it).
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        flow = sf.Flow("pair", schema={"x": int})
+        plain = flow.map(lambda r: r["x"], names=["x"], name="plain")
+        plain.map(_SlowLoadingModel, names=["pid"])
+        app = flow.deploy(runtime=runtime, rules=sf.Rules(fusion=False))
+        app.run({"x": [0]}).result(timeout=60)  # both loaded on one worker
+        waited = []
+        for _ in range(4):
+            time.sleep(1.0)  # loads and run times reported
+            started = time.monotonic()
+            burst = [app.run({"x": [i]}) for i in range(6)]
+            waited += [f.result(timeout=60) and time.monotonic() - started for f in burst]
+        assert max(waited) < LOAD_S / 2, f"a request waited for a load: {max(waited):.2f} s"
+    finally:
+        runtime.stop()
+
+
 def _pid_after(row: sf.Row) -> int:
     time.sleep(row["x"])
     return os.getpid()

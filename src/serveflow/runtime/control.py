@@ -308,6 +308,7 @@ class ControlPlane:
             for w in self._workers.values():
                 w.load.warm -= {k for k in w.load.warm if k[0] == app.id}
                 w.load.loading -= {k for k in w.load.loading if k[0] == app.id}
+                w.load.background -= {k for k in w.load.background if k[0] == app.id}
                 if w.ready:
                     self.engine.send(w.index, m.Undeploy(app.id))
             self.engine.unpublish(app.id)
@@ -663,6 +664,7 @@ class ControlPlane:
                 cold_starts = counts[2]
                 if cold_starts:
                     w.load.loading.discard((app_id, stage_index))
+                    w.load.background.discard((app_id, stage_index))
                 reports.append((app, stage_index, counts))
         # Figures and controllers have locks of their own: a long batch log (a controller
         # refitting its service profile) holds no admission or result back.

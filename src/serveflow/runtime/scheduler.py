@@ -62,6 +62,9 @@ class WorkerLoad:
     work: float = 0.0  # expected seconds of the runs routed to it not known to be done
     warm: set[StageKey] | None = None
     loading: set[StageKey] | None = None  # warm stages it has not finished loading
+    # of those, the ones it loads in the background (their runs went to a worker that
+    # has them loaded): until they are loaded it takes other runs only when all do
+    background: set[StageKey] | None = None
     gpu: bool = False  # owns a GPU: runs GPU-placed stages, and only those
     loading_now: StageKey | None = None  # busy loading this stage: no other stage's runs
     silent: bool = False  # no heartbeat for a while (frozen, or holding the GIL): no runs
@@ -83,6 +86,7 @@ class WorkerLoad:
     def __post_init__(self) -> None:
         self.warm = self.warm if self.warm is not None else set()
         self.loading = self.loading if self.loading is not None else set()
+        self.background = self.background if self.background is not None else set()
 
 
 @dataclass
@@ -137,12 +141,13 @@ class Scheduler:
         facts = self._facts.get(app_id)
         if facts is None or facts.plan is not plan:
             facts = self._facts[app_id] = PlanFacts.of(plan)
+        everyone = workers  # with those that have no room
         if facts.plain is not None and room is not None:
             workers = _with_room(workers, facts.plain, room)
             if not workers:
                 return None  # the request waits at the driver (late binding)
         if facts.plain is not None and not packs and not caps:
-            routed = self._route_plain(app_id, facts, workers, costs)
+            routed = self._route_plain(app_id, facts, workers, costs, everyone)
             if routed is not None:
                 return routed
         pools = {}  # by resource class: gpu or not
@@ -169,6 +174,9 @@ class Scheduler:
                 pool = {w: load for w, load in pool.items() if load.takes(key)}
                 if not pool:
                     return None  # wait for one (the autoscaler counts it as missing)
+            if any(load.background for load in pool.values()):
+                # it loads them before anything sent after: a run there would wait
+                pool = {w: load for w, load in pool.items() if not load.background} or pool
             racing = index in facts.racing  # by outstanding runs: a loser counts until Done
             if racing:
                 rivals = _rivals(plan, index, route)
@@ -193,20 +201,30 @@ class Scheduler:
                 cost = costs[index] or DEFAULT_COST_S
                 producers = facts.producers[index]
                 w, start = _earliest(key, pool, producers, route, finish, cost)
-                if key not in pool[w].warm:
+                if key not in pool[w].warm or key in pool[w].loading:
                     ready = self._cold(key, pool, w)
                     if ready:
                         warm, then = _earliest(key, ready, producers, route, finish, cost)
                         if then <= start + facts.load_s[index]:
+                            pool[w].background.add(key)
                             w, start = warm, then
+                    elif _wait_for_room(key, everyone, start + facts.load_s[index]):
+                        pool[w].background.add(key)
+                        return None
                 finish[index] = start + cost
                 chosen = [w]
             elif stage.replicas == 1 and cap is None and not racing:
                 (w,) = self._least_loaded(key, pool, 1)
-                if math.isinf(facts.load_s[index]) and key not in pool[w].warm:
+                if math.isinf(facts.load_s[index]) and (
+                    key not in pool[w].warm or key in pool[w].loading
+                ):
                     ready = self._cold(key, pool, w)
                     if ready:
+                        pool[w].background.add(key)
                         (w,) = self._least_loaded(key, ready, 1)
+                    elif _wait_for_room(key, everyone, math.inf):
+                        pool[w].background.add(key)
+                        return None
                 chosen = [w]
             else:
                 chosen = self._least_loaded(key, pool, stage.replicas, cap)
@@ -232,11 +250,13 @@ class Scheduler:
         facts: PlanFacts,
         workers: Mapping[int, WorkerLoad],
         costs: Sequence[float | None] | None = None,
+        everyone: Mapping[int, WorkerLoad] | None = None,
     ) -> tuple[Route, list[tuple[int, int]]] | None:
         """`route` for a plan whose stages each run once, on the least loaded worker of
         one resource class (no replicas, races, locality or packing: most plans),
         with one pass over the workers per stage. None when some worker takes no
-        runs now, or none is of the class: the general path sorts that out. With
+        runs now or loads a stage in the background, or none is of the class: the
+        general path sorts that out. With
         `costs`, least loaded is the least expected `work` (a cold worker: half a run
         more), as the general path's `_earliest` for a request's first stage; the
         request's later stages then stay on that worker. A stage goes to a worker
@@ -245,7 +265,7 @@ class Scheduler:
         gpu = facts.plain
         pool = {}
         for w, load in workers.items():
-            if load.silent or load.loading_now:
+            if load.silent or load.loading_now or load.background:
                 return None
             if load.gpu == gpu:
                 pool[w] = load
@@ -255,12 +275,18 @@ class Scheduler:
         for index, load_s in enumerate(facts.load_s):
             key = (app_id, index)
             best, start = self._plain_pick(key, pool, costs, index)
-            if key not in pool[best].warm and (costs is not None or math.isinf(load_s)):
+            cold = key not in pool[best].warm or key in pool[best].loading
+            if cold and (costs is not None or math.isinf(load_s)):
                 ready = self._cold(key, pool, best)
                 if ready:
                     warm, then = self._plain_pick(key, ready, costs, index)
                     if then <= start + load_s:
+                        pool[best].background.add(key)  # later stages: elsewhere too
+                        pool = {w: load for w, load in pool.items() if not load.background}
                         best = warm
+                elif everyone is not None and _wait_for_room(key, everyone, start + load_s):
+                    pool[best].background.add(key)
+                    return None  # the general path sees it too, and waits
             pool[best].warm.add(key)
             route.append((best,))
         charges = []
@@ -325,16 +351,18 @@ class Scheduler:
 
     def _cold(self, key: StageKey, pool: Mapping[int, WorkerLoad], w: int) -> dict[int, WorkerLoad]:
         """Worker `w`, picked for a run of stage `key`, has not loaded it: the load is
-        asked for now (see `loads`), and the workers of `pool` that have loaded it and
-        are in no long call are returned to take the run instead (empty: none has, `w`
-        takes it). A load can take seconds (a model; a plain function's unpickling
+        asked for now if it was not yet (see `loads`), and the workers of `pool` that
+        have loaded it and are in no long call are returned to take the run instead
+        (empty: none has, `w` takes it, or the run waits for room on one that has:
+        `_wait_for_room`). A load can take seconds (a model; a plain function's unpickling
         imports its module, FUNCTION_LOAD_S): a run sent to a cold worker waits for
         it, and every later run sent there would too, while a warm worker would have
         run them; the load runs meanwhile, off the requests' path."""
         load = pool[w]
-        load.warm.add(key)
-        load.loading.add(key)
-        self._loads.append((w, key))
+        if key not in load.warm:  # else its load was asked for already
+            load.warm.add(key)
+            load.loading.add(key)
+            self._loads.append((w, key))
         return {
             v: other
             for v, other in pool.items()
@@ -529,6 +557,16 @@ def _with_room(workers: Mapping[int, WorkerLoad], gpu: bool, room: int) -> dict[
     if running or any(not load.stalled for load in pool.values()):
         return running
     return free
+
+
+def _wait_for_room(key: StageKey, everyone: Mapping[int, WorkerLoad], by: float) -> bool:
+    """Whether a run of stage `key` that would wait for a load on a cold worker (until
+    `by`, in expected seconds) should rather wait at the driver for room on a worker
+    that has the stage loaded, expected to be through its work before then."""
+    return any(
+        key in load.warm and key not in load.loading and not load.stalled and load.work <= by
+        for load in everyone.values()
+    )
 
 
 def _loads_model(stage: Any) -> bool:

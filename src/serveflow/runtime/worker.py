@@ -181,6 +181,10 @@ class Worker:
         self.queues: dict[tuple[int, int], deque[Task]] = {}
         self.counters: dict[tuple[int, int], StageCounters] = {}
         self.unloaded: list[tuple[int, int]] = []
+        # stages to load in the background (`Load`), one at a time once the runs ready
+        # have run: the driver sends their runs elsewhere meanwhile, but the runs it
+        # sent here just before should not wait for them
+        self.loads: deque[tuple[int, int]] = deque()
         self.busy_since: float | None = None
         self.loading: tuple[int, int] | None = None  # the stage being loaded
         self.told_loading = False  # the last heartbeat said so
@@ -223,6 +227,9 @@ class Worker:
         next_report = 0.0
         while self.running:
             wait = self.run_ready()
+            if self.loads:
+                self.load(*self.loads.popleft())
+                wait = 0.0  # messages and runs first, then the next load
             now = time.monotonic()
             if self.dirty and now >= next_report:
                 self.report()
@@ -296,9 +303,7 @@ class Worker:
             case m.Policy(app, stage, size, timeout_s):
                 self.rule.set_policy((app, stage), size, timeout_s)
             case m.Load(app, stage):  # warm a stage before its requests come
-                plan = self.plan(app)
-                if plan is not None and 0 <= stage < len(plan.stages):
-                    self.executor((app, stage), plan.stages[stage])
+                self.loads.append((app, stage))
             case m.Cancel():
                 self.cancel(message)
             case m.Undeploy(app):
@@ -576,6 +581,13 @@ class Worker:
             if task.began is None:  # a first stage: the request's queueing ends here
                 task.began = started
             self.forward(plan, facts, task, result)
+
+    def load(self, app: int, stage: int) -> None:
+        """Load a stage (a `Load`): unpickle its app's plan if not yet, build its
+        executor."""
+        plan = self.plan(app)
+        if plan is not None and 0 <= stage < len(plan.stages):
+            self.executor((app, stage), plan.stages[stage])
 
     def call(self, executor: StageExecutor, inputs: list, should_stop: Any) -> list:
         """One stage call (interrupted by raising `Interrupted` in it)."""
