@@ -4,8 +4,9 @@ A worker's heartbeat thread needs two things to run: a core and the GIL. A *wedg
 worker keeps it out with the GIL: native code holds it, computing (a C loop, a
 regex, a ctypes call) or blocked (a native call that waits without releasing it). A
 *starved* one keeps it out with the cores: on an oversubscribed machine its threads
-wait in the run queue. Only the first is killed at the heartbeat timeout; killing the
-second only adds a worker start to a machine already short of CPU.
+wait in the run queue. Only the first is killed at the heartbeat timeout; the second
+gets `control.WEDGED_FACTOR` times as long (killing it would only add a worker start
+to a machine already short of CPU).
 
 `wedged` decides from what the engine saw of the worker's threads at the start and
 at the end of a window (`engine.ThreadTimes`). A pure function: no I/O.
