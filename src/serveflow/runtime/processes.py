@@ -25,7 +25,7 @@ from typing import Any
 import cloudpickle
 
 from serveflow.optimizer.plan import Plan
-from serveflow.runtime import codec, rundir
+from serveflow.runtime import codec, procfs, rundir
 from serveflow.runtime import messages as m
 from serveflow.runtime.engine import Events, ThreadTimes
 from serveflow.runtime.transport import Endpoint, PeerGone
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 WORKER_MAIN = "from serveflow.runtime.worker import main; main()"
 FROM_WORKERS = (m.Hello, m.Result, m.Done, m.Located, m.Beat, m.Stats)
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of CPU times in /proc
 _PING = b""  # the engine to its own receiver (no message encodes to nothing)
 # The thread-count variables of the native math libraries user code loads (OpenMP,
 # OpenBLAS, MKL, BLIS, Apple Accelerate, numexpr; torch follows OMP_NUM_THREADS). They
@@ -62,29 +61,6 @@ def worker_environment(threads: int, device: int | None, hide_gpus: bool) -> dic
     elif hide_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
-
-
-def _thread_times(path: str) -> ThreadTimes:
-    """Linux, one thread (/proc/PID/task/TID): its state and CPU time (`stat`: the
-    state follows the parenthesised command name, utime and stime are the 12th and
-    13th fields after it), its voluntary context switches (`status`) and its time
-    waiting for a core (`schedstat`'s second field, where the kernel keeps it: it
-    writes "0 0 0" where it does not)."""
-    with open(f"{path}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    with open(f"{path}/status") as f:
-        sleeps = int(f.read().partition("\nvoluntary_ctxt_switches:")[2].split()[0])
-    waited = None
-    with contextlib.suppress(OSError, ValueError):
-        with open(f"{path}/schedstat") as f:
-            ran_ns, waited_ns, _ = (int(x) for x in f.read().split())
-        waited = waited_ns / 1e9 if ran_ns else None
-    return ThreadTimes(
-        cpu_s=(int(fields[11]) + int(fields[12])) / _CLOCK_TICKS,
-        waited_s=waited,
-        sleeps=sleeps,
-        asleep=fields[0] in ("S", "D"),
-    )
 
 
 class ProcessEngine:
@@ -199,29 +175,12 @@ class ProcessEngine:
     def suspended(self, index: int) -> bool:
         with self._lock:
             process = self._processes.get(index)
-        if process is None:
-            return False
-        try:  # Linux: the state field follows the parenthesised command name
-            with open(f"/proc/{process.pid}/stat") as f:
-                return f.read().rpartition(")")[2].split()[0] in ("T", "t")
-        except (OSError, IndexError):
-            return False
+        return process is not None and procfs.stopped(process.pid)
 
     def threads(self, index: int) -> dict[int, ThreadTimes] | None:
         with self._lock:
             process = self._processes.get(index)
-        if process is None:
-            return None
-        task = f"/proc/{process.pid}/task"
-        threads = {}
-        try:
-            tids = os.listdir(task)
-        except OSError:  # not Linux, or the process is gone
-            return None
-        for tid in tids:
-            with contextlib.suppress(OSError, IndexError, ValueError):  # a thread gone
-                threads[int(tid)] = _thread_times(f"{task}/{tid}")
-        return threads or None
+        return None if process is None else procfs.threads(process.pid)
 
     def caught_up_at(self) -> float:
         """When the last ping the engine sent itself was sent, once the receiver got
