@@ -414,8 +414,23 @@ class ControlPlane:
                 costs,
                 app.worker_cap,
             )
+        try:
+            return self._send(app, request, routed, expected, costs, room)
+        finally:  # after the inputs: a worker runs those it has before a load
             for w, (app_id, index) in self._scheduler.loads():  # off the requests' path
                 self.engine.send(w, m.Load(app_id, index))
+
+    def _send(
+        self,
+        app: DeployedApp,
+        request: Request,
+        routed: tuple[m.Route, list[tuple[int, int]]] | None,
+        expected: dict[int, float | None],
+        costs: list[float | None],
+        room: bool,
+    ) -> bool:
+        """`_route`'s second half: count and send a routed request's inputs, or put
+        an unrouted one in the wait line (returns whether there was room)."""
         if routed is None:
             # Late binding: wait here, not in a worker's queue, until a worker has room;
             # new workers from the autoscaler then take their share of the backlog.
