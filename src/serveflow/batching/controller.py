@@ -657,16 +657,24 @@ class SearchSpace:
         arrivals: MAP,
         service: ServiceProfile,
     ) -> Decision:
-        """The plan when no candidate meets the SLO planned against: of those the
-        workers keep up with, the one predicted to answer the most requests within
-        the SLO itself (admission refuses the rest), unless the overload plan is
-        predicted to answer more. Planned with headroom for what the model does not
-        see, a load can be infeasible on paper and yet served within the SLO by a
-        plan that leaves it little room (say, greedy batches at a p99 of 0.9x the
-        SLO): such a plan, not the overload plan, then refuses the fewest."""
+        """The plan when no candidate meets the SLO planned against: of the greedy
+        ones the workers keep up with, the one predicted to answer the most requests
+        within the SLO itself (admission refuses the rest), unless the overload plan
+        is predicted to answer more. Planned with headroom for what the model does
+        not see, a load can be infeasible on paper and yet served within the SLO by
+        a plan that leaves it little room (say, greedy batches at a p99 of 0.9x the
+        SLO): such a plan, not the overload plan, then refuses the fewest. Greedy
+        only: admission predicts each request from the queue ahead of it, and under
+        a plan with a timeout, a request that opens a batch waits all of it (the
+        model's share in time counts the ones that fill it early): near the SLO,
+        admission would refuse nearly every one that opens a batch."""
         fallback = self.overload(arrivals, service)
         slo_s = self.policy.slo_ms / 1e3
-        scored = [(e[0].latency.cdf(slo_s), -e[2], e) for e in evaluated if e[0].stable]
+        scored = [
+            (e[0].latency.cdf(slo_s), -e[2], e)
+            for e in evaluated
+            if e[0].stable and e[0].timeout_s == 0
+        ]
         if not scored:
             return fallback
         share, _, entry = max(scored, key=lambda x: x[:2])  # the most in time, then cheapest
