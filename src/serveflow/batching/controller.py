@@ -669,6 +669,10 @@ class SearchSpace:
         model's share in time counts the ones that fill it early): near the SLO,
         admission would refuse nearly every one that opens a batch."""
         fallback = self.overload(arrivals, service)
+        if not fallback.capacity_rps:
+            # not even one request waited for and run fits: noise and overhead take
+            # the SLO, and no plan's share in time says more than its model's error
+            return fallback
         slo_s = self.policy.slo_ms / 1e3
         scored = [
             (e[0].latency.cdf(slo_s), -e[2], e)
