@@ -12,7 +12,11 @@ Each part starts `serveflow serve` in a child process and drives it over HTTP:
   (closed loop with as many connections as the server admits), the unloaded p99 (at a
   quarter of it), then offers 3x the sustainable rate over 96 connections to a server
   with `--max-in-flight`: admitted throughput and p99 vs those, what a refusal costs
-  the server, and the CPU the generator and the workers used in each phase. (`hey -q`
+  the server, and the CPU the generator and the workers used in each phase. Flows: `work`
+  (1 ms of CPU per request: the machine's cores bound it) and `wait` (2 ms asleep: the
+  server process bounds it). After each, the bare 503 server of `peers.refusal` takes the
+  same flood: the floor of a refusal, and from it `goodput_ceiling`, the most the flood
+  could have admitted with refusals that cheap and the CPU it had. (`hey -q`
   is not used there: its connections tick at the same instants, so a flood arrives in
   bursts of 96 with nothing between them, and the admitted slots sit empty between
   bursts whatever the server does.)
@@ -72,6 +76,8 @@ FROZEN_BOUND_S = 3.0  # requests on a stopped worker answered within (1.5 s time
 SCHEMATHESIS_CONFIG = Path(__file__).with_name("reliability_schemathesis.toml")
 
 FLOWS = """
+import time
+
 import numpy as np
 import serveflow as sf
 
@@ -86,6 +92,14 @@ def spin(x):  # about a millisecond of CPU: a service bound by its workers, not 
 
 work = sf.Flow("work", schema={"x": int})
 work.map(spin, col="x", name="spin")
+
+def nap(x):  # 2 ms off the CPU: a model on an accelerator, or a remote call
+    time.sleep(0.002)
+    return x
+
+
+wait = sf.Flow("wait", schema={"x": int})
+wait.map(nap, col="x", name="nap")
 
 arith = sf.Flow("arith", schema={"a": int, "b": int})
 arith.map(lambda r: r["a"] + r["b"], names=["sum"], name="add")
@@ -406,8 +420,7 @@ def run_overload(
                     if not rate:
                         raise RuntimeError(f"{name}: no request answered")
     capacity, unloaded, flood = (_merged(name, runs[name]) for name in phases)
-    flood["max_in_flight"] = max_in_flight
-    flood["adaptive"] = not fixed
+    flood["flow"], flood["max_in_flight"], flood["adaptive"] = flow, max_in_flight, not fixed
     sustainable = capacity["throughput_rps"]
     flood["goodput_ratio"] = common.ratio(flood["throughput_rps"], sustainable)
     flood["offered_ratio"] = common.ratio(flood["offered_rps"], sustainable)
@@ -420,6 +433,42 @@ def run_overload(
     flood["server_cpu_per_admitted_us"] = per_admitted * 1e6
     flood["server_cpu_per_refusal_us"] = refusing / refusals * 1e6 if refusals else None
     return [capacity, unloaded, flood]
+
+
+def refusal_floor(seconds: float, rate: float) -> float:
+    """Server CPU (us) per request of the bare 503 server (`peers.refusal`) flooded at
+    `rate` over 96 connections: what a refusal costs any Python server here."""
+    command = [sys.executable, "-m", "benchmarks.peers.refusal", "0"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as peer:
+        try:
+            port = int(peer.stdout.readline().split()[1])  # type: ignore[union-attr]
+            cpu = _cpu_s(peer.pid)
+            run = open_loop(f"http://127.0.0.1:{port}/v1/flows/work/predict", seconds, 96, rate)
+            return (_cpu_s(peer.pid) - cpu) / len(run["rows"]) * 1e6
+        finally:
+            peer.kill()
+
+
+def add_ceiling(records: list[common.Record], floor_us: float) -> None:
+    """Give the flood of `records` the most it could admit (`goodput_ceiling`, as a share
+    of the sustainable rate) were its refusals as cheap as the bare server's
+    (`floor_us`), with the CPU it had: the machine's cores busy at the sustainable
+    rate less what the generator used in the flood, shared by the server and workers
+    at their CPU per admitted request; and the server process's own CPU in the flood
+    (one core at most: its event loop and the GIL)."""
+    capacity, _, flood = records
+    n, floor = max(1, capacity["n"]), floor_us / 1e6
+    offered = flood["offered_rps"]
+    server = capacity["server_cpu_s"] / n
+    both = server + capacity["workers_cpu_s"] / n
+    busy = capacity["server_cpu_s"] + capacity["workers_cpu_s"] + capacity["client_cpu_s"]
+    cores = busy / capacity["seconds"] - flood["client_cpu_s"] / flood["seconds"]
+    loop = flood["server_cpu_s"] / flood["seconds"]
+    admitted = min(
+        (cores - offered * floor) / (both - floor), (loop - offered * floor) / (server - floor)
+    )
+    flood["refusal_floor_us"] = floor_us
+    flood["goodput_ceiling"] = common.ratio(max(0.0, admitted), capacity["throughput_rps"])
 
 
 def _merged(scenario: str, runs: list[dict]) -> common.Record:
@@ -435,10 +484,15 @@ def _merged(scenario: str, runs: list[dict]) -> common.Record:
 def overload_failures(records: list[common.Record]) -> list[str]:
     flood = records[-1]
     problems = []
-    bound = f"--max-in-flight {flood['max_in_flight']}" + ("" if flood["adaptive"] else " fixed")
+    bound = f"{flood['flow']}, --max-in-flight {flood['max_in_flight']}" + (
+        "" if flood["adaptive"] else " fixed"
+    )
     if (flood["goodput_ratio"] or 0) < GOODPUT_TARGET:
+        ceiling = flood.get("goodput_ceiling")
         problems.append(f"{bound}: admitted throughput at 3x is "
-                        f"{flood['goodput_ratio']:.2f}x sustainable")  # fmt: skip
+                        f"{flood['goodput_ratio']:.2f}x sustainable" + (
+                        "" if ceiling is None else f"; at most {ceiling:.2f}x were refusals as "
+                        "cheap as the bare 503 server's, with the CPU it had"))  # fmt: skip
     if (flood["p99_ratio_vs_unloaded"] or 99) > P99_TARGET:
         problems.append(f"{bound}: admitted p99 at 3x is "
                         f"{flood['p99_ratio_vs_unloaded']:.2f}x unloaded")  # fmt: skip
@@ -715,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--max-in-flight", default="32,8",
                             help="overload: the bounds to try, comma-separated (default "
                                  "32,8: 16 and 4 per worker)")  # fmt: skip
+        parser.add_argument("--flows", default="work,wait",
+                            help="overload: the flows flooded (default work,wait: 1 ms of "
+                                 "CPU, 2 ms asleep per request)")  # fmt: skip
         parser.add_argument("--compare-fixed", action="store_true",
                             help="overload: each bound also with --fixed-in-flight")  # fmt: skip
 
@@ -734,9 +791,10 @@ def main(argv: list[str] | None = None) -> int:
         records += got
         problems += chaos_failures(got)
     if "overload" in parts:
-        for bound in args.max_in_flight.split(","):
+        for flow, bound in itertools.product(args.flows.split(","), args.max_in_flight.split(",")):
             for fixed in (False, True) if args.compare_fixed else (False,):
-                got = run_overload(seconds, int(bound), fixed=fixed)
+                got = run_overload(seconds, int(bound), flow=flow, fixed=fixed)
+                add_ceiling(got, refusal_floor(seconds / OVERLOAD_ROUNDS, got[-1]["offered_rps"]))
                 records += got
                 if not fixed:  # the fixed bound is the reference, not a promise
                     problems += overload_failures(got)
@@ -750,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
         records += got
         problems += soak_failures(got)
     common.print_table(records, ("scenario", "median_ms", "p99_ms", "throughput_rps", "errors",
-                                 "goodput_ratio", "p99_ratio_vs_unloaded", "status"))  # fmt: skip
+                                 "goodput_ratio", "goodput_ceiling", "p99_ratio_vs_unloaded",
+                                 "status"))  # fmt: skip
     common.write_json(NAME, records, args.out)
     plot(records, args.out)
     for problem in problems:

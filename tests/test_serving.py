@@ -444,6 +444,77 @@ def test_http_admission_bound_refuses_before_the_runtime():
         assert again.status_code == 200  # the slot is free again
 
 
+def _answers(sock: socket.socket, count: int) -> list[bytes]:
+    """The next `count` HTTP responses on `sock` (status line and headers; bodies skipped)."""
+    data, heads = b"", []
+    while len(heads) < count:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            continue
+        head = data[:end]
+        length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), b"0"))  # fmt: skip
+        while len(data) < end + 4 + length:
+            data += sock.recv(65536)
+        heads.append(head)
+        data = data[end + 4 + length :]
+    return heads
+
+
+def test_a_refusal_at_the_limit_answers_every_form_of_request_as_http_says():
+    app = slow_flow().deploy()
+    with Server({"slow": app}, port=0, max_in_flight=1, token="secret") as srv:
+        url = f"{srv.url}/v1/flows/slow/predict"
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = b'{"rows": [{"s": 0.0}]}'
+
+        def request(*headers: str, auth: str = "Bearer secret", data: bytes = body) -> bytes:
+            lines = ["POST /v1/flows/slow/predict HTTP/1.1", "Host: x", *headers,
+                     f"Authorization: {auth}", f"Content-Length: {len(data)}"]  # fmt: skip
+            return "\r\n".join(lines).encode() + b"\r\n\r\n" + data
+
+        auth = {"Authorization": "Bearer secret"}
+        slow = threading.Thread(
+            target=httpx.post, args=(url,), kwargs={"json": {"rows": [{"s": 1.5}]}, "headers": auth}
+        )
+        slow.start()
+        with httpx.Client(base_url=srv.url, timeout=TIMEOUT, headers=auth) as c:
+            _wait_in_flight(c, "slow", 1)
+        kept = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+        kept.sendall(request())
+        assert _answers(kept, 1)[0].startswith(b"HTTP/1.1 503")
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+            sock.sendall(request("Connection: close"))
+            assert _answers(sock, 1)[0].startswith(b"HTTP/1.1 503")
+            assert sock.recv(1) == b""  # closed, as asked
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+            whole = request()
+            sock.sendall(whole[:40])  # in two reads: the parser judges it, the same way
+            time.sleep(0.05)
+            sock.sendall(whole[40:])
+            statuses = [h.split(b" ")[1] for h in _answers(sock, 1)]
+            sock.sendall(request() + request())  # pipelined: answered in order
+            statuses += [h.split(b" ")[1] for h in _answers(sock, 2)]
+            sock.sendall(request(auth="Bearer wrong"))
+            statuses += [h.split(b" ")[1] for h in _answers(sock, 1)]
+            sock.sendall(request("Content-Length: 3"))  # two lengths: malformed
+            statuses += [h.split(b" ")[1] for h in _answers(sock, 1)]
+        assert statuses == [b"503", b"503", b"503", b"401", b"400"]
+        slow.join(TIMEOUT)
+        kept.sendall(request())  # the refused connection was kept open and serves
+        assert _answers(kept, 1)[0].startswith(b"HTTP/1.1 200")
+        kept.close()
+        with httpx.Client(base_url=srv.url, timeout=TIMEOUT, headers=auth) as c:
+            families = text_string_to_metric_families(c.get("/metrics").text)
+        shed = {f.name: s.value for f in families for s in f.samples
+                if f.name == "serveflow_shed_requests" and s.name.endswith("_total")}  # fmt: skip
+        assert shed == {"serveflow_shed_requests": 5}
+
+
 def _send_and_leave(url: str, request: bytes) -> None:
     """Send `request` bytes on a fresh connection and close it without reading."""
     host, port = url.removeprefix("http://").split(":")
