@@ -683,7 +683,7 @@ class SearchSpace:
             return fallback
         share, _, entry = max(scored, key=lambda x: x[:2])  # the most in time, then cheapest
         goodput = arrivals.rate * share
-        if goodput <= min(arrivals.rate, fallback.capacity_rps or 0.0):
+        if goodput <= min(arrivals.rate, fallback.capacity_rps):
             return fallback
         return dataclasses.replace(_decision(entry, False), capacity_rps=goodput)
 
