@@ -269,8 +269,8 @@ class Worker:
         except Exception:  # e.g. the files of a finished request were removed
             log.debug("dropping a message that cannot be read", exc_info=True)
             return None
-        if not m.is_message(message):
-            log.warning("dropping a malformed message of type %s", type(message).__name__)
+        if not m.well_formed(message):
+            log.warning("dropping a malformed %s message", type(message).__name__)
             return None
         return message
 
@@ -390,7 +390,10 @@ class Worker:
         return plan
 
     def read_plan(self, where: Any) -> Plan:
-        """The plan a `Deploy` names (raises FileNotFoundError once it is undeployed)."""
+        """The plan a `Deploy` names (raises FileNotFoundError once it is undeployed):
+        a file the driver wrote in the run directory, nothing else."""
+        if not isinstance(where, str) or os.path.dirname(where) != self.directory:
+            raise ValueError(f"not a plan file of this runtime: {where!r}")
         with open(where, "rb") as file:
             return cloudpickle.load(file)
 
