@@ -937,6 +937,33 @@ def test_values_that_cannot_be_sent_fail_their_request_with_a_clear_error(pool):
     assert app.run({"a": [2]}).result(timeout=RESULT_S).to_rows() == [{"b": 2}]
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("hop", ["to-the-driver", "to-another-worker"])
+def test_values_the_receiver_cannot_read_fail_their_request_with_a_clear_error(pool, hop):
+    """A value that pickles but does not unpickle where it arrives (here it rebuilds
+    as int('one'); also a class the receiver cannot import) fails its request with an
+    OperatorError, never a silent drop that leaves the request hanging."""
+
+    class Unreadable:
+        def __init__(self, a: int) -> None:
+            self.a = a
+
+        def __reduce__(self):
+            return int, ("one" if self.a == 1 else str(self.a),)
+
+    rt = pool.runtime(min_workers=2, gpus=1)  # the gpu stage runs on another worker
+    flow = sf.Flow("unreadable")
+    made = flow.map(lambda r: Unreadable(r["a"]), names=["u"], name="makes")
+    if hop == "to-another-worker":
+        made.map(lambda r: r["u"] + 1, names=["u"], gpu=True)
+    app = pool.deploy(flow, rt, sf.Rules(fusion=False))
+    expected = 3 if hop == "to-another-worker" else 2
+    assert app.run({"a": [2]}).result(timeout=RESULT_S).to_rows() == [{"u": expected}]
+    with pytest.raises(sf.OperatorError, match=r"'makes'.*cannot be read.*ValueError"):
+        app.run({"a": [1]}).result(timeout=RESULT_S)
+    assert app.run({"a": [2]}).result(timeout=RESULT_S).to_rows() == [{"u": expected}]
+
+
 @pytest.mark.timeout(120)
 def test_anyof_losers_do_not_leave_their_workers_counted_busy(pool):
     """Every run of a lost branch is released, also the runs it never reached: a
