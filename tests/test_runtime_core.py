@@ -461,6 +461,12 @@ def test_gpu_stages_run_on_a_worker_that_owns_a_device(pool, gpus, device):
         assert "placed on gpu" in app.explain()
 
 
+@pytest.mark.parametrize("gpus", [-1, True, 1.5, "01", [0, "a"], [-2], [1, 1], [False]])
+def test_a_runtime_refuses_gpus_that_name_no_devices(gpus):
+    with pytest.raises(ValueError, match=r"gpus: .*got"):
+        sf.LocalRuntime(gpus=gpus)
+
+
 # -- 7. the sockets run no one else's code ---------------------------------------------
 
 
