@@ -9,6 +9,7 @@ faults (an actor's process killed, a node leaving), interruption, autoscaling an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -142,6 +143,30 @@ def test_killing_a_stage_actors_process_mid_load_loses_no_request(ray_cluster):
                 time.sleep(0.05)
             assert set(runtime.worker_pids()) - before  # replaced by a new actor
     finally:
+        runtime.stop()
+
+
+def test_a_stopped_actor_on_this_machine_is_replaced_after_its_heartbeat_timeout(ray_cluster):
+    runtime = sf.RayRuntime(worker_cpus=0, min_workers=2, max_workers=2, gpus=0, retries=3)
+    stopped = None
+    try:
+        with slow_chain().deploy(rules=sf.Rules(fusion=False), runtime=runtime) as app:
+            app.run(sf.Table({"x": [0]})).result(timeout=TIMEOUT)
+            before = set(runtime.worker_pids())
+            futures = [app.run(sf.Table({"x": [i]})) for i in range(300)]
+            stopped = sorted(before)[0]
+            began = time.monotonic()
+            os.kill(stopped, signal.SIGSTOP)
+            check_all(futures, 300)
+            took = time.monotonic() - began
+            assert stopped not in runtime.worker_pids()
+        # seen stopped, it is killed once 1.5 s late (a silent actor not seen stopped
+        # is given 6 s: the actor on another node, or before)
+        assert took < 4.0, took
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGKILL)
         runtime.stop()
 
 

@@ -41,6 +41,7 @@ import ray
 from serveflow.errors import InputError
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import messages as m
+from serveflow.runtime import procfs
 from serveflow.runtime.engine import Events
 from serveflow.runtime.stage import StageExecutor
 from serveflow.runtime.worker import DRIVER, Interrupted, Worker
@@ -110,7 +111,7 @@ class RayWorker(Worker):
 
     def serve(self) -> None:
         self.thread_id = threading.get_ident()
-        self.send(DRIVER, m.Hello(self.index, os.getpid()))
+        self.send(DRIVER, m.Hello(self.index, os.getpid(), procfs.host()))
         threading.Thread(target=self.heartbeat, name="serveflow:heartbeat", daemon=True).start()
         try:
             self.loop()
@@ -309,6 +310,7 @@ class RayEngine:
         self._handles: dict[int, Any] = {}
         self._polls: dict[Any, int] = {}  # outstanding outbox calls
         self._pids: dict[int, int] = {}
+        self._local_pids: dict[int, int] = {}  # of the actors on this machine
         self._gone: dict[int, str] = {}
         self._lock = threading.Lock()
         self._receiver: threading.Thread | None = None
@@ -411,8 +413,11 @@ class RayEngine:
             return [self._pids[i] for i in self._handles if i in self._pids]
 
     def suspended(self, index: int) -> bool:
-        """Unknown: an actor may live on another node (late heartbeats get longer)."""
-        return False
+        """Whether an actor on this machine is stopped; False (unknown) for one on
+        another node (its late heartbeats then get longer)."""
+        with self._lock:
+            pid = self._local_pids.get(index)
+        return pid is not None and procfs.stopped(pid)
 
     def cpu_seconds(self, index: int) -> float | None:
         """Unknown, for the same reason: a silent actor gets the longer allowance."""
@@ -481,6 +486,7 @@ class RayEngine:
             if closed:
                 handle = self._handles.pop(index, None)
                 self._pids.pop(index, None)
+                self._local_pids.pop(index, None)
                 self._gone.setdefault(index, "exited")
             else:
                 self._polls[self._handles[index].outbox.remote()] = index
@@ -492,6 +498,8 @@ class RayEngine:
         if isinstance(message, m.Hello):
             with self._lock:
                 self._pids[index] = message.pid
+                if message.host and message.host == procfs.host():
+                    self._local_pids[index] = message.pid
         elif isinstance(message, m.Result) and isinstance(message.value, PickledResult):
             message = message._replace(value=pickle.loads(message.value.data))
         try:

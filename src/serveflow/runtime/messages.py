@@ -90,6 +90,7 @@ class Input(NamedTuple):
 class Hello(NamedTuple):
     worker: int
     pid: int
+    host: str = ""  # procfs.host(): where `pid` means this process
 
 
 class Result(NamedTuple):

@@ -15,10 +15,11 @@ take the ASGI path, which gives the same answers.
 
 While a flow is at its limit, a request that arrives whole in one read (the usual
 prediction: a few hundred bytes) is refused before the parser sees it (`_refused_raw`):
-uvicorn's parser callbacks build a scope, a header list and a keep-alive timer per
-request, about half of what a refusal cost (60 against 35 us of CPU per refusal for a
-bare uvloop server answering 503, in one flood on this machine). Anything that is not
-plainly one complete HTTP/1.1 POST with a Content-Length goes to the parser.
+uvicorn's parser callbacks build a scope, a header list and a callback per header for
+each request. Measured in one flood on this machine: 74 us of server CPU per refusal
+through the parser, 61 us without it, 38 us for a bare uvloop server answering 503.
+Anything that is not plainly one complete HTTP/1.1 POST with a Content-Length goes to
+the parser.
 """
 
 from __future__ import annotations
