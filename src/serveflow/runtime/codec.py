@@ -16,7 +16,10 @@ fields, the state of its Table value or None)`: pickle writes and reads plain tu
 lists and dicts in C, while a named tuple or a class instance costs a lookup by name
 and Python calls each way (about 4 us per message and hop, more than the rest of the
 encoding of a 10 KB request). Anything else in a message (exceptions, user values) is
-pickled as it is.
+pickled as it is. A user value may pickle in one process and not unpickle in another
+(a class the receiver cannot import): the rest of its message is then read again by
+pickle's Python unpickler, which leaves such objects out, so that the receiver can
+fail the request the value belonged to rather than drop the message unread.
 """
 
 from __future__ import annotations
