@@ -9,7 +9,9 @@ import pytest
 
 import serveflow as sf
 from serveflow.batching import MAP, ServiceProfile, buffer_law, fit_map, predict, simulate
+from serveflow.batching.controller import BatchingController
 from serveflow.batching.model import linear_service
+from serveflow.batching.simulate import greedy_streams, predict_greedy, simulate_controlled
 
 SERVICE = linear_service(0.005, 0.001)  # 5 ms + 1 ms per request
 
@@ -62,6 +64,28 @@ def test_model_matches_simulation(arrivals: MAP) -> None:
     predicted = np.array([pred.percentile(q) for q in qs])
     mape = float(np.mean(np.abs(predicted - measured) / measured))
     assert mape < 0.10
+
+
+@pytest.mark.parametrize(
+    ("rate", "size", "a", "b"),
+    [(300, 2, 0.004, 0.001), (900, 8, 0.004, 0.001), (200, 8, 0.02, 0.005), (60, 4, 0.02, 0.005)],
+)
+def test_greedy_batching_law_matches_the_simulated_runtime(rate, size, a, b) -> None:
+    # Greedy batching (no timeout: a free worker takes what is queued, up to the size)
+    # on 2 workers, run as the runtime routes requests (to the least loaded worker)
+    # with a fixed policy, against the law the search uses for it
+    service = linear_service(a, b)
+    times = MAP.poisson(rate).sample(int(rate * 20), np.random.default_rng(5))
+    controller = BatchingController(sf.Batching(max_size=size, timeout_ms=0), 2)
+    served = simulate_controlled(times, service, controller, 2)
+    measured = served.latencies[times > 2.0]
+    pred = predict_greedy(greedy_streams(MAP.poisson(rate)), service, size, 2, merge=size)
+    for q in (0.5, 0.9, 0.99):
+        assert pred.percentile(q) == pytest.approx(np.quantile(measured, q), rel=0.12)
+    assert pred.mean_batch == pytest.approx(served.sizes.mean(), rel=0.1)
+    # a rate that even full calls cannot serve has no law
+    full = 2 * size / float(service(size))
+    assert not predict_greedy(greedy_streams(MAP.poisson(1.1 * full)), service, size, 2).stable
 
 
 def test_noise_adds_an_independent_latency() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import random
@@ -460,6 +461,12 @@ def test_gpu_stages_run_on_a_worker_that_owns_a_device(pool, gpus, device):
         assert "placed on gpu" in app.explain()
 
 
+@pytest.mark.parametrize("gpus", [-1, True, 1.5, "01", [0, "a"], [-2], [1, 1], [False]])
+def test_a_runtime_refuses_gpus_that_name_no_devices(gpus):
+    with pytest.raises(ValueError, match=r"gpus: .*got"):
+        sf.LocalRuntime(gpus=gpus)
+
+
 # -- 7. the sockets run no one else's code ---------------------------------------------
 
 
@@ -664,6 +671,37 @@ def test_malformed_messages_to_the_driver_do_not_stop_it(pool):
     assert _send_all(targets, _malformed()) > 0
     time.sleep(0.5)
     _still_serves(app)
+
+
+@pytest.mark.timeout(60)
+def test_wrongly_typed_messages_to_a_worker_do_not_stop_it(pool):
+    """Messages of the right types with fields a worker cannot act on (sent as the
+    runtime's own user, who alone can reach its sockets): each is dropped with a log
+    line; no worker dies or spins, and the app keeps serving. (A batch size of -5
+    once sent a worker into an endless loop, a deadline that was a string killed it,
+    a plan "path" of 0 read its stdin.)"""
+    from serveflow.runtime import codec
+    from serveflow.runtime import messages as m
+
+    rt, app = _serving_app(pool)
+    pids = set(rt.worker_pids())
+    shm = codec.SharedMemory(tempfile.mkdtemp())
+    policies = [("big", None), (-5, -1.0), (0, 0.0), (2.5, 0.0), (4, math.nan)]
+    wrong = [m.Policy(app.id, 0, size, timeout) for size, timeout in policies]
+    wrong += [m.Deploy(90, 0), m.Load(90, 0), m.Deploy(91, "/dev/stdin"), m.Load(91, 0),
+              m.Deploy(92, None), m.Load(92, 0)]  # fmt: skip
+    good = dict(app=app.id, rid=10**9, attempt=0, stage=0, op=0, value=sf.Table({"a": [1]}),
+                route=((0,),), deadline=None, sent=time.monotonic(), began=None)  # fmt: skip
+    for field, value in [("rid", "x"), ("attempt", "a"), ("stage", "s"), ("op", None),
+                         ("deadline", "soon"), ("sent", "now"), ("began", "then")]:  # fmt: skip
+        wrong.append(m.Input(**{**good, field: value}))
+    targets = _unix_addresses(sorted(pids))
+    assert _send_all(targets, [codec.encode(w, shm) for w in wrong]) > 0
+    time.sleep(1.0)
+    _still_serves(app)
+    assert set(rt.worker_pids()) == pids, "a worker died of a message"
+    for _ in range(3):  # a worker stuck on one would leave some requests unanswered
+        _still_serves(app)
 
 
 # -- 8. a killed driver leaves no debris ----------------------------------------------
@@ -903,6 +941,33 @@ def test_values_that_cannot_be_sent_fail_their_request_with_a_clear_error(pool):
     with pytest.raises(sf.InputError, match="cannot be sent"):
         app.run({"a": [lambda: 0]}).result(timeout=RESULT_S)
     assert app.run({"a": [2]}).result(timeout=RESULT_S).to_rows() == [{"b": 2}]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("hop", ["to-the-driver", "to-another-worker"])
+def test_values_the_receiver_cannot_read_fail_their_request_with_a_clear_error(pool, hop):
+    """A value that pickles but does not unpickle where it arrives (here it rebuilds
+    as int('one'); also a class the receiver cannot import) fails its request with an
+    OperatorError, never a silent drop that leaves the request hanging."""
+
+    class Unreadable:
+        def __init__(self, a: int) -> None:
+            self.a = a
+
+        def __reduce__(self):
+            return int, ("one" if self.a == 1 else str(self.a),)
+
+    rt = pool.runtime(min_workers=2, gpus=1)  # the gpu stage runs on another worker
+    flow = sf.Flow("unreadable")
+    made = flow.map(lambda r: Unreadable(r["a"]), names=["u"], name="makes")
+    if hop == "to-another-worker":
+        made.map(lambda r: r["u"] + 1, names=["u"], gpu=True)
+    app = pool.deploy(flow, rt, sf.Rules(fusion=False))
+    expected = 3 if hop == "to-another-worker" else 2
+    assert app.run({"a": [2]}).result(timeout=RESULT_S).to_rows() == [{"u": expected}]
+    with pytest.raises(sf.OperatorError, match=r"'makes'.*cannot be read.*ValueError"):
+        app.run({"a": [1]}).result(timeout=RESULT_S)
+    assert app.run({"a": [2]}).result(timeout=RESULT_S).to_rows() == [{"u": expected}]
 
 
 @pytest.mark.timeout(120)

@@ -219,9 +219,8 @@ class StageLedger:
             start = max(free, now + self._wait(1))
             end = start + self._service[1]
             fits = True
-        # requests expected to join before it starts lengthen its call
-        per_worker = self.rate if self.timeout_s > 0 else self.rate / workers
-        extra = min(self.merge - count, int(per_worker * max(start - now, 0.0)))
+        opened = last.opened if joins and last is not None else now
+        extra = self._joiners(count, opened, start, now, workers)
         latency = start + self._service[count + extra] - now + high
         # A worker with nothing to run before this request serves it as soon as the
         # stage can: refusing it would help no other request, and the stage would
@@ -230,6 +229,26 @@ class StageLedger:
         idle = not queue or queue[-1].end <= now or (len(queue) == 1 and queue[0].start > now)
         typical = latency - high + median
         return _Prediction(joins, count, start, end, fits, latency, typical, idle, high)
+
+    def _joiners(self, count: int, opened: float, start: float, now: float, workers: int) -> int:
+        """Requests expected to join a call of `count` requests, opened at `opened`,
+        between `now` and its `start` (at most `merge` in all). With a timeout, the
+        router packs one batch at a time: every arrival joins while it fills (until
+        `size` or its timeout); later batches go to the least loaded worker, which is
+        another while this one holds a queued call (with one worker, this one: they
+        run in the same call). Without, each request goes to the least loaded worker:
+        this one takes its share of them until its call starts."""
+        if start <= now:
+            return 0
+        if self.timeout_s > 0:
+            filling = min(max(opened + self.timeout_s - now, 0.0), start - now)
+            joined = int(self.rate * filling) if count < self.size else 0
+            joined = min(joined, max(self.size - count, 0))
+            if workers == 1:
+                joined += int(self.rate * (start - now - filling))
+        else:
+            joined = int(self.rate / workers * (start - now))
+        return max(0, min(self.merge - count, joined))
 
     def _reopens(self, workers: Sequence[int], now: float, slo_s: float) -> float:
         """After a refusal: the first time, on a grid of REOPEN_STEPS steps of a

@@ -46,6 +46,7 @@ from serveflow.batching.model import (
     slow_switching,
 )
 from serveflow.batching.profile import ServiceProfile
+from serveflow.batching.simulate import greedy_streams, predict_greedy
 from serveflow.logical.operators import Batching
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ PREMISE_RATE_SLACK = 1.2  # arrivals above this x the planned peak rate void a c
 REPLAN_CHANGE = 0.1  # a periodic re-plan searches only when the basis moved more than this
 SPARE_AT = 0.5  # peak-phase utilization of the planned workers past which one more is loaded
 COST_TOLERANCE = 0.15  # the cost objective takes the fastest plan within this of the cheapest
+ROOM = 0.9  # a plan predicted within this share of the target leaves admission room ...
+ROOM_COST = 1.5  # ... and is preferred while it costs at most this x the cheapest plan
 BACKLOG_MERGE = 2  # planned batches a worker runs as one call when they queue (BatchRule)
 OVERHEAD_POINTS = 32  # measured runtime overhead, as quantiles, handed to each search
 
@@ -111,7 +114,8 @@ class BatchingController:
     `policy.percentile` latency is within `policy.slo_ms`, or with
     `objective="latency"` the lowest latency within the cost budget. Candidates:
     batch sizes up to `policy.max_size` (else 64), timeouts up to `policy.timeout_ms`
-    (else 60% of the SLO), 1..`max_workers` workers. `searcher` runs each search
+    (else 60% of the SLO) or none (greedy: what is queued, up to the size; simulated,
+    `simulate.predict_greedy`), 1..`max_workers` workers. `searcher` runs each search
     (default `search_here`; a runtime may run it in another process).
     """
 
@@ -517,12 +521,24 @@ class SearchSpace:
         for size in sorted({s for s in SIZE_LADDER if s <= self.cap} | {self.cap}):
             if float(service.predict(np.array([size]))[0]) >= slo_s:
                 continue
-            for share in TIMEOUT_SHARES:
+            if size & (size - 1) == 0 or size == self.cap:
+                # greedy (what is queued, no waiting): its law is simulated, and changes
+                # little with the size (calls grow with the queue), so every other size
+                pairs.append((size, 0.0))
+            for share in TIMEOUT_SHARES[1:]:
                 timeout = min(share * slo_s, cap_t)
-                if (size == 1) != (timeout == 0) or timeout + one >= slo_s:
+                if size == 1 or timeout <= 0 or timeout + one >= slo_s:
                     continue
                 pairs.append((size, timeout))
         return sorted(set(pairs))
+
+    def merge(self, size: int) -> int:
+        """The most requests a worker runs in one call under batch size `size`: two
+        batches when more than one waits (`BatchRule`), within the policy's cap."""
+        merge = BACKLOG_MERGE * size
+        if self.policy.max_size:
+            merge = min(merge, self.policy.max_size)
+        return max(merge, size)
 
     def ceiling(self, service: ServiceProfile) -> float:
         """The most requests per second all workers serve with batches whose call
@@ -554,34 +570,48 @@ class SearchSpace:
             else [arrivals]
         )
         laws: dict[tuple[int, int, float], Any] = {}
-        if pairs:
-            step = max(t for _, t in pairs) / self.grid
-            for size in sorted({s for s, _ in pairs}):
-                timeouts = [t for s, t in pairs if s == size]
+        waiting = [(s, t) for s, t in pairs if t > 0]
+        if waiting:
+            step = max(t for _, t in waiting) / self.grid
+            for size in sorted({s for s, _ in waiting}):
+                timeouts = [t for s, t in waiting if s == size]
                 for index, process in enumerate(processes):
                     if process is not None:
                         for t, law in buffer_laws(process, size, timeouts, step).items():
                             laws[index, size, t] = law
+        # Greedy batching (no timeout) has no law in the buffer model: it is simulated,
+        # on the same draws of the arrivals for every candidate.
+        streams = greedy_streams(arrivals) if any(t == 0 for _, t in pairs) else []
+        uncapped: set[int] = set()  # worker counts whose greedy calls stayed below the size
         for size, timeout in pairs:
             law, by_phase = None, None
-            if per_phase:
+            if timeout > 0 and per_phase:
                 by_phase = {
                     i: laws[i, size, timeout] for i in range(len(processes)) if processes[i]
                 }
-            else:
+            elif timeout > 0:
                 law = laws[0, size, timeout]
             for workers in range(1, self.max_workers + 1):
-                pred = predict(
-                    arrivals,
-                    service,
-                    size,
-                    timeout,
-                    workers,
-                    law=law,
-                    phase_laws=by_phase,
-                    noise=noise,
-                )
-                if pred.utilization >= 1.0:
+                if timeout == 0:
+                    if workers in uncapped:
+                        continue  # a larger size runs the very same calls: the same plan
+                    pred = predict_greedy(
+                        streams, service, size, workers, merge=self.merge(size), noise=noise
+                    )
+                    if not pred.batch_pmf[size - 1 :].any():
+                        uncapped.add(workers)
+                else:
+                    pred = predict(
+                        arrivals,
+                        service,
+                        size,
+                        timeout,
+                        workers,
+                        law=law,
+                        phase_laws=by_phase,
+                        noise=noise,
+                    )
+                if not pred.stable or (timeout > 0 and pred.utilization >= 1.0):
                     continue
                 busy = pred.busy_per_request_s
                 idle = max(workers - max(rate * busy, self.held_workers), 0.0)
@@ -594,9 +624,18 @@ class SearchSpace:
         if feasible:
             cheapest = min(e[2] for e in feasible)
             if self.policy.objective == "cost":
-                # The fastest of the nearly cheapest: a little cost buys headroom (the
-                # cheapest plan waits as long as the SLO allows, and noise then misses it).
-                near = [e for e in feasible if e[2] <= cheapest * (1 + COST_TOLERANCE)]
+                # Admission refuses each request predicted to miss, and its predictions
+                # err by a few percent of the SLO: a plan predicted at the target leaves
+                # it no room, and refuses what a plan with room would serve. So the
+                # plans with room, unless they cost much more. Of those, the fastest of
+                # the nearly cheapest: a little cost buys headroom (the cheapest plan
+                # waits as long as the SLO allows, and noise then misses it).
+                roomy = [
+                    e for e in feasible if e[1] <= ROOM * slo_s and e[2] <= ROOM_COST * cheapest
+                ]
+                pool = roomy or feasible
+                least = min(e[2] for e in pool)
+                near = [e for e in pool if e[2] <= least * (1 + COST_TOLERANCE)]
                 best = min(near, key=lambda e: (e[1], e[2]))
             else:
                 budget = (
@@ -610,7 +649,43 @@ class SearchSpace:
             peak = float(arrivals.phase_rates.max()) * pred.busy_per_request_s / pred.workers
             spare = int(peak > SPARE_AT and pred.workers < self.max_workers)
             return dataclasses.replace(_decision(best, True), spare=spare)
-        return self.overload(arrivals, service)
+        return self.best_effort(evaluated, arrivals, service)
+
+    def best_effort(
+        self,
+        evaluated: list[tuple[Prediction, float, float]],
+        arrivals: MAP,
+        service: ServiceProfile,
+    ) -> Decision:
+        """The plan when no candidate meets the SLO planned against: of the greedy
+        ones the workers keep up with, the one predicted to answer the most requests
+        within the SLO itself (admission refuses the rest), unless the overload plan
+        is predicted to answer more. Planned with headroom for what the model does
+        not see, a load can be infeasible on paper and yet served within the SLO by
+        a plan that leaves it little room (say, greedy batches at a p99 of 0.9x the
+        SLO): such a plan, not the overload plan, then refuses the fewest. Greedy
+        only: admission predicts each request from the queue ahead of it, and under
+        a plan with a timeout, a request that opens a batch waits all of it (the
+        model's share in time counts the ones that fill it early): near the SLO,
+        admission would refuse nearly every one that opens a batch."""
+        fallback = self.overload(arrivals, service)
+        if not fallback.capacity_rps:
+            # not even one request waited for and run fits: noise and overhead take
+            # the SLO, and no plan's share in time says more than its model's error
+            return fallback
+        slo_s = self.policy.slo_ms / 1e3
+        scored = [
+            (e[0].latency.cdf(slo_s), -e[2], e)
+            for e in evaluated
+            if e[0].stable and e[0].timeout_s == 0
+        ]
+        if not scored:
+            return fallback
+        share, _, entry = max(scored, key=lambda x: x[:2])  # the most in time, then cheapest
+        goodput = arrivals.rate * share
+        if goodput <= min(arrivals.rate, fallback.capacity_rps):
+            return fallback
+        return dataclasses.replace(_decision(entry, False), capacity_rps=goodput)
 
     def overload(self, arrivals: MAP, service: ServiceProfile) -> Decision:
         """The plan when no configuration meets the SLO at the offered rate: admission

@@ -1,7 +1,8 @@
 """Discrete-event simulation of a batching buffer and its workers (deterministic for
-given arrival times): the ground truth the analytical model is checked against, and
+given arrival times): the ground truth the analytical model is checked against,
 (`simulate_controlled`) the runtime's routing and dispatch around a batching
-controller, in simulated time, for tests of its decisions.
+controller, in simulated time, for tests of its decisions, and (`predict_greedy`) the
+law of greedy batching, which the analytical model has none for, for the search.
 
 `pull` (the runtime's semantics): one buffer; a free worker takes up to `B` queued
 requests once `B` are queued or the oldest has waited `T` (at once when `T` is 0).
@@ -22,7 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from serveflow.batching.model import ServiceFn
+from serveflow.batching.arrivals import MAP
+from serveflow.batching.model import (
+    LatencyDistribution,
+    LatencyPart,
+    Prediction,
+    ServiceFn,
+    _compact,
+    noise_points,
+    slow_switching,
+)
+
+GREEDY_SAMPLES = 5000  # arrivals simulated per stream for a greedy candidate
+GREEDY_WARMUP = 0.1  # share of them dropped first: the stage starts empty
 
 
 def simulate(
@@ -107,6 +120,129 @@ def _pull(
     if i < n or queue:
         raise RuntimeError("simulate: step bound reached before every request was served")
     return latency, np.array(sizes)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Arrival times a greedy plan is simulated on: `rate` per second, carrying a
+    `share` of all arrivals over a `time_share` of the time."""
+
+    rate: float
+    share: float
+    time_share: float
+    times: np.ndarray
+
+
+def greedy_streams(arrivals: MAP, samples: int = GREEDY_SAMPLES, seed: int = 0) -> list[Stream]:
+    """What `predict_greedy` simulates for `arrivals`: the process itself, or, when
+    its phases are long (`model.slow_switching`), one Poisson stream per phase at
+    that phase's rate, as the analytic model solves it (a few phases in a few
+    thousand arrivals would say little of their mix). The same draws (`seed`) for
+    every candidate: their differences are then the plans', not the samples'."""
+    rng = np.random.default_rng(seed)
+    if not slow_switching(arrivals):
+        if arrivals.is_poisson:
+            times = np.cumsum(rng.exponential(1.0 / arrivals.rate, samples))
+        else:
+            times = arrivals.sample(samples, rng)
+        return [Stream(arrivals.rate, 1.0, 1.0, times)]
+    theta = arrivals._stationary()
+    rates = arrivals.phase_rates
+    shares = theta * rates / float(theta @ rates)
+    return [
+        Stream(rate, share, time, np.cumsum(rng.exponential(1 / rate, samples)))
+        for rate, share, time in zip(rates.tolist(), shares.tolist(), theta.tolist())
+        if rate > 0 and share > 0
+    ]
+
+
+def predict_greedy(
+    streams: list[Stream],
+    service: ServiceFn,
+    max_size: int,
+    workers: int,
+    *,
+    merge: int | None = None,
+    noise: np.ndarray | None = None,
+) -> Prediction:
+    """The latency law of greedy batching (no timeout: a free worker takes what is
+    queued for it, up to `max_size` requests, up to `merge` when more than
+    `max_size` wait), which the buffer model has no law for, simulated on `streams`
+    (`greedy_streams`) as the runtime routes it: each request to the worker with
+    the fewest outstanding. `noise`: samples of an extra latency added to every
+    request, as `model.predict` adds them. A stream the workers do not keep up with
+    puts its share at infinite latency. Under load greedy batches grow until the
+    workers keep up, so they run busy nearly all the time: `utilization` is then
+    close to 1, and stable while a worker's full calls outrun its arrivals."""
+    merge = max(merge or max_size, max_size)
+    svc = np.asarray(service(np.arange(1, merge + 1)), dtype=float)
+    points = noise_points(noise)
+    parts, lost, busy, utilization = [], 0.0, 0.0, 0.0
+    pmf = np.zeros(merge)
+    for stream in streams:
+        latency, sizes, span = _greedy(stream.times, svc, max_size, merge, workers)
+        if len(sizes) == 0:
+            continue
+        stream_busy = float(svc[sizes - 1].sum()) / len(stream.times)
+        stream_util = float(svc[sizes - 1].sum()) / (workers * span)
+        busy += stream.share * stream_busy
+        utilization += stream.time_share * min(stream_util, 1.0)
+        counts = np.bincount(sizes, minlength=merge + 1)[1:]
+        pmf += stream.share / sizes.mean() * counts / counts.sum()
+        if stream.rate * svc[-1] / merge >= workers:  # more than full calls serve
+            lost += stream.share
+            continue
+        values = latency[int(GREEDY_WARMUP * len(latency)) :]
+        masses = np.full(len(values), stream.share / len(values))
+        if points is not None:
+            values = (values[:, None] + points[0][None, :]).ravel()
+            masses = (masses[:, None] * points[1][None, :]).ravel()
+        parts.append(LatencyPart(*_compact(values, masses)))
+    pmf /= max(pmf.sum(), 1e-300)
+    mean_batch = float(np.arange(1, merge + 1) @ pmf)
+    law = LatencyDistribution(tuple(parts), lost) if parts else None
+    return Prediction(max_size, 0.0, workers, law, pmf, mean_batch, busy, utilization)
+
+
+def _greedy(
+    times: np.ndarray, svc: np.ndarray, size: int, merge: int, workers: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Greedy batching on per-worker queues, each request routed to the worker with
+    the fewest outstanding: latencies, call sizes, and the time until the last call
+    ended."""
+    latency = np.empty(len(times))
+    sizes: list[int] = []
+    free = [0.0] * workers  # when each worker's call ends
+    running = [0] * workers  # requests in that call
+    queues: list[deque[int]] = [deque() for _ in range(workers)]
+
+    def advance(w: int, now: float) -> None:  # run the calls w starts by `now`
+        queue = queues[w]
+        while queue and free[w] <= now:
+            take = min(len(queue), merge if len(queue) > size else size)
+            done = free[w] + svc[take - 1]
+            for _ in range(take):
+                k = queue.popleft()
+                latency[k] = done - times[k]
+            free[w], running[w] = done, take
+            sizes.append(take)
+
+    for i, now in enumerate(times.tolist()):
+        best, fewest = 0, math.inf
+        for w in range(workers):
+            advance(w, now)
+            outstanding = len(queues[w]) + (running[w] if free[w] > now else 0)
+            if outstanding < fewest:
+                best, fewest = w, outstanding
+        if free[best] <= now:  # idle: it runs at once, alone
+            free[best], running[best] = now + svc[0], 1
+            latency[i] = svc[0]
+            sizes.append(1)
+        else:
+            queues[best].append(i)
+    for w in range(workers):
+        advance(w, math.inf)
+    return latency, np.array(sizes, dtype=int), max(max(free) - float(times[0]), 1e-9)
 
 
 @dataclass

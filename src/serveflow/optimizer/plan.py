@@ -171,7 +171,7 @@ class Plan:
                     f"    replicated: {stage.replicas} competing replicas, first result wins"
                 )
             if stage.gpu_requested and stage.placement != "gpu":
-                lines.append("    placed on cpu (gpu=True requested; no GPU on this machine)")
+                lines.append("    placed on cpu (gpu=True requested; no GPU available)")
             else:
                 lines.append(f"    placed on {stage.placement}")
             if stage.locality_key:

@@ -148,8 +148,8 @@ class RayWorker(Worker):
             return None
 
     def decode(self, data: Any) -> Any:
-        if not m.is_message(data):
-            log.warning("dropping a malformed message of type %s", type(data).__name__)
+        if not m.well_formed(data):
+            log.warning("dropping a malformed %s message", type(data).__name__)
             return None
         return data
 

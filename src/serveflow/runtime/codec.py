@@ -16,12 +16,16 @@ fields, the state of its Table value or None)`: pickle writes and reads plain tu
 lists and dicts in C, while a named tuple or a class instance costs a lookup by name
 and Python calls each way (about 4 us per message and hop, more than the rest of the
 encoding of a 10 KB request). Anything else in a message (exceptions, user values) is
-pickled as it is.
+pickled as it is. A user value may pickle in one process and not unpickle in another
+(a class the receiver cannot import): the rest of its message is then read again by
+pickle's Python unpickler, which leaves such objects out, so that the receiver can
+fail the request the value belonged to rather than drop the message unread.
 """
 
 from __future__ import annotations
 
 import ctypes
+import io
 import itertools
 import mmap
 import os
@@ -29,8 +33,9 @@ import pickle
 import time
 from typing import Any
 
+from serveflow.errors import OperatorError
 from serveflow.logical.table import Table
-from serveflow.runtime.messages import MESSAGES
+from serveflow.runtime.messages import MESSAGES, Input, Result
 
 LARGE = 64 * 1024  # below this, copying through the socket is cheaper than a mapping
 MAX_INLINE = 128 * 1024  # a datagram must stay well under the socket buffer
@@ -122,13 +127,85 @@ def encode(message: Any, shm: SharedMemory, request_id: int = 0) -> bytes:
 
 
 def decode(data: bytes | memoryview, shm: SharedMemory) -> Any:
-    """The message, or whatever else was sent (the receiver drops it)."""
+    """The message, or whatever else was sent (the receiver drops it). An `Input` or
+    `Result` whose value does not unpickle here comes with `Unreadable` as its value."""
     if data[:1] == _INLINE:
-        return _message(pickle.loads(memoryview(data)[1:]))
-    refs, body = pickle.loads(memoryview(data)[1:])
-    if isinstance(body, tuple):
-        body = shm.view(*body)
-    return _message(pickle.loads(body, buffers=[shm.view(*ref) for ref in refs]))
+        body: Any = memoryview(data)[1:]
+        buffers: list[memoryview] | None = None
+    else:
+        refs, body = pickle.loads(memoryview(data)[1:])
+        if isinstance(body, tuple):
+            body = shm.view(*body)
+        buffers = [shm.view(*ref) for ref in refs]
+    try:
+        return _message(pickle.loads(body, buffers=buffers))
+    except Exception as error:
+        try:
+            message = _message(_Salvager(io.BytesIO(body), buffers=buffers).load())
+        except Exception:
+            raise error from None
+        if type(message) not in (Input, Result):
+            raise
+        return message._replace(value=Unreadable(f"{type(error).__name__}: {error}"))
+
+
+class Unreadable(Exception):
+    """Stands for the value of a received message that did not unpickle in this
+    process (a class it cannot import, a constructor that raises here); the text
+    says why. The receiver fails the request with `value_failure`."""
+
+
+def value_failure(plan: Any, message: Any, problem: str) -> OperatorError:
+    """An OperatorError naming the operator whose output `message` (an `Input` or a
+    `Result` of `plan`, None if unknown) carries, for a value that `problem`."""
+    try:
+        stage = plan.stage_of(message.op) if type(message) is Input else plan.output_stage
+        name = stage.ops[-1].name
+    except (AttributeError, LookupError):  # no plan, or no such operator in it
+        name = "?"
+    return OperatorError(f"operator {name!r} returned a value that {problem}", name)
+
+
+def _missing(*args: Any, **kwargs: Any) -> Any:
+    raise TypeError("a class or function this process cannot import")
+
+
+class _Salvager(pickle._Unpickler):  # type: ignore[name-defined]
+    """pickle's Python unpickler, in which an object that cannot be built here (its
+    class not importable, its constructor or setstate raising) becomes None, so that
+    the rest of the message (which request it belongs to) can still be read."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except Exception:
+            return _missing
+
+
+def _tolerant(load: Any, consumed: int) -> Any:
+    """`load` (an opcode that builds an object from the top `consumed` stack entries)
+    leaving None in their place when building fails."""
+
+    def tolerant(self: _Salvager) -> None:
+        bottom = len(self.stack) - consumed
+        try:
+            load(self)
+        except Exception:
+            del self.stack[bottom:]
+            self.stack.append(None)
+
+    return tolerant
+
+
+for _opcode, _consumed in (
+    (pickle.REDUCE, 2),
+    (pickle.BUILD, 2),
+    (pickle.NEWOBJ, 2),
+    (pickle.NEWOBJ_EX, 3),
+):
+    _Salvager.dispatch[_opcode[0]] = _tolerant(_Salvager.dispatch[_opcode[0]], _consumed)
 
 
 def _plain(message: Any) -> tuple:

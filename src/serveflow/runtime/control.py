@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from serveflow.errors import InputError, OperatorError, OverloadError
 from serveflow.optimizer.placement import place
 from serveflow.optimizer.plan import Plan
+from serveflow.runtime import codec
 from serveflow.runtime import messages as m
 from serveflow.runtime import silence
 from serveflow.runtime.app import App
@@ -611,6 +612,9 @@ class ControlPlane:
                 if request is not None:
                     if isinstance(began, float):
                         request.began = began
+                    if type(value) is codec.Unreadable:
+                        problem = f"cannot be read by the process it was sent to: {value}"
+                        value = codec.value_failure(app.plan, message, problem)
                     request.settle(value)  # its book-keeping first (`finish`)
             case m.Stats():
                 self._on_stats(message)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Sequence
+from numbers import Integral
 
 from serveflow.runtime.control import HEARTBEAT_TIMEOUT_S, ControlPlane, check_pool
 from serveflow.runtime.kvs import KVS, open_shared_kvs
@@ -27,6 +28,10 @@ def detect_gpus() -> tuple[int, ...]:
     if listed.returncode != 0:
         return ()
     return tuple(i for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU"))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 class LocalRuntime(ControlPlane):
@@ -89,12 +94,23 @@ class LocalRuntime(ControlPlane):
         max_workers = max_workers or max(4, 2 * (os.cpu_count() or 1))
         if gpus is None:
             devices = list(detect_gpus())
-        elif isinstance(gpus, int):
+        elif _is_int(gpus):
             devices = list(range(gpus))
+        elif isinstance(gpus, Sequence) and not isinstance(gpus, str | bytes):
+            devices = list(gpus)
         else:
-            devices = [int(d) for d in gpus]
-        if len(set(devices)) != len(devices) or any(d < 0 for d in devices):
-            raise ValueError(f"gpus: distinct non-negative device ids, got {gpus!r}")
+            devices = [-1]  # refused below
+        if (
+            not all(_is_int(d) for d in devices)
+            or len(set(devices)) != len(devices)
+            or any(d < 0 for d in devices)
+            or (_is_int(gpus) and gpus < 0)
+        ):
+            raise ValueError(
+                "gpus: None (detect), a count of devices or a list of distinct "
+                f"non-negative device ids, got {gpus!r}"
+            )
+        devices = [int(d) for d in devices]
         check_pool(min_workers, max_workers)
         if isinstance(worker_threads, bool) or not isinstance(worker_threads, int):
             raise TypeError(f"worker_threads must be an int, got {worker_threads!r}")

@@ -4,12 +4,15 @@ The control plane speaks to workers (and workers to each other) only in these; a
 engine carries them (datagrams between local processes, actor calls on Ray). They are
 named tuples: typed fields for readers, the cost of a tuple on the wire.
 
-A receiver accepts only these types (`is_message`) and drops anything else with a
-log line, so a malformed message can never take a receiving thread down.
+A receiver accepts only these types (`is_message`), a worker only with fields it can
+act on (`well_formed`), and drops anything else with a log line, so a malformed
+message can never take a receiving thread down.
 """
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
 from typing import Any, NamedTuple
 
 Route = tuple[tuple[int, ...], ...]  # per stage index: the worker indices that run it
@@ -153,3 +156,44 @@ _TYPES = frozenset(MESSAGES)
 def is_message(value: object) -> bool:
     """Whether a decoded value is one of the runtime's messages, with as many fields."""
     return type(value) in _TYPES
+
+
+def well_formed(value: object) -> bool:
+    """Whether a decoded value is a message whose fields a worker can act on: ids
+    that are integers, times that are numbers, a batch size of at least one, a plan
+    that is a path or bytes. (Other fields are only looked up, and a value that
+    matches nothing is ignored where it is used.)"""
+    kind = type(value)
+    if kind is Input:
+        app, rid, attempt, stage, op, _, route, deadline, sent, began = value  # type: ignore[misc]
+        if (  # the hot path: the types the runtime sends, checked exactly
+            type(app) is type(rid) is type(attempt) is type(stage) is type(op) is int
+            and type(route) is tuple
+            and type(sent) is float
+            and (deadline is None or type(deadline) is float)
+            and (began is None or type(began) is float)
+        ):
+            return True
+        return (
+            _ints(app, rid, attempt, stage, op)
+            and type(route) is tuple
+            and _time(sent)
+            and (deadline is None or _time(deadline))
+            and (began is None or _time(began))
+        )
+    if kind is Policy:
+        _, _, size, timeout_s = value  # type: ignore[misc]
+        return (
+            _ints(size) and size >= 1 and isinstance(timeout_s, Real) and 0 <= timeout_s < math.inf
+        )
+    if kind is Deploy:
+        return _ints(value.app) and isinstance(value.path, str | bytes)  # type: ignore[attr-defined]
+    return kind in _TYPES
+
+
+def _ints(*values: object) -> bool:
+    return all(isinstance(v, Integral) for v in values)
+
+
+def _time(value: object) -> bool:
+    return isinstance(value, Real)

@@ -28,7 +28,7 @@ from typing import Any
 
 import cloudpickle
 
-from serveflow.errors import DeadlineError, OperatorError
+from serveflow.errors import DeadlineError
 from serveflow.logical.operators import AnyOf
 from serveflow.logical.table import Table
 from serveflow.optimizer.plan import Plan, Stage
@@ -276,9 +276,17 @@ class Worker:
         except Exception:  # e.g. the files of a finished request were removed
             log.debug("dropping a message that cannot be read", exc_info=True)
             return None
-        if not m.is_message(message):
-            log.warning("dropping a malformed message of type %s", type(message).__name__)
+        if not m.well_formed(message):
+            log.warning("dropping a malformed %s message", type(message).__name__)
             return None
+        if type(message) is m.Input and type(message.value) is codec.Unreadable:
+            problem = f"cannot be read by the process it was sent to: {message.value}"
+            try:
+                plan = self.plan(message.app)
+            except Exception:  # a plan that cannot be read: the operator stays unnamed
+                plan = None
+            failure = codec.value_failure(plan, message, problem)
+            message = message._replace(value=failure)
         return message
 
     def heartbeat(self) -> None:
@@ -369,19 +377,12 @@ class Worker:
     def unsendable(self, message: m.Input | m.Result, error: Exception) -> Any:
         """`message` carrying, instead of its value, an OperatorError naming the
         operator whose output could not be pickled."""
-        plan = self.plans.get(message.app)
-        if plan is None:
-            op = None
-        else:
-            stage = plan.stage_of(message.op) if isinstance(message, m.Input) else None
-            op = (stage or plan.output_stage).ops[-1]
-        name = op.name if op is not None else "?"
-        failure = OperatorError(
-            f"operator {name!r} returned a value that cannot be sent to another process "
-            f"(it must pickle): {type(error).__name__}: {error}",
-            name,
+        problem = (
+            f"cannot be sent to another process (it must pickle): {type(error).__name__}: {error}"
         )
-        return message._replace(value=failure)
+        return message._replace(
+            value=codec.value_failure(self.plans.get(message.app), message, problem)
+        )
 
     # -- tasks ------------------------------------------------------------------------
     def plan(self, app: int) -> Plan | None:
@@ -395,7 +396,10 @@ class Worker:
         return plan
 
     def read_plan(self, where: Any) -> Plan:
-        """The plan a `Deploy` names (raises FileNotFoundError once it is undeployed)."""
+        """The plan a `Deploy` names (raises FileNotFoundError once it is undeployed):
+        a file the driver wrote in the run directory, nothing else."""
+        if not isinstance(where, str) or os.path.dirname(where) != self.directory:
+            raise ValueError(f"not a plan file of this runtime: {where!r}")
         with open(where, "rb") as file:
             return cloudpickle.load(file)
 
