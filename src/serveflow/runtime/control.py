@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING, Any
 from serveflow.errors import InputError, OperatorError, OverloadError
 from serveflow.optimizer.placement import place
 from serveflow.optimizer.plan import Plan
-from serveflow.runtime import codec
+from serveflow.runtime import codec, silence
 from serveflow.runtime import messages as m
-from serveflow.runtime import silence
 from serveflow.runtime.app import App
 from serveflow.runtime.engine import Engine, ThreadTimes
 from serveflow.runtime.kvs import KVS

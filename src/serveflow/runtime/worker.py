@@ -228,7 +228,11 @@ class Worker:
         while self.running:
             wait = self.run_ready()
             if self.loads:
-                self.load(*self.loads.popleft())
+                app, stage = self.loads.popleft()
+                try:
+                    self.load(app, stage)
+                except Exception:  # e.g. a plan that cannot be read here
+                    log.exception("failed to load stage %d of app %d", stage, app)
                 wait = 0.0  # messages and runs first, then the next load
             now = time.monotonic()
             if self.dirty and now >= next_report:
