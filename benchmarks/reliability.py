@@ -16,7 +16,7 @@ Each part starts `serveflow serve` in a child process and drives it over HTTP:
   (1 ms of CPU per request: the machine's cores bound it) and `wait` (2 ms asleep: the
   server process bounds it). After each, the bare 503 server of `peers.refusal` takes the
   same flood: the floor of a refusal, and from it `goodput_ceiling`, the most the flood
-  could have admitted with refusals that cheap and the CPU it had. (`hey -q`
+  could have admitted with refusals that cheap on this machine's cores. (`hey -q`
   is not used there: its connections tick at the same instants, so a flood arrives in
   bursts of 96 with nothing between them, and the admitted slots sit empty between
   bursts whatever the server does.)
@@ -452,20 +452,17 @@ def refusal_floor(seconds: float, rate: float) -> float:
 def add_ceiling(records: list[common.Record], floor_us: float) -> None:
     """Give the flood of `records` the most it could admit (`goodput_ceiling`, as a share
     of the sustainable rate) were its refusals as cheap as the bare server's
-    (`floor_us`), with the CPU it had: the machine's cores busy at the sustainable
-    rate less what the generator used in the flood, shared by the server and workers
-    at their CPU per admitted request; and the server process's own CPU in the flood
-    (one core at most: its event loop and the GIL)."""
+    (`floor_us`): the machine's cores less what the generator used in the flood, shared
+    by the server and workers at their CPU per admitted request at the sustainable
+    rate; and at most one core for the server process (its event loop and the GIL)."""
     capacity, _, flood = records
     n, floor = max(1, capacity["n"]), floor_us / 1e6
     offered = flood["offered_rps"]
     server = capacity["server_cpu_s"] / n
     both = server + capacity["workers_cpu_s"] / n
-    busy = capacity["server_cpu_s"] + capacity["workers_cpu_s"] + capacity["client_cpu_s"]
-    cores = busy / capacity["seconds"] - flood["client_cpu_s"] / flood["seconds"]
-    loop = flood["server_cpu_s"] / flood["seconds"]
+    cores = (os.cpu_count() or 1) - flood["client_cpu_s"] / flood["seconds"]
     admitted = min(
-        (cores - offered * floor) / (both - floor), (loop - offered * floor) / (server - floor)
+        (cores - offered * floor) / (both - floor), (1 - offered * floor) / (server - floor)
     )
     flood["refusal_floor_us"] = floor_us
     flood["goodput_ceiling"] = common.ratio(max(0.0, admitted), capacity["throughput_rps"])
@@ -492,7 +489,7 @@ def overload_failures(records: list[common.Record]) -> list[str]:
         problems.append(f"{bound}: admitted throughput at 3x is "
                         f"{flood['goodput_ratio']:.2f}x sustainable" + (
                         "" if ceiling is None else f"; at most {ceiling:.2f}x were refusals as "
-                        "cheap as the bare 503 server's, with the CPU it had"))  # fmt: skip
+                        "cheap as the bare 503 server's, on this machine's cores"))  # fmt: skip
     if (flood["p99_ratio_vs_unloaded"] or 99) > P99_TARGET:
         problems.append(f"{bound}: admitted p99 at 3x is "
                         f"{flood['p99_ratio_vs_unloaded']:.2f}x unloaded")  # fmt: skip
