@@ -145,31 +145,43 @@ class _SlowLoadingModel:
         return os.getpid()
 
 
-@pytest.mark.timeout(120)
-def test_requests_wait_for_no_model_load_while_a_worker_has_the_model_loaded():
-    # Two workers, the model loaded on one: a burst must not be routed onto the other
-    # (it would wait LOAD_S for the load there); the other loads it meanwhile and then
-    # takes its share.
+def _bursts_wait_for_the_warm_worker(flow: sf.Flow, load_s: float, what: str) -> sf.App:
+    """Deploy `flow` (one stage whose load takes `load_s`) on two workers, load it on
+    one, and check that a burst stays on that worker while the other loads it, then
+    that the other takes its share. Returns the app (its runtime: the caller's)."""
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    app = flow.deploy(runtime=runtime)
     try:
-        flow = sf.Flow("model", schema={"x": int})
-        flow.map(_SlowLoadingModel, names=["pid"])
-        app = flow.deploy(runtime=runtime)
         app.run({"x": [0]}).result(timeout=60)  # loaded on one worker only
         time.sleep(1.0)  # its run time reported
         started = time.monotonic()
         burst = [app.run({"x": [i]}) for i in range(6)]
         waited = [f.result(timeout=60) and time.monotonic() - started for f in burst]
-        assert max(waited) < LOAD_S / 2, f"a request waited for a model load: {waited}"
-        time.sleep(LOAD_S + 1.0)  # the other worker has loaded it by now
+        assert max(waited) < load_s / 2, f"a request waited for a {what} load: {waited}"
+        time.sleep(load_s + 1.0)  # the other worker has loaded it by now
         pids = set()
         for _ in range(3):
             burst = [app.run({"x": [i]}) for i in range(6)]
             pids |= {f.result(timeout=60).column("pid")[0] for f in burst}
-        assert len(pids) == 2, "the second worker never took the model's runs"
+        assert len(pids) == 2, f"the second worker never took the {what}'s runs"
+    except BaseException:
+        runtime.stop()
+        raise
+    return app
+
+
+@pytest.mark.timeout(120)
+def test_requests_wait_for_no_model_load_while_a_worker_has_the_model_loaded():
+    # Two workers, the model loaded on one: a burst must not be routed onto the other
+    # (it would wait LOAD_S for the load there); the other loads it meanwhile and then
+    # takes its share.
+    flow = sf.Flow("model", schema={"x": int})
+    flow.map(_SlowLoadingModel, names=["pid"])
+    app = _bursts_wait_for_the_warm_worker(flow, LOAD_S, "model")
+    try:
         assert app.stats()["_SlowLoadingModel"]["cold_starts"] == 2
     finally:
-        runtime.stop()
+        app.runtime.stop()
 
 
 IMPORT_S = 1.5
@@ -198,25 +210,9 @@ def _slow_to_load():
 def test_requests_wait_for_no_function_load_while_a_worker_has_the_function_loaded():
     # As for a model: the burst stays on the worker that has the function loaded
     # while the other loads it, then the other takes its share.
-    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
-    try:
-        flow = sf.Flow("function", schema={"x": int})
-        flow.map(_slow_to_load(), names=["pid"])
-        app = flow.deploy(runtime=runtime)
-        app.run({"x": [0]}).result(timeout=60)  # loaded on one worker only
-        time.sleep(1.0)  # its run time reported
-        started = time.monotonic()
-        burst = [app.run({"x": [i]}) for i in range(6)]
-        waited = [f.result(timeout=60) and time.monotonic() - started for f in burst]
-        assert max(waited) < IMPORT_S / 2, f"a request waited for a function load: {waited}"
-        time.sleep(IMPORT_S + 1.0)  # the other worker has loaded it by now
-        pids = set()
-        for _ in range(3):
-            burst = [app.run({"x": [i]}) for i in range(6)]
-            pids |= {f.result(timeout=60).column("pid")[0] for f in burst}
-        assert len(pids) == 2, "the second worker never took the function's runs"
-    finally:
-        runtime.stop()
+    flow = sf.Flow("function", schema={"x": int})
+    flow.map(_slow_to_load(), names=["pid"])
+    _bursts_wait_for_the_warm_worker(flow, IMPORT_S, "function").runtime.stop()
 
 
 @pytest.mark.timeout(120)
