@@ -294,3 +294,25 @@ def test_a_worker_runs_its_math_libraries_on_one_thread_unless_told_otherwise(mo
         runtime.stop()
     with pytest.raises(ValueError, match="worker_threads"):
         sf.LocalRuntime(worker_threads=0)
+
+
+def _niceness_seen(runtime: sf.LocalRuntime) -> int:
+    flow = sf.Flow("nice", schema={"x": int})
+    flow.map(lambda x: os.getpriority(os.PRIO_PROCESS, 0), col="x", names=["n"])
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            return app.run(sf.Table.from_rows([{"x": 1}])).result(timeout=60).to_rows()[0]["n"]
+    finally:
+        runtime.stop()
+
+
+def test_workers_run_below_the_driver_s_cpu_priority_unless_told_otherwise():
+    # The driver admits and answers every request: in a flood it must not wait for a
+    # core behind the workers it feeds.
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert _niceness_seen(sf.LocalRuntime(min_workers=1, max_workers=1)) == min(19, mine + 10)
+    equal = sf.LocalRuntime(min_workers=1, max_workers=1, worker_niceness=0)
+    assert _niceness_seen(equal) == mine
+    for wrong in (-1, 20):
+        with pytest.raises(ValueError, match="worker_niceness"):
+            sf.LocalRuntime(worker_niceness=wrong)
