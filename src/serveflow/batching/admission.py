@@ -18,11 +18,22 @@ The loop is closed twice:
   not accumulate;
 - the residuals (observed end - predicted end: dispatch, sockets, wake-ups, the GIL,
   timer slack, service noise) are kept over a sliding window (the last `RESIDUALS`
-  calls of the last `RESIDUAL_WINDOW_S` seconds), and the admission adds a high
-  quantile of them (`admit_quantile`: 0.9 for a p99 SLO). Not the SLO's percentile
-  itself: the tail of the residuals is stalls of the whole machine or driver (a
-  core taken away, a long GIL hold) that hit every request in flight alike, which
-  no refusal avoids, while refusing on them would refuse nearly everything.
+  calls of the last `RESIDUAL_WINDOW_S` seconds, at least `MIN_RESIDUALS`), and the
+  admission adds a high quantile of them (`admit_quantile`: 0.9 for a p99 SLO). Not
+  the SLO's percentile itself: the tail of the residuals is stalls of the whole
+  machine or driver (a core taken away, a long GIL hold) that hit every request in
+  flight alike, which no refusal avoids, while refusing on them would refuse nearly
+  everything.
+- residuals come in spells: on a shared machine a model's calls run 2-3x slower for
+  a second, then not (and the service profile, refitted meanwhile, first lags the
+  spell, then lags its end). So each residual is kept as its deviation from the
+  level before it (the median residual of the latest calls), and the law
+  admission adds is the current level plus those deviations. A spell raises the
+  level within a few calls, and once it is over the level falls back as fast: its
+  calls do not stay in the spread for the whole window, refusing what would now be
+  served in time. The level is taken against the service times in force: when the
+  profile is refitted (say, to a spell the level has already seen), the last calls'
+  residuals are taken again against the new service times, not counted twice.
 
 Pure computation; the controller calls it under its lock.
 """
@@ -39,7 +50,10 @@ import numpy as np
 RESIDUALS = 400  # observed calls the overhead quantile is taken over, at most
 RESIDUAL_WINDOW_S = 5.0  # ... and only those of the last seconds: it settles that fast
 MIN_RESIDUALS = 50  # before this many, DEFAULT_OVERHEAD_S stands in
-REQUANTILE_EVERY = 16  # new residuals between recomputations of the quantiles
+REQUANTILE_EVERY = 8  # new residuals between recomputations of the quantiles
+LEVEL_CALLS = 16  # the latest residuals whose median is the level (see the docstring) ...
+LEVEL_S = 0.3  # ... those of the last this many seconds, at least LEVEL_MIN: refusing
+LEVEL_MIN = 3  # most arrivals, few calls end, and a spell's calls would set it for long
 DEFAULT_OVERHEAD_S = 0.001
 PROBE_EVERY_S = 0.2  # an idle worker takes one request this often whatever its prediction
 REOPEN_GRID = 50  # after a refusal, admission is tried again every SLO / this ...
@@ -108,10 +122,15 @@ class StageLedger:
         self._service = np.zeros(2)  # seconds by requests per call (index 0 unused)
         self._queues: dict[int, deque[Group]] = {}
         self._where: dict[int, tuple[int, Group]] = {}
-        self._residuals: deque[tuple[float, float]] = deque(maxlen=RESIDUALS)  # (end, s)
+        # (end, the residual's deviation from the level before it), seconds
+        self._residuals: deque[tuple[float, float]] = deque(maxlen=RESIDUALS)
+        # the latest calls as (end, seconds from predicted start to end, requests)
+        self._latest: deque[tuple[float, float, int]] = deque(maxlen=LEVEL_CALLS)
+        self._level = 0.0
+        self._peak = self._mark = 0.0  # the level at `level_rise`, and the highest since
         self._fresh = 0  # residuals since the quantiles were computed
-        self._overhead: tuple[float, float] | None = None  # (median, quantile), cached
-        self._sorted = np.zeros(0)  # the residuals, sorted, as of the cached quantiles
+        self._spread: tuple[float, float] | None = None  # deviations' (median, quantile)
+        self._sorted = np.zeros(0)  # the deviations, sorted, as of the cached quantiles
         self.prompt = False  # ends are reported as they happen (`finished`), not later
         self.closed_until = -math.inf  # arrivals before this are refused (`closed`)
         self._probed_at = -math.inf
@@ -132,27 +151,62 @@ class StageLedger:
         self._service = service
         self.rate = max(0.0, rate)
         self.closed_until = -math.inf
+        self._relevel()
 
     def overhead(self) -> tuple[float, float]:
-        """(median, `admit_quantile` quantile) of the recent residuals, seconds."""
-        if self._overhead is None or self._fresh >= REQUANTILE_EVERY:
+        """(median, `admit_quantile` quantile) of the next call's residual, seconds:
+        the current level plus the recent deviations' (see the module docstring)."""
+        if self._spread is None or self._fresh >= REQUANTILE_EVERY:
             self._fresh = 0
             if self._residuals:
                 newest = self._residuals[-1][0]
-                while self._residuals[0][0] < newest - RESIDUAL_WINDOW_S:
+                while (
+                    len(self._residuals) > MIN_RESIDUALS
+                    and self._residuals[0][0] < newest - RESIDUAL_WINDOW_S
+                ):
                     self._residuals.popleft()
-            self._sorted = np.sort(self.residuals())
-            if len(self._residuals) < MIN_RESIDUALS:
-                self._overhead = (DEFAULT_OVERHEAD_S, DEFAULT_OVERHEAD_S)
+            self._sorted = np.sort(self._deviations())
+            if len(self._residuals) >= MIN_RESIDUALS:
+                median, high = np.quantile(self._sorted, [0.5, self.admit_quantile])
+                self._spread = (float(median), max(float(high), float(median)))
             else:
-                values = self._sorted
-                median, high = np.quantile(values, [0.5, self.admit_quantile])
-                self._overhead = (float(median), max(float(high), float(median)))
-        return self._overhead
+                self._spread = None
+        if self._spread is None:
+            self._fresh = REQUANTILE_EVERY  # judged again at the next call
+            return DEFAULT_OVERHEAD_S, DEFAULT_OVERHEAD_S
+        return self._level + self._spread[0], self._level + self._spread[1]
 
     def residuals(self) -> np.ndarray:
-        """The recent residuals (seconds), oldest first."""
-        return np.fromiter((r for _, r in self._residuals), float, len(self._residuals))
+        """The law of the next residual (seconds), as samples: the recent residuals'
+        deviations, oldest first, at the current level (see the module docstring)."""
+        return self._deviations() + self._level
+
+    def _deviations(self) -> np.ndarray:
+        return np.fromiter((d for _, d in self._residuals), float, len(self._residuals))
+
+    def _relevel(self) -> None:
+        """The level: the median residual of the latest calls (the last `LEVEL_CALLS`
+        of the last `LEVEL_S` seconds, at least `LEVEL_MIN`), against the service
+        times in force."""
+        if not self._latest:
+            self._level = 0.0
+            return
+        top = len(self._service) - 1
+        newest = self._latest[-1][0]
+        latest = [
+            took - self._service[min(n, top)]
+            for k, (end, took, n) in enumerate(reversed(self._latest))
+            if k < LEVEL_MIN or end >= newest - LEVEL_S
+        ]
+        self._level = float(np.median(latest))
+        self._peak = max(self._peak, self._level)
+
+    def level_rise(self) -> float:
+        """How far the level rose, at its highest, above where it stood at the last
+        call of this (seconds; a slow spell of the machine), and start again from now."""
+        rise = self._peak - self._mark
+        self._mark = self._peak = self._level
+        return rise
 
     # --- decisions -------------------------------------------------------------------
 
@@ -361,7 +415,8 @@ class StageLedger:
         late = now - planned  # the residual so far
         if late <= median or late > STALE_S:
             return
-        past = self._sorted  # as `overhead()` left them: sorted, at most a few calls old
+        # as `overhead()` left them: sorted, at most a few calls old, at today's level
+        past = self._sorted + self._level
         cut = int(np.searchsorted(past, late, side="right"))  # the longer ones on
         longer = len(past) - cut
         if longer:  # their median
@@ -412,8 +467,11 @@ class StageLedger:
         """`group`'s call ended at `end`: learn the residual, move the groups queued
         behind it by the surprise, and drop it and those before it."""
         self.closed_until = -math.inf
-        residual = end - (group.end - group.slip)  # against the prediction it was given
-        self._residuals.append((end, residual))
+        took, count = end - group.start, max(group.count, 1)  # from its predicted start
+        residual = took - self._service[min(count, len(self._service) - 1)]
+        self._residuals.append((end, residual - self._level))
+        self._latest.append((end, took, count))
+        self._relevel()
         self._fresh += 1
         median, _ = self.overhead()
         surprise = end - group.end - median  # of which `slip` already moved those behind

@@ -66,7 +66,9 @@ MOST_TIGHTEN = 0.8  # per correction: an overshoot of several times the SLO is a
 # (a plan the workers could not keep up with), not a model error to scale by
 RELAX_STEP = 1.1
 PREMISE_RATE_SLACK = 1.2  # arrivals above this x the planned peak rate void a correction
+PREMISE_SPELL = 0.1  # ... and so does a rise of the service level by this share of the SLO
 REPLAN_CHANGE = 0.1  # a periodic re-plan searches only when the basis moved more than this
+SERVICE_SHIFT = 0.25  # service times moved by more than this since the plan: re-plan now
 SPARE_AT = 0.5  # peak-phase utilization of the planned workers past which one more is loaded
 COST_TOLERANCE = 0.15  # the cost objective takes the fastest plan within this of the cheapest
 ROOM = 0.9  # a plan predicted within this share of the target leaves admission room ...
@@ -189,7 +191,7 @@ class BatchingController:
         requests' ends the driver does not see itself: see `finished`)."""
         with self._lock:
             if size:
-                self.profile.observe(size, service_s)
+                self.profile.observe(size, service_s, now)
                 if worker is not None:
                     self.ledger.observed(worker, size, now)
             popped = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
@@ -292,6 +294,9 @@ class BatchingController:
                 return self._decision
             if check:
                 self._shift_checked_at = now
+                # the service times the plan rests on moved (a slow spell began or
+                # ended): re-plan now, not at the next period
+                due = due or self._service_moved()
             window, planned_for = self.arrivals.snapshot(now), self._fitted
         # Arrivals are fitted on a copy, outside the lock: a fit takes a core for tens
         # of milliseconds, and every arrival and every result needs the lock.
@@ -405,12 +410,17 @@ class BatchingController:
         slo_s = self.policy.slo_ms / 1e3
         measured = float(np.quantile(recent, self.policy.percentile))
         # An overshoot is a model error only when the plan's premises held: it was
-        # predicted feasible, and no more arrived than the process it was planned for
-        # produces (a rate it did not plan for, or an overload, is no model error).
+        # predicted feasible, no more arrived than the process it was planned for
+        # produces (a rate it did not plan for, or an overload, is no model error),
+        # and the calls ran as long as planned: a slow spell of a shared machine
+        # (the admission ledger's level of residuals rose) passes, and a target
+        # tightened for it would stay tight long after it, refusing in vain.
         planned_for = self._fitted.phase_rates.max() if self._fitted is not None else math.inf
+        spell = self.ledger.level_rise() > PREMISE_SPELL * slo_s
         premises = (
             self._decision.predicted_ms is not None  # a plan, not warm-up exploration
             and self._decision.feasible
+            and not spell
             and window.rate(now, now - since) <= PREMISE_RATE_SLACK * planned_for
         )
         if measured > slo_s and premises:
@@ -472,6 +482,15 @@ class BatchingController:
         times of one request and of the planned batch, and the planning target."""
         service = self.profile.predict(np.array([1, self._decision.max_size]))
         return np.array([fitted.rate, fitted.phase_rates.max(), *service, self.target_scale])
+
+    def _service_moved(self) -> bool:
+        """Whether the service times of one request or of the planned batch moved by
+        more than `SERVICE_SHIFT` since the plan was made."""
+        if self._basis is None:
+            return False
+        now = self.profile.predict(np.array([1, self._decision.max_size]))
+        then = self._basis[2:4]
+        return bool(np.any(np.abs(now - then) > SERVICE_SHIFT * np.maximum(then, 1e-9)))
 
     def space(self) -> SearchSpace:
         """What a plan searches now (the planning target as it stands)."""

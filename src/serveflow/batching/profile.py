@@ -8,7 +8,11 @@ batches (a line, and the curve only once enough sizes show it). Keeping every si
 seen (not just the latest batches, which under a steady plan all have about one size
 and fit no slope) keeps the slope known; when recent times drift away from the fitted
 line (e.g. other load on the machine), the older ones are scaled by the drift before
-the refit.
+the refit. Observed with their times (`at`), the recent ones are those of the last
+`RECENT_S` seconds (at least `RECENT_MIN`), and a refit is due every `REFIT_S` too:
+when few calls run (an admission refusing most arrivals through a slow spell), a
+count of calls would judge the drift seconds late, and scale every older batch by a
+spell that is already over.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from scipy.optimize import OptimizeResult, lsq_linear
 
 log = logging.getLogger(__name__)
 
-RECENT = 32  # the latest observations, judged for drift
+RECENT = 32  # the latest observations, judged for drift ...
+RECENT_S = 1.0  # ... of the last this many seconds (observed with their times) ...
+RECENT_MIN = 8  # ... at least this many
+REFIT_S = 0.5  # observed with their times: a refit at least this often
 FULL_WEIGHT_AT = 8  # observations of a size that give it its full weight in the fit
 
 
@@ -47,6 +54,8 @@ class ServiceProfile:
         self._history = history
         self._by_size: dict[int, deque[tuple[int, float]]] = {}  # size -> (seq, seconds)
         self._seq = 0
+        self._times: deque[float] = deque(maxlen=RECENT)  # when the latest were observed
+        self._fitted_at = -np.inf
         self._refit_every = refit_every
         self._drift = drift
         self._since_fit = 0
@@ -67,15 +76,30 @@ class ServiceProfile:
         ladder.append(self.max_size)
         return [size for size in ladder if size not in self._by_size]
 
-    def observe(self, size: int, seconds: float) -> None:
+    def observe(self, size: int, seconds: float, at: float | None = None) -> None:
+        """A call of `size` requests took `seconds`; `at`: when it ended (any clock,
+        seconds), which makes the drift judged over time (see the module docstring)."""
         if size < 1 or not np.isfinite(seconds) or seconds < 0:
             return
         bucket = self._by_size.setdefault(int(size), deque(maxlen=self._history))
         bucket.append((self._seq, float(seconds)))
         self._seq += 1
         self._since_fit += 1
-        if not self.ready or self._since_fit >= self._refit_every:
+        if at is not None:
+            self._times.append(at)
+        due = at is not None and at - self._fitted_at >= REFIT_S
+        if not self.ready or self._since_fit >= self._refit_every or due:
             self._refit()
+            if at is not None:
+                self._fitted_at = at
+
+    def _recent(self) -> int:
+        """How many of the latest observations are judged for drift."""
+        if len(self._times) < RECENT:  # not all timed
+            return RECENT
+        newest = self._times[-1]
+        timed = sum(1 for t in self._times if t >= newest - RECENT_S)
+        return max(RECENT_MIN, timed)
 
     def _data(self) -> np.ndarray:
         """(size, seq, seconds) rows, oldest first."""
@@ -90,11 +114,12 @@ class ServiceProfile:
             return
         sizes, times = data[:, 0], data[:, 2]
         if self.ready and len(data) >= 2 * RECENT:
-            predicted = self.predict(sizes[-RECENT:])
-            gap = np.median(times[-RECENT:] / np.maximum(predicted, 1e-9)) - 1.0
+            recent = self._recent()
+            predicted = self.predict(sizes[-recent:])
+            gap = np.median(times[-recent:] / np.maximum(predicted, 1e-9)) - 1.0
             if abs(gap) > self._drift:
                 log.info("service time drifted by %+.0f%%: rescaling older batches", gap * 100)
-                times[:-RECENT] *= 1.0 + gap
+                times[:-recent] *= 1.0 + gap
                 self._by_size = {}
                 for size, seq, t in zip(sizes.astype(int), data[:, 1].astype(int), times):
                     bucket = self._by_size.setdefault(int(size), deque(maxlen=self._history))

@@ -271,6 +271,7 @@ def simulate_controlled(
     reply_s: float = 0.0,
     noise: Callable[[int], float] | None = None,
     plan_every_s: float = 0.1,
+    pace: Callable[[float], float] | None = None,
 ) -> Served:
     """The runtime around a `BatchingController`, in simulated time: each arrival is
     offered to the controller (`refuses_outright`, else `on_arrival` and `admit`),
@@ -279,7 +280,9 @@ def simulate_controlled(
     has passed), reaches its worker `send_s` later, and runs as `BatchRule` says
     (full, or its oldest has waited the timeout since it was sent; more than a batch
     queued: up to two batches as one call). A call of n requests takes
-    `service([n])` plus `noise(n)` seconds (none by default); its results reach the
+    `service([n])` plus `noise(n)` seconds (none by default), times `pace(start)` when
+    given (the machine's speed over time: a call started in a slow spell of a shared
+    machine takes longer); its results reach the
     driver `reply_s` later, where the controller hears of them (`finished`,
     `on_batch_done`). The controller is asked for its decision every
     `plan_every_s`, its searches run inline."""
@@ -322,6 +325,8 @@ def simulate_controlled(
         take = min(len(queue), merge if len(queue) > size else size)
         batch = [queue.popleft() for _ in range(take)]
         took = float(service(np.array([take]))[0]) + (noise(take) if noise else 0.0)
+        if pace is not None:
+            took *= pace(now)
         busy_until[w] = now + took
         sizes.append(take)
         heapq.heappush(events, (now + took, DONE, next(seq), (w, batch, took)))
