@@ -257,6 +257,52 @@ def test_a_plan_near_its_target_leaves_room_for_admission() -> None:
     assert got["within"] >= 0.985 and got["refused"] <= 0.015, got
 
 
+def _after_a_slow_spell(slo_x: float, seed: int) -> dict:
+    """A stage of 10.8 + 3.64 ms per row (MiniLM's curve here) on 2 workers, Poisson
+    arrivals at half the capacity within an SLO of `slo_x` x one request's service,
+    lognormal service noise, and one slow spell of the machine: calls started from
+    4 s to 5.5 s take 3x as long. Figures over the requests sent from 1 s to 3 s after
+    the spell ended."""
+    a, b, seconds = 10.8, 3.64, 9.0
+    slo_s = slo_x * (a + b) / 1e3
+    sizes = np.arange(1, 65)
+    times = (a + b * sizes) / 1e3
+    capacity = float((2 * sizes / times)[2 * times <= slo_s].max())
+    rng = np.random.default_rng(seed)
+    arrivals = MAP.poisson(0.5 * capacity).sample(int(0.5 * capacity * seconds), rng)
+    controller = BatchingController(sf.Batching(slo_ms=slo_s * 1e3), 2, held_workers=2)
+    out = simulate_controlled(
+        arrivals,
+        linear_service(a / 1e3, b / 1e3),
+        controller,
+        2,
+        send_s=0.001,
+        reply_s=0.001,
+        noise=lambda n: float(rng.lognormal(np.log(0.1 * (a + b * n) / 1e3), 0.8)),
+        pace=lambda t: 3.0 if 4.0 <= t < 5.5 else 1.0,
+    )
+    after = (arrivals >= 6.5) & (arrivals < 8.5)
+    latencies = out.latencies[after]
+    answered = latencies[~np.isnan(latencies)]
+    return {
+        "within": float((answered <= slo_s).sum() / len(latencies)),
+        "refused": 1.0 - len(answered) / len(latencies),
+    }
+
+
+@pytest.mark.parametrize(("slo_x", "seed"), [(3, 3), (5, 3), (5, 5), (10, 5)])
+def test_after_a_slow_spell_of_the_machine_admission_serves_again_within_a_second(
+    slo_x, seed
+) -> None:
+    # Fixed (10, 10 ms) batching answers 96-100% of these requests in time. Before:
+    # adaptive refused 17-96% of them, seconds after the spell: the overhead quantile
+    # held the spell's residuals for 5 s on top of a profile refitted to the spell, the
+    # planning target was tightened for it, and refusing most arrivals left too few
+    # calls to see it was over (MiniLM at 5x on a shared machine: 37% refused).
+    got = _after_a_slow_spell(slo_x, seed)
+    assert got["refused"] <= 0.08 and got["within"] >= 0.9, got
+
+
 @pytest.mark.parametrize(
     ("rate", "slo_ms", "a_ms", "b_ms", "bursty"),
     [
