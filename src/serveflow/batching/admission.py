@@ -51,9 +51,9 @@ RESIDUALS = 400  # observed calls the overhead quantile is taken over, at most
 RESIDUAL_WINDOW_S = 5.0  # ... and only those of the last seconds: it settles that fast
 MIN_RESIDUALS = 50  # before this many, DEFAULT_OVERHEAD_S stands in
 REQUANTILE_EVERY = 8  # new residuals between recomputations of the quantiles
-LEVEL_CALLS = 16  # the latest residuals whose median is the level (see the docstring) ...
-LEVEL_S = 0.3  # ... those of the last this many seconds, at least LEVEL_MIN: refusing
-LEVEL_MIN = 3  # most arrivals, few calls end, and a spell's calls would set it for long
+LEVEL_S = 0.3  # the level (see the docstring): the median residual of this many seconds,
+LEVEL_CALLS = 128  # ... at most this many calls, at least LEVEL_MIN (refusing most
+LEVEL_MIN = 3  # arrivals, few calls end, and a spell's calls would set it for long)
 DEFAULT_OVERHEAD_S = 0.001
 PROBE_EVERY_S = 0.2  # an idle worker takes one request this often whatever its prediction
 REOPEN_GRID = 50  # after a refusal, admission is tried again every SLO / this ...
@@ -127,8 +127,9 @@ class StageLedger:
         # the latest calls as (end, seconds from predicted start to end, requests)
         self._latest: deque[tuple[float, float, int]] = deque(maxlen=LEVEL_CALLS)
         self._level = 0.0
-        self._peak = self._mark = 0.0  # the level at `level_rise`, and the highest since
-        self._fresh = 0  # residuals since the quantiles were computed
+        self._mark: float | None = None  # the level at `level_rise` (or first seen) ...
+        self._peak = 0.0  # ... and the highest since
+        self._fresh = REQUANTILE_EVERY  # residuals since the quantiles were computed
         self._spread: tuple[float, float] | None = None  # deviations' (median, quantile)
         self._sorted = np.zeros(0)  # the deviations, sorted, as of the cached quantiles
         self.prompt = False  # ends are reported as they happen (`finished`), not later
@@ -156,7 +157,7 @@ class StageLedger:
     def overhead(self) -> tuple[float, float]:
         """(median, `admit_quantile` quantile) of the next call's residual, seconds:
         the current level plus the recent deviations' (see the module docstring)."""
-        if self._spread is None or self._fresh >= REQUANTILE_EVERY:
+        if self._fresh >= REQUANTILE_EVERY:
             self._fresh = 0
             if self._residuals:
                 newest = self._residuals[-1][0]
@@ -172,7 +173,6 @@ class StageLedger:
             else:
                 self._spread = None
         if self._spread is None:
-            self._fresh = REQUANTILE_EVERY  # judged again at the next call
             return DEFAULT_OVERHEAD_S, DEFAULT_OVERHEAD_S
         return self._level + self._spread[0], self._level + self._spread[1]
 
@@ -185,9 +185,9 @@ class StageLedger:
         return np.fromiter((d for _, d in self._residuals), float, len(self._residuals))
 
     def _relevel(self) -> None:
-        """The level: the median residual of the latest calls (the last `LEVEL_CALLS`
-        of the last `LEVEL_S` seconds, at least `LEVEL_MIN`), against the service
-        times in force."""
+        """The level: the median residual of the calls of the last `LEVEL_S` seconds
+        (at most `LEVEL_CALLS`, at least `LEVEL_MIN`), against the service times in
+        force."""
         if not self._latest:
             self._level = 0.0
             return
@@ -199,12 +199,14 @@ class StageLedger:
             if k < LEVEL_MIN or end >= newest - LEVEL_S
         ]
         self._level = float(np.median(latest))
+        if self._mark is None:
+            self._mark = self._peak = self._level
         self._peak = max(self._peak, self._level)
 
     def level_rise(self) -> float:
         """How far the level rose, at its highest, above where it stood at the last
         call of this (seconds; a slow spell of the machine), and start again from now."""
-        rise = self._peak - self._mark
+        rise = self._peak - self._mark if self._mark is not None else 0.0
         self._mark = self._peak = self._level
         return rise
 

@@ -66,7 +66,8 @@ MOST_TIGHTEN = 0.8  # per correction: an overshoot of several times the SLO is a
 # (a plan the workers could not keep up with), not a model error to scale by
 RELAX_STEP = 1.1
 PREMISE_RATE_SLACK = 1.2  # arrivals above this x the planned peak rate void a correction
-PREMISE_SPELL = 0.1  # ... and so does a rise of the service level by this share of the SLO
+PREMISE_SPELL = 0.1  # ... and so does a rise of the residuals' level by this share of
+# the SLO beyond their spread (a slow spell of the machine)
 REPLAN_CHANGE = 0.1  # a periodic re-plan searches only when the basis moved more than this
 SERVICE_SHIFT = 0.25  # service times moved by more than this since the plan: re-plan now
 SPARE_AT = 0.5  # peak-phase utilization of the planned workers past which one more is loaded
@@ -416,7 +417,8 @@ class BatchingController:
         # (the admission ledger's level of residuals rose) passes, and a target
         # tightened for it would stay tight long after it, refusing in vain.
         planned_for = self._fitted.phase_rates.max() if self._fitted is not None else math.inf
-        spell = self.ledger.level_rise() > PREMISE_SPELL * slo_s
+        median, high = self.ledger.overhead()  # a rise within the spread is noise
+        spell = self.ledger.level_rise() > PREMISE_SPELL * slo_s + (high - median)
         premises = (
             self._decision.predicted_ms is not None  # a plan, not warm-up exploration
             and self._decision.feasible
