@@ -26,14 +26,17 @@ The loop is closed twice:
   everything.
 - residuals come in spells: on a shared machine a model's calls run 2-3x slower for
   a second, then not (and the service profile, refitted meanwhile, first lags the
-  spell, then lags its end). So each residual is kept as its deviation from the
-  level before it (the median residual of the latest calls), and the law
-  admission adds is the current level plus those deviations. A spell raises the
-  level within a few calls, and once it is over the level falls back as fast: its
-  calls do not stay in the spread for the whole window, refusing what would now be
-  served in time. The level is taken against the service times in force: when the
-  profile is refitted (say, to a spell the level has already seen), the last calls'
-  residuals are taken again against the new service times, not counted twice.
+  spell, then lags its end). The level of the latest calls' residuals (their
+  median over `LEVEL_S`) is compared with the window's median: its `excess`, when
+  it is beyond the window's spread (a spell; or, after a spell, a profile still
+  refitted to it), is added to the law admission uses, and each residual is kept
+  less the excess at its time. A spell thus raises the predictions within a few
+  calls, and once it is over they fall back as fast: its calls do not stay in the
+  spread for the whole window, refusing what would now be served in time. The
+  level is taken against the service times in force: when the profile is refitted
+  (say, to a spell the level has already seen), the latest calls' residuals are
+  taken again against the new service times, not counted twice. Without a spell
+  the excess is 0, and the law is the window's residuals as they came.
 
 Pure computation; the controller calls it under its lock.
 """
@@ -122,13 +125,12 @@ class StageLedger:
         self._service = np.zeros(2)  # seconds by requests per call (index 0 unused)
         self._queues: dict[int, deque[Group]] = {}
         self._where: dict[int, tuple[int, Group]] = {}
-        # (end, the residual's deviation from the level before it), seconds
+        # (end, the residual less the excess at its time), seconds
         self._residuals: deque[tuple[float, float]] = deque(maxlen=RESIDUALS)
         # the latest calls as (end, seconds from predicted start to end, requests)
         self._latest: deque[tuple[float, float, int]] = deque(maxlen=LEVEL_CALLS)
-        self._level = 0.0
-        self._mark: float | None = None  # the level at `level_rise` (or first seen) ...
-        self._peak = 0.0  # ... and the highest since
+        self._excess = 0.0  # of the level over the window's median (see the docstring)
+        self._peak = 0.0  # the highest excess since `spell_excess` was last asked
         self._fresh = REQUANTILE_EVERY  # residuals since the quantiles were computed
         self._spread: tuple[float, float] | None = None  # deviations' (median, quantile)
         self._sorted = np.zeros(0)  # the deviations, sorted, as of the cached quantiles
@@ -156,7 +158,7 @@ class StageLedger:
 
     def overhead(self) -> tuple[float, float]:
         """(median, `admit_quantile` quantile) of the next call's residual, seconds:
-        the current level plus the recent deviations' (see the module docstring)."""
+        the recent residuals', with the current excess (see the module docstring)."""
         if self._fresh >= REQUANTILE_EVERY:
             self._fresh = 0
             if self._residuals:
@@ -166,7 +168,7 @@ class StageLedger:
                     and self._residuals[0][0] < newest - RESIDUAL_WINDOW_S
                 ):
                     self._residuals.popleft()
-            self._sorted = np.sort(self._deviations())
+            self._sorted = np.sort(self._kept())
             if len(self._residuals) >= MIN_RESIDUALS:
                 median, high = np.quantile(self._sorted, [0.5, self.admit_quantile])
                 self._spread = (float(median), max(float(high), float(median)))
@@ -174,22 +176,23 @@ class StageLedger:
                 self._spread = None
         if self._spread is None:
             return DEFAULT_OVERHEAD_S, DEFAULT_OVERHEAD_S
-        return self._level + self._spread[0], self._level + self._spread[1]
+        return self._excess + self._spread[0], self._excess + self._spread[1]
 
     def residuals(self) -> np.ndarray:
-        """The law of the next residual (seconds), as samples: the recent residuals'
-        deviations, oldest first, at the current level (see the module docstring)."""
-        return self._deviations() + self._level
+        """The law of the next residual (seconds), as samples: the recent residuals,
+        oldest first, with the current excess (see the module docstring)."""
+        return self._kept() + self._excess
 
-    def _deviations(self) -> np.ndarray:
+    def _kept(self) -> np.ndarray:
         return np.fromiter((d for _, d in self._residuals), float, len(self._residuals))
 
     def _relevel(self) -> None:
-        """The level: the median residual of the calls of the last `LEVEL_S` seconds
-        (at most `LEVEL_CALLS`, at least `LEVEL_MIN`), against the service times in
-        force."""
-        if not self._latest:
-            self._level = 0.0
+        """The excess: the level (the median residual of the calls of the last
+        `LEVEL_S` seconds, at most `LEVEL_CALLS`, at least `LEVEL_MIN`, against the
+        service times in force) less the window's median, when the two are further
+        apart than the window's spread (its median to its `admit_quantile`)."""
+        if not self._latest or self._spread is None:
+            self._excess = 0.0
             return
         top = len(self._service) - 1
         newest = self._latest[-1][0]
@@ -198,17 +201,16 @@ class StageLedger:
             for k, (end, took, n) in enumerate(reversed(self._latest))
             if k < LEVEL_MIN or end >= newest - LEVEL_S
         ]
-        self._level = float(np.median(latest))
-        if self._mark is None:
-            self._mark = self._peak = self._level
-        self._peak = max(self._peak, self._level)
+        median, high = self._spread
+        gap = float(np.median(latest)) - median
+        self._excess = gap if abs(gap) > high - median else 0.0
+        self._peak = max(self._peak, self._excess)
 
-    def level_rise(self) -> float:
-        """How far the level rose, at its highest, above where it stood at the last
-        call of this (seconds; a slow spell of the machine), and start again from now."""
-        rise = self._peak - self._mark if self._mark is not None else 0.0
-        self._mark = self._peak = self._level
-        return rise
+    def spell_excess(self) -> float:
+        """The highest excess (seconds; a slow spell of the machine) since the last
+        call of this."""
+        peak, self._peak = self._peak, max(self._excess, 0.0)
+        return peak
 
     # --- decisions -------------------------------------------------------------------
 
@@ -417,8 +419,8 @@ class StageLedger:
         late = now - planned  # the residual so far
         if late <= median or late > STALE_S:
             return
-        # as `overhead()` left them: sorted, at most a few calls old, at today's level
-        past = self._sorted + self._level
+        # as `overhead()` left them: sorted, at most a few calls old, with today's excess
+        past = self._sorted + self._excess
         cut = int(np.searchsorted(past, late, side="right"))  # the longer ones on
         longer = len(past) - cut
         if longer:  # their median
@@ -471,7 +473,7 @@ class StageLedger:
         self.closed_until = -math.inf
         took, count = end - group.start, max(group.count, 1)  # from its predicted start
         residual = took - self._service[min(count, len(self._service) - 1)]
-        self._residuals.append((end, residual - self._level))
+        self._residuals.append((end, residual - self._excess))
         self._latest.append((end, took, count))
         self._relevel()
         self._fresh += 1

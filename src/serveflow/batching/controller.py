@@ -66,8 +66,8 @@ MOST_TIGHTEN = 0.8  # per correction: an overshoot of several times the SLO is a
 # (a plan the workers could not keep up with), not a model error to scale by
 RELAX_STEP = 1.1
 PREMISE_RATE_SLACK = 1.2  # arrivals above this x the planned peak rate void a correction
-PREMISE_SPELL = 0.1  # ... and so does a rise of the residuals' level by this share of
-# the SLO beyond their spread (a slow spell of the machine)
+PREMISE_SPELL = 0.1  # ... and so does a slow spell of the machine (the ledger's residuals
+# rose by this share of the SLO beyond their spread)
 REPLAN_CHANGE = 0.1  # a periodic re-plan searches only when the basis moved more than this
 SERVICE_SHIFT = 0.25  # service times moved by more than this since the plan: re-plan now
 SPARE_AT = 0.5  # peak-phase utilization of the planned workers past which one more is loaded
@@ -414,11 +414,10 @@ class BatchingController:
         # predicted feasible, no more arrived than the process it was planned for
         # produces (a rate it did not plan for, or an overload, is no model error),
         # and the calls ran as long as planned: a slow spell of a shared machine
-        # (the admission ledger's level of residuals rose) passes, and a target
+        # (the admission ledger's residuals rose in a spell) passes, and a target
         # tightened for it would stay tight long after it, refusing in vain.
         planned_for = self._fitted.phase_rates.max() if self._fitted is not None else math.inf
-        median, high = self.ledger.overhead()  # a rise within the spread is noise
-        spell = self.ledger.level_rise() > PREMISE_SPELL * slo_s + (high - median)
+        spell = self.ledger.spell_excess() > PREMISE_SPELL * slo_s
         premises = (
             self._decision.predicted_ms is not None  # a plan, not warm-up exploration
             and self._decision.feasible
