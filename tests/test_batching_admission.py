@@ -87,6 +87,31 @@ def test_an_arrival_that_would_miss_is_refused_and_not_entered() -> None:
     assert ledger.admit(10, 0.006, 0.020, [0], 0).admit
 
 
+def _calls(ledger: StageLedger, now: float, late_s: list[float], rid: int = 0) -> float:
+    """One request at a time on worker 0, each call `late_s[i]` past its predicted
+    end (5 ms), 10 ms apart; returns the time after the last."""
+    for late in late_s:
+        ledger.admit(rid, now, 1.0, [0], 0)
+        ledger.finished(rid, now + 0.005 + late)
+        now, rid = now + 0.010, rid + 1
+    return now
+
+
+def test_a_slow_spell_raises_the_overhead_at_once_and_leaves_it_once_over() -> None:
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    rng = np.random.default_rng(1)
+    now = _calls(ledger, 0.0, list(rng.uniform(0.0, 0.002, 200)))
+    assert ledger.overhead()[1] < 0.003
+    # a spell: 30 calls (0.3 s) each 50 ms late; within 0.2 s the overhead has it
+    now = _calls(ledger, now, [0.050] * 20, rid=1000)
+    assert ledger.overhead()[1] > 0.040
+    now = _calls(ledger, now, [0.050] * 10, rid=2000)
+    # over: within 0.2 s, the spell's calls no longer weigh on the next prediction
+    # (before: its 30 calls stayed in the high quantile for the 5 s window)
+    _calls(ledger, now, list(rng.uniform(0.0, 0.002, 20)), rid=3000)
+    assert ledger.overhead()[1] < 0.005
+
+
 def test_a_late_call_moves_the_calls_queued_behind_it() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     for rid in range(3):
