@@ -32,7 +32,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serveflow.serving.app import ADMITTED
 from serveflow.serving.auth import token_matches
-from serveflow.serving.metrics import PREDICT_ROUTE
 
 if TYPE_CHECKING:
     from serveflow.serving.app import ServingState
@@ -160,10 +159,7 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
 
         def _answer_refusal(self, name: str, keep_alive: bool) -> None:
             self.transport.write(responses[name.encode()])
-            flow = state.metrics.flow(name)
-            flow.shed.inc()
-            flow.count(503)
-            state.metrics.count_response(PREDICT_ROUTE, 503)
+            state.metrics.flow(name).refused()
             if keep_alive:
                 self.timeout_keep_alive_task = self.loop.call_later(
                     self.timeout_keep_alive, self.timeout_keep_alive_handler
