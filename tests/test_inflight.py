@@ -86,8 +86,20 @@ def test_the_bound_follows_a_service_that_slows_down_and_recovers():
     service.flood(PROBE_EVERY_S + 3.0)  # a probe measures the unqueued latency again
     median, throughput = service.since(service.now - 2.0)
     assert median <= 3.0 * 0.010 and throughput >= 0.85 * 4 / 0.010
-    service.flood(5.0, rate=100)  # light load: nothing queues, the bound opens again
-    assert service.bound.value >= 32
+    service.flood(0.5, rate=100)  # the flood's last admitted requests finish
+    assert service.flood(5.0, rate=100) == 0  # light load: the bound is no hindrance
+
+
+@pytest.mark.parametrize("slots,service_ms", [(2, 1.0), (4, 5.0)])
+def test_a_flood_after_light_load_meets_a_bound_near_what_the_load_used(slots, service_ms):
+    # Light load queues nothing, so the latency never told the bound to shrink: grown to
+    # its ceiling, it let the first tenths of a second of a flood queue 64 deep.
+    service = Service(slots, service_ms / 1000, ceiling=64)
+    service.flood(5.0, rate=0.3 * slots / (service_ms / 1000))
+    onset = service.now
+    service.flood(1.0)
+    latencies = sorted(lat for end, lat in service.latencies if end - lat >= onset)
+    assert latencies[int(0.99 * len(latencies))] <= 8 * service_ms / 1000
 
 
 @pytest.mark.parametrize("slots,service_ms", [(1, 10.0), (2, 2.0), (8, 20.0)])

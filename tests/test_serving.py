@@ -515,6 +515,32 @@ def test_a_refusal_at_the_limit_answers_every_form_of_request_as_http_says():
         assert shed == {"serveflow_shed_requests": 5}
 
 
+def test_a_connection_refused_at_the_limit_is_closed_only_once_idle_for_the_keep_alive_timeout():
+    # uvicorn's keep-alive timeout is 5 s, counted from a connection's last answer
+    app = slow_flow().deploy()
+    with Server({"slow": app}, port=0, max_in_flight=1) as srv:
+        url = f"{srv.url}/v1/flows/slow/predict"
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = b'{"rows": [{"s": 0.0}]}'
+        request = (b"POST /v1/flows/slow/predict HTTP/1.1\r\nHost: x\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        slow = threading.Thread(target=httpx.post, args=(url,),
+                                kwargs={"json": {"rows": [{"s": 8.0}]}, "timeout": 30})  # fmt: skip
+        slow.start()
+        with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
+            _wait_in_flight(c, "slow", 1)
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+            for pause in (0.0, 3.0, 3.0):  # the last 6 s after the first answer
+                time.sleep(pause)
+                sock.sendall(request)
+                assert _answers(sock, 1)[0].startswith(b"HTTP/1.1 503")
+            answered = time.monotonic()
+            sock.settimeout(15)
+            assert sock.recv(1) == b""  # closed by the server once idle
+            assert 4.5 < time.monotonic() - answered < 7.0
+        slow.join(TIMEOUT)
+
+
 def _send_and_leave(url: str, request: bytes) -> None:
     """Send `request` bytes on a fresh connection and close it without reading."""
     host, port = url.removeprefix("http://").split(":")

@@ -26,6 +26,13 @@ clients of one channel); refused, they would send again at once, and the refusal
 only take time from what is admitted. (Measured: 64 gRPC clients against an adaptive
 bound of 64 had half their calls refused, as Triton refuses none.)
 
+The limit also stays within twice the most requests the flow had in flight at once in
+the last `USED_WINDOWS` windows, plus the headroom. Light load queues nothing, so
+latency alone lets the limit grow to the ceiling; a flood arriving then found 32
+admitted where the load before it had used 3 to 6: its first 0.2 s was answered at a
+median of 17-20 ms, against 3 ms unqueued, until the gradient had halved the limit
+thrice. (TCP does not grow a window the sender does not fill either, RFC 7661.)
+
 When nothing has measured the unqueued latency for a while (a flood keeps every request
 queued), the limit drops to one until `PROBE_SAMPLES` requests have measured it again:
 a latency that rose for good (a slower model, a lost worker, an event loop busy
@@ -48,6 +55,8 @@ WINDOW_S = 0.1  # the limit moves at most this often
 WINDOW_SAMPLES = 8  # ... and once at least this many requests finished
 PROBE_EVERY_S = 1.0  # the unqueued latency is measured again after this long without
 PROBE_EVERY = 200  # ... or this many times that latency, when longer
+USED = 2.0  # the limit stays within this many times the most admitted at once
+USED_WINDOWS = 10  # ... in this many windows
 PROBE_SAMPLES = 5  # unqueued latencies: the median of this many recent ones counts
 
 Admission = tuple[float, int]  # (when, requests in flight then, itself included)
@@ -75,6 +84,8 @@ class InFlightLimit:
         self._window_start = clock()
         self._measured_at = self._window_start  # when an unqueued latency last came in
         self._probing = False
+        self._peak = 0  # the most admitted at once in the window
+        self._peaks: deque[int] = deque(maxlen=USED_WINDOWS)  # ... in the last ones
 
     def bound(self, crowded: bool = True) -> int:
         """The requests admitted at once now: the adapted bound while `crowded` (more
@@ -90,6 +101,7 @@ class InFlightLimit:
         if self.admitted >= self.bound(crowded):
             return None
         self.admitted += 1
+        self._peak = max(self._peak, self.admitted)
         return self._clock(), self.admitted
 
     def release(self, admission: Admission) -> None:
@@ -118,6 +130,8 @@ class InFlightLimit:
 
     def _adapt(self, now: float) -> None:
         recent = statistics.median(self._window)
+        self._peaks.append(self._peak)
+        self._peak = self.admitted
         self._window.clear()
         self._window_start = now
         if self._probing:
@@ -129,5 +143,9 @@ class InFlightLimit:
             self.value = 1
             return
         gradient = min(2.0, max(0.5, TOLERANCE * least / recent)) if recent > 0 else 2.0
-        self._limit = min(self.ceiling, max(FLOOR, self._limit * gradient + HEADROOM))
+        limit = self._limit * gradient
+        if len(self._peaks) == USED_WINDOWS:
+            limit = min(limit, USED * max(self._peaks))
+        limit += HEADROOM
+        self._limit = min(self.ceiling, max(FLOOR, limit))
         self.value = round(self._limit)

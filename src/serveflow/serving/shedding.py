@@ -18,6 +18,8 @@ prediction: a few hundred bytes) is refused before the parser sees it (`_refused
 uvicorn's parser callbacks build a scope, a header list and a callback per header for
 each request. Measured in one flood on this machine: 74 us of server CPU per refusal
 through the parser, 61 us without it, 38 us for a bare uvloop server answering 503.
+Then the counting (plain ints, see `FlowMetrics.refused`) and the keep-alive timer
+(moved only when it fires) went from 11 to about 1 us: 59 -> 46 us.
 Anything that is not plainly one complete HTTP/1.1 POST with a Content-Length goes to
 the parser.
 """
@@ -25,6 +27,7 @@ the parser.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from typing import TYPE_CHECKING
 
@@ -32,7 +35,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serveflow.serving.app import ADMITTED
 from serveflow.serving.auth import token_matches
-from serveflow.serving.metrics import PREDICT_ROUTE
 
 if TYPE_CHECKING:
     from serveflow.serving.app import ServingState
@@ -67,6 +69,7 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
 
     class SheddingProtocol(HttpToolsProtocol):
         between = True  # the parser is between messages (none begun and unfinished)
+        active_at = -math.inf  # when this protocol last refused a request (loop time)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -114,7 +117,6 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             if token is not None and not token_matches(fields.get(b"authorization", b""), token):
                 return False
             keep_alive = fields.get(b"connection", b"").lower() != b"close"
-            self._unset_keepalive_if_required()
             self._answer_refusal(flow, keep_alive)
             return True
 
@@ -160,15 +162,26 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
 
         def _answer_refusal(self, name: str, keep_alive: bool) -> None:
             self.transport.write(responses[name.encode()])
-            flow = state.metrics.flow(name)
-            flow.shed.inc()
-            flow.count(503)
-            state.metrics.count_response(PREDICT_ROUTE, 503)
-            if keep_alive:
+            state.metrics.flow(name).refused()
+            if not keep_alive:
+                self.transport.close()
+                return
+            # The keep-alive timer is not moved per refusal (a cancel and a new timer
+            # were 5 of the 44 us one took): the refusal's time is noted, and a timer
+            # that fires early is set again for the rest of the idle time.
+            self.active_at = self.loop.time()
+            if self.timeout_keep_alive_task is None:
                 self.timeout_keep_alive_task = self.loop.call_later(
                     self.timeout_keep_alive, self.timeout_keep_alive_handler
                 )
-            else:
-                self.transport.close()
+
+        def timeout_keep_alive_handler(self) -> None:
+            idle = self.loop.time() - self.active_at
+            if idle < self.timeout_keep_alive:
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive - idle, self.timeout_keep_alive_handler
+                )
+                return
+            super().timeout_keep_alive_handler()
 
     return SheddingProtocol
