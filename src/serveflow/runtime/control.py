@@ -184,6 +184,11 @@ class DeployedApp(App):
     def stats(self) -> dict[str, dict[str, Any]]:
         return self._control.stage_figures(self)
 
+    def workers_of(self, index: int) -> int:
+        """The workers stage `index` is warm on now: `stats()`'s "workers", without
+        the percentiles over every recent latency that `stats()` computes."""
+        return self._control.stage_workers(self, index)
+
     def _shutdown(self) -> None:
         self._control.undeploy(self)
 
@@ -969,13 +974,22 @@ class ControlPlane:
         return total or None
 
     # -- figures ------------------------------------------------------------------------
+    def stage_workers(self, app: DeployedApp, index: int) -> int:
+        with self._lock:
+            return self._warm_on(app, index)
+
+    def _warm_on(self, app: DeployedApp, index: int) -> int:
+        return sum((app.id, index) in w.load.warm for w in self._workers.values())
+
     def stage_figures(self, app: DeployedApp) -> dict[str, dict[str, Any]]:
         figures = {}
+        # the percentiles first, not under the lock every worker's message needs
+        snapshots = [stats.snapshot() for stats in app.stage_stats]
         with self._lock:
             for index, stage in enumerate(app.plan.stages):
                 key = (app.id, index)
-                entry = app.stage_stats[index].snapshot()
-                entry["workers"] = sum(key in w.load.warm for w in self._workers.values())
+                entry = snapshots[index]
+                entry["workers"] = self._warm_on(app, index)
                 entry["queue"] = sum(w.queued.get(key, 0) for w in self._workers.values())
                 if index in app.sources:  # requests waiting at the driver for room
                     entry["queue"] += sum(1 for a, _ in self._unrouted if a is app)

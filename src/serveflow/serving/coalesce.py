@@ -62,7 +62,7 @@ COST_WINDOW = 64  # recent requests whose time per row decides
 # While rows are dear, one group is merged this often to measure again: a time, not a
 # share of groups, so that the few requests slowed by a probe stay below the p99.
 PROBE_EVERY_S = 1.0
-WORKERS_EVERY_S = 1.0  # how often the first stage's worker count is read (app.stats())
+WORKERS_EVERY_S = 1.0  # how often the first stage's worker count is read
 MIN_TRIPS = 8  # recent requests needed to fit what a row costs against a request
 ROW_LOCAL = (Source, Map, Filter, Lookup, Join, Union)
 
@@ -143,8 +143,9 @@ class Coalescer:
         now = time.monotonic()
         if now - self._workers_at >= WORKERS_EVERY_S:
             self._workers_at = now
-            figures = self.app.stats().get(self.app.plan.stages[0].name, {})
-            self._workers = max(1, int(figures.get("workers", 1)))
+            # not from app.stats(): its percentiles over up to 16k latencies held
+            # the event loop for milliseconds (3% of its time in a flood, py-spy)
+            self._workers = max(1, self.app.workers_of(0))
         return self._workers
 
     def _parts(self, rows: int) -> int:
