@@ -44,6 +44,7 @@ Pure computation; the controller calls it under its lock.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -194,15 +195,19 @@ class StageLedger:
         if not self._latest or self._spread is None:
             self._excess = 0.0
             return
-        top = len(self._service) - 1
+        # plain floats and `statistics.median`: this runs after every call, on the
+        # driver's receiving thread (numpy's scalars and median: 66 us for 128 calls;
+        # this: 41)
+        service = self._service.tolist()
+        top = len(service) - 1
         newest = self._latest[-1][0]
         latest = [
-            took - self._service[min(n, top)]
+            took - service[min(n, top)]
             for k, (end, took, n) in enumerate(reversed(self._latest))
             if k < LEVEL_MIN or end >= newest - LEVEL_S
         ]
         median, high = self._spread
-        gap = float(np.median(latest)) - median
+        gap = statistics.median(latest) - median
         self._excess = gap if abs(gap) > high - median else 0.0
         self._peak = max(self._peak, self._excess)
 
