@@ -824,3 +824,43 @@ def test_requests_read_together_are_merged_into_one_runtime_request_per_worker()
         assert app.stats()["same"]["requests"] - before == 2
     finally:
         runtime.stop()
+
+
+def test_a_request_goes_at_once_to_an_idle_worker_and_waits_for_company_only_when_none_is():
+    """While a request runs on one of two workers, the next goes at once to the other
+    (waiting for company whenever anything ran had 2 closed-loop clients wait 2 ms a
+    round); once both workers run one, requests wait the busy window and go merged."""
+    flow = sf.Flow("rows")
+    flow.map(lambda r: _busy(r["x"], 0.5), names=["x"], name="rows")  # cheap rows: merged
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        app = flow.deploy(runtime=runtime)
+        deadline = time.monotonic() + TIMEOUT
+        while app.stats()["rows"]["workers"] < 2 and time.monotonic() < deadline:
+            for future in [app.run({"x": [i]}) for i in range(8)]:  # both workers load it
+                future.result(timeout=TIMEOUT)
+        coalescer = Coalescer(app, busy_window_s=2.0)
+
+        async def scenario() -> tuple[list[str], int]:
+            finished: list[str] = []
+
+            async def request(name: str, rows: int) -> None:
+                await coalescer.run(sf.Table({"x": list(range(rows))}))
+                finished.append(name)
+
+            long = asyncio.create_task(request("long", 600))  # 0.3 s on one worker
+            await asyncio.sleep(0.05)
+            await request("short", 1)  # the other worker is idle: no 2 s wait
+            other = asyncio.create_task(request("other long", 600))
+            await asyncio.sleep(0.05)
+            merged = coalescer.merged_requests
+            # both workers busy: these wait the window, and go merged, one part a worker
+            await asyncio.gather(*(request(name, 1) for name in "abcd"))
+            await asyncio.gather(long, other)
+            return finished, coalescer.merged_requests - merged
+
+        finished, merged = asyncio.run(scenario())
+        assert finished.index("short") < finished.index("long")
+        assert merged == 2
+    finally:
+        runtime.stop()

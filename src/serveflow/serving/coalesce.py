@@ -5,9 +5,11 @@ a message to the first stage's worker, one back, a future). Under concurrent loa
 event loop reads many requests in one iteration; `Coalescer` submits those of one flow
 (with the same columns) as one runtime request and hands each its own rows of the output,
 told apart by their qids. Nothing waits for a batch to fill while the flow is idle: a
-lone request goes alone, so latency at low load is unchanged; while a merged request of
-the flow is running and rows are cheap (below), a new one waits up to `BUSY_WINDOW_S`
-(2 ms) for others to join it.
+lone request goes alone, so latency at low load is unchanged; while every worker of the
+flow's first stage has a request of it running and rows are cheap (below), a new one
+waits up to `BUSY_WINDOW_S` (2 ms) for others to join it; with a worker idle it goes at
+once (waiting whenever anything ran, 2 closed-loop clients on 2 workers of a 1 ms row
+had a median of 2.8 ms against 1.0 ms for one client).
 
 Only flows whose every operator works row by row are coalesced (map, row filter, lookup,
 join on qid, union): there a request's output rows are exactly those derived from its
@@ -52,7 +54,7 @@ from serveflow.runtime.app import App
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 512  # most rows in one merged request
-# While a merged request of the flow is running, a new one waits this long for company.
+# While every worker has a request of the flow, a new one waits this long for company.
 # gRPC (grpc.aio) hands each call to the event loop in an iteration of its own, so
 # "arrived together" alone merges nothing there; at 64 concurrent V2 gRPC clients this
 # window cut the workers' CPU per request 2.5-3x and the driver's by 10-20%.
@@ -110,6 +112,7 @@ class Coalescer:
         self.busy_window_s = busy_window_s
         self._pending: list[Waiter] = []
         self._running: dict[asyncio.Future[Outcome], tuple[list[Waiter], Future[Table]]] = {}
+        self._submitted = 0  # runtime requests sent and not settled
         self._scheduled = False
         self.merged_requests = 0  # runtime requests that carried several HTTP requests
         self.requests = 0
@@ -179,7 +182,8 @@ class Coalescer:
         self._pending.append((table, waiter))
         if not self._scheduled:
             self._scheduled = True
-            if self._running and self.busy_window_s > 0 and self._cheap():
+            busy = self._submitted >= self._parallel()
+            if busy and self.busy_window_s > 0 and self._cheap():
                 loop.call_later(self.busy_window_s, self._flush)
             else:
                 loop.call_soon(self._flush)  # after the requests read in this iteration
@@ -234,6 +238,7 @@ class Coalescer:
             for _, waiter in group:
                 _fail(waiter, AppStopping(str(error)))
             return
+        self._submitted += 1
         loop = group[0][1].get_loop()
         for _, waiter in group:
             self._running[waiter] = (group, future)
@@ -244,6 +249,7 @@ class Coalescer:
         future.add_done_callback(done)
 
     def _settle(self, group: list[Waiter], future: Future[Table], rows: int, took_s: float) -> None:
+        self._submitted -= 1
         if not future.cancelled() and future.exception() is None:  # (the loop reads it)
             self._ms_per_row.append(took_s * 1e3 / rows)
             self._trips.append((rows, took_s * 1e3))
