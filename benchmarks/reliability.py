@@ -20,6 +20,11 @@ Each part starts `serveflow serve` in a child process and drives it over HTTP:
   is not used there: its connections tick at the same instants, so a flood arrives in
   bursts of 96 with nothing between them, and the admitted slots sit empty between
   bursts whatever the server does.)
+- curve (not in the default parts): closed loops of 1 to 32 connections on a flow with
+  the bound fixed at 32, and the unloaded p99 as above: throughput and p99 at each depth
+  as shares of the sustainable rate and of the unloaded p99. No refusal and no flood
+  costs anything there, so the best share of the sustainable rate any bound could admit
+  within 1.5x the unloaded p99 is the curve's, an upper limit for the overload targets.
 - fuzz: schemathesis against the live server's /openapi.json (every check, the
   server's token set), then hypothesis-built bodies: wrong types, huge values, deep
   nesting, NaN, unicode, compression bombs and lying `.npy` headers. No answer may be
@@ -29,7 +34,7 @@ Each part starts `serveflow serve` in a child process and drives it over HTTP:
   and its /dev/shm run directory; p99 per 10 s window.
 
     python -m benchmarks.reliability [--quick] [--parts chaos,overload,fuzz,soak]
-        [--minutes 30] [--seconds 20]
+        [--minutes 30] [--seconds 20] [--parts curve --connections 1,2,4,8,16,32]
 
 Writes results/reliability.json (records per DESIGN.md) and results/reliability.png.
 Exits 1 when a check fails (`--quick` is what CI runs, without the soak).
@@ -435,6 +440,35 @@ def run_overload(
     return [capacity, unloaded, flood]
 
 
+def run_curve(seconds: float, flow: str, depths: list[int]) -> list[common.Record]:
+    """Closed loops of each of `depths` connections, then the unloaded phase at a
+    quarter of the deepest one's rate; `seconds` each, in OVERLOAD_ROUNDS alternating
+    slices. Ratios: throughput to the deepest one's, p99 to the unloaded one."""
+    runs: dict[int, list[dict]] = {depth: [] for depth in [*depths, 0]}
+    with Server("--max-in-flight", str(max(depths)), "--fixed-in-flight") as server:
+        url = _predict_url(server, flow)
+        open_loop(url, 2.0, max(depths))  # warm
+        for _ in range(OVERLOAD_ROUNDS):
+            for depth in depths:
+                runs[depth].append(open_loop(url, seconds / OVERLOAD_ROUNDS, depth))
+            top = sum(status == 200 for *_, status in runs[max(depths)][-1]["rows"])
+            rate = 0.25 * top / runs[max(depths)][-1]["seconds"]
+            runs[0].append(open_loop(url, seconds / OVERLOAD_ROUNDS, UNLOADED_CONNECTIONS, rate))
+
+    def merged(scenario: str, depth: int) -> common.Record:
+        rows = [row for run in runs[depth] for row in run["rows"]]
+        total = sum(run["seconds"] for run in runs[depth])
+        return _hey_record(scenario, {"rows": rows, "seconds": total}, flow=flow, depth=depth)
+
+    unloaded = merged(f"{flow}: unloaded (0.25x the deepest)", 0)
+    curve = [merged(f"{flow}: closed loop of {depth}", depth) for depth in depths]
+    deepest = curve[-1]["throughput_rps"]
+    for record in curve:
+        record["goodput_ratio"] = common.ratio(record["throughput_rps"], deepest)
+        record["p99_ratio_vs_unloaded"] = common.ratio(record["p99_ms"], unloaded["p99_ms"])
+    return [unloaded, *curve]
+
+
 def refusal_floor(seconds: float, rate: float) -> float:
     """Server CPU (us) per request of the bare 503 server (`peers.refusal`) flooded at
     `rate` over 96 connections: what a refusal costs any Python server here."""
@@ -757,8 +791,8 @@ def plot(records: list[common.Record], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     def configure(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--parts", default=None,
-                            help="comma-separated: chaos,overload,fuzz,soak (default: all; "
-                                 "--quick: all but soak)")  # fmt: skip
+                            help="comma-separated: chaos,overload,fuzz,soak,curve (default: "
+                                 "all but curve; --quick: nor soak)")  # fmt: skip
         parser.add_argument("--seconds", type=float, default=None, help="per measured phase")
         parser.add_argument("--minutes", type=float, default=30.0, help="soak length")
         parser.add_argument("--soak-rate", type=float, default=None,
@@ -769,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--flows", default="work,wait",
                             help="overload: the flows flooded (default work,wait: 1 ms of "
                                  "CPU, 2 ms asleep per request)")  # fmt: skip
+        parser.add_argument("--connections", default="1,2,3,4,6,8,12,16,32",
+                            help="curve: the closed loops' sizes, the deepest last")  # fmt: skip
         parser.add_argument("--compare-fixed", action="store_true",
                             help="overload: each bound also with --fixed-in-flight")  # fmt: skip
 
@@ -795,6 +831,10 @@ def main(argv: list[str] | None = None) -> int:
                 records += got
                 if not fixed:  # the fixed bound is the reference, not a promise
                     problems += overload_failures(got)
+    if "curve" in parts:
+        for flow in args.flows.split(","):
+            depths = [int(depth) for depth in args.connections.split(",")]
+            records += run_curve(seconds, flow, depths)
     if "fuzz" in parts:
         got = run_fuzz(examples=150 if args.quick else 1000,
                        schemathesis_examples=20 if args.quick else 200)  # fmt: skip

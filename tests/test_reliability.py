@@ -274,6 +274,16 @@ def test_overload_refuses_with_503_only_and_keeps_serving():
     assert flood["refused_median_ms"] < flood["median_ms"] * 3  # refusals are not queued
 
 
+@pytest.mark.timeout(240)
+def test_the_closed_loop_curve_rises_with_depth_and_answers_every_request():
+    unloaded, shallow, deep = reliability.run_curve(seconds=3.0, flow="wait", depths=[1, 8])
+    assert all(r["other_statuses"] == 0 and r["refused_rps"] == 0 for r in (shallow, deep))
+    # 2 ms asleep a request: one connection answers fewer than 500 a second, eight more
+    assert shallow["throughput_rps"] < 500 < deep["throughput_rps"]
+    assert deep["goodput_ratio"] == 1 and shallow["p99_ratio_vs_unloaded"] > 0
+    assert unloaded["throughput_rps"] > 0
+
+
 @pytest.mark.timeout(400)
 def test_fuzzing_finds_no_server_error_and_schemathesis_passes_every_check():
     records = reliability.run_fuzz(examples=60, schemathesis_examples=10)
