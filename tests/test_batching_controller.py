@@ -105,6 +105,25 @@ def test_warm_up_explores_then_learns_the_profile() -> None:
     assert controller.profile.b == pytest.approx(0.0005, rel=0.05)
 
 
+def test_warm_up_under_a_backlog_tries_sizes_whose_merged_calls_are_new() -> None:
+    """Overloaded from the start, a worker runs two planned batches as one call: a
+    warm-up that planned 2 saw only calls of 4, never two sizes to fit a profile to,
+    and kept its warm-up plan for good."""
+    controller = BatchingController(sf.Batching(slo_ms=125), 2)
+    now, sizes = 0.0, set()
+    for _ in range(3):  # a plan every replan_s
+        decision = controller.decision(now)
+        size = min(2 * decision.max_size, 32)  # BatchRule under a backlog
+        sizes.add(size)
+        for _ in range(40):
+            now += 0.01
+            controller.on_arrival(now)
+            controller.on_batch_done(size, 0.020 + 0.005 * size, now=now)
+        now += controller.replan_s
+    assert len(sizes) >= 2 and controller.profile.ready
+    assert controller.decision(now).predicted_ms is not None  # planned, not warming up
+
+
 def test_replans_on_rate_shift() -> None:
     controller, now = _planned(sf.Batching(slo_ms=50), 50)
     first = controller.decision(now)

@@ -252,3 +252,25 @@ def test_a_flow_slo_is_split_across_its_batching_stages(runtime):
     assert [s.batching.slo_ms for s in app.plan.stages] == [50, 50]
     assert "flow SLO: 100 ms" in app.explain()
     assert app.run({"a": [1]}).result(timeout=10).to_rows() == [{"a": 1}]
+
+
+def test_the_next_call_takes_the_requests_sent_during_the_last_one():
+    """A worker reads no message while its stage runs: the requests left over from
+    the last read and those sent meanwhile make up the next call together (before,
+    the leftovers ran alone and the others waited a whole call more)."""
+
+    def sized(table: sf.Table) -> list[int]:
+        time.sleep(0.3)
+        return [len(table)] * len(table)
+
+    flow = sf.Flow("after")
+    flow.map(sized, names=["size"], batching=sf.Batching(max_size=4, timeout_ms=1))
+    with flow.deploy(runtime=sf.LocalRuntime(min_workers=1, max_workers=1)) as app:
+        app.run({"a": [0]}).result(timeout=10)  # warm the stage
+        first = app.run({"a": [0]})  # a call of 1, to 0.3 s
+        time.sleep(0.1)
+        six = [app.run({"a": [i]}) for i in range(6)]  # 4 run from 0.3 s, 2 are left
+        time.sleep(0.35)
+        two = [app.run({"a": [i]}) for i in range(2)]  # sent during that call
+        sizes = [f.result(timeout=10).column("size")[0] for f in [first, *six, *two]]
+    assert sizes == [1, 4, 4, 4, 4, 4, 4, 4, 4], sizes

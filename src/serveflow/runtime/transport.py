@@ -37,6 +37,20 @@ from collections import deque
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 256 * 1024
+
+
+def _receive_queue() -> int:
+    try:
+        with open("/proc/sys/net/unix/max_dgram_qlen") as f:
+            return max(1, int(f.read()))
+    except (OSError, ValueError):
+        return 10  # Linux's default
+
+
+# The most datagrams a socket's receive queue holds (net.unix.max_dgram_qlen): a
+# receiver that reads this many at once may have left later ones in the backlogs of
+# their senders, whose drainer sends them once it sees room.
+RECEIVE_QUEUE = _receive_queue()
 _BUFFER_BYTES = 4 * 1024 * 1024
 _RETRY_MS = 1000  # the drainer retries its backlogs this often even without a wake-up
 

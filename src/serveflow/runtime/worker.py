@@ -37,7 +37,7 @@ from serveflow.runtime import messages as m
 from serveflow.runtime.dispatch import BatchRule
 from serveflow.runtime.scheduler import follows_winner, targets
 from serveflow.runtime.stage import StageExecutor
-from serveflow.runtime.transport import Endpoint, PeerGone
+from serveflow.runtime.transport import RECEIVE_QUEUE, Endpoint, PeerGone
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ HEARTBEAT_S = 0.5
 IDLE_WAKE_S = 1.0
 LOAD_SAID_WITHIN_S = 1.0  # how long a model load waits for the driver to be told of it
 SPIN_S = 300e-6  # polling for the next message before sleeping (`next_message`)
+BACKLOG_WAIT_S = 2e-3  # for messages left in their senders' backlogs (`handle_all`)
 CANCELS = ".cancel"  # suffix of the socket that takes only `Cancel` messages
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
 HOUSEKEEPING_EVERY_S = 0.1  # unload idle stages at most this often
@@ -241,16 +242,30 @@ class Worker:
             if self.dirty:
                 wait = min(wait if wait is not None else STATS_EVERY_S, next_report - now)
             # wake at least every IDLE_WAKE_S to unload idle stages
-            data = self.next_message(IDLE_WAKE_S if wait is None else min(wait, IDLE_WAKE_S))
-            while data is not None:
-                message = self.decode(data)
-                try:
-                    if message is not None:
-                        self.handle(message)
-                except Exception:  # a bug of ours, or an app undeployed meanwhile
-                    log.exception("failed to handle a %s message", type(message).__name__)
-                data = self.poll()
+            self.handle_all(
+                self.next_message(IDLE_WAKE_S if wait is None else min(wait, IDLE_WAKE_S))
+            )
         self.report()
+
+    def handle_all(self, data: bytes | None, backlog: bool = False) -> None:
+        """Handle `data` (a message, or None) and every message waiting after it. With
+        `backlog`, each time a socket's whole queue's worth was read (RECEIVE_QUEUE:
+        10 by default), the messages its senders may hold back are waited for, up to
+        BACKLOG_WAIT_S: they were sent before the next call is made up, and would
+        otherwise wait for the one after."""
+        read = 0
+        while data is not None:
+            message = self.decode(data)
+            try:
+                if message is not None:
+                    self.handle(message)
+            except Exception:  # a bug of ours, or an app undeployed meanwhile
+                log.exception("failed to handle a %s message", type(message).__name__)
+            read += 1
+            data = self.poll()
+            if data is None and backlog and read >= RECEIVE_QUEUE:
+                read = 0
+                data = self.endpoint.recv(BACKLOG_WAIT_S)
 
     def poll(self) -> Any:
         """The next message if one is waiting, else None."""
@@ -494,7 +509,15 @@ class Worker:
                 break
             queue = self.queues[best]
             batch = [queue.popleft() for _ in range(take)]
-            self.run_batch(self.plans[best[0]], self.facts[best[0]][best[1]], best, batch)
+            facts = self.facts[best[0]][best[1]]
+            self.run_batch(self.plans[best[0]], facts, best, batch)
+            if facts.stage.batching is not None:
+                # What came during the call joins the queues before the next call is
+                # made up. Else the next call takes only the requests read before this
+                # one, and those sent meanwhile (which the driver's admission counted
+                # in it) wait a whole call more: 80 ms calls of 11-12 requests under
+                # an SLO of 125 ms answered them in 160.
+                self.handle_all(self.poll(), backlog=True)
         self.housekeeping()
         return wait
 
