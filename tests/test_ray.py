@@ -339,6 +339,32 @@ def test_an_slo_stage_batches_requests_of_many_callers_on_ray(ray_runtime):
     assert stats["workers_target"] == 1 and stats["slo_ms"] == 5000
 
 
+def _slow_batch_sizes(table: sf.Table) -> list[int]:
+    time.sleep(0.3)
+    return [len(table)] * len(table)
+
+
+def test_an_actor_reads_many_requests_sent_during_a_batching_call(ray_cluster):
+    """After a batching call the worker reads what came meanwhile; a socket worker
+    then waits for what its 10-datagram queue left in the senders' backlogs, which an
+    actor's inbox never does: 16 requests read at once must not end the actor."""
+    runtime = sf.RayRuntime(worker_cpus=0, min_workers=1, max_workers=1, gpus=0)
+    flow = sf.Flow("drain")
+    policy = sf.Batching(max_size=16, timeout_ms=1)
+    flow.map(_slow_batch_sizes, names=["size"], batching=policy, name="model")
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            app.run(sf.Table({"a": [0]})).result(timeout=TIMEOUT)
+            first = app.run(sf.Table({"a": [0]}))  # a call of 1, to 0.3 s
+            time.sleep(0.1)
+            sixteen = [app.run(sf.Table({"a": [i]})) for i in range(16)]  # read after it
+            sizes = [f.result(timeout=TIMEOUT).column("size")[0] for f in [first, *sixteen]]
+            assert sizes == [1] + [16] * 16
+            assert app.stats()["model"]["cold_starts"] == 1  # the actor lived on
+    finally:
+        runtime.stop()
+
+
 def test_serve_on_ray_refuses_device_ids(tmp_path, capsys):
     from serveflow.serving.cli import main
 

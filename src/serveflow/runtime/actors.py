@@ -141,6 +141,11 @@ class RayWorker(Worker):
         except queue.Empty:
             return None
 
+    def held_back(self) -> Any:
+        """None: the inbox has no bound, so no sender holds messages back (and this
+        worker has no socket to wait on)."""
+        return None
+
     def next_message(self, timeout: float) -> Any:
         try:
             return self.inbox.get(timeout=max(0.0, timeout))

@@ -265,11 +265,16 @@ class Worker:
             data = self.poll()
             if data is None and backlog and read >= RECEIVE_QUEUE:
                 read = 0
-                data = self.endpoint.recv(BACKLOG_WAIT_S)
+                data = self.held_back()
 
     def poll(self) -> Any:
         """The next message if one is waiting, else None."""
         return self.endpoint.recv(0)
+
+    def held_back(self) -> Any:
+        """A message its sender's backlog held back while our socket's queue was full,
+        if one comes within BACKLOG_WAIT_S, else None."""
+        return self.endpoint.recv(BACKLOG_WAIT_S)
 
     def next_message(self, timeout: float) -> bytes | None:
         """The next message, or None after `timeout` seconds. For its first SPIN_S
