@@ -274,3 +274,23 @@ def test_the_next_call_takes_the_requests_sent_during_the_last_one():
         two = [app.run({"a": [i]}) for i in range(2)]  # sent during that call
         sizes = [f.result(timeout=10).column("size")[0] for f in [first, *six, *two]]
     assert sizes == [1, 4, 4, 4, 4, 4, 4, 4, 4], sizes
+
+
+def test_a_worker_reports_its_batching_calls_during_a_flood():
+    """The worker reads what came during each batching call; a flood that never lets
+    the queue empty must not hold off its stats reports until it ends (the driver's
+    counts and the batching controller's observations stood still meanwhile)."""
+
+    def slow(table: sf.Table) -> list[int]:
+        time.sleep(0.05)
+        return [len(table)] * len(table)
+
+    flow = sf.Flow("flood")
+    flow.map(slow, names=["size"], batching=sf.Batching(max_size=4, timeout_ms=1), name="model")
+    with flow.deploy(runtime=sf.LocalRuntime(min_workers=1, max_workers=1)) as app:
+        app.run({"a": [0]}).result(timeout=10)  # warm the stage
+        futures = _drive(app, 300, rate=250.0)  # 1.2 s at 3x the 80/s it can do
+        counted = app.stats()["model"]["requests"]  # before the queue emptied
+        for future in futures:
+            future.result(timeout=30)
+    assert counted >= 20, counted
