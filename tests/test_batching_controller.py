@@ -124,6 +124,25 @@ def test_warm_up_under_a_backlog_tries_sizes_whose_merged_calls_are_new() -> Non
     assert controller.decision(now).predicted_ms is not None  # planned, not warming up
 
 
+def test_warm_up_ends_with_max_size_1_and_the_plan_scales_out() -> None:
+    """With max_size=1 every call has one request: the profile's one size is all
+    there is to learn. Waiting for a second size kept the stage in warm-up for good,
+    on the workers it held (1 of 3 at 300/s of 5 ms calls: 43% shed)."""
+    controller = BatchingController(sf.Batching(slo_ms=60, max_size=1), 3)
+    now = 0.0
+    for _ in range(3):  # a plan every replan_s
+        decision = controller.decision(now)
+        assert decision.max_size == 1
+        for _ in range(100):
+            now += 1 / 300
+            controller.on_arrival(now)
+            controller.on_batch_done(1, 0.005, now=now)
+        now += controller.replan_s
+    decision = controller.decision(now)
+    assert controller.profile.ready and decision.predicted_ms is not None  # planned
+    assert decision.max_size == 1 and decision.workers >= 2
+
+
 def test_replans_on_rate_shift() -> None:
     controller, now = _planned(sf.Batching(slo_ms=50), 50)
     first = controller.decision(now)

@@ -35,8 +35,9 @@ FULL_WEIGHT_AT = 8  # observations of a size that give it its full weight in the
 class ServiceProfile:
     """Learned batch service time. `observe(size, seconds)` after each batch;
     `predict(sizes)` gives seconds (an array), `residuals()` the spread around it;
-    `ready` once fitted from at least two distinct sizes (before that, a single size
-    is extrapolated as `size * t(1)`). `history`: observations kept per batch size."""
+    `ready` once fitted from at least two distinct sizes, or from size 1 alone when
+    `max_size` is 1 (before that, a single size is extrapolated as `size * t(1)`).
+    `history`: observations kept per batch size."""
 
     def __init__(
         self,
@@ -125,7 +126,7 @@ class ServiceProfile:
                     bucket = self._by_size.setdefault(int(size), deque(maxlen=self._history))
                     bucket.append((int(seq), float(t)))
         sizes, medians, weights = self._per_size()
-        if len(sizes) < 2:
+        if len(sizes) < min(2, self.max_size):  # with max_size 1, one size is all there is
             return
         # Each size's median (robust to a stalled batch), in relative terms (a large
         # batch's time counts as much as a small one's: it is the one a busy plan
