@@ -141,7 +141,7 @@ class RayWorker(Worker):
         except queue.Empty:
             return None
 
-    def held_back(self) -> Any:
+    def held_back(self, timeout_s: float) -> Any:
         """None: the inbox has no bound, so no sender holds messages back (and this
         worker has no socket to wait on)."""
         return None

@@ -47,7 +47,14 @@ HEARTBEAT_S = 0.5
 IDLE_WAKE_S = 1.0
 LOAD_SAID_WITHIN_S = 1.0  # how long a model load waits for the driver to be told of it
 SPIN_S = 300e-6  # polling for the next message before sleeping (`next_message`)
-BACKLOG_WAIT_S = 2e-3  # for messages left in their senders' backlogs (`handle_all`)
+# After a batching call, messages left in their senders' backlogs are waited for this
+# long at least, or this share of the call, at most BACKLOG_WAIT_MAX_S (`handle_all`):
+# one left behind waits a whole call, and the sender's drainer thread needs its GIL
+# (held up to the 5 ms switch interval by a busy driver: a 2 ms wait let 250 ms calls
+# go out with half the requests sent before them)
+BACKLOG_WAIT_S = 2e-3
+BACKLOG_WAIT_SHARE = 0.1
+BACKLOG_WAIT_MAX_S = 0.02
 CANCELS = ".cancel"  # suffix of the socket that takes only `Cancel` messages
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
 HOUSEKEEPING_EVERY_S = 0.1  # unload idle stages at most this often
@@ -247,12 +254,12 @@ class Worker:
             )
         self.report()
 
-    def handle_all(self, data: bytes | None, backlog: bool = False) -> None:
-        """Handle `data` (a message, or None) and every message waiting after it. With
-        `backlog`, each time a socket's whole queue's worth was read (RECEIVE_QUEUE:
-        10 by default), the messages its senders may hold back are waited for, up to
-        BACKLOG_WAIT_S: they were sent before the next call is made up, and would
-        otherwise wait for the one after."""
+    def handle_all(self, data: bytes | None, backlog_s: float = 0.0) -> None:
+        """Handle `data` (a message, or None) and every message waiting after it. Each
+        time a socket's whole queue's worth was read (RECEIVE_QUEUE: 10 by default),
+        the messages its senders may hold back are waited for, up to `backlog_s`: they
+        were sent before the next call is made up, and would otherwise wait for the
+        one after."""
         read = 0
         while data is not None:
             message = self.decode(data)
@@ -263,18 +270,18 @@ class Worker:
                 log.exception("failed to handle a %s message", type(message).__name__)
             read += 1
             data = self.poll()
-            if data is None and backlog and read >= RECEIVE_QUEUE:
+            if data is None and backlog_s and read >= RECEIVE_QUEUE:
                 read = 0
-                data = self.held_back()
+                data = self.held_back(backlog_s)
 
     def poll(self) -> Any:
         """The next message if one is waiting, else None."""
         return self.endpoint.recv(0)
 
-    def held_back(self) -> Any:
+    def held_back(self, timeout_s: float) -> Any:
         """A message its sender's backlog held back while our socket's queue was full,
-        if one comes within BACKLOG_WAIT_S, else None."""
-        return self.endpoint.recv(BACKLOG_WAIT_S)
+        if one comes within `timeout_s`, else None."""
+        return self.endpoint.recv(timeout_s)
 
     def next_message(self, timeout: float) -> bytes | None:
         """The next message, or None after `timeout` seconds. For its first SPIN_S
@@ -515,6 +522,7 @@ class Worker:
             queue = self.queues[best]
             batch = [queue.popleft() for _ in range(take)]
             facts = self.facts[best[0]][best[1]]
+            began = time.monotonic()
             self.run_batch(self.plans[best[0]], facts, best, batch)
             if facts.stage.batching is not None:
                 # What came during the call joins the queues before the next call is
@@ -522,7 +530,11 @@ class Worker:
                 # one, and those sent meanwhile (which the driver's admission counted
                 # in it) wait a whole call more: 80 ms calls of 11-12 requests under
                 # an SLO of 125 ms answered them in 160.
-                self.handle_all(self.poll(), backlog=True)
+                call_s = time.monotonic() - began
+                backlog_s = min(
+                    max(BACKLOG_WAIT_S, BACKLOG_WAIT_SHARE * call_s), BACKLOG_WAIT_MAX_S
+                )
+                self.handle_all(self.poll(), backlog_s)
                 # Back to the loop before the next call: under a steady stream the
                 # queues never empty, and staying here held off the stats reports
                 # (no requests counted, no batches for the controller, for as long as
