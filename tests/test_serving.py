@@ -750,6 +750,14 @@ def _busy(x, ms):
     return x
 
 
+def _load_on_both_workers(app: sf.App, stage: str) -> None:
+    """Run requests until both workers of the runtime have loaded `stage`."""
+    deadline = time.monotonic() + TIMEOUT
+    while app.stats()[stage]["workers"] < 2 and time.monotonic() < deadline:
+        for future in [app.run({"x": [i]}) for i in range(8)]:
+            future.result(timeout=TIMEOUT)
+
+
 def test_rows_of_next_to_no_cost_read_together_go_as_one_runtime_request():
     """Once the coalescer has seen requests of several sizes, 16 requests of an
     identity map read together go as one runtime request: cut per worker, each part
@@ -761,10 +769,7 @@ def test_rows_of_next_to_no_cost_read_together_go_as_one_runtime_request():
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
     try:
         app = flow.deploy(runtime=runtime)
-        deadline = time.monotonic() + TIMEOUT
-        while app.stats()["rows"]["workers"] < 2 and time.monotonic() < deadline:
-            for future in [app.run({"x": [i]}) for i in range(8)]:  # both workers load it
-                future.result(timeout=TIMEOUT)
+        _load_on_both_workers(app, "rows")
         coalescer = Coalescer(app)
 
         async def together(count: int) -> list[sf.Table]:
@@ -806,10 +811,7 @@ def test_requests_read_together_are_merged_into_one_runtime_request_per_worker()
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
     try:
         app = flow.deploy(runtime=runtime)
-        deadline = time.monotonic() + TIMEOUT
-        while app.stats()["same"]["workers"] < 2 and time.monotonic() < deadline:
-            for future in [app.run({"x": [i]}) for i in range(8)]:  # both workers load it
-                future.result(timeout=TIMEOUT)
+        _load_on_both_workers(app, "same")
         assert app.stats()["same"]["workers"] == 2
         coalescer = Coalescer(app)
 
@@ -835,10 +837,7 @@ def test_a_request_goes_at_once_to_an_idle_worker_and_waits_for_company_only_whe
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
     try:
         app = flow.deploy(runtime=runtime)
-        deadline = time.monotonic() + TIMEOUT
-        while app.stats()["rows"]["workers"] < 2 and time.monotonic() < deadline:
-            for future in [app.run({"x": [i]}) for i in range(8)]:  # both workers load it
-                future.result(timeout=TIMEOUT)
+        _load_on_both_workers(app, "rows")
         coalescer = Coalescer(app, busy_window_s=2.0)
 
         async def scenario() -> tuple[list[str], int]:
