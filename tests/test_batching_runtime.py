@@ -294,3 +294,57 @@ def test_a_worker_reports_its_batching_calls_during_a_flood():
         for future in futures:
             future.result(timeout=30)
     assert counted >= 20, counted
+
+
+HOPELESS = sf.Batching(slo_ms=10, max_size=1)  # 30 ms calls
+
+
+def _hopeless(table: sf.Table) -> list[str]:
+    time.sleep(0.03)
+    return ["slo"] * len(table)
+
+
+def _shed_count(futures: list) -> tuple[int, list]:
+    """(requests refused with OverloadError, the answers of the others)."""
+    shed, answers = 0, []
+    for future in futures:
+        try:
+            answers.append(future.result(timeout=30).column("who")[0])
+        except sf.OverloadError:
+            shed += 1
+    return shed, answers
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["stage", "chain"])
+def test_an_anyof_branch_that_sheds_leaves_the_request_to_the_other_branches(chain):
+    """A refusal at an SLO stage in one branch of an anyof drops that branch for the
+    request, not the request: another branch answers it (it used to be refused)."""
+    flow = sf.Flow("shed-branch")
+    head = flow.map(lambda r: r["a"], names=["a"], name="pre") if chain else flow
+    slo = head.map(_hopeless, names=["who"], batching=HOPELESS, name="slo")
+    quick = flow.map(lambda r: "quick", names=["who"], name="quick")
+    slo.anyof(quick)
+    rt = sf.LocalRuntime(min_workers=3, max_workers=3)
+    try:
+        app = flow.deploy(sf.Rules(fusion=False), runtime=rt)
+        shed, answers = _shed_count(_drive(app, 200, rate=200))
+        stats = app.stats()
+    finally:
+        rt.stop()
+    assert shed == 0 and len(answers) == 200
+    assert stats["slo"]["shed"] > 0  # the SLO stage did refuse (its branch)
+
+
+def test_an_anyof_whose_every_branch_sheds_refuses_the_request():
+    flow = sf.Flow("shed-both")
+    one = flow.map(_hopeless, names=["who"], batching=HOPELESS, name="one")
+    two = flow.map(_hopeless, names=["who"], batching=HOPELESS, name="two")
+    one.anyof(two)
+    rt = sf.LocalRuntime(min_workers=3, max_workers=3)
+    try:
+        app = flow.deploy(sf.Rules(fusion=False), runtime=rt)
+        shed, answers = _shed_count(_drive(app, 200, rate=200))
+    finally:
+        rt.stop()
+    assert shed > 0 and len(answers) == 200 - shed
+    assert set(answers) <= {"slo"}

@@ -168,3 +168,25 @@ def test_stats_keyed_by_stage_name(shared_runtime):
         for key in ("p50_ms", "p99_ms", "workers", "queue", "batch_mean", "cold_starts"):
             assert key in figures
     assert sum("batch_size" in f and "timeout_ms" in f for f in stats.values()) == 1
+
+
+def test_the_stages_a_refusal_loses_stop_at_an_anyof_another_branch_answers():
+    flow = sf.Flow("lost")
+    pre = flow.map(inc, names=["a"], name="pre")
+    a = pre.map(inc, names=["a"], name="a1").map(inc, names=["a"], name="a2")
+    b = pre.map(inc, names=["a"], name="b")
+    inner = a.anyof(b).map(inc, names=["a"], name="inner")
+    inner.anyof(flow.map(inc, names=["a"], name="c")).map(inc, names=["a"], name="post")
+    plan = sf.optimize(flow, sf.Rules(fusion=False))
+    index = {s.name: i for i, s in enumerate(plan.stages)}
+    output = plan.index_of(plan.output)
+
+    def lost(*names: str) -> set[str]:
+        return {plan.stages[i].name for i in plan.lost_with(index[n] for n in names)}
+
+    assert lost("a2") == {"a1", "a2"}  # its branch, not the anyof b still answers
+    both = lost("a1", "b")  # the inner anyof and all that feeds only it; c answers
+    assert {"pre", "a1", "a2", "b", "inner"} <= both and "c" not in both
+    assert plan.stages[output].name not in both
+    assert plan.stages[output].name in lost("a1", "b", "c")
+    assert plan.stages[output].name in lost("post")

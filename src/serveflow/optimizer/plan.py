@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +119,26 @@ class Plan:
                         chain.add(producer)
                         frontier.append(producer)
         return tuple(sorted(chain))
+
+    def lost_with(self, refused: Iterable[int]) -> frozenset[int]:
+        """The stages a request no longer runs once stages `refused` turned it away
+        (shedding at an SLO): those downstream of one, except an anyof that another
+        input can still answer, and every stage of an anyof branch so lost. The
+        request fails if the output's stage is among them."""
+        lost = set(refused)
+        for index, stage in enumerate(self.stages):  # in topological order
+            first = stage.ops[0]
+            if isinstance(first, AnyOf):
+                gone = all(self._index_of_output.get(i) in lost for i in first.inputs)
+            else:
+                gone = any(self._index_of_output.get(i) in lost for i in stage.inputs)
+            if gone:
+                lost.add(index)
+        for _, branches in self.anyof_races:  # a lost branch's stages feed only it
+            for branch in branches:
+                if branch[-1] in lost:
+                    lost.update(branch)
+        return frozenset(lost)
 
     @property
     def anyof_groups(self) -> tuple[tuple[int, ...], ...]:

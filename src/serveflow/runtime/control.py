@@ -119,6 +119,12 @@ class DeployedApp(App):
         # each anyof branch's stages by its head, whose latency orders the branches
         self.branch_of = {i: b[-1] for _, branches in plan.anyof_races for b in branches for i in b}
         self.competing = frozenset(i for i in range(len(plan.stages)) if plan.competing(i))
+        self.output_index = plan.index_of(plan.output)
+        # stages whose worker is known only once their lookup key is (see `Located`)
+        self.located = [
+            bool(s.locality_key) and not plan.feeds_from_request(i)
+            for i, s in enumerate(plan.stages)
+        ]
         # workers the plan needs at once: competing replicas; an anyof's branches and
         # one more for the anyof itself (behind a branch, it would wait for the branch)
         self.width = max(
@@ -142,6 +148,17 @@ class DeployedApp(App):
             }
         self.decisions: dict[int, Decision] = {}
         self._control = control
+
+    def told_of(self, lost: frozenset[int]) -> list[tuple[int, int]]:
+        """(anyof stage, branch head) for each anyof left to answer a request whose
+        `lost` stages (`Plan.lost_with`) include that branch's head."""
+        return [
+            (consumer, branch[-1])
+            for consumer, branches in self.plan.anyof_races
+            if consumer not in lost
+            for branch in branches
+            if branch[-1] in lost
+        ]
 
     def resplit_slo(self) -> None:
         """Share the flow's SLO by each stage's service time at its current batch size."""
@@ -340,12 +357,18 @@ class ControlPlane:
 
     def _admit(self, app: DeployedApp, request: Request) -> bool:
         """Ask each SLO-aware batching stage whether this request can still meet its
-        SLO, predicted from where the router would send it and what is queued there;
-        a refusal sheds the request with OverloadError naming the stage, at once."""
+        SLO, predicted from where the router would send it and what is queued there.
+        A refusal sheds the request with OverloadError naming the stage, at once;
+        unless another branch of an anyof can still answer it: then only the refusing
+        branch is dropped (`request.lost`, see `_drop_lost`)."""
         now = time.monotonic()
         places = None
-        admitted = []
+        admitted: list[int] = []
+        refused_at: list[int] = []
+        lost: frozenset[int] = frozenset()
         for index, controller in app.controllers.items():
+            if index in lost:  # downstream of a refusal: this request will not come
+                continue
             refused = controller.refuses_outright(now)
             if not refused:
                 if places is None:
@@ -354,18 +377,26 @@ class ControlPlane:
                 controller.on_arrival(now)
                 workers, worker = places[index]
                 refused = not controller.admit(now, request.id, workers, worker)
-            if refused:
+            if not refused:
+                admitted.append(index)
+                continue
+            refused_at.append(index)
+            lost = app.plan.lost_with(refused_at)
+            stage = app.plan.stages[index]
+            error = OverloadError(
+                f"stage {stage.name!r} cannot meet its SLO of "
+                f"{stage.batching.slo_ms:g} ms at this load; request shed"
+            )
+            if app.output_index in lost or any(app.located[c] for c, _ in app.told_of(lost)):
                 for other in admitted:
-                    other.forget(request.id)
-                stage = app.plan.stages[index]
-                request.settle(
-                    OverloadError(
-                        f"stage {stage.name!r} cannot meet its SLO of "
-                        f"{stage.batching.slo_ms:g} ms at this load; request shed"
-                    )
-                )
+                    app.controllers[other].forget(request.id)
+                request.settle(error)
                 return False
-            admitted.append(controller)
+            request.shed = request.shed or error
+        for index in admitted:
+            if index in lost:  # upstream in a dropped branch
+                app.controllers[index].forget(request.id)
+        request.lost = lost
         return True
 
     def _next_place(self, app: DeployedApp, index: int, now: float) -> tuple[list[int], int | None]:
@@ -443,10 +474,12 @@ class ControlPlane:
             self._unrouted.append((app, request))
             return room
         request.route, request.charges = routed
+        if request.lost:
+            self._drop_lost(app, request)
         for index, w in request.charges:
             self._charge_work(request, index, w, costs[index])
         for index, controller in app.controllers.items():  # admission follows it there
-            if request.route[index]:
+            if request.route[index] and index not in request.lost:
                 controller.routed(request.id, request.route[index][0], time.monotonic())
         for index, w in request.charges:
             if index in app.competing:
@@ -457,6 +490,8 @@ class ControlPlane:
         if len(sources) > 1:
             sources = tuple(sorted(sources, key=lambda i: _expected(expected, i)))
         for index in sources:
+            if index in request.lost:
+                continue
             message = m.Input(
                 app.id,
                 request.id,
@@ -479,6 +514,36 @@ class ControlPlane:
                 )
                 break
         return True
+
+    def _drop_lost(self, app: DeployedApp, request: Request) -> None:
+        """A request whose anyof branch refused it: that branch's workers drop its runs
+        (before its inputs are sent), and the anyof takes the branch as failed, with
+        the refusal, so that it answers with the other branches (or fails, with the
+        refusal, when they all fail)."""
+        plan, now = app.plan, time.monotonic()
+        for index, w in request.charges:  # routed there, not to be run: not counted
+            if index in request.lost:
+                self._workers[w].load.release(1)
+        request.charges = [(i, w) for i, w in request.charges if i not in request.lost]
+        for index in request.lost:
+            for w in request.route[index]:
+                self.engine.send(w, m.Cancel(app.id, request.id, index, request.attempt))
+        for consumer, head in app.told_of(request.lost):
+            producer = plan.stages[head]
+            message = m.Input(
+                app.id,
+                request.id,
+                request.attempt,
+                consumer,
+                producer.output,
+                request.shed,
+                request.route,
+                request.deadline,
+                now,
+            )
+            for w in request.route[consumer]:
+                for _ in range(producer.replicas):  # a failure counts once all copies failed
+                    self.engine.send(w, message, request.id)
 
     def finish(self, app: DeployedApp, request: Request, failed: bool) -> None:
         """A request ended (`Request.on_end`): release its load, cancel its work if it

@@ -64,6 +64,9 @@ class Request:
         # (stage, worker) -> expected seconds of that run, counted until it is done
         self.work: dict[tuple[int, int], float] = {}
         self.attempt = 0
+        # stages it no longer runs: an anyof branch that shed it (`shed`, its refusal)
+        self.lost: frozenset[int] = frozenset()
+        self.shed: Exception | None = None
         self.began: float | None = None  # when its first stage run began (a worker says)
         self.on_end = on_end
         self.timer: list | None = None  # its deadline's entry (`Deadlines.add`)
