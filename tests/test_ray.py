@@ -365,6 +365,30 @@ def test_an_actor_reads_many_requests_sent_during_a_batching_call(ray_cluster):
         runtime.stop()
 
 
+def _hopeless(table: sf.Table) -> list[str]:
+    time.sleep(0.03)
+    return ["slo"] * len(table)
+
+
+def test_an_anyof_branch_that_sheds_leaves_the_request_to_the_other_on_actors(ray_cluster):
+    runtime = sf.RayRuntime(worker_cpus=0, min_workers=3, max_workers=3, gpus=0)
+    flow = sf.Flow("shed-branch")
+    hopeless = sf.Batching(slo_ms=10, max_size=1)  # 30 ms calls
+    slo = flow.map(_hopeless, names=["who"], batching=hopeless, name="slo")
+    slo.anyof(flow.map(lambda r: "quick", names=["who"], name="quick"))
+    try:
+        with flow.deploy(sf.Rules(fusion=False), runtime=runtime) as app:
+            futures = []
+            for i in range(100):
+                futures.append(app.run(sf.Table({"a": [i]})))
+                time.sleep(0.005)
+            answers = [f.result(timeout=TIMEOUT).column("who")[0] for f in futures]
+            assert len(answers) == 100  # none refused (OverloadError would raise)
+            assert app.stats()["slo"]["shed"] > 0
+    finally:
+        runtime.stop()
+
+
 def test_serve_on_ray_refuses_device_ids(tmp_path, capsys):
     from serveflow.serving.cli import main
 
