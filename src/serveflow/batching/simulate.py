@@ -298,7 +298,7 @@ def simulate_controlled(
     open_batch: list = [None]  # [worker, count, opened, size, timeout] of the filling batch
     events: list[tuple[float, int, int, Any]] = []  # (time, kind, seq, data)
     seq = itertools.count()
-    ARRIVE, WAKE, PLAN, DONE = 0, 1, 2, 3
+    ARRIVE, WAKE, PLAN, DONE, REPLY = 0, 1, 2, 3, 4
     for i, t in enumerate(times):
         heapq.heappush(events, (float(t), ARRIVE, next(seq), i))
     end_time = float(times[-1]) if n else 0.0
@@ -367,15 +367,17 @@ def simulate_controlled(
             try_run(w, now)
         elif kind == DONE:
             w, batch, took = data
-            back = now + reply_s
+            heapq.heappush(events, (now + reply_s, REPLY, next(seq), (w, batch, took, now)))
+            try_run(w, now)
+        elif kind == REPLY:  # the driver hears of a call when its results arrive
+            w, batch, took, ended = data
             each = []
             for i, sent in batch:
-                latencies[i] = back - times[i]
-                each.append(now - sent)
+                latencies[i] = now - times[i]
+                each.append(ended - sent)
                 outstanding[w] -= 1
-                controller.finished(i, back)
-            controller.on_batch_done(len(batch), took, now, each)
-            try_run(w, now)
+                controller.finished(i, now)
+            controller.on_batch_done(len(batch), took, ended, each)
         elif kind == PLAN:
             decision = controller.decision(now)
             if not decisions or decisions[-1][1] != decision:
