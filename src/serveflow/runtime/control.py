@@ -381,13 +381,18 @@ class ControlPlane:
                 admitted.append(index)
                 continue
             refused_at.append(index)
-            lost = app.plan.lost_with(refused_at)
             stage = app.plan.stages[index]
             error = OverloadError(
                 f"stage {stage.name!r} cannot meet its SLO of "
                 f"{stage.batching.slo_ms:g} ms at this load; request shed"
             )
-            if app.output_index in lost or any(app.located[c] for c, _ in app.told_of(lost)):
+            # (no anyof branch: the request is lost, without working it out each time)
+            lost = app.plan.lost_with(refused_at) if index in app.branch_of else frozenset()
+            if (
+                index not in app.branch_of
+                or app.output_index in lost
+                or any(app.located[c] for c, _ in app.told_of(lost))
+            ):
                 for other in admitted:
                     app.controllers[other].forget(request.id)
                 request.settle(error)
