@@ -72,6 +72,11 @@ class Plan:
         """Whether stage `index` reads the request table alone."""
         return self.stages[index].inputs == (SOURCE_ID,)
 
+    def located(self, index: int) -> bool:
+        """Whether stage `index`'s worker is known only once its lookup key is: a
+        locality stage reading more than the request table (see `Located`)."""
+        return bool(self.stages[index].locality_key) and not self.feeds_from_request(index)
+
     def consumers(self, op_id: int) -> list[Stage]:
         return [s for s in self.stages if op_id in s.inputs]
 

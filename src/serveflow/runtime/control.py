@@ -120,11 +120,6 @@ class DeployedApp(App):
         self.branch_of = {i: b[-1] for _, branches in plan.anyof_races for b in branches for i in b}
         self.competing = frozenset(i for i in range(len(plan.stages)) if plan.competing(i))
         self.output_index = plan.index_of(plan.output)
-        # stages whose worker is known only once their lookup key is (see `Located`)
-        self.located = [
-            bool(s.locality_key) and not plan.feeds_from_request(i)
-            for i, s in enumerate(plan.stages)
-        ]
         # workers the plan needs at once: competing replicas; an anyof's branches and
         # one more for the anyof itself (behind a branch, it would wait for the branch)
         self.width = max(
@@ -159,6 +154,14 @@ class DeployedApp(App):
             for branch in branches
             if branch[-1] in lost
         ]
+
+    def answers_without(self, lost: frozenset[int]) -> bool:
+        """Whether a request can still be answered without its `lost` stages (and
+        every anyof left to answer can be told which branch failed: not a locality
+        stage, whose worker only its input's key names)."""
+        return self.output_index not in lost and not any(
+            self.plan.located(consumer) for consumer, _ in self.told_of(lost)
+        )
 
     def resplit_slo(self) -> None:
         """Share the flow's SLO by each stage's service time at its current batch size."""
@@ -386,12 +389,9 @@ class ControlPlane:
                 f"stage {stage.name!r} cannot meet its SLO of "
                 f"{stage.batching.slo_ms:g} ms at this load; request shed"
             )
-            # (no anyof branch: the request is lost, without working it out each time)
-            lost = app.plan.lost_with(refused_at) if index in app.branch_of else frozenset()
-            if (
-                index not in app.branch_of
-                or app.output_index in lost
-                or any(app.located[c] for c, _ in app.told_of(lost))
+            # in no anyof branch: the request is lost, without working it out each time
+            if index not in app.branch_of or not app.answers_without(
+                lost := app.plan.lost_with(refused_at)
             ):
                 for other in admitted:
                     app.controllers[other].forget(request.id)

@@ -107,7 +107,7 @@ class StageFacts:
                 isinstance(stage.ops[0], AnyOf),
                 plan.competing(index),
                 late_inputs(plan, index),
-                bool(stage.locality_key) and not plan.feeds_from_request(index),
+                plan.located(index),
                 stage.output == plan.output,
                 plan.consumer_indices(index),
                 {
