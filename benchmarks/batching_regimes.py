@@ -6,7 +6,8 @@ Stages (2 workers each, one stage per flow, col mode: `fn(list_of_x)`):
 - synthetic service curves `a + b * rows` ms: 1 + 0.2b, 4 + 1b, 20 + 5b (the call
   sleeps that long: a stage that waits on a device, as a GPU model's caller does);
 - a real model: all-MiniLM-L6-v2 embeddings on CPU (`benchmarks.batching_adaptive`'s
-  `Embedder`, one torch thread), its curve measured first in this process.
+  `Embedder`, one torch thread), its curve measured first, in 2 processes at once (as
+  the 2 workers run it: on a 2-core machine a call alone runs faster).
 
 Per curve, SLOs of `--slo-x` times the single-request service time (full: 3, 10, 30;
 quick: 5, 20), and open-loop arrivals at `--loads` shares of the stage's capacity
@@ -130,15 +131,37 @@ def synthetic(name: str) -> Curve:
     return Curve(name, a, b, lambda: Sleeper(a, b), lambda i: i)
 
 
-def model_curve() -> Curve:
-    """The real model, its curve measured here (medians per size, a line through them)."""
-    from benchmarks.batching_adaptive import make_texts, service_profile
+def _profile(barrier: Any, out: Any) -> None:
+    from benchmarks.batching_adaptive import service_profile
 
-    profile = service_profile(reps=5)
-    log.info("model service: a=%.1f ms, b=%.2f ms/row", profile["a_ms"], profile["b_ms"])
+    out.put(service_profile(reps=5, ready=barrier.wait))
+
+
+def model_curve() -> Curve:
+    """The real model, its curve measured on this machine as the stage runs it:
+    `WORKERS` processes at once (on a machine of few cores, calls that run side by side
+    take longer than one alone), medians per size averaged over them, a line through
+    them."""
+    import multiprocessing
+
+    from benchmarks.batching_adaptive import make_texts
+
+    spawn = multiprocessing.get_context("spawn")
+    barrier, out = spawn.Barrier(WORKERS), spawn.Queue()
+    workers = [spawn.Process(target=_profile, args=(barrier, out)) for _ in range(WORKERS)]
+    for process in workers:
+        process.start()
+    try:
+        profiles = [out.get(timeout=600) for _ in workers]
+    finally:
+        for process in workers:
+            process.join(timeout=60)
+    sizes = sorted(profiles[0]["ms"])
+    ms = [float(np.mean([p["ms"][size] for p in profiles])) for size in sizes]
+    b, a = np.polyfit(sizes, ms, 1)
+    log.info("model service (%d at once): a=%.1f ms, b=%.2f ms/row", WORKERS, a, b)
     texts = make_texts(256, seed=5)
-    a = max(profile["a_ms"], 0.5)
-    return Curve(MODEL, a, max(profile["b_ms"], 0.05), ModelStage, lambda i: texts[i % 256])
+    return Curve(MODEL, max(a, 0.5), max(b, 0.05), ModelStage, lambda i: texts[i % 256])
 
 
 # --- arrivals -------------------------------------------------------------------------

@@ -76,6 +76,32 @@ def test_order_per_destination_under_a_full_queue(endpoints):
     assert receiver.recv(2) == b"after"
 
 
+def test_a_backlog_reaches_its_receiver_bundled_in_few_datagrams(endpoints):
+    sender, receiver = endpoints("sender"), endpoints("receiver")
+    messages = [f"m{i}".encode() * (i % 7 + 1) for i in range(FLOOD)]
+    messages.append(b"y" * (MAX_DATAGRAM // 2))  # too large to share a bundle
+    messages.append(b"last")
+    for m in messages:
+        sender.send(receiver.path, m)
+    assert receive(receiver, len(messages)) == messages
+    # the receiver's queue (10 datagrams here) took the first ones as they came; the
+    # backlog behind them came in a few bundles, not one datagram each
+    assert receiver.datagrams < FLOOD // 4
+    with pytest.raises(ValueError, match="zero byte"):
+        sender.send(receiver.path, b"\x00not a bundle of ours")
+
+
+def test_a_malformed_bundle_is_dropped_and_what_follows_is_read(endpoints):
+    receiver = endpoints("receiver")
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        raw.sendto(b"\x00\x02\x00\x00\x00ok\xff\xff\xff\x7fshort", receiver.path)
+        raw.sendto(b"next", receiver.path)
+    finally:
+        raw.close()
+    assert receive(receiver, 2) == [b"ok", b"next"]
+
+
 def test_order_per_destination_while_the_receiver_makes_room(endpoints):
     """Room appearing while a backlog waits must not let later messages overtake it."""
     sender, receiver = endpoints("sender"), endpoints("receiver")

@@ -1,22 +1,28 @@
 """Admission for an SLO batching stage: each arriving request's latency, predicted from
 the stage's state now, and a refusal when it would miss the SLO.
 
-`StageLedger` mirrors what the runtime does with the requests it admitted, worker by
-worker: requests routed to a worker queue there and run as one call once the worker
-is free and the call is due (full at the planned batch size, or its first request has
-waited the planned timeout; at once with no timeout), up to `merge` requests per call
-(a worker with more than a batch queued runs up to two as one call, `BatchRule`).
-Each queued call (a `Group`) has a predicted start and end. An arriving request joins
-the last group of its worker while that has not started and has room, else opens a
-new one after it; its predicted latency is that group's end (with the arrivals
-expected to join it before it starts) plus the runtime's own overhead, less now.
+`StageLedger` mirrors each worker of the stage as the runtime runs it (`BatchRule`):
+the requests routed to a worker queue there in order, and the worker, once free, runs
+the queued ones as one call when the call is due (full at the planned batch size, or
+its oldest request has waited the planned timeout; at once with no timeout): up to
+`size` requests, or up to `merge` when more than a batch is queued. The call a worker
+runs is anchored on what was seen, not on predictions: it starts when the call before
+it was seen ending (or when its requests were due, on an idle worker), holds the
+requests queued by then, and ends `service(n)` later. An arriving request's latency
+is the end of the call it would run in (the queue ahead of it, cut into calls as the
+worker will cut it), plus the runtime's own overhead, less now. It is refused when
+that misses the SLO, or when it would make a call late for a request already in it.
 
 The loop is closed twice:
 
-- each finished group's observed end corrects the ledger: the groups queued behind it
-  on that worker move by the surprise (a slow call delays all of them), so errors do
-  not accumulate;
-- the residuals (observed end - predicted end: dispatch, sockets, wake-ups, the GIL,
+- each call seen ending re-anchors its worker: its next call starts then, with the
+  requests queued, so a prediction rests on at most one call's predicted service and
+  errors do not accumulate. A call not seen ending by its typical end is still
+  running (a stall: the worker, or the machine, was slow), and the calls behind it
+  wait for it. A stage whose ends the driver does not see (its output is not the
+  flow's) learns them from its workers' reports, which come later: its calls are
+  taken to end as predicted, and each report corrects the worker by its surprise;
+- the residuals (seen end - (start + service): dispatch, sockets, wake-ups, the GIL,
   timer slack, service noise) are kept over a sliding window (the last `RESIDUALS`
   calls of the last `RESIDUAL_WINDOW_S` seconds, at least `MIN_RESIDUALS`), and the
   admission adds a high quantile of them (`admit_quantile`: 0.9 for a p99 SLO). Not
@@ -46,8 +52,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -62,32 +68,44 @@ DEFAULT_OVERHEAD_S = 0.001
 PROBE_EVERY_S = 0.2  # an idle worker takes one request this often whatever its prediction
 REOPEN_GRID = 50  # after a refusal, admission is tried again every SLO / this ...
 REOPEN_STEPS = 8  # ... this many times ahead; arrivals in between are refused outright
-STALE_S = 2.0  # a group predicted to have ended this long ago, never observed, is dropped
+STALE_S = 2.0  # a call predicted to have ended this long ago, never seen, is dropped
+UNREPORTED = 256  # calls taken to have ended whose reports are awaited, at most
 
 
 @dataclass(eq=False)
-class Group:
-    """Requests queued on one worker that will run as one call."""
+class _Entry:
+    """An admitted request queued on a worker."""
 
-    opened: float
-    count: int
-    start: float  # predicted
-    end: float  # predicted
-    deadline: float  # the latest end its earliest request accepts (SLO less overhead)
-    slip: float = 0.0  # how far start and end were moved while it ran past its end
+    rid: int
+    sent: float  # when it was routed there
+    deadline: float  # the latest call end it accepts (its SLO less the overhead quantile)
+
+
+@dataclass(eq=False)
+class _Call:
+    """A call a worker runs (or, for a stage whose ends come with reports, ran)."""
+
+    rids: set[int]
+    start: float
+    end: float  # start + service: predicted, without the overhead
+
+
+@dataclass(eq=False)
+class _Worker:
+    queue: deque[_Entry] = field(default_factory=deque)
+    run: _Call | None = None
+    free_since: float = -math.inf  # its last call was seen (or taken) to end then
+    # calls taken to have ended, their reports still to come (ends not seen as they happen)
+    unreported: deque[_Call] = field(default_factory=lambda: deque(maxlen=UNREPORTED))
 
 
 @dataclass(frozen=True)
 class _Prediction:
-    """A request's prospects on one worker: it `joins` the last queued call (else
-    opens one), making it `count` requests from `start` to `end`; `fits`: the
-    requests already in that call still meet theirs; `latency`, with the overhead
-    quantile `high`; `typical`, with the median overhead; `idle`: nothing runs
-    before it."""
+    """A request's prospects on one worker: its call ends at `end` (without overhead);
+    `fits`: the requests already queued there still meet theirs; `latency`, with the
+    overhead quantile `high`; `typical`, with the median overhead; `idle`: nothing
+    runs or waits there."""
 
-    joins: bool
-    count: int
-    start: float
     end: float
     fits: bool
     latency: float
@@ -110,10 +128,10 @@ class Verdict:
 
 
 class StageLedger:
-    """The predicted queue of one SLO batching stage, per worker; see the module
-    docstring. `plan(...)` sets the batching in force and the service times;
-    `admit(rid, now, slo_s, ...)` predicts and enters; `routed` moves an entered
-    request to the worker the router chose; `finished` / `observed` report ends."""
+    """The mirrored workers of one SLO batching stage; see the module docstring.
+    `plan(...)` sets the batching in force and the service times; `admit(rid, now,
+    slo_s, ...)` predicts and enters; `routed` moves an entered request to the worker
+    the router chose; `finished` / `observed` report ends."""
 
     def __init__(self, percentile: float = 0.99) -> None:
         self.percentile = percentile
@@ -124,11 +142,11 @@ class StageLedger:
         self.merge = 1
         self.rate = 0.0
         self._service = np.zeros(2)  # seconds by requests per call (index 0 unused)
-        self._queues: dict[int, deque[Group]] = {}
-        self._where: dict[int, tuple[int, Group]] = {}
+        self._workers: dict[int, _Worker] = {}
+        self._where: dict[int, int] = {}  # an entered request's worker, until its call ends
         # (end, the residual less the excess at its time), seconds
         self._residuals: deque[tuple[float, float]] = deque(maxlen=RESIDUALS)
-        # the latest calls as (end, seconds from predicted start to end, requests)
+        # the latest calls as (end, seconds from start to end, requests)
         self._latest: deque[tuple[float, float, int]] = deque(maxlen=LEVEL_CALLS)
         self._excess = 0.0  # of the level over the window's median (see the docstring)
         self._peak = 0.0  # the highest excess since `spell_excess` was last asked
@@ -236,10 +254,9 @@ class StageLedger:
             return Verdict(True, 0.0, None)
         if worker is None:
             worker = self._first_free(workers, now)
-        queue = self._queues.get(worker)
-        if queue:
-            self._catch_up(queue, now)
-        p = self._predict(queue, now, len(workers))
+        w = self._workers.setdefault(worker, _Worker())
+        self._advance(w, now)
+        p = self._predict(w, now)
         # Even past the idle rule (see `_predict`), one every PROBE_EVERY_S probes: a
         # profile learned from a slow spell (a model's first calls) would otherwise
         # refuse everything for long.
@@ -251,67 +268,101 @@ class StageLedger:
         if not admit and not enter_anyway and not p.idle:
             self.closed_until = self._reopens(workers, now, slo_s)
         if admit or enter_anyway:
-            deadline = now + slo_s - p.high
-            last = queue[-1] if queue else None
-            if p.joins:
-                assert last is not None
-                last.count, last.start, last.end = p.count, p.start, p.end
-                last.deadline = min(last.deadline, deadline)
-                group = last
-            else:
-                group = Group(now, 1, p.start, p.end, deadline)
-                self._queues.setdefault(worker, deque()).append(group)
-            self._where[rid] = (worker, group)
+            w.queue.append(_Entry(rid, now, now + slo_s - p.high))
+            self._where[rid] = worker
         return Verdict(admit, p.latency, worker)
 
-    def _predict(self, queue: deque[Group] | None, now: float, workers: int) -> _Prediction:
-        """What a request arriving now on a worker with `queue` would meet (pure)."""
-        last = queue[-1] if queue else None
+    def _predict(self, w: _Worker, now: float) -> _Prediction:
+        """What a request arriving now on worker `w` would meet (pure): the queue
+        with it, cut into calls from when the worker frees."""
         median, high = self.overhead()
-        joins = self._joinable(queue, now)
-        if joins:
-            assert queue is not None and last is not None
-            count = last.count + 1
-            start = self._start(queue, last.opened, count, now)
-            end = start + self._service[count]
-            # the requests already waiting in that call must still meet theirs
-            fits = end <= last.deadline
-        else:
-            count = 1
-            free = max(last.end, now) if last is not None else now
-            start = max(free, now + self._wait(1))
-            end = start + self._service[1]
-            fits = True
-        opened = last.opened if joins and last is not None else now
-        extra = self._joiners(count, opened, start, now, workers)
-        latency = start + self._service[count + extra] - now + high
+        entries = list(w.queue)
+        sents = [e.sent for e in entries] + [now]
+        end, fits = now, True
+        for first, take, _, end in self._cut(sents, self._frees(w, now, median), median):
+            if first < len(entries) and end > entries[first].deadline:
+                fits = False  # that call's oldest request would miss its SLO
+            if first + take == len(sents):
+                break
         # A worker with nothing to run before this request serves it as soon as the
         # stage can: refusing it would help no other request, and the stage would
         # stop learning (no calls, no residuals) while a tail of stalls inflates its
         # overhead quantile. It is admitted when its typical latency meets the SLO.
-        idle = not queue or queue[-1].end <= now or (len(queue) == 1 and queue[0].start > now)
-        typical = latency - high + median
-        return _Prediction(joins, count, start, end, fits, latency, typical, idle, high)
+        idle = w.run is None and not entries
+        return _Prediction(end, fits, end + high - now, end + median - now, idle, high)
 
-    def _joiners(self, count: int, opened: float, start: float, now: float, workers: int) -> int:
-        """Requests expected to join a call of `count` requests, opened at `opened`,
-        between `now` and its `start` (at most `merge` in all). With a timeout, the
-        router packs one batch at a time: every arrival joins while it fills (until
-        `size` or its timeout); later batches go to the least loaded worker, which is
-        another while this one holds a queued call (with one worker, this one: they
-        run in the same call). Without, each request goes to the least loaded worker:
-        this one takes its share of them until its call starts."""
-        if start <= now:
-            return 0
-        if self.timeout_s > 0:
-            filling = min(max(opened + self.timeout_s - now, 0.0), start - now)
-            joined = int(self.rate * filling) if count < self.size else 0
-            joined = min(joined, max(self.size - count, 0))
-            if workers == 1:
-                joined += int(self.rate * (start - now - filling))
-        else:
-            joined = int(self.rate / workers * (start - now))
-        return max(0, min(self.merge - count, joined))
+    def _frees(self, w: _Worker, now: float, median: float) -> float:
+        """When worker `w` is expected to be free for its queue: its running call's
+        end, with the typical overhead; when ends are seen as they happen and the call
+        is late already, where past calls that ran at least this late ended (the
+        median of those residuals; twice the lateness when none did)."""
+        if w.run is None:
+            return w.free_since
+        late = now - w.run.end  # the residual so far
+        if not self.prompt or late <= median or late > STALE_S:
+            return w.run.end + median
+        # as `overhead()` left them: sorted, at most a few calls old, with today's excess
+        past = self._sorted + self._excess
+        cut = int(np.searchsorted(past, late, side="right"))  # the longer ones on
+        longer = len(past) - cut
+        if not longer:
+            return w.run.end + 2.0 * late
+        middle = cut + longer // 2
+        expected = float(past[middle] if longer % 2 else (past[middle - 1] + past[middle]) / 2)
+        return w.run.end + expected
+
+    def _cut(
+        self, sents: Sequence[float], free: float, median: float
+    ) -> Iterator[tuple[int, int, float, float]]:
+        """The calls a worker free from `free` makes of requests queued at `sents` (in
+        order), as `BatchRule` cuts them: (first, requests, start, end) each, the next
+        one starting a typical overhead after the end of the one before."""
+        i, n = 0, len(sents)
+        while i < n:
+            start = max(free, sents[i])
+            if self.timeout_s:
+                full = i + self.size - 1  # the request that fills the batch
+                filled = sents[full] if full < n else math.inf
+                start = max(start, min(sents[i] + self.timeout_s, filled))
+            waiting = i
+            while waiting < n and sents[waiting] <= start:
+                waiting += 1
+            waiting -= i
+            take = min(waiting, self.merge if waiting > self.size else self.size)
+            end = start + float(self._service[take])
+            yield i, take, start, end
+            i, free = i + take, end + median
+
+    def _advance(self, w: _Worker, now: float) -> None:
+        """Worker `w`'s calls due by `now`: a free worker starts the call its queue
+        makes once due; when ends are not seen as they happen, a call predicted to
+        have ended (with the typical overhead) is taken to have, until its report."""
+        median = self.overhead()[0]
+        while True:
+            if w.run is not None:
+                if self.prompt or w.run.end + median > now:
+                    if w.run.end < now - STALE_S:  # never seen ending: cancelled, lost
+                        self._end(w, w.run.end + median)
+                        continue
+                    return
+                w.unreported.append(w.run)
+                self._end(w, w.run.end + median)
+            if not w.queue:
+                return
+            sents = [e.sent for e in w.queue]
+            _, take, start, end = next(self._cut(sents, w.free_since, median))
+            if start > now:
+                return
+            rids = {w.queue.popleft().rid for _ in range(take)}
+            w.run = _Call(rids, start, end)
+
+    def _end(self, w: _Worker, at: float) -> None:
+        """Worker `w`'s running call ended at `at`: it is free from then."""
+        if w.run is not None:
+            for rid in w.run.rids:
+                self._where.pop(rid, None)
+        w.run, w.free_since = None, at
+        self.closed_until = -math.inf
 
     def _reopens(self, workers: Sequence[int], now: float, slo_s: float) -> float:
         """After a refusal: the first time, on a grid of REOPEN_STEPS steps of a
@@ -324,8 +375,8 @@ class StageLedger:
         step = slo_s / REOPEN_GRID
         for k in range(REOPEN_STEPS):
             t = now + k * step
-            for w in workers:
-                if self._predict(self._queues.get(w), t, len(workers)).meets(slo_s):
+            for worker in workers:
+                if self._predict(self._workers.get(worker) or _Worker(), t).meets(slo_s):
                     return t
         return now + REOPEN_STEPS * step
 
@@ -334,164 +385,130 @@ class StageLedger:
         return now < self.closed_until
 
     def routed(self, rid: int, worker: int, now: float) -> None:
-        """The router sent `rid` to `worker`: move it there if it was entered on
-        another."""
-        entry = self._where.get(rid)
-        if entry is None or entry[0] == worker:
+        """The router sent `rid` to `worker` now: it queues there from now (it was
+        entered on the worker the router was to pick, and sent at once, unless it
+        waited at the driver for room)."""
+        was = self._where.get(rid)
+        if was is None:
             return
-        self._leave(rid)
-        queue = self._queues.setdefault(worker, deque())
-        last = queue[-1] if queue else None
-        if last is not None and self._joinable(queue, now):
-            last.count += 1
-            last.start = self._start(queue, last.opened, last.count, now)
-            last.end = last.start + self._service[last.count]
-            group = last
-        else:
-            free = max(last.end, now) if last is not None else now
-            start = max(free, now + self._wait(1))
-            group = Group(now, 1, start, start + self._service[1], entry[1].deadline)
-            queue.append(group)
-        self._where[rid] = (worker, group)
+        queue = self._workers[was].queue
+        if was == worker and queue and queue[-1].rid == rid:  # the usual: just entered
+            queue[-1].sent = max(queue[-1].sent, now)
+            return
+        entry = self._unqueue(self._workers[was], rid)
+        if entry is None:
+            return
+        entry.sent = max(entry.sent, now)
+        self._workers.setdefault(worker, _Worker()).queue.append(entry)
+        self._where[rid] = worker
 
     def finished(self, rid: int, now: float, ok: bool = True) -> None:
         """Request `rid` ended at `now` (its result reached the driver): with `ok`, its
-        call's end is observed (the first report of a call counts); without, once ends
+        call is seen ending (the first result of a call counts); without, once ends
         are seen as they happen (`prompt`), it leaves its call."""
-        entry = self._where.pop(rid, None)
-        if entry is None:
+        worker = self._where.get(rid)
+        if worker is None:
             return
-        worker, group = entry
-        queue = self._queues.get(worker)
+        w = self._workers[worker]
         if ok:
             self.prompt = True
-            if queue and group in queue:
-                self._resolve(queue, group, now)
+            self._advance(w, now)
+            run = w.run
+            if (
+                run is not None
+                and run.start == w.free_since
+                and now - run.start < 0.5 * self._service[1]
+            ):
+                # too soon for a call begun when the last one was seen ending: this
+                # result is of that call, which took it as well (it reached the worker
+                # before that call began, not after)
+                self._where.pop(rid, None)
+                if rid in run.rids:
+                    run.rids.discard(rid)
+                    run.end = run.start + float(self._service[len(run.rids)])
+                    if not run.rids:
+                        w.run = None
+                    self.closed_until = -math.inf
+                else:
+                    self._unqueue(w, rid)
+                return
+            if w.run is not None and rid in w.run.rids:
+                took = now - w.run.start
+                self._learn(now, took, len(w.run.rids))
+            elif any(entry.rid == rid for entry in w.queue):
+                # it ran in a call not mirrored as such (it reached the worker before
+                # the call began, or after): that call held the queue up to it
+                while w.queue[0].rid != rid:
+                    self._where.pop(w.queue.popleft().rid, None)
+                w.queue.popleft()
+            self._where.pop(rid, None)
+            self._end(w, now)
+            self._advance(w, now)
         elif self.prompt:
             # failed, cancelled or past its deadline: it runs no more (its call failed,
             # or it is dropped from the queue); a call all of whose requests did so is
             # over, and no stall to wait for
-            group.count -= 1
-            if group.count <= 0 and queue and group in queue:
-                queue.remove(group)
-                self.closed_until = -math.inf
+            self._where.pop(rid, None)
+            if w.run is not None and rid in w.run.rids:
+                w.run.rids.discard(rid)
+                if not w.run.rids:
+                    self._end(w, now)
+            else:
+                self._unqueue(w, rid)
 
     def observed(self, worker: int, size: int, end: float) -> None:
         """Worker `worker` ended a call of `size` requests at `end` (as its report
-        says): the oldest groups it holds, `size` requests' worth, are resolved."""
-        queue = self._queues.get(worker)
-        if not queue or size < 1:
+        says, later; ends are not seen as they happen): the oldest call taken to
+        have ended there is corrected by it."""
+        w = self._workers.get(worker)
+        if w is None or size < 1:
             return
-        covered, last = 0, None
-        for group in queue:
-            covered += group.count
-            last = group
-            if covered >= size:
-                break
-        if last is not None:
-            self._resolve(queue, last, end)
+        if w.unreported:
+            call = w.unreported.popleft()
+            self._learn(end, end - call.start, len(call.rids))
+            # the worker is that much later (or earlier) than taken
+            surprise = end - (call.end + self.overhead()[0])
+            w.free_since += surprise
+            for later in (*w.unreported, *([w.run] if w.run else [])):
+                later.start += surprise
+                later.end += surprise
+        elif w.run is not None:
+            self._learn(end, end - w.run.start, len(w.run.rids))
+            self._end(w, end)
+            self._advance(w, end)
 
     def forget(self, rid: int) -> None:
         """Request `rid` was not run after all (refused later, failed before routing)."""
-        self._leave(rid)
+        worker = self._where.pop(rid, None)
+        if worker is None:
+            return
+        w = self._workers[worker]
+        self.closed_until = -math.inf
+        if w.run is not None and rid in w.run.rids:
+            w.run.rids.discard(rid)
+            if not w.run.rids:
+                self._end(w, w.run.start)
+        else:
+            self._unqueue(w, rid)
 
     # --- internals -------------------------------------------------------------------
 
-    def _joinable(self, queue: deque[Group] | None, now: float) -> bool:
-        """Whether a request routed to this worker now would run in its last group:
-        the group has room and has not started: predicted to start later, or, when
-        ends are seen as they happen, the call before it has not been seen ending
-        though predicted to (the worker is still on it, and takes what queued
-        meanwhile), up to the usual lateness (past that, a stalled report)."""
-        if not queue or queue[-1].count >= self.merge:
-            return False
-        if queue[-1].start > now:
-            return True
-        return self.prompt and len(queue) > 1 and now <= queue[-2].end + self.overhead()[1]
-
-    def _catch_up(self, queue: deque[Group], now: float) -> None:
-        """When ends are seen as they happen, a call not seen ending by its typical end
-        is still running (a stall: the worker, or the machine, was slow). Its end is
-        then expected where past calls that ran at least this late ended (the median
-        of those residuals; twice the lateness when none did), and the calls queued
-        behind it move with it. Without this, a request arriving during a stall
-        would be predicted to run at once, and admitted to be late."""
-        first = queue[0]
-        if not self.prompt or first.start > now:
-            return
-        median = self.overhead()[0]
-        planned = first.end - first.slip
-        late = now - planned  # the residual so far
-        if late <= median or late > STALE_S:
-            return
-        # as `overhead()` left them: sorted, at most a few calls old, with today's excess
-        past = self._sorted + self._excess
-        cut = int(np.searchsorted(past, late, side="right"))  # the longer ones on
-        longer = len(past) - cut
-        if longer:  # their median
-            middle = cut + longer // 2
-            expected = float(past[middle] if longer % 2 else (past[middle - 1] + past[middle]) / 2)
-        else:
-            expected = 2.0 * late
-        move = expected - median - first.slip
-        if move <= 0:
-            return
-        first.slip += move
-        first.end += move
-        for group in list(queue)[1:]:
-            group.start += move
-            group.end += move
-
-    def _wait(self, count: int) -> float:
-        return self.timeout_s if count < self.size else 0.0
-
-    def _start(self, queue: deque[Group], opened: float, count: int, now: float) -> float:
-        """Start of the last group of `queue` holding `count` requests, opened at
-        `opened`: once the call before it ends and once it is due."""
-        before = queue[-2].end if len(queue) > 1 else now
-        due = opened + self.timeout_s if count < self.size else now
-        return max(before, due, now)
-
-    def _first_free(self, workers: Sequence[int], now: float) -> int:
-        best, best_end = workers[0], math.inf
-        for w in workers:
-            queue = self._queues.get(w)
-            end = queue[-1].end if queue else now
-            if end < best_end:
-                best, best_end = w, end
-        return best
-
-    def _leave(self, rid: int) -> None:
-        entry = self._where.pop(rid, None)
-        if entry is None:
-            return
-        self.closed_until = -math.inf
-        worker, group = entry
-        group.count = max(group.count - 1, 0)
-        queue = self._queues.get(worker)
-        if queue and group.count == 0 and group in queue:
-            queue.remove(group)
-
-    def _resolve(self, queue: deque[Group], group: Group, end: float) -> None:
-        """`group`'s call ended at `end`: learn the residual, move the groups queued
-        behind it by the surprise, and drop it and those before it."""
-        self.closed_until = -math.inf
-        took, count = end - group.start, max(group.count, 1)  # from its predicted start
-        residual = took - self._service[min(count, len(self._service) - 1)]
+    def _learn(self, end: float, took: float, count: int) -> None:
+        """A call of `count` requests took `took` seconds from its start to `end`."""
+        residual = took - self._service[min(max(count, 1), len(self._service) - 1)]
         self._residuals.append((end, residual - self._excess))
         self._latest.append((end, took, count))
         self._relevel()
         self._fresh += 1
-        median, _ = self.overhead()
-        surprise = end - group.end - median  # of which `slip` already moved those behind
-        while queue:
-            done = queue.popleft()
-            if done is group:
-                break
-        for later in queue:
-            later.start += surprise
-            later.end += surprise
-        # groups that ended long ago and were never observed (cancelled, lost)
-        for other in self._queues.values():
-            while other and other[0].end - other[0].slip < end - STALE_S:
-                other.popleft()
+
+    def _unqueue(self, w: _Worker, rid: int) -> _Entry | None:
+        for entry in w.queue:
+            if entry.rid == rid:
+                w.queue.remove(entry)
+                self.closed_until = -math.inf
+                return entry
+        return None
+
+    def _first_free(self, workers: Sequence[int], now: float) -> int:
+        """The worker on which a request arriving now would end first."""
+        return min(workers, key=lambda k: self._predict(self._workers.get(k) or _Worker(), now).end)

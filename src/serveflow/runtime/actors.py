@@ -146,6 +146,9 @@ class RayWorker(Worker):
         worker has no socket to wait on)."""
         return None
 
+    def datagrams(self) -> int:
+        return 0  # no socket (see `held_back`)
+
     def next_message(self, timeout: float) -> Any:
         try:
             return self.inbox.get(timeout=max(0.0, timeout))

@@ -113,8 +113,17 @@ class DeployedApp(App):
         self.stage_stats = [StageStats() for _ in plan.stages]
         self.sources = tuple(i for i, s in enumerate(plan.stages) if 0 in s.inputs)
         # stage runs a worker may hold before requests wait at the driver; room for
-        # the largest batch so that batching stages can fill their batches
+        # two of the largest batches so that batching stages can fill their batches
+        # (a controller plans up to SIZE_LADDER's top, and runs two as one call under a
+        # backlog: its admission counts on them being at the worker, not held here)
         largest_batch = max((s.batching.size for s in plan.stages if s.batching), default=0)
+        if any(s.batching and s.batching.adaptive for s in plan.stages):
+            from serveflow.batching.controller import SIZE_LADDER
+
+            largest_batch = max(
+                largest_batch,
+                *(s.batching.max_size or SIZE_LADDER[-1] for s in plan.stages if s.batching),
+            )
         self.worker_cap = max(control.worker_queue, 2 * largest_batch)
         # each anyof branch's stages by its head, whose latency orders the branches
         self.branch_of = {i: b[-1] for _, branches in plan.anyof_races for b in branches for i in b}

@@ -17,6 +17,13 @@ each one has room: a receiver that does not read delays only the messages to its
 Each destination also has its own send buffer, so large messages piling up at a stuck
 receiver do not use up the buffer that sends to the others draw on.
 
+A backlog goes out bundled: the drainer packs the messages waiting for a destination
+into as few datagrams as fit (a bundle: a zero byte, then each message after its 4-byte
+length), and `recv` hands them out one by one. A receiver's queue holds only
+net.unix.max_dgram_qlen datagrams (10 by default): one at a time, a backlog of a few
+dozen inputs needed as many wake-ups of the drainer, each waiting for the sender's GIL,
+and a worker that made up its next call meanwhile ran it without them.
+
 A process that is blocked sending cannot be waiting for another process that is blocked
 sending to it, so there is no deadlock.
 """
@@ -37,6 +44,9 @@ from collections import deque
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 256 * 1024
+BUNDLE = b"\x00"  # the first byte of a bundle; a message may not begin with it
+_BUNDLE_BYTES = 64 * 1024  # a bundle stays this small: well within the receive buffer
+_LENGTH = 4
 
 
 def _receive_queue() -> int:
@@ -96,6 +106,8 @@ class Endpoint:
         self._buffer = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buffer)
         self._drained = True  # the last recv found no message waiting
+        self._unbundled: deque[bytes] = deque()  # the rest of the last bundle received
+        self.datagrams = 0  # received so far (a bundle counts once)
         # Destinations without a backlog: the hot path's one lookup. The other fields
         # change only under the lock.
         self._direct: dict[str, socket.socket] = {}
@@ -147,6 +159,8 @@ class Endpoint:
         disappears before it is delivered."""
         if len(data) > MAX_DATAGRAM:
             raise ValueError(f"message of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+        if data[:1] == BUNDLE:
+            raise ValueError("a message may not begin with a zero byte (it marks a bundle)")
         sock = self._direct.get(to)
         if sock is not None:
             try:
@@ -175,6 +189,8 @@ class Endpoint:
     def recv(self, timeout: float | None) -> bytes | None:
         """The next message, or None after `timeout` seconds (0: don't wait; None:
         wait forever). Only one thread may receive."""
+        if self._unbundled:
+            return self._unbundled.popleft()
         # Poll first only when the last call found nothing: while messages stream in,
         # one system call each (every call lets the process's other threads run).
         if self._drained and timeout != 0 and not self._wait(timeout):
@@ -190,7 +206,24 @@ class Endpoint:
             except BlockingIOError:
                 return None
         self._drained = False
-        return bytes(self._view[:n])
+        self.datagrams += 1
+        if self._buffer[0:1] != BUNDLE:
+            return bytes(self._view[:n])
+        self._unbundle(n)
+        return self._unbundled.popleft() if self._unbundled else None
+
+    def _unbundle(self, n: int) -> None:
+        """Split the bundle of `n` bytes in the buffer into its messages; a malformed
+        one (no sender of ours writes it) is dropped from where it stops making sense."""
+        view, at = self._view, 1
+        while at + _LENGTH <= n:
+            size = int.from_bytes(view[at : at + _LENGTH], "little")
+            at += _LENGTH
+            if size < 1 or at + size > n:
+                log.warning("dropping the rest of a malformed bundle of %d bytes", n)
+                return
+            self._unbundled.append(bytes(view[at : at + size]))
+            at += size
 
     def _wait(self, timeout: float | None) -> bool:
         return bool(self._poller.poll(None if timeout is None else timeout * 1e3))
@@ -323,8 +356,9 @@ class Endpoint:
         backlog is gone: all sent, or dropped because the destination disappeared."""
         queue = destination.queue
         while queue:
+            count, data = _bundle(queue)
             try:
-                destination.sock.send(queue[0])
+                destination.sock.send(data)
             except BlockingIOError:
                 return False
             except OSError as error:
@@ -337,7 +371,23 @@ class Endpoint:
                 queue.clear()
                 self._forget(destination)
                 return True
-            queue.popleft()
+            for _ in range(count):
+                queue.popleft()
         if self._destinations.get(destination.to) is destination:
             self._direct[destination.to] = destination.sock
         return True
+
+
+def _bundle(queue: deque[bytes]) -> tuple[int, bytes]:
+    """The first messages of `queue` as one datagram: (how many, the datagram). One
+    message alone, or one too large to share, goes as it is."""
+    if len(queue) == 1 or len(queue[0]) + 1 + 2 * _LENGTH + len(queue[1]) > _BUNDLE_BYTES:
+        return 1, queue[0]
+    parts, size, count = [BUNDLE], 1, 0
+    for data in queue:
+        if size + _LENGTH + len(data) > _BUNDLE_BYTES:
+            break
+        parts += (len(data).to_bytes(_LENGTH, "little"), data)
+        size += _LENGTH + len(data)
+        count += 1
+    return count, b"".join(parts)

@@ -260,7 +260,7 @@ class Worker:
         the messages its senders may hold back are waited for, up to `backlog_s`: they
         were sent before the next call is made up, and would otherwise wait for the
         one after."""
-        read = 0
+        read = self.datagrams()  # a bundle fills one place of the queue
         while data is not None:
             message = self.decode(data)
             try:
@@ -268,15 +268,18 @@ class Worker:
                     self.handle(message)
             except Exception:  # a bug of ours, or an app undeployed meanwhile
                 log.exception("failed to handle a %s message", type(message).__name__)
-            read += 1
             data = self.poll()
-            if data is None and backlog_s and read >= RECEIVE_QUEUE:
-                read = 0
+            if data is None and backlog_s and self.datagrams() - read >= RECEIVE_QUEUE:
+                read = self.datagrams()
                 data = self.held_back(backlog_s)
 
     def poll(self) -> Any:
         """The next message if one is waiting, else None."""
         return self.endpoint.recv(0)
+
+    def datagrams(self) -> int:
+        """Datagrams read so far (a bundle of messages counts once)."""
+        return self.endpoint.datagrams
 
     def held_back(self, timeout_s: float) -> Any:
         """A message its sender's backlog held back while our socket's queue was full,
@@ -625,12 +628,14 @@ class Worker:
         took = done - started
         self.call_s[key] = took if average is None else average + 0.2 * (took - average)
         if stage.batching and executor.load_error is None:
-            # For the batching controller: the service time of the call alone, and the
-            # latencies of requests sent once the stage was loaded (a cold start is no
-            # consequence of its batching choices).
+            # For the batching controller: the service time of the call alone (not of
+            # one stopped early: it ran less), and the latencies of requests sent once
+            # the stage was loaded (a cold start is no consequence of its batching
+            # choices).
             loaded_at = self.loaded_at.get(key, 0.0)
             latencies = [done - t.created for t in live if t.created >= loaded_at]
-            counters.batch_log.append((len(live), done - started, done, latencies))
+            size, service_s = (0, 0.0) if cut else (len(live), done - started)
+            counters.batch_log.append((size, service_s, done, latencies))
         for task, result in zip(live, results):
             if task.began is None:  # a first stage: the request's queueing ends here
                 task.began = started
