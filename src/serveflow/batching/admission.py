@@ -16,8 +16,8 @@ that misses the SLO, or when it would make a call late for a request already in 
 The loop is closed twice:
 
 - each call seen ending re-anchors its worker: its next call starts then, with the
-  requests queued, so a prediction rests on at most one call's predicted service and
-  errors do not accumulate. A call not seen ending by its typical end is still
+  requests queued, so predictions start from the last end seen and their errors do
+  not accumulate. A call not seen ending by its typical end is still
   running (a stall: the worker, or the machine, was slow), and the calls behind it
   wait for it. A stage whose ends the driver does not see (its output is not the
   flow's) learns them from its workers' reports, which come later: its calls are
