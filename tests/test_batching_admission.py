@@ -141,6 +141,17 @@ def test_a_workers_report_of_a_call_resolves_its_oldest_queued_calls() -> None:
     assert not ledger.prompt
 
 
+def test_a_workers_report_is_paired_with_the_call_taken_to_end_nearest_it() -> None:
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    for rid in range(3):  # taken to run 0-5, 6-11 and 12-17 ms (1 ms apart)
+        ledger.admit(rid, 0.0, 1.0, [0], 0)
+    ledger.admit(3, 0.030, 1.0, [0], 0)  # by 30 ms all three are taken to have ended
+    # the worker reports one call, ended at 17.5 ms (it ran the three as it saw fit):
+    # it is the third, 0.5 ms late, not the first 12.5 ms late
+    ledger.observed(0, 1, 0.0175)
+    assert ledger.residuals() == pytest.approx([0.0005])
+
+
 def test_a_call_running_past_its_end_holds_back_the_requests_behind_it() -> None:
     # ends are seen as they happen (a stage whose output is the flow's)
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)

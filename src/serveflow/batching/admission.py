@@ -458,14 +458,20 @@ class StageLedger:
 
     def observed(self, worker: int, size: int, end: float) -> None:
         """Worker `worker` ended a call of `size` requests at `end` (as its report
-        says, later; ends are not seen as they happen): the oldest call taken to
-        have ended there is corrected by it."""
+        says, later; ends are not seen as they happen): the call taken to have ended
+        there nearest that end is corrected by it, and those taken to have ended
+        before it are done with (the worker ran them otherwise: merged, or not at
+        all). Paired in order instead, one call more taken than run would pair every
+        later report with an ever older call."""
         w = self._workers.get(worker)
         if w is None or size < 1:
             return
         if w.unreported:
+            nearest = min(range(len(w.unreported)), key=lambda k: abs(w.unreported[k].end - end))
+            for _ in range(nearest):
+                w.unreported.popleft()
             call = w.unreported.popleft()
-            self._learn(end, end - call.start, len(call.rids))
+            self._learn(end, end - call.start, size)
             # the worker is that much later (or earlier) than taken
             surprise = end - (call.end + self.overhead()[0])
             w.free_since += surprise
