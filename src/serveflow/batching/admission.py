@@ -422,15 +422,11 @@ class StageLedger:
                 # too soon for a call begun when the last one was seen ending: this
                 # result is of that call, which took it as well (it reached the worker
                 # before that call began, not after)
-                self._where.pop(rid, None)
-                if rid in run.rids:
-                    run.rids.discard(rid)
-                    run.end = run.start + float(self._service[len(run.rids)])
-                    if not run.rids:
-                        w.run = None
-                    self.closed_until = -math.inf
+                if self._take_out(w, rid):
+                    w.run = None
                 else:
-                    self._unqueue(w, rid)
+                    run.end = run.start + float(self._service[len(run.rids)])
+                self.closed_until = -math.inf
                 return
             if w.run is not None and rid in w.run.rids:
                 took = now - w.run.start
@@ -444,17 +440,11 @@ class StageLedger:
             self._where.pop(rid, None)
             self._end(w, now)
             self._advance(w, now)
-        elif self.prompt:
-            # failed, cancelled or past its deadline: it runs no more (its call failed,
-            # or it is dropped from the queue); a call all of whose requests did so is
-            # over, and no stall to wait for
-            self._where.pop(rid, None)
-            if w.run is not None and rid in w.run.rids:
-                w.run.rids.discard(rid)
-                if not w.run.rids:
-                    self._end(w, now)
-            else:
-                self._unqueue(w, rid)
+        # failed, cancelled or past its deadline: it runs no more (its call failed, or
+        # it is dropped from the queue); a call all of whose requests did so is over,
+        # and no stall to wait for
+        elif self.prompt and self._take_out(w, rid):
+            self._end(w, now)
 
     def observed(self, worker: int, size: int, end: float) -> None:
         """Worker `worker` ended a call of `size` requests at `end` (as its report
@@ -485,17 +475,13 @@ class StageLedger:
 
     def forget(self, rid: int) -> None:
         """Request `rid` was not run after all (refused later, failed before routing)."""
-        worker = self._where.pop(rid, None)
+        worker = self._where.get(rid)
         if worker is None:
             return
         w = self._workers[worker]
         self.closed_until = -math.inf
-        if w.run is not None and rid in w.run.rids:
-            w.run.rids.discard(rid)
-            if not w.run.rids:
-                self._end(w, w.run.start)
-        else:
-            self._unqueue(w, rid)
+        if self._take_out(w, rid):  # its call never ran
+            self._end(w, w.run.start)
 
     # --- internals -------------------------------------------------------------------
 
@@ -506,6 +492,16 @@ class StageLedger:
         self._latest.append((end, took, count))
         self._relevel()
         self._fresh += 1
+
+    def _take_out(self, w: _Worker, rid: int) -> bool:
+        """Take `rid` out of worker `w`'s running call or queue: True when that left
+        the running call empty."""
+        self._where.pop(rid, None)
+        if w.run is None or rid not in w.run.rids:
+            self._unqueue(w, rid)
+            return False
+        w.run.rids.discard(rid)
+        return not w.run.rids
 
     def _unqueue(self, w: _Worker, rid: int) -> _Entry | None:
         for entry in w.queue:

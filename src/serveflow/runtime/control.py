@@ -117,13 +117,11 @@ class DeployedApp(App):
         # (a controller plans up to SIZE_LADDER's top, and runs two as one call under a
         # backlog: its admission counts on them being at the worker, not held here)
         largest_batch = max((s.batching.size for s in plan.stages if s.batching), default=0)
-        if any(s.batching and s.batching.adaptive for s in plan.stages):
+        adaptive = [s.batching for s in plan.stages if s.batching and s.batching.adaptive]
+        if adaptive:
             from serveflow.batching.controller import SIZE_LADDER
 
-            largest_batch = max(
-                largest_batch,
-                *(s.batching.max_size or SIZE_LADDER[-1] for s in plan.stages if s.batching),
-            )
+            largest_batch = max(largest_batch, *(b.max_size or SIZE_LADDER[-1] for b in adaptive))
         self.worker_cap = max(control.worker_queue, 2 * largest_batch)
         # each anyof branch's stages by its head, whose latency orders the branches
         self.branch_of = {i: b[-1] for _, branches in plan.anyof_races for b in branches for i in b}
