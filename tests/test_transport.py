@@ -91,6 +91,29 @@ def test_a_backlog_reaches_its_receiver_bundled_in_few_datagrams(endpoints):
         sender.send(receiver.path, b"\x00not a bundle of ours")
 
 
+def test_messages_sent_together_arrive_in_order_in_few_datagrams(endpoints):
+    sender, receiver = endpoints("sender"), endpoints("receiver")
+    sender.send(receiver.path, b"first")  # connects: later sends take the direct path
+    assert receive(receiver, 1) == [b"first"]
+    messages = [f"r{i}".encode() * (i % 5 + 1) for i in range(FLOOD)]
+    messages.insert(FLOOD // 2, b"z" * (MAX_DATAGRAM // 2))  # too large to share
+    # more than the receiver's queue holds in bundles: the rest waits in the backlog
+    many = [f"b{i}".encode() * 400 for i in range(4 * FLOOD)]
+    sender.send_all(receiver.path, messages)
+    sender.send_all(receiver.path, many)
+    sender.send(receiver.path, b"last")
+    assert receive(receiver, len(messages) + len(many) + 1) == [*messages, *many, b"last"]
+    assert receiver.datagrams < 1 + (len(messages) + len(many)) // 10
+    # a call's results (small messages) go out as one datagram
+    results = [f"result {i}".encode() for i in range(FLOOD // 4)]
+    before = receiver.datagrams
+    sender.send_all(receiver.path, results)
+    assert receive(receiver, len(results)) == results
+    assert receiver.datagrams == before + 1
+    with pytest.raises(ValueError, match="zero byte"):
+        sender.send_all(receiver.path, [b"fine", b"\x00not a bundle of ours"])
+
+
 def test_a_malformed_bundle_is_dropped_and_what_follows_is_read(endpoints):
     receiver = endpoints("receiver")
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

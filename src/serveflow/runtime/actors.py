@@ -93,7 +93,7 @@ class RayWorker(Worker):
         self.wake: Any = None  # set by the actor: tells its outbox call a message waits
         self.peers: dict[int, Any] = {}
         self.early: dict[int, list[Any]] = {}  # per app not deployed yet: its messages
-        self.held: dict[int, list[Any]] | None = None  # see `run_batch`
+        self.peers_held: dict[int, list[Any]] | None = None  # see `run_batch`
         self.undeployed: set[int] = set()
         self.thread_id = 0
         self.interruptible: int | None = None  # the serial of the call that may be interrupted
@@ -177,19 +177,22 @@ class RayWorker(Worker):
         if worker == self.index:
             self.inbox.put(message)
             return
-        if self.held is not None:
-            self.held.setdefault(worker, []).append(message)
+        if self.peers_held is not None:
+            self.peers_held.setdefault(worker, []).append(message)
         else:
             self.deliver(worker, [message])
+
+    def hold(self, worker: int, message: tuple, rid: int = 0) -> None:
+        self.send(worker, message, rid)  # `send` holds what goes to other workers
 
     def run_batch(self, plan: Plan, facts: Any, key: tuple[int, int], batch: list) -> None:
         """As `Worker.run_batch`; what the call sends to other workers goes once it
         is over, one actor call per worker (a batch's outputs in one)."""
-        self.held = {}
+        self.peers_held = {}
         try:
             super().run_batch(plan, facts, key, batch)
         finally:
-            held, self.held = self.held, None
+            held, self.peers_held = self.peers_held, None
             for worker, messages in held.items():
                 self.deliver(worker, messages)
 

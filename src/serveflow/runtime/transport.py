@@ -157,10 +157,7 @@ class Endpoint:
 
         A message that joins a backlog is dropped (with a debug log) if its destination
         disappears before it is delivered."""
-        if len(data) > MAX_DATAGRAM:
-            raise ValueError(f"message of {len(data)} bytes exceeds {MAX_DATAGRAM}")
-        if data[:1] == BUNDLE:
-            raise ValueError("a message may not begin with a zero byte (it marks a bundle)")
+        _check(data)
         sock = self._direct.get(to)
         if sock is not None:
             try:
@@ -169,6 +166,25 @@ class Endpoint:
             except OSError:  # queue full, or the peer went away: sorted out below
                 pass
         self._send_slow(to, data)
+
+    def send_all(self, to: str, messages: list[bytes]) -> None:
+        """`send` each of `messages` to `to`, in order, bundled into as few datagrams
+        as fit: the receiver reads them with one system call (each gives up the GIL,
+        and a busy receiver's thread then waits to get it back)."""
+        for data in messages:
+            _check(data)
+        pending = deque(messages)
+        sock = self._direct.get(to)
+        while pending and sock is not None:
+            count, data = _bundle(pending)
+            try:
+                sock.send(data)
+            except OSError:  # queue full, or the peer went away: sorted out below
+                break
+            for _ in range(count):
+                pending.popleft()
+        for data in pending:  # a backlog bundles them again when it drains
+            self._send_slow(to, data)
 
     def backlog(self, to: str) -> int:
         """How many messages wait for the destination at path `to` (diagnostics)."""
@@ -376,6 +392,13 @@ class Endpoint:
         if self._destinations.get(destination.to) is destination:
             self._direct[destination.to] = destination.sock
         return True
+
+
+def _check(data: bytes) -> None:
+    if len(data) > MAX_DATAGRAM:
+        raise ValueError(f"message of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+    if data[:1] == BUNDLE:
+        raise ValueError("a message may not begin with a zero byte (it marks a bundle)")
 
 
 def _bundle(queue: deque[bytes]) -> tuple[int, bytes]:

@@ -207,6 +207,7 @@ class Worker:
         self.rule = BatchRule()
         self.call_s: dict[tuple[int, int], float] = {}  # per stage: calls' moving average
         self.dirty = False  # something to report to the driver
+        self.held: dict[str, list[bytes]] | None = None  # a batch's messages (`hold`)
         self.running = True
 
     def open_transport(self, directory: str) -> None:
@@ -391,16 +392,31 @@ class Worker:
         )
 
     def send(self, worker: int, message: tuple, rid: int = 0) -> None:
+        self.transmit(socket_path(self.directory, worker, message), [self.encode(message, rid)])
+
+    def hold(self, worker: int, message: tuple, rid: int = 0) -> None:
+        """`send`, but within a batch (`run_batch`) held until the call's messages go
+        out together, bundled: one datagram per destination, not one per request (a
+        busy driver's receiving thread waits for the GIL after each datagram)."""
+        if self.held is None:
+            self.send(worker, message, rid)
+            return
+        path = socket_path(self.directory, worker, message)
+        self.held.setdefault(path, []).append(self.encode(message, rid))
+
+    def encode(self, message: tuple, rid: int) -> bytes:
         try:
-            data = codec.encode(message, self.shm, rid)
+            return codec.encode(message, self.shm, rid)
         except Exception as error:  # an output that cannot travel fails its request
             if not isinstance(message, m.Input | m.Result):
                 raise
-            data = codec.encode(self.unsendable(message, error), self.shm, rid)
+            return codec.encode(self.unsendable(message, error), self.shm, rid)
+
+    def transmit(self, path: str, data: list[bytes]) -> None:
         try:
-            self.endpoint.send(socket_path(self.directory, worker, message), data)
+            self.endpoint.send_all(path, data)
         except PeerGone:  # that worker died; the driver re-runs the request
-            log.debug("worker %d is gone; dropping a message", worker)
+            log.debug("%s is gone; dropping %d messages", path, len(data))
 
     def flush_to_driver(self) -> None:
         """Wait (up to LOAD_SAID_WITHIN_S) until what waits for the driver is sent: a
@@ -562,6 +578,7 @@ class Worker:
                 counters = self.counters.setdefault(key, StageCounters())
                 counters.batch_log.append((0, 0.0, now, [now - t.created for t in expired]))
                 self.dirty = True
+        self.held = {}
         try:
             if live:
                 self.run_live(plan, facts, key, live)
@@ -571,7 +588,10 @@ class Worker:
             # other runs it releases with their request.
             if facts.competing or self.call_s.get(key, 0.0) >= DONE_AFTER_S:
                 for t in batch:
-                    self.send(DRIVER, m.Done(self.index, t.app, t.rid, t.attempt, t.index))
+                    self.hold(DRIVER, m.Done(self.index, t.app, t.rid, t.attempt, t.index))
+            held, self.held = self.held, None
+            for path, data in held.items():
+                self.transmit(path, data)
 
     def run_live(
         self, plan: Plan, facts: StageFacts, key: tuple[int, int], live: list[Task]
@@ -680,7 +700,7 @@ class Worker:
     def forward(self, plan: Plan, stage: StageFacts, task: Task, result: Any) -> None:
         if stage.to_driver:
             result_message = m.Result(task.app, task.rid, task.attempt, result, task.began)
-            self.send(DRIVER, result_message, task.rid)
+            self.hold(DRIVER, result_message, task.rid)
         for consumer in stage.consumers:
             message = m.Input(
                 task.app,
@@ -698,12 +718,12 @@ class Worker:
             if self.facts[task.app][consumer].located:
                 for worker in chosen:  # the driver counts it against that worker
                     located = m.Located(task.app, task.rid, task.attempt, consumer, worker)
-                    self.send(DRIVER, located)
+                    self.hold(DRIVER, located)
             for worker in chosen or (self.index,):
                 if worker == self.index:
                     self.accept(message)
                 else:
-                    self.send(worker, message, task.rid)
+                    self.hold(worker, message, task.rid)
         if plan.anyof_races and isinstance(result, Table):
             self.cancel_rivals(plan, task)
 
