@@ -26,6 +26,7 @@ MAX_LAG = 20
 # The bursty fit counts arrivals in windows of about this many mean gaps.
 COUNTS_PER_WINDOW = 8
 MAX_WINDOWS = 600
+SETTLED = 1e-3  # an EM round that moves no rate (relatively) or switch more: done
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,8 +233,15 @@ def _fit_mmpp2(times: np.ndarray, rate: float, iterations: int = 20) -> MAP | No
             / scale[1:, None, None]
         )
         start = gamma[0]
+        before = lam, trans
         lam = np.maximum((gamma * counts[:, None]).sum(axis=0) / gamma.sum(axis=0), 1e-6)
         trans = xi.sum(axis=0) / np.maximum(xi.sum(axis=(0, 2))[:, None], 1e-300)
+        # settled: further rounds take the planner's thread (and the GIL the requests'
+        # threads share) for nothing
+        if np.all(np.abs(lam - before[0]) <= SETTLED * lam) and np.all(
+            np.abs(trans - before[1]) <= SETTLED
+        ):
+            break
     order = np.argsort(lam)
     lam, trans = lam[order], trans[np.ix_(order, order)]
     if lam[1] < 1.3 * lam[0] or min(trans[0, 1], trans[1, 0]) <= 0:
