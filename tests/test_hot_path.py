@@ -59,6 +59,29 @@ def test_a_request_that_ended_is_not_held_until_its_deadline(app):
     assert gone() is None, "the answered request is still held"
 
 
+def test_a_finished_request_is_freed_without_the_cycle_collector(app):
+    """An answered or cancelled request is freed as its caller drops the future: no
+    cycle between the two waits for the garbage collector, whose full collections
+    grew to 30-190 ms at 4,000 requests/s and stalled every thread of the driver."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        answered = app.run(_request(3), timeout=600)
+        assert answered.result(timeout=RESULT_S).to_rows() == [{"a": 3}]
+        began = answered.began
+        assert began is not None
+        cancelled = app.run(_request(4, 1.0), timeout=600)
+        assert cancelled.cancel()
+        gone = [weakref.ref(answered), weakref.ref(cancelled)]
+        del answered, cancelled
+        assert [ref() for ref in gone] == [None, None], "a finished request is held"
+    finally:
+        gc.enable()
+
+
 @pytest.mark.timeout(60)
 def test_a_caller_waiting_alone_gets_its_deadline_error_on_time(app):
     started = time.monotonic()

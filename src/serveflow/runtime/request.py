@@ -19,22 +19,34 @@ class RequestFuture(Future):
 
     def __init__(self, request: Request) -> None:
         super().__init__()
-        self._request = request
+        # while pending: a request and its future referring to each other would be
+        # freed by the cyclic garbage collector only, whose pauses grow with the load
+        self._request: Request | None = request
+        self._began: float | None = None
 
     def cancel(self) -> bool:
-        if not self._request.claim():
+        request = self._request
+        if request is None or not request.claim():
             return self.cancelled()
         cancelled = super().cancel()  # pending until claimed: always True
-        self._request.end(True)
+        request.end(True)
+        self._let_go()
         self.set_running_or_notify_cancel()  # else `wait` and `as_completed` never see it
         return cancelled
+
+    def _let_go(self) -> None:
+        """The request ended: keep what is read of it, not the request."""
+        request, self._request = self._request, None
+        if request is not None:
+            self._began = request.began
 
     @property
     def began(self) -> float | None:
         """When the request's first stage run began (`time.monotonic`; on Ray, the
         worker's clock), known once the future is done; None if no stage ran. Before
         it, the request was queued: at the driver, in a worker's queue or batch."""
-        return self._request.began
+        request = self._request
+        return self._began if request is None else request.began
 
 
 class Request:
@@ -56,7 +68,7 @@ class Request:
     ) -> None:
         self.id = next(_ids)
         self.table = table
-        self.future: Future[Table] = RequestFuture(self)
+        self.future = RequestFuture(self)
         self.submitted = time.monotonic()
         self.deadline = None if timeout is None else self.submitted + timeout
         self.route: tuple[tuple[int, ...], ...] = ()
@@ -96,6 +108,7 @@ class Request:
         try:
             self.end(not table)
         finally:
+            self.future._let_go()
             if table:
                 self.future.set_result(result)
             else:
