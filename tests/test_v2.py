@@ -1027,6 +1027,9 @@ def test_slo_batching_flows_see_every_v2_request():
     flow = sf.Flow("slo", schema={"x": int})
     flow.map(batched_double, names=["y"], batching=sf.Batching(slo_ms=500), name="double")
     app = flow.deploy()
+    # loaded first: a stage's cold start under a busy machine may rightly shed some of
+    # a burst that arrives during it (its SLO is 500 ms); what is tested is the burst
+    assert app.run({"x": [0]}).result(timeout=60).to_rows() == [{"y": 0}]
     with Server({"slo": app}, port=0, grpc_port=0) as srv:
 
         async def run() -> list[list[int]]:
@@ -1046,10 +1049,10 @@ def test_slo_batching_flows_see_every_v2_request():
         assert "slo" not in srv.state.coalescers  # its controller batches, per request
         for _ in range(100):  # workers report their figures every few hundred ms
             stats = app.stats()["double"]
-            if stats["requests"] >= 32:
+            if stats["requests"] >= 33:
                 break
             time.sleep(0.05)
-        assert stats["requests"] == 32  # each V2 request is one arrival to plan for
+        assert stats["requests"] == 33  # each V2 request is one arrival to plan for
         assert max(int(size) for size in stats["batch_sizes"]) > 1  # and they were batched
 
 
