@@ -3,8 +3,9 @@
 A plan search is CPU-bound Python for up to a second. In the driver it would hold the
 GIL that routing and result delivery need: every request in flight would stall for
 the length of each search, a tail-latency spike every few seconds. The planner
-process runs the searches instead, at a lower CPU priority than the workers, on one
-BLAS thread; the driver's planner thread waits on a pipe, without the GIL.
+process runs the searches instead, at the workers' low CPU priority (below the
+driver's) from its first instruction, on one BLAS thread; the driver's planner thread
+waits on a pipe, without the GIL.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from serveflow.batching.profile import ServiceProfile
 
 log = logging.getLogger(__name__)
 
-PLANNER_MAIN = "from serveflow.runtime.planner import serve; serve()"
 NICENESS = 10
+# niced before its imports: they take 0.7-1 s of CPU, which at the driver's priority
+# went before the workers' (at 10) when the first plan of a busy stage started it
+PLANNER_MAIN = (
+    f"import os; os.nice({NICENESS}); from serveflow.runtime.planner import serve; serve()"
+)
 
 
 class PlannerProcess:
@@ -83,7 +88,6 @@ def serve() -> None:
     or (False, the exception) until its input closes."""
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the replies
-    os.nice(NICENESS)
     while True:
         try:
             space, arrivals, service = pickle.load(requests)
