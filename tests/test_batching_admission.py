@@ -215,6 +215,23 @@ def test_after_a_refusal_arrivals_are_refused_outright_until_a_worker_could_take
     assert not ledger.closed(0.0009)
 
 
+def test_a_refusal_closes_admission_until_the_routers_worker_could_take_one() -> None:
+    # the router sends every arrival to worker 0 (until a call ends there, or a plan
+    # changes), so worker 1 being free does not reopen admission: arrivals until then
+    # are refused outright, not each predicted again
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    slo = 0.022
+    admitted = [ledger.admit(rid, 0.0, slo, [0, 1], 0).admit for rid in range(4)]
+    assert admitted == [True] * 3 + [False]
+    assert ledger.closed(0.0015)
+    assert not ledger.closed(0.0025)
+    # with no pick known, the first worker free reopens it at once
+    either = _ledger(size=1, timeout_s=0.0, merge=1)
+    for rid in range(3):
+        either.admit(rid, 0.0, slo, [0], 0)
+    assert either.admit(3, 0.0, slo, [0, 1]).admit  # on worker 1
+
+
 def test_an_overload_is_planned_at_once_without_a_search() -> None:
     searched = []
 

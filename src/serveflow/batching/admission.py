@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -141,7 +142,7 @@ class StageLedger:
         self.timeout_s = 0.0
         self.merge = 1
         self.rate = 0.0
-        self._service = np.zeros(2)  # seconds by requests per call (index 0 unused)
+        self._service = [0.0, 0.0]  # seconds by requests per call (index 0 unused)
         self._workers: dict[int, _Worker] = {}
         self._where: dict[int, int] = {}  # an entered request's worker, until its call ends
         # (end, the residual less the excess at its time), seconds
@@ -152,7 +153,7 @@ class StageLedger:
         self._peak = 0.0  # the highest excess since `spell_excess` was last asked
         self._fresh = REQUANTILE_EVERY  # residuals since the quantiles were computed
         self._spread: tuple[float, float] | None = None  # deviations' (median, quantile)
-        self._sorted = np.zeros(0)  # the deviations, sorted, as of the cached quantiles
+        self._sorted: list[float] = []  # the deviations, sorted, as of the cached quantiles
         self.prompt = False  # ends are reported as they happen (`finished`), not later
         self.closed_until = -math.inf  # arrivals before this are refused (`closed`)
         self._probed_at = -math.inf
@@ -170,7 +171,7 @@ class StageLedger:
         service = np.asarray(service_s, dtype=float)
         if len(service) < self.merge + 1:
             raise ValueError(f"StageLedger.plan: service_s needs {self.merge + 1} entries")
-        self._service = service
+        self._service = service.tolist()  # floats: read per arrival
         self.rate = max(0.0, rate)
         self.closed_until = -math.inf
         self._relevel()
@@ -187,9 +188,10 @@ class StageLedger:
                     and self._residuals[0][0] < newest - RESIDUAL_WINDOW_S
                 ):
                     self._residuals.popleft()
-            self._sorted = np.sort(self._kept())
+            kept = np.sort(self._kept())
+            self._sorted = kept.tolist()  # searched per arrival: `bisect`, not numpy
             if len(self._residuals) >= MIN_RESIDUALS:
-                median, high = np.quantile(self._sorted, [0.5, self.admit_quantile])
+                median, high = np.quantile(kept, [0.5, self.admit_quantile])
                 self._spread = (float(median), max(float(high), float(median)))
             else:
                 self._spread = None
@@ -215,15 +217,15 @@ class StageLedger:
             return
         # plain floats and `statistics.median`: this runs after every call, on the
         # driver's receiving thread (numpy's scalars and median: 66 us for 128 calls;
-        # this: 41)
-        service = self._service.tolist()
-        top = len(service) - 1
+        # this: 41; stopping at the first call older than LEVEL_S, in the order seen:
+        # 15 for the 50 calls of 0.3 s at 2 workers under overload)
+        service, top = self._service, len(self._service) - 1
         newest = self._latest[-1][0]
-        latest = [
-            took - service[min(n, top)]
-            for k, (end, took, n) in enumerate(reversed(self._latest))
-            if k < LEVEL_MIN or end >= newest - LEVEL_S
-        ]
+        latest = []
+        for end, took, n in reversed(self._latest):
+            if len(latest) >= LEVEL_MIN and end < newest - LEVEL_S:
+                break
+            latest.append(took - service[min(n, top)])
         median, high = self._spread
         gap = statistics.median(latest) - median
         self._excess = gap if abs(gap) > high - median else 0.0
@@ -252,9 +254,11 @@ class StageLedger:
         served late)."""
         if not workers:
             return Verdict(True, 0.0, None)
+        # until something but time changes, the router picks the same worker
+        candidates = workers if worker is None else (worker,)
         if worker is None:
             worker = self._first_free(workers, now)
-        w = self._workers.setdefault(worker, _Worker())
+        w = self._worker(worker)
         self._advance(w, now)
         p = self._predict(w, now)
         # Even past the idle rule (see `_predict`), one every PROBE_EVERY_S probes: a
@@ -266,7 +270,7 @@ class StageLedger:
             self._probed_at = now
         admit = meets or probe
         if not admit and not enter_anyway and not p.idle:
-            self.closed_until = self._reopens(workers, now, slo_s)
+            self.closed_until = self._reopens(candidates, now, slo_s)
         if admit or enter_anyway:
             w.queue.append(_Entry(rid, now, now + slo_s - p.high))
             self._where[rid] = worker
@@ -301,14 +305,15 @@ class StageLedger:
         late = now - w.run.end  # the residual so far
         if not self.prompt or late <= median or late > STALE_S:
             return w.run.end + median
-        # as `overhead()` left them: sorted, at most a few calls old, with today's excess
-        past = self._sorted + self._excess
-        cut = int(np.searchsorted(past, late, side="right"))  # the longer ones on
+        # as `overhead()` left them: sorted, at most a few calls old, less today's excess
+        past = self._sorted
+        cut = bisect_right(past, late - self._excess)  # the longer ones on
         longer = len(past) - cut
         if not longer:
             return w.run.end + 2.0 * late
         middle = cut + longer // 2
-        expected = float(past[middle] if longer % 2 else (past[middle - 1] + past[middle]) / 2)
+        expected = past[middle] if longer % 2 else (past[middle - 1] + past[middle]) / 2
+        expected += self._excess
         return w.run.end + expected
 
     def _cut(
@@ -329,7 +334,7 @@ class StageLedger:
                 waiting += 1
             waiting -= i
             take = min(waiting, self.merge if waiting > self.size else self.size)
-            end = start + float(self._service[take])
+            end = start + self._service[take]
             yield i, take, start, end
             i, free = i + take, end + median
 
@@ -366,7 +371,8 @@ class StageLedger:
 
     def _reopens(self, workers: Sequence[int], now: float, slo_s: float) -> float:
         """After a refusal: the first time, on a grid of REOPEN_STEPS steps of a
-        REOPEN_GRID-th of the SLO, at which some worker would admit an arrival if
+        REOPEN_GRID-th of the SLO, at which one of `workers` (the router's pick, when
+        known: it stays while nothing but time changes) would admit an arrival if
         nothing but time changed (no call seen ending, no new plan, nothing
         forgotten; it is reset when one does). Arrivals before then are refused
         without a prediction each (`closed`): under overload most arrivals are, and
@@ -399,7 +405,7 @@ class StageLedger:
         if entry is None:
             return
         entry.sent = max(entry.sent, now)
-        self._workers.setdefault(worker, _Worker()).queue.append(entry)
+        self._worker(worker).queue.append(entry)
         self._where[rid] = worker
 
     def finished(self, rid: int, now: float, ok: bool = True) -> None:
@@ -425,7 +431,7 @@ class StageLedger:
                 if self._take_out(w, rid):
                     w.run = None
                 else:
-                    run.end = run.start + float(self._service[len(run.rids)])
+                    run.end = run.start + self._service[len(run.rids)]
                 self.closed_until = -math.inf
                 return
             if w.run is not None and rid in w.run.rids:
@@ -492,6 +498,12 @@ class StageLedger:
         self._latest.append((end, took, count))
         self._relevel()
         self._fresh += 1
+
+    def _worker(self, worker: int) -> _Worker:
+        w = self._workers.get(worker)
+        if w is None:
+            w = self._workers[worker] = _Worker()
+        return w
 
     def _take_out(self, w: _Worker, rid: int) -> bool:
         """Take `rid` out of worker `w`'s running call or queue: True when that left

@@ -270,7 +270,8 @@ class BatchingController:
     def _sync_ledger(self) -> None:
         """Tell the ledger the batching in force and the service times (when changed)."""
         d = self._decision
-        basis = (d.max_size, d.timeout_s, self.profile.refits, self.profile.observations > 0)
+        refits = self.profile.refits  # none before the first observation
+        basis = (d.max_size, d.timeout_s, refits, refits > 0 or self.profile.observations > 0)
         if basis == self._ledger_basis:
             return
         self._ledger_basis = basis

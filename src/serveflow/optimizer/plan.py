@@ -29,7 +29,7 @@ class Stage:
     gpu_requested: bool = False
     locality_key: str | None = None
 
-    @property
+    @functools.cached_property  # read per request (an overload's error names it)
     def name(self) -> str:
         return "+".join(op.name for op in self.ops)
 
