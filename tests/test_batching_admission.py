@@ -182,7 +182,7 @@ def test_a_call_whose_requests_all_failed_holds_nothing_back() -> None:
 def test_a_request_that_would_make_a_queued_call_late_for_its_requests_is_refused() -> None:
     # batches of 4 within 10 ms, 20 ms + 1 ms per row; a full batch runs until 24 ms
     ledger = StageLedger()
-    ledger.plan(4, 0.010, 8, [0.0] + [0.020 + 0.001 * n for n in range(1, 9)], 1000)
+    ledger.plan(4, 0.010, 8, [0.0] + [0.020 + 0.001 * n for n in range(1, 9)], 100)
     for rid in range(4):
         ledger.admit(rid, 0.0, 1.0, [0], 0)
     # the next batch runs once the worker is free (24 ms + the typical 1 ms): alone,
@@ -230,6 +230,44 @@ def test_a_refusal_closes_admission_until_the_routers_worker_could_take_one() ->
     for rid in range(3):
         either.admit(rid, 0.0, slo, [0], 0)
     assert either.admit(3, 0.0, slo, [0, 1]).admit  # on worker 1
+
+
+def _slow_ledger(rate: float) -> StageLedger:
+    # calls of 20 ms + 1 ms per row, up to 8 rows: a worker serves 285 rows/s at most
+    ledger = StageLedger()
+    ledger.plan(8, 0.0, 8, [0.0] + [0.020 + 0.001 * n for n in range(1, 9)], rate)
+    return ledger
+
+
+def test_under_overload_a_call_is_left_to_the_last_arrivals_before_it_starts() -> None:
+    slo = 0.050
+    for rate, early_admitted in ((4000, False), (100, True)):
+        ledger = _slow_ledger(rate)
+        assert ledger.admit(0, 0.0, slo, [0], 0).admit  # runs 0-21 ms
+        # opening the next call (22-43 ms, 44 with the overhead) 22 ms ahead meets
+        # the SLO; but 4,000/s bring a full call's 8 rows in its last 21 ms (50 - 28 -
+        # 1), and a call opened earlier would hold fewer of them in time
+        early = ledger.admit(1, 0.0, slo, [0], 0)
+        assert early.admit is early_admitted and early.latency_s < slo
+    assert ledger.admit(2, 0.002, slo, [0], 0).admit  # 20 ms ahead: in the window
+    overloaded = _slow_ledger(4000)
+    overloaded.admit(0, 0.0, slo, [0], 0)
+    assert not overloaded.admit(1, 0.0, slo, [0], 0).admit
+    assert all(overloaded.admit(rid, 0.002, slo, [0], 0).admit for rid in range(2, 10))
+    assert not overloaded.admit(10, 0.002, slo, [0], 0).admit  # 8 fill the call
+
+
+def test_under_overload_admission_picks_the_worker_whose_call_is_filling() -> None:
+    # the router picks worker 0, whose next call would open 21.5 ms ahead, before its
+    # window; worker 1 is free: the request goes there, and the runtime routes it so
+    slo = 0.050
+    ledger = _slow_ledger(4000)
+    ledger.admit(0, 0.0, slo, [0, 1], 0)
+    verdict = ledger.admit(1, 0.0005, slo, [0, 1], 0)
+    assert verdict.admit and verdict.worker == 1 and ledger.worker_of(1) == 1
+    calm = _slow_ledger(100)  # not overloaded: the router's pick stands
+    calm.admit(0, 0.0, slo, [0, 1], 0)
+    assert calm.admit(1, 0.0005, slo, [0, 1], 0).worker == 0
 
 
 def test_an_overload_is_planned_at_once_without_a_search() -> None:
@@ -286,6 +324,19 @@ def test_issue_case_3000_per_s_slo_30_ms_refuses_the_excess_and_serves_the_rest_
     # 2 workers, 2 x service(n) <= 30 ms: n = 8 at most in time, 12 ms: ~1330/s
     assert got["goodput"] >= 0.9 * 1330
     assert 0.45 <= got["refused"] <= 0.65
+
+
+def test_an_overload_is_served_in_full_calls_of_the_latest_arrivals() -> None:
+    # 3x overload, SLO 5x a request's service: first come, first admitted alternated
+    # calls of 7-11 and 2-5 (goodput 1,252-1,258/s in this simulation, seeds 3-5);
+    # leaving each call to the last arrivals before it, and placing them on the
+    # worker whose call is filling: 1,471-1,493/s
+    got = _run(4000, 25, 4, 1)
+    assert got["p99_over_slo"] <= 1.0
+    assert got["goodput"] >= 1400, got
+    slow = _run(800, 125, 20, 5)  # 266-269/s before, 294-303/s now
+    assert slow["p99_over_slo"] <= 1.0
+    assert slow["goodput"] >= 285, slow
 
 
 def test_a_load_only_greedy_batches_serve_in_time_is_served_not_refused() -> None:

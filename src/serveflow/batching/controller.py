@@ -234,6 +234,14 @@ class BatchingController:
                 self._pending.pop()  # it will never finish
             return False
 
+    def placed(self, rid: int, worker: int) -> int:
+        """The worker admitted request `rid` is to run on: `worker` (the router's
+        pick, as given to `admit`), unless admission entered it on another (under
+        overload it places requests where a call is filling: see `admission`)."""
+        with self._lock:
+            placed = self.ledger.worker_of(rid)
+        return worker if placed is None else placed
+
     def refuses_outright(self, now: float) -> bool:
         """Whether an arrival now is refused without a prediction of its own: the
         last refusal showed that no worker can take one in time before a later

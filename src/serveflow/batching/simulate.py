@@ -350,6 +350,8 @@ def simulate_controlled(
             w = batch[0] if filling else min(pool, key=lambda k: (outstanding[k], opened_at[k]))
             if not controller.admit(now, i, pool, w):
                 continue
+            if controller.placed(i, w) != w:  # admission picked another worker
+                w, filling = controller.placed(i, w), False
             if filling:
                 batch[1] += 1
             else:

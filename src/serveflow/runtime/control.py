@@ -387,6 +387,10 @@ class ControlPlane:
                 controller.on_arrival(now)
                 workers, worker = places[index]
                 refused = not controller.admit(now, request.id, workers, worker)
+                if not refused and worker is not None:
+                    placed = controller.placed(request.id, worker)
+                    if placed != worker:
+                        request.placed = {**(request.placed or {}), index: placed}
             if not refused:
                 admitted.append(index)
                 continue
@@ -461,6 +465,7 @@ class ControlPlane:
                 expected,
                 costs,
                 app.worker_cap,
+                request.placed,
             )
         try:
             return self._send(app, request, routed, expected, costs, room)

@@ -79,6 +79,8 @@ class Request:
         # stages it no longer runs: an anyof branch that shed it (`shed`, its refusal)
         self.lost: frozenset[int] = frozenset()
         self.shed: Exception | None = None
+        # SLO stages whose admission picked a worker (stage -> worker): routed there
+        self.placed: dict[int, int] | None = None
         self.began: float | None = None  # when its first stage run began (a worker says)
         self.on_end = on_end
         self.timer: list | None = None  # its deadline's entry (`Deadlines.add`)

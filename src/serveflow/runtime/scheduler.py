@@ -127,6 +127,7 @@ class Scheduler:
         expected: Mapping[int, float | None] | None = None,
         costs: Sequence[float | None] | None = None,
         room: int | None = None,
+        placed: Mapping[int, int] | None = None,
     ) -> tuple[Route, list[tuple[int, int]]] | None:
         """Pick workers for every stage of one request (whose table is `table`) and
         count the runs known now as outstanding: returns the route and those (stage,
@@ -137,7 +138,8 @@ class Scheduler:
         `expected` some stages' typical run time in seconds (None: not known yet);
         `costs` every stage's (None: not known yet), to route single-worker stages by
         expected finish time (else by outstanding runs); the caller adds each charged
-        run's cost to its worker's `work` and takes it off once the run is done."""
+        run's cost to its worker's `work` and takes it off once the run is done.
+        `placed`: packed stages whose worker admission picked (by index)."""
         facts = self._facts.get(app_id)
         if facts is None or facts.plan is not plan:
             facts = self._facts[app_id] = PlanFacts.of(plan)
@@ -196,7 +198,8 @@ class Scheduler:
                     else:
                         chosen = self._bounded(by_key, pool)
             elif packs and index in packs:
-                chosen = [self._pack(key, pool, cap, *packs[index], now)]
+                hint = placed.get(index) if placed else None  # admission's pick, if any
+                chosen = [hint if hint in pool else self._pack(key, pool, cap, *packs[index], now)]
             elif costs is not None and stage.replicas == 1 and cap is None and not racing:
                 cost = costs[index] or DEFAULT_COST_S
                 producers = facts.producers[index]
