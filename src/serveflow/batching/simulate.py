@@ -350,8 +350,9 @@ def simulate_controlled(
             w = batch[0] if filling else min(pool, key=lambda k: (outstanding[k], opened_at[k]))
             if not controller.admit(now, i, pool, w):
                 continue
-            if controller.placed(i, w) != w:  # admission picked another worker
-                w, filling = controller.placed(i, w), False
+            placed = controller.placed(i, w)
+            if placed != w:  # admission picked another worker (under overload)
+                w, filling = placed, False
             if filling:
                 batch[1] += 1
             else:
