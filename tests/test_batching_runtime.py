@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 
@@ -202,6 +203,29 @@ def test_the_planner_process_answers_as_the_driver_would_and_survives_a_crash():
         assert planner._process is None or planner._process.pid != pid
     finally:
         planner.close()
+
+
+def test_deploying_an_slo_stage_starts_its_planner_at_once_below_the_workers(runtime):
+    # Started by the first search, its imports (a second of CPU) fell on a busy stage's
+    # first requests; and at the workers' priority each search (0.2-0.3 s of CPU)
+    # halved a worker whose model kept a core busy
+    from serveflow.runtime.local import WORKER_NICENESS
+    from serveflow.runtime.planner import NICENESS
+
+    flow = sf.Flow("planned")
+    flow.map(_model_4_plus_1_per_row, names=["a"], batching=sf.Batching(slo_ms=80))
+    app = flow.deploy(runtime=runtime)
+    try:
+        process = runtime.planner()._process
+        assert process is not None and process.poll() is None
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        deadline = time.monotonic() + 10  # it nices itself first thing
+        while os.getpriority(os.PRIO_PROCESS, process.pid) == ours and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, process.pid) == min(19, ours + NICENESS)
+        assert NICENESS > WORKER_NICENESS
+    finally:
+        app.stop()
 
 
 def test_slo_policy_batches_more_under_load_and_reports_its_choices(runtime):

@@ -173,7 +173,7 @@ class StageLedger:
     ) -> None:
         """The batching in force: `size` requests per batch, `timeout_s`, at most
         `merge` requests per call; `service_s[n]`: seconds for a call of n requests
-        (n = 1 .. merge); `rate`: arrivals per second offered to the stage."""
+        (n = 1 .. merge); `rate`: arrivals per second offered to the stage now."""
         self.size, self.timeout_s = max(1, size), max(0.0, timeout_s)
         self.merge = max(self.size, merge)
         service = np.asarray(service_s, dtype=float)
@@ -182,10 +182,14 @@ class StageLedger:
         self._service = service.tolist()  # floats: read per arrival
         # a worker's most requests per second: at its most efficient call size
         self._fastest = max(n / max(self._service[n], 1e-9) for n in range(1, self.merge + 1))
-        self._windows.clear()
-        self.rate = max(0.0, rate)
-        self.closed_until = -math.inf
+        self.arriving(rate)
         self._relevel()
+
+    def arriving(self, rate: float) -> None:
+        """Arrivals per second offered to the stage now."""
+        self.rate = max(0.0, rate)
+        self._windows.clear()
+        self.closed_until = -math.inf
 
     def overhead(self, overloaded: bool = False) -> tuple[float, float]:
         """(median, `admit_quantile` quantile) of the next call's residual, seconds:

@@ -344,6 +344,16 @@ class ArrivalLog:
             count += 1
         return count / span
 
+    def recent_rate(self, now: float, count: int) -> float:
+        """Arrivals per second over the latest `count` arrivals (all, when fewer):
+        their number over the time from the oldest of them to `now`. A count, not a
+        time span: as precise at 9,000/s as at 100/s, over 28 ms or 2.6 s."""
+        self._trim(now)
+        n = min(count, len(self._times))
+        if not n:
+            return 0.0
+        return n / max(now - self._times[-n], 1e-9)
+
     def fit(self, now: float, over_s: float | None = None) -> MAP | None:
         """A MAP fitted to the window (or to its last `over_s` seconds), or None with
         fewer than 3 arrivals."""

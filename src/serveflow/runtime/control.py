@@ -138,7 +138,9 @@ class DeployedApp(App):
         if adaptive:  # imported here: scipy is too slow to import in every worker
             from serveflow.batching.controller import BatchingController
 
-            searcher = control.planner().search
+            planner = control.planner()
+            planner.start()
+            searcher = planner.search
             self.controllers = {
                 i: BatchingController(
                     plan.stages[i].batching,

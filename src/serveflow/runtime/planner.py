@@ -23,17 +23,22 @@ from serveflow.batching.profile import ServiceProfile
 
 log = logging.getLogger(__name__)
 
-NICENESS = 10
+# Below the workers (10): a search takes 0.2-0.3 s of CPU every couple of seconds, and
+# at the workers' priority it halved a worker whose model kept a core busy (MiniLM on 2
+# cores: calls ran 2-2.7x slower through each search, and admission's overhead quantile
+# took those spells in). At 19 a search waits for what the workers leave; planning a
+# saturated stage is slower, serving it is not.
+NICENESS = 19
 # niced before its imports: they take 0.7-1 s of CPU, which at the driver's priority
-# went before the workers' (at 10) when the first plan of a busy stage started it
+# went before the workers' when the first plan of a busy stage started it
 PLANNER_MAIN = (
     f"import os; os.nice({NICENESS}); from serveflow.runtime.planner import serve; serve()"
 )
 
 
 class PlannerProcess:
-    """`search(space, arrivals, service)` in a planner process, started on first use
-    (and again if it died: that search then runs here)."""
+    """`search(space, arrivals, service)` in a planner process, started by `start` or
+    on first use (and again if it died: that search then runs here)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -53,6 +58,12 @@ class PlannerProcess:
         if not ok:
             raise value
         return value
+
+    def start(self) -> None:
+        """Start the process now (its imports take a second of CPU: better while a
+        deployment loads its stages than under its first requests)."""
+        with self._lock:
+            self._started()
 
     def _started(self) -> subprocess.Popen:
         if self._process is None or self._process.poll() is not None:
