@@ -560,7 +560,14 @@ class StageLedger:
 
     def _learn(self, end: float, took: float, count: int) -> None:
         """A call of `count` requests took `took` seconds from its start to `end`."""
-        residual = took - self._service[min(max(count, 1), len(self._service) - 1)]
+        service = self._service[min(max(count, 1), len(self._service) - 1)]
+        if not service:
+            # no service times yet: a stage's first calls, which wait for it to load
+            # (MiniLM: 0.2-0.25 s), would be taken as the runtime's overhead, and the
+            # quantile at the SLO's percentile kept them for seconds (0 requests a call
+            # could wait for, at 3x overload, until 200 calls had ended since)
+            return
+        residual = took - service
         self._residuals.append((end, residual - self._excess))
         self._latest.append((end, took, count))
         self._relevel()
