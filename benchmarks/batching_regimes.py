@@ -178,7 +178,7 @@ def model_curve() -> Curve:
     )  # fmt: skip
     texts = make_texts(256, seed=5)
     # the measured points, not the line: bent (3.1 ms/row to 16 rows, 3.5 beyond), the
-    # line's 9.2 ms for one row was 12.8 measured, and a "5x" SLO was 3.6x
+    # line's 9.2 ms for one row was 12.5 measured, and a "5x" SLO was 3.7x
     points = tuple(zip(sizes, ms))
     return Curve(MODEL, a, b, ModelStage, lambda i: texts[i % 256], points)
 
