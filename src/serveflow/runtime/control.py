@@ -117,8 +117,8 @@ class DeployedApp(App):
         # the largest batches (a controller plans up to SIZE_LADDER's top, and runs two
         # as one call under a backlog). Admission counts on them being at the worker,
         # not held here: with room for one such call, an overload's calls of 66 behind
-        # calls of 66 (20 + 5 ms per row, SLO 500 ms) waited here, and 27% of the
-        # requests answered missed the SLO by up to 170 ms.
+        # calls of 66 (20 + 5 ms per row, SLO 500 ms) waited here, and 18-43% of the
+        # requests answered missed the SLO, by up to 170 ms.
         largest_batch = max((s.batching.size for s in plan.stages if s.batching), default=0)
         adaptive = [s.batching for s in plan.stages if s.batching and s.batching.adaptive]
         if adaptive:

@@ -24,10 +24,10 @@ from serveflow.batching.profile import ServiceProfile
 log = logging.getLogger(__name__)
 
 # Below the workers (10): a search takes 0.2-0.3 s of CPU every couple of seconds, and
-# at the workers' priority it halved a worker whose model kept a core busy (MiniLM on 2
-# cores: calls ran 2-2.7x slower through each search, and admission's overhead quantile
-# took those spells in). At 19 a search waits for what the workers leave; planning a
-# saturated stage is slower, serving it is not.
+# at the workers' priority it took half a core from a worker that kept one busy (MiniLM
+# on 2 cores: spells of calls 2-2.7x slower, which admission's overhead quantile took
+# in). At 19 a search waits for what the workers leave; planning a saturated stage is
+# slower, serving it is not.
 NICENESS = 19
 # niced before its imports: they take 0.7-1 s of CPU, which at the driver's priority
 # went before the workers' when the first plan of a busy stage started it
