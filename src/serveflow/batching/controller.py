@@ -290,13 +290,10 @@ class BatchingController:
         d = self._decision
         refits = self.profile.refits  # none before the first observation
         basis = (d.max_size, d.timeout_s, refits, refits > 0 or self.profile.observations > 0)
-        rated = now - self._rated_at < RATE_EVERY_S
-        if not rated:
+        if now - self._rated_at >= RATE_EVERY_S:
             self._rated_at = now
-        rate = self.ledger.rate if rated else self.arrivals.recent_rate(now, RATE_ARRIVALS)
+            self.ledger.arriving(self.arrivals.recent_rate(now, RATE_ARRIVALS))
         if basis == self._ledger_basis:
-            if not rated:
-                self.ledger.arriving(rate)
             return
         self._ledger_basis = basis
         merge = BACKLOG_MERGE * d.max_size
@@ -305,7 +302,7 @@ class BatchingController:
         merge = max(merge, d.max_size)
         service = self.profile.predict(np.arange(merge + 1))
         service[0] = 0.0
-        self.ledger.plan(d.max_size, d.timeout_s, merge, service, rate)
+        self.ledger.plan(d.max_size, d.timeout_s, merge, service, self.ledger.rate)
 
     def decision(self, now: float) -> Decision:
         with self._lock:
