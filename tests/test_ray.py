@@ -379,11 +379,15 @@ def test_an_anyof_branch_that_sheds_leaves_the_request_to_the_other_on_actors(ra
     try:
         with flow.deploy(sf.Rules(fusion=False), runtime=runtime) as app:
             futures = []
-            for i in range(100):
+            # at least 100; more while the stage has not yet learned that its calls
+            # miss the SLO (its actors' first reports come late on a busy machine)
+            for i in range(400):
                 futures.append(app.run(sf.Table({"a": [i]})))
                 time.sleep(0.005)
+                if i >= 99 and i % 20 == 19 and app.stats()["slo"]["shed"]:
+                    break
             answers = [f.result(timeout=TIMEOUT).column("who")[0] for f in futures]
-            assert len(answers) == 100  # none refused (OverloadError would raise)
+            assert len(answers) == len(futures)  # none refused (OverloadError would raise)
             assert app.stats()["slo"]["shed"] > 0
     finally:
         runtime.stop()
