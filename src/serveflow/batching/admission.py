@@ -43,6 +43,12 @@ The loop is closed twice:
   (say, to a spell the level has already seen), the latest calls' residuals are
   taken again against the new service times, not counted twice. Without a spell
   the excess is 0, and the law is the window's residuals as they came.
+- workers are not alike: on a 2-core machine MiniLM's two workers ran 7-12 ms per
+  call apart (the slower one sharing its core with the driver, which one changing
+  every few seconds), and pooled residuals made the slower one's calls late.
+  Each worker's bias (the median, over its calls of the last `WORKER_LEVEL_S`, of
+  each residual less the level as it came) is added to its predictions, when it is
+  beyond what chance gives such a median, and its residuals are kept less it.
 
 Pure computation; the controller calls it under its lock.
 """
@@ -65,6 +71,8 @@ REQUANTILE_EVERY = 8  # new residuals between recomputations of the quantiles
 LEVEL_S = 0.3  # the level (see the docstring): the median residual of this many seconds,
 LEVEL_CALLS = 128  # ... at most this many calls, at least LEVEL_MIN (refusing most
 LEVEL_MIN = 3  # arrivals, few calls end, and a spell's calls would set it for long)
+WORKER_LEVEL_S = 1.0  # a worker's bias: of its calls of this many seconds, ...
+WORKER_LEVEL_MIN = 8  # ... at least this many
 DEFAULT_OVERHEAD_S = 0.001
 PROBE_EVERY_S = 0.2  # an idle worker takes one request this often whatever its prediction
 REOPEN_GRID = 50  # after a refusal, admission is tried again every SLO / this ...
@@ -95,6 +103,10 @@ class _Call:
 class _Worker:
     queue: deque[_Entry] = field(default_factory=deque)
     run: _Call | None = None
+    # its latest calls as (end, residual less the stage's level then), and its bias
+    # (see the module docstring)
+    latest: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=LEVEL_CALLS))
+    bias: float = 0.0
     free_since: float = -math.inf  # its last call was seen (or taken) to end then
     # calls taken to have ended, their reports still to come (ends not seen as they happen)
     unreported: deque[_Call] = field(default_factory=lambda: deque(maxlen=UNREPORTED))
@@ -154,7 +166,8 @@ class StageLedger:
         self._residuals: deque[tuple[float, float]] = deque(maxlen=RESIDUALS)
         # the latest calls as (end, seconds from start to end, requests)
         self._latest: deque[tuple[float, float, int]] = deque(maxlen=LEVEL_CALLS)
-        self._excess = 0.0  # of the level over the window's median (see the docstring)
+        self._level = 0.0  # the latest calls' median residual (see the docstring)
+        self._excess = 0.0  # of the level over the window's median
         self._peak = 0.0  # the highest excess since `spell_excess` was last asked
         self._fresh = REQUANTILE_EVERY  # residuals since the quantiles were computed
         self._spread: tuple[float, float] | None = None  # deviations' (median, quantile)
@@ -191,10 +204,11 @@ class StageLedger:
         self._windows.clear()
         self.closed_until = -math.inf
 
-    def overhead(self, overloaded: bool = False) -> tuple[float, float]:
+    def overhead(self, overloaded: bool = False, w: _Worker | None = None) -> tuple[float, float]:
         """(median, `admit_quantile` quantile) of the next call's residual, seconds:
-        the recent residuals', with the current excess (see the module docstring).
-        `overloaded`: the quantile at the SLO's percentile instead (see `_window`)."""
+        the recent residuals', with the current excess (see the module docstring), and
+        on worker `w` with its bias. `overloaded`: the quantile at the SLO's percentile
+        instead (see `_window`)."""
         if self._fresh >= REQUANTILE_EVERY:
             self._fresh = 0
             if self._residuals:
@@ -215,23 +229,32 @@ class StageLedger:
         if self._spread is None:
             return DEFAULT_OVERHEAD_S, DEFAULT_OVERHEAD_S
         high = self._tail if overloaded else self._spread[1]
-        return self._excess + self._spread[0], self._excess + high
+        shift = self._shift(w)
+        return shift + self._spread[0], shift + high
+
+    def _shift(self, w: _Worker | None) -> float:
+        """What worker `w`'s next residual is moved by now: the excess and its bias."""
+        return self._excess + (w.bias if w is not None else 0.0)
 
     def residuals(self) -> np.ndarray:
         """The law of the next residual (seconds), as samples: the recent residuals,
-        oldest first, with the current excess (see the module docstring)."""
-        return self._kept() + self._excess
+        oldest first, with the current excess, each on one of the workers in turn, with
+        its bias (see the module docstring)."""
+        kept = self._kept() + self._excess
+        biases = [w.bias for w in self._workers.values()]
+        if len(biases) > 1 and len(kept):
+            kept += np.resize(np.array(biases), len(kept))
+        return kept
 
     def _kept(self) -> np.ndarray:
         return np.fromiter((d for _, d in self._residuals), float, len(self._residuals))
 
     def _relevel(self) -> None:
-        """The excess: the level (the median residual of the calls of the last
-        `LEVEL_S` seconds, at most `LEVEL_CALLS`, at least `LEVEL_MIN`, against the
-        service times in force) less the window's median, when the two are further
-        apart than the window's spread (its median to its `admit_quantile`)."""
-        if not self._latest or self._spread is None:
-            self._excess = 0.0
+        """The level (the median residual of the calls of the last `LEVEL_S` seconds,
+        at most `LEVEL_CALLS`, at least `LEVEL_MIN`, against the service times in
+        force), and the excess: the level less the window's median, when the two are
+        further apart than the window's spread (its median to its `admit_quantile`)."""
+        if not self._latest:
             return
         # plain floats and `statistics.median`: this runs after every call, on the
         # driver's receiving thread (numpy's scalars and median: 66 us for 128 calls;
@@ -244,10 +267,36 @@ class StageLedger:
             if len(latest) >= LEVEL_MIN and end < newest - LEVEL_S:
                 break
             latest.append(took - service[min(n, top)])
+        self._level = statistics.median(latest)
+        if self._spread is None:
+            self._excess = 0.0
+            return
         median, high = self._spread
-        gap = statistics.median(latest) - median
+        gap = self._level - median
         self._excess = gap if abs(gap) > high - median else 0.0
         self._peak = max(self._peak, self._excess)
+
+    def _rebias(self, w: _Worker, newest: float) -> None:
+        """Worker `w`'s bias, its call having ended at `newest`: the median of its
+        residuals of the last `WORKER_LEVEL_S` seconds less the level as each came,
+        when at least `WORKER_LEVEL_MIN` and beyond what such a median strays by
+        chance (about the spread over the square root of their count), else 0. The
+        other workers' too when they had no call since then."""
+        since = newest - WORKER_LEVEL_S
+        for other in self._workers.values():
+            if other is not w and other.latest and other.latest[-1][0] < since:
+                other.bias = 0.0
+        offsets = []
+        for end, offset in reversed(w.latest):
+            if end < since:
+                break
+            offsets.append(offset)
+        w.bias = 0.0
+        if len(offsets) >= WORKER_LEVEL_MIN and self._spread is not None:
+            median, high = self._spread
+            bias = statistics.median(offsets)
+            if abs(bias) > 2.0 * (high - median) / math.sqrt(len(offsets)):
+                w.bias = bias
 
     def spell_excess(self) -> float:
         """The highest excess (seconds; a slow spell of the machine) since the last
@@ -312,7 +361,7 @@ class StageLedger:
     def _predict(self, w: _Worker, now: float, overloaded: bool = False) -> _Prediction:
         """What a request arriving now on worker `w` would meet (pure): the queue
         with it, cut into calls from when the worker frees."""
-        median, high = self.overhead(overloaded)
+        median, high = self.overhead(overloaded, w)
         entries = list(w.queue)
         sents = [e.sent for e in entries] + [now]
         first, start, end, fits = 0, now, now, True
@@ -340,16 +389,15 @@ class StageLedger:
         late = now - w.run.end  # the residual so far
         if not self.prompt or late <= median or late > STALE_S:
             return w.run.end + median
-        # as `overhead()` left them: sorted, at most a few calls old, less today's excess
-        past = self._sorted
-        cut = bisect_right(past, late - self._excess)  # the longer ones on
+        # as `overhead()` left them: sorted, at most a few calls old, less today's shift
+        past, shift = self._sorted, self._shift(w)
+        cut = bisect_right(past, late - shift)  # the longer ones on
         longer = len(past) - cut
         if not longer:
             return w.run.end + 2.0 * late
         middle = cut + longer // 2
         expected = past[middle] if longer % 2 else (past[middle - 1] + past[middle]) / 2
-        expected += self._excess
-        return w.run.end + expected
+        return w.run.end + expected + shift
 
     def _cut(
         self, sents: Sequence[float], free: float, median: float
@@ -377,7 +425,7 @@ class StageLedger:
         """Worker `w`'s calls due by `now`: a free worker starts the call its queue
         makes once due; when ends are not seen as they happen, a call predicted to
         have ended (with the typical overhead) is taken to have, until its report."""
-        median = self.overhead()[0]
+        median = self.overhead(w=w)[0]
         while True:
             if w.run is not None:
                 if self.prompt or w.run.end + median > now:
@@ -503,7 +551,7 @@ class StageLedger:
                 return
             if w.run is not None and rid in w.run.rids:
                 took = now - w.run.start
-                self._learn(now, took, len(w.run.rids))
+                self._learn(w, now, took, len(w.run.rids))
             elif any(entry.rid == rid for entry in w.queue):
                 # it ran in a call not mirrored as such (it reached the worker before
                 # the call began, or after): that call held the queue up to it
@@ -534,15 +582,15 @@ class StageLedger:
             for _ in range(nearest):
                 w.unreported.popleft()
             call = w.unreported.popleft()
-            self._learn(end, end - call.start, size)
+            self._learn(w, end, end - call.start, size)
             # the worker is that much later (or earlier) than taken
-            surprise = end - (call.end + self.overhead()[0])
+            surprise = end - (call.end + self.overhead(w=w)[0])
             w.free_since += surprise
             for later in (*w.unreported, *([w.run] if w.run else [])):
                 later.start += surprise
                 later.end += surprise
         elif w.run is not None:
-            self._learn(end, end - w.run.start, len(w.run.rids))
+            self._learn(w, end, end - w.run.start, len(w.run.rids))
             self._end(w, end)
             self._advance(w, end)
 
@@ -558,8 +606,9 @@ class StageLedger:
 
     # --- internals -------------------------------------------------------------------
 
-    def _learn(self, end: float, took: float, count: int) -> None:
-        """A call of `count` requests took `took` seconds from its start to `end`."""
+    def _learn(self, w: _Worker, end: float, took: float, count: int) -> None:
+        """A call of `count` requests on worker `w` took `took` seconds from its start
+        to `end`."""
         service = self._service[min(max(count, 1), len(self._service) - 1)]
         if not service:
             # no service times yet: a stage's first calls, which wait for it to load
@@ -568,9 +617,11 @@ class StageLedger:
             # could wait for, at 3x overload, until 200 calls had ended since)
             return
         residual = took - service
-        self._residuals.append((end, residual - self._excess))
+        self._residuals.append((end, residual - self._shift(w)))
         self._latest.append((end, took, count))
         self._relevel()
+        w.latest.append((end, residual - self._level))
+        self._rebias(w, end)
         self._fresh += 1
 
     def _worker(self, worker: int) -> _Worker:

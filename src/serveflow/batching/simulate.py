@@ -17,7 +17,7 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,6 +272,7 @@ def simulate_controlled(
     noise: Callable[[int], float] | None = None,
     plan_every_s: float = 0.1,
     pace: Callable[[float], float] | None = None,
+    speeds: Sequence[float] | None = None,
 ) -> Served:
     """The runtime around a `BatchingController`, in simulated time: each arrival is
     offered to the controller (`refuses_outright`, else `on_arrival` and `admit`),
@@ -282,7 +283,8 @@ def simulate_controlled(
     queued: up to two batches as one call). A call of n requests takes
     `service([n])` plus `noise(n)` seconds (none by default), times `pace(start)` when
     given (the machine's speed over time: a call started in a slow spell of a shared
-    machine takes longer); its results reach the
+    machine takes longer), times `speeds[w]` on worker w when given (one worker
+    slower than the others: it shares its core); its results reach the
     driver `reply_s` later, where the controller hears of them (`finished`,
     `on_batch_done`). The controller is asked for its decision every
     `plan_every_s`, its searches run inline."""
@@ -327,6 +329,8 @@ def simulate_controlled(
         took = float(service(np.array([take]))[0]) + (noise(take) if noise else 0.0)
         if pace is not None:
             took *= pace(now)
+        if speeds is not None:
+            took *= speeds[w]
         busy_until[w] = now + took
         sizes.append(take)
         heapq.heappush(events, (now + took, DONE, next(seq), (w, batch, took)))
