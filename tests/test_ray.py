@@ -378,17 +378,16 @@ def test_an_anyof_branch_that_sheds_leaves_the_request_to_the_other_on_actors(ra
     slo.anyof(flow.map(lambda r: "quick", names=["who"], name="quick"))
     try:
         with flow.deploy(sf.Rules(fusion=False), runtime=runtime) as app:
-            # until the stage has timed a call: before that it cannot predict a miss, and
-            # on a busy machine its actors start after many requests were admitted
-            deadline = time.monotonic() + TIMEOUT
-            while not app.stats().get("slo", {}).get("service_ms"):
-                assert time.monotonic() < deadline, "the stage never timed a call"
-                app.run(sf.Table({"a": [0]})).result(timeout=TIMEOUT)
-                time.sleep(0.05)
+            # until the stage has shed: it cannot predict a miss before it has timed a
+            # call, and on a busy machine its actors start after many requests were sent
             futures = []
-            for i in range(100):
-                futures.append(app.run(sf.Table({"a": [i]})))
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
+                futures.append(app.run(sf.Table({"a": [len(futures)]})))
                 time.sleep(0.005)
+                shed = app.stats().get("slo", {}).get("shed") if len(futures) % 20 == 0 else 0
+                if len(futures) >= 100 and shed:
+                    break
             answers = [f.result(timeout=TIMEOUT).column("who")[0] for f in futures]
             assert len(answers) == len(futures)  # none refused (OverloadError would raise)
             assert app.stats()["slo"]["shed"] > 0
