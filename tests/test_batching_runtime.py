@@ -411,3 +411,41 @@ def test_an_anyof_whose_every_branch_sheds_refuses_the_request():
         rt.stop()
     assert shed > 0 and len(answers) == 200 - shed
     assert set(answers) <= {"slo"}
+
+
+def _model_20_plus_5_per_row(table: sf.Table) -> list[int]:
+    time.sleep(0.020 + 0.005 * len(table))
+    return table.column("a")
+
+
+def test_a_flood_on_a_fresh_stage_is_refused_not_queued():
+    """At 5x what 2 workers serve within the SLO, from the moment of deploy: before
+    its first call is timed the stage cannot predict, yet what it admits then must
+    not be a hidden backlog the later requests wait behind (all of them were answered
+    0.6-3 s late, SLO 125 ms, for as long as the flood lasted)."""
+    flow = sf.Flow("flooded")
+    flow.map(_model_20_plus_5_per_row, names=["a"], batching=sf.Batching(slo_ms=125), name="model")
+    rt = sf.LocalRuntime(min_workers=2, max_workers=2)
+    latencies: list[tuple[float, float]] = []  # (sent, latency) of the answered
+    try:
+        app = flow.deploy(runtime=rt)
+        start = time.monotonic()
+        futures = []
+        for i in range(3000):  # 1,500/s for 2 s
+            time.sleep(max(0.0, start + i / 1500 - time.monotonic()))
+            sent = time.monotonic()
+            future = app.run({"a": [i]})
+            future.add_done_callback(
+                lambda f, sent=sent: (
+                    f.exception() or latencies.append((sent, time.monotonic() - sent))
+                )
+            )
+            futures.append(future)
+        for future in futures:
+            with contextlib.suppress(sf.OverloadError):
+                future.result(timeout=30)
+    finally:
+        rt.stop()
+    late = sorted(latency for sent, latency in latencies if sent >= start + 0.5)
+    assert len(latencies) < 0.5 * len(futures)  # refused, not queued
+    assert late[int(0.99 * len(late))] <= 1.5 * 0.125, late[-10:]

@@ -515,6 +515,63 @@ def test_a_refusal_at_the_limit_answers_every_form_of_request_as_http_says():
         assert shed == {"serveflow_shed_requests": 5}
 
 
+def _model_of_100_ms(table: sf.Table) -> list[int]:
+    time.sleep(0.1)
+    return table.column("x")
+
+
+def test_an_slo_stage_shedding_every_arrival_is_refused_before_the_body_is_read():
+    """Under a flood an SLO stage sheds every arrival until a call ends (`closed`):
+    those are answered 503 naming the stage once their headers are parsed (a refusal
+    through the ASGI app cost 300 us of the server's event loop), and counted as the
+    stage's arrivals and refusals as if run."""
+    flow = sf.Flow("slo")
+    flow.map(_model_of_100_ms, names=["y"], batching=sf.Batching(slo_ms=150), name="model")
+    runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
+    app = flow.deploy(runtime=runtime)
+    body = b'{"rows": [{"x": 1}]}'
+    head = f"POST /v1/flows/slo/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    statuses: list[int] = []
+    flooding = True
+    with Server({"slo": app}, port=0) as srv:
+        url = f"{srv.url}/v1/flows/slo/predict"
+        host, port = srv.url.removeprefix("http://").split(":")
+        for _ in range(5):  # its calls timed
+            httpx.post(url, json={"rows": [{"x": 1}]}, timeout=TIMEOUT)
+
+        def flood() -> None:
+            with httpx.Client(timeout=TIMEOUT) as c:
+                while flooding:
+                    statuses.append(c.post(url, json={"rows": [{"x": 1}]}).status_code)
+
+        threads = [threading.Thread(target=flood) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        refused = None
+        deadline = time.monotonic() + 20
+        try:
+            while refused is None and time.monotonic() < deadline:
+                with socket.create_connection((host, int(port)), timeout=0.2) as sock:
+                    sock.sendall(head.encode())  # no body yet
+                    try:
+                        refused = _answers(sock, 1)[0]
+                    except TimeoutError:  # not shedding every arrival at that moment
+                        continue
+                    sock.settimeout(TIMEOUT)
+                    sock.sendall(body + head.encode() + body)  # the body is dropped
+                    statuses.append(int(_answers(sock, 1)[0].split(b" ")[1]))
+        finally:
+            flooding = False
+            for thread in threads:
+                thread.join(TIMEOUT)
+        assert refused is not None and refused.startswith(b"HTTP/1.1 503"), refused
+        assert b"retry-after" in refused.lower()
+        answered = app.stats()["model"]
+        assert set(statuses) <= {200, 503} and 503 in statuses
+        # every refusal counted by the stage (the probes answered 503 before their body too)
+        assert answered["shed"] == statuses.count(503) + 1, (answered["shed"], statuses.count(503))
+
+
 def test_a_connection_refused_at_the_limit_is_closed_only_once_idle_for_the_keep_alive_timeout():
     # uvicorn's keep-alive timeout is 5 s, counted from a connection's last answer
     app = slow_flow().deploy()

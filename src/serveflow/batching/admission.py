@@ -50,6 +50,11 @@ The loop is closed twice:
   each residual less the level as it came) is added to its predictions, when it is
   beyond what chance gives such a median, and its residuals are kept less it.
 
+A fresh stage (no call timed yet: no service times) cannot predict: each worker then
+queues at most `merge` requests behind its running call, and a call ends only when
+seen to (or reported, or one of its requests answered by a later stage), so what a
+flood at deploy admits is a backlog the predictions see once calls are timed.
+
 Pure computation; the controller calls it under its lock.
 """
 
@@ -376,6 +381,13 @@ class StageLedger:
         # stop learning (no calls, no residuals) while a tail of stalls inflates its
         # overhead quantile. It is admitted when its typical latency meets the SLO.
         idle = w.run is None and not entries
+        if not self._service[1]:
+            # No call timed yet (a fresh stage): how long calls take is unknown, so
+            # each worker queues at most one merged call's worth behind the running
+            # one. All of a flood at deploy was admitted before (at 5x, 866 requests
+            # in the first 0.25 s), and every later request waited behind them,
+            # unseen: all answered 0.6-3 s late, for as long as the flood lasted.
+            fits = len(entries) < self.merge
         lead = start - now if first == len(entries) and not idle else 0.0
         return _Prediction(end, fits, end + high - now, end + median - now, idle, high, lead)
 
@@ -428,7 +440,8 @@ class StageLedger:
         median = self.overhead(w=w)[0]
         while True:
             if w.run is not None:
-                if self.prompt or w.run.end + median > now:
+                # with no call timed yet, a call ends only when seen to (or reported)
+                if self.prompt or w.run.end + median > now or not self._service[1]:
                     if w.run.end < now - STALE_S:  # never seen ending: cancelled, lost
                         self._end(w, w.run.end + median)
                         continue
@@ -523,10 +536,12 @@ class StageLedger:
         self._worker(worker).queue.append(entry)
         self._where[rid] = worker
 
-    def finished(self, rid: int, now: float, ok: bool = True) -> None:
+    def finished(self, rid: int, now: float, ok: bool = True, passed: bool = False) -> None:
         """Request `rid` ended at `now` (its result reached the driver): with `ok`, its
         call is seen ending (the first result of a call counts); without, once ends
-        are seen as they happen (`prompt`), it leaves its call."""
+        are seen as they happen (`prompt`), it leaves its call. `passed` (without
+        `ok`): it was answered by later stages, so its call had ended; that ends
+        the call while no call is timed (see `_predict`), before reports come."""
         worker = self._where.get(rid)
         if worker is None:
             return
@@ -566,6 +581,9 @@ class StageLedger:
         # and no stall to wait for
         elif self.prompt and self._take_out(w, rid):
             self._end(w, now)
+        elif passed and not self._service[1] and w.run is not None and rid in w.run.rids:
+            self._end(w, now)
+            self._advance(w, now)
 
     def observed(self, worker: int, size: int, end: float) -> None:
         """Worker `worker` ended a call of `size` requests at `end` (as its report

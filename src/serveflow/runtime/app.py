@@ -114,6 +114,13 @@ class App(abc.ABC):
             self._in_flight.discard(request)
         self._finish(request, failed)
 
+    def refuses_outright(self) -> OverloadError | None:
+        """The refusal any request arriving now gets without being looked at: an SLO
+        batching stage it must pass sheds every arrival until a later moment (counted
+        there as one arrival and one refusal); None when only running it tells. Lets
+        a server refuse a flood before reading the requests' bodies."""
+        return None
+
     @abc.abstractmethod
     def _submit(self, request: Request) -> None:
         """Start executing a request's first stages."""

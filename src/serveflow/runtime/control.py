@@ -208,6 +208,22 @@ class DeployedApp(App):
             )
         return "\n".join(lines)
 
+    def shed_error(self, index: int) -> OverloadError:
+        """The refusal of SLO batching stage `index`."""
+        stage = self.plan.stages[index]
+        return OverloadError(
+            f"stage {stage.name!r} cannot meet its SLO of "
+            f"{stage.batching.slo_ms:g} ms at this load; request shed"
+        )
+
+    def refuses_outright(self) -> OverloadError | None:
+        # as `ControlPlane._admit` would: its first SLO stage, unless in an anyof branch
+        for index, controller in self.controllers.items():
+            if index in self.branch_of or not controller.refuses_outright(time.monotonic()):
+                return None
+            return self.shed_error(index)
+        return None
+
     def _submit(self, request: Request) -> None:
         self._control.start(self, request)
 
@@ -401,11 +417,7 @@ class ControlPlane:
                 admitted.append(index)
                 continue
             refused_at.append(index)
-            stage = app.plan.stages[index]
-            error = OverloadError(
-                f"stage {stage.name!r} cannot meet its SLO of "
-                f"{stage.batching.slo_ms:g} ms at this load; request shed"
-            )
+            error = app.shed_error(index)
             # in no anyof branch: the request is lost, without working it out each time
             if index not in app.branch_of or not app.answers_without(
                 lost := app.plan.lost_with(refused_at)
@@ -578,7 +590,7 @@ class ControlPlane:
             for index, controller in app.controllers.items():
                 # the end of a stage whose output is the flow's is seen here, now
                 final = app.plan.stages[index].output == app.plan.output
-                controller.finished(request.id, now, final and not failed)
+                controller.finished(request.id, now, final and not failed, not failed)
             if failed:
                 # a deadline, a client gone, a failure: its queued work is dropped and
                 # running work stops after the operator call in progress

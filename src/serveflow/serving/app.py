@@ -103,14 +103,7 @@ class ServingState:
             name: encode_json({"error": limit_message.format(name, max_in_flight)})
             for name in self.apps
         }
-        self.refusal = {
-            name: [
-                (b"content-type", JSON.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(RETRY_AFTER_S).encode()),
-            ]
-            for name, body in self.refusal_body.items()
-        }
+        self.refusal = {name: refusal_headers(body) for name, body in self.refusal_body.items()}
         self.draining = False  # set when shutdown starts: /readyz answers 503
         self.openapi: bytes | None = None  # the spec, once asked for
 
@@ -130,6 +123,14 @@ class ServingState:
         None: refuse it."""
         return self.in_flight[name].admit(self.crowded(name))
 
+    def shed_outright(self, name: str) -> bytes | None:
+        """The body of the 503 a request of flow `name` gets now whatever it holds: an
+        SLO batching stage sheds every arrival until a later moment
+        (`App.refuses_outright`, which counts it); None when only running it tells."""
+        app = self.apps.get(name)
+        error = None if app is None else app.refuses_outright()
+        return None if error is None else encode_json({"error": str(error)})
+
     def refused(self, name: str, model: str = "flow") -> HTTPProblem:
         """The 503 of a request of `name` refused at its in-flight bound."""
         bound = self.in_flight[name]
@@ -139,6 +140,15 @@ class ServingState:
             f"now (at most {bound.ceiling}); retry later",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
+
+
+def refusal_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    """The headers of a 503 refusal with `body`."""
+    return [
+        (b"content-type", JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(RETRY_AFTER_S).encode()),
+    ]
 
 
 def with_body_limit(limits: Limits, max_body_bytes: int | None) -> Limits:
@@ -522,13 +532,16 @@ class ServingASGI(Starlette):
         headers: Mapping[str, str],
         receive: Receive,
         send: Send,
+        body: bytes | None = None,
     ) -> None:
+        """Answer 503: the in-flight bound's, or with `body`."""
         started = time.perf_counter()
         metrics = state.metrics.flow(name)
         with contextlib.suppress(_Disconnected, HTTPProblem):  # refused either way
             await _read_body(receive, headers.get("content-length", ""), state.max_body_bytes)
-        await send({"type": "http.response.start", "status": 503, "headers": state.refusal[name]})
-        await send({"type": "http.response.body", "body": state.refusal_body[name]})
+        head = state.refusal[name] if body is None else refusal_headers(body)
+        await send({"type": "http.response.start", "status": 503, "headers": head})
+        await send({"type": "http.response.body", "body": body or state.refusal_body[name]})
         metrics.shed.inc()
         metrics.observe(503, time.perf_counter() - started)
         state.metrics.count_response(PREDICT_ROUTE, 503)
@@ -553,6 +566,10 @@ class ServingASGI(Starlette):
                 return False
             if state.at_limit(name):  # the cheapest refusal: no task, problem or encoding
                 await self._refuse(state, name, headers, receive, send)
+                return True
+            shed = state.shed_outright(name)
+            if shed is not None:
+                await self._refuse(state, name, headers, receive, send, shed)
                 return True
         try:
             status, body, media, extra = await serve_predict(

@@ -156,10 +156,14 @@ class Server:
         )
         self.state: ServingState = self.asgi.state.serving
         protocol: Any = http
-        if max_in_flight is not None and http in ("auto", "httptools") and _has_httptools():
+        # refusals before any ASGI work: of the in-flight bound, and of SLO batching
+        # stages shedding every arrival for now (`App.refuses_outright`)
+        slo = any(s.batching and s.batching.adaptive for a in apps.values() for s in a.plan.stages)
+        sheds = max_in_flight is not None or slo
+        if sheds and http in ("auto", "httptools") and _has_httptools():
             from serveflow.serving.shedding import shedding_protocol  # needs httptools
 
-            protocol = shedding_protocol(self.state)  # refusals before any ASGI work
+            protocol = shedding_protocol(self.state)
         config = uvicorn.Config(
             self.asgi,
             host=host,

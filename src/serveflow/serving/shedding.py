@@ -1,4 +1,6 @@
-"""Admitting or refusing a flow's requests at its in-flight limit inside the HTTP parser.
+"""Admitting or refusing a flow's requests at its in-flight limit inside the HTTP parser;
+and refusing there those an SLO batching stage of the flow sheds outright for now
+(`App.refuses_outright`: every arrival until a call ends), with that stage's 503.
 
 Under a flood, most requests are refused. Through ASGI each refusal costs a task, a
 scope, several awaits and two sends on the event loop, and the admitted requests wait
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from serveflow.serving.app import ADMITTED
+from serveflow.serving.app import ADMITTED, refusal_headers
 from serveflow.serving.auth import token_matches
 
 if TYPE_CHECKING:
@@ -43,6 +45,12 @@ _PREFIX, _SUFFIX = b"/v1/flows/", b"/predict"
 _POST = b"POST " + _PREFIX
 _END = _SUFFIX + b" HTTP/1.1\r\n"
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")  # a header name (RFC 9110), lower case
+
+
+def _refusal(body: bytes) -> bytes:
+    """A whole 503 response with `body`."""
+    head = b"".join(k + b": " + v + b"\r\n" for k, v in refusal_headers(body))
+    return b"HTTP/1.1 503 Service Unavailable\r\n" + head + b"\r\n" + body
 
 
 class _Answered:
@@ -61,10 +69,7 @@ _ANSWERED = _Answered()
 def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol, answering requests over `state`'s in-flight limit
     with 503 as soon as their headers are parsed."""
-    responses = {}
-    for name, body in state.refusal_body.items():
-        head = b"".join(k + b": " + v + b"\r\n" for k, v in state.refusal[name])
-        responses[name.encode()] = b"HTTP/1.1 503 Service Unavailable\r\n" + head + b"\r\n" + body
+    responses = {name.encode(): _refusal(body) for name, body in state.refusal_body.items()}
     token = state.token
 
     class SheddingProtocol(HttpToolsProtocol):
@@ -125,6 +130,9 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             if name is None:
                 super().on_headers_complete()
                 return
+            if not state.at_limit(name) and (shed := state.shed_outright(name)) is not None:
+                self._refuse(name, _refusal(shed))
+                return
             bound = state.in_flight[name]
             admission = state.admit(name)  # counted now: the next request parsed sees it
             if admission is None:
@@ -156,12 +164,15 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
                 return None  # the token check answers (401)
             return raw.decode()
 
-        def _refuse(self, name: str) -> None:
+        def _refuse(self, name: str, response: bytes | None = None) -> None:
             self.cycle = _ANSWERED  # type: ignore[assignment]
-            self._answer_refusal(name, self.parser.should_keep_alive())
+            self._answer_refusal(name, self.parser.should_keep_alive(), response)
 
-        def _answer_refusal(self, name: str, keep_alive: bool) -> None:
-            self.transport.write(responses[name.encode()])
+        def _answer_refusal(
+            self, name: str, keep_alive: bool, response: bytes | None = None
+        ) -> None:
+            """Write flow `name`'s 503: `response`, or its in-flight bound's."""
+            self.transport.write(response or responses[name.encode()])
             state.metrics.flow(name).refused()
             if not keep_alive:
                 self.transport.close()

@@ -299,6 +299,9 @@ class V2Models:
         bound = state.in_flight[name]
         if state.at_limit(name):
             raise state.refused(name, "model")
+        error = app.refuses_outright()  # before the tensors are decoded
+        if error is not None:
+            raise problem_from(error, name, debug=state.debug)
         stats = self.stats[name]
         t0 = time.perf_counter_ns()
         try:
