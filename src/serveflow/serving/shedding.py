@@ -67,8 +67,8 @@ _ANSWERED = _Answered()
 
 
 def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, answering requests over `state`'s in-flight limit
-    with 503 as soon as their headers are parsed."""
+    """uvicorn's httptools protocol, answering requests over `state`'s in-flight limit,
+    and those an SLO stage sheds outright, with 503 as soon as their headers are parsed."""
     responses = {name.encode(): _refusal(body) for name, body in state.refusal_body.items()}
     token = state.token
 
