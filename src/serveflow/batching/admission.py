@@ -384,7 +384,7 @@ class StageLedger:
         if not self._service[1]:
             # No call timed yet (a fresh stage): how long calls take is unknown, so
             # each worker queues at most one merged call's worth behind the running
-            # one. All of a flood at deploy was admitted before (at 5x, 866 requests
+            # one. All of a flood at deploy was admitted before (at 13x, 866 requests
             # in the first 0.25 s), and every later request waited behind them,
             # unseen: all answered 0.6-3 s late, for as long as the flood lasted.
             fits = len(entries) < self.merge
