@@ -218,11 +218,12 @@ class DeployedApp(App):
 
     def refuses_outright(self) -> OverloadError | None:
         # as `ControlPlane._admit` would: its first SLO stage, unless in an anyof branch
-        for index, controller in self.controllers.items():
-            if index in self.branch_of or not controller.refuses_outright(time.monotonic()):
-                return None
-            return self.shed_error(index)
-        return None
+        index = next(iter(self.controllers), None)
+        if index is None or index in self.branch_of:
+            return None
+        if not self.controllers[index].refuses_outright(time.monotonic()):
+            return None
+        return self.shed_error(index)
 
     def _submit(self, request: Request) -> None:
         self._control.start(self, request)
