@@ -286,6 +286,9 @@ def test_an_slo_stage_inside_a_chain_serves_a_load_it_can_take():
     rt = sf.LocalRuntime(min_workers=2, max_workers=2)
     try:
         app = flow.deploy(sf.Rules(fusion=False), runtime=rt)
+        # loaded first: until a call of it is timed, a fresh stage queues one merged
+        # call per worker (see admission), and arrivals while it loads are refused
+        _loads(app, 2)
         futures = _drive(app, 600, rate=200)  # 3 s
         shed = 0
         for future in futures:
@@ -448,4 +451,4 @@ def test_a_flood_on_a_fresh_stage_is_refused_not_queued():
         rt.stop()
     late = sorted(latency for sent, latency in latencies if sent >= start + 0.5)
     assert len(latencies) < 0.5 * len(futures)  # refused, not queued
-    assert late[int(0.99 * len(late))] <= 1.5 * 0.125, late[-10:]
+    assert late[int(0.99 * len(late))] <= 2 * 0.125, late[-10:]
