@@ -286,9 +286,12 @@ def test_an_slo_stage_inside_a_chain_serves_a_load_it_can_take():
     rt = sf.LocalRuntime(min_workers=2, max_workers=2)
     try:
         app = flow.deploy(sf.Rules(fusion=False), runtime=rt)
-        # loaded first: until a call of it is timed, a fresh stage queues one merged
-        # call per worker (see admission), and arrivals while it loads are refused
+        # a call of it timed first (its worker's report comes within 0.25 s): until
+        # then a fresh stage queues one merged call per worker (see admission), and
+        # arrivals while it loads are refused
         _loads(app, 2)
+        app.run({"a": [0]}).result(timeout=30)
+        time.sleep(0.6)
         futures = _drive(app, 600, rate=200)  # 3 s
         shed = 0
         for future in futures:
