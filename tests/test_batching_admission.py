@@ -447,17 +447,23 @@ def _after_a_slow_spell(slo_x: float, seed: int) -> dict:
     }
 
 
-@pytest.mark.parametrize(("slo_x", "seed"), [(3, 3), (5, 3), (5, 5), (10, 5)])
+@pytest.mark.parametrize("slo_x", [3, 5, 10])
 def test_after_a_slow_spell_of_the_machine_admission_serves_again_within_a_second(
-    slo_x, seed
+    slo_x,
 ) -> None:
     # Fixed (10, 10 ms) batching answers 96-100% of these requests in time. Before:
     # adaptive refused 17-96% of them, seconds after the spell: the overhead quantile
     # held the spell's residuals for 5 s on top of a profile refitted to the spell, the
     # planning target was tightened for it, and refusing most arrivals left too few
-    # calls to see it was over (MiniLM at 5x on a shared machine: 37% refused).
-    got = _after_a_slow_spell(slo_x, seed)
-    assert got["refused"] <= 0.08 and got["within"] >= 0.9, got
+    # calls to see it was over (MiniLM at 5x on a shared machine: 37% refused). Over
+    # four arrival samples: one sample's share moves with when the plans fall (3x, seed
+    # 3: 5.4% refused, 9.5% with the first plan made 1.75 s sooner); and at 3x, seed 7
+    # refused 54% (the ledger kept the first call's time, 27 ms of a 15 ms stage, as
+    # the service times while only single requests ran).
+    got = [_after_a_slow_spell(slo_x, seed) for seed in (3, 5, 7, 9)]
+    assert max(g["refused"] for g in got) <= 0.15, got
+    assert np.mean([g["refused"] for g in got]) <= 0.05, got
+    assert np.mean([g["within"] for g in got]) >= 0.93, got
 
 
 @pytest.mark.parametrize(

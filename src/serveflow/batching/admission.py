@@ -71,7 +71,10 @@ import numpy as np
 
 RESIDUALS = 400  # observed calls the overhead quantile is taken over, at most
 RESIDUAL_WINDOW_S = 5.0  # ... and only those of the last seconds: it settles that fast
-MIN_RESIDUALS = 50  # before this many, DEFAULT_OVERHEAD_S stands in
+MIN_RESIDUALS = 50  # ... and at least this many (when there are)
+FIRST_RESIDUALS = 8  # before this many, DEFAULT_OVERHEAD_S stands in: a flood from
+# deploy, planned at once for calls of 16 (100 ms at 20 + 5b), was answered 10-20 ms late
+# for 2.5 s while the first 50 calls ended (residuals at 2-8 ms, 13-15 at the tail)
 REQUANTILE_EVERY = 8  # new residuals between recomputations of the quantiles
 LEVEL_S = 0.3  # the level (see the docstring): the median residual of this many seconds,
 LEVEL_CALLS = 128  # ... at most this many calls, at least LEVEL_MIN (refusing most
@@ -225,7 +228,7 @@ class StageLedger:
                     self._residuals.popleft()
             kept = np.sort(self._kept())
             self._sorted = kept.tolist()  # searched per arrival: `bisect`, not numpy
-            if len(self._residuals) >= MIN_RESIDUALS:
+            if len(self._residuals) >= FIRST_RESIDUALS:
                 median, high, tail = np.quantile(kept, [0.5, self.admit_quantile, self.percentile])
                 self._spread = (float(median), max(float(high), float(median)))
                 self._tail = max(float(tail), self._spread[1])

@@ -182,7 +182,13 @@ class ServiceProfile:
 
     @property
     def observations(self) -> int:
+        """Observations kept (at most `history` per size)."""
         return sum(len(obs) for obs in self._by_size.values())
+
+    @property
+    def seen(self) -> int:
+        """Observations ever made."""
+        return self._seq
 
 
 def _aicc(coefficients: np.ndarray, cost: float, n: int) -> float:
