@@ -11,7 +11,8 @@ The runtime drives it (no threads here; calls are serialized by a lock):
   latencies_s, worker)` after each batch (service time of the call, each request's
   latency);
 - `decision(now)` whenever it forms a batch (cheap: re-plans every `replan_s` seconds
-  or on a rate shift, otherwise returns the cached decision);
+  (every `SHIFT_CHECK_S` until the first plan) or on a rate shift, otherwise returns
+  the cached decision);
 - `snapshot()` for `app.stats()`.
 
 Admission (`admission.StageLedger`) predicts each arrival's latency from the stage's
