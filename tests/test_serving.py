@@ -819,10 +819,10 @@ def test_rows_of_next_to_no_cost_read_together_go_as_one_runtime_request():
     """Once the coalescer has seen requests of several sizes, 16 requests of an
     identity map read together go as one runtime request: cut per worker, each part
     would cost a request's fixed time for no parallel gain (dear rows are still cut per
-    worker: the test below, and the fit's own test)."""
-    row_ms, rows, expected = 0.0, 1, 1
+    worker: the test below, and the fit's own test). Of 3 groups, a spell of a busy
+    machine may have one cut: on a 2-core machine with 2 CPU hogs, 1 run in 4 did."""
     flow = sf.Flow("rows")
-    flow.map(lambda r: _busy(r["x"], row_ms), names=["x"], name="rows")
+    flow.map(lambda r: r["x"], names=["x"], name="rows")
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
     try:
         app = flow.deploy(runtime=runtime)
@@ -831,18 +831,22 @@ def test_rows_of_next_to_no_cost_read_together_go_as_one_runtime_request():
 
         async def together(count: int) -> list[sf.Table]:
             return await asyncio.gather(
-                *(coalescer.run(sf.Table({"x": [i] * rows})) for i in range(count))
+                *(coalescer.run(sf.Table({"x": [i]})) for i in range(count))
             )
 
-        for _ in range(3):  # groups of 1 to 8 requests: what a row costs, against a request
-            for count in range(1, 9):
+        # what a row costs against a request: parts of 1 to 4 rows, 2 at a time (a
+        # lone request, faster on a busy machine, would read as rows that cost time)
+        for _ in range(5):
+            for count in range(2, 9):
                 asyncio.run(together(count))
         time.sleep(1.2)  # the coalescer fits its figures at most once a second
         before = app.stats()["rows"]["requests"]
-        outputs = asyncio.run(together(16))
-        assert [out.column("x")[0] for out in outputs] == list(range(16))
-        time.sleep(1.0)  # workers report their figures every 0.25 s while busy
-        assert app.stats()["rows"]["requests"] - before == expected
+        for _ in range(3):  # each after a fit that has the group before it
+            outputs = asyncio.run(together(16))
+            assert [out.column("x")[0] for out in outputs] == list(range(16))
+            time.sleep(1.1)  # (workers report their figures every 0.25 s while busy)
+        # 3 if each group went as one; cut per worker, 6
+        assert app.stats()["rows"]["requests"] - before <= 4
     finally:
         runtime.stop()
 
@@ -856,6 +860,8 @@ def test_the_fit_of_a_rows_cost_against_a_requests_fixed_cost():
     assert coalesce._row_share(queued) == pytest.approx(per_row / (fixed + 4.0))
     cheap = [(rows, 0.8 + 0.002 * rows) for rows in (1, 3, 5, 7)] * 2
     assert coalesce._row_share(cheap) < 0.01  # 16 rows: one part
+    held = [*cheap[:-1], (7, 5.0)]  # one request held by the machine: still one part
+    assert coalesce._row_share(held) < 0.01
     assert coalesce._row_share([(4, 2.0)] * 10) is None  # one size: no slope to read
     assert coalesce._row_share(trips[:4]) is None  # too few requests yet
 
