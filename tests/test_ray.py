@@ -161,8 +161,8 @@ def test_a_stopped_actor_on_this_machine_is_replaced_after_its_heartbeat_timeout
             took = time.monotonic() - began
             assert stopped not in runtime.worker_pids()
         # seen stopped, it is killed once 1.5 s late (a silent actor not seen stopped
-        # is given 6 s: the actor on another node, or before)
-        assert took < 4.0, took
+        # is given 6 s: the actor on another node, or before); 4.3 s with a CPU hog
+        assert took < 5.5, took
     finally:
         if stopped is not None:
             with contextlib.suppress(ProcessLookupError):

@@ -699,7 +699,7 @@ def test_wrongly_typed_messages_to_a_worker_do_not_stop_it(pool):
     assert _send_all(targets, [codec.encode(w, shm) for w in wrong]) > 0
     time.sleep(1.0)
     _still_serves(app)
-    assert set(rt.worker_pids()) == pids, "a worker died of a message"
+    assert pids <= set(rt.worker_pids()), "a worker died of a message"  # (a busy pool may grow)
     for _ in range(3):  # a worker stuck on one would leave some requests unanswered
         _still_serves(app)
 
