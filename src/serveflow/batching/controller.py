@@ -294,8 +294,8 @@ class BatchingController:
         # and move with each call: the first call's alone (a slow one: 27 ms of a
         # 15 ms stage, in the simulator; a model's first call, 0.2 s) stood for as long
         # as one size ran, and admission refused half of a half load for seconds
-        refits = self.profile.refits
-        basis = (d.max_size, d.timeout_s, refits, self.profile.ready or self.profile.seen)
+        p = self.profile
+        basis = (d.max_size, d.timeout_s, p.refits, p.ready or p.seen)
         if now - self._rated_at >= RATE_EVERY_S:
             self._rated_at = now
             self.ledger.arriving(self.arrivals.recent_rate(now, RATE_ARRIVALS))
