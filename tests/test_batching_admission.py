@@ -390,7 +390,7 @@ def test_an_overload_is_served_in_full_calls_of_the_latest_arrivals() -> None:
 def test_an_overload_at_a_tight_slo_is_answered_within_it() -> None:
     # 4 + 1 ms per row, SLO 15 ms (3x a request's service), 3x overload: 2 workers
     # serve 857/s within 15 ms. Before: answered p99 1.04-1.11x the SLO (seeds 3-5),
-    # and 1.01-1.20x at 1 + 0.2 ms per row, SLO 6 ms, 12,000/s (see the test above)
+    # and 1.01-1.20x at 1 + 0.2 ms per row, SLO 6 ms, 12,000/s
     got = _run(2600, 15, 4, 1)
     assert got["p99_over_slo"] <= 1.0, got
     assert got["goodput"] >= 0.9 * 857, got
