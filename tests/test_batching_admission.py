@@ -112,6 +112,24 @@ def _calls(
     return now
 
 
+def test_a_call_taken_for_one_request_learns_the_requests_it_held() -> None:
+    # An idle worker: a request opens a call, taken to run it alone (5 ms), and three
+    # come after it. They reached the worker before its call began, and the four are
+    # answered together 9 ms after the first came: one call of 4 (8 ms), 1 ms late.
+    # Taken for a call of 1, it was 4 ms late: under overload (4 + 1 ms per row, SLO
+    # 100 ms, 3x) 40% of the calls seemed 20 ms late, and the overhead quantile
+    # admission adds was 39 ms.
+    ledger = _ledger(size=8, timeout_s=0.0)
+    now = _calls(ledger, 0.0, [0.001] * 50)
+    ledger.admit(100, now, 1.0, [0], 0)
+    for rid in (101, 102, 103):
+        ledger.admit(rid, now + 0.001, 1.0, [0], 0)
+    for k, rid in enumerate((100, 101, 102, 103)):
+        ledger.finished(rid, now + 0.009 + 0.00005 * k)
+    assert max(ledger.residuals()) == pytest.approx(0.001, abs=1e-4)
+    assert ledger.admit(104, now + 0.010, 1.0, [0], 0).latency_s == pytest.approx(0.006, abs=5e-4)
+
+
 def test_a_slow_spell_raises_the_overhead_at_once_and_leaves_it_once_over() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     rng = np.random.default_rng(1)
