@@ -130,6 +130,24 @@ def test_a_call_taken_for_one_request_learns_the_requests_it_held() -> None:
     assert ledger.admit(104, now + 0.010, 1.0, [0], 0).latency_s == pytest.approx(0.006, abs=5e-4)
 
 
+def test_results_of_one_call_read_slowly_are_learned_as_that_call() -> None:
+    # The same, the driver busy: the four results are read 3 ms apart, more than half
+    # a request's service. Told which call each ran in (when it began), the ledger
+    # learns one call of 4, 1 ms late; by timing alone, a call of 1 4 ms late and one
+    # of 3 4 ms early (4 + 1 ms per row, SLO 100 ms, 3x overload: calls of 20-30
+    # requests 30-70 ms late, each followed by a "call" of 2.7 ms)
+    ledger = _ledger(size=8, timeout_s=0.0)
+    now = _calls(ledger, 0.0, [0.001] * 50)
+    for rid in (100, 101, 102, 103):
+        ledger.admit(rid, now, 1.0, [0], 0)
+    for k, rid in enumerate((100, 101, 102, 103)):
+        ledger.finished(rid, now + 0.009 + 0.003 * k, call=now)
+    learned = ledger.residuals()
+    assert max(learned) == pytest.approx(0.001, abs=1e-4)
+    assert min(learned) > 0.0005
+    assert ledger.admit(104, now + 0.019, 1.0, [0], 0).latency_s == pytest.approx(0.006, abs=5e-4)
+
+
 def test_a_slow_spell_raises_the_overhead_at_once_and_leaves_it_once_over() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     rng = np.random.default_rng(1)

@@ -119,6 +119,7 @@ class _Worker:
     latest: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=LEVEL_CALLS))
     bias: float = 0.0
     free_since: float = -math.inf  # its last call was seen (or taken) to end then
+    seen: object = None  # which of its calls was last seen ending, when told (`finished`)
     # what `_learn` kept of its last call (amended when it held more: see `finished`)
     learned: tuple[tuple[float, float, float, float], tuple[float, float, int]] | None = None
     # calls taken to have ended, their reports still to come (ends not seen as they happen)
@@ -573,12 +574,17 @@ class StageLedger:
         self._worker(worker).queue.append(entry)
         self._where[rid] = worker
 
-    def finished(self, rid: int, now: float, ok: bool = True, passed: bool = False) -> None:
+    def finished(
+        self, rid: int, now: float, ok: bool = True, passed: bool = False, call: object = None
+    ) -> None:
         """Request `rid` ended at `now` (its result reached the driver): with `ok`, its
         call is seen ending (the first result of a call counts); without, once ends
         are seen as they happen (`prompt`), it leaves its call. `passed` (without
         `ok`): it was answered by later stages, so its call had ended; that ends
-        the call while no call is timed (see `_predict`), before reports come."""
+        the call while no call is timed (see `_predict`), before reports come.
+        `call`: which call of its worker it ran in (a value no other call of that
+        worker has: when it began, on the worker's clock), when known; else a result
+        soon after the last end seen is taken to be of that call."""
         worker = self._where.get(rid)
         if worker is None:
             return
@@ -587,22 +593,29 @@ class StageLedger:
             self.prompt = True
             self._advance(w, now)
             run = w.run
-            if (
-                run is not None
-                and run.start == w.free_since
-                and now - run.start < 0.5 * self._service[1]
-            ):
-                # too soon for a call begun when the last one was seen ending: this
-                # result is of that call, which took it as well (it reached the worker
-                # before that call began, not after), and what was learned of that
-                # call is of one request more. Under overload a request opening a
+            if call is not None:
+                same = call == w.seen
+            else:
+                same = (
+                    run is not None
+                    and run.start == w.free_since
+                    and now - run.start < 0.5 * self._service[1]
+                )
+            if same:
+                # of the call last seen ending (as `call` says; without it, too soon
+                # for a call begun then): that call took this request as well (it
+                # reached the worker before that call began, not after), and what was
+                # learned of that call is of one request more. Under overload a request opening a
                 # call on an idle worker often reaches it with a dozen more (4 + 1 ms
                 # per row, SLO 100 ms, 3x: a call taken for 1 request, 5 ms, held 13
                 # and was seen 26 ms after it began): taken for calls of 1, 40% of the
                 # calls seemed 20 ms late, and the overhead quantile was 39 ms.
+                # Without `call`, results that a busy driver took more than half a
+                # request's service to read were taken for a call of their own: 2.7
+                # ms long, following one 30-70 ms late.
                 if self._take_out(w, rid):
                     w.run = None
-                else:
+                elif run is not None:
                     run.end = run.start + self._service[len(run.rids)]
                 if w.learned is not None:
                     end, took, count = w.learned[1]
@@ -620,6 +633,7 @@ class StageLedger:
                 w.queue.popleft()
             self._where.pop(rid, None)
             self._end(w, now)
+            w.seen = call
             self._advance(w, now)
         # failed, cancelled or past its deadline: it runs no more (its call failed, or
         # it is dropped from the queue); a call all of whose requests did so is over,

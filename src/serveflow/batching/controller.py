@@ -273,13 +273,16 @@ class BatchingController:
         with self._lock:
             self.ledger.routed(rid, worker, now)
 
-    def finished(self, rid: int, now: float, ok: bool = True, passed: bool = False) -> None:
+    def finished(
+        self, rid: int, now: float, ok: bool = True, passed: bool = False, call: object = None
+    ) -> None:
         """Admitted request `rid` ended at `now`; `ok`: it ran (its result came back),
         so its call's end is observed (for a stage whose output is the flow's, the
         driver sees that end itself, without waiting for the worker's report);
-        `passed`: it was answered by later stages, so its call here had ended."""
+        `passed`: it was answered by later stages, so its call here had ended;
+        `call`: which call of its worker it ran in, when known (when it began)."""
         with self._lock:
-            self.ledger.finished(rid, now, ok, passed)
+            self.ledger.finished(rid, now, ok, passed, call)
 
     def forget(self, rid: int) -> None:
         """Admitted request `rid` will not run after all (another stage refused it)."""

@@ -383,7 +383,7 @@ def simulate_controlled(
                 latencies[i] = now - times[i]
                 each.append(ended - sent)
                 outstanding[w] -= 1
-                controller.finished(i, now)
+                controller.finished(i, now, call=ended - took)
             controller.on_batch_done(len(batch), took, ended, each)
         elif kind == PLAN:
             decision = controller.decision(now)

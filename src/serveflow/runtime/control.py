@@ -589,9 +589,12 @@ class ControlPlane:
             if app.active.pop(request.id, None) is None:
                 return
             for index, controller in app.controllers.items():
-                # the end of a stage whose output is the flow's is seen here, now
-                final = app.plan.stages[index].output == app.plan.output
-                controller.finished(request.id, now, final and not failed, not failed)
+                # the end of a stage whose output is the flow's is seen here, now; and
+                # which of its calls it was, when the request ran no stage before it
+                plan = app.plan
+                final = plan.stages[index].output == plan.output
+                call = request.began if final and plan.feeds_from_request(index) else None
+                controller.finished(request.id, now, final and not failed, not failed, call)
             if failed:
                 # a deadline, a client gone, a failure: its queued work is dropped and
                 # running work stops after the operator call in progress
