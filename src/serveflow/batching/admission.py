@@ -605,14 +605,15 @@ class StageLedger:
                 # of the call last seen ending (as `call` says; without it, too soon
                 # for a call begun then): that call took this request as well (it
                 # reached the worker before that call began, not after), and what was
-                # learned of that call is of one request more. Under overload a request opening a
-                # call on an idle worker often reaches it with a dozen more (4 + 1 ms
-                # per row, SLO 100 ms, 3x: a call taken for 1 request, 5 ms, held 13
-                # and was seen 26 ms after it began): taken for calls of 1, 40% of the
-                # calls seemed 20 ms late, and the overhead quantile was 39 ms.
-                # Without `call`, results that a busy driver took more than half a
-                # request's service to read were taken for a call of their own: 2.7
-                # ms long, following one 30-70 ms late.
+                # learned of that call is of one request more. Under overload a
+                # request opening a call on an idle worker often reaches it with a
+                # dozen more (4 + 1 ms per row, SLO 100 ms, 3x: a call taken for 1
+                # request, 5 ms, held 13 and was seen 26 ms after it began): taken for
+                # calls of 1, 40% of the calls seemed 20 ms late, and the overhead
+                # quantile was 39 ms. Without `call`, the rest of the results of a
+                # call that a busy driver took more than half a request's service to
+                # read were taken for a call of their own, 2.7 ms long, after one
+                # seemingly 30-70 ms late.
                 if self._take_out(w, rid):
                     w.run = None
                 elif run is not None:

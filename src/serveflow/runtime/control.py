@@ -588,10 +588,10 @@ class ControlPlane:
         with self._lock:
             if app.active.pop(request.id, None) is None:
                 return
+            plan = app.plan
             for index, controller in app.controllers.items():
                 # the end of a stage whose output is the flow's is seen here, now; and
                 # which of its calls it was, when the request ran no stage before it
-                plan = app.plan
                 final = plan.stages[index].output == plan.output
                 call = request.began if final and plan.feeds_from_request(index) else None
                 controller.finished(request.id, now, final and not failed, not failed, call)
