@@ -148,6 +148,19 @@ def test_results_of_one_call_read_slowly_are_learned_as_that_call() -> None:
     assert ledger.admit(104, now + 0.019, 1.0, [0], 0).latency_s == pytest.approx(0.006, abs=5e-4)
 
 
+def test_a_call_not_learned_leaves_the_call_learned_before_it_as_it_was() -> None:
+    # The first result of a call is of a request the mirror had queued (a call it did
+    # not mirror as such: not learned); a later result of that call must not amend
+    # the call learned before it, of 1 request 1 ms late, into one of 2 1 ms early
+    ledger = _ledger(size=8, timeout_s=0.0)
+    now = _calls(ledger, 0.0, [0.001] * 50)
+    for rid in (100, 101, 102):
+        ledger.admit(rid, now + 0.001 * (rid > 100), 1.0, [0], 0)
+    ledger.finished(101, now + 0.012, call=now + 0.006)
+    ledger.finished(102, now + 0.0121, call=now + 0.006)
+    assert min(ledger.residuals()) == pytest.approx(0.001, abs=1e-4)
+
+
 def test_a_slow_spell_raises_the_overhead_at_once_and_leaves_it_once_over() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     rng = np.random.default_rng(1)

@@ -623,6 +623,7 @@ class StageLedger:
                     self._learn(w, end, took, count + 1, amend=True)
                 self.closed_until = -math.inf
                 return
+            w.learned = None  # this call is not the last learned, whether learned or not
             if w.run is not None and rid in w.run.rids:
                 took = now - w.run.start
                 self._learn(w, now, took, len(w.run.rids))
