@@ -115,8 +115,17 @@ class ServiceProfile:
             return
         sizes, times = data[:, 0], data[:, 2]
         if self.ready and len(data) >= 2 * RECENT:
+            # judged against the older batches (their own fit), not the current fit:
+            # that one bends to the recent batches, and once a slow spell's end showed
+            # at one size only (calls of 1, under the overload plan the spell brought
+            # about), it fitted them at 18 ms per row from 0 ms, against the spell's
+            # larger batches, instead of seeing 66% less: the plan stayed an overload
+            # one, refusing a third of a half load, as long as it ran
             recent = self._recent()
-            predicted = self.predict(sizes[-recent:])
+            older = _per_size(sizes[:-recent], times[:-recent])
+            a, b, c = _fit(*older) if len(older[0]) >= 2 else (self.a, self.b, self.c)
+            s = sizes[-recent:]
+            predicted = a + b * s + c * s**2
             gap = np.median(times[-recent:] / np.maximum(predicted, 1e-9)) - 1.0
             if abs(gap) > self._drift:
                 log.info("service time drifted by %+.0f%%: rescaling older batches", gap * 100)
@@ -125,40 +134,12 @@ class ServiceProfile:
                 for size, seq, t in zip(sizes.astype(int), data[:, 1].astype(int), times):
                     bucket = self._by_size.setdefault(int(size), deque(maxlen=self._history))
                     bucket.append((int(seq), float(t)))
-        sizes, medians, weights = self._per_size()
-        if len(sizes) < min(2, self.max_size):  # with max_size 1, one size is all there is
+        data = self._data()
+        per_size = _per_size(data[:, 0], data[:, 2])
+        if len(per_size[0]) < min(2, self.max_size):  # with max_size 1, one size is all
             return
-        # Each size's median (robust to a stalled batch), in relative terms (a large
-        # batch's time counts as much as a small one's: it is the one a busy plan
-        # extrapolates to), a size seen a few times counting less than one seen often.
-        w = weights / medians
-
-        def fit(terms: int) -> tuple[np.ndarray, float]:
-            """Non-negative least squares (Lawson-Hanson: 8 us here, where scipy's
-            bounded `lsq_linear` took 2 ms on the driver's receiving thread, every
-            16 batches, and held up the results behind it): coefficients, cost."""
-            design = sizes[:, None] ** np.arange(terms)
-            coefficients, norm = nnls(design * w[:, None], medians * w)
-            return coefficients, 0.5 * norm**2
-
-        # A curve only where it fits enough better than a line to be believed: from a
-        # few small sizes, a curvature is noise, and extrapolated it is a large error.
-        best = fit(2)
-        if len(sizes) >= 5:
-            curve = fit(3)
-            if _aicc(*curve, len(sizes)) < _aicc(*best, len(sizes)):
-                best = curve
-        self.a, self.b, self.c = (*map(float, best[0]), 0.0)[:3]
+        self.a, self.b, self.c = _fit(*per_size)
         self.refits += 1
-
-    def _per_size(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sizes seen, the median time of each, and its weight in the fit (the square
-        root of how often it was seen, up to `FULL_WEIGHT_AT` times)."""
-        sizes = np.array(sorted(self._by_size), dtype=float)
-        times = [[t for _, t in self._by_size[int(size)]] for size in sizes]
-        medians = np.array([max(float(np.median(ts)), 1e-9) for ts in times])
-        weights = np.sqrt([min(len(ts), FULL_WEIGHT_AT) for ts in times])
-        return sizes, medians, weights
 
     def predict(self, sizes: np.ndarray) -> np.ndarray:
         sizes = np.asarray(sizes, dtype=float)
@@ -189,6 +170,41 @@ class ServiceProfile:
     def seen(self) -> int:
         """Observations ever made."""
         return self._seq
+
+
+def _per_size(sizes: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The sizes among `sizes`, the median of the `times` of each, and its weight in
+    the fit (the square root of how often it was seen, up to `FULL_WEIGHT_AT`)."""
+    order = np.argsort(sizes, kind="stable")
+    seen, first = np.unique(sizes[order], return_index=True)
+    groups = np.split(times[order], first[1:])
+    medians = np.array([max(float(np.median(g)), 1e-9) for g in groups])
+    weights = np.sqrt([min(len(g), FULL_WEIGHT_AT) for g in groups])
+    return seen, medians, weights
+
+
+def _fit(sizes: np.ndarray, medians: np.ndarray, weights: np.ndarray) -> tuple[float, ...]:
+    """(a, b, c) fitted to each size's median (robust to a stalled batch), in relative
+    terms (a large batch's time counts as much as a small one's: it is the one a busy
+    plan extrapolates to), a size seen a few times counting less than one seen often."""
+    w = weights / medians
+
+    def fit(terms: int) -> tuple[np.ndarray, float]:
+        """Non-negative least squares (Lawson-Hanson: 8 us here, where scipy's
+        bounded `lsq_linear` took 2 ms on the driver's receiving thread, every
+        16 batches, and held up the results behind it): coefficients, cost."""
+        design = sizes[:, None] ** np.arange(terms)
+        coefficients, norm = nnls(design * w[:, None], medians * w)
+        return coefficients, 0.5 * norm**2
+
+    # A curve only where it fits enough better than a line to be believed: from a
+    # few small sizes, a curvature is noise, and extrapolated it is a large error.
+    best = fit(2)
+    if len(sizes) >= 5:
+        curve = fit(3)
+        if _aicc(*curve, len(sizes)) < _aicc(*best, len(sizes)):
+            best = curve
+    return (*map(float, best[0]), 0.0)[:3]
 
 
 def _aicc(coefficients: np.ndarray, cost: float, n: int) -> float:
