@@ -291,14 +291,16 @@ def test_after_a_refusal_arrivals_are_refused_outright_until_a_worker_could_take
     assert not ledger.closed(0.0009)
 
 
-def test_a_refusal_closes_admission_until_the_routers_worker_could_take_one() -> None:
-    # the router sends every arrival to worker 0 (until a call ends there, or a plan
-    # changes), so worker 1 being free does not reopen admission: arrivals until then
-    # are refused outright, not each predicted again
+def test_a_request_the_routers_worker_would_refuse_is_entered_on_one_that_serves_it() -> None:
+    # the router picks worker 0 every time (it balances outstanding requests, blind
+    # to when each worker's calls end): a 4th request would miss there, not on worker 1
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     slo = 0.022
-    admitted = [ledger.admit(rid, 0.0, slo, [0, 1], 0).admit for rid in range(4)]
-    assert admitted == [True] * 3 + [False]
+    verdicts = [ledger.admit(rid, 0.0, slo, [0, 1], 0) for rid in range(7)]
+    assert [v.admit for v in verdicts] == [True] * 6 + [False]
+    assert [v.worker for v in verdicts[:6]] == [0, 0, 0, 1, 1, 1]
+    assert ledger.worker_of(3) == 1  # where the runtime routes it
+    # both full: closed until either could take one (2 ms: 5 ms calls end at 23 + 1)
     assert ledger.closed(0.0015)
     assert not ledger.closed(0.0025)
     # with no pick known, the first worker free reopens it at once

@@ -344,9 +344,8 @@ class StageLedger:
         if not workers:
             return Verdict(True, 0.0, None)
         overloaded = self.rate > self._fastest * len(workers)
-        # until something but time changes, the router picks the same worker; but
-        # under overload admission picks the worker (the router follows: `worker_of`)
-        candidates = workers if worker is None or overloaded else (worker,)
+        # the router's pick, unless it would refuse and another worker would take it
+        # (the router follows: `worker_of`)
         if worker is None:
             worker = self._first_free(workers, now)
         w = self._worker(worker)
@@ -356,10 +355,12 @@ class StageLedger:
         if overloaded:
             window = self._window(slo_s, p.high, p.typical + now - p.end, len(workers))
         meets = p.meets(slo_s, window)
-        if not meets and overloaded:
+        if not meets:
             # the router's pick balances outstanding requests, blind to which worker's
             # next call is filling: 47% of the refusals at 4 + 1 ms per row, 3x
-            # overload, 2 workers, met the SLO on the other worker
+            # overload, 2 workers, met the SLO on the other worker; and below
+            # capacity (0.8 of it, SLO 50 ms), 0.8-0.9% of all arrivals were refused,
+            # where batches of 16 within 10 ms and no admission answered 99.7% in time
             for other in workers:
                 if other != worker:
                     o = self._worker(other)
@@ -376,7 +377,7 @@ class StageLedger:
             self._probed_at = now
         admit = meets or probe
         if not admit and not enter_anyway and not p.idle:
-            self.closed_until = self._reopens(candidates, now, slo_s, overloaded, window)
+            self.closed_until = self._reopens(workers, now, slo_s, overloaded, window)
         if admit or enter_anyway:
             w.queue.append(_Entry(rid, now, now + slo_s - (p.latency + now - p.end), now + slo_s))
             self._where[rid] = worker
@@ -505,9 +506,8 @@ class StageLedger:
         self, workers: Sequence[int], now: float, slo_s: float, overloaded: bool, window: float
     ) -> float:
         """After a refusal: the first time, on a grid of REOPEN_STEPS steps of a
-        REOPEN_GRID-th of the SLO, at which one of `workers` (the router's pick, when
-        known: it stays while nothing but time changes) would admit an arrival if
-        nothing but time changed (no call seen ending, no new plan, nothing
+        REOPEN_GRID-th of the SLO, at which one of `workers` would admit an arrival
+        if nothing but time changed (no call seen ending, no new plan, nothing
         forgotten; it is reset when one does). Arrivals before then are refused
         without a prediction each (`closed`): under overload most arrivals are, and
         the driver refusing them shares its cores with the results of those
