@@ -8,11 +8,11 @@ batches (a line, and the curve only once enough sizes show it). Keeping every si
 seen (not just the latest batches, which under a steady plan all have about one size
 and fit no slope) keeps the slope known; when recent times drift away from the older
 ones (from the curve fitted to those alone; e.g. other load on the machine), the older
-ones are scaled by the drift before the refit. Observed with their times (`at`), the recent ones are those of the last
-`RECENT_S` seconds (at least `RECENT_MIN`), and a refit is due every `REFIT_S` too:
-when few calls run (an admission refusing most arrivals through a slow spell), a
-count of calls would judge the drift seconds late, and scale every older batch by a
-spell that is already over.
+ones are scaled by the drift before the refit. Observed with their times (`at`), the
+recent ones are those of the last `RECENT_S` seconds (at least `RECENT_MIN`), and a
+refit is due every `REFIT_S` too: when few calls run (an admission refusing most
+arrivals through a slow spell), a count of calls would judge the drift seconds late,
+and scale every older batch by a spell that is already over.
 """
 
 from __future__ import annotations
