@@ -134,8 +134,7 @@ class ServiceProfile:
                 for size, seq, t in zip(sizes.astype(int), data[:, 1].astype(int), times):
                     bucket = self._by_size.setdefault(int(size), deque(maxlen=self._history))
                     bucket.append((int(seq), float(t)))
-        data = self._data()
-        per_size = _per_size(data[:, 0], data[:, 2])
+        per_size = _per_size(sizes, times)  # `times` rescaled in place, if at all
         if len(per_size[0]) < min(2, self.max_size):  # with max_size 1, one size is all
             return
         self.a, self.b, self.c = _fit(*per_size)
