@@ -114,6 +114,16 @@ def test_messages_sent_together_arrive_in_order_in_few_datagrams(endpoints):
         sender.send_all(receiver.path, [b"fine", b"\x00not a bundle of ours"])
 
 
+def test_messages_sent_together_off_the_direct_path_go_out_bundled(endpoints):
+    # the first send to a destination connects (and so does the first after a backlog
+    # drained, until the drainer hands the socket back): a call's results still go as one
+    sender, receiver = endpoints("sender"), endpoints("receiver")
+    results = [f"result {i}".encode() for i in range(FLOOD // 4)]
+    sender.send_all(receiver.path, results)
+    assert receive(receiver, len(results)) == results
+    assert receiver.datagrams == 1
+
+
 def test_a_malformed_bundle_is_dropped_and_what_follows_is_read(endpoints):
     receiver = endpoints("receiver")
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

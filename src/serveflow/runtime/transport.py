@@ -165,7 +165,7 @@ class Endpoint:
                 return
             except OSError:  # queue full, or the peer went away: sorted out below
                 pass
-        self._send_slow(to, data)
+        self._send_slow(to, deque((data,)))
 
     def send_all(self, to: str, messages: list[bytes]) -> None:
         """`send` each of `messages` to `to`, in order, bundled into as few datagrams
@@ -183,8 +183,8 @@ class Endpoint:
                 break
             for _ in range(count):
                 pending.popleft()
-        for data in pending:  # a backlog bundles them again when it drains
-            self._send_slow(to, data)
+        if pending:
+            self._send_slow(to, pending)
 
     def backlog(self, to: str) -> int:
         """How many messages wait for the destination at path `to` (diagnostics)."""
@@ -272,19 +272,25 @@ class Endpoint:
                 os.unlink(self.path)
 
     # -- sending when the fast path could not -------------------------------------------
-    def _send_slow(self, to: str, data: bytes) -> None:
+    def _send_slow(self, to: str, pending: deque[bytes]) -> None:
+        """Send `pending` (consumed), bundled, or put what the receiver has no room for
+        in the destination's backlog."""
         with self._lock:
             if self._closed:
                 raise OSError(errno.EBADF, "endpoint closed")
             destination = self._destinations.get(to)
             if destination is not None and destination.queue:
-                destination.queue.append(data)  # behind the backlog: keeps the order
+                destination.queue.extend(pending)  # behind the backlog: keeps the order
                 return
             for attempt in range(2):
                 if destination is None:
                     destination = self._connect(to)
                 try:
-                    destination.sock.send(data)
+                    while pending:
+                        count, data = _bundle(pending)
+                        destination.sock.send(data)
+                        for _ in range(count):
+                            pending.popleft()
                     self._direct[to] = destination.sock
                     return
                 except BlockingIOError:
@@ -301,7 +307,7 @@ class Endpoint:
             assert destination is not None
             # The receiver's queue is full: this destination gets a backlog.
             self._direct.pop(to, None)
-            destination.queue.append(data)
+            destination.queue.extend(pending)
             self._newly_backlogged.append(destination)
             if self._drainer is None:
                 self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
