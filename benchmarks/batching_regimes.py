@@ -24,6 +24,9 @@ Systems, one at a time on the same stage and arrivals:
 - `adaptive`: `sf.Batching(slo_ms=SLO)` (p99, `on_overload="shed"`);
 - `no-batching`: `sf.Batching(max_size=1)` (one request per call);
 - `fixed-10/10ms`: `sf.Batching(max_size=10, timeout_ms=10)`;
+- `fixed-cap/0ms`: `sf.Batching(max_size=B, timeout_ms=0)`, B the batch size the
+  capacity is reached at (below): a call takes whatever is queued, up to B, as soon as
+  a worker is free (Triton's dynamic batcher with no queue delay), tuned per cell;
 - `ray-serve-batch`: Ray Serve, 2 replicas, `@serve.batch(max_batch_size=10,
   batch_wait_timeout_s=0.01)`, called through a DeploymentHandle.
 Latency is measured from each request's call in the client (one Python thread that
@@ -72,7 +75,8 @@ WORKERS = 2
 STAGE = "stage"
 MAX_SIZE = 64
 ADAPTIVE, NONE, FIXED, RAY = "adaptive", "no-batching", "fixed-10/10ms", "ray-serve-batch"
-SYSTEMS = (ADAPTIVE, NONE, FIXED, RAY)
+GREEDY = "fixed-cap/0ms"
+SYSTEMS = (ADAPTIVE, NONE, FIXED, GREEDY, RAY)
 CURVES = {"1+0.2b": (1.0, 0.2), "4+1b": (4.0, 1.0), "20+5b": (20.0, 5.0)}
 MODEL = "minilm"
 MAX_RATE = 6000.0  # one Python client thread sends no faster: faster cells are capped
@@ -131,12 +135,21 @@ class Curve:
     def capacity(self, slo_ms: float) -> float:
         """Requests per second `WORKERS` workers serve within `slo_ms` at one batch
         size (see the module docstring)."""
+        return self._best(slo_ms)[0]
+
+    def capacity_size(self, slo_ms: float) -> int:
+        """The batch size `capacity` is reached at."""
+        return self._best(slo_ms)[1]
+
+    def _best(self, slo_ms: float) -> tuple[float, int]:
         sizes = np.arange(1, MAX_SIZE + 1)
         times = self.service_ms(sizes)
         fits = 2 * times <= slo_ms
         if not fits.any():
-            return WORKERS * 1e3 / times[0]
-        return float((WORKERS * sizes[fits] * 1e3 / times[fits]).max())
+            return WORKERS * 1e3 / times[0], 1
+        rates = WORKERS * sizes * 1e3 / times
+        best = int(np.argmax(np.where(fits, rates, 0.0)))
+        return float(rates[best]), int(sizes[best])
 
 
 def synthetic(name: str) -> Curve:
@@ -226,6 +239,8 @@ class ServeflowSystem(System):
             return sf.Batching(slo_ms=slo_ms)
         if self.name == FIXED:
             return sf.Batching(max_size=10, timeout_ms=10)
+        if self.name == GREEDY:
+            return sf.Batching(max_size=self.curve.capacity_size(slo_ms), timeout_ms=0)
         return sf.Batching(max_size=1)
 
     def deploy(self, slo_ms: float) -> None:
