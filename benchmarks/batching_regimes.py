@@ -40,7 +40,7 @@ answered within the SLO), `refused` (share refused with OverloadError), `p99_ove
 (answered p99 / SLO), `goodput` (answers within the SLO per second), refusal p99 (ms
 from the call), and for adaptive the controller's predicted vs measured stage p99.
 Targets (issue 13), checked at the end: where some fixed setting (no-batching,
-fixed, Ray Serve) answers >= 99% within the SLO, adaptive answers >= 99% within it
+either fixed peer, Ray Serve) answers >= 99% within the SLO, adaptive answers >= 99% within it
 and refuses <= 1%; in overloaded cells (offered > sustainable), adaptive's answered
 p99 <= 1.1x SLO, refusals within 1 ms, goodput >= 90% of the sustainable rate.
 
