@@ -175,14 +175,9 @@ class Endpoint:
             _check(data)
         pending = deque(messages)
         sock = self._direct.get(to)
-        while pending and sock is not None:
-            count, data = _bundle(pending)
-            try:
-                sock.send(data)
-            except OSError:  # queue full, or the peer went away: sorted out below
-                break
-            for _ in range(count):
-                pending.popleft()
+        if sock is not None:
+            with contextlib.suppress(OSError):  # queue full, or the peer went away:
+                _send_bundled(sock, pending)  # sorted out below
         if pending:
             self._send_slow(to, pending)
 
@@ -286,11 +281,7 @@ class Endpoint:
                 if destination is None:
                     destination = self._connect(to)
                 try:
-                    while pending:
-                        count, data = _bundle(pending)
-                        destination.sock.send(data)
-                        for _ in range(count):
-                            pending.popleft()
+                    _send_bundled(destination.sock, pending)
                     self._direct[to] = destination.sock
                     return
                 except BlockingIOError:
@@ -377,24 +368,20 @@ class Endpoint:
         """Send what the destination has room for (under the lock). True when its
         backlog is gone: all sent, or dropped because the destination disappeared."""
         queue = destination.queue
-        while queue:
-            count, data = _bundle(queue)
-            try:
-                destination.sock.send(data)
-            except BlockingIOError:
-                return False
-            except OSError as error:
-                log.debug(
-                    "dropping %d messages to %s: destination gone (%s)",
-                    len(queue),
-                    destination.to,
-                    error,
-                )
-                queue.clear()
-                self._forget(destination)
-                return True
-            for _ in range(count):
-                queue.popleft()
+        try:
+            _send_bundled(destination.sock, queue)
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            log.debug(
+                "dropping %d messages to %s: destination gone (%s)",
+                len(queue),
+                destination.to,
+                error,
+            )
+            queue.clear()
+            self._forget(destination)
+            return True
         if self._destinations.get(destination.to) is destination:
             self._direct[destination.to] = destination.sock
         return True
@@ -405,6 +392,16 @@ def _check(data: bytes) -> None:
         raise ValueError(f"message of {len(data)} bytes exceeds {MAX_DATAGRAM}")
     if data[:1] == BUNDLE:
         raise ValueError("a message may not begin with a zero byte (it marks a bundle)")
+
+
+def _send_bundled(sock: socket.socket, queue: deque[bytes]) -> None:
+    """Send `queue`'s messages on `sock` in as few datagrams as fit, taking each off
+    once sent; an OSError (the receiver's queue full, the peer gone) leaves the rest."""
+    while queue:
+        count, data = _bundle(queue)
+        sock.send(data)
+        for _ in range(count):
+            queue.popleft()
 
 
 def _bundle(queue: deque[bytes]) -> tuple[int, bytes]:
