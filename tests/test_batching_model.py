@@ -252,6 +252,23 @@ def test_profile_refits_a_fast_stage_at_most_every_few_tens_of_ms_and_still_foll
     assert profile.b == pytest.approx(0.0004, rel=0.15)
 
 
+def test_profile_refits_once_per_report_of_many_calls_and_still_follows_them() -> None:
+    # A worker reports its calls every quarter second: at 1 + 0.2 ms per row, 90 of
+    # them. Judged call by call, a report took 5 refits at once on the driver.
+    profile = ServiceProfile(max_size=16)
+    for i in range(900):
+        profile.observe(1 + i % 8, 0.001 + 0.0002 * (1 + i % 8), i / 900)
+    for report in range(4):  # the next second, twice as slow
+        start = 1.0 + 0.25 * report
+        calls = [
+            (1 + i % 8, 2 * (0.001 + 0.0002 * (1 + i % 8)), start + i / 360) for i in range(90)
+        ]
+        before = profile.refits
+        profile.observe_all(calls)
+        assert profile.refits - before == 1
+    assert profile.b == pytest.approx(0.0004, rel=0.15)
+
+
 def test_batching_policy_validation_and_describe() -> None:
     assert sf.Batching().size == 32
     assert sf.Batching(max_size=8, timeout_ms=5).describe() == "max_size=8, timeout_ms=5"

@@ -200,20 +200,29 @@ class BatchingController:
         first (exact only while no request is dropped on the way). With `worker`, the
         admission ledger learns when that worker's call ended (for a stage whose
         requests' ends the driver does not see itself: see `finished`)."""
+        self.on_batches_done([(size, service_s, now, latencies_s)], worker)
+
+    def on_batches_done(
+        self,
+        batches: Sequence[tuple[int, float, float, Sequence[float] | None]],
+        worker: int | None = None,
+    ) -> None:
+        """`on_batch_done` for each of `batches` (size, service_s, now, latencies_s), in
+        order (a worker's report): the profile judges a refit once, after the last."""
         with self._lock:
-            if size:
-                self.profile.observe(size, service_s, now)
-                if worker is not None:
-                    self.ledger.observed(worker, size, now)
-            popped = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
-            if latencies_s is None:
-                latencies_s = [now - arrived for arrived in popped]
+            self.profile.observe_all((size, service_s, now) for size, service_s, now, _ in batches)
             slo_s = self.policy.slo_ms / 1e3 if self.policy.slo_ms else math.inf
-            for latency in latencies_s:
-                self._latencies.append(latency)
-                self._recent.append(latency)
-                if latency > slo_s:
-                    self.late += 1
+            for size, _, now, latencies_s in batches:
+                if size and worker is not None:
+                    self.ledger.observed(worker, size, now)
+                popped = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
+                if latencies_s is None:
+                    latencies_s = [now - arrived for arrived in popped]
+                for latency in latencies_s:
+                    self._latencies.append(latency)
+                    self._recent.append(latency)
+                    if latency > slo_s:
+                        self.late += 1
 
     def admit(
         self,

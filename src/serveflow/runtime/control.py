@@ -304,7 +304,7 @@ class ControlPlane:
         # the loads of the workers requests may be routed to (ready, not retiring), and
         # of those the CPU ones: worked out again after a worker is ready, retires or ends
         self._routable: dict[int, WorkerLoad] | None = None
-        self._cpu_loads: list[WorkerLoad] = []
+        self._pools: dict[bool | None, dict[int, WorkerLoad]] = {}  # see `_pool`
         self._apps: dict[int, DeployedApp] = {}
         self._deploys: dict[int, m.Deploy] = {}
         self._next_index = itertools.count()
@@ -410,10 +410,9 @@ class ControlPlane:
                 controller.on_arrival(now)
                 workers, worker = places[index]
                 refused = not controller.admit(now, request.id, workers, worker)
-                if not refused and worker is not None:
+                if not refused and worker is not None:  # routing follows it there
                     placed = controller.placed(request.id, worker)
-                    if placed != worker:
-                        request.placed = {**(request.placed or {}), index: placed}
+                    request.placed = {**(request.placed or {}), index: placed}
             if not refused:
                 admitted.append(index)
                 continue
@@ -438,11 +437,7 @@ class ControlPlane:
         """An SLO stage's workers (as its plan caps them) and the one a request
         routed now would go to. Called with the lock held."""
         key = (app.id, index)
-        gpu = app.plan.stages[index].placement == "gpu"
-        routable = self._routable
-        if routable is None:
-            routable = {i: w.load for i, w in self._workers.items() if w.ready and not w.retiring}
-        pool = {w: load for w, load in routable.items() if load.gpu == gpu}
+        pool = self._pool(app.plan.stages[index].placement == "gpu")
         decision = app.decisions.get(index)
         if decision is None:
             return sorted(pool), None
@@ -452,22 +447,35 @@ class ControlPlane:
         warm = sorted(w for w in pool if key in pool[w].warm)[: decision.workers]
         return warm or sorted(pool)[: decision.workers], worker
 
-    def _route(self, app: DeployedApp, request: Request) -> bool:
-        """(Re)start a request: pick workers for every stage, send the table to the
-        first stages; or put it in the wait line. False when it waits for lack of room
-        on every worker (later requests would too). Called with the lock held."""
+    def _pool(self, gpu: bool | None) -> dict[int, WorkerLoad]:
+        """The loads of the workers routing may use now (ready, not retiring): those
+        with a GPU or not (`gpu`), or all (None). Kept until a worker comes or goes.
+        Called with the lock held."""
         if self._routable is None:
             self._routable = {
                 i: w.load for i, w in self._workers.items() if w.ready and not w.retiring
             }
-            self._cpu_loads = [load for load in self._routable.values() if not load.gpu]
+            self._pools = {}
+        pool = self._pools.get(gpu)
+        if pool is None:
+            pool = self._routable
+            if gpu is not None:
+                pool = {w: load for w, load in pool.items() if load.gpu == gpu}
+            self._pools[gpu] = pool
+        return pool
+
+    def _route(self, app: DeployedApp, request: Request) -> bool:
+        """(Re)start a request: pick workers for every stage, send the table to the
+        first stages; or put it in the wait line. False when it waits for lack of room
+        on every worker (later requests would too). Called with the lock held."""
+        routable = self._pool(None)
         routed = None
         expected = {
             i: app.stage_stats[head].typical_s or self._lost_race(app.id, head)
             for i, head in app.branch_of.items()
         }
         costs = [stats.typical_s for stats in app.stage_stats]
-        room = any(load.outstanding < app.worker_cap for load in self._cpu_loads)
+        room = any(load.outstanding < app.worker_cap for load in self._pool(False).values())
         if room:
             caps = packs = None
             if app.decisions:
@@ -476,7 +484,7 @@ class ControlPlane:
             routed = self._scheduler.route(
                 app.id,
                 app.plan,
-                self._routable,
+                routable,
                 request.table,
                 caps,
                 packs,
@@ -804,8 +812,8 @@ class ControlPlane:
             # the ends of a stage whose output is the flow's are seen as they happen
             final = app.plan.stages[stage_index].output == app.plan.output
             worker = None if final else message.worker
-            for size, service_s, end, each in batch_log if controller else ():
-                controller.on_batch_done(size, service_s, end, each, worker)
+            if controller is not None and batch_log:
+                controller.on_batches_done(batch_log, worker)
 
     # -- the pool -----------------------------------------------------------------------
     def _ensure_started(self) -> None:

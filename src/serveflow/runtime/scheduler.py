@@ -199,7 +199,10 @@ class Scheduler:
                         chosen = self._bounded(by_key, pool)
             elif packs and index in packs:
                 hint = placed.get(index) if placed else None  # admission's pick, if any
-                chosen = [hint if hint in pool else self._pack(key, pool, cap, *packs[index], now)]
+                if hint in pool:
+                    chosen = [self._join(key, hint, *packs[index], now)]
+                else:
+                    chosen = [self._pack(key, pool, cap, *packs[index], now)]
             elif costs is not None and stage.replicas == 1 and cap is None and not racing:
                 cost = costs[index] or DEFAULT_COST_S
                 producers = facts.producers[index]
@@ -324,6 +327,19 @@ class Scheduler:
         worker = self._least_loaded(key, workers, 1, cap, opened)[0]
         self._open[key] = OpenBatch(worker, 1, now, size, timeout_s)
         opened[worker] = now
+        return worker
+
+    def _join(self, key: StageKey, worker: int, size: int, timeout_s: float, now: float) -> int:
+        """`_pack` for a request admission placed on `worker` (where `next_pack` said,
+        or where a call is filling): it joins the open batch there, or opens one
+        there when none is open."""
+        batch = self._open.get(key)
+        if batch is not None and batch.open(now):
+            if batch.worker == worker:
+                batch.count += 1
+            return worker
+        self._open[key] = OpenBatch(worker, 1, now, size, timeout_s)
+        self._opened.setdefault(key, {})[worker] = now
         return worker
 
     def next_pack(
