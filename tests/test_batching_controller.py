@@ -268,7 +268,7 @@ def test_arrivals_and_admissions_go_on_while_a_plan_fits_the_arrivals(monkeypatc
     from serveflow.batching import controller as module
 
     fitting, arrived = threading.Event(), threading.Event()
-    fit, blocked = module._fit, []
+    fit, blocked = module.fit_arrivals, []
 
     def slow_fit(*args):
         fitting.set()
@@ -276,7 +276,7 @@ def test_arrivals_and_admissions_go_on_while_a_plan_fits_the_arrivals(monkeypatc
             blocked.append(True)
         return fit(*args)
 
-    monkeypatch.setattr(module, "_fit", slow_fit)
+    monkeypatch.setattr(module, "fit_arrivals", slow_fit)
     controller, now = _planned(sf.Batching(slo_ms=50), 400)
     planner = threading.Thread(target=controller.decision, args=(now,))
     planner.start()

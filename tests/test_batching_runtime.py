@@ -185,17 +185,31 @@ def test_a_new_batch_opens_on_the_worker_that_frees_first():
 
 
 def test_the_planner_process_answers_as_the_driver_would_and_survives_a_crash():
+    import numpy as np
+
     from serveflow.batching import MAP, BatchingController, ServiceProfile
-    from serveflow.batching.controller import search_here
+    from serveflow.batching.arrivals import ArrivalLog
+    from serveflow.batching.controller import fit_arrivals, search_here
     from serveflow.runtime.planner import PlannerProcess
 
     profile = ServiceProfile(a=0.005, b=0.001)
     space = BatchingController(sf.Batching(slo_ms=50), 2, profile=profile).space()
     arrivals = MAP.mmpp2(50, 400, 0.5, 1.0)
     here = search_here(space, arrivals, profile)
+    times = np.cumsum(np.random.default_rng(3).exponential(1 / 300, 3000))  # 10 s
+    window = ArrivalLog()
+    for t in times:
+        window.record(float(t))
+    now = float(times[-1])
+    fitted = fit_arrivals(window, now, False)
     planner = PlannerProcess()
     try:
         assert planner.search(space, arrivals, profile) == here
+        # the arrivals are fitted there too (a fit held the driver's GIL 5-30 ms)
+        there = planner.fit(window, now, False)
+        assert np.allclose(there.d0, fitted.d0, rtol=1e-9) and np.allclose(
+            there.d1, fitted.d1, rtol=1e-9
+        )
         pid = planner._process.pid
         planner._process.kill()  # a crash between searches: the next one still answers
         planner._process.wait()

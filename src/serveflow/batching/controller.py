@@ -128,7 +128,8 @@ class BatchingController:
     batch sizes up to `policy.max_size` (else 64), timeouts up to `policy.timeout_ms`
     (else 60% of the SLO) or none (greedy: what is queued, up to the size; simulated,
     `simulate.predict_greedy`), 1..`max_workers` workers. `searcher` runs each search
-    (default `search_here`; a runtime may run it in another process).
+    (default `search_here`) and `fitter` each fit of the arrivals (default
+    `fit_arrivals`): a runtime may run them in another process.
     """
 
     def __init__(
@@ -143,6 +144,7 @@ class BatchingController:
         grid: int = 120,
         profile: ServiceProfile | None = None,
         searcher: Searcher | None = None,
+        fitter: Fitter | None = None,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"BatchingController: max_workers must be >= 1, got {max_workers}")
@@ -153,6 +155,7 @@ class BatchingController:
         self.idle_price = idle_price
         self.grid = grid
         self._searcher = searcher or search_here
+        self._fitter = fitter  # None: `fit_arrivals` here
         self._cap = policy.max_size or (SIZE_LADDER[-1] if policy.adaptive else policy.size)
         self.arrivals = ArrivalLog(window_s)
         self.profile = profile or ServiceProfile(max_size=self._cap)
@@ -350,7 +353,9 @@ class BatchingController:
             log.info("arrival rate shift detected: re-planning")
         elif not due:
             return self._decision
-        fitted = _fit(window, now, shifted) if len(window) >= MIN_ARRIVALS_TO_PLAN else None
+        fitted = None
+        if len(window) >= MIN_ARRIVALS_TO_PLAN:
+            fitted = (self._fitter or fit_arrivals)(window, now, shifted)
         with self._lock:
             if shifted:
                 self._recent = []  # the old plan's latencies say nothing of the model
@@ -781,9 +786,10 @@ class SearchSpace:
 
 
 Searcher = Callable[[SearchSpace, MAP, ServiceProfile], Decision]
+Fitter = Callable[[ArrivalLog, float, bool], MAP | None]
 
 
-def _fit(window: ArrivalLog, now: float, shifted: bool) -> MAP | None:
+def fit_arrivals(window: ArrivalLog, now: float, shifted: bool) -> MAP | None:
     """The arrival process to plan for: fitted to the whole `window` (where a bursty
     one shows its bursts), or to the arrivals since the rate changed when it has left
     the planned process (`shifted`) or is far from what the window's process produces

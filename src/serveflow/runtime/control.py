@@ -144,13 +144,13 @@ class DeployedApp(App):
 
             planner = control.planner()
             planner.start()
-            searcher = planner.search
             self.controllers = {
                 i: BatchingController(
                     plan.stages[i].batching,
                     control.max_workers,
                     held_workers=control.min_workers,
-                    searcher=searcher,
+                    searcher=planner.search,
+                    fitter=planner.fit,
                 )
                 for i in adaptive
             }
