@@ -191,6 +191,25 @@ def test_calls_that_end_before_any_service_time_is_known_are_not_taken_for_overh
     assert ledger.overhead(overloaded=True)[1] < 0.001
 
 
+def test_a_fast_stage_refusing_everything_probes_every_few_calls_and_recovers() -> None:
+    # 1 + 0.2 ms per row, requests sent one at a time under an SLO of 3.6 ms: a
+    # deployment's first calls ran 5 ms, and an idle worker's every request was then
+    # predicted to miss. Only a probe renews the residuals when all is refused: one
+    # every 0.2 s refused every request for up to a second.
+    ledger = StageLedger()
+    ledger.plan(1, 0.0, 1, [0.0, 0.0012], 0)
+    now = _calls(ledger, 0.0, [0.004] * 20, service_s=0.0012)  # each 4 ms late
+    admitted = []
+    for rid in range(1000, 1500):  # one every 2 ms, each 1.3 ms when run
+        if ledger.admit(rid, now, 0.0036, [0], 0).admit:
+            admitted.append(rid)
+            ledger.finished(rid, now + 0.0013)
+        now += 0.002
+    # refused until the level has the probes' calls (within 0.3 s), then all served;
+    # with a probe every 0.2 s, refused for 0.4 s
+    assert set(range(1150, 1500)) <= set(admitted)
+
+
 def test_a_late_call_moves_the_calls_queued_behind_it() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     for rid in range(3):

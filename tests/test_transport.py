@@ -62,6 +62,21 @@ def test_round_trip(endpoints):
         a.send(b.path, b"x" * (MAX_DATAGRAM + 1))
 
 
+def test_a_wait_under_a_millisecond_lasts_its_length_not_a_whole_one(endpoints):
+    # A worker waits this way for a partial batch's timeout: poll(2) counts whole
+    # milliseconds, and a batch's timeout of 0.72 ms waited 1.4 ms.
+    a, b = endpoints("a"), endpoints("b")
+    waits = []
+    for _ in range(20):
+        began = time.monotonic()
+        assert a.recv(0.0003) is None
+        waits.append(time.monotonic() - began)
+    assert min(waits) >= 0.0003
+    assert min(waits) < 0.0009, waits
+    b.send(a.path, b"now")  # one that comes during a wait ends it
+    assert a.recv(0.0005) == b"now"
+
+
 def test_order_per_destination_under_a_full_queue(endpoints):
     sender, receiver = endpoints("sender"), endpoints("receiver")
     messages = [f"m{i}".encode() for i in range(FLOOD)]

@@ -84,7 +84,9 @@ LEVEL_MIN = 3  # arrivals, few calls end, and a spell's calls would set it for l
 WORKER_LEVEL_S = 1.0  # a worker's bias: of its calls of this many seconds, ...
 WORKER_LEVEL_MIN = 8  # ... at least this many
 DEFAULT_OVERHEAD_S = 0.001
-PROBE_EVERY_S = 0.2  # an idle worker takes one request this often whatever its prediction
+PROBE_EVERY_S = 0.2  # an idle worker takes one request this often whatever its prediction,
+PROBE_CALLS = 20  # ... or every this many single-request calls' time, when shorter,
+PROBE_MIN_S = 0.01  # ... but no more often than this
 REOPEN_GRID = 50  # after a refusal, admission is tried again every SLO / this ...
 REOPEN_STEPS = 8  # ... this many times ahead; arrivals in between are refused outright
 STALE_S = 2.0  # a call predicted to have ended this long ago, never seen, is dropped
@@ -193,6 +195,7 @@ class StageLedger:
         self.prompt = False  # ends are reported as they happen (`finished`), not later
         self.closed_until = -math.inf  # arrivals before this are refused (`closed`)
         self._probed_at = -math.inf
+        self._probe_every = PROBE_EVERY_S  # see `admit`
         self._fastest = math.inf  # see `plan`
         self._windows: dict[tuple[float, float, float, float, int], float] = {}  # see `_window`
 
@@ -212,6 +215,7 @@ class StageLedger:
         self._service = service.tolist()  # floats: read per arrival
         # a worker's most requests per second: at its most efficient call size
         self._fastest = max(n / max(self._service[n], 1e-9) for n in range(1, self.merge + 1))
+        self._probe_every = min(PROBE_EVERY_S, max(PROBE_MIN_S, PROBE_CALLS * self._service[1]))
         self.arriving(rate)
         self._relevel()
 
@@ -374,10 +378,13 @@ class StageLedger:
                     if q.meets(slo_s, window):
                         worker, w, p, meets = other, o, q, True
                         break
-        # Even past the idle rule (see `_predict`), one every PROBE_EVERY_S probes: a
+        # Even past the idle rule (see `_predict`), one every `_probe_every` probes: a
         # profile learned from a slow spell (a model's first calls) would otherwise
-        # refuse everything for long.
-        probe = p.idle and now - self._probed_at >= PROBE_EVERY_S
+        # refuse everything for long. Nothing else renews the residuals when all is
+        # refused: at 1 + 0.2 ms per row, SLO 3.6 ms, requests sent one at a time, a
+        # profile's first extrapolation (0.5 ms a call of 1, not 1.2) refused every
+        # one for up to a second, a probe every 0.2 s.
+        probe = p.idle and now - self._probed_at >= self._probe_every
         if probe and not meets and p.typical > slo_s:
             self._probed_at = now
         admit = meets or probe
