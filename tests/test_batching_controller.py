@@ -21,6 +21,39 @@ def _planned(
     return controller, float(times[-1])
 
 
+def test_a_periodic_replan_fits_with_the_given_fitter_a_first_plan_or_a_shift_here() -> None:
+    # A runtime fits in its planner process, below the workers' priority: a periodic
+    # re-plan can wait for it, a first plan or a shift of the arrival rate cannot.
+    from serveflow.batching.controller import fit_arrivals
+
+    given = []
+
+    def fitter(window, now, shifted):
+        given.append(now)
+        return fit_arrivals(window, now, shifted)
+
+    controller = BatchingController(sf.Batching(slo_ms=50), 4, profile=_profile(), fitter=fitter)
+    rng = np.random.default_rng(1)
+    times = MAP.poisson(200).sample(800, rng)  # 4 s
+    for t in times:
+        controller.on_arrival(float(t))
+    now = float(times[-1])
+    controller.decision(now)  # the first plan
+    assert given == []
+    for t in now + MAP.poisson(200).sample(460, rng):  # 2.3 s more, as before
+        controller.on_arrival(float(t))
+    now = float(t)
+    controller.decision(now)  # periodic
+    assert given == [now]
+    for t in now + MAP.poisson(2000).sample(2000, rng):  # a step to 10x
+        controller.on_arrival(float(t))
+        if controller.decision(float(t)).max_size > 8:
+            break
+    else:
+        raise AssertionError("no re-plan for the step")
+    assert given == [now]  # the shift was fitted here
+
+
 def test_fixed_policy_returns_the_fixed_values() -> None:
     controller = BatchingController(sf.Batching(max_size=10, timeout_ms=10), max_workers=3)
     for t in np.linspace(0, 5, 200):

@@ -128,8 +128,8 @@ class BatchingController:
     batch sizes up to `policy.max_size` (else 64), timeouts up to `policy.timeout_ms`
     (else 60% of the SLO) or none (greedy: what is queued, up to the size; simulated,
     `simulate.predict_greedy`), 1..`max_workers` workers. `searcher` runs each search
-    (default `search_here`) and `fitter` each fit of the arrivals (default
-    `fit_arrivals`): a runtime may run them in another process.
+    (default `search_here`) and `fitter` each periodic re-plan's fit of the arrivals
+    (default `fit_arrivals`): a runtime may run them in another process.
     """
 
     def __init__(
@@ -155,7 +155,7 @@ class BatchingController:
         self.idle_price = idle_price
         self.grid = grid
         self._searcher = searcher or search_here
-        self._fitter = fitter  # None: `fit_arrivals` here
+        self._fitter = fitter
         self._cap = policy.max_size or (SIZE_LADDER[-1] if policy.adaptive else policy.size)
         self.arrivals = ArrivalLog(window_s)
         self.profile = profile or ServiceProfile(max_size=self._cap)
@@ -355,7 +355,11 @@ class BatchingController:
             return self._decision
         fitted = None
         if len(window) >= MIN_ARRIVALS_TO_PLAN:
-            fitted = (self._fitter or fit_arrivals)(window, now, shifted)
+            # A periodic re-plan's fit goes to `fitter` (another process, below the
+            # workers' priority); a first plan's, or a shift's, is wanted at once.
+            periodic = planned_for is not None and not shifted
+            fitter = self._fitter if periodic and self._fitter else fit_arrivals
+            fitted = fitter(window, now, shifted)
         with self._lock:
             if shifted:
                 self._recent = []  # the old plan's latencies say nothing of the model
