@@ -184,6 +184,34 @@ def test_a_new_batch_opens_on_the_worker_that_frees_first():
     assert route(0.6) == 1  # worker 1's batch started before worker 0's second one
 
 
+def test_a_request_placed_by_admission_joins_or_opens_the_batch_there():
+    # Admission asks where a request would go (`next_pack`), predicts for that worker
+    # and places it; routing then sends it there, and packs the next ones with it,
+    # without choosing again.
+    from serveflow.runtime.scheduler import Scheduler, WorkerLoad
+
+    flow = sf.Flow("placed")
+    flow.map(_batch_sizes, names=["size"], batching=sf.Batching(slo_ms=500))
+    plan = flow.optimize()
+    workers = {0: WorkerLoad(warm={(0, 0)}), 1: WorkerLoad(warm={(0, 0)})}
+    scheduler = Scheduler()
+
+    def route(now: float, placed: int | None = None) -> int:
+        hint = None if placed is None else {0: placed}
+        return scheduler.route(0, plan, workers, packs={0: (2, 10.0)}, now=now, placed=hint)[0][0][
+            0
+        ]
+
+    def ask(now: float) -> int | None:
+        return scheduler.next_pack((0, 0), workers, None, 2, 10.0, now)
+
+    assert ask(0.0) == 0
+    assert route(0.0, placed=1) == 1  # placed elsewhere: a batch opens there
+    assert ask(0.1) == 1 and route(0.1) == 1  # and the next request joins it
+    assert ask(0.2) == 0  # full: the next one opens on the other worker
+    assert route(0.2, placed=0) == 0 and ask(0.3) == 0
+
+
 def test_the_planner_process_answers_as_the_driver_would_and_survives_a_crash():
     import numpy as np
 
