@@ -160,6 +160,37 @@ def test_change_point_finds_a_step_and_no_step_in_a_steady_stream() -> None:
     assert change == pytest.approx(2.0, abs=0.05)
 
 
+def test_a_large_step_up_is_a_shift_within_a_fraction_of_a_second_of_history() -> None:
+    # At deploy: 1 s of lead-in at 650/s, then 3,350/s. Judged over 2 s, and only once
+    # 2 s were logged, the step waited 1.6 s for its re-plan.
+    from serveflow.batching import ArrivalLog
+
+    rng = np.random.default_rng(4)
+    log, planned = ArrivalLog(), MAP.poisson(650)
+    lead = MAP.poisson(650).sample(650, rng)
+    for t in lead:
+        log.record(float(t))
+    now = float(lead[-1])
+    assert not log.rate_shift(now, planned)
+    for t in now + MAP.poisson(3350).sample(1000, rng):
+        if t > now + 0.3:
+            break
+        log.record(float(t))
+    assert log.rate_shift(now + 0.3, planned)
+    # bursts of 5/3 of the mean are no such step (judged over 2 s, as before, they may
+    # be: over_s=1e9 leaves the short look alone)
+    bursty = MAP.mmpp2(100, 500, 2.0, 2.0).sample(3000, rng)
+    log = ArrivalLog()
+    for t in bursty[bursty < 2.0]:
+        log.record(float(t))
+    steady = MAP.poisson(300)  # the mean, fitted as if steady
+    fired = []
+    for t in bursty[(bursty >= 2.0) & (bursty < 10.0)]:
+        log.record(float(t))
+        fired.append(log.rate_shift(float(t), steady, over_s=1e9))
+    assert not any(fired)
+
+
 def test_profile_learns_linear_service_through_noise() -> None:
     rng = np.random.default_rng(5)
     profile = ServiceProfile(max_size=32)
