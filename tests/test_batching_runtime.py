@@ -166,18 +166,30 @@ def test_requests_avoid_a_worker_still_loading_the_stage():
     assert scheduler.route(0, plan, workers)[0][0] == (1,)
 
 
-def test_a_new_batch_opens_on_the_worker_that_frees_first():
+def _packing(name: str):
+    """A scheduler packing an SLO stage in batches of 2 (10 s timeout) on two warm
+    workers: (route(now, placed) -> the worker, ask(now) -> `next_pack`'s, workers)."""
     from serveflow.runtime.scheduler import Scheduler, WorkerLoad
 
-    flow = sf.Flow("alternate")
+    flow = sf.Flow(name)
     flow.map(_batch_sizes, names=["size"], batching=sf.Batching(slo_ms=500))
     plan = flow.optimize()
     workers = {0: WorkerLoad(warm={(0, 0)}), 1: WorkerLoad(warm={(0, 0)})}
     scheduler = Scheduler()
 
-    def route(now: float) -> int:
-        return scheduler.route(0, plan, workers, packs={0: (2, 10.0)}, now=now)[0][0][0]
+    def route(now: float, placed: int | None = None) -> int:
+        hint = None if placed is None else {0: placed}
+        routed = scheduler.route(0, plan, workers, packs={0: (2, 10.0)}, now=now, placed=hint)
+        return routed[0][0][0]
 
+    def ask(now: float) -> int | None:
+        return scheduler.next_pack((0, 0), workers, None, 2, 10.0, now)
+
+    return route, ask, workers
+
+
+def test_a_new_batch_opens_on_the_worker_that_frees_first():
+    route, _, workers = _packing("alternate")
     # batches of 2: the first on worker 0, the second on 1, the third behind the first
     assert [route(t) for t in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)] == [0, 0, 1, 1, 0, 0]
     workers[0].outstanding -= 2  # the first batch is done: both workers hold one batch
@@ -188,23 +200,7 @@ def test_a_request_placed_by_admission_joins_or_opens_the_batch_there():
     # Admission asks where a request would go (`next_pack`), predicts for that worker
     # and places it; routing then sends it there, and packs the next ones with it,
     # without choosing again.
-    from serveflow.runtime.scheduler import Scheduler, WorkerLoad
-
-    flow = sf.Flow("placed")
-    flow.map(_batch_sizes, names=["size"], batching=sf.Batching(slo_ms=500))
-    plan = flow.optimize()
-    workers = {0: WorkerLoad(warm={(0, 0)}), 1: WorkerLoad(warm={(0, 0)})}
-    scheduler = Scheduler()
-
-    def route(now: float, placed: int | None = None) -> int:
-        hint = None if placed is None else {0: placed}
-        return scheduler.route(0, plan, workers, packs={0: (2, 10.0)}, now=now, placed=hint)[0][0][
-            0
-        ]
-
-    def ask(now: float) -> int | None:
-        return scheduler.next_pack((0, 0), workers, None, 2, 10.0, now)
-
+    route, ask, _ = _packing("placed")
     assert ask(0.0) == 0
     assert route(0.0, placed=1) == 1  # placed elsewhere: a batch opens there
     assert ask(0.1) == 1 and route(0.1) == 1  # and the next request joins it
