@@ -270,14 +270,7 @@ class ServeflowSystem(System):
 
     def figures(self) -> dict[str, Any]:
         entry = self.app.stats().get(STAGE, {})
-        keep = (
-            "batch_mean",
-            "batch_size",
-            "timeout_ms",
-            "predicted_p_ms",
-            "measured_p_ms",
-            "admit_scale",
-        )
+        keep = ("batch_mean", "batch_size", "timeout_ms", "predicted_p_ms", "measured_p_ms")
         return {k: entry.get(k) for k in keep if k in entry} | {
             "overhead_ms": entry.get("overhead_ms"),
             "feasible": entry.get("feasible"),
