@@ -412,6 +412,38 @@ def test_a_cancelled_future_stops_occupying_its_worker(pool):
 
 
 @pytest.mark.timeout(60)
+def test_futures_a_caller_keeps_stay_usable_and_light_for_the_garbage_collector(pool):
+    # A caller keeping thousands of settled futures makes the cyclic collector's full
+    # collections, which hold the driver's GIL, walk them all: 15 tracked objects each
+    # (a condition, its lock, queue and bound methods) took 23-53 ms every 2 s with
+    # 18,000 kept at 3,000 requests/s, and each made every request in flight late
+    import gc
+    from concurrent.futures import as_completed, wait
+
+    rt = pool.runtime(min_workers=1, max_workers=1)
+    flow = sf.Flow("kept")
+    flow.map(lambda r: r["a"] + 1, names=["b"], name="inc")
+    app = pool.deploy(flow, rt)
+    app.run({"a": [0]}).result(timeout=RESULT_S)
+    gc.collect()
+    before = len(gc.get_objects())
+    kept = [app.run({"a": [i]}) for i in range(1000)]
+    done, _ = wait(kept, timeout=RESULT_S)
+    assert len(done) == len(kept)
+    assert len(list(as_completed(kept, timeout=RESULT_S))) == len(kept)  # settled ones too
+    gc.collect()
+    assert (len(gc.get_objects()) - before) / len(kept) <= 8
+    called = []
+    kept[0].add_done_callback(called.append)  # settled: called at once
+    assert called == [kept[0]]
+    assert not kept[0].cancel() and kept[0].done() and not kept[0].cancelled()
+    assert [f.result(timeout=1).to_rows() for f in kept[:3]] == [[{"b": i + 1}] for i in range(3)]
+    refused = app.run({"a": ["x"]})  # a failure settles its future the same way
+    assert isinstance(refused.exception(timeout=RESULT_S), sf.OperatorError)
+    assert wait([refused, kept[1]], timeout=1).not_done == set()
+
+
+@pytest.mark.timeout(60)
 def test_a_request_whose_http_client_went_away_stops_occupying_its_worker(pool):
     from serveflow.serving import Server
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -11,6 +12,7 @@ from typing import Any
 from serveflow.logical.table import Table
 
 _ids = itertools.count(1)
+_SETTLED = threading.Condition()  # what settled futures lock (see `RequestFuture._slim`)
 
 
 class RequestFuture(Future):
@@ -32,6 +34,7 @@ class RequestFuture(Future):
         request.end(True)
         self._let_go()
         self.set_running_or_notify_cancel()  # else `wait` and `as_completed` never see it
+        self._slim()
         return cancelled
 
     def _let_go(self) -> None:
@@ -39,6 +42,17 @@ class RequestFuture(Future):
         request, self._request = self._request, None
         if request is not None:
             self._began = request.began
+
+    def _slim(self) -> None:
+        """Settled: nothing waits on this future again, nor is a callback added to it
+        (`add_done_callback` calls it at once), so its own condition (a lock, a queue
+        and bound methods) and callback list give way to shared ones. A caller keeping
+        its futures then keeps 6 objects each for the cyclic garbage collector to walk,
+        not 15: its full collections hold the GIL (the driver's admission and routing
+        with it), and with 18,000 futures kept at 3,000 requests/s they took 23-53 ms
+        every 2 s, each one making every request in flight late at a 30 ms SLO."""
+        self._condition = _SETTLED
+        self._done_callbacks = ()  # type: ignore[assignment]  # never appended to once settled
 
     @property
     def began(self) -> float | None:
@@ -115,6 +129,7 @@ class Request:
                 self.future.set_result(result)
             else:
                 self.future.set_exception(result)
+            self.future._slim()
         return True
 
     def workers(self) -> set[int]:
