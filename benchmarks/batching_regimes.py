@@ -415,12 +415,12 @@ def run_cell(
     }
 
 
-def sustained_rps(curve: Curve, slo_ms: float) -> float:
+def sustained_rps(system: ServeflowSystem, curve: Curve, slo_ms: float) -> float:
     """Answers per second of the stage at the capacity's batch size with a backlog
-    always queued, through the runtime (see the module docstring)."""
-    system = ServeflowSystem(GREEDY, curve)
+    always queued, through the runtime (`system`: `fixed-cap/0ms`; see the module
+    docstring)."""
+    system.deploy(slo_ms)
     try:
-        system.deploy(slo_ms)
         room = threading.Semaphore(SUSTAIN_DEPTH * WORKERS * curve.capacity_size(slo_ms))
         ends: list[float] = []
 
@@ -439,7 +439,7 @@ def sustained_rps(curve: Curve, slo_ms: float) -> float:
         measured = [t for t in ends if start + 1.0 <= t <= start + 1.0 + SUSTAIN_S]
         return len(measured) / SUSTAIN_S
     finally:
-        system.close()
+        system.undeploy()
 
 
 # --- the sweep ------------------------------------------------------------------------
@@ -495,13 +495,17 @@ def main(argv: list[str] | None = None) -> int:
             for load in loads
             if not (curve.name == MODEL and quick and kind != "poisson")
         ]
-        sustainable = {
-            slo_x: min(
-                curve.capacity(slo_x * curve.service_ms(1)),
-                sustained_rps(curve, slo_x * curve.service_ms(1)),
-            )
-            for slo_x in multiples
-        }
+        greedy = ServeflowSystem(GREEDY, curve)
+        try:
+            sustainable = {
+                slo_x: min(
+                    curve.capacity(slo_x * curve.service_ms(1)),
+                    sustained_rps(greedy, curve, slo_x * curve.service_ms(1)),
+                )
+                for slo_x in multiples
+            }
+        finally:
+            greedy.close()
         log.info(
             "%s: sustainable %s/s (capacity %s/s)",
             curve.name,

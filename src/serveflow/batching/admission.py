@@ -318,7 +318,11 @@ class StageLedger:
         residuals of the last `WORKER_LEVEL_S` seconds less the level as each came,
         when at least `WORKER_LEVEL_MIN` and beyond what such a median strays by
         chance (about the spread over the square root of their count), else 0. The
-        other workers' too when they had no call since then."""
+        other workers' too when they had no call since then. At most every RELEVEL_S
+        of `w`'s call ends."""
+        if newest - w.biased_at < RELEVEL_S:
+            return
+        w.biased_at = newest
         since = newest - WORKER_LEVEL_S
         for other in self._workers.values():
             if other is not w and other.latest and other.latest[-1][0] < since:
@@ -737,27 +741,25 @@ class StageLedger:
             w.latest.append((end, residual - self._level))
             self._unsettled = w
             return
-        self._retake(None, end)
+        self._relevel_after(end)
         w.latest.append((end, residual - self._level))
-        self._retake(w, end)
+        self._rebias(w, end)
 
-    def _retake(self, w: _Worker | None, end: float) -> None:
-        """Take the level again (None), or worker `w`'s bias, a call having ended at
-        `end`: when RELEVEL_S has passed since the last take."""
-        if w is None and end - self._leveled_at >= RELEVEL_S:
+    def _relevel_after(self, end: float) -> None:
+        """A call ended at `end`: take the level again, once RELEVEL_S has passed
+        since the last take."""
+        if end - self._leveled_at >= RELEVEL_S:
             self._leveled_at = end
             self._relevel()
-        elif w is not None and end - w.biased_at >= RELEVEL_S:
-            w.biased_at = end
-            self._rebias(w, end)
 
     def _settle(self) -> None:
         """Take the level and the bias of the worker whose call was amended since
-        (`_retake`)."""
+        (each at most every RELEVEL_S)."""
         w, self._unsettled = self._unsettled, None
         if w is not None:
-            self._retake(None, w.latest[-1][0])
-            self._retake(w, w.latest[-1][0])
+            end = w.latest[-1][0]
+            self._relevel_after(end)
+            self._rebias(w, end)
 
     def _worker(self, worker: int) -> _Worker:
         w = self._workers.get(worker)
