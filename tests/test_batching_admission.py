@@ -13,7 +13,7 @@ import pytest
 
 import serveflow as sf
 from serveflow.batching import MAP, BatchingController, Decision
-from serveflow.batching.admission import StageLedger
+from serveflow.batching.admission import Lanes, StageLedger
 from serveflow.batching.controller import search_here
 from serveflow.batching.model import linear_service
 from serveflow.batching.simulate import simulate_controlled
@@ -114,6 +114,38 @@ def _calls(
         ledger.finished(rid, end)
         now, rid = max(now + 2 * service_s, end + 0.001), rid + 1
     return now
+
+
+def test_a_stage_sharing_a_worker_waits_for_the_other_stages_call_there() -> None:
+    lanes = Lanes()
+    mine, theirs = StageLedger(lanes=lanes), StageLedger(lanes=lanes)
+    service = [0.0] + [0.004 + 0.001 * n for n in range(1, 9)]
+    for ledger in (mine, theirs):
+        ledger.plan(1, 0.0, 1, service, 0)
+    theirs.admit(1, 0.0, 1.0, [0, 1], 0)  # a 5 ms call on worker 0, from 0 ms
+    # on worker 0 it would wait for that call (and its typical 1 ms overhead) ...
+    assert mine.admit(2, 0.001, 1.0, [0], 0).latency_s == pytest.approx(0.005 + 0.001 + 0.005)
+    # ... and is entered on worker 1 instead where it would miss behind it
+    spared = mine.admit(3, 0.001, 0.009, [0, 1], 0)
+    assert spared.admit and spared.worker == 1
+    # one sent after request 2 waits for its call on worker 0 too (6 to 11 ms); not
+    # for a call of a stage after it in a flow (its ledger only predicts when that
+    # one's inputs come: see `Lanes.ahead`), here a request sent at 1.5 ms
+    after = StageLedger(lanes=lanes)
+    after.plan(1, 0.0, 1, service, 0)
+    theirs.later.add(id(after))
+    after.admit(5, 0.0015, 1.0, [0], 0)
+    assert theirs.admit(6, 0.002, 1.0, [0], 0).latency_s == pytest.approx(0.012 + 0.006 - 0.002)
+
+
+def test_a_request_a_later_stage_gets_once_the_first_ran_is_predicted_from_then() -> None:
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    verdict = ledger.admit(1, 0.0, 0.020, [0], 0, arrives=0.012)
+    # it runs when it gets there, and its latency counts from then
+    assert verdict.admit and verdict.latency_s == pytest.approx(0.005 + 0.001)
+    assert verdict.leaves == pytest.approx(0.012 + 0.005 + 0.001)
+    # one sent now queues behind it there
+    assert ledger.admit(2, 0.0, 0.030, [0], 0).latency_s == pytest.approx(0.012 + 0.012)
 
 
 def test_a_call_taken_for_one_request_learns_the_requests_it_held() -> None:

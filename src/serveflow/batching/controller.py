@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from serveflow.batching.admission import StageLedger
+from serveflow.batching.admission import Lanes, StageLedger
 from serveflow.batching.arrivals import MAP, ArrivalLog
 from serveflow.batching.model import (
     Prediction,
@@ -167,6 +167,7 @@ class BatchingController:
         profile: ServiceProfile | None = None,
         searcher: Searcher | None = None,
         fitter: Fitter | None = None,
+        lanes: Lanes | None = None,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"BatchingController: max_workers must be >= 1, got {max_workers}")
@@ -208,10 +209,14 @@ class BatchingController:
         # stage's output is the flow's and its input the request's); else the
         # workers' reports' (from send to the call's end)
         self._whole = False
+        # the flow's SLO, when this stage is the last of those sharing it: requests
+        # admitted on what the stages before left them (see `admit_at`) are judged by
+        # their whole latency against it, not by this stage's against its share
+        self.flow_slo_s: float | None = None
         self._judged_at = -math.inf
         self._judged_counts = (0, 0)  # (arrived, shed) then
         self._decision = self._initial_decision()
-        self.ledger = StageLedger(policy.percentile)
+        self.ledger = StageLedger(policy.percentile, lanes)
         self._ledger_basis: tuple | None = None  # what the ledger was last told
         self._rated_at = -math.inf  # when the ledger was last told the arrival rate
 
@@ -275,25 +280,41 @@ class BatchingController:
         `worker` (where the router will send it; None: the first of the stage's
         `workers` to free), from the calls queued there (see `admission`). Admitted
         requests are entered in the ledger."""
+        return self.admit_at(now, rid, workers, worker) is not None
+
+    def admit_at(
+        self,
+        now: float,
+        rid: int,
+        workers: Sequence[int],
+        worker: int | None = None,
+        arrives: float | None = None,
+        budget_s: float | None = None,
+    ) -> float | None:
+        """`admit` for a request that reaches the stage at `arrives` (after the
+        stages before it), not now, and may take `budget_s` from then (its share of
+        a flow's SLO left to it: see `ControlPlane._admit`) instead of the stage's
+        SLO: None when refused, else when its output is expected to leave the stage
+        (with the typical overhead)."""
         if not self.policy.adaptive:
-            return True
+            return now if arrives is None else arrives
         with self._lock:
             self._sync_ledger(now)
             serve = self.policy.on_overload == "serve"
-            slo_s = self.policy.slo_ms / 1e3 * self.admit_scale
-            verdict = self.ledger.admit(rid, now, slo_s, workers, worker, serve)
+            slo_s = (self.policy.slo_ms / 1e3 if budget_s is None else budget_s) * self.admit_scale
+            verdict = self.ledger.admit(rid, now, slo_s, workers, worker, serve, arrives)
             if verdict.admit:
                 if len(self._admitted) >= ADMITTED_KEPT:
                     del self._admitted[next(iter(self._admitted))]
                 self._admitted[rid] = now
-                return True
+                return verdict.leaves
             if serve:
                 self.late_predicted += 1
-                return True
+                return verdict.leaves
             self.shed += 1
             if self._pending:
                 self._pending.pop()  # it will never finish
-            return False
+            return None
 
     def placed(self, rid: int, worker: int) -> int:
         """The worker admitted request `rid` is to run on: `worker` (the router's
@@ -336,7 +357,7 @@ class BatchingController:
         with self._lock:
             self.ledger.finished(rid, now, ok, passed, call)
             admitted = self._admitted.pop(rid, None)
-            if admitted is not None and ok and call is not None:
+            if admitted is not None and ok and (call is not None or self.flow_slo_s):
                 if not self._whole:
                     self._whole, self._answered = True, []
                 self._answered.append((now, now - admitted))
@@ -363,7 +384,7 @@ class BatchingController:
         if len(self._answered) < ADMIT_MIN:
             return
         answered, self._answered = self._answered, []  # each overshoot corrected once
-        slo_s = self.policy.slo_ms / 1e3
+        slo_s = self.flow_slo_s or self.policy.slo_ms / 1e3
         measured = float(np.quantile([x for _, x in answered], self.policy.percentile))
         if measured > slo_s:
             scale = self.admit_scale * max(ADMIT_STEP, slo_s / measured)

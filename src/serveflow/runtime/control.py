@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serveflow.errors import InputError, OperatorError, OverloadError
+from serveflow.logical.flow import SOURCE_ID
 from serveflow.optimizer.placement import place
 from serveflow.optimizer.plan import Plan
 from serveflow.runtime import codec, silence
@@ -44,6 +45,7 @@ from serveflow.runtime.scheduler import (
 )
 
 if TYPE_CHECKING:
+    from serveflow.batching.admission import Lanes
     from serveflow.batching.controller import BatchingController, Decision
     from serveflow.runtime.planner import PlannerProcess
 
@@ -151,11 +153,32 @@ class DeployedApp(App):
                     held_workers=control.min_workers,
                     searcher=planner.search,
                     fitter=planner.fit,
+                    lanes=control.lanes(),
                 )
                 for i in adaptive
             }
+        # each SLO stage's SLO stages upstream (a request reaches it once they ran)
+        self.slo_before = {i: self._upstream(i) & self.controllers.keys() for i in self.controllers}
+        if plan.slo_ms and plan.slo_stages:
+            last = max(plan.slo_stages)
+            if plan.stages[last].output == plan.output:
+                self.controllers[last].flow_slo_s = plan.slo_ms / 1e3
+        for i, before in self.slo_before.items():
+            for j in before:
+                self.controllers[j].ledger.later.add(id(self.controllers[i].ledger))
         self.decisions: dict[int, Decision] = {}
         self._control = control
+
+    def _upstream(self, index: int) -> set[int]:
+        """The stages whose output stage `index` reads, directly or not."""
+        found: set[int] = set()
+        todo = [index]
+        while todo:
+            for op in self.plan.stages[todo.pop()].inputs:
+                if op != SOURCE_ID and (i := self.plan.index_of(op)) not in found:
+                    found.add(i)
+                    todo.append(i)
+        return found
 
     def told_of(self, lost: frozenset[int]) -> list[tuple[int, int]]:
         """(anyof stage, branch head) for each anyof left to answer a request whose
@@ -322,6 +345,16 @@ class ControlPlane:
         self._competing: dict[tuple[int, int, int, int, int], int] = {}
         self._orphaned: dict[tuple[int, int, int, int, int], float] = {}
         self._planner: PlannerProcess | None = None  # searches batching plans, once needed
+        self._lanes: Lanes | None = None  # see `lanes`
+
+    def lanes(self) -> Lanes:
+        """The calls every SLO stage runs on each worker, shared by their ledgers."""
+        from serveflow.batching.admission import Lanes
+
+        with self._lock:
+            if self._lanes is None:
+                self._lanes = Lanes()
+            return self._lanes
 
     def planner(self) -> PlannerProcess:
         """The process that searches batching plans (out of the driver's GIL)."""
@@ -360,6 +393,8 @@ class ControlPlane:
             self._apps.pop(app.id, None)
             self._deploys.pop(app.id, None)
             self._scheduler.forget(app.id)
+            for controller in app.controllers.values():
+                controller.ledger.leave()
             for w in self._workers.values():
                 w.load.warm -= {k for k in w.load.warm if k[0] == app.id}
                 w.load.loading -= {k for k in w.load.loading if k[0] == app.id}
@@ -396,6 +431,8 @@ class ControlPlane:
         branch is dropped (`request.lost`, see `_drop_lost`)."""
         now = time.monotonic()
         places = None
+        leaves: dict[int, float] = {}  # when the request is expected out of each stage admitted
+        due: dict[int, float] = {}  # when the flow's SLO's shares up to each stage end
         admitted: list[int] = []
         refused_at: list[int] = []
         lost: frozenset[int] = frozenset()
@@ -409,7 +446,20 @@ class ControlPlane:
                         places = {i: self._next_place(app, i, now) for i in app.controllers}
                 controller.on_arrival(now)
                 workers, worker = places[index]
-                refused = not controller.admit(now, request.id, workers, worker)
+                # it reaches this stage once the SLO stages before it ran
+                before = app.slo_before[index]
+                arrives = max((leaves[i] for i in before if i in leaves), default=now)
+                budget = None
+                if index in app.plan.slo_stages:
+                    # a share of the flow's SLO: what the stages before it left of theirs
+                    # is its too (the flow's SLO is what is promised)
+                    due[index] = max((due[i] for i in before if i in due), default=now)
+                    due[index] += controller.policy.slo_ms / 1e3
+                    budget = due[index] - arrives
+                leave = controller.admit_at(now, request.id, workers, worker, arrives, budget)
+                refused = leave is None
+                if not refused:
+                    leaves[index] = leave
                 if not refused and worker is not None:  # routing follows it there
                     placed = controller.placed(request.id, worker)
                     request.placed = {**(request.placed or {}), index: placed}
