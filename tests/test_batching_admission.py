@@ -138,6 +138,18 @@ def test_a_stage_sharing_a_worker_waits_for_the_other_stages_call_there() -> Non
     assert theirs.admit(6, 0.002, 1.0, [0], 0).latency_s == pytest.approx(0.012 + 0.006 - 0.002)
 
 
+def test_another_stages_older_call_runs_between_two_of_this_stages_calls() -> None:
+    lanes = Lanes()
+    mine, theirs = StageLedger(lanes=lanes), StageLedger(lanes=lanes)
+    for ledger in (mine, theirs):
+        ledger.plan(1, 0.0, 1, [0.0, 0.005], 0)  # one request a call, 5 ms
+    mine.admit(1, 0.0, 1.0, [0], 0)  # runs from 0 to 5 ms
+    mine.admit(2, 0.0005, 1.0, [0], 0)  # its next call: from 6 to 11 ms
+    theirs.admit(10, 0.001, 1.0, [0], 0)  # sent before the next one: from 12 to 17 ms
+    # so a request sent at 2 ms runs from 18 ms, not 12
+    assert mine.admit(3, 0.002, 1.0, [0], 0).latency_s == pytest.approx(0.023 + 0.001 - 0.002)
+
+
 def test_a_request_a_later_stage_gets_once_the_first_ran_is_predicted_from_then() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     verdict = ledger.admit(1, 0.0, 0.020, [0], 0, arrives=0.012)

@@ -442,9 +442,11 @@ class StageLedger:
         sents = [e.sent for e in entries]
         sents.append(max(at, sents[-1]) if sents else at)
         free = self._frees(w, now, median)
-        free = self._lanes.ahead(w.index, self, sents[0], free, max(free, sents[0]))
+        ahead = self._lanes.view(w.index, self)
+        if ahead is not None:
+            free = ahead.wait(sents[0], free, max(free, sents[0]))
         first, start, end, fits = 0, now, now, True
-        for call in self._cut(sents, free, median):
+        for call in self._cut(sents, free, median, ahead):
             first, take, start, end = call
             if first < len(entries) and (
                 end > entries[first].deadline
@@ -490,11 +492,12 @@ class StageLedger:
         return w.run.end + expected + shift
 
     def _cut(
-        self, sents: Sequence[float], free: float, median: float
+        self, sents: Sequence[float], free: float, median: float, ahead: _Ahead | None = None
     ) -> Iterator[tuple[int, int, float, float]]:
         """The calls a worker free from `free` makes of requests queued at `sents` (in
         order), as `BatchRule` cuts them: (first, requests, start, end) each, the next
-        one starting a typical overhead after the end of the one before."""
+        one starting a typical overhead after the end of the one before, and after
+        the other stages' calls there that come first (`ahead`, when given)."""
         i, n = 0, len(sents)
         while i < n:
             start = max(free, sents[i])
@@ -510,6 +513,8 @@ class StageLedger:
             end = start + self._service[take]
             yield i, take, start, end
             i, free = i + take, end + median
+            if ahead is not None and i < n:
+                free = ahead.wait(sents[i], free, max(free, sents[i]))
 
     def _advance(self, w: _Worker, now: float) -> None:
         """Worker `w`'s calls due by `now`: a free worker starts the call its queue
@@ -530,7 +535,8 @@ class StageLedger:
                 return
             sents = [e.sent for e in w.queue]
             _, take, start, end = next(self._cut(sents, w.free_since, median))
-            later = self._lanes.ahead(w.index, self, sents[0], w.free_since, start)
+            ahead = self._lanes.view(w.index, self)
+            later = start if ahead is None else ahead.wait(sents[0], w.free_since, start)
             if later > start:  # behind another stage's calls there
                 _, take, start, end = next(self._cut(sents, later, median))
             if start > now:
@@ -808,22 +814,21 @@ class StageLedger:
             return w.free_since
         return run.end + (spread[0] if spread is not None else DEFAULT_OVERHEAD_S)
 
-    def older_end(self, w: _Worker, head: float, start: float, free: float) -> float:
-        """When worker `w`'s next call ends (with the typical overhead), the worker
-        being free for it from `free`, if its oldest request was sent before `head`
-        and the call is due by `start` (-inf if not). Read as `busy_until` is."""
-        try:
-            first = w.queue[0]
-        except IndexError:
-            return -math.inf
-        n = len(w.queue)
-        due = first.sent if n >= self.size else first.sent + self.timeout_s
-        if first.sent >= head or due > start:
-            return -math.inf
-        service, spread = self._service, self._spread
-        take = min(n, self.merge if n > self.size else self.size, len(service) - 1)
+    def queued_calls(self, w: _Worker) -> list[tuple[float, float, float]]:
+        """Worker `w`'s queue cut into calls, as (its oldest request's sent, when it is
+        due, seconds with the typical overhead). Read as `busy_until` is."""
+        entries, service, spread = list(w.queue), self._service, self._spread
         median = spread[0] if spread is not None else DEFAULT_OVERHEAD_S
-        return max(due, self.busy_until(w), free) + service[take] + median
+        size, merge, top = self.size, self.merge, len(service) - 1
+        calls, i = [], 0
+        while i < len(entries):
+            left = len(entries) - i
+            take = min(left, merge if left > size else size, top)
+            head = entries[i].sent
+            due = head if take >= size else head + self.timeout_s
+            calls.append((head, due, service[max(take, 1)] + median))
+            i += max(take, 1)
+        return calls
 
     def _take_out(self, w: _Worker, rid: int) -> bool:
         """Take `rid` out of worker `w`'s running call or queue: True when that left
@@ -852,14 +857,14 @@ class Lanes:
     """The SLO stages sharing a runtime's workers, by worker. A worker runs one call
     at a time, whichever stage it is of, the one whose oldest request came first: a
     stage's next call there starts once another stage's running call ends, and after
-    that stage's next call when its oldest request is older (`ahead`). Without it, two
+    that stage's queued calls whose oldest requests are older (`view`). Without it, two
     flows' SLO stages on the same 2 workers (4 + 1 ms per row, SLO 25 ms, 400
     requests/s each: 0.6 of what the workers serve) took each other's calls for their
     own overhead (median 5-7 ms, not 0.2) and refused 18-25% of their requests, where
     batches of 8 with no wait answered 97-98% in time.
 
     Each stage's ledger runs under its own lock: another's mirror of a worker is read
-    without it, a field at a time (a running call, the first queued request)."""
+    without it, a field at a time (its running call, a copy of its queue)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -875,17 +880,12 @@ class Lanes:
             for worker, members in self._members.items():
                 self._members[worker] = tuple(m for m in members if m[0] is not ledger)
 
-    def ahead(
-        self, worker: int, ledger: StageLedger, head: float, free: float, start: float
-    ) -> float:
-        """When a call of `ledger` on `worker`, whose oldest request was sent at
-        `head`, starts, at the earliest `start`, the worker being free of `ledger`'s
-        calls from `free`: after the other stages' calls running there or ended
-        since (a ledger mirrors its calls when next asked, which may be after they
-        ran), and after their next calls whose oldest requests are older."""
+    def view(self, worker: int, ledger: StageLedger) -> _Ahead | None:
+        """What other stages run on `worker` before `ledger`'s calls there (None:
+        no other stage shares it)."""
         members = self._members.get(worker, ())
         if len(members) < 2:
-            return start
+            return None
         # a stage after it in a flow runs a request's call once its input comes, which
         # its ledger only predicts (see `StageLedger.admit`): waiting for those calls
         # held back calls that had run (a first stage's residuals went to a median of
@@ -895,10 +895,36 @@ class Lanes:
             for other, mirror in members
             if other is not ledger and id(other) not in ledger.later
         ]
-        for other, mirror in others:
-            free = max(free, other.busy_until(mirror))
-        for other, mirror in others:
-            free = max(free, other.older_end(mirror, head, start, free))
+        return _Ahead(others) if others else None
+
+
+class _Ahead:
+    """The other stages' calls on one worker, as one prediction goes through a
+    stage's calls there in order (`wait`): each call of theirs is counted once."""
+
+    def __init__(self, others: list[tuple[StageLedger, _Worker]]) -> None:
+        # when the worker is free of their running calls (or ended since: a ledger
+        # mirrors its calls when next asked, which may be after they ran)
+        self.free = max(other.busy_until(mirror) for other, mirror in others)
+        self.calls = [other.queued_calls(mirror) for other, mirror in others]
+        self.taken = [0] * len(others)
+
+    def wait(self, head: float, free: float, start: float) -> float:
+        """When a call whose oldest request was sent at `head` starts, at the earliest
+        `start`, the worker being free of its stage's calls from `free`: after the
+        running calls of the others, and their queued calls whose oldest requests are
+        older and that are due by then."""
+        free = max(free, self.free)
+        more = True
+        while more:
+            more = False
+            for k, calls in enumerate(self.calls):
+                if self.taken[k] < len(calls):
+                    sent, due, seconds = calls[self.taken[k]]
+                    if sent < head and due <= max(start, free):
+                        free = max(free, due) + seconds
+                        self.taken[k] += 1
+                        more = True
         return max(start, free)
 
 
