@@ -284,6 +284,18 @@ def test_a_workers_report_of_a_call_resolves_its_oldest_queued_calls() -> None:
     assert not ledger.prompt
 
 
+def test_a_late_report_moves_only_the_calls_that_would_have_waited_for_it() -> None:
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    ledger.admit(1, 0.0, 1.0, [0], 0)  # taken to run 0-5 ms
+    ledger.finished(1, 0.1, ok=False)  # ended downstream: its end comes with a report
+    ledger.admit(2, 0.050, 1.0, [0], 0)  # the worker idle by then: from 50 to 55 ms
+    ledger.admit(3, 0.051, 1.0, [0], 0)  # then 56 to 61 ms
+    # the first call ended at 30 ms (it waited for the stage to load): the second,
+    # sent at 50 ms, still ran from then (not 24 ms later), and so on
+    ledger.observed(0, 1, 0.030)
+    assert ledger.admit(4, 0.052, 1.0, [0], 0).latency_s == pytest.approx(0.067 - 0.052 + 0.001)
+
+
 def test_a_workers_report_is_paired_with_the_call_taken_to_end_nearest_it() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     for rid in range(3):  # taken to run 0-5, 6-11 and 12-17 ms (1 ms apart)

@@ -67,7 +67,7 @@ import statistics
 import threading
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,6 +182,7 @@ class StageLedger:
         # the other SLO stages' calls running on each worker (see `Lanes`)
         self._lanes = lanes if lanes is not None else Lanes()
         self.later: set[int] = set()  # `id`s of the ledgers of stages after it in a flow
+        self.app: int | None = None  # the runtime's app it is of (see `Lanes`)
         # a tenth of the SLO's tail share, as a quantile (0.99 -> 0.9, 0.95 -> 0.5)
         self.admit_quantile = max(0.5, 1.0 - 10.0 * (1.0 - percentile))
         self.size = 1
@@ -718,12 +719,27 @@ class StageLedger:
                 w.unreported.popleft()
             call = w.unreported.popleft()
             self._learn(w, end, end - call.start, size)
-            # the worker is that much later (or earlier) than taken
-            surprise = end - (call.end + self.overhead(w=w)[0])
-            w.free_since += surprise
-            for later in (*w.unreported, *([w.run] if w.run else [])):
-                later.start += surprise
-                later.end += surprise
+            median = self.overhead(w=w)[0]
+            surprise = end - (call.end + median)
+            after = (*w.unreported, *([w.run] if w.run else []))
+            if surprise <= 0:  # the worker is that much earlier than taken
+                w.free_since += surprise
+                for later in after:
+                    later.start += surprise
+                    later.end += surprise
+                return
+            # later: the calls after it start once it ended, no sooner, and those that
+            # were to start later anyway (on their requests' arrival) stay. Shifted by
+            # the whole surprise, a call that began after a quiet spell moved with the
+            # spell's first calls, which waited for the stage to load: 0.6 s ahead,
+            # and every arrival meanwhile was refused
+            free = end + median
+            for later in after:
+                if later.start >= free:
+                    return
+                later.end += free - later.start
+                later.start, free = free, later.end + median
+            w.free_since = max(w.free_since, free)
         elif w.run is not None:
             self._learn(w, end, end - w.run.start, len(w.run.rids))
             self._end(w, end)
@@ -866,9 +882,12 @@ class Lanes:
     Each stage's ledger runs under its own lock: another's mirror of a worker is read
     without it, a field at a time (its running call, a copy of its queue)."""
 
-    def __init__(self) -> None:
+    def __init__(self, unmirrored: Callable[[int, int | None], float] | None = None) -> None:
         self._lock = threading.Lock()
         self._members: dict[int, tuple[tuple[StageLedger, _Worker], ...]] = {}
+        # (worker, app) -> when the worker is done with other apps' runs that no ledger
+        # mirrors (stages without an SLO), as the runtime counts them
+        self._unmirrored = unmirrored
 
     def join(self, worker: int, ledger: StageLedger, mirror: _Worker) -> None:
         """`ledger` mirrors `worker` as `mirror`."""
@@ -884,7 +903,8 @@ class Lanes:
         """What other stages run on `worker` before `ledger`'s calls there (None:
         no other stage shares it)."""
         members = self._members.get(worker, ())
-        if len(members) < 2:
+        busy = self._unmirrored(worker, ledger.app) if self._unmirrored else -math.inf
+        if len(members) < 2 and busy == -math.inf:
             return None
         # a stage after it in a flow runs a request's call once its input comes, which
         # its ledger only predicts (see `StageLedger.admit`): waiting for those calls
@@ -895,17 +915,18 @@ class Lanes:
             for other, mirror in members
             if other is not ledger and id(other) not in ledger.later
         ]
-        return _Ahead(others) if others else None
+        return _Ahead(others, busy) if others or busy > -math.inf else None
 
 
 class _Ahead:
     """The other stages' calls on one worker, as one prediction goes through a
     stage's calls there in order (`wait`): each call of theirs is counted once."""
 
-    def __init__(self, others: list[tuple[StageLedger, _Worker]]) -> None:
+    def __init__(self, others: list[tuple[StageLedger, _Worker]], busy: float) -> None:
         # when the worker is free of their running calls (or ended since: a ledger
-        # mirrors its calls when next asked, which may be after they ran)
-        self.free = max(other.busy_until(mirror) for other, mirror in others)
+        # mirrors its calls when next asked, which may be after they ran), and of the
+        # runs no ledger mirrors (`busy`)
+        self.free = max([busy] + [other.busy_until(mirror) for other, mirror in others])
         self.calls = [other.queued_calls(mirror) for other, mirror in others]
         self.taken = [0] * len(others)
 

@@ -157,6 +157,8 @@ class DeployedApp(App):
                 )
                 for i in adaptive
             }
+            for controller in self.controllers.values():
+                controller.ledger.app = app_id
         # each SLO stage's SLO stages upstream (a request reaches it once they ran)
         self.slo_before = {i: self._upstream(i) & self.controllers.keys() for i in self.controllers}
         if plan.slo_ms and plan.slo_stages:
@@ -353,8 +355,14 @@ class ControlPlane:
 
         with self._lock:
             if self._lanes is None:
-                self._lanes = Lanes()
+                self._lanes = Lanes(self._unmirrored_until)
             return self._lanes
+
+    def _unmirrored_until(self, worker: int, app: int) -> float:
+        """When `worker` is done with the runs of stages of other apps than `app` that
+        no admission ledger mirrors (-inf: none). Read without the lock."""
+        state = self._workers.get(worker)
+        return state.load.unmirrored_until(app) if state is not None else -math.inf
 
     def planner(self) -> PlannerProcess:
         """The process that searches batching plans (out of the driver's GIL)."""
@@ -571,7 +579,7 @@ class ControlPlane:
         if request.lost:
             self._drop_lost(app, request)
         for index, w in request.charges:
-            self._charge_work(request, index, w, costs[index])
+            self._charge_work(app, request, index, w, costs[index])
         for index, controller in app.controllers.items():  # admission follows it there
             if request.route[index] and index not in request.lost:
                 controller.routed(request.id, request.route[index][0], time.monotonic())
@@ -680,9 +688,12 @@ class ControlPlane:
         worker busy with a loser; queued losers are cancelled. A retried request's
         attempt so far is cancelled wherever it ran, that attempt only (the next one
         must go on)."""
-        for (_, w), cost in request.work.items():
+        now = time.monotonic()
+        for (index, w), cost in request.work.items():
             if w in self._workers:
                 self._workers[w].load.work -= cost
+                if index not in app.controllers:
+                    self._workers[w].load.release_unmirrored(app.id, cost, now)
         cancel = set()
         for index, w in request.charges:
             if index in app.competing:
@@ -708,21 +719,29 @@ class ControlPlane:
         losing = any(key[0] == app_id and key[3] == index for key in self._orphaned)
         return math.inf if losing else None
 
-    def _charge_work(self, request: Request, index: int, w: int, cost: float | None) -> None:
+    def _charge_work(
+        self, app: DeployedApp, request: Request, index: int, w: int, cost: float | None
+    ) -> None:
         """Count a run's expected seconds against worker `w` until it is done."""
         cost = cost or DEFAULT_COST_S
         request.work[(index, w)] = request.work.get((index, w), 0.0) + cost
-        self._workers[w].load.work += cost
+        load = self._workers[w].load
+        load.work += cost
+        if index not in app.controllers:  # other apps' SLO stages wait for it (`Lanes`)
+            load.charge_unmirrored(app.id, cost, time.monotonic())
 
     def _on_done(self, message: m.Done) -> None:
         """A worker finished (or dropped) a run: a competing one, or a long one (its
         expected seconds no longer count against the worker)."""
         app = self._apps.get(message.app)
         request = app.active.get(message.rid) if app else None
-        if request is not None and request.attempt == message.attempt:
+        if app is not None and request is not None and request.attempt == message.attempt:
             cost = request.work.pop((message.stage, message.worker), None)
             if cost is not None and message.worker in self._workers:
-                self._workers[message.worker].load.work -= cost
+                load = self._workers[message.worker].load
+                load.work -= cost
+                if message.stage not in app.controllers:
+                    load.release_unmirrored(message.app, cost, time.monotonic())
         key = (message.app, message.rid, message.attempt, message.stage, message.worker)
         runs = self._competing.get(key)
         if not runs:  # not competing, or not charged (yet: a `Located` may come later)
@@ -748,7 +767,7 @@ class ControlPlane:
         request.charges.append((message.stage, message.target))
         worker.load.outstanding += 1
         self._charge_work(
-            request, message.stage, message.target, app.stage_stats[message.stage].typical_s
+            app, request, message.stage, message.target, app.stage_stats[message.stage].typical_s
         )
         if message.stage in app.competing:
             key = (app.id, request.id, request.attempt, message.stage, message.target)

@@ -30,7 +30,7 @@ import hashlib
 import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from serveflow.logical.table import Table
@@ -69,6 +69,9 @@ class WorkerLoad:
     loading_now: StageKey | None = None  # busy loading this stage: no other stage's runs
     silent: bool = False  # no heartbeat for a while (frozen, or holding the GIL): no runs
     stalled: bool = False  # one call running for a while: keys go to another worker
+    # of `work`, the runs of stages no admission ledger mirrors, by app: [seconds, from
+    # when they are taken to run back to back] (see `unmirrored_until`)
+    unmirrored: dict[int, list[float]] = field(default_factory=dict)
 
     def release(self, runs: int) -> None:
         """Stop counting `runs` runs here, their `work` already taken off. Work is
@@ -78,6 +81,29 @@ class WorkerLoad:
         if not self.outstanding:
             self.work = 0.0
             self.stalled = False  # no run of ours left there: no long call either
+            self.unmirrored = {}
+
+    def charge_unmirrored(self, app: int, seconds: float, now: float) -> None:
+        """A run of `seconds` of a stage of `app` no admission ledger mirrors."""
+        held = self.unmirrored.get(app)
+        if held is None or held[0] <= 0.0:
+            self.unmirrored[app] = [seconds, now]
+        else:
+            held[0] += seconds
+
+    def release_unmirrored(self, app: int, seconds: float, now: float) -> None:
+        """Such a run is done (or no longer counted): those left run from now on."""
+        held = self.unmirrored.get(app)
+        if held is not None:
+            held[0], held[1] = held[0] - seconds, now
+            if held[0] <= 1e-9:
+                del self.unmirrored[app]
+
+    def unmirrored_until(self, app: int) -> float:
+        """When the worker is taken to be done with the unmirrored runs of other apps
+        than `app` (-inf: none). Read without the control plane's lock."""
+        held = self.unmirrored.copy().items()
+        return max((since + seconds for a, (seconds, since) in held if a != app), default=-math.inf)
 
     def takes(self, key: StageKey) -> bool:
         """Whether new runs of stage `key` may be routed here now."""
