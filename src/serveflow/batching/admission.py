@@ -876,7 +876,7 @@ class Lanes:
     that stage's queued calls whose oldest requests are older (`view`). Without it, two
     flows' SLO stages on the same 2 workers (4 + 1 ms per row, SLO 25 ms, 400
     requests/s each: 0.6 of what the workers serve) took each other's calls for their
-    own overhead (median 5-7 ms, not 0.2) and refused 18-25% of their requests, where
+    own overhead (median 5-7 ms, not 0.3) and refused 3-25% of their requests, where
     batches of 8 with no wait answered 97-98% in time.
 
     Each stage's ledger runs under its own lock: another's mirror of a worker is read

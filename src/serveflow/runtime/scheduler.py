@@ -102,6 +102,8 @@ class WorkerLoad:
     def unmirrored_until(self, app: int) -> float:
         """When the worker is taken to be done with the unmirrored runs of other apps
         than `app` (-inf: none). Read without the control plane's lock."""
+        if not self.unmirrored:
+            return -math.inf
         held = self.unmirrored.copy().items()
         return max((since + seconds for a, (seconds, since) in held if a != app), default=-math.inf)
 
