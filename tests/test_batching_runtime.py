@@ -32,6 +32,16 @@ def _drive(app: sf.App, n: int, rate: float) -> list:
     return futures
 
 
+def _shed(futures: list) -> int:
+    shed = 0
+    for future in futures:
+        try:
+            future.result(timeout=30)
+        except sf.OverloadError:
+            shed += 1
+    return shed
+
+
 def _loads(app: sf.App, count: int, within_s: float = 20.0) -> int:
     """Wait until stage "model" has loaded `count` times (or `within_s` passed); the
     loads so far."""
@@ -331,12 +341,7 @@ def test_an_slo_stage_inside_a_chain_serves_a_load_it_can_take():
         app.run({"a": [0]}).result(timeout=30)
         time.sleep(0.6)
         futures = _drive(app, 600, rate=200)  # 3 s
-        shed = 0
-        for future in futures:
-            try:
-                future.result(timeout=30)
-            except sf.OverloadError:
-                shed += 1
+        shed = _shed(futures)
     finally:
         rt.stop()
     assert shed <= 0.05 * len(futures), shed
@@ -350,16 +355,6 @@ def test_a_flow_slo_is_split_across_its_batching_stages(runtime):
     assert [s.batching.slo_ms for s in app.plan.stages] == [50, 50]
     assert "flow SLO: 100 ms" in app.explain()
     assert app.run({"a": [1]}).result(timeout=10).to_rows() == [{"a": 1}]
-
-
-def _shed(futures: list) -> int:
-    shed = 0
-    for future in futures:
-        try:
-            future.result(timeout=30)
-        except sf.OverloadError:
-            shed += 1
-    return shed
 
 
 def _warm(app: sf.App) -> None:
