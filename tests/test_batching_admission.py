@@ -150,6 +150,22 @@ def test_another_stages_older_call_runs_between_two_of_this_stages_calls() -> No
     assert mine.admit(3, 0.002, 1.0, [0], 0).latency_s == pytest.approx(0.023 + 0.001 - 0.002)
 
 
+def test_a_tighter_stages_call_runs_before_an_older_call_of_a_looser_one() -> None:
+    # as the previous test, but this stage's SLO is 5 ms and the other's 100 ms: a
+    # worker runs the call whose oldest request is due first (sent plus its SLO)
+    lanes = Lanes()
+    mine, theirs = StageLedger(lanes=lanes), StageLedger(lanes=lanes)
+    for ledger, slack in ((mine, 0.005), (theirs, 0.1)):
+        ledger.plan(1, 0.0, 1, [0.0, 0.005], 0)
+        ledger.slack = slack
+    mine.admit(1, 0.0, 1.0, [0], 0)
+    mine.admit(2, 0.0005, 1.0, [0], 0)
+    theirs.admit(10, 0.001, 1.0, [0], 0)  # due at 101 ms: it runs after request 3
+    assert mine.admit(3, 0.002, 1.0, [0], 0).latency_s == pytest.approx(0.017 + 0.001 - 0.002)
+    # and theirs: request 10 from 18 to 23 ms, one sent at 3 ms from 24 to 29 ms
+    assert theirs.admit(12, 0.003, 1.0, [0], 0).latency_s == pytest.approx(0.029 + 0.001 - 0.003)
+
+
 def test_a_request_a_later_stage_gets_once_the_first_ran_is_predicted_from_then() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     verdict = ledger.admit(1, 0.0, 0.020, [0], 0, arrives=0.012)

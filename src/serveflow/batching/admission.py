@@ -183,6 +183,9 @@ class StageLedger:
         self._lanes = lanes if lanes is not None else Lanes()
         self.later: set[int] = set()  # `id`s of the ledgers of stages after it in a flow
         self.app: int | None = None  # the runtime's app it is of (see `Lanes`)
+        # its stage's SLO as its workers know it (seconds): they run a call when its
+        # oldest request's send plus this comes first (see `Lanes`)
+        self.slack = 0.0
         # a tenth of the SLO's tail share, as a quantile (0.99 -> 0.9, 0.95 -> 0.5)
         self.admit_quantile = max(0.5, 1.0 - 10.0 * (1.0 - percentile))
         self.size = 1
@@ -445,7 +448,7 @@ class StageLedger:
         free = self._frees(w, now, median)
         ahead = self._lanes.view(w.index, self)
         if ahead is not None:
-            free = ahead.wait(sents[0], free, max(free, sents[0]))
+            free = ahead.wait(sents[0] + self.slack, free, max(free, sents[0]))
         first, start, end, fits = 0, now, now, True
         for call in self._cut(sents, free, median, ahead):
             first, take, start, end = call
@@ -515,7 +518,7 @@ class StageLedger:
             yield i, take, start, end
             i, free = i + take, end + median
             if ahead is not None and i < n:
-                free = ahead.wait(sents[i], free, max(free, sents[i]))
+                free = ahead.wait(sents[i] + self.slack, free, max(free, sents[i]))
 
     def _advance(self, w: _Worker, now: float) -> None:
         """Worker `w`'s calls due by `now`: a free worker starts the call its queue
@@ -537,7 +540,10 @@ class StageLedger:
             sents = [e.sent for e in w.queue]
             _, take, start, end = next(self._cut(sents, w.free_since, median))
             ahead = self._lanes.view(w.index, self)
-            later = start if ahead is None else ahead.wait(sents[0], w.free_since, start)
+            if ahead is not None:
+                later = ahead.wait(sents[0] + self.slack, w.free_since, start)
+            else:
+                later = start
             if later > start:  # behind another stage's calls there
                 _, take, start, end = next(self._cut(sents, later, median))
             if start > now:
@@ -831,8 +837,9 @@ class StageLedger:
         return run.end + (spread[0] if spread is not None else DEFAULT_OVERHEAD_S)
 
     def queued_calls(self, w: _Worker) -> list[tuple[float, float, float]]:
-        """Worker `w`'s queue cut into calls, as (its oldest request's sent, when it is
-        due, seconds with the typical overhead). Read as `busy_until` is."""
+        """Worker `w`'s queue cut into calls, as (its oldest request's sent plus the
+        stage's `slack`, when it is due, seconds with the typical overhead). Read as
+        `busy_until` is."""
         entries, service, spread = list(w.queue), self._service, self._spread
         median = spread[0] if spread is not None else DEFAULT_OVERHEAD_S
         size, merge, top = self.size, self.merge, len(service) - 1
@@ -842,7 +849,7 @@ class StageLedger:
             take = min(left, merge if left > size else size, top)
             head = entries[i].sent
             due = head if take >= size else head + self.timeout_s
-            calls.append((head, due, service[max(take, 1)] + median))
+            calls.append((head + self.slack, due, service[max(take, 1)] + median))
             i += max(take, 1)
         return calls
 
@@ -871,9 +878,10 @@ class StageLedger:
 
 class Lanes:
     """The SLO stages sharing a runtime's workers, by worker. A worker runs one call
-    at a time, whichever stage it is of, the one whose oldest request came first: a
-    stage's next call there starts once another stage's running call ends, and after
-    that stage's queued calls whose oldest requests are older (`view`). Without it, two
+    at a time, whichever stage it is of, the one whose oldest request is due first
+    (sent plus the stage's SLO, `StageLedger.slack`): a stage's next call there starts
+    once another stage's running call ends, and after that stage's queued calls due
+    first (`view`). Without it, two
     flows' SLO stages on the same 2 workers (4 + 1 ms per row, SLO 25 ms, 400
     requests/s each: 0.6 of what the workers serve) took each other's calls for their
     own overhead (median 5-7 ms, not 0.3) and refused 3-25% of their requests, where
@@ -930,20 +938,24 @@ class _Ahead:
         self.calls = [other.queued_calls(mirror) for other, mirror in others]
         self.taken = [0] * len(others)
 
-    def wait(self, head: float, free: float, start: float) -> float:
-        """When a call whose oldest request was sent at `head` starts, at the earliest
-        `start`, the worker being free of its stage's calls from `free`: after the
-        running calls of the others, and their queued calls whose oldest requests are
-        older and that are due by then."""
+    def wait(self, first: float, free: float, start: float) -> float:
+        """When a call whose oldest request is due at `first` (sent plus its stage's
+        `slack`) starts, at the earliest `start`, the worker being free of its stage's
+        calls from `free`: after the running calls of the others, and their queued
+        calls that are runnable by then and either due before it or begun before it
+        can be (the worker runs what is runnable when it frees: a stage of 20 + 5 ms
+        per row, SLO 200 ms, ran its calls of 60 ms between the calls of one of 1 ms
+        and SLO 5 ms)."""
         free = max(free, self.free)
         more = True
         while more:
             more = False
             for k, calls in enumerate(self.calls):
                 if self.taken[k] < len(calls):
-                    sent, due, seconds = calls[self.taken[k]]
-                    if sent < head and due <= max(start, free):
-                        free = max(free, due) + seconds
+                    key, due, seconds = calls[self.taken[k]]
+                    begins = max(free, due)
+                    if due <= max(start, free) and (key < first or begins < start):
+                        free = begins + seconds
                         self.taken[k] += 1
                         more = True
         return max(start, free)

@@ -217,6 +217,7 @@ class BatchingController:
         self._judged_counts = (0, 0)  # (arrived, shed) then
         self._decision = self._initial_decision()
         self.ledger = StageLedger(policy.percentile, lanes)
+        self.ledger.slack = (policy.slo_ms or 0.0) / 1e3  # as the workers' plan has it
         self._ledger_basis: tuple | None = None  # what the ledger was last told
         self._rated_at = -math.inf  # when the ledger was last told the arrival rate
 
