@@ -820,7 +820,8 @@ def test_rows_of_next_to_no_cost_read_together_go_as_one_runtime_request():
     identity map read together go as one runtime request: cut per worker, each part
     would cost a request's fixed time for no parallel gain (dear rows are still cut per
     worker: the test below, and the fit's own test). Of 3 groups, a spell of a busy
-    machine may have one cut: on a 2-core machine with 2 CPU hogs, 1 run in 4 did."""
+    machine may have one cut: on a 2-core machine with 2 CPU hogs, 1 run in 4 did; and
+    two in one run of the whole suite in CI."""
     flow = sf.Flow("rows")
     flow.map(lambda r: r["x"], names=["x"], name="rows")
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
@@ -846,7 +847,7 @@ def test_rows_of_next_to_no_cost_read_together_go_as_one_runtime_request():
             assert [out.column("x")[0] for out in outputs] == list(range(16))
             time.sleep(1.1)  # (workers report their figures every 0.25 s while busy)
         # 3 if each group went as one; cut per worker, 6
-        assert app.stats()["rows"]["requests"] - before <= 4
+        assert app.stats()["rows"]["requests"] - before <= 5
     finally:
         runtime.stop()
 
