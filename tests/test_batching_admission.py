@@ -32,7 +32,6 @@ def _run(
     quiet_s: float = 0.0,
     speeds: tuple[float, ...] | None = None,
     pace: Callable[[float], float] | None = None,
-    spread: float = 0.0,
 ) -> dict:
     """The controller on a simulated stage of a + b * rows ms on `workers` workers,
     open-loop arrivals at `rate` (Poisson, or a 2-state MMPP of the same mean),
@@ -40,8 +39,7 @@ def _run(
     the arrivals follow a deployment's warm-up: 16 requests at once, as many after
     `quiet_s` (its stage loaded) and again 0.1 s later. `speeds`: each worker's calls
     take that many times as long; `pace`: the machine's speed over time (see
-    `simulate_controlled`); `spread`: each call also takes a lognormal share of its
-    service time more or less, of this sigma (mean 1)."""
+    `simulate_controlled`)."""
     rng = np.random.default_rng(seed)
     process = MAP.mmpp2(rate / 3, 5 * rate / 3, 1.0, 1.0) if bursty else MAP.poisson(rate)
     times = process.sample(int(rate * seconds), rng)
@@ -57,10 +55,7 @@ def _run(
         workers,
         send_s=0.0002,
         reply_s=0.0002,
-        noise=lambda n: float(
-            rng.gamma(2.0, 0.0002)
-            + (a_ms + b_ms * n) / 1e3 * (rng.lognormal(-(spread**2) / 2, spread) - 1)
-        ),
+        noise=lambda n: float(rng.gamma(2.0, 0.0002)),
         speeds=speeds,
         pace=pace,
     )
@@ -569,19 +564,6 @@ def test_an_overload_through_short_slow_spells_is_answered_within_the_slo(seed) 
     got = _run(4000, 25, 4, 1, seconds=8.0, seed=seed, pace=lambda t: 1.5 if t // 0.1 % 2 else 1.0)
     assert got["p99_over_slo"] <= 1.1, got
     assert got["goodput"] >= 800, got
-
-
-def test_an_overload_of_noisy_calls_is_answered_within_the_slo() -> None:
-    # MiniLM's curve here (8.2 + 4.6 ms per row), calls 30% apart (lognormal), SLO 5x
-    # one request's, at 0.8 of the capacity (257/s): nothing serves all of it in time.
-    # A percentile of half a second's answers strays by several percent, and the
-    # closed loop corrected to the SLO let the answered p99 settle at 1.10-1.16x it
-    # (seeds 1-4, mean 1.13; goodput 229-240/s); corrected to a little below it under
-    # overload, at 1.04-1.10x (mean 1.08; goodput 225-239/s).
-    got = [_run(257, 64, 8.2, 4.6, seconds=20.0, seed=seed, spread=0.3) for seed in range(1, 5)]
-    p99 = [g["p99_over_slo"] for g in got]
-    assert np.mean(p99) <= 1.1 and max(p99) <= 1.15, p99
-    assert np.mean([g["goodput"] for g in got]) >= 220, got
 
 
 def test_an_overload_after_a_quiet_spell_is_taken_for_one_from_its_first_seconds() -> None:

@@ -94,22 +94,14 @@ RATE_EVERY_S = 0.05
 # admission holds requests to a share of the SLO (`admit_scale`), judged on the
 # latencies answered in the last ADMIT_WINDOW_S, every ADMIT_CHECK_S (at least
 # ADMIT_MIN of them: a stage answering fewer per second is not corrected): their
-# percentile above the SLO tightens it (by the overshoot to ADMIT_AIM of the SLO, at
-# most ADMIT_STEP a time), below ADMIT_RELAX_BELOW of it relaxes it (by the room, at
-# most ADMIT_RELAX a time), and it is back at 1 while admission refuses less than
-# ADMIT_SHEDDING of the arrivals (no overload: a plan's own model errors are the
-# planning target's to correct), unless it refuses some under a plan predicted to
-# miss the SLO, whose errors the planning target does not correct (its overshoots then
-# corrected to the SLO itself). A percentile of half a second's answers strays by
-# several percent: corrected to the SLO, calls of 8.2 + 4.6 ms per row with lognormal
-# noise of sigma 0.3, simulated at 0.8 and 1x the capacity, were answered at a p99 of
-# 1.04-1.2x it; now 1.03-1.1x, for 0-4% of the goodput. At 4 + 1 ms per row, where it
-# holds anyway, aiming below the SLO at every correction cost 12% of the goodput.
+# percentile above the SLO tightens it (by the overshoot, at most ADMIT_STEP a time),
+# below ADMIT_RELAX_BELOW of it relaxes it (by the room, at most ADMIT_RELAX a time),
+# and it is back at 1 while admission refuses less than ADMIT_SHEDDING of the arrivals
+# (no overload: a plan's own model errors are the planning target's to correct).
 ADMIT_CHECK_S = 0.5
 ADMIT_WINDOW_S = 1.0
 ADMIT_MIN = 100
 ADMIT_STEP = 0.85
-ADMIT_AIM = 0.95
 ADMIT_RELAX_BELOW = 0.95
 ADMIT_RELAX = 1.25
 ADMIT_TIGHTEST = 0.5
@@ -384,8 +376,7 @@ class BatchingController:
         ADMIT_CHECK_S); every ADMIT_CHECK_S."""
         arrived, shed = self._judged_counts
         refused = self.shed - shed
-        heavy = refused > 0 and refused >= ADMIT_SHEDDING * (self.arrived - arrived)
-        shedding = heavy or (refused > 0 and not self._decision.feasible)
+        shedding = refused > 0 and refused >= ADMIT_SHEDDING * (self.arrived - arrived)
         self._judged_at, self._judged_counts = now, (self.arrived, self.shed)
         if not shedding:
             self.admit_scale, self._answered = 1.0, []
@@ -397,8 +388,7 @@ class BatchingController:
         slo_s = self.flow_slo_s or self.policy.slo_ms / 1e3
         measured = float(np.quantile([x for _, x in answered], self.policy.percentile))
         if measured > slo_s:
-            aim = (ADMIT_AIM if heavy else 1.0) * slo_s
-            scale = self.admit_scale * max(ADMIT_STEP, aim / measured)
+            scale = self.admit_scale * max(ADMIT_STEP, slo_s / measured)
             self.admit_scale = max(ADMIT_TIGHTEST, scale)
         elif measured < ADMIT_RELAX_BELOW * slo_s:
             room = min(ADMIT_RELAX, ADMIT_RELAX_BELOW * slo_s / max(measured, 1e-9))
