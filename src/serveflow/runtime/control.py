@@ -690,10 +690,7 @@ class ControlPlane:
         must go on)."""
         now = time.monotonic()
         for (index, w), cost in request.work.items():
-            if w in self._workers:
-                self._workers[w].load.work -= cost
-                if index not in app.controllers:
-                    self._workers[w].load.release_unmirrored(app.id, cost, now)
+            self._uncharge_work(app, index, w, cost, now)
         cancel = set()
         for index, w in request.charges:
             if index in app.competing:
@@ -730,6 +727,14 @@ class ControlPlane:
         if index not in app.controllers:  # other apps' SLO stages wait for it (`Lanes`)
             load.charge_unmirrored(app.id, cost, time.monotonic())
 
+    def _uncharge_work(self, app: DeployedApp, index: int, w: int, cost: float, now: float) -> None:
+        """A run `_charge_work` counted is done (or no longer counted)."""
+        state = self._workers.get(w)
+        if state is not None:
+            state.load.work -= cost
+            if index not in app.controllers:
+                state.load.release_unmirrored(app.id, cost, now)
+
     def _on_done(self, message: m.Done) -> None:
         """A worker finished (or dropped) a run: a competing one, or a long one (its
         expected seconds no longer count against the worker)."""
@@ -737,11 +742,8 @@ class ControlPlane:
         request = app.active.get(message.rid) if app else None
         if app is not None and request is not None and request.attempt == message.attempt:
             cost = request.work.pop((message.stage, message.worker), None)
-            if cost is not None and message.worker in self._workers:
-                load = self._workers[message.worker].load
-                load.work -= cost
-                if message.stage not in app.controllers:
-                    load.release_unmirrored(message.app, cost, time.monotonic())
+            if cost is not None:
+                self._uncharge_work(app, message.stage, message.worker, cost, time.monotonic())
         key = (message.app, message.rid, message.attempt, message.stage, message.worker)
         runs = self._competing.get(key)
         if not runs:  # not competing, or not charged (yet: a `Located` may come later)
