@@ -881,11 +881,10 @@ class Lanes:
     at a time, whichever stage it is of, the one whose oldest request is due first
     (sent plus the stage's SLO, `StageLedger.slack`): a stage's next call there starts
     once another stage's running call ends, and after that stage's queued calls due
-    first (`view`). Without it, two
-    flows' SLO stages on the same 2 workers (4 + 1 ms per row, SLO 25 ms, 400
-    requests/s each: 0.6 of what the workers serve) took each other's calls for their
-    own overhead (median 5-7 ms, not 0.3) and refused 3-25% of their requests, where
-    batches of 8 with no wait answered 97-98% in time.
+    first (`view`). Without it, two flows' SLO stages on the same 2 workers (4 + 1 ms
+    per row, SLO 25 ms, 400 requests/s each: 0.6 of what the workers serve) took each
+    other's calls for their own overhead (median 5-7 ms, not 0.3) and refused 3-25% of
+    their requests, where batches of 8 with no wait answered 97-98% in time.
 
     Each stage's ledger runs under its own lock: another's mirror of a worker is read
     without it, a field at a time (its running call, a copy of its queue)."""
