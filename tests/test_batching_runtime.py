@@ -415,6 +415,53 @@ def test_two_flows_on_the_same_workers_serve_a_load_both_slos_allow():
     assert shed <= 0.15 * len(futures), shed
 
 
+def _model_1_plus_02_per_row(table: sf.Table) -> list[int]:
+    time.sleep(0.001 + 0.0002 * len(table))
+    return table.column("a")
+
+
+def _model_20_plus_5_per_row_where(table: sf.Table) -> list[int]:
+    time.sleep(0.02 + 0.005 * len(table))
+    return [os.getpid()] * len(table)
+
+
+def test_a_stage_whose_calls_outlast_a_tighter_slo_keeps_off_one_worker():
+    """A stage of 20 + 5 ms per row (SLO 200 ms) and one of 1 + 0.2 ms (SLO 5 ms) on
+    the same 2 workers: no request of the fast one is in time behind a call of the
+    slow one, and both workers were often in one (the fast flow answered 64-90% in
+    time). The slow stage now plans on one worker (its calls run there alone), and
+    the fast flow answers 92-99%."""
+    rt = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        apps = []
+        for name, fn, slo_ms in (
+            ("fast", _model_1_plus_02_per_row, 5),
+            ("slow", _model_20_plus_5_per_row_where, 200),
+        ):
+            flow = sf.Flow(name)
+            flow.map(fn, names=["a"], batching=sf.Batching(slo_ms=slo_ms), name="model")
+            apps.append(flow.deploy(runtime=rt))
+            _warm(apps[-1])
+        fast, slow, ended = [], [], {}
+        start = time.monotonic()
+        for i in range(2000):  # 5 s: the fast flow at 300/s, the slow one at 100/s
+            time.sleep(max(0.0, start + i / 400 - time.monotonic()))
+            sent = time.monotonic()
+            future = apps[i % 4 == 3].run({"a": [i]})
+            future.add_done_callback(lambda _, i=i: ended.setdefault(i, time.monotonic()))
+            (slow if i % 4 == 3 else fast).append((i, sent, future))
+        last = fast[len(fast) // 2 :]  # the last 2.5 s
+        answered = {i for i, _, future in last if not future.exception(timeout=30)}
+        time.sleep(0.1)  # a future's callbacks run after its waiters wake
+        in_time = sum(ended[i] - sent <= 0.005 for i, sent, _ in last if i in answered)
+        where = {future.result(timeout=30).column("a")[0] for _, _, future in slow[-100:]}
+        target = apps[1].stats()["model"]["workers_target"]
+    finally:
+        rt.stop()
+    assert target == 1 and len(where) == 1, (target, where)
+    assert in_time >= 0.8 * len(last), (in_time, len(last))
+
+
 def test_the_next_call_takes_the_requests_sent_during_the_last_one():
     """A worker reads no message while its stage runs: the requests left over from
     the last read and those sent meanwhile make up the next call together (before,

@@ -174,6 +174,9 @@ class BatchingController:
         self.policy = policy
         self.max_workers = max_workers
         self.held_workers = held_workers
+        # the most workers it plans on while a tighter stage shares them (None: no
+        # limit), unless no plan on that many meets its SLO (see `confine`)
+        self.confined_to: int | None = None
         self.replan_s = replan_s
         self.idle_price = idle_price
         self.grid = grid
@@ -460,6 +463,9 @@ class BatchingController:
         if work is not None:  # the search runs outside the lock: admissions go on
             key, fitted, profile, space = work
             found = self._searcher(space, fitted, profile)
+            if not found.feasible and space.max_workers < self.max_workers:
+                space = dataclasses.replace(space, max_workers=self.max_workers)
+                found = self._searcher(space, fitted, profile)
             with self._lock:
                 if len(self._cache) > 256:
                     self._cache.clear()
@@ -468,6 +474,21 @@ class BatchingController:
                 self.plans += 1
             log.debug("plan for %s: %s", fitted.describe(), found)
         return self._decision
+
+    def confine(self, workers: int | None) -> None:
+        """Plan on at most `workers` workers (None: all) when a plan on that many
+        meets the SLO; re-plan at the next call when that changes."""
+        with self._lock:
+            if workers != self.confined_to:
+                self.confined_to = workers
+                self._planned_at = -math.inf
+
+    def single_s(self) -> float | None:
+        """How long a call of one request takes (None: not known yet)."""
+        with self._lock:
+            if not self.policy.adaptive or not self.profile.ready:
+                return None
+            return float(self.profile.predict(np.array([1]))[0])
 
     def retarget(self, slo_ms: float) -> None:
         """Adopt a new SLO (a flow-level budget re-split) and re-plan at the next call."""
@@ -611,6 +632,8 @@ class BatchingController:
             return None
         self._fitted = fitted
         space = self.space()
+        if fitted.rate >= space.ceiling(self.profile) and self.confined_to is not None:
+            space = dataclasses.replace(space, max_workers=self.max_workers)  # see `confine`
         if fitted.rate >= space.ceiling(self.profile):
             # More arrive than all workers can serve at any batch size that runs within
             # the SLO: no search would find a feasible plan (it would take a core for
@@ -624,6 +647,7 @@ class BatchingController:
             _rounded(fitted.d1.ravel()),
             _rounded([self.profile.a, self.profile.b, self.profile.c, self.target_scale]),
             _rounded(space.overhead[OVERHEAD_POINTS // 2 :: OVERHEAD_POINTS // 4]),
+            space.max_workers,
         )
         if key in self._cache:
             self._decision = self._cache[key]
@@ -635,7 +659,10 @@ class BatchingController:
         """What a plan rests on: the arrival rate (mean and peak phase), the service
         times of one request and of the planned batch, and the planning target."""
         service = self.profile.predict(np.array([1, self._decision.max_size]))
-        return np.array([fitted.rate, fitted.phase_rates.max(), *service, self.target_scale])
+        workers = self.confined_to or self.max_workers
+        return np.array(
+            [fitted.rate, fitted.phase_rates.max(), *service, self.target_scale, workers]
+        )
 
     def _service_moved(self) -> bool:
         """Whether the service times of one request or of the planned batch moved by
@@ -652,7 +679,7 @@ class BatchingController:
             self.policy,
             self._slo_s,
             self._cap,
-            self.max_workers,
+            min(self.max_workers, self.confined_to or self.max_workers),
             self.held_workers,
             self.idle_price,
             self.grid,

@@ -142,6 +142,9 @@ class Scheduler:
         self._opened: dict[StageKey, dict[int, float]] = {}  # worker -> its last batch
         self._facts: dict[int, PlanFacts] = {}  # by app id
         self._loads: list[tuple[int, StageKey]] = []  # (worker, stage) to load: `loads`
+        # stages held to fewer workers than the pool take the highest-numbered ones
+        # (`ControlPlane._confine`), the others the lowest first
+        self.high: set[StageKey] = set()
 
     def route(
         self,
@@ -261,7 +264,7 @@ class Scheduler:
                         return None
                 chosen = [w]
             else:
-                chosen = self._least_loaded(key, pool, stage.replicas, cap)
+                chosen = self._least_loaded(key, pool, stage.replicas, cap, high=key in self.high)
             for w in chosen:
                 workers[w].warm.add(key)
             route[index] = tuple(chosen)
@@ -352,7 +355,7 @@ class Scheduler:
             return batch.worker
         # Among workers as loaded, the one given a batch longest ago frees first.
         opened = self._opened.setdefault(key, {})
-        worker = self._least_loaded(key, workers, 1, cap, opened)[0]
+        worker = self._least_loaded(key, workers, 1, cap, opened, key in self.high)[0]
         self._open[key] = OpenBatch(worker, 1, now, size, timeout_s)
         opened[worker] = now
         return worker
@@ -387,7 +390,8 @@ class Scheduler:
         batch = self._open.get(key)
         if batch is not None and batch.worker in pool and batch.open(now):
             return batch.worker
-        return self._least_loaded(key, pool, 1, cap, self._opened.get(key, {}))[0]
+        opened = self._opened.get(key, {})
+        return self._least_loaded(key, pool, 1, cap, opened, key in self.high)[0]
 
     def loads(self) -> list[tuple[int, StageKey]]:
         """The (worker, stage) loads routing asked for since the last call: the caller
@@ -443,6 +447,7 @@ class Scheduler:
         n: int,
         cap: int | None = None,
         since: Mapping[int, float] | None = None,
+        high: bool = False,
     ) -> list[int]:
         """The `n` workers with the fewest outstanding runs (warm ones first; among
         equals, the one given work longest ago by `since`, else the lowest index)."""
@@ -467,7 +472,9 @@ class Scheduler:
             if len(warm) >= cap:
                 # Stable (the stage keeps its workers), those still loading (a spare,
                 # a worker a plan is adding) last.
-                pool = sorted(warm, key=lambda w: (key in workers[w].loading, w))[:cap]
+                # `high`: the highest-numbered first (see `Scheduler.high`)
+                order = -1 if high else 1
+                pool = sorted(warm, key=lambda w: (key in workers[w].loading, order * w))[:cap]
         order = since or {}
         ranked = []
         for w in pool:
