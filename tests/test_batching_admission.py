@@ -166,6 +166,24 @@ def test_a_tighter_stages_call_runs_before_an_older_call_of_a_looser_one() -> No
     assert theirs.admit(12, 0.003, 1.0, [0], 0).latency_s == pytest.approx(0.029 + 0.001 - 0.003)
 
 
+def test_a_worker_in_another_stages_call_takes_no_request_that_would_miss() -> None:
+    # This stage's worker runs nothing of its own, but the other stage's call of 60 ms
+    # runs there: a request of an SLO of 5 ms is refused, however long since the last
+    # probe (the probe rule once took one every 24 ms, all answered 10-20x late)
+    lanes = Lanes()
+    mine, theirs = StageLedger(lanes=lanes), StageLedger(lanes=lanes)
+    for ledger, service, slack in ((mine, 0.001, 0.005), (theirs, 0.06, 0.2)):
+        ledger.plan(1, 0.0, 1, [0.0, service], 0)
+        ledger.slack = slack
+    theirs.admit(10, 0.0, 1.0, [0], 0)
+    theirs.routed(10, 0, 0.0)
+    refused = [not mine.admit(rid, 0.001 + 0.03 * rid, 0.005, [0], 0).admit for rid in (0, 1)]
+    assert refused == [True, True]
+    # once their call ended, one is in time
+    theirs.finished(10, 0.061)
+    assert mine.admit(2, 0.062, 0.005, [0], 0).admit
+
+
 def test_a_request_a_later_stage_gets_once_the_first_ran_is_predicted_from_then() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     verdict = ledger.admit(1, 0.0, 0.020, [0], 0, arrives=0.012)

@@ -447,8 +447,11 @@ class StageLedger:
         sents.append(max(at, sents[-1]) if sents else at)
         free = self._frees(w, now, median)
         ahead = self._lanes.view(w.index, self)
+        crowded = False  # another stage's calls run there first
         if ahead is not None:
-            free = ahead.wait(sents[0] + self.slack, free, max(free, sents[0]))
+            own = max(free, sents[0])
+            free = ahead.wait(sents[0] + self.slack, free, own)
+            crowded = free > own
         first, start, end, fits = 0, now, now, True
         for call in self._cut(sents, free, median, ahead):
             first, take, start, end = call
@@ -463,7 +466,10 @@ class StageLedger:
         # stage can: refusing it would help no other request, and the stage would
         # stop learning (no calls, no residuals) while a tail of stalls inflates its
         # overhead quantile. It is admitted when its typical latency meets the SLO.
-        idle = w.run is None and not entries
+        # Not so behind other stages' calls: a probe (see `admit`) there waited for
+        # them (1 + 0.2 ms per row, SLO 5 ms, next to a stage of 20 + 5 ms per row
+        # that kept both workers busy: 9% of the requests admitted, all 10-20x late).
+        idle = w.run is None and not entries and not crowded
         if not self._service[1]:
             # No call timed yet (a fresh stage): how long calls take is unknown, so
             # each worker queues at most one merged call's worth behind the running
