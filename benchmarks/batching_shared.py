@@ -8,7 +8,10 @@ seconds, then `--seconds` measured. Scenarios (rates are totals, split evenly):
 - `tight-and-loose`: the same with SLOs of 20 and 100 ms;
 - `flow-slo`: one flow of two such stages in a row, `flow.deploy(slo_ms=40)`;
 - `busy`: a flow of one such stage, SLO 25 ms, and another flow of one 100 ms call
-  per request (no batching) at `BUSY_RPS`, not counted in the rate.
+  per request (no batching) at `BUSY_RPS`, not counted in the rate;
+- `long-calls`: a flow of a stage of 1 + 0.2 ms per row, SLO 5 ms, with 3/4 of the
+  rate, and one of 20 + 5 ms per row, SLO 200 ms, with 1/4 (calls longer than the
+  first one's SLO: see `ControlPlane._confine`).
 Systems: `adaptive` (the SLO stages as above) and `fixed-cap/0ms` (every such stage
 `sf.Batching(max_size=8, timeout_ms=0)` instead: what is queued, up to 8, no wait).
 Per flow and cell: `within` (share of its offered requests answered within its SLO),
@@ -42,14 +45,24 @@ SCENARIOS = {  # name: total rates
     "tight-and-loose": (800.0,),
     "flow-slo": (200.0, 300.0, 400.0),
     "busy": (400.0,),
+    "long-calls": (400.0,),
 }
+LONG_CALLS = ((1.0, 0.2, 5.0), (20.0, 5.0, 200.0))  # each flow's stage: ms, ms per row, SLO
+PATTERN = {"long-calls": (0, 0, 0, 1)}  # which flow each arrival is for, in turn
 
 
-def _stage(flow: Any, system: str, slo_ms: float | None, col: str = "x", name: str = "s") -> Any:
+def _stage(
+    flow: Any,
+    system: str,
+    slo_ms: float | None,
+    col: str = "x",
+    name: str = "s",
+    curve: tuple[float, float] = (4.0, 1.0),
+) -> Any:
     batching: Any = sf.Batching(max_size=8, timeout_ms=0)
     if system == ADAPTIVE:
         batching = sf.Batching(slo_ms=slo_ms) if slo_ms else True
-    return flow.map(Sleeper(4.0, 1.0), col=col, names=[col + "'"], batching=batching, name=name)
+    return flow.map(Sleeper(*curve), col=col, names=[col + "'"], batching=batching, name=name)
 
 
 def deploy(scenario: str, system: str, runtime: Any) -> list[tuple[Any, float]]:
@@ -60,6 +73,13 @@ def deploy(scenario: str, system: str, runtime: Any) -> list[tuple[Any, float]]:
         for k, slo_ms in enumerate(slos[scenario]):
             flow = sf.Flow(f"shared-{k}")
             _stage(flow, system, slo_ms)
+            flows.append((flow.deploy(runtime=runtime), slo_ms))
+        return flows
+    if scenario == "long-calls":
+        flows = []
+        for k, (a_ms, b_ms, slo_ms) in enumerate(LONG_CALLS):
+            flow = sf.Flow(f"shared-{k}")
+            _stage(flow, system, slo_ms, curve=(a_ms, b_ms))
             flows.append((flow.deploy(runtime=runtime), slo_ms))
         return flows
     flow = sf.Flow("two-stages")
@@ -92,7 +112,8 @@ def run_cell(
             warm(app)
         extra = busy_flow(runtime) if scenario == "busy" else None
         times = arrival_times("poisson", rate, warmup + seconds, seed)
-        which = np.arange(len(times)) % len(flows)
+        pattern = np.array(PATTERN.get(scenario, range(len(flows))))
+        which = pattern[np.arange(len(times)) % len(pattern)]
         if extra is not None:  # the long calls, on their own schedule
             long_times = arrival_times("poisson", BUSY_RPS, warmup + seconds, seed + 1)
             times = np.concatenate([times, long_times])
@@ -126,7 +147,7 @@ def run_cell(
                     "system": system,
                     "flow": k,
                     "slo_ms": slo_ms,
-                    "offered_rps": rate / len(flows),
+                    "offered_rps": rate * float(np.mean(pattern == k)),
                     "within": int((latency_ms <= slo_ms).sum()) / max(len(mine), 1),
                     "refused": refused / max(len(mine), 1),
                     "p99_over_slo": float(np.quantile(latency_ms, 0.99)) / slo_ms

@@ -429,8 +429,8 @@ def test_a_stage_whose_calls_outlast_a_tighter_slo_keeps_off_one_worker():
     """A stage of 20 + 5 ms per row (SLO 200 ms) and one of 1 + 0.2 ms (SLO 5 ms) on
     the same 2 workers: no request of the fast one is in time behind a call of the
     slow one, and both workers were often in one (the fast flow answered 64-90% in
-    time). The slow stage now plans on one worker (its calls run there alone), and
-    the fast flow answers 92-99%."""
+    time). The slow stage now plans on one worker (its calls run there alone), the
+    fast one on the other, and the fast flow answers 96-98%."""
     rt = sf.LocalRuntime(min_workers=2, max_workers=2)
     try:
         apps = []

@@ -977,40 +977,58 @@ class ControlPlane:
                         self.engine.send(w.index, policy)
 
     def _confine(self) -> None:
-        """Keep a worker free of long calls for tight SLOs. A worker runs one call at a
-        time: no request of a stage whose SLO is shorter than another stage's calls of
-        one request is in time behind such a call (a flow of 1 + 0.2 ms per row, SLO
-        5 ms, on 2 workers next to one of 20 + 5 ms per row, SLO 200 ms, answered
-        64-70% in time: both workers were often in calls of 60 ms). The stage with
-        the long calls plans on all workers but one (unless no plan on as many meets
-        its SLO: then on all), the highest-numbered (`Scheduler.high`); the tighter
-        ones take the lowest first. Then: 92-94%, and the slow flow all in time.
-        Calls a few times shorter than the tighter SLO are better shared: an SLO of
-        100 ms held to 1 of 2 workers next to one of 20 ms (4 + 1 ms per row, 400
-        requests/s each) left the tight flow 0.69-0.97 in time, against 0.93-0.98."""
+        """Keep the calls of one request of a stage that outlast another stage's
+        (tighter) SLO off that stage's workers: a worker runs one call at a time, and
+        no request of the tighter stage is in time behind such a call. A flow of 1 +
+        0.2 ms per row, SLO 5 ms, on 2 workers next to one of 20 + 5 ms per row, SLO
+        200 ms, answered 64-90% in time: both workers were often in calls of 60 ms.
+        The stage with the long calls plans on all workers but one, the
+        highest-numbered (`Scheduler.high`), and the tighter stages on those its plan
+        leaves, the lowest (sharing the others, a request sent there was late whenever
+        a long call began before it reached the worker); each unless no plan on as
+        many meets its SLO: then on all. Calls a few times shorter than the tighter SLO
+        are better shared: an SLO of 100 ms held to 1 of 2 workers next to one of 20
+        ms (4 + 1 ms per row, 400 requests/s each) left the tight flow 0.69-0.97 in
+        time, against 0.93-0.98."""
         with self._lock:
             stages = [
-                (app, index, controller, app.plan.stages[index].placement == "gpu")
+                (
+                    (app.id, index),
+                    controller,
+                    app.plan.stages[index].placement == "gpu",
+                    controller.policy.slo_ms or math.inf,
+                    getattr(app.decisions.get(index), "workers", 1),
+                )
                 for app in self._apps.values()
                 for index, controller in app.controllers.items()
             ]
-            pools = {gpu: len(self._pool(gpu)) for gpu in {s[3] for s in stages}}
-        high = set()
-        for app, index, controller, gpu in stages:
-            single = controller.single_s()
-            slo_ms = controller.policy.slo_ms or math.inf
-            tighter = min(
-                (
-                    other.policy.slo_ms or math.inf
-                    for _, _, other, other_gpu in stages
-                    if other_gpu == gpu and (other.policy.slo_ms or math.inf) < slo_ms
-                ),
-                default=math.inf,
+            pools = {gpu: len(self._pool(gpu)) for _, _, gpu, _, _ in stages}
+        singles = {key: controller.single_s() for key, controller, _, _, _ in stages}
+        high = {
+            key
+            for key, _, gpu, slo_ms, _ in stages
+            if pools[gpu] > 1
+            and singles[key] is not None
+            and any(
+                singles[key] * 1e3 > other_slo_ms
+                for other, _, other_gpu, other_slo_ms, _ in stages
+                if other != key and other_gpu == gpu and other_slo_ms < slo_ms
             )
-            long = single is not None and pools[gpu] > 1 and single * 1e3 > tighter
-            controller.confine(pools[gpu] - 1 if long else None)
-            if long:
-                high.add((app.id, index))
+        }
+        for key, controller, gpu, slo_ms, _ in stages:
+            # the most workers the long calls it waits for are planned on
+            taken = max(
+                (
+                    planned
+                    for other, _, other_gpu, _, planned in stages
+                    if other in high and other_gpu == gpu and singles[other] * 1e3 > slo_ms
+                ),
+                default=0,
+            )
+            if key in high:
+                controller.confine(pools[gpu] - 1)
+            else:
+                controller.confine(pools[gpu] - taken if 0 < taken < pools[gpu] else None)
         with self._lock:
             self._scheduler.high = high
 
