@@ -1041,7 +1041,10 @@ class ControlPlane:
         ready = [
             w for w in self._workers.values() if w.ready and not w.retiring and w.load.gpu == gpu
         ]
-        ready.sort(key=lambda w: (key not in w.load.warm, w.index))
+        if key in self._scheduler.high:  # the highest-numbered: see `_confine`
+            ready.sort(key=lambda w: -w.index)
+        else:
+            ready.sort(key=lambda w: (key not in w.load.warm, w.index))
         for w in ready[:count]:
             if key not in w.load.warm:
                 w.load.warm.add(key)

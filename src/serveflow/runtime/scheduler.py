@@ -473,8 +473,8 @@ class Scheduler:
                 # Stable (the stage keeps its workers), those still loading (a spare,
                 # a worker a plan is adding) last.
                 # `high`: the highest-numbered first (see `Scheduler.high`)
-                order = -1 if high else 1
-                pool = sorted(warm, key=lambda w: (key in workers[w].loading, order * w))[:cap]
+                sign = -1 if high else 1
+                pool = sorted(warm, key=lambda w: (key in workers[w].loading, sign * w))[:cap]
         order = since or {}
         ranked = []
         for w in pool:
