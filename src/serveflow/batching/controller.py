@@ -605,6 +605,11 @@ class BatchingController:
             self.target_scale = min(MAX_TARGET_SCALE, self.target_scale * RELAX_STEP)
 
     @property
+    def _planned_on(self) -> int:
+        """The most workers a plan searches (see `confine`)."""
+        return min(self.max_workers, self.confined_to or self.max_workers)
+
+    @property
     def _slo_s(self) -> float:
         """The SLO the search plans against (seconds)."""
         return self.policy.slo_ms / 1e3 * self.target_scale
@@ -659,9 +664,8 @@ class BatchingController:
         """What a plan rests on: the arrival rate (mean and peak phase), the service
         times of one request and of the planned batch, and the planning target."""
         service = self.profile.predict(np.array([1, self._decision.max_size]))
-        workers = self.confined_to or self.max_workers
         return np.array(
-            [fitted.rate, fitted.phase_rates.max(), *service, self.target_scale, workers]
+            [fitted.rate, fitted.phase_rates.max(), *service, self.target_scale, self._planned_on]
         )
 
     def _service_moved(self) -> bool:
@@ -679,7 +683,7 @@ class BatchingController:
             self.policy,
             self._slo_s,
             self._cap,
-            min(self.max_workers, self.confined_to or self.max_workers),
+            self._planned_on,
             self.held_workers,
             self.idle_price,
             self.grid,

@@ -17,6 +17,7 @@ request's load and routes requests waiting for room.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -502,9 +503,9 @@ class ControlPlane:
         worker = self._scheduler.next_pack(
             key, pool, decision.workers, decision.max_size, decision.timeout_s, now
         )
-        high = key in self._scheduler.high  # see `_confine`
-        warm = sorted((w for w in pool if key in pool[w].warm), reverse=high)
-        return (warm or sorted(pool, reverse=high))[: decision.workers], worker
+        rank = functools.partial(self._scheduler.rank, key)  # see `_confine`
+        warm = sorted((w for w in pool if key in pool[w].warm), key=rank)
+        return (warm or sorted(pool, key=rank))[: decision.workers], worker
 
     def _pool(self, gpu: bool | None) -> dict[int, WorkerLoad]:
         """The loads of the workers routing may use now (ready, not retiring): those
@@ -1048,7 +1049,7 @@ class ControlPlane:
             w for w in self._workers.values() if w.ready and not w.retiring and w.load.gpu == gpu
         ]
         if key in self._scheduler.high:  # the highest-numbered: see `_confine`
-            ready.sort(key=lambda w: -w.index)
+            ready.sort(key=lambda w: self._scheduler.rank(key, w.index))
         else:
             ready.sort(key=lambda w: (key not in w.load.warm, w.index))
         for w in ready[:count]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +145,10 @@ class Scheduler:
         # stages held to fewer workers than the pool take the highest-numbered ones
         # (`ControlPlane._confine`), the others the lowest first
         self.high: set[StageKey] = set()
+
+    def rank(self, key: StageKey, worker: int) -> int:
+        """Where `worker` comes in the order stage `key` takes workers in (see `high`)."""
+        return -worker if key in self.high else worker
 
     def route(
         self,
@@ -264,7 +268,7 @@ class Scheduler:
                         return None
                 chosen = [w]
             else:
-                chosen = self._least_loaded(key, pool, stage.replicas, cap, high=key in self.high)
+                chosen = self._least_loaded(key, pool, stage.replicas, cap, rank=self.rank)
             for w in chosen:
                 workers[w].warm.add(key)
             route[index] = tuple(chosen)
@@ -355,7 +359,7 @@ class Scheduler:
             return batch.worker
         # Among workers as loaded, the one given a batch longest ago frees first.
         opened = self._opened.setdefault(key, {})
-        worker = self._least_loaded(key, workers, 1, cap, opened, key in self.high)[0]
+        worker = self._least_loaded(key, workers, 1, cap, opened, self.rank)[0]
         self._open[key] = OpenBatch(worker, 1, now, size, timeout_s)
         opened[worker] = now
         return worker
@@ -391,7 +395,7 @@ class Scheduler:
         if batch is not None and batch.worker in pool and batch.open(now):
             return batch.worker
         opened = self._opened.get(key, {})
-        return self._least_loaded(key, pool, 1, cap, opened, key in self.high)[0]
+        return self._least_loaded(key, pool, 1, cap, opened, self.rank)[0]
 
     def loads(self) -> list[tuple[int, StageKey]]:
         """The (worker, stage) loads routing asked for since the last call: the caller
@@ -447,7 +451,7 @@ class Scheduler:
         n: int,
         cap: int | None = None,
         since: Mapping[int, float] | None = None,
-        high: bool = False,
+        rank: Callable[[StageKey, int], int] | None = None,
     ) -> list[int]:
         """The `n` workers with the fewest outstanding runs (warm ones first; among
         equals, the one given work longest ago by `since`, else the lowest index)."""
@@ -472,9 +476,8 @@ class Scheduler:
             if len(warm) >= cap:
                 # Stable (the stage keeps its workers), those still loading (a spare,
                 # a worker a plan is adding) last.
-                # `high`: the highest-numbered first (see `Scheduler.high`)
-                sign = -1 if high else 1
-                pool = sorted(warm, key=lambda w: (key in workers[w].loading, sign * w))[:cap]
+                by = rank or (lambda _, w: w)  # see `Scheduler.rank`
+                pool = sorted(warm, key=lambda w: (key in workers[w].loading, by(key, w)))[:cap]
         order = since or {}
         ranked = []
         for w in pool:
