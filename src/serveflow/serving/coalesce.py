@@ -288,19 +288,25 @@ class Coalescer:
 def _row_share(trips: Sequence[tuple[int, float]]) -> float | None:
     """A row's time over a request's fixed time, from requests' (rows, ms) fitted as
     ms = fixed + rows x per_row; None while the rows do not vary enough to tell, or
-    when the fixed time is nothing (then every part pays). The fit is Theil-Sen (the
-    median of the slopes between pairs of requests, then the median intercept), not
-    least squares: one request of 8 rows held 5 ms by a busy machine, among 63 of
-    0.2-1 ms, read as rows worth cutting per worker. Time queued counts as fixed on
-    purpose: while requests queue, the pool has no idle worker for a part to gain
-    from, and each part costs a request's work."""
+    when the fixed time is nothing (then every part pays). The slope is read from the
+    quickest request of each size (a busy machine only adds time, in slices of
+    milliseconds: with two CPU hogs on 2 cores, requests of 1-4 identity rows took
+    0.3, 3.3, 7.5 or 11 ms whatever their size), as Theil-Sen (the median of the
+    slopes between pairs of sizes), not least squares: one request of 8 rows held 5 ms,
+    among 63 of 0.2-1 ms, read as rows worth cutting per worker. The fixed time is the
+    median intercept over all requests: time queued counts as fixed on purpose, since
+    while requests queue the pool has no idle worker for a part to gain from, and each
+    part costs a request's work."""
     if len(trips) < MIN_TRIPS:
         return None
     mean_rows = sum(r for r, _ in trips) / len(trips)
     if sum((r - mean_rows) ** 2 for r, _ in trips) < len(trips) * 0.25:
         return None  # (nearly) one size: no slope to read
+    quickest: dict[int, float] = {}
+    for rows, ms in trips:
+        quickest[rows] = min(ms, quickest.get(rows, ms))
     per_row = median(
-        (ms2 - ms1) / (r2 - r1) for (r1, ms1), (r2, ms2) in combinations(trips, 2) if r1 != r2
+        (ms2 - ms1) / (r2 - r1) for (r1, ms1), (r2, ms2) in combinations(quickest.items(), 2)
     )
     fixed = median(ms - per_row * rows for rows, ms in trips)
     if fixed <= 0:
