@@ -316,6 +316,11 @@ class ArrivalLog:
     def __len__(self) -> int:
         return len(self._times)
 
+    @property
+    def last(self) -> float | None:
+        """The latest arrival (None: none in the log)."""
+        return self._times[-1] if self._times else None
+
     def snapshot(self, now: float) -> ArrivalLog:
         """A copy of the window as it is at `now`, to compute on without the lock."""
         self._trim(now)

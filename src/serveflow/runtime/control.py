@@ -66,6 +66,7 @@ LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading
 # over the second half of its allowance) gets this many times longer: it may be starved
 WEDGED_FACTOR = 4
 LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
+QUIET_S = 5.0  # a stage with no arrival this long holds no other stage off its workers
 STALLED_S = 1.0  # a call running this long: new runs go to other workers (STALLED_PENALTY)
 
 
@@ -993,7 +994,9 @@ class ControlPlane:
         time, against 0.93-0.98. Between apps only: the stages of one flow under its
         SLO share one budget (a stage's share is no promise of its own), and a flow of
         1 + 0.2 then 20 + 5 ms per row so held refused more (0.79-0.91 in time, not
-        0.84-0.94)."""
+        0.84-0.94). A tighter stage with no arrival in QUIET_S holds nothing off (a
+        plan on fewer workers may refuse what all would serve: see `confine`)."""
+        now = time.monotonic()
         with self._lock:
             stages = [
                 (
@@ -1008,6 +1011,7 @@ class ControlPlane:
             ]
             pools = {gpu: len(self._pool(gpu)) for _, _, gpu, _, _ in stages}
         singles = {key: controller.single_s() for key, controller, _, _, _ in stages}
+        quiet = {key for key, controller, _, _, _ in stages if controller.idle_for(now) > QUIET_S}
         high = {
             key
             for key, _, gpu, slo_ms, _ in stages
@@ -1016,7 +1020,10 @@ class ControlPlane:
             and any(
                 singles[key] * 1e3 > other_slo_ms
                 for other, _, other_gpu, other_slo_ms, _ in stages
-                if other[0] != key[0] and other_gpu == gpu and other_slo_ms < slo_ms
+                if other[0] != key[0]
+                and other_gpu == gpu
+                and other_slo_ms < slo_ms
+                and other not in quiet
             )
         }
         for key, controller, gpu, slo_ms, _ in stages:
