@@ -475,6 +475,52 @@ def test_a_stage_whose_calls_outlast_a_tighter_slo_keeps_off_one_worker():
     assert in_time >= 0.8 * len(last), (in_time, len(last))
 
 
+def _sleep_60ms_where(row: dict) -> int:
+    time.sleep(0.06)
+    return os.getpid()
+
+
+@pytest.mark.parametrize("every, pids", [(64, 1), (16, 2)])
+def test_a_stage_without_an_slo_whose_calls_outlast_a_tighter_slo_keeps_off_one_worker(
+    every: int, pids: int
+):
+    """The same for a stage without an SLO (no batching: it has no plan of its own),
+    while its calls keep less than 70% of the workers left busy (it has no admission:
+    past them, its requests would queue without bound). A 25 ms SLO flow next to one
+    of 100 ms calls at 4/s answered 0.90-0.96 in time; held off, 0.99. Here calls of
+    60 ms at 5/s are held off (0.3 of a worker), at 20/s not (1.2)."""
+    rt = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        fast = sf.Flow("fast")
+        fast.map(_model_1_plus_02_per_row, names=["a"], batching=sf.Batching(slo_ms=5))
+        slow = sf.Flow("slow")
+        slow.map(_sleep_60ms_where, names=["pid"], name="long")
+        apps = [fast.deploy(runtime=rt), slow.deploy(runtime=rt)]
+        for app in apps:
+            _warm(app)
+        quick, long, ended = [], [], {}
+        start = time.monotonic()
+        for i in range(1600):  # 5 s at 320/s, one in `every` for the long flow
+            time.sleep(max(0.0, start + i / 320 - time.monotonic()))
+            sent = time.monotonic()
+            if i % every == every - 1:
+                long.append(apps[1].run({"a": [i]}))
+                continue
+            future = apps[0].run({"a": [i]})
+            future.add_done_callback(lambda _, i=i: ended.setdefault(i, time.monotonic()))
+            quick.append((i, sent, future))
+        last = quick[len(quick) // 2 :]
+        answered = {i for i, _, future in last if not future.exception(timeout=30)}
+        time.sleep(0.1)  # a future's callbacks run after its waiters wake
+        in_time = sum(ended[i] - sent <= 0.005 for i, sent, _ in last if i in answered)
+        where = {future.result(timeout=30).column("pid")[0] for future in long[len(long) // 2 :]}
+    finally:
+        rt.stop()
+    assert len(where) == pids, where
+    if pids == 1:
+        assert in_time >= 0.9 * len(last), (in_time, len(last))
+
+
 def test_a_tighter_stage_without_traffic_holds_no_stage_off_its_workers():
     """Held to one worker at 140 requests/s, the slow stage refused 2-3% of its
     requests; with the fast flow quiet, it has both and refuses none."""

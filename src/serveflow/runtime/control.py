@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from serveflow.batching.admission import Lanes
     from serveflow.batching.controller import BatchingController, Decision
     from serveflow.runtime.planner import PlannerProcess
+    from serveflow.runtime.scheduler import StageKey
+    from serveflow.runtime.stats import StageStats
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading
 # over the second half of its allowance) gets this many times longer: it may be starved
 WEDGED_FACTOR = 4
 LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
+HELD_BUSY_S = 2.0  # a stage without an SLO held off some workers: its load over this ...
+HELD_FITS = 0.7  # ... fits on the workers left while it keeps less of them busy
 QUIET_S = 5.0  # a stage with no arrival this long holds no other stage off its workers
 STALLED_S = 1.0  # a call running this long: new runs go to other workers (STALLED_PENALTY)
 
@@ -331,6 +335,7 @@ class ControlPlane:
         # the loads of the workers requests may be routed to (ready, not retiring), and
         # of those the CPU ones: worked out again after a worker is ready, retires or ends
         self._routable: dict[int, WorkerLoad] | None = None
+        self._held: dict[StageKey, int] = {}  # stages without an SLO held off: `_confine`
         self._pools: dict[bool | None, dict[int, WorkerLoad]] = {}  # see `_pool`
         self._apps: dict[int, DeployedApp] = {}
         self._deploys: dict[int, m.Deploy] = {}
@@ -542,6 +547,9 @@ class ControlPlane:
             if app.decisions:
                 caps = {i: d.workers for i, d in app.decisions.items()}
                 packs = {i: (d.max_size, d.timeout_s) for i, d in app.decisions.items()}
+            held = {i: n for (a, i), n in self._held.items() if a == app.id}  # `_confine`
+            if held:
+                caps = {**(caps or {}), **held}
             routed = self._scheduler.route(
                 app.id,
                 app.plan,
@@ -995,28 +1003,50 @@ class ControlPlane:
         SLO share one budget (a stage's share is no promise of its own), and a flow of
         1 + 0.2 then 20 + 5 ms per row so held refused more (0.79-0.91 in time, not
         0.84-0.94). A tighter stage with no arrival in QUIET_S holds nothing off (a
-        plan on fewer workers may refuse what all would serve: see `confine`)."""
+        plan on fewer workers may refuse what all would serve: see `confine`).
+        A stage without an SLO (a fixed batching policy, or none) is held off by its
+        calls' typical run time, and only while its calls of the last HELD_BUSY_S kept
+        less than HELD_FITS of the workers left busy: it has no admission, and a load
+        past them would queue without bound."""
         now = time.monotonic()
         with self._lock:
-            stages = [
-                (
-                    (app.id, index),
-                    controller,
-                    app.plan.stages[index].placement == "gpu",
-                    controller.policy.slo_ms or math.inf,
-                    getattr(app.decisions.get(index), "workers", 1),
-                )
-                for app in self._apps.values()
-                for index, controller in app.controllers.items()
-            ]
+            # (key, controller or None, gpu, SLO ms, workers planned on: see `held`)
+            stages: list[tuple[StageKey, BatchingController | None, bool, float, int]] = []
+            figures: dict[StageKey, StageStats] = {}
+            for app in self._apps.values():
+                for index, stage in enumerate(app.plan.stages):
+                    key, gpu = (app.id, index), stage.placement == "gpu"
+                    controller = app.controllers.get(index)
+                    if controller is None:  # no SLO: held off by its calls' typical time
+                        if (
+                            stage.replicas == 1
+                            and not stage.locality_key
+                            and not (index in app.branch_of or index in app.competing)
+                        ):  # (not those whose workers routing picks otherwise)
+                            figures[key] = app.stage_stats[index]
+                            stages.append((key, None, gpu, math.inf, 0))
+                        continue
+                    slo_ms = controller.policy.slo_ms or math.inf
+                    planned = getattr(app.decisions.get(index), "workers", 1)
+                    stages.append((key, controller, gpu, slo_ms, planned))
             pools = {gpu: len(self._pool(gpu)) for _, _, gpu, _, _ in stages}
-        singles = {key: controller.single_s() for key, controller, _, _, _ in stages}
-        quiet = {key for key, controller, _, _, _ in stages if controller.idle_for(now) > QUIET_S}
+        singles = {
+            key: controller.single_s() if controller else figures[key].typical_s
+            for key, controller, _, _, _ in stages
+        }
+        quiet = {key for key, c, _, _, _ in stages if c and c.idle_for(now) > QUIET_S}
+        # without admission, a stage held off fits on the workers left, or is not held
+        fits = {
+            key
+            for key, controller, gpu, _, _ in stages
+            if controller or figures[key].busy(now, HELD_BUSY_S) <= HELD_FITS * (pools[gpu] - 1)
+        }
         high = {
             key
             for key, _, gpu, slo_ms, _ in stages
             if pools[gpu] > 1
             and singles[key] is not None
+            and key in fits
             and any(
                 singles[key] * 1e3 > other_slo_ms
                 for other, _, other_gpu, other_slo_ms, _ in stages
@@ -1026,11 +1056,14 @@ class ControlPlane:
                 and other not in quiet
             )
         }
+        held = {key: pools[gpu] - 1 for key, c, gpu, _, _ in stages if c is None and key in high}
         for key, controller, gpu, slo_ms, _ in stages:
+            if controller is None:
+                continue
             # the most workers the long calls it waits for are planned on
             taken = max(
                 (
-                    planned
+                    held.get(other, planned)
                     for other, _, other_gpu, _, planned in stages
                     if other in high
                     and other[0] != key[0]
@@ -1045,6 +1078,10 @@ class ControlPlane:
                 controller.confine(pools[gpu] - taken if 0 < taken < pools[gpu] else None)
         with self._lock:
             self._scheduler.high = high
+            self._held = held
+            for (app_id, index), count in held.items():  # loaded where routing sends it
+                if app_id in self._apps:
+                    self._prewarm(self._apps[app_id], index, count)
 
     def _prewarm(self, app: DeployedApp, index: int, count: int) -> None:
         """Load stage `index` on the `count` workers its capped routing will use, before

@@ -40,6 +40,7 @@ class StageStats:
         self.latency_count = 0  # every latency reported, and their sum (for a summary)
         self.latency_sum_s = 0.0
         self.typical_s: float | None = None  # a moving average of calls' run times
+        self._runs: deque[tuple[float, float]] = deque(maxlen=most)  # (reported, run s)
 
     def add(
         self,
@@ -65,6 +66,7 @@ class StageStats:
             self.latency_count += len(latencies_s)
             self.latency_sum_s += sum(latencies_s)
             for run_s in service_s:
+                self._runs.append((now, run_s))
                 typical = self.typical_s
                 self.typical_s = run_s if typical is None else typical + 0.2 * (run_s - typical)
             for least in stopped_s:
@@ -75,6 +77,16 @@ class StageStats:
                 total = self.executions.setdefault(int(rows), [0, 0, 0, 0])
                 for i, value in enumerate(figures[:4]):
                     total[i] += int(value)
+
+    def busy(self, now: float, over_s: float) -> float:
+        """Workers its calls kept busy over the last `over_s` seconds, on average."""
+        total = 0.0
+        with self._lock:
+            for at, run_s in reversed(self._runs):  # the latest first
+                if at < now - over_s:
+                    break
+                total += run_s
+        return total / over_s
 
     def snapshot(self) -> dict[str, Any]:
         since = time.monotonic() - self._window_s
