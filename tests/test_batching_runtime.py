@@ -480,31 +480,34 @@ def _sleep_60ms_where(row: dict) -> int:
     return os.getpid()
 
 
-@pytest.mark.parametrize("every, pids", [(64, 1), (16, 2)])
+@pytest.mark.parametrize("every, longs, pids", [(64, 1, 1), (16, 1, 2), (19, 2, 2)])
 def test_a_stage_without_an_slo_whose_calls_outlast_a_tighter_slo_keeps_off_one_worker(
-    every: int, pids: int
+    every: int, longs: int, pids: int
 ):
-    """The same for a stage without an SLO (no batching: it has no plan of its own),
-    while its calls keep less than 70% of the workers left busy (it has no admission:
-    past them, its requests would queue without bound). A 25 ms SLO flow next to one
-    of 100 ms calls at 4/s answered 0.90-0.96 in time; held off, 0.99. Here calls of
-    60 ms at 5/s are held off (0.3 of a worker), at 20/s not (1.2)."""
+    """The same for stages without an SLO (no batching: they have no plan of their
+    own), while their calls together keep less than 70% of the workers left busy (they
+    have no admission: past them, their requests would queue without bound). A 25 ms
+    SLO flow next to one of 100 ms calls at 4/s answered 0.90-0.96 in time; held off,
+    0.99. Here calls of 60 ms at 5/s are held off (0.3 of a worker), at 20/s not (1.2),
+    nor two flows of them at 8.4/s each (1.0 together; each alone would fit)."""
     rt = sf.LocalRuntime(min_workers=2, max_workers=2)
     try:
         fast = sf.Flow("fast")
         fast.map(_model_1_plus_02_per_row, names=["a"], batching=sf.Batching(slo_ms=5))
-        slow = sf.Flow("slow")
-        slow.map(_sleep_60ms_where, names=["pid"], name="long")
-        apps = [fast.deploy(runtime=rt), slow.deploy(runtime=rt)]
+        apps = [fast.deploy(runtime=rt)]
+        for k in range(longs):
+            slow = sf.Flow(f"slow-{k}")
+            slow.map(_sleep_60ms_where, names=["pid"], name="long")
+            apps.append(slow.deploy(runtime=rt))
         for app in apps:
             _warm(app)
         quick, long, ended = [], [], {}
         start = time.monotonic()
-        for i in range(1600):  # 5 s at 320/s, one in `every` for the long flow
+        for i in range(1600):  # 5 s at 320/s, one in `every` for the long flows in turn
             time.sleep(max(0.0, start + i / 320 - time.monotonic()))
             sent = time.monotonic()
             if i % every == every - 1:
-                long.append(apps[1].run({"a": [i]}))
+                long.append(apps[1 + i // every % longs].run({"a": [i]}))
                 continue
             future = apps[0].run({"a": [i]})
             future.add_done_callback(lambda _, i=i: ended.setdefault(i, time.monotonic()))

@@ -68,8 +68,9 @@ LOADING_SILENT_S = 30.0  # the same while its last heartbeat said it was loading
 # over the second half of its allowance) gets this many times longer: it may be starved
 WEDGED_FACTOR = 4
 LATE_ROUND_S = 0.25  # a monitor round this late: the driver itself stalled (see _monitor)
-HELD_BUSY_S = 2.0  # a stage without an SLO held off some workers: its load over this ...
+HELD_BUSY_S = 4.0  # a stage without an SLO held off some workers: its load over this ...
 HELD_FITS = 0.7  # ... fits on the workers left while it keeps less of them busy
+HELD_KEEP = 0.85  # ... and stays held below this
 QUIET_S = 5.0  # a stage with no arrival this long holds no other stage off its workers
 STALLED_S = 1.0  # a call running this long: new runs go to other workers (STALLED_PENALTY)
 
@@ -1005,9 +1006,8 @@ class ControlPlane:
         0.84-0.94). A tighter stage with no arrival in QUIET_S holds nothing off (a
         plan on fewer workers may refuse what all would serve: see `confine`).
         A stage without an SLO (a fixed batching policy, or none) is held off by its
-        calls' typical run time, and only while its calls of the last HELD_BUSY_S kept
-        less than HELD_FITS of the workers left busy: it has no admission, and a load
-        past them would queue without bound."""
+        calls' typical run time, and only while it fits there (`_hold`): it has no
+        admission, and a load past those workers would queue without bound."""
         now = time.monotonic()
         with self._lock:
             # (key, controller or None, gpu, SLO ms, workers planned on: see `held`)
@@ -1017,13 +1017,13 @@ class ControlPlane:
                 for index, stage in enumerate(app.plan.stages):
                     key, gpu = (app.id, index), stage.placement == "gpu"
                     controller = app.controllers.get(index)
+                    figures[key] = app.stage_stats[index]
                     if controller is None:  # no SLO: held off by its calls' typical time
                         if (
                             stage.replicas == 1
                             and not stage.locality_key
                             and not (index in app.branch_of or index in app.competing)
                         ):  # (not those whose workers routing picks otherwise)
-                            figures[key] = app.stage_stats[index]
                             stages.append((key, None, gpu, math.inf, 0))
                         continue
                     slo_ms = controller.policy.slo_ms or math.inf
@@ -1035,18 +1035,11 @@ class ControlPlane:
             for key, controller, _, _, _ in stages
         }
         quiet = {key for key, c, _, _, _ in stages if c and c.idle_for(now) > QUIET_S}
-        # without admission, a stage held off fits on the workers left, or is not held
-        fits = {
-            key
-            for key, controller, gpu, _, _ in stages
-            if controller or figures[key].busy(now, HELD_BUSY_S) <= HELD_FITS * (pools[gpu] - 1)
-        }
         high = {
             key
             for key, _, gpu, slo_ms, _ in stages
             if pools[gpu] > 1
             and singles[key] is not None
-            and key in fits
             and any(
                 singles[key] * 1e3 > other_slo_ms
                 for other, _, other_gpu, other_slo_ms, _ in stages
@@ -1056,7 +1049,8 @@ class ControlPlane:
                 and other not in quiet
             )
         }
-        held = {key: pools[gpu] - 1 for key, c, gpu, _, _ in stages if c is None and key in high}
+        held = self._hold(stages, high, pools, figures, now)
+        high -= {key for key, c, _, _, _ in stages if c is None and key not in held}
         for key, controller, gpu, slo_ms, _ in stages:
             if controller is None:
                 continue
@@ -1082,6 +1076,32 @@ class ControlPlane:
             for (app_id, index), count in held.items():  # loaded where routing sends it
                 if app_id in self._apps:
                     self._prewarm(self._apps[app_id], index, count)
+
+    def _hold(
+        self,
+        stages: list[tuple[StageKey, BatchingController | None, bool, float, int]],
+        high: set[StageKey],
+        pools: dict[bool, int],
+        figures: dict[StageKey, StageStats],
+        now: float,
+    ) -> dict[StageKey, int]:
+        """Of the stages without an SLO `_confine` would hold off, those held (to all
+        workers but one): of each pool, all or none. All when, with the SLO stages held
+        there, their calls of the last HELD_BUSY_S kept less than HELD_FITS of those
+        workers busy (HELD_KEEP while held already: a load near the line does not flip).
+        Each alone was not enough: three stages of 60 ms calls at 6.5/s each (0.39 of a
+        worker) went to one worker together, and their requests queued without bound.
+        And not some: one left to spread still met the tighter stage's requests (of a
+        5 ms SLO flow, 56% in time, as with none held), and those held waited longer."""
+        load = {key: figures[key].busy(now, HELD_BUSY_S) for key, _, _, _, _ in stages}
+        held: dict[StageKey, int] = {}
+        for gpu, size in pools.items():
+            candidates = [k for k, c, g, _, _ in stages if not c and g == gpu and k in high]
+            busy = sum(load[k] for k, _, g, _, _ in stages if g == gpu and k in high)
+            share = HELD_KEEP if any(k in self._held for k in candidates) else HELD_FITS
+            if candidates and busy <= share * (size - 1):
+                held.update((key, size - 1) for key in candidates)
+        return held
 
     def _prewarm(self, app: DeployedApp, index: int, count: int) -> None:
         """Load stage `index` on the `count` workers its capped routing will use, before
