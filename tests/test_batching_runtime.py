@@ -480,16 +480,21 @@ def _sleep_60ms_where(row: dict) -> int:
     return os.getpid()
 
 
-@pytest.mark.parametrize("every, longs, pids", [(64, 1, 1), (16, 1, 2), (19, 2, 2)])
+@pytest.mark.parametrize(
+    "every, longs, pids, batched",
+    [(64, 1, 1, False), (16, 1, 2, False), (19, 2, 2, False), (5, 1, 1, True)],
+)
 def test_a_stage_without_an_slo_whose_calls_outlast_a_tighter_slo_keeps_off_one_worker(
-    every: int, longs: int, pids: int
+    every: int, longs: int, pids: int, batched: bool
 ):
     """The same for stages without an SLO (no batching: they have no plan of their
     own), while their calls together keep less than 70% of the workers left busy (they
     have no admission: past them, their requests would queue without bound). A 25 ms
     SLO flow next to one of 100 ms calls at 4/s answered 0.90-0.96 in time; held off,
     0.99. Here calls of 60 ms at 5/s are held off (0.3 of a worker), at 20/s not (1.2),
-    nor two flows of them at 8.4/s each (1.0 together; each alone would fit)."""
+    nor two flows of them at 8.4/s each (1.0 together; each alone would fit). A stage
+    of 20 + 5 ms per row in batches of up to 8 with no wait, at 64/s, is held off: spread,
+    its calls of 1-2 rows keep about a worker busy, but in batches of 8 it needs 0.5."""
     rt = sf.LocalRuntime(min_workers=2, max_workers=2)
     try:
         fast = sf.Flow("fast")
@@ -497,7 +502,11 @@ def test_a_stage_without_an_slo_whose_calls_outlast_a_tighter_slo_keeps_off_one_
         apps = [fast.deploy(runtime=rt)]
         for k in range(longs):
             slow = sf.Flow(f"slow-{k}")
-            slow.map(_sleep_60ms_where, names=["pid"], name="long")
+            if batched:
+                batching = sf.Batching(max_size=8, timeout_ms=0)
+                slow.map(_model_20_plus_5_per_row_where, names=["pid"], batching=batching)
+            else:
+                slow.map(_sleep_60ms_where, names=["pid"], name="long")
             apps.append(slow.deploy(runtime=rt))
         for app in apps:
             _warm(app)

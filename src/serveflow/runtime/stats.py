@@ -88,6 +88,19 @@ class StageStats:
                 total += run_s
         return total / over_s
 
+    def busy_in(self, now: float, over_s: float, size: int) -> float | None:
+        """Workers its requests of the last `over_s` seconds would keep busy in calls
+        of `size` (one row each), from its calls' run time by rows fitted as a + b x
+        rows; None until calls of two sizes ran."""
+        with self._lock:
+            runs = [(rows, f[2] / f[0] / 1e9, f[0]) for rows, f in self.executions.items() if f[0]]
+            requests = sum(1 for at, _ in reversed(self._latencies) if at >= now - over_s)
+        if len({rows for rows, _, _ in runs}) < 2:
+            return None
+        rows, run_s, calls = (np.array(column, dtype=float) for column in zip(*runs))
+        per_row, fixed = np.polyfit(rows, run_s, 1, w=np.sqrt(calls))
+        return requests / over_s * (max(fixed, 0.0) / size + max(per_row, 0.0))
+
     def snapshot(self) -> dict[str, Any]:
         since = time.monotonic() - self._window_s
         with self._lock:
