@@ -1,5 +1,7 @@
 """`serveflow.runtime.stats`: percentiles as numpy defines them, and the stage figures."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -29,3 +31,17 @@ def test_stage_stats_snapshot_uses_it():
     assert figures["p50_ms"] == pytest.approx(3.5)
     assert figures["p99_ms"] == pytest.approx(np.percentile(np.arange(1, 7), 99))
     assert figures["batch_mean"] == 3.0 and figures["batch_sizes"] == {3: 2}
+
+
+def test_what_a_stages_calls_keep_busy_and_would_in_full_batches():
+    stats = StageStats()
+    now = time.monotonic()
+    assert stats.busy(now, 2.0) == 0.0 and stats.busy_in(now, 2.0, 8) is None
+    # 40 requests in calls of 1 and 2 rows: 20 + 5 ms per row
+    runs = {1: [20, 0, 25_000_000 * 20, 0], 2: [10, 0, 30_000_000 * 10, 0]}
+    stats.add(40, 30, 0, [0.03] * 40, service_s=[0.025] * 20 + [0.03] * 10, executions=runs)
+    now = time.monotonic()
+    assert stats.busy(now, 2.0) == pytest.approx((20 * 0.025 + 10 * 0.03) / 2.0)
+    # the same 20 requests a second in calls of 8: 20 / 8 + 5 ms each
+    assert stats.busy_in(now, 2.0, 8) == pytest.approx(20 * 0.0075)
+    assert stats.busy(now + 3.0, 2.0) == 0.0  # older than the window
