@@ -176,7 +176,6 @@ class DeployedApp(App):
             for j in before:
                 self.controllers[j].ledger.later.add(id(self.controllers[i].ledger))
         self.decisions: dict[int, Decision] = {}
-        self.held: dict[int, int] = {}  # stages without an SLO held off: `_confine`
         self._control = control
 
     def _upstream(self, index: int) -> set[int]:
@@ -549,8 +548,9 @@ class ControlPlane:
             if app.decisions:
                 caps = {i: d.workers for i, d in app.decisions.items()}
                 packs = {i: (d.max_size, d.timeout_s) for i, d in app.decisions.items()}
-            if app.held:  # see `_confine`
-                caps = {**(caps or {}), **app.held}
+            held = {i: n for (a, i), n in self._held.items() if a == app.id}  # `_confine`
+            if held:
+                caps = {**(caps or {}), **held}
             routed = self._scheduler.route(
                 app.id,
                 app.plan,
@@ -1076,10 +1076,9 @@ class ControlPlane:
         with self._lock:
             self._scheduler.high = high
             self._held = held
-            for app in self._apps.values():
-                app.held = {i: n for (a, i), n in held.items() if a == app.id}
-                for index, count in app.held.items():  # loaded where routing sends it
-                    self._prewarm(app, index, count)
+            for (app_id, index), count in held.items():  # loaded where routing sends it
+                if app_id in self._apps:
+                    self._prewarm(self._apps[app_id], index, count)
 
     def _hold(
         self,
@@ -1102,7 +1101,7 @@ class ControlPlane:
         (`StageStats.busy_in`): batches of up to 8 with no wait at 20 + 5 ms per row
         kept 1.4 workers busy at 100/s spread in calls of 1-2, and were never held from
         35/s on (the 5 ms flow next to them: 0.50-0.71 in time at 35-60/s; held, 0.96)."""
-        load = {key: figures[key].busy(now, HELD_BUSY_S) for key in high}
+        load = {key: figures[key].busy(now, HELD_BUSY_S) for key, _, _, _, _ in stages}
         for key, size in sizes.items():
             # batched: what its requests need in full batches. Spread, its calls are
             # smaller than held; held with no wait, a worker runs whatever is queued as
