@@ -431,8 +431,13 @@ def test_futures_a_caller_keeps_stay_usable_and_light_for_the_garbage_collector(
     done, _ = wait(kept, timeout=RESULT_S)
     assert len(done) == len(kept)
     assert len(list(as_completed(kept, timeout=RESULT_S))) == len(kept)  # settled ones too
-    gc.collect()
-    assert (len(gc.get_objects()) - before) / len(kept) <= 8
+
+    def tracked_per_future() -> float:
+        gc.collect()
+        return (len(gc.get_objects()) - before) / len(kept)
+
+    # the runtime's own bookkeeping of the last requests may end just after they settle
+    assert _wait_for(lambda: tracked_per_future() <= 8, timeout=2), tracked_per_future()
     called = []
     kept[0].add_done_callback(called.append)  # settled: called at once
     assert called == [kept[0]]
