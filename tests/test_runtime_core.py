@@ -448,6 +448,31 @@ def test_futures_a_caller_keeps_stay_usable_and_light_for_the_garbage_collector(
     assert wait([refused, kept[1]], timeout=1).not_done == set()
 
 
+def test_requests_answered_within_their_deadline_leave_nothing_for_the_garbage_collector(pool):
+    # each one's deadline timer stayed until its time: a tracked list per request for the
+    # whole timeout, which every full collection of the driver walked with the GIL held
+    import gc
+    from concurrent.futures import wait
+
+    rt = pool.runtime(min_workers=1, max_workers=1)
+    flow = sf.Flow("timed")
+    flow.map(lambda r: r["a"] + 1, names=["b"], name="inc")
+    app = pool.deploy(flow, rt)
+    app.run({"a": [0]}, timeout=600).result(timeout=RESULT_S)
+    gc.collect()
+    before = len(gc.get_objects())
+    for _ in range(6):
+        done, _ = wait([app.run({"a": [i]}, timeout=600) for i in range(500)], timeout=RESULT_S)
+        assert len(done) == 500 and all(f.exception() is None for f in done)
+    del done
+
+    def left() -> int:
+        gc.collect()
+        return len(gc.get_objects()) - before
+
+    assert _wait_for(lambda: left() < 500, timeout=2), left()
+
+
 @pytest.mark.timeout(60)
 def test_a_request_whose_http_client_went_away_stops_occupying_its_worker(pool):
     from serveflow.serving import Server

@@ -101,7 +101,7 @@ class App(abc.ABC):
                 request.deadline, lambda: self._expire(request, timeout)
             )
             if request.ended:  # meanwhile: `_ended` may have run before the timer was set
-                Deadlines.cancel(request.timer)
+                self._deadlines.cancel(request.timer)
         return request.future
 
     def _expire(self, request: Request, timeout: float) -> None:
@@ -109,7 +109,7 @@ class App(abc.ABC):
 
     def _ended(self, request: Request, failed: bool) -> None:
         if request.timer is not None:  # the request and its table are freed now
-            Deadlines.cancel(request.timer)
+            self._deadlines.cancel(request.timer)
         with self._lock:
             self._in_flight.discard(request)
         self._finish(request, failed)
