@@ -96,14 +96,6 @@ PROBE_MIN_S = 0.01  # ... but no more often than this
 REOPEN_GRID = 50  # after a refusal, admission is tried again every SLO / this ...
 REOPEN_STEPS = 8  # ... this many times ahead; arrivals in between are refused outright
 STALE_S = 2.0  # a call predicted to have ended this long ago, never seen, is dropped
-# A stage is overloaded once more arrive than its workers serve at their most efficient
-# calls, and stays so until fewer than this share of that arrive: the rate of the
-# latest arrivals crosses capacity back and forth when it is near (the lulls of a
-# 2-state MMPP at 3x run at 1x), and each time below, admission took the margins of a
-# stage with room, for requests queued behind the bursts' backlog that ran late when
-# the next burst slowed the machine (4 + 1 ms per row, SLO 100 ms, three seeds: 1.6-4.3%
-# of the admitted answered late; with the hysteresis 1.2-2.1%)
-OVERLOAD_LEAVE = 0.8
 UNREPORTED = 256  # calls taken to have ended whose reports are awaited, at most
 
 
@@ -221,7 +213,6 @@ class StageLedger:
         self.prompt = False  # ends are reported as they happen (`finished`), not later
         self.closed_until = -math.inf  # arrivals before this are refused (`closed`)
         self._probed_at = -math.inf
-        self._overloaded = False  # as the last arrival found it
         self._probe_every = PROBE_EVERY_S  # see `admit`
         self._fastest = math.inf  # see `plan`
         self._windows: dict[tuple[float, float, float, float, int], float] = {}  # see `_window`
@@ -386,8 +377,7 @@ class StageLedger:
         at = now if arrives is None else max(now, arrives)
         if not workers:
             return Verdict(True, 0.0, None, at)
-        leave = OVERLOAD_LEAVE if self._overloaded else 1.0
-        overloaded = self._overloaded = self.rate > leave * self._fastest * len(workers)
+        overloaded = self.rate > self._fastest * len(workers)
         # the router's pick, unless it would refuse and another worker would take it
         # (the router follows: `worker_of`)
         if worker is None:
