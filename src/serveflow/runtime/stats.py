@@ -6,6 +6,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import takewhile
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,8 @@ class StageStats:
         rows; None until calls of two sizes ran."""
         with self._lock:
             runs = [(rows, f[2] / f[0] / 1e9, f[0]) for rows, f in self.executions.items() if f[0]]
-            requests = sum(1 for at, _ in reversed(self._latencies) if at >= now - over_s)
+            since = now - over_s  # the latest first, up to the first older one
+            requests = sum(1 for _ in takewhile(lambda e: e[0] >= since, reversed(self._latencies)))
         if len({rows for rows, _, _ in runs}) < 2:
             return None
         rows, run_s, calls = (np.array(column, dtype=float) for column in zip(*runs))
