@@ -551,6 +551,20 @@ def test_an_overload_is_served_in_full_calls_of_the_latest_arrivals() -> None:
     assert slow["goodput"] >= 285, slow
 
 
+@pytest.mark.parametrize("bursty", [False, True])
+def test_an_overload_served_in_long_calls_is_held_below_the_slo_where_that_is_cheap(
+    bursty,
+) -> None:
+    # 4 + 1 ms per row, SLO 100 ms, 3x overload: calls of ~68 requests, 94% of their
+    # time per row, so answering them 10% sooner costs ~1% of the goodput, while one
+    # late call is a large share of the answered p99. Before: p99 0.96-0.98x the SLO
+    # here (and 0.99-1.18x on the machine), goodput 1,850-1,878/s; now 0.89-0.90x,
+    # 1,830-1,861/s. (At SLO 25 ms, calls of ~9, the margin is ~3%: the test above.)
+    got = _run(5400, 100, 4, 1, bursty=bursty)
+    assert got["p99_over_slo"] <= 0.93, got
+    assert got["goodput"] >= 1780, got
+
+
 def test_an_overload_at_a_tight_slo_is_answered_within_it() -> None:
     # 4 + 1 ms per row, SLO 15 ms (3x a request's service), 3x overload: 2 workers
     # serve 857/s within 15 ms. Before: answered p99 1.04-1.11x the SLO (seeds 3-5),

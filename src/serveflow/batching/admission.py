@@ -350,6 +350,10 @@ class StageLedger:
             if abs(bias) > 2.0 * (high - median) / math.sqrt(len(offsets)):
                 w.bias = bias
 
+    def call_size(self) -> int:
+        """Requests per call, the median of the latest calls (0 before any)."""
+        return int(statistics.median(n for _, _, n in self._latest)) if self._latest else 0
+
     def spell_excess(self) -> float:
         """The highest excess (seconds; a slow spell of the machine) since the last
         call of this."""
