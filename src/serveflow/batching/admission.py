@@ -212,6 +212,7 @@ class StageLedger:
         self._sorted: list[float] = []  # the deviations, sorted, as of the cached quantiles
         self.prompt = False  # ends are reported as they happen (`finished`), not later
         self.closed_until = -math.inf  # arrivals before this are refused (`closed`)
+        self.overloaded_at = -math.inf  # an arrival last found more arriving than it serves
         self._probed_at = -math.inf
         self._probe_every = PROBE_EVERY_S  # see `admit`
         self._fastest = math.inf  # see `plan`
@@ -382,6 +383,8 @@ class StageLedger:
         if not workers:
             return Verdict(True, 0.0, None, at)
         overloaded = self.rate > self._fastest * len(workers)
+        if overloaded:
+            self.overloaded_at = now
         # the router's pick, unless it would refuse and another worker would take it
         # (the router follows: `worker_of`)
         if worker is None:
