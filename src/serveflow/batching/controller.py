@@ -417,7 +417,7 @@ class BatchingController:
         refuses in spells only, and a plan's p99 may run close to the SLO: a target
         under it kept the loop tightening, and refusing, once a spell had started it
         (two flows of 4 + 1 ms per row sharing 2 workers, SLO 25 ms, 300/s each: 4%
-        refused; 0.1-0.3% with the margin so confined)."""
+        refused; none with the margin so confined)."""
         n = self.ledger.call_size()
         overloaded = self.ledger.overloaded_at >= now - ADMIT_WINDOW_S
         if n < 2 or not self.profile.ready or not overloaded:
