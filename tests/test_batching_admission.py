@@ -230,6 +230,23 @@ def test_results_of_one_call_read_slowly_are_learned_as_that_call() -> None:
     assert ledger.admit(104, now + 0.019, 1.0, [0], 0).latency_s == pytest.approx(0.006, abs=5e-4)
 
 
+def test_a_result_of_a_call_before_a_plan_of_smaller_calls_is_taken_in() -> None:
+    # A call of 12 runs (the plan's merge was 16) when a plan of calls of at most 4
+    # comes; then a result of the call before it. Its end was computed from the new
+    # plan's service times, which stop at 4: an IndexError in the driver, and the
+    # request's load was never released from its worker.
+    ledger = _ledger(size=8, timeout_s=0.0, merge=16)
+    for rid in range(13):  # one call of 1 on the idle worker, 12 queued behind it
+        ledger.admit(rid, 0.0, 1.0, [0], 0)
+    ledger.finished(0, 0.0055, call="first")  # it ended: the 12 run from then
+    ledger.plan(2, 0.0, 4, [0.0] + [0.004 + 0.001 * n for n in range(1, 5)], 0)
+    ledger.finished(1, 0.0056, call="first")  # one more result of the first call
+    # the call left (11) is taken as one of 4, the new plan's largest: it ends at
+    # 5.5 + 8 ms, and one sent at 6 ms runs after it (the typical 1 ms overhead each)
+    behind = ledger.admit(20, 0.006, 1.0, [0], 0)
+    assert behind.latency_s == pytest.approx(0.0135 + 0.001 + 0.005 + 0.001 - 0.006)
+
+
 def test_a_call_not_learned_leaves_the_call_learned_before_it_as_it_was() -> None:
     # The first result of a call is of a request the mirror had queued (a call it did
     # not mirror as such: not learned); a later result of that call must not amend

@@ -703,8 +703,8 @@ class StageLedger:
                 # seemingly 30-70 ms late.
                 if self._take_out(w, rid):
                     w.run = None
-                elif run is not None:
-                    run.end = run.start + self._service[len(run.rids)]
+                elif run is not None:  # begun under an earlier plan, it may hold more
+                    run.end = run.start + self._service[min(len(run.rids), self.merge)]
                 if w.learned is not None:
                     end, took, count = w.learned[1]
                     self._learn(w, end, took, count + 1, amend=True)
