@@ -616,10 +616,11 @@ class StageLedger:
         RUNNING_STRETCH_MAX of it) where `n` arrivals still come in it. Without that
         room, an opener that came as a call began left room for `n` - 1 only (4 + 1
         ms per row, SLO 15 ms, 1.5x overload, stretch 0.04-0.10: calls of 2.2-2.7
-        where 3 fit, 640-790 answers in time a second, 674-723 the mean of 5; with
-        it, calls of 2.8-2.9, 560-810 a second, 707-780 the mean of 5). Where the room
-        would cost a smaller `n`, it is not taken: under slow spells, a smaller `n`
-        cost more goodput than the fuller calls gave (simulated, see the tests)."""
+        where 3 fit; 5 runs each, interleaved, twice: 641-709 answers in time a
+        second, means 675 and 674; with it, calls of 2.8-2.9, means 707 and 714,
+        though one run of the 10 answered 562). Where the room would cost a smaller
+        `n`, it is not taken: under slow spells, a smaller `n` cost more goodput than
+        the fuller calls gave (simulated, see the tests)."""
         key = (slo_s, high, median, self._stretch, workers)
         window = self._windows.get(key)
         if window is None:
