@@ -629,8 +629,9 @@ class StageLedger:
             n = self.merge
             while n > 1 and per_worker * (budget - self._service[n]) < n:
                 n -= 1
-            roomy = budget - (1.0 + min(self._stretch, RUNNING_STRETCH_MAX)) * self._service[n]
-            window = max(roomy if per_worker * roomy >= n else budget - self._service[n], 0.0)
+            plain = budget - self._service[n]
+            roomy = plain - min(self._stretch, RUNNING_STRETCH_MAX) * self._service[n]
+            window = max(roomy if per_worker * roomy >= n else plain, 0.0)
             if len(self._windows) > 64:  # the overhead quantile moves: old ones go
                 self._windows.clear()
             self._windows[key] = window
