@@ -17,7 +17,6 @@ request's load and routes requests waiting for room.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -510,9 +509,9 @@ class ControlPlane:
         worker = self._scheduler.next_pack(
             key, pool, decision.workers, decision.max_size, decision.timeout_s, now
         )
-        rank = functools.partial(self._scheduler.rank, key)  # see `_confine`
-        warm = sorted((w for w in pool if key in pool[w].warm), key=rank)
-        return (warm or sorted(pool, key=rank))[: decision.workers], worker
+        warm = [w for w, load in pool.items() if key in load.warm] or list(pool)
+        warm.sort(reverse=key in self._scheduler.high)  # its `rank` (see `_confine`)
+        return warm[: decision.workers], worker
 
     def _pool(self, gpu: bool | None) -> dict[int, WorkerLoad]:
         """The loads of the workers routing may use now (ready, not retiring): those
@@ -1101,7 +1100,8 @@ class ControlPlane:
         (`StageStats.busy_in`): batches of up to 8 with no wait at 20 + 5 ms per row
         kept 1.4 workers busy at 100/s spread in calls of 1-2, and were never held from
         35/s on (the 5 ms flow next to them: 0.50-0.71 in time at 35-60/s; held, 0.96)."""
-        load = {key: figures[key].busy(now, HELD_BUSY_S) for key, _, _, _, _ in stages}
+        # only those `high` names count (a pass over 4 s of calls each, every round)
+        load = {key: figures[key].busy(now, HELD_BUSY_S) for key, *_ in stages if key in high}
         for key, size in sizes.items():
             # batched: what its requests need in full batches. Spread, its calls are
             # smaller than held; held with no wait, a worker runs whatever is queued as

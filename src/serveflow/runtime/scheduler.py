@@ -388,12 +388,14 @@ class Scheduler:
     ) -> int | None:
         """The worker `_pack` would give a request of packed stage `key` now (None:
         no worker takes it), without routing it: what admission predicts for."""
+        batch = self._open.get(key)
+        if batch is not None and batch.open(now):  # the usual case, per arrival
+            load = workers.get(batch.worker)
+            if load is not None and load.takes(key):
+                return batch.worker
         pool = {w: load for w, load in workers.items() if load.takes(key)}
         if not pool:
             return None
-        batch = self._open.get(key)
-        if batch is not None and batch.worker in pool and batch.open(now):
-            return batch.worker
         opened = self._opened.get(key, {})
         return self._least_loaded(key, pool, 1, cap, opened, self.rank)[0]
 
