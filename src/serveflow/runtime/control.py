@@ -665,13 +665,6 @@ class ControlPlane:
         with self._lock:
             if app.active.pop(request.id, None) is None:
                 return
-            plan = app.plan
-            for index, controller in app.controllers.items():
-                # the end of a stage whose output is the flow's is seen here, now; and
-                # which of its calls it was, when the request ran no stage before it
-                final = plan.stages[index].output == plan.output
-                call = request.began if final and plan.feeds_from_request(index) else None
-                controller.finished(request.id, now, final and not failed, not failed, call)
             if failed:
                 # a deadline, a client gone, a failure: its queued work is dropped and
                 # running work stops after the operator call in progress
@@ -679,6 +672,15 @@ class ControlPlane:
                     self.engine.send(w, m.Cancel(app.id, request.id))
             self._release(app, request)
             self._route_waiting()
+        # the admission ledgers have locks of their own: not under this one, which
+        # every arrival's admission and routing waits for
+        plan = app.plan
+        for index, controller in app.controllers.items():
+            # the end of a stage whose output is the flow's is seen here, now; and
+            # which of its calls it was, when the request ran no stage before it
+            final = plan.stages[index].output == plan.output
+            call = request.began if final and plan.feeds_from_request(index) else None
+            controller.finished(request.id, now, final and not failed, not failed, call)
 
     def _route_waiting(self) -> None:
         """Route requests waiting for room, oldest first, while workers have room."""

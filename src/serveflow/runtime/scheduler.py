@@ -187,6 +187,15 @@ class Scheduler:
             routed = self._route_plain(app_id, facts, workers, costs, everyone)
             if routed is not None:
                 return routed
+        elif (
+            facts.plain is not None
+            and packs
+            and len(packs) == len(plan.stages)
+            and (not caps or caps.keys() <= packs.keys())
+        ):
+            routed = self._route_packed(app_id, facts, workers, caps, packs, now, placed)
+            if routed is not None:
+                return routed
         pools = {}  # by resource class: gpu or not
         for gpu in set(facts.gpu):
             pool = {w: load for w, load in workers.items() if load.gpu == gpu}
@@ -330,6 +339,45 @@ class Scheduler:
                     return None  # the general path sees it too, and waits
             pool[best].warm.add(key)
             route.append((best,))
+        charges = []
+        for index, (w,) in enumerate(route):
+            workers[w].outstanding += 1
+            charges.append((index, w))
+        return tuple(route), charges
+
+    def _route_packed(
+        self,
+        app_id: int,
+        facts: PlanFacts,
+        workers: Mapping[int, WorkerLoad],
+        caps: Mapping[int, int] | None,
+        packs: Mapping[int, tuple[int, float]],
+        now: float,
+        placed: Mapping[int, int] | None,
+    ) -> tuple[Route, list[tuple[int, int]]] | None:
+        """`route` for a plain plan whose stages all pack batches (SLO stages, each
+        planned): each to the worker admission placed it on, else as `_pack` picks, as
+        the general path routes them, with one pass over the workers. None as
+        `_route_plain`: the general path sorts that out."""
+        gpu = facts.plain
+        pool = {}
+        for w, load in workers.items():
+            if load.silent or load.loading_now or load.background:
+                return None
+            if load.gpu == gpu:
+                pool[w] = load
+        if not pool:
+            return None
+        route = []
+        for index in range(len(facts.load_s)):
+            key, (size, timeout_s) = (app_id, index), packs[index]
+            hint = placed.get(index) if placed else None
+            if hint in pool:
+                w = self._join(key, hint, size, timeout_s, now)
+            else:
+                w = self._pack(key, pool, caps.get(index) if caps else None, size, timeout_s, now)
+            pool[w].warm.add(key)
+            route.append((w,))
         charges = []
         for index, (w,) in enumerate(route):
             workers[w].outstanding += 1
