@@ -463,7 +463,9 @@ class ControlPlane:
                 workers, worker = places[index]
                 # it reaches this stage once the SLO stages before it ran
                 before = app.slo_before[index]
-                arrives = max((leaves[i] for i in before if i in leaves), default=now)
+                arrives = (
+                    max((leaves[i] for i in before if i in leaves), default=now) if before else now
+                )
                 budget = None
                 if index in app.plan.slo_stages:
                     # a share of the flow's SLO: what the stages before it left of theirs
