@@ -312,14 +312,8 @@ class Scheduler:
         request's later stages then stay on that worker. A stage goes to a worker
         that has loaded it while one has and is expected to start it within the
         stage's load time of the cold one (a model: always; see `_cold`)."""
-        gpu = facts.plain
-        pool = {}
-        for w, load in workers.items():
-            if load.silent or load.loading_now or load.background:
-                return None
-            if load.gpu == gpu:
-                pool[w] = load
-        if not pool:
+        pool = _plain_pool(workers, facts.plain)
+        if pool is None:
             return None
         route = []
         for index, load_s in enumerate(facts.load_s):
@@ -339,11 +333,7 @@ class Scheduler:
                     return None  # the general path sees it too, and waits
             pool[best].warm.add(key)
             route.append((best,))
-        charges = []
-        for index, (w,) in enumerate(route):
-            workers[w].outstanding += 1
-            charges.append((index, w))
-        return tuple(route), charges
+        return _charged(route, workers)
 
     def _route_packed(
         self,
@@ -359,14 +349,8 @@ class Scheduler:
         planned): each to the worker admission placed it on, else as `_pack` picks, as
         the general path routes them, with one pass over the workers. None as
         `_route_plain`: the general path sorts that out."""
-        gpu = facts.plain
-        pool = {}
-        for w, load in workers.items():
-            if load.silent or load.loading_now or load.background:
-                return None
-            if load.gpu == gpu:
-                pool[w] = load
-        if not pool:
+        pool = _plain_pool(workers, facts.plain)
+        if pool is None:
             return None
         route = []
         for index in range(len(facts.load_s)):
@@ -378,11 +362,7 @@ class Scheduler:
                 w = self._pack(key, pool, caps.get(index) if caps else None, size, timeout_s, now)
             pool[w].warm.add(key)
             route.append((w,))
-        charges = []
-        for index, (w,) in enumerate(route):
-            workers[w].outstanding += 1
-            charges.append((index, w))
-        return tuple(route), charges
+        return _charged(route, workers)
 
     def _pack(
         self,
@@ -649,6 +629,30 @@ class PlanFacts:
             ),
             plain=_plain(plan),
         )
+
+
+def _plain_pool(workers: Mapping[int, WorkerLoad], gpu: bool) -> dict[int, WorkerLoad] | None:
+    """The workers of class `gpu` a plain plan's fast paths route to, when none of
+    `workers` is silent, loading now or loading a stage in the background (None:
+    the general path sorts those out), and some is of that class."""
+    pool = {}
+    for w, load in workers.items():
+        if load.silent or load.loading_now or load.background:
+            return None
+        if load.gpu == gpu:
+            pool[w] = load
+    return pool or None
+
+
+def _charged(
+    route: list[tuple[int]], workers: Mapping[int, WorkerLoad]
+) -> tuple[Route, list[tuple[int, int]]]:
+    """A fast path's route, each stage's run counted as outstanding on its worker."""
+    charges = []
+    for index, (w,) in enumerate(route):
+        workers[w].outstanding += 1
+        charges.append((index, w))
+    return tuple(route), charges
 
 
 def _with_room(workers: Mapping[int, WorkerLoad], gpu: bool, room: int) -> dict[int, WorkerLoad]:
