@@ -611,10 +611,8 @@ class Worker:
         finally:
             # The driver counts competing runs until they end, and the expected seconds
             # of a long stage's runs (even a quick one: an input its filter emptied);
-            # other runs it releases with their request, as it does those whose `Result`
-            # this call sends (a `Done` after it doubled the driver's messages)
-            long = not facts.to_driver and self.call_s.get(key, 0.0) >= DONE_AFTER_S
-            if facts.competing or long:
+            # other runs it releases with their request.
+            if facts.competing or self.call_s.get(key, 0.0) >= DONE_AFTER_S:
                 for t in batch:
                     self.hold(DRIVER, m.Done(self.index, t.app, t.rid, t.attempt, t.index))
             held, self.held = self.held, None
