@@ -821,9 +821,9 @@ class SearchSpace:
         # of 6 with a 2.55 ms wait were predicted at 7 ms at 4,167/s and SLO 12 ms;
         # run as a fixed policy, p99 318 ms: the backlog grew while it ran).
         per_call = max(float(np.median(self.overhead)), 0.0) if self.overhead else 0.0
-        occupied = _Occupied(service, per_call) if per_call else service
+        occupied: Any = service
         if per_call:
-            residuals = residuals - per_call
+            occupied, residuals = _Occupied(service, per_call), residuals - per_call
         noise = noise_points(residuals)[0] if residuals is not None else None
         # One matrix exponential per (batch size, process): all timeouts share its grid.
         processes = (

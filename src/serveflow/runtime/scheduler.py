@@ -353,9 +353,8 @@ class Scheduler:
         if pool is None:
             return None
         route = []
-        for index in range(len(facts.load_s)):
-            key, (size, timeout_s) = (app_id, index), packs[index]
-            hint = placed.get(index) if placed else None
+        for index, (size, timeout_s) in sorted(packs.items()):  # every stage packs
+            key, hint = (app_id, index), placed.get(index) if placed else None
             if hint in pool:
                 w = self._join(key, hint, size, timeout_s, now)
             else:
