@@ -648,14 +648,18 @@ def test_a_load_only_greedy_batches_serve_in_time_is_served_not_refused() -> Non
     assert got["within"] >= 0.985 and got["refused"] <= 0.015, got
 
 
-def test_at_capacity_a_tight_slo_is_served_by_greedy_batches_not_refused() -> None:
+def test_at_capacity_a_tight_slo_fills_its_calls_rather_than_refusing() -> None:
     # the same stage at 857/s, its capacity within 15 ms (2 x service(n) <= 15 ms):
     # nothing meets the SLO planned against. Before: 30% refused; a plan with a
     # timeout there (its model's share in time counts the batches that fill early)
-    # had admission refuse 97%, every request that opened a batch.
+    # had admission refuse 97%, every request that opened a batch. Then greedy
+    # batches: 0.81 within, 18% refused, a free worker often starting a call of
+    # fewer than it could. Now the overload plan waits for them, a share of the
+    # room the SLO leaves a call's first request: 0.84.
     got = _run(857, 15, 4, 1)
-    assert got["within"] >= 0.75 and got["refused"] <= 0.25, got
-    assert got["decision"].timeout_s == 0 and got["decision"].max_size >= 2
+    assert got["within"] >= 0.83 and got["refused"] <= 0.17, got
+    plan = got["decision"]
+    assert plan.max_size >= 2 and 0 < plan.timeout_s <= 0.015 - 0.004 - plan.max_size * 0.001
     assert got["p99_over_slo"] <= 1.1
 
 
