@@ -78,7 +78,8 @@ COST_TOLERANCE = 0.15  # the cost objective takes the fastest plan within this o
 ROOM = 0.9  # a plan predicted within this share of the target leaves admission room ...
 ROOM_COST = 1.5  # ... and is preferred while it costs at most this x the cheapest plan
 BACKLOG_MERGE = 2  # planned batches a worker runs as one call when they queue (BatchRule)
-OVERLOAD_WAIT = 0.7  # near capacity, the overload plan's timeout: this share of the room
+OVERLOAD_WAIT = 0.7  # near capacity, the overload plan's timeout: this share of the room,
+FILL_GAIN = 0.02  # ... where one more request a call serves this much more (see `overload`)
 OVERHEAD_POINTS = 32  # measured runtime overhead, as quantiles, handed to each search
 # Admission's arrival rate (overload or not, and how many arrivals fill a call): that of
 # the latest RATE_ARRIVALS arrivals, taken every RATE_EVERY_S. Not the fitted process's
@@ -957,28 +958,32 @@ class SearchSpace:
     def overload(self, arrivals: MAP, service: ServiceProfile) -> Decision:
         """The plan when no configuration meets the SLO at the offered rate: admission
         then refuses the excess, and the plan serves as many requests within the SLO
-        as it can (goodput). All workers; the largest batch size
-        n a request can wait for and still meet the SLO (a request arriving as a call
-        starts waits for it, then runs in the next: 2 x service(n) + overhead), which
-        has the most throughput (k * n / service(n)) of those. The SLO itself, not the
+        as it can (goodput). All workers; the largest batch size n a request can wait
+        for and still meet the SLO (a request arriving as a call starts waits for it,
+        then runs in the next: 2 x service(n) + overhead), which has the most
+        throughput (k * n / service(n)) of those. The SLO itself, not the
         tighter target searches plan against (`target_scale`, a correction of the
         queueing model): admission holds each request to the SLO, and a smaller batch
         would only refuse more (20 + 5 ms/row, SLO 125 ms, 3x load: batches of 3
         against 5-7, goodput 0.71-0.89 against 0.95-1.0 of sustainable).
 
-        No timeout past the rate the workers' most efficient calls serve: admission
-        then keeps only the requests that come just before a call starts (see
-        `StageLedger._window`), and a timeout would keep the worker waiting for the
-        rest (4 + 1 ms per row, SLO 50 ms, 3x: goodput 0.35 of the offered, 0.30
-        waiting half the room below). Below it, a free worker often finds fewer than n queued, and a
-        call started at once is short of them: it waits for them, up to
-        OVERLOAD_WAIT of the room the SLO leaves its first request (the SLO less
+        Near capacity, a free worker often finds fewer than n queued, and a call
+        started at once is short of them: the plan waits for them, up to
+        OVERLOAD_WAIT of the room the SLO leaves a call's first request (the SLO less
         service(n) and the overhead's tail). Simulated, 2 workers, 3 seeds, share of
         the offered requests answered within the SLO: 4 + 1 ms per row, SLO 15 ms,
-        700/s 0.91 -> 0.95 and 867/s (1.07x the sustainable rate) 0.77 -> 0.83; 20
-        + 5 ms per row, SLO 75 ms, 172/s, 0.88 -> 0.91; 1 + 0.2 ms per row, SLO 6
-        ms, 6,000/s, 0.87 -> 0.88. The whole room waited missed: openers came too
-        close to the SLO and were refused (SLO 50 ms, 1,684/s: 0.95 -> 0.69)."""
+        700/s 0.91 -> 0.95, 867/s (1.07x the sustainable rate) 0.77 -> 0.83; 20 + 5
+        ms per row, SLO 75 ms, 172/s 0.88 -> 0.91; 1 + 0.2 ms per row, SLO 6 ms,
+        6,000/s 0.87 -> 0.88. Waiting all the room missed: openers came too close to
+        the SLO, refused (4 + 1 ms per row, SLO 50 ms, 1,684/s: 0.95 -> 0.69).
+        No wait where one more request a call adds less than FILL_GAIN to what a
+        worker serves (SLO 10x, 4 + 1 and 20 + 5 ms per row, calls of 20-21, 1.05x
+        the sustainable rate, in the runtime: goodput 0.92-0.97 of it with a wait,
+        0.94-0.98 without; calls of 3 at SLO 3x: 17% more a request). Nor past the
+        rate the workers' most efficient calls serve: admission then keeps only the
+        requests that come just before a call starts (see `StageLedger._window`),
+        and a wait would keep the worker idle for the rest (4 + 1 ms per row, SLO 50
+        ms, 3x: goodput 0.35 of the offered, 0.30 waiting half the room)."""
         workers = self.max_workers
         slack = float(np.median(self.overhead)) if self.overhead else 0.0
         sizes = np.arange(1, self.cap + 1)
@@ -988,8 +993,10 @@ class SearchSpace:
         predicted = 2e3 * float(times[best - 1]) + slack * 1e3
         capacity = workers * best / float(times[best - 1]) if fits.any() else 0.0
         merged = sizes[: self.merge(best)]
+        rates = merged / times[: len(merged)]  # one worker's requests per second, by call
+        fuller = rates[best] / rates[best - 1] - 1.0 if best < len(rates) else 0.0
         wait = 0.0
-        if arrivals.phase_rates.max() <= workers * float(np.max(merged / times[: len(merged)])):
+        if fuller >= FILL_GAIN and arrivals.phase_rates.max() <= workers * float(rates.max()):
             high = float(np.quantile(self.overhead, self.policy.percentile)) if self.overhead else 0
             wait = max(OVERLOAD_WAIT * (self.policy.slo_ms / 1e3 - times[best - 1] - high), 0.0)
         return Decision(best, float(wait), workers, predicted, False, capacity_rps=capacity)
