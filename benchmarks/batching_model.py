@@ -24,8 +24,10 @@ adaptive controller in the loop of a simulated runtime (`simulate_controlled`: i
 routing and dispatch rule, 0.2 ms hops each way, gamma service noise): the
 controller's own prediction for the plan it settled on (fitted arrivals, learned
 service curve, measured overhead as the noise term) vs the percentiles measured under
-that plan. (On the real runtime, `benchmarks.batching_regimes` records the
-controller's predicted vs measured p99 per cell.)
+that plan; for an overload plan (no plan meets the SLO: admission refuses the
+excess), its bound, 2 x service(n), and no error. (On the real runtime,
+`benchmarks.batching_regimes` records the controller's predicted vs measured p99 per
+cell.)
 
     python -m benchmarks.batching_model [--quick]
 """
@@ -207,10 +209,10 @@ def run_regimes(quick: bool) -> list[dict[str, Any]]:
                     )
                     predicted = np.array([pred.percentile(q) for q in QUANTILES]) * 1e3
                     measured = np.quantile(served.latencies[keep], QUANTILES) * 1e3
-                    finite = bool(np.isfinite(predicted).all())
-                    err = mape(predicted, measured) if finite else None
-                    if not finite:  # an overload plan (no timeout: pull, which the
-                        # model's push buffer does not hold): its bound, 2 x service(n)
+                    held = decision.feasible and bool(np.isfinite(predicted).all())
+                    err = mape(predicted, measured) if held else None
+                    if not held:  # an overload plan: admission shapes the arrivals,
+                        # which the model does not hold; its bound, 2 x service(n)
                         predicted[-1] = decision.predicted_ms
                     record = records_for(
                         scenario,
