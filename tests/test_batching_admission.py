@@ -663,6 +663,19 @@ def test_at_capacity_a_tight_slo_fills_its_calls_rather_than_refusing() -> None:
     assert got["p99_over_slo"] <= 1.1
 
 
+def test_the_overload_plan_waits_only_where_fuller_calls_serve_markedly_more() -> None:
+    # 4 + 1 ms/row: near capacity at SLO 50 ms (1,684/s, calls of 20), one more
+    # request a call serves 0.8% more, and in the runtime waiting for it lost
+    # goodput; at 3x the capacity within 15 ms, admission keeps the requests that
+    # come just before a call starts, and a wait would idle the worker for the rest.
+    near = _run(1684, 50, 4, 1)
+    assert not near["decision"].feasible and near["decision"].timeout_s == 0, near
+    assert near["within"] >= 0.93
+    far = _run(2600, 15, 4, 1)
+    assert not far["decision"].feasible and far["decision"].timeout_s == 0, far
+    assert far["goodput"] >= 800
+
+
 def test_a_plan_near_its_target_leaves_room_for_admission() -> None:
     # 20 + 5 ms/row on 2 workers, SLO 150 ms (6x) at 235/s, 0.8 of the capacity: the
     # plans that serve it run at a p99 of 0.92-0.96x the SLO. Before: admission's
