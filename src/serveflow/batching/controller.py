@@ -997,8 +997,8 @@ class SearchSpace:
         fuller = rates[best] / rates[best - 1] - 1.0 if best < len(rates) else 0.0
         wait = 0.0
         if fuller >= FILL_GAIN and arrivals.phase_rates.max() <= workers * float(rates.max()):
-            high = float(np.quantile(self.overhead, self.policy.percentile)) if self.overhead else 0
-            wait = max(OVERLOAD_WAIT * (self.policy.slo_ms / 1e3 - times[best - 1] - high), 0.0)
+            tail = np.quantile(self.overhead, self.policy.percentile) if self.overhead else 0.0
+            wait = max(OVERLOAD_WAIT * (self.policy.slo_ms / 1e3 - times[best - 1] - tail), 0.0)
         return Decision(best, float(wait), workers, predicted, False, capacity_rps=capacity)
 
 
