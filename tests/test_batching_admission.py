@@ -676,6 +676,32 @@ def test_the_overload_plan_waits_only_where_fuller_calls_serve_markedly_more() -
     assert far["goodput"] >= 800
 
 
+def test_the_wait_comes_back_when_an_overload_ends() -> None:
+    # 4 + 1 ms/row, SLO 15 ms: 800/s, 2,600/s from 4 s to 8 s, 800/s again. The
+    # fitted arrivals hold the overload's phase for 30 s; judged by it, the plan
+    # went on without a wait: 630 answers in time a second from 9 s to 12 s, 717
+    # before the overload.
+    rng = np.random.default_rng(1)
+    phases = [
+        start + MAP.poisson(rate).sample(int(rate * 4), rng)
+        for start, rate in ((0.0, 800), (4.0, 2600), (8.0, 800))
+    ]
+    times = np.concatenate([t[t < start + 4.0] for t, start in zip(phases, (0.0, 4.0, 8.0))])
+    controller = BatchingController(sf.Batching(slo_ms=15), 2, held_workers=2)
+    out = simulate_controlled(
+        times,
+        linear_service(0.004, 0.001),
+        controller,
+        2,
+        send_s=0.0002,
+        reply_s=0.0002,
+        noise=lambda n: float(rng.gamma(2.0, 0.0002)),
+    )
+    assert out.decisions[-1][1].timeout_s > 0, out.decisions[-3:]
+    after = (times >= 9.0) & (times < 12.0)
+    assert np.sum(out.latencies[after] <= 0.015) / 3.0 >= 655
+
+
 def test_a_plan_near_its_target_leaves_room_for_admission() -> None:
     # 20 + 5 ms/row on 2 workers, SLO 150 ms (6x) at 235/s, 0.8 of the capacity: the
     # plans that serve it run at a p99 of 0.92-0.96x the SLO. Before: admission's
