@@ -358,6 +358,18 @@ def test_a_workers_report_is_paired_with_the_call_taken_to_end_nearest_it() -> N
     assert ledger.residuals() == pytest.approx([0.0005])
 
 
+def test_a_workers_report_is_not_paired_with_a_call_taken_to_end_before_its_requests() -> None:
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    for rid in range(2):  # taken to run 0-5 and 6-11 ms
+        ledger.admit(rid, 0.0, 1.0, [0], 0)
+        ledger.finished(rid, 0.1, ok=False)  # ended downstream: the ends come in reports
+    ledger.observed(0, 2, 0.007, sent=0.0)  # the worker ran both in one call
+    ledger.admit(2, 0.5, 1.0, [0], 0)  # after a quiet spell: 500-505 ms
+    # its report is of that call, 1 ms late, not of the second taken above 0.5 s late
+    ledger.observed(0, 1, 0.506, sent=0.5)
+    assert max(ledger.residuals()) < 0.005
+
+
 def test_a_call_running_past_its_end_holds_back_the_requests_behind_it() -> None:
     # ends are seen as they happen (a stage whose output is the flow's)
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)

@@ -276,7 +276,8 @@ class BatchingController:
                 if latencies_s and not self._whole:
                     self._answered.extend((now, latency) for latency in latencies_s)
                 if size and worker is not None:
-                    self.ledger.observed(worker, size, now)
+                    sent = now - max(latencies_s) if latencies_s else -math.inf
+                    self.ledger.observed(worker, size, now, sent)
                 popped = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
                 if latencies_s is None:
                     latencies_s = [now - arrived for arrived in popped]
