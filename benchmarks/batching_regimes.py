@@ -50,7 +50,9 @@ from the call), and for adaptive the controller's predicted vs measured stage p9
 Targets (issue 13), checked at the end: where some fixed setting (no-batching,
 either fixed peer, Ray Serve) answers >= 99% within the SLO, adaptive answers >= 99% within it
 and refuses <= 1%; in overloaded cells (offered > sustainable), adaptive's answered
-p99 <= 1.1x SLO, refusals within 1 ms, goodput >= 90% of the sustainable rate.
+p99 <= 1.1x SLO, refusals within 1 ms, goodput >= 90% of the sustainable rate, or
+of what the cell's arrivals allow at that rate where less (`attainable_rps`: bursty
+arrivals leave the workers idle in their lulls).
 
     python -m benchmarks.batching_regimes [--quick] [--curves 4+1b,20+5b] [--systems ...]
         [--slo-x 3,10,30] [--loads 0.2,0.5,1,3] [--seconds 6] [--no-model]
@@ -63,6 +65,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
 import threading
 import time
@@ -219,6 +222,22 @@ def arrival_times(kind: str, rate: float, seconds: float, seed: int) -> np.ndarr
         process = MAP.mmpp2(rate / 3, 5 * rate / 3, 2.0, 2.0)
     times = process.sample(max(int(rate * seconds * 1.5), 10), rng)
     return times[times < seconds]
+
+
+def attainable_rps(times: np.ndarray, warmup_s: float, rate: float, slo_ms: float) -> float:
+    """The most answers within the SLO per second (of those sent after `warmup_s`) a
+    server of `rate` answers per second could give these arrivals: each request in
+    turn takes 1/rate of it, and one that would end past its SLO is refused. Bursty
+    arrivals of a mean above `rate` leave it idle in their lulls: 2-state MMPP at 1.2x
+    (lulls at 0.4x) attains about 0.7 of it, which no policy exceeds."""
+    free, within, step, slo_s = 0.0, 0, 1.0 / rate, slo_ms / 1e3
+    for t in times:
+        end = max(free, t) + step
+        if end <= t + slo_s:
+            free = end
+            within += t >= warmup_s
+    kept = times[times >= warmup_s]
+    return within / (float(kept[-1] - kept[0]) if len(kept) > 1 else 1.0)
 
 
 # --- systems --------------------------------------------------------------------------
@@ -534,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     try:
                         got = run_cell(system, curve, times, slo_ms, warmup)
+                        got["attainable_rps"] = attainable_rps(
+                            times, warmup, sustainable[slo_x], slo_ms
+                        )
                         got |= system.figures()
                         got["load_average"] = os.getloadavg()[0]
                         if got.get("measured_p_ms") is not None:
@@ -607,7 +629,9 @@ def verdict(records: list[common.Record]) -> list[str]:
         if overloaded:
             p99 = adaptive["p99_over_slo"]
             refusal = adaptive["refusal_p99_ms"]
-            goodput = adaptive["goodput_rps"] / adaptive["sustainable_rps"]
+            # of what the arrivals allow at the sustainable rate, where less (bursts)
+            bound = min(adaptive["sustainable_rps"], adaptive.get("attainable_rps", math.inf))
+            goodput = adaptive["goodput_rps"] / bound
             ok = (
                 (p99 is None or p99 <= 1.1)
                 and (refusal is None or refusal <= 1.0)
@@ -619,7 +643,10 @@ def verdict(records: list[common.Record]) -> list[str]:
                 lines.append(
                     f"MISS {scenario} (overload): p99/slo {common.fmt(p99)} (at the stage "
                     f"{common.fmt(adaptive.get('stage_p99_over_slo'))}), refusal p99 "
-                    f"{common.fmt(refusal)} ms, goodput {goodput:.2f} of sustainable"
+                    f"{common.fmt(refusal)} ms, goodput {goodput:.2f} of attainable"
+                    f" ({adaptive['goodput_rps'] / adaptive['sustainable_rps']:.2f} of"
+                    f" sustainable, of which {bound / adaptive['sustainable_rps']:.2f}"
+                    " attainable)"
                 )
     for kind, (ok, total) in held.items():
         lines.append(f"{kind} cells meeting the target: {ok}/{total}")
