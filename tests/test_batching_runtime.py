@@ -373,7 +373,9 @@ def test_a_flow_slo_over_two_models_serves_a_light_load_in_full():
     taken for its overhead, and 57-96% of a light load was refused. Then 0-1% in most
     runs, but 30-64% in 3 of 42: the first model's report of its first call after the
     warm-up was paired with a call taken to end before it, 0.6 s earlier, and taken
-    for 0.6 s of overhead. Now 0 in 34 runs of 34."""
+    for 0.6 s of overhead. Now at most 30 in 130 runs of 131 (0 in the 49 counted
+    exactly), and 103 in one (not understood; right after a CI run on the same
+    machine): the bound leaves room for that, not for a spiral."""
     flow = sf.Flow("two-models")
     first = flow.map(_model_4_plus_1_per_row, names=["a"], batching=True, name="first")
     first.map(_model_4_plus_1_per_row, names=["a"], batching=True, name="second")
@@ -384,7 +386,7 @@ def test_a_flow_slo_over_two_models_serves_a_light_load_in_full():
         shed = _shed(_drive(app, 600, rate=200))  # 3 s
     finally:
         rt.stop()
-    assert shed <= 0.7 * 600, shed
+    assert shed <= 0.25 * 600, shed
 
 
 def test_two_flows_on_the_same_workers_serve_a_load_both_slos_allow():
