@@ -308,6 +308,10 @@ def test_batching_policy_validation_and_describe() -> None:
         ({"max_size": 0}, "max_size"),
         ({"timeout_ms": -1}, "timeout_ms"),
         ({"slo_ms": 0}, "slo_ms"),
+        # infinite: the plan's wait was too, no worker took it and requests hung
+        ({"slo_ms": float("inf")}, "slo_ms"),
+        ({"timeout_ms": float("inf")}, "timeout_ms"),
+        ({"slo_ms": 50, "cost_budget_ms": float("inf")}, "cost_budget_ms"),
         ({"percentile": 1.5}, "percentile"),
         ({"objective": "speed"}, "objective"),
         ({"on_overload": "drop"}, "on_overload"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +51,11 @@ class Batching:
         ):
             raise ValueError(f"Batching.max_size must be a positive int, got {self.max_size!r}")
         if self.timeout_ms is not None and not _non_negative(self.timeout_ms):
-            raise ValueError(f"Batching.timeout_ms must be a number >= 0, got {self.timeout_ms!r}")
+            raise ValueError(
+                f"Batching.timeout_ms must be a finite number >= 0, got {self.timeout_ms!r}"
+            )
         if self.slo_ms is not None and not (_non_negative(self.slo_ms) and self.slo_ms > 0):
-            raise ValueError(f"Batching.slo_ms must be a number > 0, got {self.slo_ms!r}")
+            raise ValueError(f"Batching.slo_ms must be a finite number > 0, got {self.slo_ms!r}")
         if not (_non_negative(self.percentile) and 0.0 < self.percentile < 1.0):
             raise ValueError(
                 f"Batching.percentile must be a fraction in (0, 1), got {self.percentile!r}"
@@ -69,7 +72,7 @@ class Batching:
             _non_negative(self.cost_budget_ms) and self.cost_budget_ms > 0
         ):
             raise ValueError(
-                f"Batching.cost_budget_ms must be a number > 0, got {self.cost_budget_ms!r}"
+                f"Batching.cost_budget_ms must be a finite number > 0, got {self.cost_budget_ms!r}"
             )
 
     @property
@@ -96,7 +99,9 @@ class Batching:
 
 
 def _non_negative(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    """A finite number >= 0 (an infinite SLO or timeout left a stage's requests
+    waiting for ever: no worker takes a policy with an infinite wait)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 @dataclass(frozen=True)
