@@ -538,10 +538,7 @@ class ControlPlane:
         on every worker (later requests would too). Called with the lock held."""
         routable = self._pool(None)
         routed = None
-        expected = {
-            i: app.stage_stats[head].typical_s or self._lost_race(app.id, head)
-            for i, head in app.branch_of.items()
-        }
+        expected = self._branch_times(app)
         costs = [stats.typical_s for stats in app.stage_stats]
         room = any(load.outstanding < app.worker_cap for load in self._pool(False).values())
         if room:
@@ -712,6 +709,7 @@ class ControlPlane:
                 key = (app.id, request.id, request.attempt, index, w)
                 if key in self._competing and key not in self._orphaned:
                     self._orphaned[key] = time.monotonic()
+                    self._workers[w].load.losing += 1
                     cancel.add(w)
             elif w in self._workers:
                 self._workers[w].load.release(1)
@@ -723,13 +721,23 @@ class ControlPlane:
                 w, m.Cancel(app.id, request.id, None, request.attempt if retried else None)
             )
 
-    def _lost_race(self, app_id: int, index: int) -> float | None:
-        """For anyof branch `index` of app `app_id` with no measured run time: math.inf
-        while one of its runs is still going after losing a race (another branch
-        answered first, so it is the slower; it is tried last), else None (not
-        known: tried first, it may be the fastest). Called with the lock held."""
-        losing = any(key[0] == app_id and key[3] == index for key in self._orphaned)
-        return math.inf if losing else None
+    def _branch_times(self, app: DeployedApp) -> dict[int, float | None]:
+        """For every stage of an anyof branch of `app`, its branch's expected run time,
+        to order the branches by (the fastest gets the least loaded worker): math.inf
+        while a run of the branch is still going after losing a race (another branch
+        answered first: it is the slower now; tried last), else the sum of its stages'
+        typical run times, None while one is not measured (tried first: it may be the
+        fastest). Called with the lock held."""
+        losing = {key[3] for key in self._orphaned if key[0] == app.id}
+        times: dict[int, float | None] = {}
+        for _, branches in app.plan.anyof_races:
+            for branch in branches:
+                runs = [app.stage_stats[i].typical_s for i in branch]
+                took = None if None in runs else sum(runs)  # type: ignore[arg-type]
+                if losing.intersection(branch):
+                    took = math.inf
+                times.update(dict.fromkeys(branch, took))
+        return times
 
     def _charge_work(
         self, app: DeployedApp, request: Request, index: int, w: int, cost: float | None
@@ -767,7 +775,7 @@ class ControlPlane:
             self._competing[key] = runs - 1
         else:
             del self._competing[key]
-            self._orphaned.pop(key, None)
+            self._unorphan(key)
         w = self._workers.get(message.worker)
         if w is not None:
             w.load.release(1)
@@ -1176,12 +1184,19 @@ class ControlPlane:
                 and (w.busy_since is None or w.busy_since > since)
             ):
                 continue
-            del self._orphaned[key]
+            self._unorphan(key)
             runs = self._competing.pop(key, 0)
             if runs and w is not None:
                 w.load.release(runs)
                 released = True
         return released
+
+    def _unorphan(self, key: tuple[int, int, int, int, int]) -> None:
+        """Stop taking competing run `key` for a loser still going on its worker."""
+        if self._orphaned.pop(key, None) is not None:
+            w = self._workers.get(key[4])
+            if w is not None and w.load.losing:
+                w.load.losing -= 1
 
     def _kill_stuck(self) -> None:
         """Kill a worker whose stage has run longer than `stage_timeout_s`, or that has

@@ -43,7 +43,8 @@ COLD_PENALTY = 0.5  # a warm worker is preferred over a cold one only when as id
 BOUNDED_LOAD = 1.25  # a locality key moves off a worker this much above the average
 LOADING_PENALTY = 1000.0  # one still loading the stage only when all are (seconds away)
 # a worker in a call that has run over a second (`WorkerLoad.stalled`: it may run as
-# long again) only when all are, or the others have this many runs (seconds) ahead
+# long again) or running a race's loser (`held_up`) only when all are, or the others
+# have this many runs (seconds) ahead
 STALLED_PENALTY = 100.0
 HOP_S = 2e-4  # an input sent to another worker (socket, wake-up, copy), for `costs`
 DEFAULT_COST_S = 1e-3  # a stage's run time before one is measured
@@ -69,6 +70,9 @@ class WorkerLoad:
     loading_now: StageKey | None = None  # busy loading this stage: no other stage's runs
     silent: bool = False  # no heartbeat for a while (frozen, or holding the GIL): no runs
     stalled: bool = False  # one call running for a while: keys go to another worker
+    # runs of anyof branches or competing replicas whose request was answered by
+    # another, still going here: a loser's run is the slower one, it may run long yet
+    losing: int = 0
     # of `work`, the runs of stages no admission ledger mirrors, by app: [seconds, from
     # when they are taken to run back to back] (see `unmirrored_until`)
     unmirrored: dict[int, list[float]] = field(default_factory=dict)
@@ -81,6 +85,7 @@ class WorkerLoad:
         if not self.outstanding:
             self.work = 0.0
             self.stalled = False  # no run of ours left there: no long call either
+            self.losing = 0
             self.unmirrored = {}
 
     def charge_unmirrored(self, app: int, seconds: float, now: float) -> None:
@@ -106,6 +111,11 @@ class WorkerLoad:
             return -math.inf
         held = self.unmirrored.copy().items()
         return max((since + seconds for a, (seconds, since) in held if a != app), default=-math.inf)
+
+    @property
+    def held_up(self) -> bool:
+        """In a long call, or running a loser (`losing`): a run sent here may wait long."""
+        return self.stalled or self.losing > 0
 
     def takes(self, key: StageKey) -> bool:
         """Whether new runs of stage `key` may be routed here now."""
@@ -227,7 +237,13 @@ class Scheduler:
             if racing:
                 rivals = _rivals(plan, index, route)
                 if rivals and len(pool) > len(rivals):
-                    pool = {w: load for w, load in pool.items() if w not in rivals}
+                    others = {w: load for w, load in pool.items() if w not in rivals}
+                    if all(load.held_up for load in others.values()):
+                        # all busy with losers or long calls: the branch known to win
+                        # is through with its worker when it does
+                        winner = _winner(plan, index, route, expected or {})
+                        others.update((w, pool[w]) for w in winner)
+                    pool = others
             cap = caps.get(index) if caps else None
             if facts.follows[index]:
                 chosen: list[int] = []
@@ -450,7 +466,7 @@ class Scheduler:
         return {
             v: other
             for v, other in pool.items()
-            if key in other.warm and key not in other.loading and not other.stalled
+            if key in other.warm and key not in other.loading and not other.held_up
         }
 
     @staticmethod
@@ -494,7 +510,7 @@ class Scheduler:
                     if key in load.warm
                     else COLD_PENALTY
                 )
-                if load.stalled:
+                if load.held_up:
                     score += STALLED_PENALTY
                 if score < best_score or (score == best_score and w < best):
                     best, best_score = w, score
@@ -515,7 +531,7 @@ class Scheduler:
                 score = load.outstanding + LOADING_PENALTY
             else:
                 score = load.outstanding + (0.0 if key in load.warm else COLD_PENALTY)
-            if load.stalled:
+            if load.held_up:
                 score += STALLED_PENALTY
             ranked.append((score, order.get(w, -math.inf), w))
         ranked.sort()
@@ -531,9 +547,9 @@ class Scheduler:
             BOUNDED_LOAD * (sum(pool[w].outstanding for w in ranked) + 1) / len(ranked)
         )
         for w in ranked:
-            if pool[w].outstanding < bound and not pool[w].stalled:
+            if pool[w].outstanding < bound and not pool[w].held_up:
                 return [w]
-        return [min(ranked, key=lambda w: (pool[w].stalled, pool[w].outstanding))]
+        return [min(ranked, key=lambda w: (pool[w].held_up, pool[w].outstanding))]
 
     def _locality(self, key: StageKey, pool: Mapping[int, WorkerLoad], n: int) -> list[int]:
         """The workers a locality stage's keys are hashed over: those it is warm on
@@ -544,7 +560,7 @@ class Scheduler:
         others = [w for w in pool if key not in pool[w].warm]
         if not warm:
             return sorted(pool)
-        busy = all(pool[w].outstanding >= self.spread_at or pool[w].stalled for w in warm)
+        busy = all(pool[w].outstanding >= self.spread_at or pool[w].held_up for w in warm)
         if others and (len(warm) < n or busy):
             warm += self._least_loaded(key, {w: pool[w] for w in others}, max(1, n - len(warm)))
         return sorted(warm)
@@ -577,7 +593,7 @@ def _earliest(
             start += LOADING_PENALTY
         elif key not in load.warm:
             start += COLD_PENALTY * cost
-        if load.stalled:
+        if load.held_up:
             start += STALLED_PENALTY
         if start < best_start or (
             start == best_start and (load.outstanding, w) < (best_outstanding, best)
@@ -663,8 +679,8 @@ def _with_room(workers: Mapping[int, WorkerLoad], gpu: bool, room: int) -> dict[
     a worker is in a long call, the whole wait line would go to the other one."""
     pool = {w: load for w, load in workers.items() if load.gpu == gpu}
     free = {w: load for w, load in pool.items() if load.outstanding < room}
-    running = {w: load for w, load in free.items() if not load.stalled}
-    if running or any(not load.stalled for load in pool.values()):
+    running = {w: load for w, load in free.items() if not load.held_up}
+    if running or any(not load.held_up for load in pool.values()):
         return running
     return free
 
@@ -674,7 +690,7 @@ def _wait_for_room(key: StageKey, everyone: Mapping[int, WorkerLoad], by: float)
     `by`, in expected seconds) should rather wait at the driver for room on a worker
     that has the stage loaded, expected to be through its work before then."""
     return any(
-        key in load.warm and key not in load.loading and not load.stalled and load.work <= by
+        key in load.warm and key not in load.loading and not load.held_up and load.work <= by
         for load in everyone.values()
     )
 
@@ -712,6 +728,24 @@ def _rivals(plan: Plan, index: int, route: Sequence[tuple[int, ...]]) -> set[int
             if index == consumer or (index not in branch and any(index in b for b in branches)):
                 rivals.update(w for i in branch for w in route[i])
     return rivals
+
+
+def _winner(
+    plan: Plan, index: int, route: Sequence[tuple[int, ...]], speed: Mapping[int, float | None]
+) -> tuple[int, ...]:
+    """For an anyof's own stage `index`, the workers of the branch known to answer
+    first by `speed` (each branch's expected run time, `Scheduler.route`): the only one
+    not losing a race still going (math.inf), or one measured faster than all others;
+    () when none is known or `index` is no anyof's."""
+    for consumer, branches in plan.anyof_races:
+        if consumer == index:
+            live = {b[-1]: speed.get(b[-1]) for b in branches}
+            live = {head: took for head, took in live.items() if took != math.inf}
+            times = list(live.values())
+            if len(live) > 1 and (None in times or times.count(min(times)) > 1):  # type: ignore[type-var]
+                return ()
+            return route[min(live, key=lambda head: live[head] or 0.0)] if live else ()
+    return ()
 
 
 def charged(plan: Plan, route: Route) -> Iterable[tuple[int, int]]:
