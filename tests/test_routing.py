@@ -121,10 +121,14 @@ def test_a_request_stays_on_one_worker_unless_that_worker_has_work_ahead():
     assert set(route) == {1}
 
 
-def test_a_run_avoids_the_worker_with_long_work_ahead_even_with_fewer_runs():
+def _one_stage():
     flow = sf.Flow("one", schema={"x": int})
     flow.map(lambda r: r["x"], name="cheap")
-    plan = flow.optimize()
+    return flow.optimize()
+
+
+def test_a_run_avoids_the_worker_with_long_work_ahead_even_with_fewer_runs():
+    plan = _one_stage()
     # worker 0: one 2 s run in progress; worker 1: three cheap runs of requests in flight
     workers = {0: WorkerLoad(outstanding=1, work=2.0), 1: WorkerLoad(outstanding=3, work=3e-4)}
     assert _route(plan, workers, [1e-4]) == [1]
@@ -185,9 +189,7 @@ def test_an_anyof_avoids_the_worker_busy_with_an_earlier_requests_loser(chains):
 def test_a_run_avoids_a_worker_running_a_loser_whatever_its_counts():
     # worker 0 runs a loser (its expected work released with its request); worker 1
     # has two cheap runs queued
-    flow = sf.Flow("one", schema={"x": int})
-    flow.map(lambda r: r["x"], name="cheap")
-    plan = flow.optimize()
+    plan = _one_stage()
     workers = {0: WorkerLoad(outstanding=1, losing=1), 1: WorkerLoad(outstanding=2, work=2e-3)}
     assert _route(plan, workers, [1e-3]) == [1]
     workers[0].losing = 0  # its loser is done: worker 0 is the less busy
