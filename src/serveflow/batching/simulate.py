@@ -45,17 +45,22 @@ def simulate(
     timeout_s: float,
     workers: int = 1,
     mode: str = "pull",
+    spread: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-request latencies (seconds, in arrival order) and the batch sizes served."""
+    """Per-request latencies (seconds, in arrival order) and the batch sizes served;
+    `spread` (pull only): factors the calls' service times are multiplied by, in turn
+    (a shared machine's calls vary)."""
     if mode not in ("pull", "push"):
         raise ValueError(f"simulate: mode must be 'pull' or 'push', got {mode!r}")
+    if spread is not None and mode == "push":
+        raise ValueError("simulate: spread is for mode='pull' only")
     if max_size < 1 or timeout_s < 0 or workers < 1:
         raise ValueError("simulate: max_size and workers must be >= 1, timeout_s >= 0")
     times = np.asarray(arrivals, dtype=float)
     svc = np.asarray(service(np.arange(1, max_size + 1)), dtype=float)
     if mode == "push":
         return _push(times, svc, max_size, timeout_s, workers)
-    return _pull(times, svc, max_size, timeout_s, workers)
+    return _pull(times, svc, max_size, timeout_s, workers, spread)
 
 
 def _push(
@@ -81,7 +86,12 @@ def _push(
 
 
 def _pull(
-    times: np.ndarray, svc: np.ndarray, big: int, timeout: float, workers: int
+    times: np.ndarray,
+    svc: np.ndarray,
+    big: int,
+    timeout: float,
+    workers: int,
+    spread: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     latency = np.empty(len(times))
     sizes = []
@@ -97,7 +107,8 @@ def _pull(
         if queue and worker_free and (len(queue) >= big or now >= times[queue[0]] + timeout):
             size = min(big, len(queue))
             heapq.heappop(free)
-            done = now + svc[size - 1]
+            factor = spread[len(sizes) % len(spread)] if spread is not None else 1.0
+            done = now + svc[size - 1] * factor
             heapq.heappush(free, done)
             for _ in range(size):
                 k = queue.popleft()
