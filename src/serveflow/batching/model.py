@@ -475,8 +475,8 @@ def _queued_part(
     svc3 = float(law.batch_pmf @ svc**3)
     if noise is not None:
         # The noise's spread is a call's too: a call that runs long holds the ones
-        # queued behind it. Without it in the queue's moments, the model said 47-51 ms
-        # where the runtime's routing, simulated, gave 56-60 (2 workers at 0.8 of their
+        # queued behind it. Without it in the queue's moments, the model said p99 48 ms
+        # where a simulation of such calls gave 53-57 (2 workers at 0.8 of their
         # throughput, 11 + 2 ms per row, call times spread 25%); with it, 54-55.
         spread = noise[0] - float(noise[0] @ noise[1])
         var, skew = float(spread**2 @ noise[1]), float(spread**3 @ noise[1])
