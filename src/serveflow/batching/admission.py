@@ -392,7 +392,7 @@ class StageLedger:
         # the router's pick, unless it would refuse and another worker would take it
         # (the router follows: `worker_of`)
         if worker is None:
-            worker = self._first_free(workers, now)
+            worker = self.first_free(workers, now)
         w = self._worker(worker)
         self._advance(w, now)
         p = self._predict(w, now, overloaded, at)
@@ -906,9 +906,28 @@ class StageLedger:
                 return entry
         return None
 
-    def _first_free(self, workers: Sequence[int], now: float) -> int:
-        """The worker on which a request arriving now would end first."""
-        return min(workers, key=lambda k: self._predict(self._workers.get(k) or _Worker(), now).end)
+    def first_free(self, workers: Sequence[int], now: float) -> int:
+        """The worker through its queued calls first, where a batch opened now starts
+        soonest (among those free now, the one free longest). A batch bound to the
+        worker with the fewest requests waits for it though the other frees first:
+        simulated (2 workers, 11.3 + 2.1 ms per row, 375/s, batches of 6 within
+        10.9 ms), p99 46-49 ms, and 42-43 with the batch on the first free."""
+        best, first = workers[0], (math.inf, math.inf)
+        for k in workers:
+            w = self._worker(k)
+            self._advance(w, now)
+            median = self.overhead(w=w)[0]
+            free, sents = self._frees(w, now, median), [e.sent for e in w.queue]
+            ahead = self._lanes.view(w.index, self)
+            if ahead is not None and sents:  # as `_predict`, other stages' calls first
+                free = ahead.wait(sents[0] + self.slack, free, max(free, sents[0]))
+            for _, _, _, end in self._cut(sents, free, median, ahead):
+                free = end + median
+            if ahead is not None:
+                free = ahead.wait(now + self.slack, free, max(free, now))
+            if (max(free, now), free) < first:
+                best, first = k, (max(free, now), free)
+        return best
 
 
 class Lanes:

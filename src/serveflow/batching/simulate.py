@@ -287,18 +287,18 @@ def simulate_controlled(
 ) -> Served:
     """The runtime around a `BatchingController`, in simulated time: each arrival is
     offered to the controller (`refuses_outright`, else `on_arrival` and `admit`),
-    routed as the runtime's scheduler packs batches (one filling at a time, on the
-    least loaded of the decision's workers; a new one when it is full or its timeout
-    has passed), reaches its worker `send_s` later, and runs as `BatchRule` says
-    (full, or its oldest has waited the timeout since it was sent; more than a batch
-    queued: up to two batches as one call). A call of n requests takes
-    `service([n])` plus `noise(n)` seconds (none by default), times `pace(start)` when
-    given (the machine's speed over time: a call started in a slow spell of a shared
-    machine takes longer), times `speeds[w]` on worker w when given (one worker
-    slower than the others: it shares its core); its results reach the
+    routed as the runtime's scheduler packs batches (one filling at a time, on the one
+    of the decision's workers the controller expects to free first, else the least
+    loaded; a new one when it is full or its timeout has passed), reaches its worker
+    `send_s` later, and runs as `BatchRule` says (full, or its oldest has waited the
+    timeout since it was sent; more than a batch queued: up to two batches as one call).
+    A call of n requests takes `service([n])` plus `noise(n)` seconds (none by default),
+    times `pace(start)` when given (the machine's speed over time: a call started in a
+    slow spell of a shared machine takes longer), times `speeds[w]` on worker w when
+    given (one worker slower than the others: it shares its core); its results reach the
     driver `reply_s` later, where the controller hears of them (`finished`,
-    `on_batch_done`). The controller is asked for its decision every
-    `plan_every_s`, its searches run inline."""
+    `on_batch_done`). The controller is asked for its decision every `plan_every_s`, its
+    searches run inline."""
     times = np.asarray(arrivals, dtype=float)
     n = len(times)
     latencies = np.full(n, np.nan)
@@ -362,7 +362,9 @@ def simulate_controlled(
                 and batch[1] < size
                 and now - batch[2] < timeout
             )
-            w = batch[0] if filling else min(pool, key=lambda k: (outstanding[k], opened_at[k]))
+            w = batch[0] if filling else controller.first_free(pool, now)
+            if w is None:
+                w = min(pool, key=lambda k: (outstanding[k], opened_at[k]))
             if not controller.admit(now, i, pool, w):
                 continue
             placed = controller.placed(i, w)

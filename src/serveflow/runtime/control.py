@@ -509,7 +509,13 @@ class ControlPlane:
         if decision is None:
             return sorted(pool), None
         worker = self._scheduler.next_pack(
-            key, pool, decision.workers, decision.max_size, decision.timeout_s, now
+            key,
+            pool,
+            decision.workers,
+            decision.max_size,
+            decision.timeout_s,
+            now,
+            lambda ready: app.controllers[index].first_free(ready, now),
         )
         warm = [w for w, load in pool.items() if key in load.warm] or list(pool)
         warm.sort(reverse=key in self._scheduler.high)  # its `rank` (see `_confine`)

@@ -428,9 +428,15 @@ class Scheduler:
         size: int,
         timeout_s: float,
         now: float,
+        first_free: Callable[[list[int]], int | None] | None = None,
     ) -> int | None:
         """The worker `_pack` would give a request of packed stage `key` now (None:
-        no worker takes it), without routing it: what admission predicts for."""
+        no worker takes it), without routing it: what admission predicts for, and
+        where routing then sends it. A request that opens a batch goes to the one of
+        the stage's warm, unhindered workers that `first_free` (admission's ledger)
+        expects to be through its queue first, where it says (None: the least
+        loaded), not the one with the fewest requests: the batch waits for its worker
+        while another may be free (see `StageLedger.first_free`)."""
         batch = self._open.get(key)
         if batch is not None and batch.open(now):  # the usual case, per arrival
             load = workers.get(batch.worker)
@@ -440,7 +446,11 @@ class Scheduler:
         if not pool:
             return None
         opened = self._opened.get(key, {})
-        return self._least_loaded(key, pool, 1, cap, opened, self.rank)[0]
+        ranked = self._least_loaded(key, pool, len(pool), cap, opened, self.rank)
+        ready = [w for w in ranked if key in pool[w].warm and key not in pool[w].loading]
+        ready = [w for w in ready if not pool[w].held_up]
+        free = first_free(ready) if first_free is not None and len(ready) > 1 else None
+        return ranked[0] if free is None else free
 
     def loads(self) -> list[tuple[int, StageKey]]:
         """The (worker, stage) loads routing asked for since the last call: the caller
