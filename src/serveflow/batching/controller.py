@@ -346,10 +346,15 @@ class BatchingController:
         overload, where admission places requests itself (by where a call fills), and
         the router's pick by outstanding requests served more (4 + 1 ms per row, SLO
         15 ms, 3x, simulated: goodput 751-776/s placed by this, over 800 by that)."""
-        if not self.policy.adaptive or self.ledger.overloaded_at >= now - ADMIT_WINDOW_S:
+        if not self.policy.adaptive or self._overloaded(now):
             return None
         with self._lock:
             return self.ledger.first_free(workers, now)
+
+    def _overloaded(self, now: float) -> bool:
+        """Admission found more arriving than the workers serve in the last
+        ADMIT_WINDOW_S (`StageLedger.overloaded_at`: a float read, no lock)."""
+        return self.ledger.overloaded_at >= now - ADMIT_WINDOW_S
 
     def placed(self, rid: int, worker: int) -> int:
         """The worker admitted request `rid` is to run on: `worker` (the router's
@@ -415,7 +420,7 @@ class BatchingController:
         # (bursts count); a feasible plan's is the rate it was planned for
         capacity = self._decision.capacity_rps
         peak = float(self._fitted.phase_rates.max()) if self._fitted is not None else 0.0
-        overloaded = self.ledger.overloaded_at >= now - ADMIT_WINDOW_S or (
+        overloaded = self._overloaded(now) or (
             capacity is not None and max(self.ledger.rate, peak) > capacity
         )
         shedding = shedding and overloaded
@@ -446,7 +451,7 @@ class BatchingController:
         (two flows of 4 + 1 ms per row sharing 2 workers, SLO 25 ms, 300/s each: 4%
         refused; none with the margin so confined)."""
         n = self.ledger.call_size()
-        overloaded = self.ledger.overloaded_at >= now - ADMIT_WINDOW_S
+        overloaded = self._overloaded(now)
         if n < 2 or not self.profile.ready or not overloaded:
             return 0.0
         shorter, typical = (float(s) for s in self.profile.predict(np.array([n - 1, n])))
