@@ -131,6 +131,28 @@ def test_anyof_branches_that_are_chains_race_as_wholes(pool):
         assert out == [{"who": "FAST"}] and took < 1.0, (i, out, took)
 
 
+@pytest.mark.timeout(60)
+def test_anyof_chains_sharing_one_worker_run_the_fast_chain_through_first(pool):
+    # One worker for both branches: once the slow branch has lost a race, the fast
+    # chain is sent first, and its second stage must run before the slow chain's
+    # first, though its input came later (that stage would then wait 2 s)
+    rt = pool.runtime(max_workers=1)
+    flow = sf.Flow("shared")
+    slow = flow.map(lambda r: time.sleep(2) or "slow", names=["who"]).map(
+        lambda r: r["who"], names=["who"]
+    )
+    fast = flow.map(lambda r: "fast", names=["who"]).map(lambda r: r["who"], names=["who"])
+    slow.anyof(fast).map(lambda r: r["who"].upper(), names=["who"])
+    app = pool.deploy(flow, rt, sf.Rules(fusion=False))
+    app.run({"a": [0]}).result(timeout=RESULT_S)  # the branches' first race
+    time.sleep(2.5)  # its loser done: the slow branch is known to lose
+    for i in (1, 2, 3):
+        started = time.monotonic()
+        out = app.run({"a": [i]}).result(timeout=RESULT_S).to_rows()
+        took = time.monotonic() - started
+        assert out == [{"who": "FAST"}] and took < 1.0, (i, out, took)
+
+
 @pytest.mark.timeout(90)
 def test_anyof_on_a_pool_smaller_than_its_branches_learns_the_fast_one(pool):
     rt = pool.runtime(max_workers=2)

@@ -69,7 +69,8 @@ class Exit(NamedTuple):
 
 class Input(NamedTuple):
     """The output of op `op` (0: the request table) for stage `stage` of request
-    `rid`, sent at `sent` (time.monotonic: the stage's latency counts from there).
+    `rid`, sent at `sent` (time.monotonic: the stage's latency counts from there; in
+    an anyof branch, when the branch's run before it was sent: `StageFacts.chained`).
     `began`: when the request's first stage run began (None in the driver's inputs)."""
 
     app: int

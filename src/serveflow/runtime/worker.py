@@ -101,6 +101,11 @@ class StageFacts:
     # its SLO (seconds; None without one): a request's run here is due this long
     # after its input was sent, and a worker runs the due calls earliest due first
     slack: float | None = None
+    # its consumers in its own anyof branch: their input counts as sent when this
+    # run's was, so that a worker shared by the branches runs the branch sent first
+    # through to its end before the others (not the next branch's first stage, whose
+    # input came before this run ended: the fast branch then waited for the slow one)
+    chained: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, plan: Plan) -> list[StageFacts]:
@@ -119,6 +124,14 @@ class StageFacts:
                     for i in stage.inputs
                 },
                 stage.batching.slo_ms / 1e3 if stage.batching and stage.batching.slo_ms else None,
+                frozenset(
+                    c
+                    for _, branches in plan.anyof_races
+                    for branch in branches
+                    if index in branch
+                    for c in plan.consumer_indices(index)
+                    if c in branch
+                ),
             )
             for index, stage in enumerate(plan.stages)
         ]
@@ -737,7 +750,7 @@ class Worker:
                 result,
                 task.route,
                 task.deadline,
-                time.monotonic(),
+                task.created if consumer in stage.chained else time.monotonic(),
                 task.began,
             )
             chosen = targets(plan, consumer, task.route, result)
