@@ -113,22 +113,31 @@ def test_anyof_answers_with_its_fastest_branch_not_its_slowest(pool, rules):
         assert took < 1.0, f"request {i} took {took:.2f} s: anyof waited for a slow branch"
 
 
-@pytest.mark.timeout(60)
-def test_anyof_branches_that_are_chains_race_as_wholes(pool):
-    rt = pool.runtime()
+def _race_of_chains(pool, rt: sf.LocalRuntime, slow_s: float) -> sf.App:
+    """Two branches of two stages each, one sleeping `slow_s`, into an anyof and a
+    stage after it; deployed unfused, so that each stage runs on its own."""
     flow = sf.Flow("chains")
-    slow = flow.map(lambda r: time.sleep(3) or "slow", names=["who"]).map(
+    slow = flow.map(lambda r: time.sleep(slow_s) or "slow", names=["who"]).map(
         lambda r: r["who"], names=["who"]
     )
     fast = flow.map(lambda r: "fast", names=["who"]).map(lambda r: r["who"], names=["who"])
     slow.anyof(fast).map(lambda r: r["who"].upper(), names=["who"])
-    app = pool.deploy(flow, rt, sf.Rules(fusion=False))
-    app.run({"a": [0]}).result(timeout=RESULT_S)
+    return pool.deploy(flow, rt, sf.Rules(fusion=False))
+
+
+def _answer_fast(app: sf.App) -> None:
     for i in (1, 2, 3):
         started = time.monotonic()
         out = app.run({"a": [i]}).result(timeout=RESULT_S).to_rows()
         took = time.monotonic() - started
         assert out == [{"who": "FAST"}] and took < 1.0, (i, out, took)
+
+
+@pytest.mark.timeout(60)
+def test_anyof_branches_that_are_chains_race_as_wholes(pool):
+    app = _race_of_chains(pool, pool.runtime(), 3.0)
+    app.run({"a": [0]}).result(timeout=RESULT_S)
+    _answer_fast(app)
 
 
 @pytest.mark.timeout(60)
@@ -136,21 +145,10 @@ def test_anyof_chains_sharing_one_worker_run_the_fast_chain_through_first(pool):
     # One worker for both branches: once the slow branch has lost a race, the fast
     # chain is sent first, and its second stage must run before the slow chain's
     # first, though its input came later (that stage would then wait 2 s)
-    rt = pool.runtime(max_workers=1)
-    flow = sf.Flow("shared")
-    slow = flow.map(lambda r: time.sleep(2) or "slow", names=["who"]).map(
-        lambda r: r["who"], names=["who"]
-    )
-    fast = flow.map(lambda r: "fast", names=["who"]).map(lambda r: r["who"], names=["who"])
-    slow.anyof(fast).map(lambda r: r["who"].upper(), names=["who"])
-    app = pool.deploy(flow, rt, sf.Rules(fusion=False))
+    app = _race_of_chains(pool, pool.runtime(max_workers=1), 2.0)
     app.run({"a": [0]}).result(timeout=RESULT_S)  # the branches' first race
     time.sleep(2.5)  # its loser done: the slow branch is known to lose
-    for i in (1, 2, 3):
-        started = time.monotonic()
-        out = app.run({"a": [i]}).result(timeout=RESULT_S).to_rows()
-        took = time.monotonic() - started
-        assert out == [{"who": "FAST"}] and took < 1.0, (i, out, took)
+    _answer_fast(app)
 
 
 @pytest.mark.timeout(90)
