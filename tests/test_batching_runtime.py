@@ -254,6 +254,71 @@ def test_the_planner_process_answers_as_the_driver_would_and_survives_a_crash():
         planner.close()
 
 
+def test_planner_jobs_take_idle_cpu_and_a_late_one_goes_on_at_nice_19(monkeypatch):
+    # At nice 19 a search still took 1/8 of the core a busy worker shared with it, in
+    # the bursts that made it search; on idle CPU alone a saturated stage's first plan
+    # waited 6.6 s. Here busy loops at the workers' priority hold every core.
+    import subprocess
+    import sys
+    import threading
+
+    from serveflow.batching import MAP, BatchingController, ServiceProfile
+    from serveflow.runtime import planner as planning
+    from serveflow.runtime.local import WORKER_NICENESS
+
+    if not planning._may_idle():
+        pytest.skip("this process may not take a process out of SCHED_IDLE")
+    profile = ServiceProfile(a=0.005, b=0.001)
+    space = BatchingController(sf.Batching(slo_ms=50), 2, profile=profile).space()
+    arrivals = MAP.mmpp2(50, 400, 0.5, 1.0)
+    planner = planning.PlannerProcess()
+    hog = f"import os; os.nice({WORKER_NICENESS})\nwhile True: pass"
+    hogs = []
+    try:
+        expected = planner.search(space, arrivals, profile)  # started, imports done
+        pid = planner._process.pid
+
+        def search_while_busy(boost_after_s: float, watch_s: float) -> tuple[list[int], bool]:
+            """The planner's scheduling policies seen while it searched, for at most
+            `watch_s` (then the busy loops end), and whether it was done by then."""
+            monkeypatch.setattr(planning, "BOOST_AFTER_S", boost_after_s)
+            found = []
+            thread = threading.Thread(
+                target=lambda: found.append(planner.search(space, arrivals, profile))
+            )
+            thread.start()
+            seen = []
+            deadline = time.monotonic() + watch_s
+            while thread.is_alive() and time.monotonic() < deadline:
+                seen.append(os.sched_getscheduler(pid))
+                time.sleep(0.01)
+            done = not thread.is_alive()
+            for process in hogs:  # let a starved job end
+                process.kill()
+            thread.join(timeout=30)
+            assert found == [expected]
+            return seen, done
+
+        hogs.extend(
+            subprocess.Popen([sys.executable, "-c", hog])
+            for _ in range(len(os.sched_getaffinity(0)))
+        )
+        seen, _ = search_while_busy(60.0, watch_s=1.0)
+        assert set(seen) == {os.SCHED_IDLE}
+        hogs[:] = [
+            subprocess.Popen([sys.executable, "-c", hog])
+            for _ in range(len(os.sched_getaffinity(0)))
+        ]
+        seen, done = search_while_busy(0.2, watch_s=30.0)
+        assert done and seen[0] == os.SCHED_IDLE and seen[-1] == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.nice(0) + planning.NICENESS)
+    finally:
+        for process in hogs:
+            process.kill()
+            process.wait()
+        planner.close()
+
+
 def test_deploying_an_slo_stage_starts_its_planner_at_once_below_the_workers(runtime):
     # Started by the first search, its imports (a second of CPU) fell on a busy stage's
     # first requests; and at the workers' priority each search (0.2-0.3 s of CPU)
