@@ -266,8 +266,8 @@ def test_planner_jobs_take_idle_cpu_and_a_late_one_goes_on_at_nice_19(monkeypatc
     from serveflow.runtime import planner as planning
     from serveflow.runtime.local import WORKER_NICENESS
 
-    if not planning._may_idle():
-        pytest.skip("this process may not take a process out of SCHED_IDLE")
+    if not planning._can_leave_idle():
+        pytest.skip("this process may not take a thread out of SCHED_IDLE")
     profile = ServiceProfile(a=0.005, b=0.001)
     space = BatchingController(sf.Batching(slo_ms=50), 2, profile=profile).space()
     arrivals = MAP.mmpp2(50, 400, 0.5, 1.0)

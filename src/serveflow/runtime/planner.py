@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import resource
 import select
 import subprocess
 import sys
@@ -50,13 +49,26 @@ PLANNER_MAIN = (
 )
 
 
-def _may_idle() -> bool:
-    """Whether a process at nice 19 may leave SCHED_IDLE again (Linux: with
-    CAP_SYS_NICE, taken here as root, or an RLIMIT_NICE that allows nice 19)."""
+def _can_leave_idle() -> bool:
+    """Whether this process may take its threads out of SCHED_IDLE again (with
+    CAP_SYS_NICE, which a container's root often lacks, or an RLIMIT_NICE that allows
+    their nice value): tried on a thread of its own, as the policy is a thread's."""
     if not hasattr(os, "SCHED_IDLE"):
         return False
-    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
-    return os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= 20 - NICENESS
+    outcome = []
+
+    def trial() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=trial)
+    thread.start()
+    thread.join()
+    return outcome[0]
 
 
 def _set_policy(pid: int, policy: int) -> None:
@@ -108,8 +120,9 @@ class PlannerProcess:
             self._started()
 
     def _boost(self, pid: int) -> None:
-        """A job ran BOOST_AFTER_S on idle CPU: it goes on at nice 19 (SCHED_OTHER)."""
-        if _may_idle():
+        """A job ran BOOST_AFTER_S (on idle CPU, where the process took it): it goes
+        on at nice 19 (SCHED_OTHER)."""
+        if hasattr(os, "SCHED_OTHER"):
             _set_policy(pid, os.SCHED_OTHER)
 
     def _started(self) -> subprocess.Popen:
@@ -146,7 +159,7 @@ def serve() -> None:
     (False, the exception) until its input closes (its input is the driver's pipe)."""
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the replies
-    idle = _may_idle()
+    idle = _can_leave_idle()  # at nice 19 already
     while True:
         if idle:  # each job starts on idle CPU (the driver boosts a late one)
             _set_policy(0, os.SCHED_IDLE)
