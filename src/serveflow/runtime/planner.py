@@ -42,6 +42,7 @@ NICENESS = 19
 # s, against 1.3 s at nice 19), so a job still running after BOOST_AFTER_S goes on at
 # nice 19 (`PlannerProcess._boost`).
 BOOST_AFTER_S = 0.5
+_SCHEDULING = hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE")  # Linux
 # niced before its imports: they take 0.7-1 s of CPU, which at the driver's priority
 # went before the workers' when the first plan of a busy stage started it
 PLANNER_MAIN = (
@@ -53,7 +54,7 @@ def _can_leave_idle() -> bool:
     """Whether this process may take its threads out of SCHED_IDLE again (with
     CAP_SYS_NICE, which a container's root often lacks, or an RLIMIT_NICE that allows
     their nice value): tried on a thread of its own, as the policy is a thread's."""
-    if not hasattr(os, "SCHED_IDLE"):
+    if not _SCHEDULING:
         return False
     outcome = []
 
@@ -122,7 +123,7 @@ class PlannerProcess:
     def _boost(self, pid: int) -> None:
         """A job ran BOOST_AFTER_S (on idle CPU, where the process took it): it goes
         on at nice 19 (SCHED_OTHER)."""
-        if hasattr(os, "SCHED_OTHER"):
+        if _SCHEDULING:
             _set_policy(pid, os.SCHED_OTHER)
 
     def _started(self) -> subprocess.Popen:
