@@ -40,7 +40,7 @@ NICENESS = 19
 # of the requests within the SLO, with a SCHED_IDLE one 1.00, as with none). But a
 # saturated stage leaves it no CPU at all (3x overload: the first plan came after 6.6
 # s, against 1.3 s at nice 19), so a job still running after BOOST_AFTER_S goes on at
-# nice 19 (`PlannerProcess._boost`).
+# nice 19 (`PlannerProcess._call`).
 BOOST_AFTER_S = 0.5
 _SCHEDULING = hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE")  # Linux
 # niced before its imports: they take 0.7-1 s of CPU, which at the driver's priority
@@ -103,8 +103,9 @@ class PlannerProcess:
                 process = self._started()
                 pickle.dump((name, args), process.stdin)
                 process.stdin.flush()
-                if not select.select([process.stdout], [], [], BOOST_AFTER_S)[0]:
-                    self._boost(process.pid)
+                # a job still running after BOOST_AFTER_S goes on at nice 19
+                if _SCHEDULING and not select.select([process.stdout], [], [], BOOST_AFTER_S)[0]:
+                    _set_policy(process.pid, os.SCHED_OTHER)
                 ok, value = pickle.load(process.stdout)
             except (OSError, EOFError, pickle.UnpicklingError) as error:
                 log.warning("planner process failed (%r): running %s in the driver", error, name)
@@ -119,12 +120,6 @@ class PlannerProcess:
         deployment loads its stages than under its first requests)."""
         with self._lock:
             self._started()
-
-    def _boost(self, pid: int) -> None:
-        """A job ran BOOST_AFTER_S (on idle CPU, where the process took it): it goes
-        on at nice 19 (SCHED_OTHER)."""
-        if _SCHEDULING:
-            _set_policy(pid, os.SCHED_OTHER)
 
     def _started(self) -> subprocess.Popen:
         if self._process is None or self._process.poll() is not None:
