@@ -16,7 +16,7 @@ from serveflow.batching import MAP, ServiceProfile, buffer_law, fit_map, predict
 from serveflow.batching.controller import BatchingController
 from serveflow.batching.model import linear_service
 from serveflow.batching.profile import REFIT_MIN_S
-from serveflow.batching.simulate import greedy_streams, predict_greedy, simulate_controlled
+from serveflow.batching.simulate import greedy_streams, predict_simulated, simulate_controlled
 
 SERVICE = linear_service(0.005, 0.001)  # 5 ms + 1 ms per request
 
@@ -84,13 +84,13 @@ def test_greedy_batching_law_matches_the_simulated_runtime(rate, size, a, b) -> 
     controller = BatchingController(sf.Batching(max_size=size, timeout_ms=0), 2)
     served = simulate_controlled(times, service, controller, 2)
     measured = served.latencies[times > 2.0]
-    pred = predict_greedy(greedy_streams(MAP.poisson(rate)), service, size, 2, merge=size)
+    pred = predict_simulated(greedy_streams(MAP.poisson(rate)), service, size, 2, merge=size)
     for q in (0.5, 0.9, 0.99):
         assert pred.percentile(q) == pytest.approx(np.quantile(measured, q), rel=0.12)
     assert pred.mean_batch == pytest.approx(served.sizes.mean(), rel=0.1)
     # a rate that even full calls cannot serve has no law
     full = 2 * size / float(service(size))
-    assert not predict_greedy(greedy_streams(MAP.poisson(1.1 * full)), service, size, 2).stable
+    assert not predict_simulated(greedy_streams(MAP.poisson(1.1 * full)), service, size, 2).stable
 
 
 def test_noise_adds_an_independent_latency() -> None:
