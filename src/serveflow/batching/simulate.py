@@ -161,7 +161,7 @@ def greedy_streams(arrivals: MAP, samples: int = GREEDY_SAMPLES, seed: int = 0) 
     if not slow_switching(arrivals):
         stays = 1.0 / np.maximum(-np.diag(arrivals.d0) - arrivals.phase_rates, 1e-12)
         cycle = arrivals.rate * float(stays.sum()) if arrivals.phases > 1 else 0.0
-        count = int(min(max(samples, GREEDY_CYCLES * cycle), max(samples, GREEDY_MOST)))
+        count = max(samples, min(int(GREEDY_CYCLES * cycle), GREEDY_MOST))
         return [Stream(arrivals.rate, 1.0, 1.0, arrivals.sample(count, rng, by_stays=True))]
     theta = arrivals._stationary()
     rates = arrivals.phase_rates
