@@ -889,6 +889,18 @@ class SearchSpace:
         peak = float(arrivals.phase_rates.max())
         streams = greedy_streams(arrivals)
         unchecked: dict[int, int] = {}  # such plans (id of the prediction): their index
+
+        def simulated(size: int, workers: int, timeout: float = 0.0) -> Prediction:
+            return predict_simulated(
+                streams,
+                occupied,
+                size,
+                workers,
+                timeout_s=timeout,
+                merge=self.merge(size),
+                noise=noise,
+            )
+
         uncapped: set[int] = set()  # worker counts whose greedy calls stayed below the size
         for size, timeout in pairs:
             law, by_phase = None, None
@@ -902,9 +914,7 @@ class SearchSpace:
                 if timeout == 0:
                     if workers in uncapped:
                         continue  # a larger size runs the very same calls: the same plan
-                    pred = predict_simulated(
-                        streams, occupied, size, workers, merge=self.merge(size), noise=noise
-                    )
+                    pred = simulated(size, workers)
                     if not pred.batch_pmf[size - 1 :].any():
                         uncapped.add(workers)
                 else:
@@ -945,16 +955,7 @@ class SearchSpace:
                 continue
             checks += 1
             evaluated[index] = self._entry(
-                predict_simulated(
-                    streams,
-                    occupied,
-                    pred.max_size,
-                    pred.workers,
-                    timeout_s=pred.timeout_s,
-                    merge=self.merge(pred.max_size),
-                    noise=noise,
-                ),
-                rate,
+                simulated(pred.max_size, pred.workers, pred.timeout_s), rate
             )
         return self.best_effort(evaluated, arrivals, service)
 
