@@ -139,6 +139,16 @@ class _Worker:
     unreported: deque[_Call] = field(default_factory=lambda: deque(maxlen=UNREPORTED))
 
 
+class _Basis(NamedTuple):
+    """What predictions on one worker share whatever the time (`StageLedger._basis`)."""
+
+    median: float
+    high: float
+    base: float
+    stretch: float
+    entries: list[_Entry]
+
+
 class _Prediction(NamedTuple):  # not a frozen dataclass: made per arrival, 3x as fast
     """A request's prospects on one worker: its call ends at `end` (without overhead);
     `fits`: the requests already queued there still meet theirs; `latency`, with the
@@ -433,7 +443,12 @@ class StageLedger:
         return Verdict(admit, p.latency, worker, at + p.typical)
 
     def _predict(
-        self, w: _Worker, now: float, overloaded: bool = False, at: float | None = None
+        self,
+        w: _Worker,
+        now: float,
+        overloaded: bool = False,
+        at: float | None = None,
+        basis: _Basis | None = None,
     ) -> _Prediction:
         """What a request arriving now on worker `w` would meet (pure): the queue
         with it, cut into calls from when the worker frees. Under overload, where each
@@ -447,13 +462,11 @@ class StageLedger:
         200-300 ms ran 0.8-1.7x their service time, two in a row correlated 0.43, and
         the requests of the second answered up to 1.5x the SLO; at 4 + 1 ms per row,
         SLO 15 ms, 3x overload, simulated: p99 1.04-1.11x the SLO). `at`: when the
-        request reaches the worker, if later than `now` (see `admit`)."""
+        request reaches the worker, if later than `now` (see `admit`); `basis`: what
+        predictions on `w` share whatever the time, from `_basis(w, overloaded)`."""
         at = now if at is None else at
-        median, high = self.overhead(overloaded, w)
-        stretch = self._stretch if overloaded else 0.0
-        base = self.overhead(w=w)[1] if overloaded else high
+        median, high, base, stretch, entries = basis or self._basis(w, overloaded)
         unseen = min(now, w.run.start) if w.run is not None else now
-        entries = list(w.queue)
         sents = [e.sent for e in entries]
         sents.append(max(at, sents[-1]) if sents else at)
         free = self._frees(w, now, median)
@@ -491,6 +504,14 @@ class StageLedger:
         lead = start - at if first == len(entries) and not idle else 0.0
         margin = max(high, base + stretch * (end - unseen))
         return _Prediction(end, fits, end + margin - at, end + median - at, idle, high, lead)
+
+    def _basis(self, w: _Worker, overloaded: bool) -> _Basis:
+        """What `_predict` on worker `w` takes whatever the time: the overhead's median
+        and quantile (see `overhead`), the base and stretch of the margin, the queue."""
+        median, high = self.overhead(overloaded, w)
+        if not overloaded:
+            return _Basis(median, high, high, 0.0, list(w.queue))
+        return _Basis(median, high, self.overhead(w=w)[1], self._stretch, list(w.queue))
 
     def _frees(self, w: _Worker, now: float, median: float) -> float:
         """When worker `w` is expected to be free for its queue: its running call's
@@ -594,11 +615,13 @@ class StageLedger:
         the driver refusing them shares its cores with the results of those
         admitted. `lag`: how long after its arrival a request reaches the stage."""
         step = slo_s / REOPEN_GRID
-        for k in range(REOPEN_STEPS):
+        # now (k = 0) none would: it was just refused on each of them (see `admit`)
+        mirrors = [self._workers.get(worker) or _Worker() for worker in workers]
+        bases = [self._basis(w, overloaded) for w in mirrors]
+        for k in range(1, REOPEN_STEPS):
             t = now + k * step
-            for worker in workers:
-                p = self._predict(self._workers.get(worker) or _Worker(), t, overloaded, t + lag)
-                if p.meets(slo_s, window):
+            for w, basis in zip(mirrors, bases):
+                if self._predict(w, t, overloaded, t + lag, basis).meets(slo_s, window):
                     return t
         return now + REOPEN_STEPS * step
 
