@@ -364,3 +364,16 @@ def test_a_waiting_plan_under_short_bursts_that_outrun_it_is_judged_as_it_runs()
             assert ran <= slo_ms / 1e3, (plan, ran)
             assert abs(plan.predicted_ms / 1e3 - ran) <= 0.25 * ran, (plan, ran)
     assert feasible[250.0], feasible  # where a plan holds, it is still found
+
+
+@pytest.mark.parametrize("slo_ms", [5_000, 1e9])
+def test_a_loose_slo_waits_at_most_a_second_for_a_batch_to_fill(slo_ms) -> None:
+    # shares of the SLO alone: at 1e9 ms a batch short of its size waited for days
+    controller, now = _planned(sf.Batching(slo_ms=slo_ms), 20)
+    plan = controller.decision(now)
+    assert plan.feasible and 0 < plan.timeout_s <= 1.0, plan
+    assert BatchingController(sf.Batching(slo_ms=slo_ms), 2).decision(0.0).timeout_s <= 0.05
+    # the policy's own timeout is the user's to lengthen
+    loose = sf.Batching(slo_ms=slo_ms, timeout_ms=3_000)
+    assert controller.space().longest_wait == 1.0
+    assert BatchingController(loose, 2, profile=_profile()).space().longest_wait == 3.0

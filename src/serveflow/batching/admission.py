@@ -442,6 +442,24 @@ class StageLedger:
             self._where[rid] = worker
         return Verdict(admit, p.latency, worker, at + p.typical)
 
+    @property
+    def timed(self) -> bool:
+        """Whether the service times of a timed call are in (see `plan`)."""
+        return bool(self._service[1])
+
+    def awaits_timing(self, now: float, workers: Sequence[int]) -> bool:
+        """Whether no call of the stage is timed yet and each of `workers` holds as many
+        requests as `_predict` then enters (one merged call's worth): an arrival now
+        would be refused for want of a timing, not for a predicted miss."""
+        if self.timed or not workers:
+            return False
+        for worker in workers:
+            w = self._worker(worker)
+            self._advance(w, now)
+            if len(w.queue) < self.merge:
+                return False
+        return True
+
     def _predict(
         self,
         w: _Worker,

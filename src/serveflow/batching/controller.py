@@ -55,7 +55,13 @@ from serveflow.logical.operators import Batching
 log = logging.getLogger(__name__)
 
 SIZE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-TIMEOUT_SHARES = (0.0, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)  # of the SLO
+TIMEOUT_SHARES = (0.0, 0.03, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)  # of the SLO ...
+# ... up to MAX_WAIT_S, unless the policy's own `timeout_ms` says more; in warm-up a fifth
+# of the SLO up to WARMUP_WAIT_S. Shares alone made a loose SLO a long wait: at 20 s,
+# each of a deployment's first requests sent one at a time waited 4 s for company,
+# and at 1e12 ms a batch short of its size was never run.
+MAX_WAIT_S = 1.0
+WARMUP_WAIT_S = 0.05
 MIN_ARRIVALS_TO_PLAN = 20
 SHIFT_CHECK_S = 0.25
 SHIFT_WINDOW_S = 2.0  # a rate shift is judged, and then the arrivals fitted, over this
@@ -377,10 +383,34 @@ class BatchingController:
         with self._lock:
             if not self.ledger.closed(now):
                 return False
-            self.arrivals.record(now)
-            self.arrived += 1
-            self.shed += 1
+            self._refused(now)
         return True
+
+    def awaits_timing(self, now: float, workers: Sequence[int], hold: Callable[[], None]) -> bool:
+        """Whether an arrival now, to be placed on one of `workers`, had better wait
+        for the stage's first timed call than be judged: admission would refuse it
+        for want of a timing (see `StageLedger.awaits_timing`), not for a predicted
+        miss; neither counted nor entered. Then `hold()` is called, under the lock
+        the stage's calls and ends are learned under. Only with `on_overload="shed"`."""
+        if not self.policy.adaptive or self.policy.on_overload != "shed" or self.ledger.timed:
+            return False  # a float read: no lock on the common path
+        with self._lock:
+            self._sync_ledger(now)
+            if not self.ledger.awaits_timing(now, workers):
+                return False
+            hold()
+            return True
+
+    def refused_waiting(self, now: float) -> None:
+        """An arrival that waited for a first timed call (`awaits_timing`) for longer
+        than its SLO was refused: counted as an arrival and a refusal."""
+        with self._lock:
+            self._refused(now)
+
+    def _refused(self, now: float) -> None:
+        self.arrivals.record(now)
+        self.arrived += 1
+        self.shed += 1
 
     def routed(self, rid: int, worker: int, now: float) -> None:
         """The router sent admitted request `rid` to `worker`."""
@@ -650,7 +680,7 @@ class BatchingController:
         untried = self.profile.explore_sizes()
         fresh = [s for s in untried if min(BACKLOG_MERGE * max(s, 2), self._cap) in untried]
         size = (fresh or untried or [self._cap])[0]
-        wait = self.policy.slo_ms / 1e3 * 0.2
+        wait = min(self.policy.slo_ms / 1e3 * 0.2, WARMUP_WAIT_S)
         if self.policy.timeout_ms is not None:
             wait = min(wait, self.policy.timeout_ms / 1e3)
         workers = max(1, min(self.held_workers, self.max_workers))
@@ -806,7 +836,7 @@ class SearchSpace:
     def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
         """(batch size, timeout) pairs worth evaluating under the SLO."""
         slo_s = self.slo_s
-        cap_t = self.policy.timeout_ms / 1e3 if self.policy.timeout_ms is not None else math.inf
+        cap_t = self.longest_wait
         one = float(service.predict(np.array([1]))[0])
         pairs = []
         for size in sorted({s for s in SIZE_LADDER if s <= self.cap} | {self.cap}):
@@ -822,6 +852,11 @@ class SearchSpace:
                     continue
                 pairs.append((size, timeout))
         return sorted(set(pairs))
+
+    @property
+    def longest_wait(self) -> float:
+        """The longest timeout a plan may have (seconds): see MAX_WAIT_S."""
+        return self.policy.timeout_ms / 1e3 if self.policy.timeout_ms is not None else MAX_WAIT_S
 
     def merge(self, size: int) -> int:
         """The most requests a worker runs in one call under batch size `size`: two
@@ -1086,6 +1121,7 @@ class SearchSpace:
         if fuller >= FILL_GAIN and peak <= workers * float(rates.max()):
             tail = np.quantile(self.overhead, self.policy.percentile) if self.overhead else 0.0
             wait = max(OVERLOAD_WAIT * (self.policy.slo_ms / 1e3 - times[best - 1] - tail), 0.0)
+            wait = min(wait, self.longest_wait)
         return Decision(best, float(wait), workers, predicted, False, capacity_rps=capacity)
 
 

@@ -226,6 +226,10 @@ class Worker:
         self.rule = BatchRule()
         self.call_s: dict[tuple[int, int], float] = {}  # per stage: calls' moving average
         self.dirty = False  # something to report to the driver
+        # ... now, not at the next STATS_EVERY_S: a batching stage's first timed call,
+        # that the driver's admission may hold requests for (`ControlPlane._await_timing`)
+        self.report_now = False
+        self.timed: set[tuple[int, int]] = set()  # batching stages with a call reported
         self.held: dict[str, list[bytes]] | None = None  # a batch's messages (`hold`)
         self.running = True
 
@@ -263,7 +267,7 @@ class Worker:
                     log.exception("failed to load stage %d of app %d", stage, app)
                 wait = 0.0  # messages and runs first, then the next load
             now = time.monotonic()
-            if self.dirty and now >= next_report:
+            if self.dirty and (now >= next_report or self.report_now):
                 self.report()
                 next_report = now + STATS_EVERY_S
             if self.dirty:
@@ -695,6 +699,9 @@ class Worker:
             latencies = [done - t.created for t in live if t.created >= loaded_at]
             size, service_s = (0, 0.0) if cut else (len(live), done - started)
             counters.batch_log.append((size, service_s, done, latencies))
+            if size and key not in self.timed:
+                self.timed.add(key)
+                self.report_now = True
         for task, result in zip(live, results):
             if task.began is None:  # a first stage: the request's queueing ends here
                 task.began = started
@@ -787,6 +794,7 @@ class Worker:
         self.counters.clear()
         self.unloaded = []
         self.dirty = bool(queued)
+        self.report_now = False
 
     def housekeeping(self) -> None:
         now = time.monotonic()
