@@ -181,9 +181,15 @@ class DeployedApp(App):
         self.held: dict[int, Request] = {}
         self._control = control
 
-    def hold_timer(self, when: float, action: Callable[[], None]) -> None:
-        """Call `action` at `when` (time.monotonic), on the app's deadline thread."""
-        self._deadlines.add(when, action)
+    def hold_timer(self, request: Request, when: float, action: Callable[[], None]) -> None:
+        """Call `action` at `when` (time.monotonic), on the app's deadline thread, unless
+        `release_hold(request)` is called first."""
+        request.hold_timer = self._deadlines.add(when, action)
+
+    def release_hold(self, request: Request) -> None:
+        if request.hold_timer is not None:  # freed now, not at a loose SLO's end
+            self._deadlines.cancel(request.hold_timer)
+            request.hold_timer = None
 
     def _upstream(self, index: int) -> set[int]:
         """The stages whose output stage `index` reads, directly or not."""
@@ -711,15 +717,19 @@ class ControlPlane:
             if request.settle(app.shed_error(index, starting=True)):
                 controller.refused_waiting(time.monotonic())
 
-        app.hold_timer(request.submitted + controller.policy.slo_ms / 1e3, refuse)
+        app.hold_timer(request, request.submitted + controller.policy.slo_ms / 1e3, refuse)
+        if request.id not in app.held:  # judged meanwhile, by a report's thread
+            app.release_hold(request)
 
     def _resume(self, app: DeployedApp) -> None:
         """Judge the requests held for a first timed call (`_await_timing`) again, in
         order: after a worker's report of calls, and a request's end (a stage whose
         calls all fail is never timed, and its requests are judged as before)."""
         for request in list(app.held.values()):
-            if app.held.pop(request.id, None) is not None and not request.ended:
-                self.start(app, request)
+            if app.held.pop(request.id, None) is not None:
+                app.release_hold(request)
+                if not request.ended:
+                    self.start(app, request)
 
     def finish(self, app: DeployedApp, request: Request, failed: bool) -> None:
         """A request ended (`Request.on_end`): release its load, cancel its work if it

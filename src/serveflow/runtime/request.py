@@ -98,7 +98,8 @@ class Request:
         self.began: float | None = None  # when its first stage run began (a worker says)
         self.on_end = on_end
         self.timer: list | None = None  # its deadline's entry (`Deadlines.add`)
-        self.held: int | None = None  # the stage it waited for a first timed call of
+        self.held: int | None = None  # the stage it waited for a first timed call of ...
+        self.hold_timer: list | None = None  # ... until refused by this entry (`Deadlines`)
         self._unclaimed = [True]  # popped (atomically) by the one that ends the request
 
     def claim(self) -> bool:
