@@ -960,15 +960,21 @@ class _LoadsSlowly:
         return list(values)
 
 
-def _burst_at_deploy(stage: Callable, slo_ms: float, n: int) -> tuple[list, list]:
-    """`n` requests sent at once to a stage just deployed on 2 workers: (seconds from
-    each call to its answer, to its refusal)."""
+def _burst_at_deploy(
+    stage: Callable, slo_ms: float, n: int, then: Callable | None = None
+) -> tuple[list, list]:
+    """`n` requests sent at once to a stage just deployed on 2 workers (and `then` a
+    second one of the same SLO, when given): (seconds from each call to its answer,
+    to its refusal)."""
     flow = sf.Flow("fresh")
-    flow.map(stage, names=["y"], col="a", batching=sf.Batching(slo_ms=slo_ms), name="model")
+    policy = sf.Batching(slo_ms=slo_ms)
+    first = flow.map(stage, names=["a"], col="a", batching=policy, name="model")
+    if then is not None:
+        first.map(then, names=["b"], col="a", batching=policy, name="then")
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
     answered, refused = [], []
     try:
-        with flow.deploy(runtime=runtime) as app:
+        with flow.deploy(sf.Rules(fusion=False), runtime=runtime) as app:
             called, futures, ends = [], [], {}
             for i in range(n):
                 called.append(time.monotonic())
@@ -992,6 +998,10 @@ def test_runtime_a_burst_at_a_fresh_deployment_is_judged_once_a_call_is_timed() 
     # millisecond (the workers load the stage first: 0.6 s here). The burst waits
     # for the first timed call instead.
     answered, refused = _burst_at_deploy(_quick_stage, 3000, 200)
+    assert len(answered) >= 190, (len(answered), len(refused))
+    # and so at a second SLO stage, behind the first (10 of 200 answered when only
+    # the first stage's requests waited)
+    answered, refused = _burst_at_deploy(_quick_stage, 3000, 200, then=_quick_stage)
     assert len(answered) >= 190, (len(answered), len(refused))
 
 

@@ -392,14 +392,20 @@ class BatchingController:
         for want of a timing (see `StageLedger.awaits_timing`), not for a predicted
         miss; neither counted nor entered. Then `hold()` is called, under the lock
         the stage's calls and ends are learned under. Only with `on_overload="shed"`."""
-        if not self.policy.adaptive or self.policy.on_overload != "shed" or self.ledger.timed:
-            return False  # a float read: no lock on the common path
+        if self.timed:
+            return False
         with self._lock:
             self._sync_ledger(now)
             if not self.ledger.awaits_timing(now, workers):
                 return False
             hold()
             return True
+
+    @property
+    def timed(self) -> bool:
+        """Whether admission judges arrivals by timed calls (or never waits for one:
+        see `awaits_timing`): a float read, no lock on the common path."""
+        return not self.policy.adaptive or self.policy.on_overload != "shed" or self.ledger.timed
 
     def refused_waiting(self, now: float) -> None:
         """An arrival that waited for a first timed call (`awaits_timing`) for longer

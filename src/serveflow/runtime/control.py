@@ -471,6 +471,22 @@ class ControlPlane:
         # a request that waited for a first timed call (`_await_timing`): the wait counts
         began = request.submitted if request.held is not None else now
         places = None
+        # Before anything is entered, whether a stage (not in an anyof branch: refused
+        # there, the other branches answer) has no call timed yet and its workers full:
+        # the request waits for one. Seen and held under that stage's lock, which its
+        # reports and ends are learned under: one in between would miss the request.
+        untimed = [i for i, c in app.controllers.items() if not c.timed and i not in app.branch_of]
+        if untimed:
+            with self._lock:
+                places = {i: self._next_place(app, i, now) for i in app.controllers}
+            for index in untimed:
+
+                def hold(index: int = index) -> None:
+                    request.held = index
+                    app.held[request.id] = request
+
+                if app.controllers[index].awaits_timing(now, places[index][0], hold):
+                    return None
         leaves: dict[int, float] = {}  # when the request is expected out of each stage admitted
         due: dict[int, float] = {}  # when the flow's SLO's shares up to each stage end
         admitted: list[int] = []
@@ -485,17 +501,6 @@ class ControlPlane:
                     with self._lock:
                         places = {i: self._next_place(app, i, now) for i in app.controllers}
                 workers, worker = places[index]
-                # held at the first SLO stage only (in an anyof branch, refused: the
-                # other branches answer), and as the stage is seen untimed: a report
-                # of its first call or a request's end in between would miss it
-                if not admitted and not refused_at and index not in app.branch_of:
-
-                    def hold(index: int = index) -> None:
-                        request.held = index
-                        app.held[request.id] = request
-
-                    if controller.awaits_timing(now, workers, hold):
-                        return None
                 controller.on_arrival(began)
                 # it reaches this stage once the SLO stages before it ran
                 before = app.slo_before[index]
