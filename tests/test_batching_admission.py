@@ -306,6 +306,16 @@ def test_calls_that_end_before_any_service_time_is_known_are_not_taken_for_overh
     assert ledger.overhead(overloaded=True)[1] < 0.001
 
 
+def test_a_call_that_waited_for_its_worker_to_load_the_stage_is_not_taken_for_overhead():
+    # a worker loading the stage after the first one did (its module took 0.5 s to
+    # import): that call's lateness was the overhead's tail for the next 50 calls
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    now = _calls(ledger, 0.0, [0.0] * 60)
+    ledger.loading(0)
+    _calls(ledger, now, [0.5] + [0.0] * 8, rid=100)
+    assert ledger.overhead(overloaded=True)[1] < 0.01
+
+
 def test_a_fast_stage_refusing_everything_probes_every_few_calls_and_recovers() -> None:
     # 1 + 0.2 ms per row, requests sent one at a time under an SLO of 3.6 ms: a
     # deployment's first calls ran 5 ms, and an idle worker's every request was then
@@ -512,6 +522,23 @@ def test_under_overload_a_request_behind_a_running_call_has_room_for_both_to_run
     assert ledger.admit(1000, now, 1.0, [0], 0).admit  # runs from now to 25 ms
     assert ledger.admit(1001, now + 0.020, 0.050, [0], 0).admit == admitted
     assert ledger.admit(1002, now + 0.020, 0.060, [0], 0).admit
+
+
+def test_a_burst_queued_deep_is_not_charged_short_calls_jitter_over_its_whole_wait() -> None:
+    # Light load first: calls of 1 of 3 ms (2 + 0.5 ms per row), one in 20 seen 10 ms
+    # late (the driver busy): per second of such a short call, the late ones run 3x
+    # late. A burst then queues 600 requests at the worker, planned in calls of 128
+    # (66 ms): 5 calls, the last ending at 0.34 s. Charged that stretch over the whole
+    # queue, the deeper half of the burst was refused under an SLO of 1 s (a warm
+    # stage refused 329-430 of a burst of 1,000 it then answered within 0.34 s). A
+    # stretch is one slow spell's, charged on a few calls' time, at most doubling them.
+    ledger = StageLedger()
+    ledger.plan(1, 0.0, 1, [0.0, 0.0025], 0)
+    now = _calls(ledger, 0.0, [0.010 * (k % 20 == 3) for k in range(200)], service_s=0.0025)
+    ledger.plan(64, 0.0, 128, [0.0] + [0.002 + 0.0005 * n for n in range(1, 129)], 10_000.0)
+    verdicts = [ledger.admit(rid, now, 1.0, [0], 0) for rid in range(1000, 1600)]
+    assert all(v.admit for v in verdicts), sum(v.admit for v in verdicts)
+    assert verdicts[-1].latency_s < 0.7
 
 
 def test_under_overload_admission_picks_the_worker_whose_call_is_filling() -> None:
@@ -1030,6 +1057,39 @@ def test_runtime_a_request_waiting_for_a_first_timed_call_is_refused_once_its_sl
     answered, refused = _burst_at_deploy(_LoadsSlowly, 100, 60)
     assert len(refused) >= 40, (len(answered), len(refused))
     assert max(refused) < 1.0, refused
+
+
+class _Rows:
+    """2 + 0.5 ms per row."""
+
+    def __call__(self, values: list[int]) -> list[int]:
+        time.sleep(0.002 + 0.0005 * len(values))
+        return list(values)
+
+
+def test_runtime_a_burst_a_warm_stage_serves_within_its_slo_is_not_refused() -> None:
+    # After a second at 100/s (calls of 1-2), 1,000 requests at once under an SLO of
+    # 1 s: 2 workers answer them all in ~0.3 s. Charged the light load's jitter over
+    # their whole wait in the queue, 329-430 of them were refused (3 runs of 3)
+    flow = sf.Flow("warm")
+    flow.map(_Rows(), names=["y"], col="a", batching=sf.Batching(slo_ms=1000), name="model")
+    runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            for i in range(100):
+                app.run({"a": [i]})
+                time.sleep(0.01)
+            time.sleep(0.5)
+            futures = [app.run({"a": [i]}, timeout=30) for i in range(1000)]
+            refused = 0
+            for future in futures:
+                try:
+                    future.result(timeout=30)
+                except sf.OverloadError:
+                    refused += 1
+    finally:
+        runtime.stop()
+    assert refused <= 50, refused
 
 
 def _slow_stage(values: list[int]) -> list[int]:

@@ -441,6 +441,11 @@ class BatchingController:
             if now - self._judged_at >= ADMIT_CHECK_S:
                 self._judge_admission(now)
 
+    def loading(self, worker: int) -> None:
+        """Worker `worker` is loading the stage (see `StageLedger.loading`)."""
+        with self._lock:
+            self.ledger.loading(worker)
+
     def forget(self, rid: int) -> None:
         """Admitted request `rid` will not run after all (another stage refused it)."""
         with self._lock:

@@ -928,13 +928,18 @@ class ControlPlane:
             return
         with self._lock:
             w = self._workers.get(index)
-            if w is not None:
-                w.busy_since = busy_since
-                w.heard_at = w.beat_at = time.monotonic()
-                available = w.load.loading_now is None and not w.load.silent
-                w.load.loading_now, w.load.silent = loading, False
-                if not available and loading is None:
-                    self._route_waiting()  # it takes runs again
+            if w is None:
+                return
+            w.busy_since = busy_since
+            w.heard_at = w.beat_at = time.monotonic()
+            available = w.load.loading_now is None and not w.load.silent
+            w.load.loading_now, w.load.silent = loading, False
+            if not available and loading is None:
+                self._route_waiting()  # it takes runs again
+            app = self._apps.get(loading[0]) if loading is not None else None
+            controller = app.controllers.get(loading[1]) if app is not None else None
+        if controller is not None:  # its ledger has a lock of its own: not under this one
+            controller.loading(index)
 
     def _on_hello(self, index: int) -> None:
         with self._lock:
