@@ -132,15 +132,12 @@ def make_texts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(VOCABULARY, WORDS_PER_TEXT)) for _ in range(n)]
 
 
-def service_profile(reps: int, ready: Callable[[], Any] | None = None) -> dict[str, Any]:
+def service_profile(reps: int) -> dict[str, Any]:
     """Median service time (ms) of one `encode` call per batch size, in this process
-    (one torch thread), and the least-squares line a + b * size. `ready`, if given, is
-    called once the model is loaded and warm, before the measurements."""
+    (one torch thread), and the least-squares line a + b * size."""
     model = Embedder()
     texts = make_texts(64, seed=99)
     model.encode(texts[:8])  # first-call warm-up
-    if ready is not None:
-        ready()
     medians = {}
     for size in PROFILE_SIZES:
         times = []

@@ -6,9 +6,13 @@ Stages (2 workers each, one stage per flow, col mode: `fn(list_of_x)`):
 - synthetic service curves `a + b * rows` ms: 1 + 0.2b, 4 + 1b, 20 + 5b (the call
   sleeps that long: a stage that waits on a device, as a GPU model's caller does);
 - a real model: all-MiniLM-L6-v2 embeddings on CPU (`benchmarks.batching_adaptive`'s
-  `Embedder`, one torch thread), its curve measured first, in 2 processes at once (as
-  the 2 workers run it: on a 2-core machine a call alone runs faster): the median per
-  batch size, interpolated between the sizes measured.
+  `Embedder`, one torch thread), its curve measured first through the runtime, as
+  the cells run it: per size of `RULER_SIZES`, 2 workers' answers per second in calls
+  of that size with a backlog always queued (as the sustainable rate below), read as
+  `2 * size / rate`, interpolated between the sizes measured. (Measured instead by the
+  model alone in 2 processes at once, service(1) read 10-15 ms run to run where calls
+  of 1 took 13.5-19 ms in the runtime, beside the driver and the client: a "3x" SLO at
+  "half load" was a 2x SLO near capacity in some runs.)
 
 Per curve, SLOs of `--slo-x` times the single-request service time (full: 3, 10, 30;
 quick: 5, 20), and open-loop arrivals at `--loads` shares of the stage's capacity
@@ -22,10 +26,7 @@ request that arrives as a call starts waits for it, then runs in the next one);
 cell overloaded): the capacity, or less when the runtime answers less at that batch
 size: the stage run with `fixed-cap/0ms`'s batching and a backlog always queued
 (closed loop, `SUSTAIN_DEPTH` batches per worker in flight), answers counted over
-`SUSTAIN_S` seconds after one of lead-in. On a 2-core machine MiniLM's workers share
-the cores with the driver and the client: that closed loop answered 0.83-0.92 of the
-capacity measured from the model alone, and `fixed-cap/0ms` (open loop, 20x) held
-99% within the SLO at 0.6 of it, 18% at 0.75. A stage of 1 + 0.2 ms per row is bound
+`SUSTAIN_S` seconds after one of lead-in. A stage of 1 + 0.2 ms per row is bound
 by the driver (0.82 of its capacity).
 
 Systems, one at a time on the same stage and arrivals:
@@ -94,6 +95,7 @@ MAX_RATE = 6000.0  # one Python client thread sends no faster: faster cells are 
 DEADLINE_S = 10.0
 SUSTAIN_S = 2.0  # the sustainable rate's measurement (see the module docstring)
 SUSTAIN_DEPTH = 4
+RULER_SIZES = (1, 2, 4, 8, 16, 32)  # the real model's curve, measured at these sizes
 
 
 # --- stages ---------------------------------------------------------------------------
@@ -170,43 +172,30 @@ def synthetic(name: str) -> Curve:
     return Curve(name, a, b, lambda: Sleeper(a, b), lambda i: i)
 
 
-def _profile(barrier: Any, out: Any) -> None:
-    from benchmarks.batching_adaptive import service_profile
-
-    out.put(service_profile(reps=5, ready=barrier.wait))
-
-
 def model_curve() -> Curve:
-    """The real model, its curve measured on this machine as the stage runs it:
-    `WORKERS` processes at once (on a machine of few cores, calls that run side by side
-    take longer than one alone), medians per size averaged over them, a line through
-    them."""
-    import multiprocessing
-
+    """The real model, its curve measured through the runtime as the cells run it:
+    per size of `RULER_SIZES`, 2 workers' answers per second with a backlog always
+    queued (`sustained_rps`, batches of exactly that size), read as `WORKERS * size /
+    rate`: a call's time with both workers busy, the driver and the client beside
+    them, and the runtime's own gaps between calls."""
     from benchmarks.batching_adaptive import make_texts
 
-    spawn = multiprocessing.get_context("spawn")
-    barrier, out = spawn.Barrier(WORKERS), spawn.Queue()
-    workers = [spawn.Process(target=_profile, args=(barrier, out)) for _ in range(WORKERS)]
-    for process in workers:
-        process.start()
+    texts = make_texts(256, seed=5)
+    curve = Curve(MODEL, 0.0, 0.0, ModelStage, lambda i: texts[i % 256])
+    ruler = ServeflowSystem(GREEDY, curve)
     try:
-        profiles = [out.get(timeout=600) for _ in workers]
+        points = [(n, WORKERS * n * 1e3 / sustained_rps(ruler, n)) for n in RULER_SIZES]
     finally:
-        for process in workers:
-            process.join(timeout=60)
-    sizes = sorted(profiles[0]["ms"])
-    ms = [float(np.mean([p["ms"][size] for p in profiles])) for size in sizes]
+        ruler.close()
+    sizes, ms = zip(*points)
     b, a = np.polyfit(sizes, ms, 1)
     log.info(
-        "model service (%d at once): %s ms; a line: a=%.1f ms, b=%.2f ms/row",
-        WORKERS, ", ".join(f"{n}: {t:.1f}" for n, t in zip(sizes, ms)), a, b,
+        "model service (through the runtime): %s ms; a line: a=%.1f ms, b=%.2f ms/row",
+        ", ".join(f"{n}: {t:.1f}" for n, t in points), a, b,
     )  # fmt: skip
-    texts = make_texts(256, seed=5)
-    # the measured points, not the line: bent (3.1 ms/row to 16 rows, 3.5 beyond), the
-    # line's 9.2 ms for one row was 12.5 measured, and a "5x" SLO was 3.7x
-    points = tuple(zip(sizes, ms))
-    return Curve(MODEL, a, b, ModelStage, lambda i: texts[i % 256], points)
+    # the measured points, not the line: the curve bends (a line through the model's
+    # own times once read 9.2 ms for one row, 12.5 measured: a "5x" SLO was 3.7x)
+    return Curve(MODEL, a, b, ModelStage, curve.payload, tuple(points))
 
 
 # --- arrivals -------------------------------------------------------------------------
@@ -262,6 +251,7 @@ class ServeflowSystem(System):
         self.name, self.curve = name, curve
         self.runtime = sf.LocalRuntime(min_workers=WORKERS, max_workers=WORKERS)
         self.app: Any = None
+        self.size: int | None = None  # fixed-cap/0ms's batch size, where not the capacity's
 
     def policy(self, slo_ms: float) -> sf.Batching:
         if self.name == ADAPTIVE:
@@ -269,7 +259,8 @@ class ServeflowSystem(System):
         if self.name == FIXED:
             return sf.Batching(max_size=10, timeout_ms=10)
         if self.name == GREEDY:
-            return sf.Batching(max_size=self.curve.capacity_size(slo_ms), timeout_ms=0)
+            size = self.size or self.curve.capacity_size(slo_ms)
+            return sf.Batching(max_size=size, timeout_ms=0)
         return sf.Batching(max_size=1)
 
     def deploy(self, slo_ms: float) -> None:
@@ -434,13 +425,13 @@ def run_cell(
     }
 
 
-def sustained_rps(system: ServeflowSystem, curve: Curve, slo_ms: float) -> float:
-    """Answers per second of the stage at the capacity's batch size with a backlog
-    always queued, through the runtime (`system`: `fixed-cap/0ms`; see the module
-    docstring)."""
-    system.deploy(slo_ms)
+def sustained_rps(system: ServeflowSystem, size: int) -> float:
+    """Answers per second of the stage in calls of `size` with a backlog always queued,
+    through the runtime (`system`: `fixed-cap/0ms`; see the module docstring)."""
+    system.size = size
+    system.deploy(math.inf)
     try:
-        room = threading.Semaphore(SUSTAIN_DEPTH * WORKERS * curve.capacity_size(slo_ms))
+        room = threading.Semaphore(SUSTAIN_DEPTH * WORKERS * size)
         ends: list[float] = []
 
         def finished(future: Future[Any]) -> None:
@@ -453,7 +444,7 @@ def sustained_rps(system: ServeflowSystem, curve: Curve, slo_ms: float) -> float
         while time.perf_counter() < start + 1.0 + SUSTAIN_S:
             if not room.acquire(timeout=DEADLINE_S):
                 break  # answers stopped coming: what came is the rate
-            system.submit(curve.payload(i)).add_done_callback(finished)
+            system.submit(system.curve.payload(i)).add_done_callback(finished)
             i += 1
         measured = [t for t in ends if start + 1.0 <= t <= start + 1.0 + SUSTAIN_S]
         return len(measured) / SUSTAIN_S
@@ -519,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             sustainable = {
                 slo_x: min(
                     curve.capacity(slo_x * curve.service_ms(1)),
-                    sustained_rps(greedy, curve, slo_x * curve.service_ms(1)),
+                    sustained_rps(greedy, curve.capacity_size(slo_x * curve.service_ms(1))),
                 )
                 for slo_x in multiples
             }
