@@ -377,3 +377,21 @@ def test_a_loose_slo_waits_at_most_a_second_for_a_batch_to_fill(slo_ms) -> None:
     loose = sf.Batching(slo_ms=slo_ms, timeout_ms=3_000)
     assert controller.space().longest_wait == 1.0
     assert BatchingController(loose, 2, profile=_profile()).space().longest_wait == 3.0
+
+
+def test_a_burst_is_judged_at_its_own_rate_within_a_few_dozen_arrivals() -> None:
+    # The rate admission judges an overload by was taken every 50 ms: a burst of 1,000
+    # sent in 40 ms after a quiet second was judged at the quiet rate throughout, and
+    # 30% of what it admitted under an SLO of 100 ms answered late (2 + 0.5 ms per row)
+    controller = BatchingController(sf.Batching(slo_ms=100), 2, held_workers=2)
+    now = 0.0
+    for rid in range(200):  # 100/s
+        now = rid * 0.01
+        controller.on_arrival(now)
+        controller.admit_at(now, rid, [0, 1])
+    quiet = controller.ledger.rate
+    for rid in range(200, 240):  # then 20,000/s, for 2 ms
+        now += 5e-5
+        controller.on_arrival(now)
+        controller.admit_at(now, rid, [0, 1])
+    assert quiet < 200 and controller.ledger.rate > 5000
