@@ -525,13 +525,13 @@ def test_under_overload_a_request_behind_a_running_call_has_room_for_both_to_run
 
 
 def test_a_burst_queued_deep_is_not_charged_short_calls_jitter_over_its_whole_wait() -> None:
-    # Light load first: calls of 1 of 3 ms (2 + 0.5 ms per row), one in 20 seen 10 ms
-    # late (the driver busy): per second of such a short call, the late ones run 3x
+    # Light load first: calls of 1 of 2.5 ms (2 + 0.5 ms per row), one in 20 seen 10 ms
+    # late (the driver busy): per second of such a short call, the late ones run 4x
     # late. A burst then queues 600 requests at the worker, planned in calls of 128
     # (66 ms): 5 calls, the last ending at 0.34 s. Charged that stretch over the whole
     # queue, the deeper half of the burst was refused under an SLO of 1 s (a warm
-    # stage refused 329-430 of a burst of 1,000 it then answered within 0.34 s). A
-    # stretch is one slow spell's, charged on a few calls' time, at most doubling them.
+    # stage refused 329-430 of a burst of 1,000 that its 2 workers answer within 0.3
+    # s). A stretch is a slow spell's, on a few calls' time, at most doubling them.
     ledger = StageLedger()
     ledger.plan(1, 0.0, 1, [0.0, 0.0025], 0)
     now = _calls(ledger, 0.0, [0.010 * (k % 20 == 3) for k in range(200)], service_s=0.0025)
