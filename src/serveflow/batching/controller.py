@@ -104,6 +104,8 @@ RATE_EVERY_S = 0.05
 # them, from a busy GIL)
 RATE_SURGE = 4.0
 RATE_SURGE_MIN = 32
+RATE_SURGE_S = 0.005  # ... over this long at least: HTTP requests come in clumps (a
+# closed-loop client's answers to a call of 64 come back at once, and so do its next 64)
 # Under overload admission keeps every admitted request near the SLO, and what its
 # model misses (a model's calls slowed by the driver and the client sharing 2 cores:
 # MiniLM at 20x, 3x overload, calls ran 1.6-1.75x their service time at the 90th
@@ -523,9 +525,11 @@ class BatchingController:
         if now - self._rated_at >= RATE_EVERY_S:
             self._rated_at, self._rated_count = now, self.arrived
             self.ledger.arriving(self.arrivals.recent_rate(now, RATE_ARRIVALS))
-        elif since >= max(RATE_SURGE_MIN, RATE_SURGE * self.ledger.rate * (now - self._rated_at)):
+        elif now - self._rated_at >= RATE_SURGE_S and since >= max(
+            RATE_SURGE_MIN, RATE_SURGE * self.ledger.rate * (now - self._rated_at)
+        ):
+            self.ledger.arriving(since / (now - self._rated_at))
             self._rated_at, self._rated_count = now, self.arrived
-            self.ledger.arriving(self.arrivals.recent_rate(now, since))
         if basis == self._ledger_basis:
             return
         self._ledger_basis = basis
