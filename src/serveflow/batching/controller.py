@@ -96,8 +96,8 @@ OVERHEAD_POINTS = 32  # measured runtime overhead, as quantiles, handed to each 
 # the sustainable rate).
 RATE_ARRIVALS = 256
 RATE_EVERY_S = 0.05
-# ... and at once, over the arrivals since, when more than RATE_SURGE x as many arrived
-# as that rate said (at least RATE_SURGE_MIN): a burst of 1,000 sent in 40 ms after a
+# ... and sooner, over the arrivals since, when RATE_SURGE x as many arrived as that
+# rate said (at least RATE_SURGE_MIN, over RATE_SURGE_S): a burst of 1,000 sent in 40 ms after a
 # quiet second was judged at the quiet rate throughout, not an overload: under an SLO
 # of 100 ms, 82-295 of the 390-480 it admitted answered late in 5 of 9 bursts (2 + 0.5
 # ms per row, 2 workers: the requests reached the workers later than the driver sent
