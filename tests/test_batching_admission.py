@@ -988,9 +988,27 @@ class _LoadsSlowly:
         return list(values)
 
 
+def _burst(app: sf.App, n: int) -> tuple[list[float], list[float]]:
+    """`n` requests sent to `app` at once: (seconds from each call to its answer, to
+    its refusal)."""
+    called, futures, ends = [], [], {}
+    for i in range(n):
+        called.append(time.monotonic())
+        futures.append(app.run({"a": [i]}, timeout=30))
+        futures[-1].add_done_callback(lambda _, i=i: ends.__setitem__(i, time.monotonic()))
+    answered, refused = [], []
+    for i, future in enumerate(futures):
+        try:
+            future.result(timeout=30)
+            answered.append(ends[i] - called[i])
+        except sf.OverloadError:
+            refused.append(ends[i] - called[i])
+    return answered, refused
+
+
 def _burst_at_deploy(
     stage: Callable, slo_ms: float, n: int, then: Callable | None = None
-) -> tuple[list, list]:
+) -> tuple[list[float], list[float]]:
     """`n` requests sent at once to a stage just deployed on 2 workers (and `then` a
     second one of the same SLO, when given): (seconds from each call to its answer,
     to its refusal)."""
@@ -1000,23 +1018,11 @@ def _burst_at_deploy(
     if then is not None:
         first.map(then, names=["b"], col="a", batching=policy, name="then")
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
-    answered, refused = [], []
     try:
         with flow.deploy(sf.Rules(fusion=False), runtime=runtime) as app:
-            called, futures, ends = [], [], {}
-            for i in range(n):
-                called.append(time.monotonic())
-                futures.append(app.run({"a": [i]}, timeout=30))
-                futures[-1].add_done_callback(lambda _, i=i: ends.__setitem__(i, time.monotonic()))
-            for i, future in enumerate(futures):
-                try:
-                    future.result(timeout=30)
-                    answered.append(ends[i] - called[i])
-                except sf.OverloadError:
-                    refused.append(ends[i] - called[i])
+            return _burst(app, n)
     finally:
         runtime.stop()
-    return answered, refused
 
 
 def test_runtime_a_burst_at_a_fresh_deployment_is_judged_once_a_call_is_timed() -> None:
@@ -1090,21 +1096,8 @@ def _warm_bursts(
                 time.sleep(0.01)
             for _ in range(bursts):
                 time.sleep(0.5 if not got else 1.0)
-                called, futures, ends = [], [], {}
-                for i in range(n):
-                    called.append(time.monotonic())
-                    futures.append(app.run({"a": [i]}, timeout=30))
-                    futures[-1].add_done_callback(
-                        lambda _, i=i, ends=ends: ends.__setitem__(i, time.monotonic())
-                    )
-                answered, refused = [], 0
-                for i, future in enumerate(futures):
-                    try:
-                        future.result(timeout=30)
-                        answered.append(ends[i] - called[i])
-                    except sf.OverloadError:
-                        refused += 1
-                got.append((answered, refused))
+                answered, refused = _burst(app, n)
+                got.append((answered, len(refused)))
     finally:
         runtime.stop()
     return got
