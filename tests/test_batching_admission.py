@@ -1169,3 +1169,25 @@ def test_http_requests_arriving_together_are_each_an_arrival_and_refused_alone()
     assert set(codes) == {200, 503}, codes
     assert figures["shed"] == codes.count(503)
     assert figures["requests"] == 1 + codes.count(200)  # one runtime request per HTTP one
+
+
+def test_runtime_what_a_caller_spent_on_a_request_counts_against_its_slo() -> None:
+    # a server whose event loop read a request late, and will deliver its answer late,
+    # says so (`outside`): the stage has the rest of the SLO to answer in
+    flow = sf.Flow("outside")
+    flow.map(_quick_stage, names=["y"], col="a", batching=sf.Batching(slo_ms=200), name="m")
+    runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            for i in range(20):  # the stage loads, and its calls are timed
+                app.run({"a": [i]}).result(timeout=30)
+            time.sleep(0.3)  # past the idle worker's probe interval
+            spent = app.run({"a": [0]}, outside=0.25)
+            assert spent.done()  # refused inside app.run
+            with pytest.raises(sf.OverloadError):
+                spent.result()
+            assert app.run({"a": [1]}, outside=0.1).result(timeout=30).column("y") == [1]
+            with pytest.raises(ValueError, match="outside"):
+                app.run({"a": [2]}, outside=-0.1)
+    finally:
+        runtime.stop()

@@ -927,3 +927,18 @@ def test_a_request_goes_at_once_to_an_idle_worker_and_waits_for_company_only_whe
         assert merged == 2
     finally:
         runtime.stop()
+
+
+def test_the_wait_for_the_event_loop_after_an_answer_is_its_recent_median() -> None:
+    from serveflow.serving.app import LAG_WINDOW_S, DeliveryLag
+
+    lag = DeliveryLag()
+    assert lag.expected(0.0) == 0.0  # nothing answered yet
+    for i in range(99):
+        lag.observe(0.5 + i * 1e-3, 0.001 if i % 3 else 0.05)
+    assert lag.expected(0.6) == pytest.approx(0.001)  # a third waited long: not the median
+    for i in range(150):
+        lag.observe(0.6 + i * 1e-3, 0.05 if i % 3 else 0.001)
+    assert lag.expected(0.75) == pytest.approx(0.05)  # the loop got busy
+    # the loop went quiet: what it waited a second ago says nothing of the next answer
+    assert lag.expected(0.75 + LAG_WINDOW_S) == 0.0

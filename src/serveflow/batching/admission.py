@@ -435,7 +435,8 @@ class StageLedger:
         # refused: at 1 + 0.2 ms per row, SLO 3.6 ms, requests sent one at a time, a
         # profile's first extrapolation (0.5 ms a call of 1, not 1.2) refused every
         # one for up to a second, a probe every 0.2 s.
-        probe = p.idle and now - self._probed_at >= self._probe_every
+        # (not one whose SLO has passed already: no service time is short enough)
+        probe = p.idle and slo_s > 0 and now - self._probed_at >= self._probe_every
         if probe and not meets and p.typical > slo_s:
             self._probed_at = now
         admit = meets or probe

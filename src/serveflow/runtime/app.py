@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -71,11 +72,19 @@ class App(abc.ABC):
     def explain(self) -> str:
         return self.plan.explain()
 
-    def run(self, table: RequestData, *, timeout: float | None = None) -> Future[Table]:
+    def run(
+        self, table: RequestData, *, timeout: float | None = None, outside: float = 0.0
+    ) -> Future[Table]:
         """Submit one request; its future holds the output table, or fails for this
         request alone with OperatorError, InputError, OverloadError (too many requests
-        in flight) or DeadlineError (`timeout` seconds passed; queued work is dropped)."""
+        in flight) or DeadlineError (`timeout` seconds passed; queued work is dropped).
+        `outside`: seconds of the request's latency the caller spends outside the
+        runtime (its queue and parsing before this call, delivering the answer
+        after), which SLO admission counts against the flow's SLOs."""
+        if not 0.0 <= outside < math.inf:
+            raise ValueError(f"outside must be a finite number of seconds >= 0, got {outside!r}")
         request = Request(as_table(table), timeout, self._ended)
+        request.outside = outside
         with self._lock:
             if self._stopped:
                 raise RuntimeError(f"app {self.name!r} is stopped")

@@ -470,6 +470,8 @@ class ControlPlane:
         now = time.monotonic()
         # a request that waited for a first timed call (`_await_timing`): the wait counts
         began = request.submitted if request.held is not None else now
+        # ... and so does what its caller spends on it outside the runtime (`App.run`)
+        start = began - request.outside
         places = None
         # Before anything is entered, whether a stage (not in an anyof branch: refused
         # there, the other branches answer) has no call timed yet and its workers full:
@@ -511,11 +513,11 @@ class ControlPlane:
                 if index in app.plan.slo_stages:
                     # a share of the flow's SLO: what the stages before it left of theirs
                     # is its too (the flow's SLO is what is promised)
-                    due[index] = max((due[i] for i in before if i in due), default=began)
+                    due[index] = max((due[i] for i in before if i in due), default=start)
                     due[index] += controller.policy.slo_ms / 1e3
                     budget = due[index] - arrives
-                elif began < now:
-                    budget = controller.policy.slo_ms / 1e3 - (arrives - began)
+                elif start < now:
+                    budget = controller.policy.slo_ms / 1e3 - (arrives - start)
                 leave = controller.admit_at(now, request.id, workers, worker, arrives, budget)
                 refused = leave is None
                 if not refused:
@@ -722,7 +724,9 @@ class ControlPlane:
             if request.settle(app.shed_error(index, starting=True)):
                 controller.refused_waiting(time.monotonic())
 
-        app.hold_timer(request, request.submitted + controller.policy.slo_ms / 1e3, refuse)
+        app.hold_timer(
+            request, request.submitted - request.outside + controller.policy.slo_ms / 1e3, refuse
+        )
         if request.id not in app.held:  # judged meanwhile, by a report's thread
             app.release_hold(request)
 

@@ -84,6 +84,7 @@ class Request:
         self.table = table
         self.future = RequestFuture(self)
         self.submitted = time.monotonic()
+        self.outside = 0.0  # seconds its caller spends on it outside the runtime (`App.run`)
         self.deadline = None if timeout is None else self.submitted + timeout
         self.route: tuple[tuple[int, ...], ...] = ()
         self.charges: list[tuple[int, int]] = []  # (stage, worker) runs counted as load

@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Collection, Coroutine, Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -106,6 +108,7 @@ class ServingState:
         self.refusal = {name: refusal_headers(body) for name, body in self.refusal_body.items()}
         self.draining = False  # set when shutdown starts: /readyz answers 503
         self.openapi: bytes | None = None  # the spec, once asked for
+        self.delivery = DeliveryLag()  # event-loop only
 
     def crowded(self, name: str) -> bool:
         """Whether more HTTP connections are open than flow `name`'s ceiling (then its
@@ -219,22 +222,85 @@ async def _off_loop_if_big(size: int, fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
+# How long an answer waits for the event loop, from the runtime settling its future to
+# its handler running again: LAG_QUANTILE of the answers of the last LAG_WINDOW_S (at
+# most LAG_KEPT), taken again every LAG_EVERY answers or LAG_EVERY_S. The median: the
+# 90th percentile refused a quarter more at 200 connections (below) for as many late.
+LAG_QUANTILE = 0.5
+LAG_WINDOW_S = 1.0
+LAG_KEPT = 512
+LAG_EVERY = 32
+LAG_EVERY_S = 0.1
+
+
+class DeliveryLag:
+    """What an answer waits for the event loop after its future settles. Under load
+    the loop parses and admits many requests a turn, and an answer waits behind them
+    for two turns (its wake-up, then its handler): at 200 connections in a closed loop
+    against one SLO stage (SLO 100 ms) the wait was 10-20 ms at the median, 55-90 ms at
+    the 99th percentile, and 5-10% of the answers were past the SLO though the stage's
+    own p99 was within it. A request's admission counts `typical` in its latency (with
+    the time it spent in the server before `App.run`: see `run_admitted`)."""
+
+    def __init__(self) -> None:
+        self.typical = 0.0
+        self._lags: deque[tuple[float, float]] = deque(maxlen=LAG_KEPT)  # (when, lag)
+        self._new = 0
+        self._taken_at = -math.inf
+
+    def observe(self, now: float, lag: float) -> None:
+        self._lags.append((now, lag))
+        self._new += 1
+        if self._new >= LAG_EVERY or now - self._taken_at >= LAG_EVERY_S:
+            self._take(now)
+
+    def expected(self, now: float) -> float:
+        """`typical`, taken again first if older than LAG_EVERY_S (the loop went quiet)."""
+        if now - self._taken_at >= LAG_EVERY_S:
+            self._take(now)
+        return self.typical
+
+    def _take(self, now: float) -> None:
+        lags = sorted(lag for when, lag in self._lags if when >= now - LAG_WINDOW_S)
+        self.typical = lags[int(LAG_QUANTILE * (len(lags) - 1))] if lags else 0.0
+        self._new, self._taken_at = 0, now
+
+
+def run_admitted(
+    state: ServingState, app: App, table: Table, timeout: float | None, arrived: float
+) -> Future[Table]:
+    """`app.run`, its SLO admission counting the time the request has spent in the
+    server since `arrived` (`time.monotonic`) and the wait its answer is expected to
+    have for the event loop (`DeliveryLag`)."""
+    now = time.monotonic()
+    outside = now - arrived + state.delivery.expected(now)
+    try:
+        return app.run(table, timeout=timeout, outside=outside)
+    except RuntimeError as error:
+        raise AppStopping(str(error)) from None
+
+
 def _settled(future: Future[Table]) -> Table:
     """The result of a done future (raises its exception)."""
     return future.result()
 
 
-async def _outcome(future: Future[Table], receive: Receive | None = None) -> Table:
+async def _outcome(
+    future: Future[Table], receive: Receive | None = None, lag: DeliveryLag | None = None
+) -> Table:
     """Await a concurrent future from the event loop: no wait at all when it is done
     already (a refusal), else one thread-safe wake-up when it settles (lighter than
     asyncio.wrap_future, which chains cancellation and state both ways). With
-    `receive`, a client that goes away cancels the request: its workers drop it."""
+    `receive`, a client that goes away cancels the request: its workers drop it.
+    `lag` learns how long the wake-up took."""
     if future.done():
         return _settled(future)
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
+    settled = [0.0]
 
     def wake(_: Future[Table]) -> None:
+        settled[0] = time.monotonic()
         loop.call_soon_threadsafe(_wake, waiter)
 
     future.add_done_callback(wake)
@@ -246,6 +312,9 @@ async def _outcome(future: Future[Table], receive: Receive | None = None) -> Tab
             watch.cancel()
     if future.cancelled():
         raise _Disconnected
+    if lag is not None:
+        now = time.monotonic()
+        lag.observe(now, now - settled[0])
     return _settled(future)
 
 
@@ -290,16 +359,20 @@ async def serve_predict(
     headers: Mapping[str, str],
     receive: Receive,
     reserved: bool = False,
+    arrived: float | None = None,
 ) -> tuple[int, bytes, str, Mapping[str, str]]:
     """One prediction: (status, body, media type, extra headers), metrics recorded.
     `reserved`: admitted already (the shedding protocol counted it; its caller releases).
+    `arrived`: when its headers were parsed (`time.monotonic`; default now).
     Raises _Disconnected when the client left before sending its body."""
     metrics = state.metrics.flow(name if name in state.apps else UNKNOWN_FLOW)
     started = time.perf_counter()
+    if arrived is None:
+        arrived = time.monotonic()
     status = 500
     metrics.in_flight.inc()
     try:
-        body, media = await _predict(state, name, headers, receive, reserved)
+        body, media = await _predict(state, name, headers, receive, reserved, arrived)
         status = 200
         return status, body, media, {}
     except HTTPProblem as problem:
@@ -321,18 +394,19 @@ async def _predict(
     headers: Mapping[str, str],
     receive: Receive,
     reserved: bool,
+    arrived: float,
 ) -> tuple[bytes, str]:
     app = _app_or_404(state, name)
     timeout = _timeout_s(headers.get(TIMEOUT_HEADER))
     if reserved:
-        return await _run_predict(state, app, name, timeout, headers, receive)
+        return await _run_predict(state, app, name, timeout, headers, receive, arrived)
     bound = state.in_flight[name]
     admission = state.admit(name)
     if admission is None:
         await _read_body(receive, headers.get("content-length", ""), state.max_body_bytes)
         raise state.refused(name)
     try:
-        return await _run_predict(state, app, name, timeout, headers, receive)
+        return await _run_predict(state, app, name, timeout, headers, receive, arrived)
     finally:
         bound.release(admission)
 
@@ -344,6 +418,7 @@ async def _run_predict(
     timeout: float | None,
     headers: Mapping[str, str],
     receive: Receive,
+    arrived: float,
 ) -> tuple[bytes, str]:
     body = await _read_body(receive, headers.get("content-length", ""), state.max_body_bytes)
     content_type = headers.get("content-type", JSON)
@@ -362,11 +437,8 @@ async def _run_predict(
         if coalescer is not None:
             output = await _unless_disconnected(coalescer.run(table), receive)
         else:
-            try:
-                future = app.run(table, timeout=timeout)
-            except RuntimeError as error:
-                raise AppStopping(str(error)) from None
-            output = await _outcome(future, receive)
+            future = run_admitted(state, app, table, timeout, arrived)
+            output = await _outcome(future, receive, state.delivery)
     except AppStopping as error:
         raise HTTPProblem(503, str(error), headers={"Retry-After": "1"}) from None
     except _Disconnected:
@@ -485,9 +557,9 @@ class ServingASGI(Starlette):
             return
         reserved = scope.pop(ADMITTED, None)  # a slot the shedding protocol took
         if reserved is not None:
-            name, admission = reserved
+            name, admission, parsed = reserved
             try:
-                await self._fast_predict(name, scope, receive, send, reserved=True)
+                await self._fast_predict(name, scope, receive, send, parsed)
             finally:
                 self.serving.in_flight[name].release(admission)
             return
@@ -547,12 +619,13 @@ class ServingASGI(Starlette):
         state.metrics.count_response(PREDICT_ROUTE, 503)
 
     async def _fast_predict(
-        self, name: str, scope: Scope, receive: Receive, send: Send, reserved: bool = False
+        self, name: str, scope: Scope, receive: Receive, send: Send, parsed: float | None = None
     ) -> bool:
         """Serve a prediction; False (nothing sent) when it must go the slow way: a
-        missing or wrong token, which the auth middleware answers. `reserved`: admitted
-        by the shedding protocol, which checked the token."""
+        missing or wrong token, which the auth middleware answers. `parsed`: when the
+        shedding protocol, which checked the token, parsed its headers and admitted it."""
         state = self.serving
+        reserved = parsed is not None
         headers: dict[str, str] = {}
         authorization = b""
         for key, value in scope["headers"]:
@@ -573,7 +646,7 @@ class ServingASGI(Starlette):
                 return True
         try:
             status, body, media, extra = await serve_predict(
-                state, name, headers, receive, reserved
+                state, name, headers, receive, reserved, parsed
             )
         except _Disconnected:
             return True

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from typing import TYPE_CHECKING
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -138,7 +139,7 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             if admission is None:
                 self._refuse(name)
                 return
-            self.scope[ADMITTED] = (name, admission)  # type: ignore[literal-required]
+            self.scope[ADMITTED] = (name, admission, time.monotonic())  # type: ignore[literal-required]
             cycle = self.cycle
             super().on_headers_complete()
             if self.cycle is cycle:  # no request cycle started (an upgrade)

@@ -37,6 +37,7 @@ from serveflow.serving.app import (
     _read_body,
     _timeout_s,
     _unless_disconnected,
+    run_admitted,
 )
 from serveflow.serving.auth import token_matches
 from serveflow.serving.coalesce import AppStopping, Outcome
@@ -294,6 +295,7 @@ class V2Models:
         """Run one inference as the JSON API runs a prediction; the output tensors
         (`outputs` names them, empty: every output column). Raises HTTPProblem, whose
         status says which protocol error to answer. Call it inside `measured`."""
+        arrived = time.monotonic()
         app = self.app(name, version)
         state = self.state
         bound = state.in_flight[name]
@@ -316,7 +318,7 @@ class V2Models:
         if admission is None:  # the bound was reached while the tensors were decoded
             raise state.refused(name, "model")
         try:
-            output, began = await self._run(app, name, table, timeout)
+            output, began = await self._run(app, name, table, timeout, arrived)
         finally:
             bound.release(admission)
         t2 = time.perf_counter_ns()
@@ -341,17 +343,17 @@ class V2Models:
                     seen[tensor.name] = (tensor.datatype, tuple(tensor.shape[1:]))
         return tensors
 
-    async def _run(self, app: App, name: str, table: Table, timeout: float | None) -> Outcome:
-        coalescer = self.state.coalescers.get(name) if timeout is None else None
+    async def _run(
+        self, app: App, name: str, table: Table, timeout: float | None, arrived: float
+    ) -> Outcome:
+        state = self.state
+        coalescer = state.coalescers.get(name) if timeout is None else None
         try:
             if coalescer is not None:
                 return await coalescer.run_timed(table)
+            future = run_admitted(state, app, table, timeout, arrived)
             try:
-                future = app.run(table, timeout=timeout)
-            except RuntimeError as error:
-                raise AppStopping(str(error)) from None
-            try:
-                return await _outcome(future), getattr(future, "began", None)
+                return await _outcome(future, lag=state.delivery), getattr(future, "began", None)
             except asyncio.CancelledError:
                 future.cancel()  # the client went away: its workers drop the request
                 raise
