@@ -33,7 +33,7 @@ from serveflow.errors import DeadlineError
 from serveflow.logical.operators import AnyOf
 from serveflow.logical.table import Table
 from serveflow.optimizer.plan import Plan, Stage
-from serveflow.runtime import codec
+from serveflow.runtime import codec, collector
 from serveflow.runtime import messages as m
 from serveflow.runtime.dispatch import BatchRule
 from serveflow.runtime.scheduler import follows_winner, targets
@@ -730,6 +730,7 @@ class Worker:
         self.flush_to_driver()  # said before the load starts, not only queued
         try:
             executor = StageExecutor(stage, self.kvs)
+            collector.settle()  # the stage's model lives as long as the worker
         finally:
             with self.beat_lock:
                 self.loading = None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import serveflow as sf
+from serveflow.runtime import collector
 from serveflow.serving.limits import Limits, MiB
 from serveflow.serving.loader import LoadError, load_flows
 
@@ -335,8 +335,7 @@ def _started(server: Any) -> None:
     # What exists now (modules, flows, the servers) lives as long as the process. Out of
     # the collector's sight, a full collection scans only what requests made since: over
     # the whole heap it stalled every call in flight for 40-95 ms (a p99 at 64 clients).
-    gc.collect()
-    gc.freeze()
+    collector.settle()
     if server.grpc_port is not None:
         host = f"[{server.host}]" if ":" in server.host else server.host
         print(f"serveflow: V2 gRPC on {host}:{server.grpc_port}", flush=True)
