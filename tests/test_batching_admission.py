@@ -1191,3 +1191,45 @@ def test_runtime_what_a_caller_spent_on_a_request_counts_against_its_slo() -> No
                 app.run({"a": [2]}, outside=-0.1)
     finally:
         runtime.stop()
+
+
+class _LoadsIn2s:
+    """A model that takes 2 s to load, then 2 + 0.5 ms per row."""
+
+    def __init__(self) -> None:
+        time.sleep(2.0)
+
+    def __call__(self, values: list[int]) -> list[int]:
+        time.sleep(0.002 + 0.0005 * len(values))
+        return list(values)
+
+
+def test_runtime_a_pool_that_grows_under_load_answers_none_after_a_workers_model_load():
+    # 3x what one worker serves within 100 ms, from a pool of 1 that may grow to 3: a
+    # request sent to a worker that had not loaded the model waited for its load
+    flow = sf.Flow("grows")
+    flow.map(_LoadsIn2s, names=["y"], col="a", batching=sf.Batching(slo_ms=100), name="m")
+    runtime = sf.LocalRuntime(min_workers=1, max_workers=3)
+    try:
+        with flow.deploy(runtime=runtime) as app:
+            for i in range(50):  # the model loads on the first worker; calls are timed
+                app.run({"a": [i]}).result(timeout=30)
+            gaps = np.random.default_rng(3).exponential(1 / 1500, 4500)
+            called, futures, ends = [], [], {}
+            start = time.monotonic()
+            for i, when in enumerate(start + np.cumsum(gaps)):
+                time.sleep(max(0.0, when - time.monotonic()))
+                called.append(time.monotonic())
+                futures.append(app.run({"a": [i]}, timeout=30))
+                futures[-1].add_done_callback(lambda _, i=i: ends.__setitem__(i, time.monotonic()))
+            answered = []
+            for i, future in enumerate(futures):
+                with contextlib.suppress(sf.OverloadError):
+                    future.result(timeout=30)
+                    answered.append(ends[i] - called[i])
+            grew = app.stats()["m"]["workers"]
+    finally:
+        runtime.stop()
+    assert grew > 1, grew  # the pool grew meanwhile
+    assert len(answered) >= 1000, len(answered)
+    assert max(answered) < 1.0, sorted(answered)[-5:]  # not a model's load of 2 s

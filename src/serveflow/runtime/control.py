@@ -562,7 +562,9 @@ class ControlPlane:
             now,
             lambda ready: app.controllers[index].first_free(ready, now),
         )
-        warm = [w for w, load in pool.items() if key in load.warm] or list(pool)
+        # not those still loading it while others have (a request there waits for the load)
+        warm = [w for w, load in pool.items() if key in load.warm and key not in load.loading]
+        warm = warm or [w for w, load in pool.items() if key in load.warm] or list(pool)
         warm.sort(reverse=key in self._scheduler.high)  # its `rank` (see `_confine`)
         return warm[: decision.workers], worker
 
