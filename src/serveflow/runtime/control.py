@@ -939,6 +939,11 @@ class ControlPlane:
             w.busy_since = busy_since
             w.heard_at = w.beat_at = time.monotonic()
             available = w.load.loading_now is None and not w.load.silent
+            if loading is None and w.load.loading_now is not None:
+                # it loaded that stage: routing sends it that stage's runs now, not once
+                # its next report (up to STATS_EVERY_S later) counts the cold start
+                w.load.loading.discard(w.load.loading_now)
+                w.load.background.discard(w.load.loading_now)
             w.load.loading_now, w.load.silent = loading, False
             if not available and loading is None:
                 self._route_waiting()  # it takes runs again
