@@ -34,7 +34,9 @@ from serveflow.runtime.worker import DRIVER, socket_path
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
-WORKER_MAIN = "from serveflow.runtime.worker import main; main()"
+# Lowered first (`LocalRuntime`'s worker_niceness): the interpreter's start and imports take
+# ~0.5 s of CPU, and a pool growing in a surge starts several at once next to the driver
+WORKER_MAIN = "import os; os.nice({niceness}); from serveflow.runtime.worker import main; main()"
 FROM_WORKERS = (m.Hello, m.Result, m.Done, m.Located, m.Beat, m.Stats)
 _PING = b""  # the engine to its own receiver (no message encodes to nothing)
 # The thread-count variables of the native math libraries user code loads (OpenMP,
@@ -121,7 +123,13 @@ class ProcessEngine:
         multiprocessing) that finds the user's modules on our sys.path."""
         env = worker_environment(self._worker_threads, device, self._hide_gpus)
         process = subprocess.Popen(
-            [sys.executable, "-c", WORKER_MAIN], stdin=subprocess.PIPE, env=env
+            [
+                sys.executable,
+                "-c",
+                WORKER_MAIN.format(niceness=int(self._options.get("niceness", 0))),
+            ],
+            stdin=subprocess.PIPE,
+            env=env,
         )
         config = {
             "index": index,

@@ -887,7 +887,6 @@ def main() -> None:
     config = json.loads(sys.stdin.buffer.readline())
     die_with_parent(config["parent"])
     options = config["options"]
-    os.nice(options.get("niceness", 0))
     logging.basicConfig(level=options.get("log_level", logging.WARNING))
     threading.Thread(target=watch_driver, name="serveflow:watchdog", daemon=True).start()
     Worker(config["index"], config["dir"], config["kvs"], options).serve()
