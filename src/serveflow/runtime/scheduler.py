@@ -451,8 +451,8 @@ class Scheduler:
         if loaded and ranked[0] not in loaded:
             # the stage scales out to a worker that has not loaded it: the load is asked
             # for now, and a loaded worker takes the request. Sent there, it waited for
-            # the load (min 1, max 4 workers, 3x a worker's rate at an SLO of 100 ms, a
-            # model loading in 2 s: 300 answered up to 2 s late as the pool grew)
+            # the load (min 1, max 4 workers, 3,000/s at an SLO of 100 ms, a model
+            # loading in 2 s: 300 answered up to 2 s late as the pool grew)
             took = self._cold(key, pool, ranked[0])
             ranked = [w for w in ranked if w in took] or ranked
         ready = [w for w in loaded if not pool[w].held_up]
