@@ -988,11 +988,14 @@ class _LoadsSlowly:
         return list(values)
 
 
-def _burst(app: sf.App, n: int) -> tuple[list[float], list[float]]:
-    """`n` requests sent to `app` at once: (seconds from each call to its answer, to
-    its refusal)."""
+def _burst(app: sf.App, n: int, gaps: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+    """`n` requests sent to `app` at once (or `gaps` seconds apart): (seconds from each
+    call to its answer, to its refusal)."""
     called, futures, ends = [], [], {}
+    due = time.monotonic() + (np.zeros(n) if gaps is None else np.cumsum(gaps))
     for i in range(n):
+        if (wait := due[i] - time.monotonic()) > 0:
+            time.sleep(wait)
         called.append(time.monotonic())
         futures.append(app.run({"a": [i]}, timeout=30))
         futures[-1].add_done_callback(lambda _, i=i: ends.__setitem__(i, time.monotonic()))
@@ -1215,18 +1218,7 @@ def test_runtime_a_pool_that_grows_under_load_answers_none_after_a_workers_model
             for i in range(50):  # the model loads on the first worker; calls are timed
                 app.run({"a": [i]}).result(timeout=30)
             gaps = np.random.default_rng(3).exponential(1 / 1500, 4500)
-            called, futures, ends = [], [], {}
-            start = time.monotonic()
-            for i, when in enumerate(start + np.cumsum(gaps)):
-                time.sleep(max(0.0, when - time.monotonic()))
-                called.append(time.monotonic())
-                futures.append(app.run({"a": [i]}, timeout=30))
-                futures[-1].add_done_callback(lambda _, i=i: ends.__setitem__(i, time.monotonic()))
-            answered = []
-            for i, future in enumerate(futures):
-                with contextlib.suppress(sf.OverloadError):
-                    future.result(timeout=30)
-                    answered.append(ends[i] - called[i])
+            answered, _ = _burst(app, len(gaps), gaps)
             grew = app.stats()["m"]["workers"]
     finally:
         runtime.stop()
