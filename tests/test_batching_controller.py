@@ -158,6 +158,24 @@ def test_warm_up_under_a_backlog_tries_sizes_whose_merged_calls_are_new() -> Non
     assert controller.decision(now).predicted_ms is not None  # planned, not warming up
 
 
+def test_warm_up_under_a_light_load_that_fills_each_batch_tries_another_size() -> None:
+    """Requests a few milliseconds apart fill the warm-up's batch of 2 well within its
+    wait, and no backlog merges two: a warm-up that kept planning 2 (for the untried
+    size 1) saw only calls of 2 and kept its plan for good (2 + 0.5 ms per row, SLO 1
+    s, 100/s: a burst later ran in calls of 4, and admission refused most of it)."""
+    controller = BatchingController(sf.Batching(slo_ms=1000), 2)
+    now = 0.0
+    for _ in range(3):  # a plan every replan_s
+        size = controller.decision(now).max_size  # each batch fills
+        for _ in range(40):
+            now += 0.01
+            controller.on_arrival(now)
+            controller.on_batch_done(size, 0.002 + 0.0005 * size, now=now)
+        now += controller.replan_s
+    assert controller.profile.ready
+    assert controller.decision(now).predicted_ms is not None  # planned, not warming up
+
+
 def test_warm_up_ends_with_max_size_1_and_the_plan_scales_out() -> None:
     """With max_size=1 every call has one request: the profile's one size is all
     there is to learn. Waiting for a second size kept the stage in warm-up for good,
