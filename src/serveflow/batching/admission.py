@@ -140,6 +140,33 @@ class _Worker:
     # calls taken to have ended, their reports still to come (ends not seen as they happen)
     unreported: deque[_Call] = field(default_factory=lambda: deque(maxlen=UNREPORTED))
     cold: bool = False  # it loaded the stage for its next call (see `loading`)
+    cut: _Cut | None = None  # its queue cut into calls, all but the last (`_closed`)
+
+
+@dataclass(eq=False)
+class _Cut:
+    """A worker's queue cut into calls, all but the last (`StageLedger._closed`): from
+    `free`; from `free` + d, the same calls, each d later, for d in [`low`, `high`]."""
+
+    key: tuple[float, int]  # the overhead median and plan it was cut with
+    free: float
+    first: int = 0  # the last call's first request: its index in the queue, ...
+    opener: _Entry | None = None  # ... and itself
+    last: float = -math.inf  # when the worker is free for the last call
+    low: float = -math.inf
+    high: float = math.inf
+    # of each call before the last: its end, and its oldest request's deadline and due
+    calls: list[tuple[float, float, float]] = field(default_factory=list)
+
+    def shift(self, d: float) -> None:
+        """The same cut from `free` + d."""
+        self.free, self.last, self.low, self.high = (
+            self.free + d,
+            self.last + d,
+            self.low - d,
+            self.high - d,
+        )
+        self.calls = [(end + d, deadline, due) for end, deadline, due in self.calls]
 
 
 class _Basis(NamedTuple):
@@ -149,7 +176,6 @@ class _Basis(NamedTuple):
     high: float
     base: float
     stretch: float
-    entries: list[_Entry]
 
 
 class _Prediction(NamedTuple):  # not a frozen dataclass: made per arrival, 3x as fast
@@ -207,6 +233,7 @@ class StageLedger:
         self.merge = 1
         self.rate = 0.0
         self._service = [0.0, 0.0]  # seconds by requests per call (index 0 unused)
+        self._plans = 0  # how many were made (queues cut under an earlier one are cut again)
         self._workers: dict[int, _Worker] = {}
         self._where: dict[int, int] = {}  # an entered request's worker, until its call ends
         # (end, the residual less the excess at its time, the residual, the call's
@@ -247,6 +274,7 @@ class StageLedger:
         if len(service) < self.merge + 1:
             raise ValueError(f"StageLedger.plan: service_s needs {self.merge + 1} entries")
         self._service = service.tolist()  # floats: read per arrival
+        self._plans += 1
         # a worker's most requests per second: at its most efficient call size
         self._fastest = max(n / max(self._service[n], 1e-9) for n in range(1, self.merge + 1))
         self._stretch_span = STRETCH_CALLS * self._service[self.merge]
@@ -493,28 +521,39 @@ class StageLedger:
         request reaches the worker, if later than `now` (see `admit`); `basis`: what
         predictions on `w` share whatever the time, from `_basis(w, overloaded)`."""
         at = now if at is None else at
-        median, high, base, stretch, entries = basis or self._basis(w, overloaded)
+        median, high, base, stretch = basis or self._basis(w, overloaded)
+        entries = w.queue
         unseen = min(now, w.run.start) if w.run is not None else now
         span = self._stretch_span
-        sents = [e.sent for e in entries]
-        sents.append(max(at, sents[-1]) if sents else at)
+        sent = max(at, entries[-1].sent) if entries else at
         free = self._frees(w, now, median)
         ahead = self._lanes.view(w.index, self)
         crowded = False  # another stage's calls run there first
         if ahead is not None:
-            own = max(free, sents[0])
-            free = ahead.wait(sents[0] + self.slack, free, own)
+            head = entries[0].sent if entries else sent
+            own = max(free, head)
+            free = ahead.wait(head + self.slack, free, own)
             crowded = free > own
-        first, start, end, fits = 0, now, now, True
-        for call in self._cut(sents, free, median, ahead):
+        closed = self._closed(w, free, median, ahead)
+        # the requests queued meet their SLOs: each call's oldest does
+        fits = all(
+            end <= deadline and end + base + stretch * min(end - unseen, span) <= due
+            for end, deadline, due in closed.calls
+        )
+        last = _last(entries, len(entries) - closed.first)
+        sents = [e.sent for e in last]
+        sents.append(sent)
+        first, start, end = 0, now, now
+        for call in self._cut(sents, closed.last, median, ahead):
             first, take, start, end = call
-            if first < len(entries) and (
-                end > entries[first].deadline
-                or end + base + stretch * min(end - unseen, span) > entries[first].due
+            if first < len(last) and (
+                end > last[first].deadline
+                or end + base + stretch * min(end - unseen, span) > last[first].due
             ):
                 fits = False  # that call's oldest request would miss its SLO
             if first + take == len(sents):
                 break
+        first += closed.first
         # A worker with nothing to run before this request serves it as soon as the
         # stage can: refusing it would help no other request, and the stage would
         # stop learning (no calls, no residuals) while a tail of stalls inflates its
@@ -539,8 +578,8 @@ class StageLedger:
         and quantile (see `overhead`), the base and stretch of the margin, the queue."""
         median, high = self.overhead(overloaded, w)
         if not overloaded:
-            return _Basis(median, high, high, 0.0, list(w.queue))
-        return _Basis(median, high, self.overhead(w=w)[1], self._stretch, list(w.queue))
+            return _Basis(median, high, high, 0.0)
+        return _Basis(median, high, self.overhead(w=w)[1], self._stretch)
 
     def _frees(self, w: _Worker, now: float, median: float) -> float:
         """When worker `w` is expected to be free for its queue: its running call's
@@ -566,9 +605,10 @@ class StageLedger:
         self, sents: Sequence[float], free: float, median: float, ahead: _Ahead | None = None
     ) -> Iterator[tuple[int, int, float, float]]:
         """The calls a worker free from `free` makes of requests queued at `sents` (in
-        order), as `BatchRule` cuts them: (first, requests, start, end) each, the next
-        one starting a typical overhead after the end of the one before, and after
-        the other stages' calls there that come first (`ahead`, when given)."""
+        order, none sent before the one ahead of it), as `BatchRule` cuts them:
+        (first, requests, start, end) each, the next one starting a typical overhead
+        after the end of the one before, and after the other stages' calls there that
+        come first (`ahead`, when given)."""
         i, n = 0, len(sents)
         while i < n:
             start = max(free, sents[i])
@@ -576,16 +616,69 @@ class StageLedger:
                 full = i + self.size - 1  # the request that fills the batch
                 filled = sents[full] if full < n else math.inf
                 start = max(start, min(sents[i] + self.timeout_s, filled))
-            waiting = i
-            while waiting < n and sents[waiting] <= start:
-                waiting += 1
-            waiting -= i
+            waiting = bisect_right(sents, start, i, n) - i
             take = min(waiting, self.merge if waiting > self.size else self.size)
             end = start + self._service[take]
             yield i, take, start, end
             i, free = i + take, end + median
             if ahead is not None and i < n:
                 free = ahead.wait(sents[i] + self.slack, free, max(free, sents[i]))
+
+    def _closed(self, w: _Worker, free: float, median: float, ahead: _Ahead | None) -> _Cut:
+        """Worker `w`'s queue cut into calls from `free`, all but the last one. A request
+        appended to the queue changes its last call only (each call before took all
+        that was waiting, or all it could), and while the worker runs late (`free`
+        later each time) a backlog makes the same calls, later: the cut is kept, and
+        each arrival cuts the last call only, until the queue is cut otherwise (a call
+        begins, a request leaves; `free` moves the calls' starts past their requests'
+        arrivals; `median` or the plan change). Cut whole for each arrival, a burst of
+        2,000 on 2 workers (2 + 0.5 ms per row, SLO 1 s) spent 0.41 s of 2.1 in
+        `_cut`. With other stages' calls to wait for (`ahead`), it is cut whole."""
+        queue, cut, key = w.queue, w.cut, (median, self._plans)
+        if ahead is not None:
+            return _Cut(key, free, last=free)
+        if (
+            cut is None
+            or cut.key != key
+            or not cut.low <= free - cut.free <= cut.high
+            or len(queue) <= cut.first
+            or queue[cut.first] is not cut.opener  # (requests before it left)
+        ):
+            cut = w.cut = _Cut(key, free, opener=queue[0] if queue else None, last=free)
+        elif free != cut.free:
+            cut.shift(free - cut.free)
+        left = len(queue) - cut.first
+        if left > 1:
+            last = _last(queue, left)
+            sents, first = [e.sent for e in last], 0
+            for first, take, start, end in self._cut(sents, cut.last, median):
+                if first + take == left:
+                    break
+                low, high = self._room(sents, first, take, start, cut.last)
+                cut.low, cut.high = max(cut.low, low), min(cut.high, high)
+                cut.calls.append((end, last[first].deadline, last[first].due))
+                cut.last = end + median
+            cut.first += first
+            cut.opener = last[first]
+        return cut
+
+    def _room(
+        self, sents: Sequence[float], first: int, take: int, start: float, free: float
+    ) -> tuple[float, float]:
+        """How much earlier or later than `free` a worker may free for the call of
+        `take` requests from `first` (of requests queued at `sents`) starting at
+        `start`, and make the same call that much earlier or later: as long as it
+        starts when the worker frees, with the same requests waiting (all it could
+        take, or all there were)."""
+        if start > free:  # when its requests came (or their batch was due)
+            return 0.0, 0.0
+        low = sents[first + take - 1] - start
+        if self.timeout_s:
+            full = first + self.size - 1
+            due = min(sents[first] + self.timeout_s, sents[full] if full < len(sents) else math.inf)
+            low = max(low, due - start)
+        after = sents[first + take] - start
+        return low, math.inf if after <= 0 else math.nextafter(after, -math.inf)
 
     def _advance(self, w: _Worker, now: float) -> None:
         """Worker `w`'s calls due by `now`: a free worker starts the call its queue
@@ -720,8 +813,9 @@ class StageLedger:
         entry = self._unqueue(self._workers[was], rid)
         if entry is None:
             return
-        entry.sent = max(entry.sent, now)
-        self._worker(worker).queue.append(entry)
+        queue = self._worker(worker).queue
+        entry.sent = max(entry.sent, now, queue[-1].sent if queue else now)  # in order
+        queue.append(entry)
         self._where[rid] = worker
 
     def finished(
@@ -987,16 +1081,22 @@ class StageLedger:
             w = self._worker(k)
             self._advance(w, now)
             median = self.overhead(w=w)[0]
-            free, sents = self._frees(w, now, median), [e.sent for e in w.queue]
+            free, queue = self._frees(w, now, median), w.queue
             ahead = self._lanes.view(w.index, self)
-            if ahead is not None and sents:  # as `_predict`, other stages' calls first
-                free = ahead.wait(sents[0] + self.slack, free, max(free, sents[0]))
-            for _, _, _, end in self._cut(sents, free, median, ahead):
+            if ahead is not None and queue:  # as `_predict`, other stages' calls first
+                free = ahead.wait(queue[0].sent + self.slack, free, max(free, queue[0].sent))
+            closed = self._closed(w, free, median, ahead)
+            free = closed.last
+            last = _last(queue, len(queue) - closed.first)
+            for _, _, _, end in self._cut([e.sent for e in last], free, median, ahead):
                 free = end + median
             if ahead is not None:
                 free = ahead.wait(now + self.slack, free, max(free, now))
-            if (max(free, now), free) < first:
-                best, first = k, (max(free, now), free)
+            # to the nanosecond: kept (`_closed`), a cut's sums differ from a whole
+            # recut's in their last bits, and workers that tie are picked in order
+            soonest = (round(max(free, now), 9), round(free, 9))
+            if soonest < first:
+                best, first = k, soonest
         return best
 
 
@@ -1082,6 +1182,13 @@ class _Ahead:
                         self.taken[k] += 1
                         more = True
         return max(start, free)
+
+
+def _last(queue: deque[_Entry], n: int) -> list[_Entry]:
+    """The last `n` entries of `queue`, in order (without walking the rest)."""
+    last = list(islice(reversed(queue), n))
+    last.reverse()
+    return last
 
 
 def _replace(items: deque, old: object, new: object) -> None:
