@@ -397,33 +397,6 @@ def test_a_loose_slo_waits_at_most_a_second_for_a_batch_to_fill(slo_ms) -> None:
     assert BatchingController(loose, 2, profile=_profile()).space().longest_wait == 3.0
 
 
-def test_a_surge_is_planned_for_as_soon_as_admission_sees_it() -> None:
-    # Planned for 100/s (2 + 0.5 ms per row, SLO 1 s), a burst at 8,000/s: its plan
-    # waited for the next shift check (every 0.25 s), by then a burst of 2,000 was
-    # sent under the plan for 100/s, and admission refused what that plan's calls
-    # would serve late
-    surges = []
-    controller = BatchingController(
-        sf.Batching(slo_ms=1000), 2, held_workers=2, on_surge=lambda: surges.append(1)
-    )
-    now, rid, size = 0.0, 0, 1
-    for _ in range(300):  # 100/s for 3 s, the calls of each plan's size; planned each 0.1 s
-        now, rid = now + 0.01, rid + 1
-        controller.on_arrival(now)
-        controller.admit_at(now, rid, [0, 1])
-        if rid % 10 == 0:
-            size = controller.decision(now).max_size
-        controller.on_batch_done(size, 0.002 + 0.0005 * size, now=now)
-    before = controller.decision(now)
-    assert before.predicted_ms is not None and not surges  # planned, for 100/s
-    for _ in range(48):  # 8,000/s, for 6 ms (the last 0.5 s: 196/s, no step up by itself)
-        now, rid = now + 1.25e-4, rid + 1
-        controller.on_arrival(now)
-        controller.admit_at(now, rid, [0, 1])
-    assert surges
-    assert controller.decision(now).max_size > before.max_size
-
-
 def test_a_burst_is_judged_at_its_own_rate_within_a_few_milliseconds() -> None:
     # The rate admission judges an overload by was taken every 50 ms: a burst of 1,000
     # sent in 40 ms after a quiet second was judged at the quiet rate throughout, and

@@ -40,7 +40,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from serveflow.batching.admission import Lanes, StageLedger
-from serveflow.batching.arrivals import MAP, STEP_UP, ArrivalLog
+from serveflow.batching.arrivals import MAP, ArrivalLog
 from serveflow.batching.model import (
     Prediction,
     buffer_laws,
@@ -187,8 +187,7 @@ class BatchingController:
     (else 60% of the SLO) or none (greedy: what is queued, up to the size; simulated,
     `simulate.predict_simulated`), 1..`max_workers` workers. `searcher` runs each search
     (default `search_here`) and `fitter` each periodic re-plan's fit of the arrivals
-    (default `fit_arrivals`): a runtime may run them in another process. `on_surge` is
-    called when admission sees arrivals surge: `decision` wants calling then.
+    (default `fit_arrivals`): a runtime may run them in another process.
     """
 
     def __init__(
@@ -205,7 +204,6 @@ class BatchingController:
         searcher: Searcher | None = None,
         fitter: Fitter | None = None,
         lanes: Lanes | None = None,
-        on_surge: Callable[[], None] | None = None,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"BatchingController: max_workers must be >= 1, got {max_workers}")
@@ -229,8 +227,6 @@ class BatchingController:
         self._fitted: MAP | None = None
         self._planned_at = -math.inf
         self._shift_checked_at = -math.inf
-        self._surged_at = -math.inf  # when admission last saw arrivals surge (`_sync_ledger`)
-        self._on_surge = on_surge
         self._cache: dict[tuple, Decision] = {}
         self._basis: np.ndarray | None = None  # what the current plan was made for
         self.arrived = 0
@@ -534,9 +530,6 @@ class BatchingController:
         ):
             self.ledger.arriving(since / (now - self._rated_at))
             self._rated_at, self._rated_count = now, self.arrived
-            self._surged_at = now
-            if self._on_surge is not None:
-                self._on_surge()  # a plan for it is wanted now (see `decision`)
         if basis == self._ledger_basis:
             return
         self._ledger_basis = basis
@@ -558,14 +551,8 @@ class BatchingController:
             # the arrivals of the second second while the first plan waited 2 s
             every = self.replan_s if self._fitted is not None else SHIFT_CHECK_S
             due = now - self._planned_at >= every
-            # A surge admission saw is checked at once, and judged by its own rate:
-            # checked every SHIFT_CHECK_S, by the last STEP_S's, a burst of 2,000 at
-            # 10,000/s after 100/s was sent whole under the plan for 100/s (calls of
-            # 4) in 3 runs of 5, and admission refused 148-956 of it that a plan for
-            # the burst answered within the SLO of 1 s.
-            surged = self._surged_at > self._shift_checked_at
             check = self._fitted is not None and (
-                due or surged or now - self._shift_checked_at >= SHIFT_CHECK_S
+                due or now - self._shift_checked_at >= SHIFT_CHECK_S
             )
             if not due and not check:
                 return self._decision
@@ -575,16 +562,9 @@ class BatchingController:
                 # ended): re-plan now, not at the next period
                 due = due or self._service_moved()
             window, planned_for = self.arrivals.snapshot(now), self._fitted
-            surge = (
-                surged
-                and planned_for is not None
-                and self.ledger.rate > STEP_UP * float(planned_for.phase_rates.max())
-            )
         # Arrivals are fitted on a copy, outside the lock: a fit takes a core for tens
         # of milliseconds, and every arrival and every result needs the lock.
-        shifted = planned_for is not None and (
-            surge or window.rate_shift(now, planned_for, SHIFT_WINDOW_S)
-        )
+        shifted = planned_for is not None and window.rate_shift(now, planned_for, SHIFT_WINDOW_S)
         if shifted:
             log.info("arrival rate shift detected: re-planning")
         elif not due:

@@ -161,7 +161,6 @@ class DeployedApp(App):
                     searcher=planner.search,
                     fitter=planner.fit,
                     lanes=control.lanes(),
-                    on_surge=control.replan_now,
                 )
                 for i in adaptive
             }
@@ -363,7 +362,6 @@ class ControlPlane:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._stopping = False
-        self._replan = threading.Event()  # the planning round is wanted now (`replan_now`)
         self._failed_starts = 0
         self._unrouted: deque[tuple[DeployedApp, Request]] = deque()
         # competing runs (they may go on after their request ended) charged to workers
@@ -384,10 +382,6 @@ class ControlPlane:
             if self._lanes is None:
                 self._lanes = Lanes(self._unmirrored_until)
             return self._lanes
-
-    def replan_now(self) -> None:
-        """Run the planning round now, not at its next period (see `_plan`)."""
-        self._replan.set()
 
     def _unmirrored_until(self, worker: int, app: int) -> float:
         """When `worker` is done with the runs of stages of other apps than `app` that
@@ -1076,8 +1070,7 @@ class ControlPlane:
         flow-level SLO by the service times measured so far."""
         next_split = time.monotonic() + RESPLIT_EVERY_S
         while not self._stopping:
-            self._replan.wait(PLAN_EVERY_S)
-            self._replan.clear()
+            time.sleep(PLAN_EVERY_S)
             try:
                 if time.monotonic() >= next_split:
                     next_split = time.monotonic() + RESPLIT_EVERY_S
@@ -1480,7 +1473,6 @@ class ControlPlane:
             if self._stopping:
                 return
             self._stopping = True
-        self._replan.set()
         for thread in self._threads:
             thread.join()
         self.engine.stop()
