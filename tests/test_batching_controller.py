@@ -162,7 +162,7 @@ def test_warm_up_under_a_light_load_that_fills_each_batch_tries_another_size() -
     """Requests a few milliseconds apart fill the warm-up's batch of 2 well within its
     wait, and no backlog merges two: a warm-up that kept planning 2 (for the untried
     size 1) saw only calls of 2 and kept its plan for good (2 + 0.5 ms per row, SLO 1
-    s, 100/s: a burst later ran in calls of 4, and admission refused most of it)."""
+    s, 100/s: a burst of 2,000 later met calls of 4, and admission refused up to 956)."""
     controller = BatchingController(sf.Batching(slo_ms=1000), 2)
     now = 0.0
     for _ in range(3):  # a plan every replan_s
