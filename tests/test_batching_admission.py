@@ -542,14 +542,6 @@ def test_a_burst_queued_deep_is_not_charged_short_calls_jitter_over_its_whole_wa
     assert verdicts[-1].latency_s < 0.7
 
 
-class _Recut(StageLedger):
-    """A ledger that cuts each worker's whole queue for every prediction."""
-
-    def _closed(self, w, *args):  # type: ignore[no-untyped-def]
-        w.cut = None
-        return super()._closed(w, *args)
-
-
 @pytest.mark.parametrize("seed", range(24))
 def test_an_arrival_predicted_from_the_kept_cut_of_its_workers_queue_meets_a_whole_recut(
     seed: int,
@@ -558,8 +550,10 @@ def test_an_arrival_predicted_from_the_kept_cut_of_its_workers_queue_meets_a_who
     # arrival) or reported early, requests reaching the stage later (a stage after
     # others), ends seen or reported, failures, requests forgotten and moved, plans
     # changed: each verdict is the one a ledger cutting every queue whole gives
+    from benchmarks.admission_cost import WholeCut
+
     rng = np.random.default_rng(seed)
-    ledgers = (StageLedger(), _Recut())
+    ledgers = (StageLedger(), WholeCut())
     gap, together, ends = rng.choice([0.0005, 0.002, 0.01]), rng.random(), rng.random() / 4
     seen, later = rng.random() < 0.7, rng.random() / 2  # ends seen; requests arriving later
 

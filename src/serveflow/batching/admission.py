@@ -540,8 +540,7 @@ class StageLedger:
             end <= deadline and end + base + stretch * min(end - unseen, span) <= due
             for end, deadline, due in closed.calls
         )
-        last = _last(entries, len(entries) - closed.first)
-        sents = [e.sent for e in last]
+        last, sents = _from(entries, closed.first)
         sents.append(sent)
         first, start, end = 0, now, now
         for call in self._cut(sents, closed.last, median, ahead):
@@ -651,8 +650,8 @@ class StageLedger:
             cut.shift(free - cut.free)
         left = len(queue) - cut.first
         if left > 1:
-            last = _last(queue, left)
-            sents, first = [e.sent for e in last], 0
+            last, sents = _from(queue, cut.first)
+            first = 0
             for first, take, start, end in self._cut(sents, cut.last, median):
                 if first + take == left:
                     break
@@ -1089,8 +1088,7 @@ class StageLedger:
                 free = ahead.wait(queue[0].sent + self.slack, free, max(free, queue[0].sent))
             closed = self._closed(w, free, median, ahead)
             free = closed.last
-            last = _last(queue, len(queue) - closed.first)
-            for _, _, _, end in self._cut([e.sent for e in last], free, median, ahead):
+            for _, _, _, end in self._cut(_from(queue, closed.first)[1], free, median, ahead):
                 free = end + median
             if ahead is not None:
                 free = ahead.wait(now + self.slack, free, max(free, now))
@@ -1186,11 +1184,12 @@ class _Ahead:
         return max(start, free)
 
 
-def _last(queue: deque[_Entry], n: int) -> list[_Entry]:
-    """The last `n` entries of `queue`, in order (without walking the rest)."""
-    last = list(islice(reversed(queue), n))
-    last.reverse()
-    return last
+def _from(queue: deque[_Entry], first: int) -> tuple[list[_Entry], list[float]]:
+    """The entries of `queue` from index `first` on, in order, and their send times
+    (without walking the ones before)."""
+    entries = list(islice(reversed(queue), len(queue) - first))
+    entries.reverse()
+    return entries, [e.sent for e in entries]
 
 
 def _replace(items: deque, old: object, new: object) -> None:
