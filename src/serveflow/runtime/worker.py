@@ -654,6 +654,11 @@ class Worker:
         self.run_serial += 1
         try:
             self.in_call = live
+            # a cancellation taken after `live` was (while the main thread loaded the
+            # stage, or waited for the GIL) found no call to interrupt; one taken
+            # from here on finds this one (`cancel_now` records before it looks)
+            if all(self.is_cancelled(t) for t in live):
+                raise Interrupted
             results = self.call(executor, [t.inputs for t in live], should_stop)
         except Interrupted:
             results = [stopped(stage) for _ in live]
