@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import serveflow as sf
 from serveflow.serving import Server, coalesce
+from serveflow.serving.app import LoopTurns
 from serveflow.serving.coalesce import PROBE_EVERY_S, Coalescer
 
 TIMEOUT = 10
@@ -37,10 +38,19 @@ def failing_flow() -> sf.Flow:
     return flow
 
 
-def slow_flow() -> sf.Flow:
+def slow_flow(slo_ms: float | None = None) -> sf.Flow:
+    """Rows that sleep `s` seconds; with `slo_ms`, in one SLO batching stage."""
     flow = sf.Flow("slow", schema={"s": float})
-    flow.map(lambda r: time.sleep(r["s"]) or r["s"], names=["slept"], name="nap")
+    if slo_ms is None:
+        flow.map(lambda r: time.sleep(r["s"]) or r["s"], names=["slept"], name="nap")
+    else:
+        flow.map(_nap_rows, names=["slept"], name="nap", batching=sf.Batching(slo_ms=slo_ms))
     return flow
+
+
+def _nap_rows(table: sf.Table) -> list[float]:
+    time.sleep(max(table.column("s")))
+    return table.column("s")
 
 
 def tensor_flow() -> sf.Flow:
@@ -606,14 +616,37 @@ def _send_and_leave(url: str, request: bytes) -> None:
         time.sleep(0.05)  # the server parses the headers before the connection closes
 
 
-def test_every_way_a_request_ends_frees_its_admission_slot():
-    app = slow_flow().deploy()
+@pytest.mark.parametrize("slo_ms", [None, 5000.0])
+def test_every_way_a_request_ends_frees_its_admission_slot(slo_ms):
+    # with an SLO stage, a request read whole is run from the HTTP parser (`run_at_door`),
+    # its task started only then: one whose body never comes has no task to free its slot
+    app = slow_flow(slo_ms).deploy()
     with Server({"slow": app}, port=0, max_in_flight=2) as srv:
         url = f"{srv.url}/v1/flows/slow/predict"
         head = "POST /v1/flows/slow/predict HTTP/1.1\r\nHost: x\r\n"
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = b'{"rows": [{"s": 0.0}]}'
         for _ in range(3):  # a leaked slot per round would leave none after two rounds
             # the client leaves after the headers, its body never sent
             _send_and_leave(srv.url, (head + "Content-Length: 100\r\n\r\n").encode())
+            # ... after half its body
+            _send_and_leave(
+                srv.url, (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:9]
+            )
+            # bodies that come later, in chunks, or once the server says to send them
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+                sock.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode())
+                time.sleep(0.05)
+                sock.sendall(body)
+                chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+                sock.sendall((head + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunked)
+                expect = f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n"
+                sock.sendall((head + expect).encode())
+                answers = _answers(sock, 3)
+                assert answers[-1].startswith(b"HTTP/1.1 100"), answers  # (no body yet)
+                sock.sendall(body)
+                answers += _answers(sock, 1)
+                assert [a.split(b" ")[1] for a in answers] == [b"200", b"200", b"100", b"200"]
             # an upgrade request: the server may take it off the HTTP request path
             upgrade = head + (
                 "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
@@ -942,3 +975,27 @@ def test_the_wait_for_the_event_loop_after_an_answer_is_its_recent_median() -> N
     assert lag.expected(0.75) == pytest.approx(0.05)  # the loop got busy
     # the loop went quiet: what it waited a second ago says nothing of the next answer
     assert lag.expected(0.75 + LAG_WINDOW_S) == 0.0
+
+
+def test_a_request_read_after_a_long_turn_of_the_event_loop_counts_it_as_waited():
+    """Its bytes may have come as that turn began: the server counts the wait against
+    the SLO (`LoopTurns.since`). An idle loop stops marking turns: nothing is owed."""
+    turns = LoopTurns()
+
+    async def turns_of_a_busy_loop() -> tuple[float, float, bool]:
+        loop = asyncio.get_running_loop()
+        turns.reading(loop)  # a request read: turns are marked from now
+        await asyncio.sleep(0)
+        time.sleep(0.05)  # this turn runs 50 ms (the other requests' work)
+        turns.reading(loop)  # ... and reads another request
+        await asyncio.sleep(0)
+        now = time.monotonic()
+        waited = now - turns.since(now)
+        for _ in range(3):  # turns that read nothing
+            await asyncio.sleep(0)
+        now = time.monotonic()
+        return waited, now - turns.since(now), turns.ticking
+
+    waited, idle, ticking = asyncio.run(turns_of_a_busy_loop())
+    assert waited >= 0.05
+    assert idle == 0.0 and not ticking

@@ -123,6 +123,13 @@ class App(abc.ABC):
             self._in_flight.discard(request)
         self._finish(request, failed)
 
+    @property
+    def sheds_at_once(self) -> bool:
+        """Whether `run` may refuse a request at once for an SLO (its future already
+        failed with OverloadError when `run` returns): a server may then run the
+        request as soon as it has read it, and answer a refusal on the spot."""
+        return False
+
     def refuses_outright(self) -> OverloadError | None:
         """The refusal any request arriving now gets without being looked at: an SLO
         batching stage it must pass sheds every arrival until a later moment (counted

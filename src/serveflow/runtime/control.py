@@ -265,6 +265,12 @@ class DeployedApp(App):
             )
         return OverloadError(f"stage {stage.name!r} cannot meet {slo} at this load; request shed")
 
+    @property
+    def sheds_at_once(self) -> bool:
+        return any(
+            c.policy.adaptive and c.policy.on_overload == "shed" for c in self.controllers.values()
+        )
+
     def refuses_outright(self) -> OverloadError | None:
         # as `ControlPlane._admit` would: its first SLO stage, unless in an anyof branch
         index = next(iter(self.controllers), None)

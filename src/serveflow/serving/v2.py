@@ -295,9 +295,9 @@ class V2Models:
         """Run one inference as the JSON API runs a prediction; the output tensors
         (`outputs` names them, empty: every output column). Raises HTTPProblem, whose
         status says which protocol error to answer. Call it inside `measured`."""
-        arrived = time.monotonic()
-        app = self.app(name, version)
         state = self.state
+        arrived = state.turns.since(time.monotonic())  # (HTTP: it was read a turn before)
+        app = self.app(name, version)
         bound = state.in_flight[name]
         if state.at_limit(name):
             raise state.refused(name, "model")
