@@ -1,6 +1,7 @@
 -- wrk script: one connection per thread (wrk -tN -cN), each sending on its own Poisson
 -- schedule (rate `args[1]` req/s; 0: closed loop), and every request's
--- (offset s, latency ms, status) printed as `row,...` lines when wrk is done.
+-- (offset s, latency ms, status, ms from its send) printed as `row,...` lines when wrk
+-- is done.
 --   wrk -t96 -c96 -d10s -s open_loop.lua URL -- RATE_PER_CONNECTION BODY AUTHORIZATION
 -- Connections start at random phases, so their arrivals interleave instead of coming in
 -- lockstep bursts (what `hey -q` sends: every connection ticks at the same instants).
@@ -57,15 +58,15 @@ function response(status)
   local from = (due ~= nil and answered > due) and due or sent
   answered = t
   local n = #rows
-  rows[n + 1], rows[n + 2], rows[n + 3] = sent - started, (t - from) * 1e3, status
+  rows[n + 1], rows[n + 2], rows[n + 3], rows[n + 4] = sent - started, (t - from) * 1e3, status, (t - sent) * 1e3
 end
 
 function done()
   local out = {}
   for _, thread in ipairs(threads) do
     local got = thread:get("rows")
-    for i = 1, #got, 3 do
-      out[#out + 1] = string.format("row,%.6f,%.4f,%d", got[i], got[i + 1], got[i + 2])
+    for i = 1, #got, 4 do
+      out[#out + 1] = string.format("row,%.6f,%.4f,%d,%.4f", got[i], got[i + 1], got[i + 2], got[i + 3])
     end
   end
   io.write(table.concat(out, "\n"), "\n")

@@ -341,7 +341,7 @@ def open_loop(url: str, seconds: float, connections: int, rate: float | None = N
     """Run `wrk` with open_loop.lua for `seconds` (whole: wrk takes no fraction):
     `connections` connections (a thread each), each sending on its own Poisson schedule
     (`rate` req/s in all), or a closed loop without `rate`; rows of (offset s, latency ms, status),
-    and the CPU seconds wrk used."""
+    the CPU seconds wrk used, and each row's ms from its send (`from_send`)."""
     seconds = max(1, round(seconds))
     per_connection = 0.0 if rate is None else rate / connections
     body = '{"rows": [{"x": 1}]}'
@@ -354,14 +354,15 @@ def open_loop(url: str, seconds: float, connections: int, rate: float | None = N
     cpu = _children_cpu_s()
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     cpu = _children_cpu_s() - cpu
-    rows = []
+    rows, from_send = [], []
     for line in out.stdout.splitlines():
         if line.startswith("row,"):
-            _, offset, latency, status = line.split(",")
+            _, offset, latency, status, sent = line.split(",")
             rows.append((float(offset), float(latency), int(status)))
+            from_send.append(float(sent))
     if not rows:
         raise RuntimeError(f"wrk gave no rows ({out.returncode}): {out.stderr.strip()[-500:]}")
-    return {"rows": rows, "seconds": seconds, "client_cpu_s": cpu}
+    return {"rows": rows, "seconds": seconds, "client_cpu_s": cpu, "from_send": from_send}
 
 
 def _children_cpu_s() -> float:

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Make sure Debian's `wrk` (HTTP load generator, used by benchmarks.pipelines for
-# saturation runs) is on PATH; installs it with apt-get when it is missing.
+# Make sure Debian's `wrk` and `hey` (HTTP load generators, used by benchmarks.pipelines
+# for saturation runs and benchmarks.http_slo) are on PATH; installs the missing ones with
+# apt-get.
 set -euo pipefail
-if command -v wrk >/dev/null 2>&1; then
+missing=()
+for tool in wrk hey; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 sudo=""
@@ -11,5 +16,5 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends wrk >/dev/null
-command -v wrk >/dev/null
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+command -v wrk >/dev/null && command -v hey >/dev/null

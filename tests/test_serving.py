@@ -999,3 +999,27 @@ def test_a_request_read_after_a_long_turn_of_the_event_loop_counts_it_as_waited(
     waited, idle, ticking = asyncio.run(turns_of_a_busy_loop())
     assert waited >= 0.05
     assert idle == 0.0 and not ticking
+
+
+def test_a_refusal_on_a_connection_the_server_closes_says_so():
+    """SLO 20 ms, calls of 100 ms: after the first timed call, arrivals are refused
+    (but a probe every 0.2 s) as they are read, the connection closed when the client
+    asked for it, or spoke HTTP/1.0, with `Connection: close` in the 503."""
+    flow = sf.Flow("slo")
+    flow.map(_model_of_100_ms, names=["y"], batching=sf.Batching(slo_ms=20), name="model")
+    app = flow.deploy(runtime=sf.LocalRuntime(min_workers=1, max_workers=1))
+    body = b'{"rows": [{"x": 1}]}'
+    refusals = []
+    with Server({"slo": app}, port=0) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        for version, close in [("1.1", "Connection: close\r\n"), ("1.0", "")] * 10:
+            head = f"POST /v1/flows/slo/predict HTTP/{version}\r\nHost: x\r\n{close}"
+            head += f"Content-Length: {len(body)}\r\n\r\n"
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+                sock.sendall(head.encode() + body)
+                answer = _answers(sock, 1)[0]
+                assert sock.recv(1) == b""  # closed
+            if b" 503 " in answer.split(b"\r\n")[0]:
+                refusals.append(answer.lower())
+    assert refusals
+    assert all(b"\r\nconnection: close\r\n" in answer for answer in refusals), refusals

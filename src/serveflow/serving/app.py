@@ -346,16 +346,32 @@ def run_at_door(
     stage (30 ms; 4 + 1 ms per row, 2 workers) under `hey -c 100 -q 30`, 78% of the
     refusals went that way, and under `hey -c 64` (a closed-loop flood) the server
     refused 5,300 requests a second, and its answers waited behind them. None: it
-    goes the ASGI way, which answers whatever else is wrong with it (a bad body or
-    header, the app stopping)."""
+    goes the ASGI way, which answers whatever else goes wrong (the app stopping); a
+    body it cannot decode, or a bad header, fails the future with its HTTPProblem
+    (decoded once: a 60 KB npz may take a quarter of a second to inflate)."""
     app = state.apps[name]
     headers = {_PREDICT_HEADERS[k]: v.decode("latin-1") for k, v in fields if k in _PREDICT_HEADERS}
     try:
         timeout = _timeout_s(headers.get(TIMEOUT_HEADER))
         table = decode_table(body, headers.get("content-type", JSON), app.plan.schema, state.limits)
-        return run_admitted(state, app, table, timeout, arrived)
-    except Exception:  # answered, and logged if need be, the ASGI way
+    except (DecodeError, ShapeError, LimitExceeded, HTTPProblem) as error:
+        failed: Future[Table] = Future()
+        failed.set_exception(error if isinstance(error, HTTPProblem) else _undecodable(error))
+        return failed
+    except Exception:  # answered, and logged, the ASGI way
         return None
+    try:
+        return run_admitted(state, app, table, timeout, arrived)
+    except AppStopping:
+        return None
+
+
+def _undecodable(error: DecodeError | ShapeError | LimitExceeded) -> HTTPProblem:
+    """The answer to a body that cannot be decoded into the flow's table."""
+    status = (
+        400 if isinstance(error, DecodeError) else 422 if isinstance(error, ShapeError) else 413
+    )
+    return HTTPProblem(status, str(error))
 
 
 def _settled(future: Future[Table]) -> Table:
@@ -513,12 +529,8 @@ async def _run_predict(
             table = await _off_loop_if_big(
                 size, decode_table, body, content_type, app.plan.schema, state.limits
             )
-        except DecodeError as error:
-            raise HTTPProblem(400, str(error)) from None
-        except ShapeError as error:
-            raise HTTPProblem(422, str(error)) from None
-        except LimitExceeded as error:
-            raise HTTPProblem(413, str(error)) from None
+        except (DecodeError, ShapeError, LimitExceeded) as error:
+            raise _undecodable(error) from None
         coalescer = state.coalescers.get(name) if timeout is None else None
     try:
         if running is not None:
@@ -530,7 +542,7 @@ async def _run_predict(
             output = await _outcome(future, receive, state.delivery)
     except AppStopping as error:
         raise HTTPProblem(503, str(error), headers={"Retry-After": "1"}) from None
-    except _Disconnected:
+    except (_Disconnected, HTTPProblem):  # (a body `run_at_door` could not decode)
         raise  # nobody to answer, and no failure of the flow
     except Exception as error:
         raise problem_from(error, name, debug=state.debug) from None

@@ -238,11 +238,13 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             self, name: str, keep_alive: bool, response: bytes | None = None
         ) -> None:
             """Write flow `name`'s 503: `response`, or its in-flight bound's."""
-            self.transport.write(response or responses[name.encode()])
+            response = response or responses[name.encode()]
             state.metrics.flow(name).refused()
-            if not keep_alive:
+            if not keep_alive:  # said so after the status line (RFC 9112, 9.6)
+                self.transport.write(response.replace(b"\r\n", b"\r\nconnection: close\r\n", 1))
                 self.transport.close()
                 return
+            self.transport.write(response)
             # The keep-alive timer is not moved per refusal (a cancel and a new timer
             # were 5 of the 44 us one took): the refusal's time is noted, and a timer
             # that fires early is set again for the rest of the idle time.
