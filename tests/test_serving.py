@@ -385,6 +385,9 @@ def _check_token(url: str, token: str) -> None:
         r = c.post("/v1/flows/arith/predict", json=body, headers=good)
         assert r.status_code == 200 and r.json() == {"rows": [{"sum": 2}]}
         assert c.get("/metrics", headers=good).status_code == 200
+        lower = {"Authorization": f"bearer {token}"}  # the scheme is case-insensitive
+        assert c.post("/v1/flows/arith/predict", json=body, headers=lower).status_code == 200
+        assert c.get("/metrics", headers=lower).status_code == 200
 
 
 def test_stop_drains_in_flight_requests_then_stops_the_app():

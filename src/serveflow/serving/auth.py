@@ -18,8 +18,10 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 
 
 def token_matches(authorization: bytes, token: str) -> bool:
-    """Whether an Authorization header value is `Bearer <token>` (constant time)."""
-    return hmac.compare_digest(authorization, f"Bearer {token}".encode())
+    """Whether an Authorization header value is `Bearer <token>`: the scheme in any
+    case (RFC 9110, 11.1), the token compared in constant time."""
+    scheme, _, credentials = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, token.encode())
 
 
 class BearerAuth:
@@ -27,14 +29,14 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self._expected):
+        if token_matches(given, self._token):
             await self.app(scope, receive, send)
             return
         reason = "missing" if not given else "wrong"
