@@ -389,6 +389,27 @@ def _model_4_plus_1_per_row(table: sf.Table) -> list[int]:
     return table.column("a")
 
 
+def test_a_request_whose_rows_alone_outlast_the_slo_is_refused_and_the_stage_stays_open(
+    runtime,
+):
+    """Calls are planned in requests (of a row each here): one of 500 rows would hold a
+    worker of a 4 + 1 ms per row stage half a second, past the SLO of every request."""
+    flow = sf.Flow("rows")
+    flow.map(_model_4_plus_1_per_row, names=["a"], batching=sf.Batching(slo_ms=50))
+    app = flow.deploy(runtime=runtime)
+    for _ in range(10):  # calls of several sizes: the curve is fitted
+        for future in [app.run({"a": [i]}) for i in range(8)]:
+            with contextlib.suppress(sf.OverloadError):  # (while its workers start)
+                future.result(timeout=30)
+        time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(sf.OverloadError, match="cannot run 500 rows within its SLO of 50 ms"):
+        app.run({"a": list(range(500))}).result(timeout=30)
+    assert time.monotonic() - started < 0.4  # refused, not run (0.5 s)
+    assert app.run({"a": list(range(5))}).result(timeout=30).column("a") == list(range(5))
+    assert app.run({"a": [7]}).result(timeout=30).column("a") == [7]
+
+
 def test_an_slo_stage_inside_a_chain_serves_a_load_it_can_take():
     """An SLO stage whose output is not the flow's learns its calls' ends from its
     workers' reports, later: at a third of what it can do, it refuses (almost)

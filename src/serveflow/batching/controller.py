@@ -343,7 +343,7 @@ class BatchingController:
         with self._lock:
             self._sync_ledger(now)
             serve = self.policy.on_overload == "serve"
-            slo_s = (self.policy.slo_ms / 1e3 if budget_s is None else budget_s) * self.admit_scale
+            slo_s = self._admit_slo_s(budget_s)
             verdict = self.ledger.admit(rid, now, slo_s, workers, worker, serve, arrives)
             if verdict.admit:
                 if len(self._admitted) >= ADMITTED_KEPT:
@@ -353,10 +353,33 @@ class BatchingController:
             if serve:
                 self.late_predicted += 1
                 return verdict.leaves
-            self.shed += 1
-            if self._pending:
-                self._pending.pop()  # it will never finish
+            self._shed()
             return None
+
+    def refuses_rows(self, rows: int, budget_s: float | None = None) -> bool:
+        """Whether a request of `rows` rows is refused for them alone, whatever the
+        queue (counted as a refusal; then not `admit_at`): a call of that many rows
+        outlasts the SLO (or `budget_s`, see `admit_at`) by the fitted curve. The
+        stage's calls are planned and predicted in requests (of a row each,
+        typically), so a request of many rows is judged as one: admitted, one of
+        5,000 rows held a worker of a 30 ms stage (4 + 1 ms per row) 5 s. Only with
+        `on_overload="shed"`, and once the curve is fitted."""
+        if rows < 2 or self.policy.on_overload != "shed" or not self.profile.ready:
+            return False
+        with self._lock:
+            if self.profile(np.array([rows]))[0] <= self._admit_slo_s(budget_s):
+                return False
+            self._shed()
+            return True
+
+    def _admit_slo_s(self, budget_s: float | None) -> float:
+        """What admission plans a request's latency against (see `admit_at`)."""
+        return (self.policy.slo_ms / 1e3 if budget_s is None else budget_s) * self.admit_scale
+
+    def _shed(self) -> None:
+        self.shed += 1
+        if self._pending:
+            self._pending.pop()  # it will never finish
 
     def first_free(self, workers: Sequence[int], now: float) -> int | None:
         """Of `workers`, the one expected to be through its queued calls first, where

@@ -253,11 +253,17 @@ class DeployedApp(App):
             )
         return "\n".join(lines)
 
-    def shed_error(self, index: int, starting: bool = False) -> OverloadError:
+    def shed_error(self, index: int, starting: bool = False, rows: int = 0) -> OverloadError:
         """The refusal of SLO batching stage `index`; `starting`: by a request that
-        waited for its first call (`ControlPlane._await_timing`)."""
+        waited for its first call (`ControlPlane._await_timing`); `rows`: of a
+        request whose rows alone outlast the SLO."""
         stage = self.plan.stages[index]
         slo = f"its SLO of {stage.batching.slo_ms:g} ms"
+        if rows:
+            return OverloadError(
+                f"stage {stage.name!r} cannot run {rows:,} rows within {slo}; "
+                "request shed (send fewer rows per request)"
+            )
         if starting:
             return OverloadError(
                 f"stage {stage.name!r} ran no call within {slo} (its workers are "
@@ -504,6 +510,7 @@ class ControlPlane:
             if index in lost:  # downstream of a refusal: this request will not come
                 continue
             refused = controller.refuses_outright(now)
+            outlasting = 0  # the rows of a request refused for them alone
             if not refused:
                 if places is None:
                     with self._lock:
@@ -524,7 +531,12 @@ class ControlPlane:
                     budget = due[index] - arrives
                 elif start < now:
                     budget = controller.policy.slo_ms / 1e3 - (arrives - start)
-                leave = controller.admit_at(now, request.id, workers, worker, arrives, budget)
+                # the request's rows, where the stage reads them as sent
+                rows = len(request.table) if SOURCE_ID in app.plan.stages[index].inputs else 1
+                if controller.refuses_rows(rows, budget):
+                    leave, outlasting = None, rows
+                else:
+                    leave = controller.admit_at(now, request.id, workers, worker, arrives, budget)
                 refused = leave is None
                 if not refused:
                     leaves[index] = leave
@@ -535,7 +547,7 @@ class ControlPlane:
                 admitted.append(index)
                 continue
             refused_at.append(index)
-            error = app.shed_error(index)
+            error = app.shed_error(index, rows=outlasting)
             # in no anyof branch: the request is lost, without working it out each time
             if index not in app.branch_of or not app.answers_without(
                 lost := app.plan.lost_with(refused_at)
