@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import subprocess
 import threading
 import time
@@ -249,6 +250,18 @@ def interleaved(
 
 
 # --- environment ------------------------------------------------------------------
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Stop a server started as a child process: SIGTERM (it drains and exits), then
+    SIGKILL if it is still there after `timeout_s`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def machine_info() -> dict[str, Any]:

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -133,13 +132,7 @@ class ServeflowServer:
         self.call = rows_call(self.url)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        common.stop(self.process)
         self._dir.cleanup()
 
 

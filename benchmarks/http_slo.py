@@ -25,7 +25,6 @@ import csv
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -89,13 +88,7 @@ class Served:
         return f"{self.base}/v1/flows/slo{slo}/predict"
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        common.stop(self.process)
         self._dir.cleanup()
 
 

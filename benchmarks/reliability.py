@@ -208,13 +208,7 @@ class Server:
         return sum(_dir_mb(d) for d in self.shm_dirs)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        common.stop(self.process)
         self._dir.cleanup()
 
     def __enter__(self) -> Server:
