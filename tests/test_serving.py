@@ -390,6 +390,24 @@ def _check_token(url: str, token: str) -> None:
         assert c.get("/metrics", headers=lower).status_code == 200
 
 
+@pytest.mark.parametrize("slo_ms", [None, 5000.0])
+def test_two_authorization_headers_are_refused_whichever_is_right(slo_ms):
+    # each front takes the request the same way: the plain ASGI path, the fast predict
+    # path, and with an SLO stage the parser's own (which reads all the headers)
+    app = slow_flow(slo_ms).deploy()
+    with Server({"slow": app}, port=0, token="secret") as srv:
+        body = {"rows": [{"s": 0.0}]}
+        good, bad = ("Authorization", "Bearer secret"), ("Authorization", "Bearer wrong")
+        with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
+            assert c.post("/v1/flows/slow/predict", json=body, headers=[good]).status_code == 200
+            for pair in ([good, bad], [bad, good], [good, good]):
+                for path in ("/v1/flows/slow/predict", "/v2/models/slow/infer", "/metrics"):
+                    r = c.request("GET" if path == "/metrics" else "POST", path, json=body,
+                                  headers=pair)  # fmt: skip
+                    assert r.status_code == 401, (path, pair)
+                    assert "2 Authorization headers" in r.json()["error"], r.text
+
+
 def test_stop_drains_in_flight_requests_then_stops_the_app():
     app = slow_flow().deploy()
     srv = Server({"slow": app}, port=0).start()

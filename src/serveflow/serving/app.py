@@ -33,7 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from serveflow.logical.table import Table
 from serveflow.runtime.app import App
-from serveflow.serving.auth import BearerAuth, token_matches
+from serveflow.serving.auth import BearerAuth, unauthorized
 from serveflow.serving.coalesce import AppStopping, Coalescer, coalescable
 from serveflow.serving.codecs import (
     JSON,
@@ -736,15 +736,12 @@ class ServingASGI(Starlette):
         state = self.serving
         reserved = parsed is not None
         headers: dict[str, str] = {}
-        authorization = b""
         for key, value in scope["headers"]:
             wanted = _PREDICT_HEADERS.get(key)
             if wanted is not None:
                 headers[wanted] = value.decode("latin-1")
-            elif key == b"authorization":
-                authorization = value
         if not reserved:
-            if state.token is not None and not token_matches(authorization, state.token):
+            if state.token is not None and unauthorized(scope["headers"], state.token) is not None:
                 return False
             if state.at_limit(name):  # the cheapest refusal: no task, problem or encoding
                 await self._refuse(state, name, headers, receive, send)

@@ -9,6 +9,7 @@ header on the data requests, which all need it.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -24,6 +25,18 @@ def token_matches(authorization: bytes, token: str) -> bool:
     return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, token.encode())
 
 
+def unauthorized(headers: Iterable[tuple[bytes, bytes]], token: str) -> str | None:
+    """Why a request with these (lowercased) headers is unauthorized, or None when it
+    carries exactly one Authorization header and that is `Bearer <token>`. Two are
+    refused whatever they say: fronts that read the first and the last would disagree."""
+    given = [value for key, value in headers if key == b"authorization"]
+    if len(given) == 1 and token_matches(given[0], token):
+        return None
+    if len(given) > 1:
+        return f"unauthorized: {len(given)} Authorization headers (send one)"
+    return f"unauthorized: {'wrong' if given else 'missing'} 'Authorization: Bearer' token"
+
+
 class BearerAuth:
     """Answers 401 unless the request carries `Authorization: Bearer <token>`."""
 
@@ -35,12 +48,11 @@ class BearerAuth:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if token_matches(given, self._token):
+        reason = unauthorized(scope["headers"], self._token)
+        if reason is None:
             await self.app(scope, receive, send)
             return
-        reason = "missing" if not given else "wrong"
-        body = encode_json({"error": f"unauthorized: {reason} 'Authorization: Bearer' token"})
+        body = encode_json({"error": reason})
         await send(
             {
                 "type": "http.response.start",

@@ -45,7 +45,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from serveflow.errors import OverloadError
 from serveflow.serving.app import ADMITTED, OFFLOAD_BYTES, refusal_headers, run_at_door
-from serveflow.serving.auth import token_matches
+from serveflow.serving.auth import token_matches, unauthorized
 from serveflow.serving.codecs import encode_json
 
 if TYPE_CHECKING:
@@ -223,10 +223,7 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
                 return None  # pipelined behind an unanswered request: answers keep order
             if self.parser.get_method() != b"POST":
                 return None
-            if token is not None and not any(
-                key == b"authorization" and token_matches(value, token)
-                for key, value in self.headers
-            ):
+            if token is not None and unauthorized(self.headers, token) is not None:
                 return None  # the token check answers (401)
             return raw.decode()
 

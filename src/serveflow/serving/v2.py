@@ -39,7 +39,7 @@ from serveflow.serving.app import (
     _unless_disconnected,
     run_admitted,
 )
-from serveflow.serving.auth import token_matches
+from serveflow.serving.auth import unauthorized
 from serveflow.serving.coalesce import AppStopping, Outcome
 from serveflow.serving.codecs import JSON, check_json_limits, encode_json
 from serveflow.serving.errors import HTTPProblem, problem_from
@@ -567,12 +567,11 @@ class V2HTTP:
         try:
             token = self.models.state.token
             if token is not None and parts[:1] != ["health"]:
-                given = headers.get("authorization", "").encode("latin-1")
-                if not token_matches(given, token):
-                    reason = "missing" if not given else "wrong"
+                reason = unauthorized(scope["headers"], token)
+                if reason is not None:
                     raise HTTPProblem(
                         401,
-                        f"unauthorized: {reason} 'Authorization: Bearer' token",
+                        reason,
                         headers={"www-authenticate": 'Bearer realm="serveflow"'},
                     )
             status, body, extra = await self._route(scope["method"], parts, headers, receive)

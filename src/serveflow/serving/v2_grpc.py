@@ -28,7 +28,7 @@ from google.protobuf import any_pb2, duration_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from serveflow.serving.auth import token_matches
+from serveflow.serving.auth import unauthorized
 from serveflow.serving.errors import RETRY_AFTER_S, HTTPProblem
 from serveflow.serving.v2 import VERSION, V2Models
 from serveflow.serving.v2_tensors import InputTensor
@@ -133,13 +133,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         token = self.models.state.token
         if token is None:
             return
-        given = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not token_matches(given.encode("latin-1"), token):
-            reason = "missing" if not given else "wrong"
-            await _abort(
-                context,
-                HTTPProblem(401, f"unauthorized: {reason} 'authorization: Bearer' metadata"),
-            )
+        metadata = context.invocation_metadata() or ()
+        reason = unauthorized(((k.encode(), v.encode("latin-1")) for k, v in metadata), token)
+        if reason is not None:
+            await _abort(context, HTTPProblem(401, reason))
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return service_pb2.ServerLiveResponse(live=True)
