@@ -148,6 +148,16 @@ def test_malformed_json_is_400(client):
     assert "Content-Type" in r.json()["error"]
 
 
+def test_integers_past_64_bits_stay_integers(client):
+    # orjson reads them as floats, rounded; arith's schema says int, so that was a 422
+    big = 2**70 + 1
+    for body in ({"rows": [{"a": big, "b": 1}]}, {"columns": {"a": [big], "b": [1]}}):
+        r = predict(client, "arith", json=body)
+        assert r.status_code == 200 and r.json() == {"rows": [{"sum": big + 1}]}, r.text
+    r = predict(client, "arith", json={"rows": [{"a": 1e300, "b": 1}]})  # a float: still 422
+    assert r.status_code == 422 and r.json()["column"] == "a"
+
+
 def test_wrong_columns_or_types_are_422(client):
     r = predict(client, "arith", json={"rows": [{"a": 1, "b": "two"}]})
     assert r.status_code == 422

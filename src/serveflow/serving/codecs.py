@@ -17,7 +17,9 @@ a limit guards is spent: a zip bomb is refused from its directory, not by inflat
 
 JSON goes through orjson when it is installed (the `serve` extra pins it: several times
 faster than the standard library on the per-request path, numpy arrays natively), and
-through `json` otherwise or for what orjson refuses (integers over 64 bits).
+through `json` otherwise or for what orjson gets wrong: it writes no integer over 64
+bits, and reads one as a float, rounded (a body holding a float that large is read again
+with `json`, which keeps such integers whole).
 """
 
 from __future__ import annotations
@@ -114,13 +116,18 @@ def _table(
     return Table(columns)
 
 
-def check_json_limits(data: Any, limits: Limits) -> None:
+_WIDE = 2.0**63  # orjson reads an integer beyond 64 bits as a float at least this large
+
+
+def check_json_limits(data: Any, limits: Limits) -> bool:
     """Raise LimitExceeded when a parsed JSON document nests deeper than
     `limits.max_depth`, holds a string (key or value) longer than
     `limits.max_string_chars`, or more than `limits.max_elements` scalars. One pass,
-    level by level, without recursion."""
+    level by level, without recursion. True when it holds a float of 2**63 or more
+    (either sign): orjson may have read an integer so, and the body must be read again
+    with `json`."""
     longest = limits.max_string_chars
-    level, depth, scalars = [data], 1, 0
+    level, depth, scalars, wide = [data], 1, 0, False
     while level:
         if depth > limits.max_depth:
             raise LimitExceeded(f"JSON nested deeper than {limits.max_depth} levels (--max-depth)")
@@ -143,9 +150,12 @@ def check_json_limits(data: Any, limits: Limits) -> None:
                 scalars += 1
                 if kind is str and len(child) > longest:
                     raise over("a JSON string's length", len(child), longest, "max-string-chars")
+                if kind is float and not -_WIDE < child < _WIDE:
+                    wide = True
         if scalars > limits.max_elements:
             raise over("values in the JSON body", scalars, limits.max_elements, "max-elements")
         level, depth = below or [], depth + 1
+    return wide
 
 
 def _parse_json(body: bytes) -> Any:
@@ -173,7 +183,8 @@ def _from_json(body: bytes, schema: Mapping[str, Any] | None, limits: Limits) ->
     if not isinstance(data, dict) or len(data.keys() & {"rows", "columns"}) != 1:
         raise ShapeError('the body must be a JSON object with "rows" or "columns"')
     _check_rows(data, limits)  # cheap, and before the pass over every value
-    check_json_limits(data, limits)
+    if check_json_limits(data, limits) and orjson is not None:
+        data = json.loads(body)
     if "rows" in data:
         rows = data["rows"]
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):

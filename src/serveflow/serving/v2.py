@@ -436,7 +436,8 @@ def parse_infer_request(
         head, binary = memoryview(body)[:cut], memoryview(body)[cut:]
     try:
         request = _loads(head)
-        check_json_limits(request, limits)
+        if check_json_limits(request, limits) and orjson is not None:
+            request = json.loads(bytes(head))  # orjson rounds integers over 64 bits
     except LimitExceeded as error:
         raise HTTPProblem(413, str(error)) from None
     except RecursionError:  # the standard library recurses per level
