@@ -17,6 +17,7 @@ import serveflow as sf
 from serveflow.serving import Server, coalesce
 from serveflow.serving.app import LoopTurns
 from serveflow.serving.coalesce import PROBE_EVERY_S, Coalescer
+from serveflow.serving.limits import Limits
 
 TIMEOUT = 10
 
@@ -706,6 +707,38 @@ def test_every_way_a_request_ends_frees_its_admission_slot(slo_ms):
         for thread in pair:
             thread.join(TIMEOUT)
     assert statuses == [200, 200]  # both slots are free
+
+
+@pytest.mark.parametrize("slo_ms", [None, 5000.0])
+def test_a_body_that_stalls_is_answered_408_and_frees_its_slot(slo_ms):
+    app = slow_flow(slo_ms).deploy()
+    limits = Limits(body_timeout_s=0.5)
+    with Server({"slow": app}, port=0, max_in_flight=1, limits=limits) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = b'{"rows": [{"s": 0.0}]}'
+        head = f"POST /v1/flows/slow/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
+        for sent in (b"", body[:5]):  # headers only; half a body
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+                sock.sendall(head.encode() + b"\r\n\r\n" + sent)
+                began = time.monotonic()
+                answer = _answers(sock, 1)[0]
+                assert answer.startswith(b"HTTP/1.1 408"), answer
+                assert 0.4 < time.monotonic() - began < 5
+                assert sock.recv(1) == b""  # closed: the rest of the body is not awaited
+        # a body sent in parts, each within the timeout, is read whole (it stalls, not lasts)
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+            sock.sendall(head.encode() + b"\r\n\r\n")
+            for i in range(0, len(body), 8):
+                time.sleep(0.2 if slo_ms is None else 0.05)  # the parser's path: 0.5 s in all
+                sock.sendall(body[i : i + 8])
+            assert _answers(sock, 1)[0].startswith(b"HTTP/1.1 200")
+        url = f"{srv.url}/v1/flows/slow/predict"
+        assert httpx.post(url, content=body, timeout=TIMEOUT).status_code == 200  # slot free
+        with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
+            families = text_string_to_metric_families(c.get("/metrics").text)
+        answers = {s.labels["status"]: s.value for f in families for s in f.samples
+                   if s.name == "serveflow_requests_total"}  # fmt: skip
+        assert answers.get("408") == 2, answers
 
 
 def batched_ones(table):

@@ -192,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"most {what} (default {default})"
         serve.add_argument(option, type=int, default=default, help=help_text)
     serve.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout_s,
+        metavar="S",
+        help="seconds a request body may stall (no byte read) before the request gets 408 "
+        f"and its connection is closed (default {defaults.body_timeout_s:g})",
+    )
+    serve.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -270,6 +278,7 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             max_depth=args.max_depth,
             max_string_chars=args.max_string_chars,
             max_rows=args.max_rows,
+            body_timeout_s=args.body_timeout,
         )
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error).replace("Limits.", "--")) from None

@@ -34,6 +34,9 @@ class Limits:
     max_string_chars: characters of one JSON string (a key or a value), or bytes of
         one V2 BYTES element sent as binary data.
     max_rows: rows of one request.
+    body_timeout_s: seconds a request body may stall (no byte of it read) before the
+        request is answered 408 and its connection closed: a client sending headers
+        only would otherwise hold its admission slot as long as it liked.
     """
 
     max_body_bytes: int = 16 * MiB
@@ -42,10 +45,14 @@ class Limits:
     max_depth: int = 32
     max_string_chars: int = 1 * MiB
     max_rows: int = 100_000
+    body_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if name == "body_timeout_s":
+                if not (isinstance(value, int | float) and 0 < value < float("inf")):
+                    raise ValueError(f"Limits.{name} must be a positive number, got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
 
 

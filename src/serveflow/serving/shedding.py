@@ -44,9 +44,16 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from serveflow.errors import OverloadError
-from serveflow.serving.app import ADMITTED, OFFLOAD_BYTES, refusal_headers, run_at_door
+from serveflow.serving.app import (
+    ADMITTED,
+    OFFLOAD_BYTES,
+    refusal_headers,
+    run_at_door,
+    stalled,
+)
 from serveflow.serving.auth import token_matches, unauthorized
 from serveflow.serving.codecs import encode_json
+from serveflow.serving.metrics import PREDICT_ROUTE
 
 if TYPE_CHECKING:
     from serveflow.serving.app import ServingState
@@ -81,12 +88,18 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
     and those an SLO stage sheds outright, with 503 as soon as their headers are parsed."""
     responses = {name.encode(): _refusal(body) for name, body in state.refusal_body.items()}
     token = state.token
+    wait = state.limits.body_timeout_s
+    late = encode_json({"error": stalled(state.limits)})
+    late = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n" + (
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(late), late)
+    )
 
     class SheddingProtocol(HttpToolsProtocol):
         between = True  # the parser is between messages (none begun and unfinished)
         active_at = -math.inf  # when this protocol last refused a request (loop time)
         defer = False  # hold the next request's task until its body is read (`_door`)
         deferred: tuple[RequestResponseCycle, object] | None = None  # ... that request's
+        stall: asyncio.TimerHandle | None = None  # ... and its body's deadline
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -110,20 +123,38 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
         def _start_asgi_task(self, cycle: RequestResponseCycle, app: object) -> None:  # type: ignore[override]
             if self.defer:
                 self.deferred = (cycle, app)
+                self.stall = self.loop.call_later(wait, self._stalled)
                 return
             super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.deferred is not None:  # gone before its body came: no task to release it
-                name, admission, *_ = self.deferred[0].scope[ADMITTED]  # type: ignore[misc]
-                state.in_flight[name].release(admission)
-                self.deferred = None
+                self._undefer(release=True)
             super().connection_lost(exc)
+
+        def _stalled(self) -> None:
+            """The deferred request's body did not come in time: 408, and the
+            connection closed (as the ASGI path does, `Limits.body_timeout_s`)."""
+            name = self._undefer(release=True)
+            state.metrics.flow(name).count(408)
+            state.metrics.count_response(PREDICT_ROUTE, 408)
+            self.transport.write(late)
+            self.transport.close()
+
+        def _undefer(self, release: bool = False) -> str:
+            """Forget the deferred request (its slot released, if `release`): its flow."""
+            cycle, _ = self.deferred  # type: ignore[misc]
+            self.deferred = None
+            self.stall.cancel()  # type: ignore[union-attr]
+            name, admission, *_ = cycle.scope[ADMITTED]  # type: ignore[misc]
+            if release:
+                state.in_flight[name].release(admission)
+            return name
 
         def _door(self, cycle: RequestResponseCycle, app: object) -> None:
             """Run a request of a door flow now that its body is read (`run_at_door`):
             a refusal is answered here, an admitted request gets its task."""
-            self.deferred = None
+            self._undefer()
             name, admission, parsed, _ = cycle.scope[ADMITTED]  # type: ignore[misc]
             running = run_at_door(state, name, self.headers, bytes(cycle.body), parsed)
             if running is not None and running.done() and not running.cancelled():

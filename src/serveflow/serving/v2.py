@@ -635,8 +635,8 @@ class V2HTTP:
     ) -> tuple[int, bytes, dict[str, str]]:
         models = self.models
         with models.measured(name):
-            limit = models.state.max_body_bytes
-            body = await _read_body(receive, headers.get("content-length", ""), limit)
+            limits = models.state.limits
+            body = await _read_body(receive, headers.get("content-length", ""), limits)
             request, inputs, requested = parse_infer_request(
                 body, headers.get(HEADER_LENGTH), models.state.limits
             )
