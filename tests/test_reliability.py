@@ -159,7 +159,7 @@ def test_bad_json_bodies_get_a_clear_4xx_never_a_500(client, label, body, status
     ("body", "column"),
     [
         ({"rows": [{"a": True, "b": 1}]}, "a"),  # a bool is no int to a schema
-        ({"rows": [{"a": 1, "b": 2**70}]}, "b"),
+        ({"rows": [{"a": 1, "b": 2**70}]}, "b"),  # past 64 bits: the API's int
         ({"rows": [{"a": 1, "b": [[[[1]]]]}]}, "b"),  # a nested value in the message
     ],
 )

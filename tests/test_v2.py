@@ -1056,6 +1056,32 @@ def test_slo_batching_flows_see_every_v2_request():
         assert max(int(size) for size in stats["batch_sizes"]) > 1  # and they were batched
 
 
+@pytest.mark.parametrize("protocol", ["http", "http-binary"])
+def test_slo_flows_run_v2_http_requests_from_the_parser_with_the_same_answers(protocol):
+    # an SLO flow's V2 inference over HTTP is decoded and run by the HTTP protocol
+    # (`infer_at_door`) once its body is read; what it answers must not change
+    flow = sf.Flow("slo", schema={"x": int})
+    doubled = flow.map(
+        batched_double, names=["y"], batching=sf.Batching(slo_ms=5000), name="double"
+    )
+    doubled.map(lambda r: (r["y"], r["y"] + 1), names=["y", "z"], name="inc")
+    app = flow.deploy()
+    assert app.run({"x": [0]}).result(timeout=60).to_rows() == [{"y": 0, "z": 1}]
+    with Server({"slo": app}, port=0) as srv:
+        assert "slo" in srv.state.doors
+        client = Client(srv, protocol)
+        x = (np.arange(3, dtype=np.int64), "INT64")
+        result = client.infer("slo", {"x": x}, outputs=["z"], request_id="r-1")
+        assert result.as_numpy("z").tolist() == [1, 3, 5] and result.as_numpy("y") is None
+        assert result.get_response()["id"] == "r-1"
+        assert client.infer("slo", {"x": x}).as_numpy("y").tolist() == [0, 2, 4]
+        message = _expect_error(client, 400, "", client.infer, "slo", {"w": x})
+        assert "'x'" in message  # the input it lacks, named
+        stats = client.get_inference_statistics("slo")["model_stats"][0]
+        assert stats["inference_count"] == 6 and stats["execution_count"] == 2
+        client.close()
+
+
 def test_grpc_typed_contents_and_request_ids(server):
     channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
     infer = channel.unary_unary(

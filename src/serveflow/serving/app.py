@@ -396,7 +396,8 @@ def _undecodable(error: DecodeError | ShapeError | LimitExceeded) -> HTTPProblem
     status = (
         400 if isinstance(error, DecodeError) else 422 if isinstance(error, ShapeError) else 413
     )
-    return HTTPProblem(status, str(error))
+    column = getattr(error, "column", None)
+    return HTTPProblem(status, str(error), **({} if column is None else {"column": column}))
 
 
 def _settled(future: Future[Table]) -> Table:
@@ -663,8 +664,9 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 _PREDICT_PREFIX, _PREDICT_SUFFIX = "/v1/flows/", "/predict"
-# Scope key of a prediction the shedding protocol admitted: (flow, its admission,
-# when its headers were parsed, its future if the protocol ran it: `run_at_door`),
+# Scope key of a prediction (or V2 inference) the shedding protocol admitted: (flow,
+# its admission, when its headers were parsed, its run if the protocol started it:
+# `run_at_door`'s future, `serving.v2.infer_at_door`'s `Begun`),
 # counted when its headers were parsed, so a burst parsed in one turn of the loop
 # cannot overshoot the bound and then be refused the dear way; the ASGI app releases it.
 ADMITTED = "serveflow.admitted"
@@ -683,14 +685,14 @@ class ServingASGI(Starlette):
             await super().__call__(scope, receive, send)
             return
         reserved = scope.pop(ADMITTED, None)  # a slot the shedding protocol took
-        if reserved is not None:
+        path: str = scope["path"]
+        if reserved is not None and not path.startswith("/v2/"):
             name, admission, parsed, running = reserved
             try:
                 await self._fast_predict(name, scope, receive, send, parsed, running)
             finally:
                 self.serving.in_flight[name].release(admission)
             return
-        path: str = scope["path"]
         predict = path.startswith(_PREDICT_PREFIX) and path.endswith(_PREDICT_SUFFIX)
         if predict and scope["method"] == "POST":
             name = path[len(_PREDICT_PREFIX) : -len(_PREDICT_SUFFIX)]
@@ -706,7 +708,13 @@ class ServingASGI(Starlette):
             await send(message)
 
         try:
-            if (path + "/").startswith("/v2/"):
+            if reserved is not None:  # a V2 inference (`serving.v2.infer_at_door`)
+                name, admission, parsed, running = reserved
+                try:
+                    await self.v2(scope, receive, counted, (parsed, running))
+                finally:
+                    self.serving.in_flight[name].release(admission)
+            elif (path + "/").startswith("/v2/"):
                 await self.v2(scope, receive, counted)
             else:
                 await super().__call__(scope, receive, counted)

@@ -43,6 +43,7 @@ try:
 except ImportError:  # the standard library does the same, slower
     orjson = None  # type: ignore[assignment]
 
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # what an int column takes (OpenAPI says so)
 JSON = "application/json"
 NPZ = "application/x-npz"
 
@@ -52,7 +53,11 @@ class DecodeError(Exception):
 
 
 class ShapeError(Exception):
-    """A well-formed body that is not a table (HTTP 422)."""
+    """A well-formed body that is not a table (HTTP 422); `column`: the one at fault."""
+
+    def __init__(self, message: str, column: str | None = None) -> None:
+        super().__init__(message)
+        self.column = column
 
 
 class EncodeError(Exception):
@@ -112,7 +117,14 @@ def _table(
                     for i, v in enumerate(columns[name])
                 ]
             elif _wants_int(expected):  # JSON's 2.0 is an integer, as JSON Schema says
-                columns[name] = [_integral(v) for v in columns[name]]
+                columns[name] = values = [_integral(v) for v in columns[name]]
+                for i, v in enumerate(values):
+                    if type(v) is int and not INT64_MIN <= v <= UINT64_MAX:
+                        raise ShapeError(
+                            f"column {name!r} row {i}: {v} is outside the 64 bits of an int "
+                            "column (-2**63 to 2**64 - 1)",
+                            name,
+                        )
     return Table(columns)
 
 

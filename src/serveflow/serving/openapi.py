@@ -22,10 +22,9 @@ from pydantic.json_schema import models_json_schema
 import serveflow
 from serveflow.runtime.app import App
 from serveflow.serving import v2_openapi
+from serveflow.serving.codecs import INT64_MIN, UINT64_MAX
 from serveflow.serving.limits import Limits
 from serveflow.serving.v2_openapi import REF, TIMEOUT_PARAMETER, json_content
-
-INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # the integers a JSON body may carry
 
 
 class Error(BaseModel):

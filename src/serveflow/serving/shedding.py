@@ -54,11 +54,13 @@ from serveflow.serving.app import (
 from serveflow.serving.auth import token_matches, unauthorized
 from serveflow.serving.codecs import encode_json
 from serveflow.serving.metrics import PREDICT_ROUTE
+from serveflow.serving.v2 import infer_at_door
 
 if TYPE_CHECKING:
     from serveflow.serving.app import ServingState
 
 _PREFIX, _SUFFIX = b"/v1/flows/", b"/predict"
+_V2_PREFIX, _V2_SUFFIX = b"/v2/models/", b"/infer"  # V2 inference, unversioned
 _POST = b"POST " + _PREFIX
 _END = _SUFFIX + b" HTTP/1.1\r\n"
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")  # a header name (RFC 9110), lower case
@@ -156,9 +158,14 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             a refusal is answered here, an admitted request gets its task."""
             self._undefer()
             name, admission, parsed, _ = cycle.scope[ADMITTED]  # type: ignore[misc]
-            running = run_at_door(state, name, self.headers, bytes(cycle.body), parsed)
-            if running is not None and running.done() and not running.cancelled():
-                error = running.exception()
+            if cycle.scope["path"].startswith("/v2/"):
+                begun = infer_at_door(state, name, self.headers, bytes(cycle.body), parsed)
+                running = begun
+                future = begun.future if begun is not None else None
+            else:
+                running = future = run_at_door(state, name, self.headers, bytes(cycle.body), parsed)
+            if future is not None and future.done() and not future.cancelled():
+                error = future.exception()
                 if isinstance(error, OverloadError):
                     state.in_flight[name].release(admission)
                     self.cycle = _ANSWERED  # type: ignore[assignment]
@@ -245,9 +252,12 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             """The flow of a prediction this protocol admits or refuses itself; None
             for requests the ASGI path judges."""
             url = self.url
-            if not (url.startswith(_PREFIX) and url.endswith(_SUFFIX)):
+            if url.startswith(_PREFIX) and url.endswith(_SUFFIX):
+                raw = url[len(_PREFIX) : -len(_SUFFIX)]
+            elif url.startswith(_V2_PREFIX) and url.endswith(_V2_SUFFIX):
+                raw = url[len(_V2_PREFIX) : -len(_V2_SUFFIX)]
+            else:
                 return None
-            raw = url[len(_PREFIX) : -len(_SUFFIX)]
             if raw not in responses:
                 return None
             if self.cycle is not None and not self.cycle.response_complete:

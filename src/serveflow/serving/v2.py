@@ -24,8 +24,9 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import serveflow
 from serveflow.logical.table import Table
@@ -43,6 +44,7 @@ from serveflow.serving.auth import unauthorized
 from serveflow.serving.coalesce import AppStopping, Outcome
 from serveflow.serving.codecs import JSON, check_json_limits, encode_json
 from serveflow.serving.errors import HTTPProblem, problem_from
+from serveflow.serving.inflight import Admission
 from serveflow.serving.limits import LimitExceeded, Limits
 from serveflow.serving.metrics import UNKNOWN_FLOW
 from serveflow.serving.v2_tensors import (
@@ -291,48 +293,36 @@ class V2Models:
         inputs: Sequence[InputTensor],
         outputs: Sequence[str],
         timeout: float | None,
+        reserved: Reserved | None = None,
     ) -> list[OutputTensor]:
         """Run one inference as the JSON API runs a prediction; the output tensors
         (`outputs` names them, empty: every output column). Raises HTTPProblem, whose
-        status says which protocol error to answer. Call it inside `measured`."""
+        status says which protocol error to answer. Call it inside `measured`.
+        `reserved`: admitted by the HTTP protocol already (its caller releases the
+        slot), and perhaps run there (`infer_at_door`)."""
         state = self.state
-        arrived = state.turns.since(time.monotonic())  # (HTTP: it was read a turn before)
-        app = self.app(name, version)
-        bound = state.in_flight[name]
-        if state.at_limit(name):
-            raise state.refused(name, "model")
-        error = app.refuses_outright()  # before the tensors are decoded
-        if error is not None:
-            raise problem_from(error, name, debug=state.debug)
+        begun, admission = reserved.begun if reserved is not None else None, None
+        if begun is None:
+            begun, admission = self._begin(name, version, inputs, timeout, reserved)
         stats = self.stats[name]
-        t0 = time.perf_counter_ns()
         try:
-            table = Table(columns_from_tensors(inputs, app.plan.schema, state.limits))
-        except TensorError as error:
-            raise HTTPProblem(400, str(error)) from None
-        except LimitExceeded as error:
-            raise HTTPProblem(413, str(error)) from None
-        t1 = time.perf_counter_ns()
-        queued_from = time.monotonic()  # the runtime's clock, which `began` is on
-        admission = state.admit(name)
-        if admission is None:  # the bound was reached while the tensors were decoded
-            raise state.refused(name, "model")
-        try:
-            output, began = await self._run(app, name, table, timeout, arrived)
+            output, began = await self._outcome_of(name, begun, timeout)
         finally:
-            bound.release(admission)
+            if admission is not None:
+                state.in_flight[name].release(admission)
         t2 = time.perf_counter_ns()
         tensors = self._output_tensors(name, output, outputs)
         t3 = time.perf_counter_ns()
         # Unknown (no stage ran): all of it counts as compute. Clamped: on Ray the
         # worker's clock may be another host's.
-        queued = 0 if began is None else int((began - queued_from) * 1e9)
+        t1 = begun.decoded_ns
+        queued = 0 if began is None else int((began - begun.queued_from) * 1e9)
         queued = min(max(queued, 0), t2 - t1)
-        stats.compute_input.add(t1 - t0)
+        stats.compute_input.add(t1 - begun.began_ns)
         stats.queue.add(queued)
         stats.compute_infer.add(t2 - t1 - queued)
         stats.compute_output.add(t3 - t2)
-        stats.inference_count += len(table)
+        stats.inference_count += len(begun.table)
         stats.execution_count += 1
         stats.last_inference_ms = time.time_ns() // 1_000_000
         for kind, described in (("inputs", inputs), ("outputs", tensors)):
@@ -343,23 +333,60 @@ class V2Models:
                     seen[tensor.name] = (tensor.datatype, tuple(tensor.shape[1:]))
         return tensors
 
-    async def _run(
-        self, app: App, name: str, table: Table, timeout: float | None, arrived: float
-    ) -> Outcome:
+    def _begin(
+        self,
+        name: str,
+        version: str | None,
+        inputs: Sequence[InputTensor],
+        timeout: float | None,
+        reserved: Reserved | None,
+    ) -> tuple[Begun, Admission | None]:
+        """Admit and decode a request (and run it unless it is coalesced): a `Begun`
+        with the admission taken for it (None: `reserved`)."""
         state = self.state
+        arrived = reserved.parsed if reserved else state.turns.since(time.monotonic())
+        app = self.app(name, version)
+        if reserved is None and state.at_limit(name):
+            raise state.refused(name, "model")
+        error = app.refuses_outright()  # before the tensors are decoded
+        if error is not None:
+            raise problem_from(error, name, debug=state.debug)
+        begun = _decoded(state, app, inputs)
+        admission = None
+        if reserved is None:
+            admission = state.admit(name)
+            if admission is None:  # the bound was reached while the tensors were decoded
+                raise state.refused(name, "model")
         coalescer = state.coalescers.get(name) if timeout is None else None
         try:
             if coalescer is not None:
-                return await coalescer.run_timed(table)
-            future = run_admitted(state, app, table, timeout, arrived)
+                begun.future = coalescer.run_timed(begun.table)
+            else:
+                begun.future = run_admitted(state, app, begun.table, timeout, arrived)
+        except BaseException as error:
+            if admission is not None:
+                state.in_flight[name].release(admission)
+            if isinstance(error, AppStopping):
+                raise HTTPProblem(503, str(error), headers={"Retry-After": "1"}) from None
+            raise
+        return begun, admission
+
+    async def _outcome_of(self, name: str, begun: Begun, timeout: float | None) -> Outcome:
+        """Await the run `begun` started: (its output, when its first stage began)."""
+        future = begun.future
+        try:
+            if not isinstance(future, Future):  # the coalescer's coroutine
+                return await future
             try:
-                return await _outcome(future, lag=state.delivery), getattr(future, "began", None)
+                return await _outcome(future, lag=self.state.delivery), getattr(
+                    future, "began", None
+                )
             except asyncio.CancelledError:
                 future.cancel()  # the client went away: its workers drop the request
                 raise
         except AppStopping as error:
             raise HTTPProblem(503, str(error), headers={"Retry-After": "1"}) from None
-        except (asyncio.CancelledError, _Disconnected):
+        except (asyncio.CancelledError, _Disconnected, HTTPProblem):
             raise
         except Exception as error:
             problem = problem_from(error, name, debug=self.state.debug)
@@ -552,6 +579,68 @@ def encode_infer_response(
     return b"".join([head, *chunks]), headers
 
 
+@dataclass(eq=False)
+class Begun:
+    """An inference decoded and started: its table, its run (a concurrent future, or
+    the coalescer's coroutine), and the times `V2Models.statistics` splits it by."""
+
+    table: Table
+    began_ns: int  # perf_counter_ns: decoding began ...
+    decoded_ns: int  # ... and ended
+    queued_from: float  # time.monotonic, the runtime's clock (its `began`)
+    future: Any = None
+    request: Any = None  # at the door: the request's JSON object, its inputs and the
+    inputs: Sequence[InputTensor] = ()  # ... outputs it asked for, which its answer
+    requested: Sequence[RequestedOutput] = ()  # ... needs (`V2HTTP._infer`)
+
+
+class Reserved(NamedTuple):
+    """An inference the HTTP protocol admitted (serving.shedding): when its headers
+    were parsed, and the run it started when it read the body (`infer_at_door`)."""
+
+    parsed: float
+    begun: Begun | None
+
+
+def _decoded(state: ServingState, app: App, inputs: Sequence[InputTensor]) -> Begun:
+    t0 = time.perf_counter_ns()
+    try:
+        table = Table(columns_from_tensors(inputs, app.plan.schema, state.limits))
+    except TensorError as error:
+        raise HTTPProblem(400, str(error)) from None
+    except LimitExceeded as error:
+        raise HTTPProblem(413, str(error)) from None
+    return Begun(table, t0, time.perf_counter_ns(), time.monotonic())
+
+
+def infer_at_door(
+    state: ServingState,
+    name: str,
+    fields: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+    parsed: float,
+) -> Begun | None:
+    """`run_at_door` for a V2 inference of model `name`, whole (headers `fields`,
+    `body`): decoded and run from the HTTP parser's callback, so that a refusal is
+    answered there. None, for anything but a run started (a bad body or header, the
+    app stopping): the ASGI path takes it again and answers."""
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in fields}
+    try:
+        request, inputs, requested = parse_infer_request(
+            body, headers.get(HEADER_LENGTH), state.limits
+        )
+        timeout = _timeout_s(headers.get(TIMEOUT_HEADER))
+        if timeout is None:
+            timeout = _timeout_parameter(request)
+        app = state.apps[name]
+        begun = _decoded(state, app, inputs)
+        begun.future = run_admitted(state, app, begun.table, timeout, parsed)
+    except Exception:  # answered, and logged if it must be, the ASGI way
+        return None
+    begun.request, begun.inputs, begun.requested = request, inputs, requested
+    return begun
+
+
 class V2HTTP:
     """The ASGI handler of every path under /v2 (the server routes them here before
     its router: this handler checks the token itself, health checks excepted)."""
@@ -559,7 +648,12 @@ class V2HTTP:
     def __init__(self, models: V2Models) -> None:
         self.models = models
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(
+        self, scope: Any, receive: Any, send: Any, admitted: tuple[float, Any] | None = None
+    ) -> None:
+        """Answer a request under /v2; `admitted`: an inference the HTTP protocol
+        admitted (its caller releases the slot): `Reserved`'s fields."""
+        reserved = None if admitted is None else Reserved._make(admitted)
         parts = [p for p in scope["path"].split("/")[2:] if p]
         headers: dict[str, str] = {}
         for key, value in scope["headers"]:
@@ -575,7 +669,9 @@ class V2HTTP:
                         reason,
                         headers={"www-authenticate": 'Bearer realm="serveflow"'},
                     )
-            status, body, extra = await self._route(scope["method"], parts, headers, receive)
+            status, body, extra = await self._route(
+                scope["method"], parts, headers, receive, reserved
+            )
         except HTTPProblem as problem:
             status, body = problem.status, encode_json(problem.body())
             extra = {"content-type": JSON, **{k.lower(): v for k, v in problem.headers.items()}}
@@ -587,7 +683,12 @@ class V2HTTP:
         await send({"type": "http.response.body", "body": body})
 
     async def _route(
-        self, method: str, parts: list[str], headers: Mapping[str, str], receive: Any
+        self,
+        method: str,
+        parts: list[str],
+        headers: Mapping[str, str],
+        receive: Any,
+        reserved: Reserved | None = None,
     ) -> tuple[int, bytes, dict[str, str]]:
         models = self.models
         version = None
@@ -627,23 +728,34 @@ class V2HTTP:
                 return _ok(models.statistics(name, version))
             case ["models", name, "infer"]:
                 _allow(method, "POST")
-                return await self._infer(name, version, headers, receive)
+                return await self._infer(name, version, headers, receive, reserved)
         raise HTTPProblem(404, f"no V2 endpoint at /v2/{'/'.join(parts)}")
 
     async def _infer(
-        self, name: str, version: str | None, headers: Mapping[str, str], receive: Any
+        self,
+        name: str,
+        version: str | None,
+        headers: Mapping[str, str],
+        receive: Any,
+        reserved: Reserved | None,
     ) -> tuple[int, bytes, dict[str, str]]:
         models = self.models
         with models.measured(name):
-            limits = models.state.limits
-            body = await _read_body(receive, headers.get("content-length", ""), limits)
-            request, inputs, requested = parse_infer_request(
-                body, headers.get(HEADER_LENGTH), models.state.limits
-            )
-            timeout = _timeout_s(headers.get(TIMEOUT_HEADER))
-            if timeout is None:
-                timeout = _timeout_parameter(request)
-            work = models.infer(name, version, inputs, [o.name for o in requested], timeout)
+            begun = reserved.begun if reserved is not None else None
+            if begun is not None:
+                request, inputs, requested = begun.request, begun.inputs, begun.requested
+                timeout = None  # (the run has it)
+            else:
+                limits = models.state.limits
+                body = await _read_body(receive, headers.get("content-length", ""), limits)
+                request, inputs, requested = parse_infer_request(
+                    body, headers.get(HEADER_LENGTH), limits
+                )
+                timeout = _timeout_s(headers.get(TIMEOUT_HEADER))
+                if timeout is None:
+                    timeout = _timeout_parameter(request)
+            outputs = [o.name for o in requested]
+            work = models.infer(name, version, inputs, outputs, timeout, reserved)
             tensors = await _unless_disconnected(work, receive)
             default_binary = _parameters(request, "request").get("binary_data_output") is True
             binary = {t.name: default_binary for t in tensors}
