@@ -50,6 +50,7 @@ def flow(slo):
 slo15, slo30, slo60 = flow(15), flow(30), flow(60)
 """
 BODY = '{"rows": [{"x": 1}]}'
+V2_BODY = '{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}'
 # (case, SLO ms, client, rate or hey's -c and -q)
 CASES = (
     ("400/s, SLO 60 ms", 60, "poisson", 400),
@@ -67,7 +68,9 @@ class Served:
     """`serveflow serve` of FLOWS on 2 workers in a child process; `source`: the `src`
     of another serveflow tree to serve from."""
 
-    def __init__(self, source: str | None = None) -> None:
+    def __init__(self, source: str | None = None, v2: bool = False) -> None:
+        self.v2 = v2
+        self.body = V2_BODY if v2 else BODY
         self._dir = tempfile.TemporaryDirectory(prefix="sf-http-slo-")
         path = Path(self._dir.name) / "slo_flows.py"
         path.write_text(FLOWS)
@@ -85,6 +88,8 @@ class Served:
         self.base = line.split(" on ")[1].split()[0]
 
     def url(self, slo: int) -> str:
+        if self.v2:
+            return f"{self.base}/v2/models/slo{slo}/infer"
         return f"{self.base}/v1/flows/slo{slo}/predict"
 
     def close(self) -> None:
@@ -92,11 +97,13 @@ class Served:
         self._dir.cleanup()
 
 
-def hey(url: str, seconds: float, connections: int, per_connection: float) -> list[tuple]:
-    """`hey` for `seconds`: (latency ms, status) per request (its CSV)."""
+def hey(
+    url: str, body: str, seconds: float, connections: int, per_connection: float
+) -> list[tuple]:
+    """`hey` POSTing JSON `body` for `seconds`: (latency ms, status) per request (its CSV)."""
     command = ["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(connections),
                "-q", f"{per_connection:g}", "-m", "POST", "-T", "application/json",
-               "-d", BODY, "-o", "csv", url]  # fmt: skip
+               "-d", body, "-o", "csv", url]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     if not rows:
@@ -107,12 +114,12 @@ def hey(url: str, seconds: float, connections: int, per_connection: float) -> li
 def run_case(served: Served, case: tuple, seconds: float, system: str) -> common.Record:
     name, slo, client, load = case
     url = served.url(slo)
-    hey(url, 2.0, 10, 10.0)  # a fresh stage learns its calls
+    hey(url, served.body, 2.0, 10, 10.0)  # a fresh stage learns its calls
     if client == "poisson":
-        run = open_loop(url, seconds, POISSON_CONNECTIONS, float(load))
+        run = open_loop(url, seconds, POISSON_CONNECTIONS, float(load), served.body)
         rows = [(ms, status) for ms, (_, _, status) in zip(run["from_send"], run["rows"])]
     else:
-        rows = hey(url, seconds, *load)
+        rows = hey(url, served.body, seconds, *load)
     seconds = max(1, round(seconds))
     answered = [ms for ms, status in rows if status == 200]
     refused = [ms for ms, status in rows if status == 503]
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     def configure(parser):  # type: ignore[no-untyped-def]
         parser.add_argument("--seconds", type=float, default=6.0, help="measured per case")
         parser.add_argument("--baseline", default=None, help="src of a serveflow to compare")
+        parser.add_argument("--v2", action="store_true", help="as V2 inferences (Triton's)")
 
     args = common.parse_args(__doc__ or NAME, argv, configure)
     missing = [tool for tool in ("hey", "wrk") if shutil.which(tool) is None]
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for case in CASES:
         for system, source in systems.items():  # alternating: drift hits both
-            served = Served(source)
+            served = Served(source, args.v2)
             try:
                 records.append(run_case(served, case, seconds, system))
             finally:

@@ -331,14 +331,20 @@ def chaos_failures(records: list[common.Record]) -> list[str]:
 OPEN_LOOP_SCRIPT = Path(__file__).with_name("open_loop.lua")
 
 
-def open_loop(url: str, seconds: float, connections: int, rate: float | None = None) -> dict:
+def open_loop(
+    url: str,
+    seconds: float,
+    connections: int,
+    rate: float | None = None,
+    body: str = '{"rows": [{"x": 1}]}',
+) -> dict:
     """Run `wrk` with open_loop.lua for `seconds` (whole: wrk takes no fraction):
     `connections` connections (a thread each), each sending on its own Poisson schedule
-    (`rate` req/s in all), or a closed loop without `rate`; rows of (offset s, latency ms, status),
-    the CPU seconds wrk used, and each row's ms from its send (`from_send`)."""
+    (`rate` req/s in all), or a closed loop without `rate`, each request a POST of JSON
+    `body`; rows of (offset s, latency ms, status), the CPU seconds wrk used, and each
+    row's ms from its send (`from_send`)."""
     seconds = max(1, round(seconds))
     per_connection = 0.0 if rate is None else rate / connections
-    body = '{"rows": [{"x": 1}]}'
     # niced: on a machine shared with the server, the generator stands for clients on
     # other machines and should not take the server's CPU (every phase alike)
     command = ["nice", "-n", "10", "wrk", f"-t{connections}", f"-c{connections}",

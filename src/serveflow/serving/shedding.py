@@ -1,4 +1,5 @@
-"""Admitting or refusing a flow's requests at its in-flight limit inside the HTTP parser;
+"""Admitting or refusing a flow's requests (predictions, and V2 inferences over HTTP)
+at its in-flight limit inside the HTTP parser;
 and refusing there those an SLO batching stage of the flow sheds outright for now
 (`App.refuses_outright`: every arrival until a call ends), with that stage's 503.
 
@@ -27,7 +28,8 @@ the parser.
 
 A request of a flow whose SLO stage may refuse it at once (`ServingState.doors`) and
 whose body is small and announced by a Content-Length gets no task until its body is
-read: then it is decoded and run from the parser's callback (`run_at_door`), a refusal
+read: then it is decoded and run from the parser's callback (`run_at_door`; a V2
+inference, `POST /v2/models/NAME/infer`, by `serving.v2.infer_at_door`), a refusal
 answered there, so the arrivals read after it in the same turn of the loop find the
 stage closed (above) instead of all being judged, later, through ASGI.
 """

@@ -306,7 +306,7 @@ class V2Models:
             begun, admission = self._begin(name, version, inputs, timeout, reserved)
         stats = self.stats[name]
         try:
-            output, began = await self._outcome_of(name, begun, timeout)
+            output, began = await self._outcome_of(name, begun)
         finally:
             if admission is not None:
                 state.in_flight[name].release(admission)
@@ -371,7 +371,7 @@ class V2Models:
             raise
         return begun, admission
 
-    async def _outcome_of(self, name: str, begun: Begun, timeout: float | None) -> Outcome:
+    async def _outcome_of(self, name: str, begun: Begun) -> Outcome:
         """Await the run `begun` started: (its output, when its first stage began)."""
         future = begun.future
         try:
