@@ -94,6 +94,9 @@ def test_load_errors_exit_2_with_a_message(tmp_path, flows_file, capsys):
     assert "not a sf.Flow" in capsys.readouterr().err
     assert main(["explain", str(flows_file), "--rules", "speed=max"]) == 2
     assert "--rules" in capsys.readouterr().err
+    for option, value in (("--body-timeout", "0"), ("--max-string-chars", "-1")):
+        assert main(["serve", str(flows_file), option, value]) == 2
+        assert f"{option} must be a positive" in capsys.readouterr().err
 
 
 def _start(flows_file: Path, *args: str, env: dict[str, str] | None = None):

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -267,6 +268,13 @@ def _gpus(text: str) -> int | list[int]:
     return ids if "," in text else ids[0]
 
 
+def _limit_option(field: re.Match[str]) -> str:
+    """The option that sets a `Limits` field (in MiB, or named shorter for some)."""
+    named = {"max_body_bytes": "--max-body-mb", "max_decoded_bytes": "--max-decoded-mb",
+             "body_timeout_s": "--body-timeout"}  # fmt: skip
+    return named.get(field[1], "--" + field[1].replace("_", "-"))
+
+
 def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | None) -> int:
     from serveflow.serving.server import Server
 
@@ -281,7 +289,8 @@ def _serve(args: argparse.Namespace, flows: list[sf.Flow], rules: sf.Rules | Non
             body_timeout_s=args.body_timeout,
         )
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error).replace("Limits.", "--")) from None
+        message = re.sub(r"Limits\.(\w+)", _limit_option, str(error))
+        raise argparse.ArgumentTypeError(message) from None
     options: dict[str, Any] = {}
     if args.workers is not None:
         options["min_workers"] = args.workers
