@@ -328,6 +328,12 @@ def test_malformed_http_bodies_are_400(server):
         one % ("INT64", "[2]", "[1]"): "2 elements",
         one % ("INT64", "[1]", '["x"]'): "INT64",
         one % ("BOOL", "[1]", "[1]"): "BOOL",
+        # numpy would take them (as 1, 7, 1): the JSON API's int column refuses them too
+        one % ("INT64", "[1]", "[1.9]"): "INT64 data must be integers, got float",
+        one % ("INT64", "[1]", '["7"]'): "INT64 data must be integers, got str",
+        one % ("UINT8", "[2]", "[1, true]"): "UINT8 data must be integers, got bool",
+        one % ("FP32", "[1]", "[true]"): "FP32 data must be numbers, got bool",
+        one % ("INT64", "[1]", "[1" + "0" * 400 + "]"): "INT64",  # (orjson: infinite)
     }
     for body, needle in cases.items():
         r = httpx.post(url, content=body.encode(), timeout=TIMEOUT)
@@ -574,12 +580,22 @@ def test_server_admission_bound_refuses_v2_requests_too():
                 grpc_client, 503, "UNAVAILABLE", grpc_client.infer, "slow",
                 {"s": (np.array([0.0]), "FP64")},
             )  # fmt: skip
+            # over HTTP, refused by the HTTP protocol at its headers: counted as V2's
+            http = Client(srv, "http")
+            _expect_error(http, 503, "", http.infer, "slow", {"s": (np.array([0.0]), "FP64")})
             stage_requests = sum(s["requests"] for s in app.stats().values())
         finally:
             first.join(TIMEOUT)
         # (1.5 s: long enough to be seen in flight on a loaded machine)
         assert results and results[0].as_numpy("slept").tolist() == [1.5]
         assert stage_requests <= 1  # the refused request never reached the runtime
+        families = text_string_to_metric_families(httpx.get(f"{srv.url}/metrics").text)
+        answers = {(s.labels["route"], s.labels["status"]): s.value for f in families
+                   for s in f.samples if s.name == "serveflow_http_responses_total"}  # fmt: skip
+        assert answers[("/v2", "503")] == 1 and answers[("/v2", "200")] >= 1, answers
+        assert not any(route.startswith("/v1") for route, _ in answers), answers
+        stats = _model_stats(http, "slow")["inference_stats"]
+        assert stats["fail"]["count"] == 2 and stats["success"]["count"] == 1, stats
 
 
 # --- statistics and metrics ------------------------------------------------------------

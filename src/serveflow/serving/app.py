@@ -117,6 +117,7 @@ class ServingState:
         self.openapi: bytes | None = None  # the spec, once asked for
         self.delivery = DeliveryLag()  # event-loop only
         self.turns = LoopTurns()  # event-loop only
+        self.v2_models: Any = None  # serving.v2.V2Models, once made
 
     def crowded(self, name: str) -> bool:
         """Whether more HTTP connections are open than flow `name`'s ceiling (then its

@@ -170,13 +170,38 @@ def check_json_limits(data: Any, limits: Limits) -> bool:
     return wide
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is no JSON value")
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):
+        raise ValueError(f"number {literal[:40]} is out of a double's range")
+    return value
+
+
+def loads(body: bytes | memoryview) -> Any:
+    """A JSON document: by orjson when installed; by `json` when orjson refuses it
+    for a number it finds infinite (it reads an integer of more than 308 digits as a
+    double), and then refusing a float past a double's range as orjson does (and NaN
+    and Infinity, which orjson refuses too)."""
+    if orjson is not None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as error:
+            if "infinity" not in str(error):  # (json would take a lone surrogate)
+                raise
+    return json.loads(bytes(body), parse_constant=_not_json, parse_float=_finite)
+
+
 def _parse_json(body: bytes) -> Any:
     try:
-        return orjson.loads(body) if orjson is not None else json.loads(body)
+        return loads(body)
     except RecursionError:  # the standard library recurses per level
         raise LimitExceeded("JSON nested too deep to parse (--max-depth)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # orjson's is a subclass
-        if "depth limit" in str(error) or "recursion" in str(error).lower():  # orjson: 1024
+    except (ValueError, UnicodeDecodeError) as error:  # (orjson's and json's errors)
+        if "depth limit" in str(error):  # orjson stops at 1,024 levels
             raise LimitExceeded(f"JSON nested too deep to parse: {error} (--max-depth)") from None
         raise DecodeError(f"malformed JSON: {error}") from None
 

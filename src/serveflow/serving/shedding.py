@@ -103,7 +103,8 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
         active_at = -math.inf  # when this protocol last refused a request (loop time)
         defer = False  # hold the next request's task until its body is read (`_door`)
         deferred: tuple[RequestResponseCycle, object] | None = None  # ... that request's
-        stall: asyncio.TimerHandle | None = None  # ... and its body's deadline
+        stall: asyncio.TimerHandle | None = None  # ... its body's deadline, and when
+        body_at = -math.inf  # ... its body last grew (loop time: a stall, not a slow body)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -127,9 +128,15 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
         def _start_asgi_task(self, cycle: RequestResponseCycle, app: object) -> None:  # type: ignore[override]
             if self.defer:
                 self.deferred = (cycle, app)
+                self.body_at = self.loop.time()
                 self.stall = self.loop.call_later(wait, self._stalled)
                 return
             super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+
+        def on_body(self, body: bytes) -> None:
+            super().on_body(body)
+            if self.deferred is not None:
+                self.body_at = self.loop.time()  # (the timer is moved only when it fires)
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.deferred is not None:  # gone before its body came: no task to release it
@@ -137,13 +144,29 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             super().connection_lost(exc)
 
         def _stalled(self) -> None:
-            """The deferred request's body did not come in time: 408, and the
-            connection closed (as the ASGI path does, `Limits.body_timeout_s`)."""
-            name = self._undefer(release=True)
-            state.metrics.flow(name).count(408)
-            state.metrics.count_response(PREDICT_ROUTE, 408)
+            """The deferred request's body stalled: 408, and the connection closed
+            (as the ASGI path does, `Limits.body_timeout_s`)."""
+            idle = self.loop.time() - self.body_at
+            if idle < wait:  # it grew meanwhile
+                self.stall = self.loop.call_later(wait - idle, self._stalled)
+                return
+            v2 = self.deferred[0].scope["path"].startswith("/v2/")  # type: ignore[index]
+            self._count(self._undefer(release=True), v2, 408)
             self.transport.write(late)
             self.transport.close()
+
+        def _count(self, name: str, v2: bool, status: int) -> None:
+            """Count an answer this protocol wrote (a prediction's 503 of the in-flight
+            bound, counted cheaper, excepted): by flow and route, for a V2 inference in
+            its model's statistics too."""
+            if v2:
+                state.v2_models.answered_early(name, status)
+                return
+            metrics = state.metrics.flow(name)
+            metrics.count(status)
+            if status == 503:
+                metrics.shed.inc()
+            state.metrics.count_response(PREDICT_ROUTE, status)
 
         def _undefer(self, release: bool = False) -> str:
             """Forget the deferred request (its slot released, if `release`): its flow."""
@@ -160,6 +183,10 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             a refusal is answered here, an admitted request gets its task."""
             self._undefer()
             name, admission, parsed, _ = cycle.scope[ADMITTED]  # type: ignore[misc]
+            # the SLO counts from the request read whole (the turn before the one that
+            # read its last bytes), not its headers: a body uploaded over seconds had
+            # been refused as late on arrival, though the ASGI path would serve it
+            parsed = max(parsed, state.turns.since(time.monotonic()))
             if cycle.scope["path"].startswith("/v2/"):
                 begun = infer_at_door(state, name, self.headers, bytes(cycle.body), parsed)
                 running = begun
@@ -172,7 +199,8 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
                     state.in_flight[name].release(admission)
                     self.cycle = _ANSWERED  # type: ignore[assignment]
                     body = encode_json({"error": str(error)})
-                    self._answer_refusal(name, cycle.keep_alive, _refusal(body))
+                    v2 = cycle.scope["path"].startswith("/v2/")
+                    self._answer_refusal(name, cycle.keep_alive, _refusal(body), v2)
                     return
             cycle.scope[ADMITTED] = (name, admission, parsed, running)  # type: ignore[literal-required]
             super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
@@ -272,14 +300,19 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
 
         def _refuse(self, name: str, response: bytes | None = None) -> None:
             self.cycle = _ANSWERED  # type: ignore[assignment]
-            self._answer_refusal(name, self.parser.should_keep_alive(), response)
+            v2 = self.url.startswith(_V2_PREFIX)
+            self._answer_refusal(name, self.parser.should_keep_alive(), response, v2)
 
         def _answer_refusal(
-            self, name: str, keep_alive: bool, response: bytes | None = None
+            self, name: str, keep_alive: bool, response: bytes | None = None, v2: bool = False
         ) -> None:
-            """Write flow `name`'s 503: `response`, or its in-flight bound's."""
+            """Write flow `name`'s 503: `response`, or its in-flight bound's (`v2`: to a
+            V2 inference)."""
             response = response or responses[name.encode()]
-            state.metrics.flow(name).refused()
+            if v2:
+                self._count(name, True, 503)
+            else:
+                state.metrics.flow(name).refused()
             if not keep_alive:  # said so after the status line (RFC 9112, 9.6)
                 self.transport.write(response.replace(b"\r\n", b"\r\nconnection: close\r\n", 1))
                 self.transport.close()

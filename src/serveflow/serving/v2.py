@@ -42,11 +42,11 @@ from serveflow.serving.app import (
 )
 from serveflow.serving.auth import unauthorized
 from serveflow.serving.coalesce import AppStopping, Outcome
-from serveflow.serving.codecs import JSON, check_json_limits, encode_json
+from serveflow.serving.codecs import JSON, check_json_limits, encode_json, loads
 from serveflow.serving.errors import HTTPProblem, problem_from
 from serveflow.serving.inflight import Admission
 from serveflow.serving.limits import LimitExceeded, Limits
-from serveflow.serving.metrics import UNKNOWN_FLOW
+from serveflow.serving.metrics import UNKNOWN_FLOW, route_of
 from serveflow.serving.v2_tensors import (
     DATATYPES,
     InputTensor,
@@ -164,6 +164,7 @@ class V2Models:
 
     def __init__(self, state: ServingState) -> None:
         self.state = state
+        state.v2_models = self
         self.stats = {name: ModelStats() for name in state.apps}
         # Datatype and cell shape of each tensor last seen, for metadata the schema
         # does not give (outputs; np.ndarray inputs).
@@ -285,6 +286,16 @@ class V2Models:
             if known:
                 stats = self.stats[name]
                 (stats.success if status == 200 else stats.fail).add(elapsed)
+
+    def answered_early(self, name: str, status: int) -> None:
+        """Count an inference of model `name` that the HTTP protocol answered itself
+        (a 503 refusal, a 408 stalled body: `serving.shedding`), as `measured` would."""
+        metrics = self.state.metrics.flow(name)
+        metrics.count(status)
+        if status == 503:
+            metrics.shed.inc()
+        self.state.metrics.count_response(route_of("/v2/"), status)
+        self.stats[name].fail.add(0)
 
     async def infer(
         self,
@@ -418,12 +429,6 @@ class V2Models:
 # --- HTTP --------------------------------------------------------------------------
 
 
-def _loads(raw: bytes | memoryview) -> Any:
-    if orjson is not None:
-        return orjson.loads(raw)
-    return json.loads(bytes(raw))
-
-
 def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     parameters = obj.get("parameters")
     if parameters is None:
@@ -462,15 +467,15 @@ def parse_infer_request(
         cut = int(header_length)
         head, binary = memoryview(body)[:cut], memoryview(body)[cut:]
     try:
-        request = _loads(head)
+        request = loads(head)
         if check_json_limits(request, limits) and orjson is not None:
             request = json.loads(bytes(head))  # orjson rounds integers over 64 bits
     except LimitExceeded as error:
         raise HTTPProblem(413, str(error)) from None
     except RecursionError:  # the standard library recurses per level
         raise HTTPProblem(413, "JSON nested too deep to parse (--max-depth)") from None
-    except (ValueError, UnicodeDecodeError) as error:  # orjson's error is a ValueError
-        if "recursion" in str(error).lower():  # orjson stops at 1,024 levels
+    except (ValueError, UnicodeDecodeError) as error:  # (orjson's and json's errors)
+        if "depth limit" in str(error):  # orjson stops at 1,024 levels
             message = f"JSON nested too deep to parse: {error} (--max-depth)"
             raise HTTPProblem(413, message) from None
         raise HTTPProblem(400, f"malformed JSON: {error}") from None

@@ -193,6 +193,9 @@ def _bytes_cells(tensor: InputTensor, count: int, keep_bytes: bool, longest: int
     return list(array.reshape(tensor.shape))
 
 
+_JSON_KINDS = {"b": {bool}, "i": {int}, "u": {int}, "f": {int, float}}  # by numpy kind
+
+
 def _numeric_array(tensor: InputTensor, count: int) -> np.ndarray:
     dtype = NUMPY_TYPES[tensor.datatype]
     if isinstance(tensor.data, bytes | bytearray | memoryview):
@@ -208,8 +211,15 @@ def _numeric_array(tensor: InputTensor, count: int) -> np.ndarray:
             f"input {tensor.name!r}: shape {list(tensor.shape)} needs {count} elements, "
             f"got {len(flat)}"
         )
-    if dtype.kind == "b" and not all(isinstance(v, bool | np.bool_) for v in flat):
-        raise TensorError(f"input {tensor.name!r}: BOOL data must be true or false")
+    # as the JSON API's schema check: no bool for a number, no string or fraction for
+    # an integer (numpy would take true as 1, "7" as 7 and 1.9 as 1)
+    kinds = set(map(type, flat))
+    if not kinds <= _JSON_KINDS[dtype.kind]:
+        wrong = sorted(k.__name__ for k in kinds - _JSON_KINDS[dtype.kind])
+        what = {"b": "true or false", "f": "numbers"}.get(dtype.kind, "integers")
+        raise TensorError(
+            f"input {tensor.name!r}: {tensor.datatype} data must be {what}, got {', '.join(wrong)}"
+        )
     try:
         return np.asarray(flat, dtype=dtype).reshape(tensor.shape)
     except (TypeError, ValueError, OverflowError) as error:
