@@ -1091,10 +1091,13 @@ def test_slo_flows_run_v2_http_requests_from_the_parser_with_the_same_answers(pr
         assert result.as_numpy("z").tolist() == [1, 3, 5] and result.as_numpy("y") is None
         assert result.get_response()["id"] == "r-1"
         assert client.infer("slo", {"x": x}).as_numpy("y").tolist() == [0, 2, 4]
+        versioned = client.infer("slo", {"x": x}, model_version="1")  # the door's too
+        assert versioned.as_numpy("y").tolist() == [0, 2, 4]
+        _expect_error(client, 404, "", client.infer, "slo", {"x": x}, model_version="2")
         message = _expect_error(client, 400, "", client.infer, "slo", {"w": x})
         assert "'x'" in message  # the input it lacks, named
         stats = client.get_inference_statistics("slo")["model_stats"][0]
-        assert stats["inference_count"] == 6 and stats["execution_count"] == 2
+        assert stats["inference_count"] == 9 and stats["execution_count"] == 3
         client.close()
 
 

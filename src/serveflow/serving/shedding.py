@@ -56,13 +56,14 @@ from serveflow.serving.app import (
 from serveflow.serving.auth import token_matches, unauthorized
 from serveflow.serving.codecs import encode_json
 from serveflow.serving.metrics import PREDICT_ROUTE
-from serveflow.serving.v2 import infer_at_door
+from serveflow.serving.v2 import VERSION, infer_at_door
 
 if TYPE_CHECKING:
     from serveflow.serving.app import ServingState
 
 _PREFIX, _SUFFIX = b"/v1/flows/", b"/predict"
-_V2_PREFIX, _V2_SUFFIX = b"/v2/models/", b"/infer"  # V2 inference, unversioned
+_V2_PREFIX, _V2_SUFFIX = b"/v2/models/", b"/infer"  # V2 inference, unversioned ...
+_V2_VERSION = f"/versions/{VERSION}".encode()  # ... or of the one version served
 _POST = b"POST " + _PREFIX
 _END = _SUFFIX + b" HTTP/1.1\r\n"
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")  # a header name (RFC 9110), lower case
@@ -285,7 +286,7 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             if url.startswith(_PREFIX) and url.endswith(_SUFFIX):
                 raw = url[len(_PREFIX) : -len(_SUFFIX)]
             elif url.startswith(_V2_PREFIX) and url.endswith(_V2_SUFFIX):
-                raw = url[len(_V2_PREFIX) : -len(_V2_SUFFIX)]
+                raw = url[len(_V2_PREFIX) : -len(_V2_SUFFIX)].removesuffix(_V2_VERSION)
             else:
                 return None
             if raw not in responses:
