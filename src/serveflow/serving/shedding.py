@@ -188,19 +188,16 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             # read its last bytes), not its headers: a body uploaded over seconds had
             # been refused as late on arrival, though the ASGI path would serve it
             parsed = max(parsed, state.turns.since(time.monotonic()))
-            if cycle.scope["path"].startswith("/v2/"):
-                begun = infer_at_door(state, name, self.headers, bytes(cycle.body), parsed)
-                running = begun
-                future = begun.future if begun is not None else None
-            else:
-                running = future = run_at_door(state, name, self.headers, bytes(cycle.body), parsed)
+            v2 = cycle.scope["path"].startswith("/v2/")
+            run = infer_at_door if v2 else run_at_door
+            running = run(state, name, self.headers, bytes(cycle.body), parsed)
+            future = running.future if v2 and running is not None else running
             if future is not None and future.done() and not future.cancelled():
                 error = future.exception()
                 if isinstance(error, OverloadError):
                     state.in_flight[name].release(admission)
                     self.cycle = _ANSWERED  # type: ignore[assignment]
                     body = encode_json({"error": str(error)})
-                    v2 = cycle.scope["path"].startswith("/v2/")
                     self._answer_refusal(name, cycle.keep_alive, _refusal(body), v2)
                     return
             cycle.scope[ADMITTED] = (name, admission, parsed, running)  # type: ignore[literal-required]
