@@ -730,9 +730,10 @@ def test_a_body_that_stalls_is_answered_408_and_frees_its_slot(slo_ms):
         host, port = srv.url.removeprefix("http://").split(":")
         body = b'{"rows": [{"s": 0.0}]}'
         head = f"POST /v1/flows/slow/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
-        for sent in (b"", body[:5]):  # headers only; half a body
+        v2 = "POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
+        for start, sent in ((head, b""), (head, body[:5]), (v2, b'{"inputs"')):
             with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
-                sock.sendall(head.encode() + b"\r\n\r\n" + sent)
+                sock.sendall(start.encode() + b"\r\n\r\n" + sent)
                 began = time.monotonic()
                 answer = _answers(sock, 1)[0]
                 assert answer.startswith(b"HTTP/1.1 408"), answer
@@ -750,10 +751,13 @@ def test_a_body_that_stalls_is_answered_408_and_frees_its_slot(slo_ms):
         url = f"{srv.url}/v1/flows/slow/predict"
         assert httpx.post(url, content=body, timeout=TIMEOUT).status_code == 200  # slot free
         with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
-            families = text_string_to_metric_families(c.get("/metrics").text)
+            families = list(text_string_to_metric_families(c.get("/metrics").text))
         answers = {s.labels["status"]: s.value for f in families for s in f.samples
                    if s.name == "serveflow_requests_total"}  # fmt: skip
-        assert answers.get("408") == 2, answers
+        routes = {(s.labels["route"], s.labels["status"]): s.value for f in families
+                  for s in f.samples if s.name == "serveflow_http_responses_total"}  # fmt: skip
+        assert answers.get("408") == 3, answers
+        assert routes.get(("/v2", "408")) == 1, routes
 
 
 def batched_ones(table):
