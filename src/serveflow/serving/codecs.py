@@ -19,7 +19,7 @@ JSON goes through orjson when it is installed (the `serve` extra pins it: severa
 faster than the standard library on the per-request path, numpy arrays natively), and
 through `json` otherwise or for what orjson gets wrong: it writes no integer over 64
 bits, and reads one as a float, rounded (a body holding a float that large is read again
-with `json`, which keeps such integers whole).
+with `json`, which keeps such integers whole), or refuses it past 308 digits (`loads`).
 """
 
 from __future__ import annotations
