@@ -334,6 +334,7 @@ def test_malformed_http_bodies_are_400(server):
         one % ("UINT8", "[2]", "[1, true]"): "UINT8 data must be integers, got bool",
         one % ("FP32", "[1]", "[true]"): "FP32 data must be numbers, got bool",
         one % ("INT64", "[1]", "[1" + "0" * 400 + "]"): "INT64",  # (orjson: infinite)
+        '{"parameters": {"timeout": 1%s}, "inputs": []}' % ("0" * 400): "timeout",
     }
     for body, needle in cases.items():
         r = httpx.post(url, content=body.encode(), timeout=TIMEOUT)

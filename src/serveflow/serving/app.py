@@ -206,7 +206,7 @@ async def _read_body(receive: Receive, length: str, limits: Limits) -> bytes:
     limit, wait = limits.max_body_bytes, limits.body_timeout_s
     if length.isdigit() and int(length) > limit:
         raise _too_big(limit)
-    if getattr(getattr(receive, "__self__", None), "more_body", True) is False:
+    if held_whole(receive):
         return await _chunks(receive, limit)
     clock = asyncio.get_running_loop().time
     try:
@@ -214,6 +214,18 @@ async def _read_body(receive: Receive, length: str, limits: Limits) -> bytes:
             return await _chunks(receive, limit, lambda: stall.reschedule(clock() + wait))
     except TimeoutError:
         raise HTTPProblem(408, stalled(limits), headers={"Connection": "close"}) from None
+
+
+def held_whole(receive: Receive) -> bool:
+    """Whether uvicorn holds the request's whole body already (its cycle says so)."""
+    return getattr(getattr(receive, "__self__", None), "more_body", True) is False
+
+
+def whole_at(state: ServingState, arrived: float) -> float:
+    """When a request whose body came after its headers (chunked, large, or sent once
+    the server said to) was read whole, by the turns of the loop: its SLO counts from
+    then, not from its headers (`arrived`), as at the door (`serving.shedding`)."""
+    return max(arrived, state.turns.since(time.monotonic()))
 
 
 def _too_big(limit: int) -> HTTPProblem:
@@ -549,7 +561,10 @@ async def _run_predict(
     if running is not None:  # read, decoded and run by the shedding protocol
         size = int(headers["content-length"])
     else:
+        whole = held_whole(receive)
         body = await _read_body(receive, headers.get("content-length", ""), state.limits)
+        if not whole:
+            arrived = whole_at(state, arrived)
         size = len(body)
         content_type = headers.get("content-type", JSON)
         try:

@@ -186,13 +186,19 @@ def loads(body: bytes | memoryview) -> Any:
     for a number it finds infinite (it reads an integer of more than 308 digits as a
     double), and then refusing a float past a double's range as orjson does (and NaN
     and Infinity, which orjson refuses too)."""
-    if orjson is not None:
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError as error:
-            if "infinity" not in str(error):  # (json would take a lone surrogate)
-                raise
-    return json.loads(bytes(body), parse_constant=_not_json, parse_float=_finite)
+    if orjson is None:
+        return json.loads(bytes(body), parse_constant=_not_json, parse_float=_finite)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        if "infinity" not in str(error):
+            raise
+    data = json.loads(bytes(body), parse_constant=_not_json, parse_float=_finite)
+    try:  # json takes a lone surrogate ("\ud800"), which orjson refuses: no text
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as error:
+        raise ValueError(f"no text: {error}") from None
+    return data
 
 
 def _parse_json(body: bytes) -> Any:

@@ -52,6 +52,7 @@ from serveflow.serving.app import (
     refusal_headers,
     run_at_door,
     stalled,
+    whole_at,
 )
 from serveflow.serving.auth import token_matches, unauthorized
 from serveflow.serving.codecs import encode_json
@@ -184,10 +185,9 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             a refusal is answered here, an admitted request gets its task."""
             self._undefer()
             name, admission, parsed, _ = cycle.scope[ADMITTED]  # type: ignore[misc]
-            # the SLO counts from the request read whole (the turn before the one that
-            # read its last bytes), not its headers: a body uploaded over seconds had
-            # been refused as late on arrival, though the ASGI path would serve it
-            parsed = max(parsed, state.turns.since(time.monotonic()))
+            # the SLO counts from the request read whole, not its headers: a body
+            # uploaded over seconds had been refused as late on arrival
+            parsed = whole_at(state, parsed)
             v2 = cycle.scope["path"].startswith("/v2/")
             run = infer_at_door if v2 else run_at_door
             running = run(state, name, self.headers, bytes(cycle.body), parsed)

@@ -38,7 +38,9 @@ from serveflow.serving.app import (
     _read_body,
     _timeout_s,
     _unless_disconnected,
+    held_whole,
     run_admitted,
+    whole_at,
 )
 from serveflow.serving.auth import unauthorized
 from serveflow.serving.coalesce import AppStopping, Outcome
@@ -544,8 +546,10 @@ def _timeout_parameter(request: Mapping[str, Any]) -> float | None:
     micros = _parameters(request, "request").get("timeout")
     if micros is None:
         return None
-    if not isinstance(micros, int) or isinstance(micros, bool) or micros <= 0:
-        raise HTTPProblem(400, f"parameter timeout must be a positive integer (µs), got {micros!r}")
+    if not isinstance(micros, int) or isinstance(micros, bool) or not 0 < micros < 2**63:
+        raise HTTPProblem(
+            400, f"parameter timeout must be a positive 64-bit integer (µs), got {micros!r:.40}"
+        )
     return micros / 1e6
 
 
@@ -752,7 +756,10 @@ class V2HTTP:
                 timeout = None  # (the run has it)
             else:
                 limits = models.state.limits
+                whole = held_whole(receive)
                 body = await _read_body(receive, headers.get("content-length", ""), limits)
+                if reserved is not None and not whole:  # (else `_begin` takes it from now)
+                    reserved = reserved._replace(parsed=whole_at(models.state, reserved.parsed))
                 request, inputs, requested = parse_infer_request(
                     body, headers.get(HEADER_LENGTH), limits
                 )

@@ -335,6 +335,8 @@ def tensor_from_column(name: str, values: Sequence[Any], empty_datatype: str) ->
             array = np.asarray(values)
         except ValueError as error:
             raise OutputError(f"output {name!r}: ragged rows ({error})") from None
+        if array.dtype.kind in "fO" and all(type(v) is int for v in values):
+            array = _integers(name, values)  # numpy made floats (or objects) of them
     if array.dtype.kind in "OUS":
         flat = [_as_bytes(v) for v in array.reshape(-1)]
         if any(v is None for v in flat):
@@ -351,6 +353,20 @@ def tensor_from_column(name: str, values: Sequence[Any], empty_datatype: str) ->
         raise OutputError(f"output {name!r}: numpy dtype {array.dtype} has no V2 datatype")
     return OutputTensor(
         name, datatype, array.shape, array.astype(NUMPY_TYPES[datatype], copy=False)
+    )
+
+
+def _integers(name: str, values: Sequence[int]) -> np.ndarray:
+    """Python ints past int64 as UINT64, when they all fit it; OutputError when no
+    64-bit datatype holds them all (numpy took [2**64 - 1, 0] as floats, rounded)."""
+    low, high = min(values), max(values)
+    for dtype in (np.int64, np.uint64):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return np.asarray(values, dtype=dtype)
+    raise OutputError(
+        f"output {name!r} holds integers from {str(low)[:40]} to {str(high)[:40]}: no 64-bit "
+        "integer datatype holds them all"
     )
 
 
