@@ -16,6 +16,7 @@ import os
 import platform
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -250,6 +251,25 @@ def interleaved(
 
 
 # --- environment ------------------------------------------------------------------
+
+
+def serve(
+    path: Path, *options: str, source: str | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """Start `serveflow serve PATH --port 0 --log-level warning OPTIONS` as a child
+    process: (it, its base URL, from the line it prints once it serves). `source`: the
+    `src` of another serveflow tree to serve from; `env`: variables to add."""
+    env = {**os.environ, **(env or {})}
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "serveflow.serving.cli", "serve", str(path),
+               "--port", "0", "--log-level", "warning", *options]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    line = process.stdout.readline() if process.stdout else ""
+    if " on http://" not in line:
+        stop(process)
+        raise RuntimeError(f"serveflow serve did not start: {line!r}")
+    return process, line.split(" on ")[1].split()[0]
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:

@@ -33,7 +33,6 @@ import logging
 import os
 import select
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -102,32 +101,10 @@ class ServeflowServer:
         self._dir = tempfile.TemporaryDirectory(prefix="sf-http-load-")
         path = Path(self._dir.name) / "chain_flows.py"
         path.write_text(FLOWS_FILE.format(stages=STAGES, batching=batching))
-        command = [
-            sys.executable,
-            "-m",
-            "serveflow.serving.cli",
-            "serve",
-            str(path),
-            "--port",
-            "0",
-            "--log-level",
-            "warning",
-            "--max-in-flight",
-            str(max_in_flight),
-            *extra,
-        ]
+        options = ["--max-in-flight", str(max_in_flight), *extra]
         if not fused:
-            command += ["--rules", "fusion=off"]
-        env = None
-        if source is not None:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                [source, *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-        line = self.process.stdout.readline() if self.process.stdout else ""
-        if " on http://" not in line:
-            self.close()
-            raise RuntimeError(f"serveflow serve did not start: {line!r}")
-        self.base = line.split(" on ")[1].split()[0]
+            options += ["--rules", "fusion=off"]
+        self.process, self.base = common.serve(path, *options, source=source)
         self.url = f"{self.base}/v1/flows/chain/predict"
         self.call = rows_call(self.url)
 

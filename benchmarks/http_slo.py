@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -74,18 +73,8 @@ class Served:
         self._dir = tempfile.TemporaryDirectory(prefix="sf-http-slo-")
         path = Path(self._dir.name) / "slo_flows.py"
         path.write_text(FLOWS)
-        env = dict(os.environ)
-        if source is not None:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "serveflow.serving.cli", "serve", str(path),
-                   "--port", "0", "--workers", "2", "--max-workers", "2",
-                   "--log-level", "warning"]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-        line = self.process.stdout.readline() if self.process.stdout else ""
-        if " on http://" not in line:
-            self.close()
-            raise RuntimeError(f"serveflow serve did not start: {line!r}")
-        self.base = line.split(" on ")[1].split()[0]
+        options = ("--workers", "2", "--max-workers", "2")
+        self.process, self.base = common.serve(path, *options, source=source)
 
     def url(self, slo: int) -> str:
         if self.v2:

@@ -177,15 +177,8 @@ class Server:
         path = Path(self._dir.name) / "flows.py"
         path.write_text(FLOWS)
         before = set(os.listdir(SHM)) if SHM.is_dir() else set()
-        command = [sys.executable, "-m", "serveflow.serving.cli", "serve", str(path),
-                   "--port", "0", "--log-level", "warning", "--workers", "2", *options]  # fmt: skip
-        env = {**os.environ, "SERVEFLOW_TOKEN": TOKEN}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-        line = self.process.stdout.readline() if self.process.stdout else ""
-        if " on http://" not in line:
-            self.close()
-            raise RuntimeError(f"serveflow serve did not start: {line!r}")
-        self.url = line.split(" on ")[1].split()[0]
+        env = {"SERVEFLOW_TOKEN": TOKEN}
+        self.process, self.url = common.serve(path, "--workers", "2", *options, env=env)
         self.wait_workers(2)
         new = set(os.listdir(SHM)) - before if SHM.is_dir() else set()
         self.shm_dirs = [SHM / n for n in new if n.startswith(RUN_DIR_PREFIX)]
