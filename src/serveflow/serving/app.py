@@ -143,6 +143,15 @@ class ServingState:
         error = None if app is None else app.refuses_outright()
         return None if error is None else encode_json({"error": str(error)})
 
+    def answered_early(self, name: str, route: str, status: int) -> None:
+        """Count an answer the HTTP protocol wrote itself (no task: a 503, a 408) to a
+        request of flow `name` on `route`: by flow and status, by route, as shed."""
+        metrics = self.metrics.flow(name)
+        metrics.count(status)
+        if status == 503:
+            metrics.shed.inc()
+        self.metrics.count_response(route, status)
+
     def refused(self, name: str, model: str = "flow") -> HTTPProblem:
         """The 503 of a request of `name` refused at its in-flight bound."""
         bound = self.in_flight[name]

@@ -163,12 +163,8 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             its model's statistics too."""
             if v2:
                 state.v2_models.answered_early(name, status)
-                return
-            metrics = state.metrics.flow(name)
-            metrics.count(status)
-            if status == 503:
-                metrics.shed.inc()
-            state.metrics.count_response(PREDICT_ROUTE, status)
+            else:
+                state.answered_early(name, PREDICT_ROUTE, status)
 
         def _undefer(self, release: bool = False) -> str:
             """Forget the deferred request (its slot released, if `release`): its flow."""

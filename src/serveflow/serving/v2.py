@@ -292,11 +292,7 @@ class V2Models:
     def answered_early(self, name: str, status: int) -> None:
         """Count an inference of model `name` that the HTTP protocol answered itself
         (a 503 refusal, a 408 stalled body: `serving.shedding`), as `measured` would."""
-        metrics = self.state.metrics.flow(name)
-        metrics.count(status)
-        if status == 503:
-            metrics.shed.inc()
-        self.state.metrics.count_response(route_of("/v2/"), status)
+        self.state.answered_early(name, route_of("/v2/"), status)
         self.stats[name].fail.add(0)
 
     async def infer(
