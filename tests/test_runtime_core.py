@@ -500,6 +500,28 @@ def test_requests_answered_within_their_deadline_leave_nothing_for_the_garbage_c
     assert _wait_for(lambda: left() < 500, timeout=2), left()
 
 
+def test_a_deploy_collects_the_cycles_its_process_left_before_the_app_serves(pool):
+    # A process deploying apps in turn (this suite) held the cycles of the runtimes it
+    # stopped until a full collection found them, 55-90 ms into the next app's burst
+    # of 1,000 requests under an SLO of 100 ms: 15-90% of those admitted answered late
+    import gc
+    import weakref
+
+    class Cyclic:
+        pass
+
+    garbage = Cyclic()
+    garbage.me = garbage
+    gone = weakref.ref(garbage)
+    gc.collect()  # old now: only a full collection finds it
+    del garbage
+    assert gone() is not None
+    flow = sf.Flow("after")
+    flow.map(lambda r: r["a"] + 1, names=["b"], name="inc")
+    pool.deploy(flow, pool.runtime(min_workers=1, max_workers=1))
+    assert gone() is None
+
+
 @pytest.mark.timeout(60)
 def test_a_request_whose_http_client_went_away_stops_occupying_its_worker(pool):
     from serveflow.serving import Server

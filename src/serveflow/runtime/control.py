@@ -31,7 +31,7 @@ from serveflow.errors import InputError, OperatorError, OverloadError
 from serveflow.logical.flow import SOURCE_ID
 from serveflow.optimizer.placement import place
 from serveflow.optimizer.plan import Plan
-from serveflow.runtime import codec, silence
+from serveflow.runtime import codec, collector, silence
 from serveflow.runtime import messages as m
 from serveflow.runtime.app import App
 from serveflow.runtime.engine import Engine, ThreadTimes
@@ -413,6 +413,7 @@ class ControlPlane:
     # -- deployment ---------------------------------------------------------------------
     def deploy(self, plan: Plan, *, owns_runtime: bool = False) -> DeployedApp:
         plan = place(plan, bool(self.gpus))  # placement is what this runtime has
+        collector.deploying()
         with self._lock:
             if self._stopping:
                 raise RuntimeError(f"this {type(self).__name__} is stopped")
