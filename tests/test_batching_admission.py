@@ -110,6 +110,22 @@ def test_a_request_joins_the_filling_batch_and_one_behind_a_busy_worker_waits_fo
     assert behind.latency_s == pytest.approx(0.010 + 0.005 - 0.002 + 0.001)
 
 
+def test_a_request_of_many_rows_is_timed_and_learned_by_its_rows() -> None:
+    # Timed by requests, a request of 20 rows (24 ms of work) was a call of 1 (5 ms):
+    # the one behind it was promised 19 ms too soon, and the call, seen ending after 24
+    # ms, was learned as a call of 1 that ran 19 ms late
+    ledger = _ledger(size=1, timeout_s=0.0, merge=32)
+    assert ledger.admit(1, 0.0, 1.0, [0], 0, rows=20).latency_s == pytest.approx(0.024 + 0.001)
+    behind = ledger.admit(2, 0.001, 1.0, [0], 0)  # after it and the 1 ms overhead
+    assert behind.latency_s == pytest.approx(0.024 + 0.001 + 0.005 + 0.001 - 0.001)
+    ledger.finished(1, 0.024)
+    ledger.finished(2, 0.029)  # it started as the first was seen ending
+    assert max(abs(r) for r in ledger.residuals()) < 1e-9
+    # past the largest call planned, each row costs what the plan's last one did
+    ledger.plan(1, 0.0, 1, [0.0, 0.005], 0, per_row=0.001)
+    assert ledger.admit(3, 0.1, 1.0, [0], 0, rows=64).latency_s == pytest.approx(0.068 + 0.001)
+
+
 def test_an_arrival_that_would_miss_is_refused_and_not_entered() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     verdicts = [ledger.admit(rid, 0.0, 0.020, [0], 0) for rid in range(10)]
@@ -258,10 +274,11 @@ def test_a_result_of_a_call_before_a_plan_of_smaller_calls_is_taken_in() -> None
     ledger.finished(0, 0.0055, call="first")  # it ended: the 12 run from then
     ledger.plan(2, 0.0, 4, [0.0] + [0.004 + 0.001 * n for n in range(1, 5)], 0)
     ledger.finished(1, 0.0056, call="first")  # one more result of the first call
-    # the call left (11) is taken as one of 4, the new plan's largest: it ends at
-    # 5.5 + 8 ms, and one sent at 6 ms runs after it (the typical 1 ms overhead each)
+    # the call left (11) is timed past the new plan's sizes, on the line through its
+    # last two: it ends at 5.5 + 15 ms, and one sent at 6 ms runs after it (the
+    # typical 1 ms overhead each)
     behind = ledger.admit(20, 0.006, 1.0, [0], 0)
-    assert behind.latency_s == pytest.approx(0.0135 + 0.001 + 0.005 + 0.001 - 0.006)
+    assert behind.latency_s == pytest.approx(0.0205 + 0.001 + 0.005 + 0.001 - 0.006)
 
 
 def test_a_call_not_learned_leaves_the_call_learned_before_it_as_it_was() -> None:

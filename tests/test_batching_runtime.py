@@ -413,6 +413,28 @@ def test_a_request_whose_rows_alone_outlast_the_slo_is_refused_and_the_stage_sta
     assert app.run({"a": [7]}).result(timeout=30).column("a") == [7]
 
 
+def test_a_request_of_many_rows_leaves_the_stage_open_to_requests_of_one():
+    """A fresh stage's first call, of one request of 64 rows (68 ms), was learned as a
+    call of 1 (68 ms): 18 of 30 one-row requests sent 10 ms apart after it were refused
+    under an SLO of 30 ms. Learned by its rows, a call of 1 is 5 ms."""
+    flow = sf.Flow("rows")
+    flow.map(_model_4_plus_1_per_row, names=["a"], batching=sf.Batching(slo_ms=30))
+    rt = sf.LocalRuntime(min_workers=1, max_workers=1)
+    try:
+        app = flow.deploy(runtime=rt)
+        assert len(app.run({"a": list(range(64))}).result(timeout=30)) == 64
+        refused = 0
+        for i in range(30):
+            try:
+                app.run({"a": [i]}).result(timeout=30)
+            except sf.OverloadError:
+                refused += 1
+            time.sleep(0.01)
+        assert refused <= 2, refused
+    finally:
+        rt.stop()
+
+
 def test_an_slo_stage_inside_a_chain_serves_a_load_it_can_take():
     """An SLO stage whose output is not the flow's learns its calls' ends from its
     workers' reports, later: at a third of what it can do, it refuses (almost)

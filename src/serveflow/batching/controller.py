@@ -276,31 +276,36 @@ class BatchingController:
         now: float,
         latencies_s: Sequence[float] | None = None,
         worker: int | None = None,
+        rows: int | None = None,
     ) -> None:
-        """A batch of `size` finished at `now` after `service_s` in the model. With
+        """A batch of `size` requests (`rows` rows; None: one each) finished at `now`
+        after `service_s` in the model. With
         `latencies_s` (each request's measured latency, as the runtime reports it),
         those are recorded; without, they are inferred from the arrivals, oldest
         first (exact only while no request is dropped on the way). With `worker`, the
         admission ledger learns when that worker's call ended (for a stage whose
         requests' ends the driver does not see itself: see `finished`)."""
-        self.on_batches_done([(size, service_s, now, latencies_s)], worker)
+        rows = size if rows is None else rows
+        self.on_batches_done([(size, service_s, now, latencies_s, rows)], worker)
 
     def on_batches_done(
         self,
-        batches: Sequence[tuple[int, float, float, Sequence[float] | None]],
+        batches: Sequence[tuple[int, float, float, Sequence[float] | None, int]],
         worker: int | None = None,
     ) -> None:
-        """`on_batch_done` for each of `batches` (size, service_s, now, latencies_s), in
-        order (a worker's report): the profile judges a refit once, after the last."""
+        """`on_batch_done` for each of `batches` (size, service_s, now, latencies_s,
+        rows), in order (a worker's report): the profile judges a refit once, after the
+        last. Service times are learned by rows: a call of one request of 64 rows taken
+        for a call of 1 made every one-row request seem 64 rows' work, and refused."""
         with self._lock:
-            self.profile.observe_all((size, service_s, now) for size, service_s, now, _ in batches)
+            self.profile.observe_all((rows, seconds, now) for _, seconds, now, _, rows in batches)
             slo_s = self.policy.slo_ms / 1e3 if self.policy.slo_ms else math.inf
-            for size, _, now, latencies_s in batches:
+            for size, _, now, latencies_s, rows in batches:
                 if latencies_s and not self._whole:
                     self._answered.extend((now, latency) for latency in latencies_s)
                 if size and worker is not None:
                     sent = now - max(latencies_s) if latencies_s else -math.inf
-                    self.ledger.observed(worker, size, now, sent)
+                    self.ledger.observed(worker, rows, now, sent)
                 popped = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
                 if latencies_s is None:
                     latencies_s = [now - arrived for arrived in popped]
@@ -332,19 +337,20 @@ class BatchingController:
         worker: int | None = None,
         arrives: float | None = None,
         budget_s: float | None = None,
+        rows: int = 1,
     ) -> float | None:
         """`admit` for a request that reaches the stage at `arrives` (after the
         stages before it), not now, and may take `budget_s` from then (its share of
         a flow's SLO left to it: see `ControlPlane._admit`) instead of the stage's
-        SLO: None when refused, else when its output is expected to leave the stage
-        (with the typical overhead)."""
+        SLO, with `rows` rows: None when refused, else when its output is expected to
+        leave the stage (with the typical overhead)."""
         if not self.policy.adaptive:
             return now if arrives is None else arrives
         with self._lock:
             self._sync_ledger(now)
             serve = self.policy.on_overload == "serve"
             slo_s = self._admit_slo_s(budget_s)
-            verdict = self.ledger.admit(rid, now, slo_s, workers, worker, serve, arrives)
+            verdict = self.ledger.admit(rid, now, slo_s, workers, worker, serve, arrives, rows)
             if verdict.admit:
                 if len(self._admitted) >= ADMITTED_KEPT:
                     del self._admitted[next(iter(self._admitted))]
@@ -560,9 +566,10 @@ class BatchingController:
         if self.policy.max_size:
             merge = min(merge, self.policy.max_size)
         merge = max(merge, d.max_size)
-        service = self.profile.predict(np.arange(merge + 1))
+        service = self.profile.predict(np.arange(merge + 2))
         service[0] = 0.0
-        self.ledger.plan(d.max_size, d.timeout_s, merge, service, self.ledger.rate)
+        per_row = service[-1] - service[-2]  # past the sizes planned for (a request of rows)
+        self.ledger.plan(d.max_size, d.timeout_s, merge, service[:-1], self.ledger.rate, per_row)
 
     def decision(self, now: float) -> Decision:
         with self._lock:

@@ -537,7 +537,9 @@ class ControlPlane:
                 if controller.refuses_rows(rows, budget):
                     leave, outlasting = None, rows
                 else:
-                    leave = controller.admit_at(now, request.id, workers, worker, arrives, budget)
+                    leave = controller.admit_at(
+                        now, request.id, workers, worker, arrives, budget, rows
+                    )
                 refused = leave is None
                 if not refused:
                     leaves[index] = leave
@@ -1015,7 +1017,7 @@ class ControlPlane:
         # refitting its service profile) holds no admission or result back.
         for app, stage_index, counts in reports:
             requests, batches, cold_starts, latencies, batch_log, service, stopped, runs = counts
-            sizes = [size for size, _, _, _ in batch_log if size]
+            sizes = [call[0] for call in batch_log if call[0]]
             stats = app.stage_stats[stage_index]
             stats.add(requests, batches, cold_starts, latencies, sizes, service, stopped, runs)
             controller = app.controllers.get(stage_index)

@@ -178,8 +178,9 @@ class StageCounters:
     latencies: list[float] = field(default_factory=list)
     service: list[float] = field(default_factory=list)  # each call's run time
     stopped: list[float] = field(default_factory=list)  # calls cut short: how long they ran
-    # batching stages: (size, run s, end, each request's latency from arrival here)
-    batch_log: list[tuple[int, float, float, list[float]]] = field(default_factory=list)
+    # batching stages: (requests, run s, end, each request's latency from arrival here,
+    # rows)
+    batch_log: list[tuple[int, float, float, list[float], int]] = field(default_factory=list)
     # calls by the rows they ran: rows -> [calls, gather ns, run ns, scatter ns]
     executions: dict[int, list[int]] = field(default_factory=dict)
 
@@ -619,7 +620,7 @@ class Worker:
             expired = [t for t in batch if t.deadline is not None and t.deadline <= now]
             if expired:
                 counters = self.counters.setdefault(key, StageCounters())
-                counters.batch_log.append((0, 0.0, now, [now - t.created for t in expired]))
+                counters.batch_log.append((0, 0.0, now, [now - t.created for t in expired], 0))
                 self.dirty = True
         self.held = {}
         try:
@@ -703,7 +704,7 @@ class Worker:
             loaded_at = self.loaded_at.get(key, 0.0)
             latencies = [done - t.created for t in live if t.created >= loaded_at]
             size, service_s = (0, 0.0) if cut else (len(live), done - started)
-            counters.batch_log.append((size, service_s, done, latencies))
+            counters.batch_log.append((size, service_s, done, latencies, rows if size else 0))
             if size and key not in self.timed:
                 self.timed.add(key)
                 self.report_now = True
