@@ -777,6 +777,34 @@ def test_a_body_that_stalls_is_answered_408_and_frees_its_slot(slo_ms):
         assert routes.get(("/v2", "408")) == 1, routes
 
 
+@pytest.mark.parametrize("max_in_flight", [None, 4])  # uvicorn's protocol, or the shedding one
+def test_headers_that_stall_are_answered_408_and_headers_sent_in_parts_are_read(max_in_flight):
+    # uvicorn times out neither: a connection holding half a request line stayed open
+    app = slow_flow(None).deploy()
+    limits = Limits(body_timeout_s=0.5)
+    with Server({"slow": app}, port=0, max_in_flight=max_in_flight, limits=limits) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        for begun in (b"POST /v1/flows/sl", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+                sock.sendall(begun)
+                began, answer = time.monotonic(), b""
+                while chunk := sock.recv(4096):  # until closed
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer
+                assert 0.4 < time.monotonic() - began < 5
+        body = b'{"rows": [{"s": 0.0}]}'
+        request = b"POST /v1/flows/slow/predict HTTP/1.1\r\nHost: x\r\n"
+        request += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+            for i in range(0, len(request), 40):  # in 0.4 s, under the 0.5 s
+                sock.sendall(request[i : i + 40])
+                time.sleep(0.05)
+            assert _answers(sock, 1)[0].startswith(b"HTTP/1.1 200")
+            time.sleep(0.7)  # between requests: keep-alive's timeout (5 s), not this one
+            sock.sendall(request)
+            assert _answers(sock, 1)[0].startswith(b"HTTP/1.1 200")
+
+
 def batched_ones(table):
     time.sleep(0.02)  # concurrent requests pile up meanwhile and form the next batch
     return [1] * len(table)

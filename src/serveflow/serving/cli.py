@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=defaults.body_timeout_s,
         metavar="S",
-        help="seconds a request body may stall (no byte read) before the request gets 408 "
-        f"and its connection is closed (default {defaults.body_timeout_s:g})",
+        help="seconds a request body may stall (no byte read), and its headers may take "
+        "to come whole, before the request gets 408 and its connection is closed "
+        f"(default {defaults.body_timeout_s:g})",
     )
     serve.add_argument(
         "--drain-timeout",

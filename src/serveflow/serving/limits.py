@@ -34,9 +34,10 @@ class Limits:
     max_string_chars: characters of one JSON string (a key or a value), or bytes of
         one V2 BYTES element sent as binary data.
     max_rows: rows of one request.
-    body_timeout_s: seconds a request body may stall (no byte of it read) before the
-        request is answered 408 and its connection closed: a client sending headers
-        only would otherwise hold its admission slot as long as it liked.
+    body_timeout_s: seconds a request body may stall (no byte of it read), and its
+        headers may take to come whole, before the request is answered 408 and its
+        connection closed: a client sending headers only would otherwise hold its
+        admission slot as long as it liked, and one sending half of them a connection.
     """
 
     max_body_bytes: int = 16 * MiB

@@ -160,10 +160,11 @@ class Server:
         # stages shedding every arrival for now (`App.refuses_outright`)
         slo = any(s.batching and s.batching.adaptive for a in apps.values() for s in a.plan.stages)
         sheds = max_in_flight is not None or slo
-        if sheds and http in ("auto", "httptools") and _has_httptools():
-            from serveflow.serving.shedding import shedding_protocol  # needs httptools
+        if http in ("auto", "httptools") and _has_httptools():
+            from serveflow.serving.shedding import shedding_protocol, timed_protocol
 
-            protocol = shedding_protocol(self.state)
+            # without refusals to make there, the headers' timeout alone
+            protocol = shedding_protocol(self.state) if sheds else timed_protocol(self.state.limits)
         config = uvicorn.Config(
             self.asgi,
             host=host,

@@ -61,6 +61,7 @@ from serveflow.serving.v2 import VERSION, infer_at_door
 
 if TYPE_CHECKING:
     from serveflow.serving.app import ServingState
+    from serveflow.serving.limits import Limits
 
 _PREFIX, _SUFFIX = b"/v1/flows/", b"/predict"
 _V2_PREFIX, _V2_SUFFIX = b"/v2/models/", b"/infer"  # V2 inference, unversioned ...
@@ -89,18 +90,66 @@ class _Answered:
 _ANSWERED = _Answered()
 
 
+def _timed_out(error: str) -> bytes:
+    """A whole 408 response with `error`, closing the connection."""
+    body = encode_json({"error": error})
+    head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+    return head + b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def timed_protocol(limits: Limits) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, answering 408 to a request whose headers are not
+    read whole within `limits.body_timeout_s` (and closing its connection): uvicorn
+    times out neither a request's headers nor a connection sending them, and 300
+    connections each holding half a request line stayed open."""
+    wait = limits.body_timeout_s
+    late = _timed_out(f"request headers not whole within {wait:g} s (--body-timeout)")
+
+    class TimedProtocol(HttpToolsProtocol):
+        heading = False  # a request's headers are being read ...
+        head: asyncio.TimerHandle | None = None  # ... by this deadline, once a read ended
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # armed once a read ends inside them: a timer per request cost ~3 us
+            if self.heading and self.head is None:
+                self.head = self.loop.call_later(wait, self._head_stalled)
+
+        def on_message_begin(self) -> None:
+            self.heading = True
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._headed()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._headed()
+            super().connection_lost(exc)
+
+        def _headed(self) -> None:
+            """The headers are read (or never will be): no deadline for them."""
+            self.heading = False
+            if self.head is not None:
+                self.head.cancel()
+                self.head = None
+
+        def _head_stalled(self) -> None:
+            self.transport.write(late)
+            self.transport.close()
+
+    return TimedProtocol
+
+
 def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol, answering requests over `state`'s in-flight limit,
     and those an SLO stage sheds outright, with 503 as soon as their headers are parsed."""
     responses = {name.encode(): _refusal(body) for name, body in state.refusal_body.items()}
     token = state.token
     wait = state.limits.body_timeout_s
-    late = encode_json({"error": stalled(state.limits)})
-    late = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n" + (
-        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(late), late)
-    )
+    late = _timed_out(stalled(state.limits))
 
-    class SheddingProtocol(HttpToolsProtocol):
+    class SheddingProtocol(timed_protocol(state.limits)):  # type: ignore[misc]
         between = True  # the parser is between messages (none begun and unfinished)
         active_at = -math.inf  # when this protocol last refused a request (loop time)
         defer = False  # hold the next request's task until its body is read (`_door`)
@@ -249,6 +298,7 @@ def shedding_protocol(state: ServingState) -> type[HttpToolsProtocol]:
             return True
 
         def on_headers_complete(self) -> None:
+            self._headed()
             name = self._judged()
             if name is None:
                 super().on_headers_complete()
