@@ -305,7 +305,7 @@ class BatchingController:
                     self._answered.extend((now, latency) for latency in latencies_s)
                 if size and worker is not None:
                     sent = now - max(latencies_s) if latencies_s else -math.inf
-                    self.ledger.observed(worker, rows, now, sent)
+                    self.ledger.observed(worker, size, now, sent, rows)
                 popped = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
                 if latencies_s is None:
                     latencies_s = [now - arrived for arrived in popped]
