@@ -255,7 +255,7 @@ class StageLedger:
         # (end, the residual less the excess at its time, the residual, the call's
         # service time), seconds
         self._residuals: deque[tuple[float, float, float, float]] = deque(maxlen=RESIDUALS)
-        # the latest calls as (end, seconds from start to end, requests)
+        # the latest calls as (end, seconds from start to end, rows: see `_learn`)
         self._latest: deque[tuple[float, float, int]] = deque(maxlen=LEVEL_CALLS)
         self._level = 0.0  # the latest calls' median residual (see the docstring)
         self._excess = 0.0  # of the level over the window's median
@@ -427,7 +427,7 @@ class StageLedger:
                 w.bias = bias
 
     def call_size(self) -> int:
-        """Requests per call, the median of the latest calls (0 before any)."""
+        """Rows per call, the median of the latest calls (0 before any; see `_learn`)."""
         return int(statistics.median(n for _, _, n in self._latest)) if self._latest else 0
 
     def spell_excess(self) -> float:
