@@ -126,6 +126,29 @@ def test_a_request_of_many_rows_is_timed_and_learned_by_its_rows() -> None:
     assert ledger.admit(3, 0.1, 1.0, [0], 0, rows=64).latency_s == pytest.approx(0.068 + 0.001)
 
 
+def test_a_batch_planned_in_rows_is_full_once_its_requests_rows_fill_it() -> None:
+    # A request of as many rows as the plan's batch waited its timeout for company (a
+    # lone 16-row request, plan "2 within 9.5 ms", SLO 30 ms: 29.9 ms median at the
+    # client, half of them late; 24.4 once it runs at once)
+    from types import SimpleNamespace
+
+    from serveflow.runtime.dispatch import BatchRule
+
+    ledger = _ledger(size=4, timeout_s=0.010, merge=8)
+    assert ledger.admit(1, 0.0, 1.0, [0], 0, rows=4).latency_s == pytest.approx(0.008 + 0.001)
+    ledger = _ledger(size=4, timeout_s=0.010, merge=8)
+    ledger.admit(1, 0.0, 1.0, [0], 0, rows=2)  # half a batch: it waits ...
+    # ... until one of 2 rows more fills it at 3 ms: 4 rows run from then
+    assert ledger.admit(2, 0.003, 1.0, [0], 0, rows=2).latency_s == pytest.approx(0.008 + 0.001)
+    rule, stage = BatchRule(), SimpleNamespace(batching=sf.Batching(max_size=4, timeout_ms=10))
+    rule.set_policy((0, 1), 4, 0.010)
+    assert rule.due((0, 1), stage, 1, 0.0, 0.001, lambda: 4) == (1, 0.0)
+    count, wait = rule.due((0, 1), stage, 1, 0.0, 0.001, lambda: 3)
+    assert count == 0 and wait == pytest.approx(0.009)
+    # a fixed policy's batch counts requests, as Ray Serve's does
+    assert rule.due((0, 2), stage, 1, 0.0, 0.001, lambda: 4)[0] == 0
+
+
 def test_an_arrival_that_would_miss_is_refused_and_not_entered() -> None:
     ledger = _ledger(size=1, timeout_s=0.0, merge=1)
     verdicts = [ledger.admit(rid, 0.0, 0.020, [0], 0) for rid in range(10)]

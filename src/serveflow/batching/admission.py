@@ -651,7 +651,7 @@ class StageLedger:
         while i < n:
             start = max(free, sents[i])
             if self.timeout_s:
-                full = i + self.size - 1  # the request that fills the batch
+                full = self._filling(rows, i)  # the request that fills the batch
                 filled = sents[full] if full < n else math.inf
                 start = max(start, min(sents[i] + self.timeout_s, filled))
             waiting = bisect_right(sents, start, i, n) - i
@@ -661,6 +661,18 @@ class StageLedger:
             i, free = i + take, end + median
             if ahead is not None and i < n:
                 free = ahead.wait(sents[i] + self.slack, free, max(free, sents[i]))
+
+    def _filling(self, rows: Sequence[int] | None, first: int) -> int:
+        """The index of the request that fills the batch request `first` opens: the
+        planned size's worth of requests, or of rows (`rows`: each request's, when
+        told), as `BatchRule` fills it (maybe past the requests there are)."""
+        if rows is not None:
+            total = 0
+            for k in range(first, min(first + self.size, len(rows))):
+                total += rows[k]
+                if total >= self.size:
+                    return k
+        return first + self.size - 1
 
     def _time(self, rows: Sequence[int] | int, first: int = 0, take: int = 1) -> float:
         """Seconds for a call of `rows` rows, or of the requests `first` .. `first` +
@@ -714,7 +726,7 @@ class StageLedger:
             for first, take, start, end in self._cut(sents, cut.last, median, None, rows):
                 if first + take == left:
                     break
-                low, high = self._room(sents, first, take, start, cut.last)
+                low, high = self._room(sents, first, take, start, cut.last, rows)
                 cut.low, cut.high = max(cut.low, low), min(cut.high, high)
                 cut.calls.append((end, last[first].deadline, last[first].due))
                 cut.last = end + median
@@ -723,7 +735,13 @@ class StageLedger:
         return cut
 
     def _room(
-        self, sents: Sequence[float], first: int, take: int, start: float, free: float
+        self,
+        sents: Sequence[float],
+        first: int,
+        take: int,
+        start: float,
+        free: float,
+        rows: Sequence[int] | None = None,
     ) -> tuple[float, float]:
         """How much earlier or later than `free` a worker may free for the call of
         `take` requests from `first` (of requests queued at `sents`) starting at
@@ -734,7 +752,7 @@ class StageLedger:
             return 0.0, 0.0
         low = sents[first + take - 1] - start
         if self.timeout_s:
-            full = first + self.size - 1
+            full = self._filling(rows, first)
             due = min(sents[first] + self.timeout_s, sents[full] if full < len(sents) else math.inf)
             low = max(low, due - start)
         after = sents[first + take] - start
@@ -1121,7 +1139,7 @@ class StageLedger:
             left = len(entries) - i
             take = min(left, merge if left > size else size, top)
             head = entries[i].sent
-            due = head if take >= size else head + self.timeout_s
+            due = head if self._filling(rows, i) < i + take else head + self.timeout_s
             took = service[max(take, 1)] if rows is None else self._time(rows, i, max(take, 1))
             calls.append((head + self.slack, due, took + median))
             i += max(take, 1)

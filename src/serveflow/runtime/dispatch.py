@@ -6,6 +6,7 @@ no I/O and is tested alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serveflow.optimizer.plan import Stage
@@ -35,17 +36,29 @@ class BatchRule:
         return (policy.size, (policy.timeout_ms or 0) / 1e3) if policy else (1, 0.0)
 
     def due(
-        self, key: tuple[int, int], stage: Stage, queued: int, oldest_sent: float, now: float
+        self,
+        key: tuple[int, int],
+        stage: Stage,
+        queued: int,
+        oldest_sent: float,
+        now: float,
+        rows: Callable[[], int] | None = None,
     ) -> tuple[int, float]:
         """(requests to run now, 0 for none; seconds until a partial batch is due).
+        `rows`: the queued requests' rows, asked while fewer requests than a batch wait.
 
-        A batch runs when full, or once its oldest request has waited the timeout
-        since it was sent (as in the model: also while it sat unread behind a running
+        A batch runs when full (of requests; of a controller-planned stage, of their
+        rows too: it plans sizes in rows), or once its oldest request has waited the
+        timeout since it was sent (as in the model: also while it sat unread behind a running
         batch). A controller-planned stage with more than a batch queued (a step in
         load, a slow spell) takes up to `BACKLOG_MERGE` batches in one call, which
         drains the backlog faster: one call's fixed cost for several batches."""
         limit, timeout_s = self.limits(key, stage)
-        if timeout_s and queued < limit:
+        if (
+            timeout_s
+            and queued < limit
+            and not (key in self.planned and rows is not None and rows() >= limit)
+        ):
             remaining = oldest_sent + timeout_s - now
             if remaining > 0:
                 return 0, remaining

@@ -574,7 +574,12 @@ class Worker:
                 if due >= first:
                     continue
                 count, remaining = self.rule.due(
-                    key, facts.stage, len(queue), queue[0].created, now
+                    key,
+                    facts.stage,
+                    len(queue),
+                    queue[0].created,
+                    now,
+                    lambda queue=queue: sum(_rows(t.inputs) for t in queue),
                 )
                 if count:
                     best, take, first = key, count, due
