@@ -332,6 +332,30 @@ def test_a_slow_spell_raises_the_overhead_at_once_and_leaves_it_once_over() -> N
     assert ledger.overhead()[1] < 0.005
 
 
+def test_a_spell_that_came_with_a_burst_is_charged_on_as_many_calls_as_it_was_seen_for() -> None:
+    # A driver sent a burst from a thread of its own reads the burst's first calls
+    # late, and its workers share the cores with that thread: a spell, while it
+    # sends. Charged on every call of a deep queue, it refused the deeper part of
+    # bursts answered within a third of the SLO.
+    def deep(spell: int) -> float:
+        """Calls of 5 ms; 200 requests at once; the first `spell` of them answered
+        20 ms late each: the predicted latency of one more."""
+        ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+        rng = np.random.default_rng(1)
+        now = _calls(ledger, 0.0, list(rng.uniform(0.0, 0.002, 200)))
+        for rid in range(1000, 1200):
+            ledger.admit(rid, now, 10.0, [0], 0)
+        for rid in range(1000, 1000 + spell):
+            now += 0.005 + 0.020
+            ledger.finished(rid, now)
+        return ledger.admit(2000, now, 10.0, [0], 0).latency_s
+
+    # 10 late calls: charged on 10 of the 190 ahead (on all of them: 4.8 s)
+    assert deep(10) == pytest.approx(190 * 0.005 + 10 * 0.020, abs=0.3)
+    # 100: on the 100 ahead, all of them
+    assert deep(100) == pytest.approx(100 * 0.025, abs=0.2)
+
+
 def test_calls_that_end_before_any_service_time_is_known_are_not_taken_for_overhead() -> None:
     # a stage's first calls wait for it to load (MiniLM: 0.2-0.25 s): taken for the
     # runtime's overhead, they set the quantile at the SLO's percentile for seconds

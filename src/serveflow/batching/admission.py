@@ -163,7 +163,7 @@ class _Cut:
     """A worker's queue cut into calls, all but the last (`StageLedger._closed`): from
     `free`; from `free` + d, the same calls, each d later, for d in [`low`, `high`]."""
 
-    key: tuple[float, int]  # the overhead median and plan it was cut with
+    key: tuple[float, int, float, int]  # overheads, busy calls, plan it was cut with
     free: float
     first: int = 0  # the last call's first request: its index in the queue, ...
     opener: _Entry | None = None  # ... and itself
@@ -259,6 +259,10 @@ class StageLedger:
         self._latest: deque[tuple[float, float, int]] = deque(maxlen=LEVEL_CALLS)
         self._level = 0.0  # the latest calls' median residual (see the docstring)
         self._excess = 0.0  # of the level over the window's median
+        # the median overhead as the stage was last found idle, and the calls learned
+        # since (as of the last level: see `_then`)
+        self._calm = math.inf
+        self._busy = self._busy_calls = 0
         self._peak = 0.0  # the highest excess since `spell_excess` was last asked
         self._unsettled: _Worker | None = None  # whose call was amended since (`_learn`)
         self._leveled_at = -math.inf  # the end of the call the level was last taken at
@@ -360,6 +364,22 @@ class StageLedger:
             self._settle()
         return self._excess + (w.bias if w is not None else 0.0)
 
+    def _then(self, end: float, median: float, calls: int) -> float:
+        """When a worker's queue's next call starts after one ending at `end`, `calls`
+        calls into the queue: a `median` overhead later; past as many calls as the
+        stage ran since it was last found idle, at most its median overhead then. A
+        spell that came with the work is taken to last as long again as it was seen,
+        not for all of a deep queue. A driver held up by a burst it was sent (1,000
+        requests from a thread of its process, with a busy loop on one of 2 cores)
+        read the burst's first calls 10-30 ms apart, and the workers, starved of the
+        cores, ran them as far apart, for the 50 ms the burst took to send; charged on
+        each of a queue of 60-100 calls, a burst its 2 workers answered within 0.3 s
+        (2 + 0.5 ms per row) was predicted to take 1-1.3 s, and 320-500 of it were
+        refused under an SLO of 1 s (1 burst in 4)."""
+        if calls > self._busy_calls:
+            median = min(median, self._calm)
+        return end + median
+
     def residuals(self) -> np.ndarray:
         """The law of the next residual (seconds), as samples: the recent residuals,
         oldest first, with the current excess, each on one of the workers in turn, with
@@ -392,6 +412,7 @@ class StageLedger:
                 break
             latest.append(took - self._time(n))
         self._level = statistics.median(latest)
+        self._busy_calls = self._busy
         if self._spread is None:
             self._excess = 0.0
             return
@@ -467,6 +488,12 @@ class StageLedger:
             worker = self.first_free(workers, now)
         w = self._worker(worker)
         self._advance(w, now)
+        if (
+            w.run is None
+            and not w.queue
+            and all(self._worker(k).run is None and not self._worker(k).queue for k in workers)
+        ):  # the stage is idle: what comes is judged from its overhead now (`_then`)
+            self._calm, self._busy, self._busy_calls = self.overhead(w=w)[0], 0, 0
         if rows > 1:
             self._multirow = True
         p = self._predict(w, now, overloaded, at, rows=rows)
@@ -577,7 +604,10 @@ class StageLedger:
         last, sents = _from(entries, closed.first)
         sents.append(sent)
         first, start, end = 0, now, now
-        for call in self._cut(sents, closed.last, median, ahead, self._rows(last, rows)):
+        calls = self._cut(
+            sents, closed.last, median, ahead, self._rows(last, rows), len(closed.calls)
+        )
+        for call in calls:
             first, take, start, end = call
             if first < len(last) and (
                 end > last[first].deadline
@@ -641,12 +671,14 @@ class StageLedger:
         median: float,
         ahead: _Ahead | None = None,
         rows: Sequence[int] | None = None,
+        done: int = 0,
     ) -> Iterator[tuple[int, int, float, float]]:
         """The calls a worker free from `free` makes of requests queued at `sents` (in
         order, none sent before the one ahead of it), as `BatchRule` cuts them:
         (first, requests, start, end) each, the next one starting a typical overhead
-        after the end of the one before, and after the other stages' calls there that
-        come first (`ahead`, when given). `rows`: each request's (None: 1 each)."""
+        after the end of the one before (`_then`: `done` calls of the queue were cut
+        before these), and after the other stages' calls there that come first
+        (`ahead`, when given). `rows`: each request's (None: 1 each)."""
         i, n = 0, len(sents)
         while i < n:
             start = max(free, sents[i])
@@ -658,7 +690,8 @@ class StageLedger:
             take = min(waiting, self.merge if waiting > self.size else self.size)
             end = start + (self._service[take] if rows is None else self._time(rows, i, take))
             yield i, take, start, end
-            i, free = i + take, end + median
+            done += 1
+            i, free = i + take, self._then(end, median, done)
             if ahead is not None and i < n:
                 free = ahead.wait(sents[i] + self.slack, free, max(free, sents[i]))
 
@@ -706,7 +739,7 @@ class StageLedger:
         worker, 1.2 ms with 1,750, and a burst of 2,000 took 0.6-0.9 s to send; kept,
         ~30 us (`benchmarks.admission_cost`). With other stages' calls to wait for
         (`ahead`), it is cut whole."""
-        queue, cut, key = w.queue, w.cut, (median, self._plans)
+        queue, cut, key = w.queue, w.cut, (median, self._busy_calls, self._calm, self._plans)
         if ahead is not None:
             return _Cut(key, free, last=free)
         if (
@@ -723,13 +756,14 @@ class StageLedger:
         if left > 1:
             last, sents = _from(queue, cut.first)
             first, rows = 0, self._rows(last)
-            for first, take, start, end in self._cut(sents, cut.last, median, None, rows):
+            calls = self._cut(sents, cut.last, median, None, rows, len(cut.calls))
+            for first, take, start, end in calls:
                 if first + take == left:
                     break
                 low, high = self._room(sents, first, take, start, cut.last, rows)
                 cut.low, cut.high = max(cut.low, low), min(cut.high, high)
                 cut.calls.append((end, last[first].deadline, last[first].due))
-                cut.last = end + median
+                cut.last = self._then(end, median, len(cut.calls))
             cut.first += first
             cut.opener = last[first]
         return cut
@@ -1077,6 +1111,7 @@ class StageLedger:
             self._residuals.append(kept)
             self._latest.append(latest)
             self._fresh += 1
+            self._busy += 1
         w.learned = (kept, latest, (count, requests))
         if amend:
             # one request more of the call just learned: its results are read back to
@@ -1189,8 +1224,10 @@ class StageLedger:
             closed = self._closed(w, free, median, ahead)
             free = closed.last
             entries, sents = _from(queue, closed.first)
-            for _, _, _, end in self._cut(sents, free, median, ahead, self._rows(entries)):
-                free = end + median
+            done = len(closed.calls)
+            for _, _, _, end in self._cut(sents, free, median, ahead, self._rows(entries), done):
+                done += 1
+                free = self._then(end, median, done)
             if ahead is not None:
                 free = ahead.wait(now + self.slack, free, max(free, now))
             # to the nanosecond: kept (`_closed`), a cut's sums differ from a whole
