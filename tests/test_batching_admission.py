@@ -333,16 +333,16 @@ def test_a_slow_spell_raises_the_overhead_at_once_and_leaves_it_once_over() -> N
 
 
 def test_a_spell_that_came_with_a_burst_is_charged_on_as_many_calls_as_it_was_seen_for() -> None:
-    # A driver sent a burst from a thread of its own reads the burst's first calls
+    # A driver sent a burst from a thread of its own process reads the burst's first calls
     # late, and its workers share the cores with that thread: a spell, while it
     # sends. Charged on every call of a deep queue, it refused the deeper part of
     # bursts answered within a third of the SLO.
-    def deep(spell: int) -> float:
-        """Calls of 5 ms; 200 requests at once; the first `spell` of them answered
-        20 ms late each: the predicted latency of one more."""
+    def deep(spell: int, quiet: float = 1.0) -> float:
+        """Calls of 5 ms; after `quiet` seconds, 200 requests at once; the first
+        `spell` of them answered 20 ms late each: the predicted latency of one more."""
         ledger = _ledger(size=1, timeout_s=0.0, merge=1)
         rng = np.random.default_rng(1)
-        now = _calls(ledger, 0.0, list(rng.uniform(0.0, 0.002, 200)))
+        now = _calls(ledger, 0.0, list(rng.uniform(0.0, 0.002, 200))) + quiet
         for rid in range(1000, 1200):
             ledger.admit(rid, now, 10.0, [0], 0)
         for rid in range(1000, 1000 + spell):
@@ -354,6 +354,8 @@ def test_a_spell_that_came_with_a_burst_is_charged_on_as_many_calls_as_it_was_se
     assert deep(10) == pytest.approx(190 * 0.005 + 10 * 0.020, abs=0.3)
     # 100: on the 100 ahead, all of them
     assert deep(100) == pytest.approx(100 * 0.025, abs=0.2)
+    # and one through a load that never left the stage quiet: on all of them
+    assert deep(10, quiet=0.0) == pytest.approx(190 * 0.025, abs=0.2)
 
 
 def test_calls_that_end_before_any_service_time_is_known_are_not_taken_for_overhead() -> None:
