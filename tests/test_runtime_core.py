@@ -109,12 +109,13 @@ def test_anyof_answers_with_its_fastest_branch_not_its_slowest(pool, rules):
         started = time.monotonic()
         out = app.run({"a": [i]}).result(timeout=RESULT_S).to_rows()
         took = time.monotonic() - started
-        assert out == [{"who": "fast"}], (i, out, took)
-        # (the stages' figures: where it waited, should this fail again; it failed twice
-        # in CI, at 2.00 s, stops 44 and 60, and not in 20 runs here)
+        # (the stages' figures: where it waited, should this fail again; it failed in CI
+        # at 2.00 s, stops 44, 60 and 65, and not in 20 runs here: see the narrow pool's
+        # test below for the likely cause)
         figures = {
             name: (s["requests"], s["cold_starts"], s["workers"]) for name, s in app.stats().items()
         }
+        assert out == [{"who": "fast"}], (i, out, took, warm, figures)
         assert took < 1.0, (
             f"request {i} took {took:.2f} s: anyof waited for a slow branch; {figures}"
         )
@@ -174,6 +175,28 @@ def test_anyof_on_a_pool_smaller_than_its_branches_learns_the_fast_one(pool):
     outs = [app.run({"a": [i]}).result(timeout=RESULT_S).to_rows() for i in range(5)]
     took = time.monotonic() - started
     assert outs == [[{"who": "fast"}]] * 5 and took < 2.0, (outs, took)
+
+
+@pytest.mark.timeout(90)
+def test_anyof_on_a_narrow_pool_counts_a_branch_cut_short_as_slower_than_the_winner(pool):
+    # The fast branch first: it wins the first race, and the slow ones are cut a moment
+    # into their call. How long a cut call ran says nothing of its branch's speed: taken
+    # for its run time (0.0 s against the winner's 0.1 ms), it put a slow branch first
+    # on the worker it shares with the fast one (2 of 15 requests answered in 1 s).
+    rt = pool.runtime(max_workers=2)
+    flow = sf.Flow("narrow")
+    fast = flow.map(lambda r: "fast", names=["who"])
+    slow1 = flow.map(lambda r: time.sleep(1) or "slow1", names=["who"])
+    slow2 = flow.map(lambda r: time.sleep(1) or "slow2", names=["who"])
+    fast.anyof(slow1, slow2)
+    app = pool.deploy(flow, rt)
+    app.run({"a": [0]}).result(timeout=RESULT_S)
+    time.sleep(0.5)  # stats reach the driver
+    for i in range(1, 9):
+        started = time.monotonic()
+        out = app.run({"a": [i]}).result(timeout=RESULT_S).to_rows()
+        took = time.monotonic() - started
+        assert out == [{"who": "fast"}] and took < 0.5, (i, out, took)
 
 
 # -- 2. locality that scales -----------------------------------------------------------

@@ -831,18 +831,23 @@ class ControlPlane:
 
     def _branch_times(self, app: DeployedApp) -> dict[int, float | None]:
         """For every stage of an anyof branch of `app`, its branch's expected run time,
-        to order the branches by (the fastest gets the least loaded worker): math.inf
-        while a run of the branch is still going after losing a race (another branch
-        answered first: it is the slower now; tried last), else the sum of its stages'
-        typical run times, None while one is not measured (tried first: it may be the
-        fastest). Called with the lock held."""
+        to order the branches by (the fastest gets the least loaded worker, and runs
+        first on a worker it shares): math.inf while a run of the branch is still going
+        after losing a race (another branch answered first: it is the slower now), or
+        while a stage of it has only had calls cut short (it lost every race so far:
+        how long it ran before the cut says nothing of its speed; tried last), else the
+        sum of its stages' typical run times, None while one has not run (tried first:
+        it may be the fastest). Called with the lock held."""
         losing = {key[3] for key in self._orphaned if key[0] == app.id}
         times: dict[int, float | None] = {}
         for _, branches in app.plan.anyof_races:
             for branch in branches:
-                runs = [app.stage_stats[i].typical_s for i in branch]
+                stats = [app.stage_stats[i] for i in branch]
+                runs = [s.typical_s for s in stats]
                 took = None if None in runs else sum(runs)  # type: ignore[arg-type]
-                if losing.intersection(branch):
+                if losing.intersection(branch) or (
+                    took is not None and not all(s.completed for s in stats)
+                ):
                     took = math.inf
                 times.update(dict.fromkeys(branch, took))
         return times

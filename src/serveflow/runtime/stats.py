@@ -41,6 +41,7 @@ class StageStats:
         self.latency_count = 0  # every latency reported, and their sum (for a summary)
         self.latency_sum_s = 0.0
         self.typical_s: float | None = None  # a moving average of calls' run times
+        self.completed = 0  # calls that ran to the end (not cut short)
         self._runs: deque[tuple[float, float]] = deque(maxlen=most)  # (reported, run s)
 
     def add(
@@ -67,6 +68,7 @@ class StageStats:
             self.latency_count += len(latencies_s)
             self.latency_sum_s += sum(latencies_s)
             for run_s in service_s:
+                self.completed += 1
                 self._runs.append((now, run_s))
                 typical = self.typical_s
                 self.typical_s = run_s if typical is None else typical + 0.2 * (run_s - typical)
