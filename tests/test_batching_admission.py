@@ -1046,7 +1046,6 @@ def _drive(rate: float, slo_ms: float, seconds: float) -> dict:
         "p99_ms": float(np.quantile(answered_ms, 0.99)) if len(answered) else 0.0,
         "refusal_p99_ms": float(np.quantile(refused, 0.99)) * 1e3 if refused else 0.0,
         "refused_later": refused_later,
-        "refused_count": len(refused),
         "goodput": float((answered_ms <= slo_ms).sum()) / seconds,
         "stats": figures,
         "client_lag_ms": float(np.max(np.array(called) - np.array(sent))) * 1e3,
@@ -1085,9 +1084,7 @@ def test_runtime_an_overload_is_refused_at_arrival_and_the_rest_served_in_time()
     )
     for got in runs:  # in every run, whatever the machine's load
         assert got["refused"] >= 0.3, got
-        # every refusal but a few was decided inside app.run: after it, a worker refuses
-        # only what its call would answer more than 10% past the SLO (0-32 of ~10,000)
-        assert got["refused_later"] <= 0.01 * got["refused_count"], got
+        assert got["refused_later"] == 0, got  # every refusal was decided inside app.run
     got = runs[-1]
     assert got["p99_ms"] <= 1000, got  # not queued: before, seconds, growing with the run
     assert got["goodput"] >= 250, got  # 2 workers serve ~1,300/s within 30 ms at best
