@@ -564,12 +564,12 @@ class ControlPlane:
             if index in lost:  # upstream in a dropped branch
                 app.controllers[index].forget(request.id)
         request.lost = lost
-        # past this, a stage that sheds refuses it (`m.Input.due`): not one let through
-        # without a prediction in time (a stage's first, a cold start; a probe, whose
-        # call renews a slow stage's timing and must run)
-        ends = {i: due.get(i, start + app.controllers[i].policy.slo_ms / 1e3) for i in admitted}
-        if ends and all(app.controllers[i].timed and leaves[i] <= ends[i] for i in admitted):
-            request.due = max(ends.values())
+        # past this, a stage that sheds refuses it (`m.Input.due`); not while a stage
+        # has no call timed to judge by (its first request, a cold start, is served)
+        if admitted and all(app.controllers[i].timed for i in admitted):
+            request.due = max(
+                due.get(i, start + app.controllers[i].policy.slo_ms / 1e3) for i in admitted
+            )
         return True
 
     def _next_place(self, app: DeployedApp, index: int, now: float) -> tuple[list[int], int | None]:

@@ -111,8 +111,8 @@ class StageFacts:
     # through to its end before the others (not the next branch's first stage, whose
     # input came before this run ended: the fast branch then waited for the slow one)
     chained: frozenset[int] = frozenset()
-    # `on_overload="shed"` with an SLO: a request whose call would end far past its SLO
-    # is refused, not run (see `Worker.run_batch`)
+    # `on_overload="shed"` with an SLO: a request past its SLO when its call begins is
+    # refused, not run (see `Worker.run_batch`)
     sheds: bool = False
 
     @classmethod
@@ -892,8 +892,7 @@ class Worker:
         self.facts.pop(app, None)
         self._find_loosest()
         self.rule.forget(app)
-        stages = (self.executors, self.loaded_at, self.queues, self.counters, self.call_s)
-        for mapping in (*stages, self.last_call):
+        for mapping in (self.executors, self.loaded_at, self.queues, self.counters, self.call_s):
             for key in [k for k in mapping if k[0] == app]:
                 del mapping[key]
 
