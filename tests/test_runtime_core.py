@@ -825,10 +825,9 @@ def test_wrongly_typed_messages_to_a_worker_do_not_stop_it(pool):
     wrong += [m.Deploy(90, 0), m.Load(90, 0), m.Deploy(91, "/dev/stdin"), m.Load(91, 0),
               m.Deploy(92, None), m.Load(92, 0)]  # fmt: skip
     good = dict(app=app.id, rid=10**9, attempt=0, stage=0, op=0, value=sf.Table({"a": [1]}),
-                route=((0,),), deadline=None, sent=time.monotonic())  # fmt: skip
+                route=((0,),), deadline=None, sent=time.monotonic(), began=None)  # fmt: skip
     for field, value in [("rid", "x"), ("attempt", "a"), ("stage", "s"), ("op", None),
-                         ("deadline", "soon"), ("sent", "now"), ("began", "then"),
-                         ("due", "later")]:  # fmt: skip
+                         ("deadline", "soon"), ("sent", "now"), ("began", "then")]:  # fmt: skip
         wrong.append(m.Input(**{**good, field: value}))
     targets = _unix_addresses(sorted(pids))
     assert _send_all(targets, [codec.encode(w, shm) for w in wrong]) > 0

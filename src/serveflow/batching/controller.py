@@ -453,12 +453,6 @@ class BatchingController:
         with self._lock:
             self._refused(now)
 
-    def refused_late(self, count: int) -> None:
-        """`count` admitted requests were refused by a worker, as past their SLO before
-        their call could end (see `Worker.run_batch`): counted as refusals."""
-        with self._lock:
-            self.shed += count
-
     def _refused(self, now: float) -> None:
         self.arrivals.record(now)
         self.arrived += 1

@@ -564,12 +564,6 @@ class ControlPlane:
             if index in lost:  # upstream in a dropped branch
                 app.controllers[index].forget(request.id)
         request.lost = lost
-        # past this, a stage that sheds refuses it (`m.Input.due`); not while a stage
-        # has no call timed to judge by (its first request, a cold start, is served)
-        if admitted and all(app.controllers[i].timed for i in admitted):
-            request.due = max(
-                due.get(i, start + app.controllers[i].policy.slo_ms / 1e3) for i in admitted
-            )
         return True
 
     def _next_place(self, app: DeployedApp, index: int, now: float) -> tuple[list[int], int | None]:
@@ -694,8 +688,6 @@ class ControlPlane:
                 request.route,
                 request.deadline,
                 time.monotonic(),
-                None,
-                request.due,
             )
             try:
                 for w in targets(app.plan, index, request.route, request.table):
@@ -734,8 +726,6 @@ class ControlPlane:
                 request.route,
                 request.deadline,
                 now,
-                None,
-                request.due,
             )
             for w in request.route[consumer]:
                 for _ in range(producer.replicas):  # a failure counts once all copies failed
@@ -1031,9 +1021,7 @@ class ControlPlane:
         # Figures and controllers have locks of their own: a long batch log (a controller
         # refitting its service profile) holds no admission or result back.
         for app, stage_index, counts in reports:
-            requests, batches, cold_starts, latencies, batch_log, service, stopped, runs, shed = (
-                counts
-            )
+            requests, batches, cold_starts, latencies, batch_log, service, stopped, runs = counts
             sizes = [call[0] for call in batch_log if call[0]]
             stats = app.stage_stats[stage_index]
             stats.add(requests, batches, cold_starts, latencies, sizes, service, stopped, runs)
@@ -1041,8 +1029,6 @@ class ControlPlane:
             # the ends of a stage whose output is the flow's are seen as they happen
             final = app.plan.stages[stage_index].output == app.plan.output
             worker = None if final else message.worker
-            if controller is not None and shed:
-                controller.refused_late(shed)
             if controller is not None and batch_log:
                 controller.on_batches_done(batch_log, worker)
                 if app.held:

@@ -71,9 +71,7 @@ class Input(NamedTuple):
     """The output of op `op` (0: the request table) for stage `stage` of request
     `rid`, sent at `sent` (time.monotonic: the stage's latency counts from there; in
     an anyof branch, when the branch's run before it was sent: `StageFacts.chained`).
-    `began`: when the request's first stage run began (None in the driver's inputs).
-    `due`: when the request's SLO ends, if it has one (a stage that sheds refuses it
-    past then rather than answer late)."""
+    `began`: when the request's first stage run began (None in the driver's inputs)."""
 
     app: int
     rid: int
@@ -85,7 +83,6 @@ class Input(NamedTuple):
     deadline: float | None
     sent: float
     began: float | None = None
-    due: float | None = None
 
 
 # -- worker -> control plane ---------------------------------------------------------------
@@ -140,10 +137,9 @@ class Beat(NamedTuple):
 
 class Stats(NamedTuple):
     """Figures since the last report: per (app, stage) `(requests, batches, cold
-    starts, latencies, batch log, service times, stopped calls' times, executions,
-    refused)` (executions: the calls by the rows each ran, `rows -> [calls, gather ns,
-    run ns, scatter ns]`; refused: requests shed as past their SLO), queue lengths,
-    stages unloaded."""
+    starts, latencies, batch log, service times, stopped calls' times, executions)`
+    (executions: the calls by the rows each ran, `rows -> [calls, gather ns, run ns,
+    scatter ns]`), queue lengths, stages unloaded."""
 
     worker: int
     stages: dict
@@ -170,14 +166,13 @@ def well_formed(value: object) -> bool:
     matches nothing is ignored where it is used.)"""
     kind = type(value)
     if kind is Input:
-        app, rid, attempt, stage, op, _, route, deadline, sent, began, due = value  # type: ignore[misc]
+        app, rid, attempt, stage, op, _, route, deadline, sent, began = value  # type: ignore[misc]
         if (  # the hot path: the types the runtime sends, checked exactly
             type(app) is type(rid) is type(attempt) is type(stage) is type(op) is int
             and type(route) is tuple
             and type(sent) is float
             and (deadline is None or type(deadline) is float)
             and (began is None or type(began) is float)
-            and (due is None or type(due) is float)
         ):
             return True
         return (
@@ -186,7 +181,6 @@ def well_formed(value: object) -> bool:
             and _time(sent)
             and (deadline is None or _time(deadline))
             and (began is None or _time(began))
-            and (due is None or _time(due))
         )
     if kind is Policy:
         _, _, size, timeout_s = value  # type: ignore[misc]

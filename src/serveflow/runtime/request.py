@@ -96,7 +96,6 @@ class Request:
         self.shed: Exception | None = None
         # SLO stages whose admission picked a worker (stage -> worker): routed there
         self.placed: dict[int, int] | None = None
-        self.due: float | None = None  # when its SLO ends, once admitted (`m.Input.due`)
         self.began: float | None = None  # when its first stage run began (a worker says)
         self.on_end = on_end
         self.timer: list | None = None  # its deadline's entry (`Deadlines.add`)

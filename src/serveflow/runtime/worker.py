@@ -29,7 +29,7 @@ from typing import Any
 
 import cloudpickle
 
-from serveflow.errors import DeadlineError, OverloadError
+from serveflow.errors import DeadlineError
 from serveflow.logical.operators import AnyOf
 from serveflow.logical.table import Table
 from serveflow.optimizer.plan import Plan, Stage
@@ -62,11 +62,6 @@ HOUSEKEEPING_EVERY_S = 0.1  # unload idle stages at most this often
 FORGET_EVERY_S = 10.0  # look for requests to forget at most this often
 PR_SET_PDEATHSIG = 1
 DONE_AFTER_S = 1e-3  # a stage whose calls average this long says `Done` after each one
-# A stage that sheds refuses a request whose call would end this share of its SLO past
-# it (the answered p99 may reach 1.1x the SLO); those a little late are served, as
-# admission refuses the excess on arrival (3,000/s far past capacity, SLO 30 ms: 32 of
-# ~18,000 would have been refused after admission at 0)
-LATE_SHARE = 0.1
 
 
 def socket_path(directory: str, index: int, message: Any = None) -> str:
@@ -111,9 +106,6 @@ class StageFacts:
     # through to its end before the others (not the next branch's first stage, whose
     # input came before this run ended: the fast branch then waited for the slow one)
     chained: frozenset[int] = frozenset()
-    # `on_overload="shed"` with an SLO: a request past its SLO when its call begins is
-    # refused, not run (see `Worker.run_batch`)
-    sheds: bool = False
 
     @classmethod
     def of(cls, plan: Plan) -> list[StageFacts]:
@@ -140,11 +132,6 @@ class StageFacts:
                     for c in plan.consumer_indices(index)
                     if c in branch
                 ),
-                bool(
-                    stage.batching
-                    and stage.batching.slo_ms
-                    and stage.batching.on_overload == "shed"
-                ),
             )
             for index, stage in enumerate(plan.stages)
         ]
@@ -162,7 +149,6 @@ class Task:
     deadline: float | None
     created: float  # when its first input was sent
     began: float | None = None  # when the request's first stage run began, once known
-    due: float | None = None  # when its SLO ends (`m.Input.due`)
     inputs: dict[int, Any] = field(default_factory=dict)
     failures: dict[int, int] = field(default_factory=dict)
 
@@ -197,7 +183,6 @@ class StageCounters:
     batch_log: list[tuple[int, float, float, list[float], int]] = field(default_factory=list)
     # calls by the rows they ran: rows -> [calls, gather ns, run ns, scatter ns]
     executions: dict[int, list[int]] = field(default_factory=dict)
-    refused: int = 0  # requests refused as past their SLO (`Worker.run_batch`)
 
 
 class Worker:
@@ -241,7 +226,6 @@ class Worker:
         self.interrupt_serial = -1  # the call to interrupt
         self.rule = BatchRule()
         self.call_s: dict[tuple[int, int], float] = {}  # per stage: calls' moving average
-        self.last_call: dict[tuple[int, int], tuple[float, int]] = {}  # (seconds, rows)
         self.dirty = False  # something to report to the driver
         # ... now, not at the next STATS_EVERY_S: a batching stage's first timed call,
         # that the driver's admission may hold requests for (`ControlPlane._await_timing`)
@@ -513,7 +497,6 @@ class Worker:
             task = self.waiting.get(key)
             if task is None:
                 task = Task(app, rid, attempt, index, message.route, message.deadline, message.sent)
-                task.due = message.due
                 self.waiting[key] = task
             if message.began is not None and (task.began is None or message.began < task.began):
                 task.began = message.began  # the earliest of its inputs' first runs
@@ -525,7 +508,7 @@ class Worker:
         else:  # its one input: runnable now
             task = Task(
                 app, rid, attempt, index, message.route, message.deadline, message.sent,
-                message.began, message.due,
+                message.began,
             )  # fmt: skip
             task.inputs[message.op] = message.value
         queue = self.queues.get((app, index))
@@ -638,35 +621,14 @@ class Worker:
             for t in batch
             if (t.deadline is None or t.deadline > now) and not self.is_cancelled(t)
         ]
-        # Far past its SLO before its call could end (the stage ran slower than admission
-        # predicted: a slow spell that came with a burst): it would be answered late.
-        # Refused now, it frees its share of the call for the requests still in time.
-        late = []
-        if facts.sheds:
-            ends = now + self.least_call_s(key, sum(_rows(t.inputs) for t in live))
-            ends -= LATE_SHARE * facts.slack
-            late = [t for t in live if t.due is not None and t.due < ends]
-        if late:
-            live = [t for t in live if t.due is None or t.due >= ends]
         if facts.stage.batching:  # dropped late: the batching controller counts them
             expired = [t for t in batch if t.deadline is not None and t.deadline <= now]
-            if expired or late:
+            if expired:
                 counters = self.counters.setdefault(key, StageCounters())
-                waited = [now - t.created for t in expired + late]
-                counters.batch_log.append((0, 0.0, now, waited, 0))
-                counters.refused += len(late)
+                counters.batch_log.append((0, 0.0, now, [now - t.created for t in expired], 0))
                 self.dirty = True
         self.held = {}
         try:
-            if late:
-                refusal = OverloadError(
-                    f"stage {facts.stage.name!r} cannot meet its SLO of "
-                    f"{facts.stage.batching.slo_ms:g} ms: it runs slower than predicted when "
-                    "the request was admitted, and its call would end past it; request shed"
-                )
-                for task in late:
-                    self.forward(plan, facts, task, refusal)
-                self.transmit_held()  # before the call, not after it
             if live:
                 self.run_live(plan, facts, key, live)
         finally:
@@ -676,20 +638,9 @@ class Worker:
             if facts.competing or self.call_s.get(key, 0.0) >= DONE_AFTER_S:
                 for t in batch:
                     self.hold(DRIVER, m.Done(self.index, t.app, t.rid, t.attempt, t.index))
-            self.transmit_held()
-            self.held = None
-
-    def least_call_s(self, key: tuple[int, int], rows: int) -> float:
-        """A call of `rows` of stage `key` takes at least this long: the last call's
-        time, scaled down to `rows` if fewer (its fixed cost scaled too: an underestimate)."""
-        took, ran = self.last_call.get(key, (0.0, 1))
-        return took * min(1.0, rows / ran)
-
-    def transmit_held(self) -> None:
-        """Send the messages `hold` kept back, bundled."""
-        held, self.held = self.held, {}
-        for path, data in held.items():
-            self.transmit(path, data)
+            held, self.held = self.held, None
+            for path, data in held.items():
+                self.transmit(path, data)
 
     def run_live(
         self, plan: Plan, facts: StageFacts, key: tuple[int, int], live: list[Task]
@@ -750,8 +701,6 @@ class Worker:
         average = self.call_s.get(key)  # of the call alone, not a cold start before it
         took = done - started
         self.call_s[key] = took if average is None else average + 0.2 * (took - average)
-        if rows and not cut and executor.load_error is None:
-            self.last_call[key] = (took, rows)
         if stage.batching and executor.load_error is None:
             # For the batching controller: the service time of the call alone (not of
             # one stopped early: it ran less), and the latencies of requests sent once
@@ -822,7 +771,6 @@ class Worker:
                 task.deadline,
                 task.created if consumer in stage.chained else time.monotonic(),
                 task.began,
-                task.due,
             )
             chosen = targets(plan, consumer, task.route, result)
             if self.facts[task.app][consumer].located:
@@ -849,10 +797,9 @@ class Worker:
                 c.service,
                 c.stopped,
                 c.executions,
-                c.refused,
             )
             for key, c in self.counters.items()
-            if c.requests or c.cold_starts or c.refused
+            if c.requests or c.cold_starts
         }
         queued = {key: len(q) for key, q in self.queues.items() if q}
         self.send(DRIVER, m.Stats(self.index, stages, queued, self.unloaded))
