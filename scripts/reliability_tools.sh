@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Make sure `promtool` (Debian's prometheus package: checks the /metrics exposition),
-# and `wrk` (an HTTP load generator outside the server's process tree, for the overload
-# check and the soak) are on PATH. Installs them with apt-get
-# when missing; starts nothing.
+# `wrk` (an HTTP load generator outside the server's process tree, for the overload
+# check and the soak) and `hey` (lockstep bursts, for SLO batching) are on PATH.
+# Installs them with apt-get when missing; starts nothing.
 set -euo pipefail
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v hey >/dev/null 2>&1 || missing+=(hey)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
@@ -21,4 +22,4 @@ $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
   $sudo systemctl stop prometheus || true
 fi
-command -v promtool >/dev/null && command -v wrk >/dev/null
+command -v promtool >/dev/null && command -v wrk >/dev/null && command -v hey >/dev/null

@@ -27,6 +27,14 @@ MAX_LAG = 20
 COUNTS_PER_WINDOW = 8
 MAX_WINDOWS = 600
 SETTLED = 1e-3  # an EM round that moves no rate (relatively) or switch more: done
+# Arrivals come in clumps a fit cannot see (see `ArrivalLog.clumped`) when at least this
+# share of their gaps is under CLUMP_GAP of the mean gap (Poisson: 1 - exp(-0.1), 0.095;
+# sent by one Python thread, Poisson and 2-state MMPP at 50-8,000/s, 0.10-0.29 in
+# `benchmarks.batching_regimes`; `hey -c 10 -q 30` over HTTP, 0.78-0.89)
+CLUMP_GAP = 0.1
+CLUMPED_SHARE = 0.5
+CLUMP_TRACE = 5000  # arrivals kept as the trace of clumped arrivals, at most
+CLUMP_MIN = 200  # ... and at least this many to tell
 
 
 @dataclass(frozen=True, eq=False)
@@ -389,6 +397,24 @@ class ArrivalLog:
         if not n:
             return 0.0
         return n / max(now - self._times[-n], 1e-9)
+
+    def clumped(self, now: float, over_s: float) -> tuple[float, ...]:
+        """The arrival times of the last `over_s` seconds (from 0, the latest
+        CLUMP_TRACE), when they come in clumps; else (). A fit counts arrivals in
+        windows of several mean gaps, so it takes requests sent together (`hey -q`'s
+        connections tick in lockstep: bursts of 10 every 33 ms) for a Poisson stream
+        at their mean rate, and plans for it: calls of 3 at 300/s, 4 + 1 ms per row,
+        SLO 15 ms, where the bursts of 10 wanted 5 on each of 2 workers (37% refused).
+        The plan search simulates its candidates on such a trace (`SearchSpace.trace`)."""
+        times = self.times(now)
+        times = times[times >= now - over_s][-CLUMP_TRACE:]
+        if len(times) < CLUMP_MIN:
+            return ()
+        gaps = np.diff(times)
+        mean = float(gaps.mean())
+        if mean <= 0 or float(np.mean(gaps < CLUMP_GAP * mean)) < CLUMPED_SHARE:
+            return ()
+        return tuple((times - times[0]).tolist())
 
     def fit(self, now: float, over_s: float | None = None) -> MAP | None:
         """A MAP fitted to the window (or to its last `over_s` seconds), or None with

@@ -40,7 +40,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from serveflow.batching.admission import Lanes, StageLedger
-from serveflow.batching.arrivals import MAP, ArrivalLog
+from serveflow.batching.arrivals import CLUMP_GAP, MAP, ArrivalLog
 from serveflow.batching.model import (
     Prediction,
     buffer_laws,
@@ -49,7 +49,7 @@ from serveflow.batching.model import (
     slow_switching,
 )
 from serveflow.batching.profile import ServiceProfile
-from serveflow.batching.simulate import greedy_streams, predict_simulated
+from serveflow.batching.simulate import Stream, greedy_streams, predict_simulated
 from serveflow.logical.operators import Batching
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ CHECKS = 4  # waiting plans a search simulates where bursts outrun them (`search
 BACKLOG_MERGE = 2  # planned batches a worker runs as one call when they queue (BatchRule)
 OVERLOAD_WAIT = 0.7  # near capacity, the overload plan's timeout: this share of the room,
 FILL_GAIN = 0.02  # ... where one more request a call serves this much more (see `overload`)
+TRACE_S = 10.0  # clumped arrivals: a search simulates the last seconds of them, at most
 OVERHEAD_POINTS = 32  # measured runtime overhead, as quantiles, handed to each search
 # Admission's arrival rate (overload or not, and how many arrivals fill a call): that of
 # the latest RATE_ARRIVALS arrivals, taken every RATE_EVERY_S. Not the fitted process's
@@ -229,6 +230,7 @@ class BatchingController:
         self._shift_checked_at = -math.inf
         self._cache: dict[tuple, Decision] = {}
         self._basis: np.ndarray | None = None  # what the current plan was made for
+        self._clumps = 0.0  # the arrivals' mean clump (`_clump_size`) it was made for
         self.arrived = 0
         self.shed = 0
         self.late = 0
@@ -599,17 +601,18 @@ class BatchingController:
             log.info("arrival rate shift detected: re-planning")
         elif not due:
             return self._decision
-        fitted = None
+        fitted, trace = None, ()
         if len(window) >= MIN_ARRIVALS_TO_PLAN:
             # A periodic re-plan's fit goes to `fitter` (another process, below the
             # workers' priority); a first plan's, or a shift's, is wanted at once.
             periodic = planned_for is not None and not shifted
             fitter = self._fitter if periodic and self._fitter else fit_arrivals
             fitted = fitter(window, now, shifted)
+            trace = window.clumped(now, TRACE_S)
         with self._lock:
             if shifted:
                 self._recent = []  # the old plan's latencies say nothing of the model
-            work = self._start_plan(now, shifted, window, fitted)
+            work = self._start_plan(now, shifted, window, fitted, trace)
         if work is not None:  # the search runs outside the lock: admissions go on
             key, fitted, profile, space = work
             found = self._searcher(space, fitted, profile)
@@ -789,11 +792,17 @@ class BatchingController:
         return self.policy.slo_ms / 1e3 * self.target_scale
 
     def _start_plan(
-        self, now: float, shifted: bool, window: ArrivalLog, fitted: MAP | None
+        self,
+        now: float,
+        shifted: bool,
+        window: ArrivalLog,
+        fitted: MAP | None,
+        trace: tuple[float, ...] = (),
     ) -> tuple[tuple, MAP, ServiceProfile, SearchSpace] | None:
         """Under the lock: correct the target and, given the arrival process `fitted` to
-        `window` (`shifted`: the rate has left the planned process), either settle the
-        decision (warm-up, cached plan) or return what a search needs."""
+        `window` (`shifted`: the rate has left the planned process; `trace`: its
+        arrivals, when they come in clumps), either settle the decision (warm-up,
+        cached plan) or return what a search needs."""
         since, self._planned_at = self._planned_at, now
         self._shift_checked_at = now
         self._correct(now, since, window)
@@ -801,6 +810,7 @@ class BatchingController:
             self._decision = self._warmup_decision()
             self._basis = None
             return None
+        self._clumps = _clump_size(trace)
         if (
             not shifted
             and self._basis is not None
@@ -810,7 +820,7 @@ class BatchingController:
             # a core for a fraction of a second, from a machine whose workers need it.
             return None
         self._fitted = fitted
-        space = self.space()
+        space = self.space(trace)
         if fitted.rate >= space.ceiling(self.profile) and self.confined_to is not None:
             space = dataclasses.replace(space, max_workers=self.max_workers)  # see `confine`
         if fitted.rate >= space.ceiling(self.profile):
@@ -827,6 +837,7 @@ class BatchingController:
             _rounded([self.profile.a, self.profile.b, self.profile.c, self.target_scale]),
             _rounded(space.overhead[OVERHEAD_POINTS // 2 :: OVERHEAD_POINTS // 4]),
             space.max_workers,
+            self._clumps,
         )
         if key in self._cache:
             self._decision = self._cache[key]
@@ -839,12 +850,12 @@ class BatchingController:
         times of one request and of the planned batch, the planning target, the
         workers, and the runtime overhead's tail (one plus its top quantile as a share
         of the SLO, 0 while unmeasured: a first plan is made without it, and the
-        overload plan's timeout rests on it)."""
+        overload plan's timeout rests on it), and the arrivals' mean clump (0: none)."""
         service = self.profile.predict(np.array([1, self._decision.max_size]))
         points = self._overhead_points()
         tail = 1.0 + points[-1] / self._slo_s if points else 0.0
         planned = [fitted.rate, fitted.phase_rates.max(), *service, self.target_scale]
-        return np.array([*planned, self._planned_on, tail])
+        return np.array([*planned, self._planned_on, tail, self._clumps])
 
     def _service_moved(self) -> bool:
         """Whether the service times of one request or of the planned batch moved by
@@ -855,8 +866,9 @@ class BatchingController:
         then = self._basis[2:4]
         return bool(np.any(np.abs(now - then) > SERVICE_SHIFT * np.maximum(then, 1e-9)))
 
-    def space(self) -> SearchSpace:
-        """What a plan searches now (the planning target as it stands)."""
+    def space(self, trace: tuple[float, ...] = ()) -> SearchSpace:
+        """What a plan searches now (the planning target as it stands); `trace`: the
+        arrivals, when they come in clumps (see `SearchSpace.trace`)."""
         return SearchSpace(
             self.policy,
             self._slo_s,
@@ -867,6 +879,7 @@ class BatchingController:
             self.grid,
             self._overhead_points(),
             self.ledger.rate,
+            trace,
         )
 
     def _overhead_points(self) -> tuple[float, ...]:
@@ -895,6 +908,7 @@ class SearchSpace:
     grid: int
     overhead: tuple[float, ...] = ()  # measured runtime overhead, seconds (quantiles)
     recent_rps: float = 0.0  # the latest arrivals' rate, as admission takes it (0: unknown)
+    trace: tuple[float, ...] = ()  # arrival times that come in clumps (`ArrivalLog.clumped`)
 
     def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
         """(batch size, timeout) pairs worth evaluating under the SLO."""
@@ -969,7 +983,7 @@ class SearchSpace:
         )
         laws: dict[tuple[int, int, float], Any] = {}
         waiting = [(s, t) for s, t in pairs if t > 0]
-        if waiting:
+        if waiting and not self.trace:
             step = max(t for _, t in waiting) / self.grid
             for size in sorted({s for s, _ in waiting}):
                 timeouts = [t for s, t in waiting if s == size]
@@ -986,11 +1000,20 @@ class SearchSpace:
         # simulated on 400,000 arrivals at 205 ms, as greedy ones, 195 ms).
         peak = float(arrivals.phase_rates.max())
         streams = greedy_streams(arrivals)
+        # Arrivals in clumps the fitted process does not hold (`trace`; a clump outruns
+        # calls planned for a Poisson stream at its mean rate, and fills a waiting
+        # plan's batch at once): every plan is simulated on the arrivals themselves.
+        clumps = None
+        if self.trace:
+            times = np.asarray(self.trace)
+            clumps = [Stream(len(times) / max(float(times[-1]), 1e-9), 1.0, 1.0, times)]
         unchecked: dict[int, int] = {}  # such plans (id of the prediction): their index
 
-        def simulated(size: int, workers: int, timeout: float = 0.0) -> Prediction:
+        def simulated(
+            size: int, workers: int, timeout: float = 0.0, on: list[Stream] | None = None
+        ) -> Prediction:
             return predict_simulated(
-                streams,
+                on or streams,
                 occupied,
                 size,
                 workers,
@@ -1002,18 +1025,20 @@ class SearchSpace:
         uncapped: set[int] = set()  # worker counts whose greedy calls stayed below the size
         for size, timeout in pairs:
             law, by_phase = None, None
-            if timeout > 0 and per_phase:
+            if clumps is not None:
+                pass  # simulated (below)
+            elif timeout > 0 and per_phase:
                 by_phase = {
                     i: laws[i, size, timeout] for i in range(len(processes)) if processes[i]
                 }
             elif timeout > 0:
                 law = laws[0, size, timeout]
             for workers in range(1, self.max_workers + 1):
-                if timeout == 0:
-                    if workers in uncapped:
+                if timeout == 0 or clumps is not None:
+                    if timeout == 0 and workers in uncapped:
                         continue  # a larger size runs the very same calls: the same plan
-                    pred = simulated(size, workers)
-                    if not pred.batch_pmf[size - 1 :].any():
+                    pred = simulated(size, workers, timeout, on=clumps)
+                    if timeout == 0 and not pred.batch_pmf[size - 1 :].any():
                         uncapped.add(workers)
                 else:
                     pred = predict(
@@ -1031,7 +1056,7 @@ class SearchSpace:
                 entry = self._entry(pred, rate)
                 evaluated.append(entry)
                 outrun = peak * float(occupied(np.array([size]))[0]) >= workers * size
-                if timeout > 0 and outrun and not per_phase and entry[1] <= slo_s:
+                if timeout > 0 and outrun and not (per_phase or clumps) and entry[1] <= slo_s:
                     unchecked[id(pred)] = len(evaluated) - 1
                 elif entry[1] <= slo_s and workers >= self.held_workers:
                     break  # more workers only cost more for this (size, timeout)
@@ -1055,6 +1080,9 @@ class SearchSpace:
             evaluated[index] = self._entry(
                 simulated(pred.max_size, pred.workers, pred.timeout_s), rate
             )
+        if clumps is not None:
+            on_clumps = lambda *plan: simulated(*plan, clumps)  # noqa: E731
+            return self.best_on(evaluated, arrivals, service, on_clumps)
         return self.best_effort(evaluated, arrivals, service)
 
     def _entry(self, pred: Prediction, rate: float) -> tuple[Prediction, float, float]:
@@ -1084,6 +1112,37 @@ class SearchSpace:
         budget = self.policy.cost_budget_ms / 1e3 if self.policy.cost_budget_ms else 1.5 * cheapest
         within = [e for e in feasible if e[2] <= budget] or feasible
         return min(within, key=lambda e: (e[1], e[2]))
+
+    def best_on(
+        self,
+        evaluated: list[tuple[Prediction, float, float]],
+        arrivals: MAP,
+        service: ServiceProfile,
+        simulated: Callable[[int, int, float], Prediction],
+    ) -> Decision:
+        """`best_effort` for arrivals in clumps (`trace`): of the plans on all workers,
+        and the overload plan, the one that answers the most requests within the SLO
+        `simulated` on them. Waiting plans too: a clump fills a batch at once. A clump
+        too big for the SLO is the overload here, not the mean rate: bursts of 30 every
+        100 ms (300/s, 4 + 1 ms per row, 2 workers, SLO 15 ms) want one call of 8-10 on
+        each worker, the rest refused; the overload plan (calls of 3, made for a
+        backlog at the mean rate) answered 16-19% of them."""
+        slo_s = self.policy.slo_ms / 1e3
+        fallback = self.overload(arrivals, service)
+        plans = {(e[0].max_size, e[0].timeout_s) for e in evaluated}
+        plans.add((fallback.max_size, fallback.timeout_s))
+        best, most = fallback, -1.0
+        for size, timeout in sorted(plans):
+            pred = simulated(size, self.max_workers, timeout)
+            share = pred.latency.cdf(slo_s) if pred.latency is not None else 0.0
+            if share > most:
+                most = share
+                held = share >= self.policy.percentile  # no overload: all in time
+                best = Decision(
+                    size, timeout, self.max_workers, pred.percentile(self.policy.percentile) * 1e3,
+                    False, capacity_rps=None if held else arrivals.rate * share,
+                )  # fmt: skip
+        return best
 
     def best_effort(
         self,
@@ -1229,6 +1288,15 @@ def _decision(entry: tuple[Prediction, float, float], feasible: bool) -> Decisio
     return Decision(
         pred.max_size, pred.timeout_s, pred.workers, float(p_s) * 1e3, feasible, float(cost) * 1e3
     )
+
+
+def _clump_size(trace: tuple[float, ...]) -> float:
+    """The mean number of arrivals a clump of `trace` holds, to 2 digits (0: none)."""
+    if not trace:
+        return 0.0
+    gaps = np.diff(trace)
+    clumps = 1 + int(np.count_nonzero(gaps >= CLUMP_GAP * float(gaps.mean())))
+    return float(f"{len(trace) / clumps:.2g}")
 
 
 def _rounded(values: Any) -> tuple[float, ...]:
