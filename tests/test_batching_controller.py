@@ -425,3 +425,33 @@ def test_a_burst_is_judged_at_its_own_rate_within_a_few_milliseconds() -> None:
         clumped.on_arrival(now + 0.001)
         clumped.admit_at(now + 0.001, 1000 + k, [0, 1])
     assert clumped.ledger.rate == rate
+
+
+def _lockstep(burst: int, every_s: float, slo_ms: float) -> Decision:
+    # `hey -q`: bursts of `burst` requests within a millisecond, every `every_s`
+    rng = np.random.default_rng(0)
+    starts = np.arange(int(8 / every_s)) * every_s
+    times = np.sort(np.repeat(starts, burst) + rng.uniform(0, 0.001, len(starts) * burst))
+    policy = sf.Batching(slo_ms=slo_ms)
+    controller = BatchingController(
+        policy, 2, held_workers=2, profile=ServiceProfile(a=0.004, b=0.001)
+    )
+    for t in times + 1.0:
+        controller.on_arrival(float(t))
+    return controller.decision(float(times[-1]) + 1.001)
+
+
+def test_lockstep_bursts_are_planned_as_they_come_not_as_a_poisson_stream() -> None:
+    # bursts of 10 every 33 ms (300/s), 4 + 1 ms per row, 2 workers, SLO 15 ms: calls
+    # of 5 or more on each worker answer a burst in ~10 ms. Planned for Poisson at
+    # 300/s, calls of 3 within 3.4 ms: a burst's last 4 waited behind them (refused)
+    plan = _lockstep(10, 1 / 30, 15)
+    assert plan.feasible and plan.max_size >= 5 and plan.workers == 2, plan
+
+
+def test_lockstep_bursts_past_the_slo_get_the_plan_that_answers_most_of_each() -> None:
+    # bursts of 30: one call of 8 on each worker answers 16 in time (12 ms), the rest
+    # are refused; the overload plan made for a backlog at 300/s has calls of 3
+    plan = _lockstep(30, 0.1, 15)
+    assert not plan.feasible and plan.max_size >= 8 and plan.workers == 2, plan
+    assert plan.max_size + 4 <= 15 - 1, plan  # a call of max_size fits the SLO
