@@ -427,8 +427,8 @@ def test_a_burst_is_judged_at_its_own_rate_within_a_few_milliseconds() -> None:
     assert clumped.ledger.rate == rate
 
 
-def _lockstep(burst: int, every_s: float, slo_ms: float) -> Decision:
-    # `hey -q`: bursts of `burst` requests within a millisecond, every `every_s`
+def _lockstep(burst: int, every_s: float, slo_ms: float) -> tuple[BatchingController, float]:
+    # `hey -q`: bursts of `burst` requests within a millisecond, every `every_s`, for 8 s
     rng = np.random.default_rng(0)
     starts = np.arange(int(8 / every_s)) * every_s
     times = np.sort(np.repeat(starts, burst) + rng.uniform(0, 0.001, len(starts) * burst))
@@ -438,20 +438,38 @@ def _lockstep(burst: int, every_s: float, slo_ms: float) -> Decision:
     )
     for t in times + 1.0:
         controller.on_arrival(float(t))
-    return controller.decision(float(times[-1]) + 1.001)
+    return controller, float(times[-1]) + 1.001
 
 
 def test_lockstep_bursts_are_planned_as_they_come_not_as_a_poisson_stream() -> None:
     # bursts of 10 every 33 ms (300/s), 4 + 1 ms per row, 2 workers, SLO 15 ms: calls
     # of 5 or more on each worker answer a burst in ~10 ms. Planned for Poisson at
     # 300/s, calls of 3 within 3.4 ms: a burst's last 4 waited behind them (refused)
-    plan = _lockstep(10, 1 / 30, 15)
+    controller, now = _lockstep(10, 1 / 30, 15)
+    plan = controller.decision(now)
     assert plan.feasible and plan.max_size >= 5 and plan.workers == 2, plan
 
 
 def test_lockstep_bursts_past_the_slo_get_the_plan_that_answers_most_of_each() -> None:
     # bursts of 30: one call of 8 on each worker answers 16 in time (12 ms), the rest
     # are refused; the overload plan made for a backlog at 300/s has calls of 3
-    plan = _lockstep(30, 0.1, 15)
+    controller, now = _lockstep(30, 0.1, 15)
+    plan = controller.decision(now)
     assert not plan.feasible and plan.max_size >= 8 and plan.workers == 2, plan
     assert plan.max_size + 4 <= 15 - 1, plan  # a call of max_size fits the SLO
+
+
+def test_a_lockstep_burst_the_workers_calls_take_at_once_is_no_surge_of_the_rate() -> None:
+    # bursts of 40 every 100 ms, SLO 60 ms: each is answered within ~35 ms. Judged at
+    # its own rate (6,000/s, an overload), requests that opened a call were refused
+    controller, now = _lockstep(40, 0.1, 60)
+    plan = controller.decision(now)
+    assert 2 * 2 * plan.max_size >= 40, plan  # one merged call on each worker holds it
+    start = now + 0.1
+    controller.on_arrival(start)
+    controller.admit_at(start, 0, [0, 1])
+    rate = controller.ledger.rate
+    for rid in range(1, 40):  # the rest of the burst, over 6 ms
+        controller.on_arrival(start + rid * 1.5e-4)
+        assert controller.admit_at(start + rid * 1.5e-4, rid, [0, 1]) is not None
+    assert controller.ledger.rate == rate < 1000
