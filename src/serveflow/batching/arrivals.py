@@ -340,15 +340,20 @@ class ArrivalLog:
             raise ValueError("ArrivalLog: window_s must be > 0 and max_events >= 2")
         self.window_s = window_s
         self._times: deque[float] = deque(maxlen=max_events)
+        self._before: deque[float] = deque(maxlen=max_events)  # see `record`
         self.total = 0
 
-    def record(self, now: float) -> None:
+    def record(self, now: float, before: float = 0.0) -> None:
+        """An arrival at `now`, which spent `before` seconds of its latency on its way
+        (an HTTP request read late from its socket)."""
         self._times.append(now)
+        self._before.append(before)
         self.total += 1
 
     def _trim(self, now: float) -> None:
         while self._times and self._times[0] < now - self.window_s:
             self._times.popleft()
+            self._before.popleft()
 
     def __len__(self) -> int:
         return len(self._times)
@@ -363,6 +368,7 @@ class ArrivalLog:
         self._trim(now)
         copy = ArrivalLog(self.window_s, self._times.maxlen or 2)
         copy._times.extend(self._times)
+        copy._before.extend(self._before)
         copy.total = self.total
         return copy
 
@@ -398,23 +404,26 @@ class ArrivalLog:
             return 0.0
         return n / max(now - self._times[-n], 1e-9)
 
-    def clumped(self, now: float, over_s: float) -> tuple[float, ...]:
+    def clumped(self, now: float, over_s: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The arrival times of the last `over_s` seconds (from 0, the latest
-        CLUMP_TRACE), when they come in clumps; else (). A fit counts arrivals in
+        CLUMP_TRACE) and what each spent before (`record`), when they come in clumps;
+        else two (). A fit counts arrivals in
         windows of several mean gaps, so it takes requests sent together (`hey -q`'s
         connections tick in lockstep: bursts of 10 every 33 ms) for a Poisson stream
         at their mean rate, and plans for it: calls of 3 at 300/s, 4 + 1 ms per row,
         SLO 15 ms, where the bursts of 10 wanted 5 on each of 2 workers (37% refused).
         The plan search simulates its candidates on such a trace (`SearchSpace.trace`)."""
         times = self.times(now)
-        times = times[times >= now - over_s][-CLUMP_TRACE:]
+        kept = np.flatnonzero(times >= now - over_s)[-CLUMP_TRACE:]
+        times = times[kept]
         if len(times) < CLUMP_MIN:
-            return ()
+            return (), ()
         gaps = np.diff(times)
         mean = float(gaps.mean())
         if mean <= 0 or float(np.mean(gaps < CLUMP_GAP * mean)) < CLUMPED_SHARE:
-            return ()
-        return tuple((times - times[0]).tolist())
+            return (), ()
+        before = np.fromiter(self._before, dtype=float, count=len(self._before))[kept]
+        return tuple((times - times[0]).tolist()), tuple(before.tolist())
 
     def fit(self, now: float, over_s: float | None = None) -> MAP | None:
         """A MAP fitted to the window (or to its last `over_s` seconds), or None with

@@ -270,9 +270,11 @@ class BatchingController:
 
     # --- runtime hooks -------------------------------------------------------------
 
-    def on_arrival(self, now: float) -> None:
+    def on_arrival(self, now: float, before: float = 0.0) -> None:
+        """A request offered to the stage at `now`, which spent `before` seconds of its
+        latency before (an HTTP request unread in its socket)."""
         with self._lock:
-            self.arrivals.record(now)
+            self.arrivals.record(now, before)
             self.arrived += 1
             self._pending.append(now)
 
@@ -608,7 +610,7 @@ class BatchingController:
             log.info("arrival rate shift detected: re-planning")
         elif not due:
             return self._decision
-        fitted, trace = None, ()
+        fitted, trace = None, ((), ())
         if len(window) >= MIN_ARRIVALS_TO_PLAN:
             # A periodic re-plan's fit goes to `fitter` (another process, below the
             # workers' priority); a first plan's, or a shift's, is wanted at once.
@@ -804,7 +806,7 @@ class BatchingController:
         shifted: bool,
         window: ArrivalLog,
         fitted: MAP | None,
-        trace: tuple[float, ...] = (),
+        trace: tuple[tuple[float, ...], tuple[float, ...]] = ((), ()),
     ) -> tuple[tuple, MAP, ServiceProfile, SearchSpace] | None:
         """Under the lock: correct the target and, given the arrival process `fitted` to
         `window` (`shifted`: the rate has left the planned process; `trace`: its
@@ -817,7 +819,7 @@ class BatchingController:
             self._decision = self._warmup_decision()
             self._basis = None
             return None
-        self._clumps = _clump_size(trace)
+        self._clumps = _clump_size(trace[0])
         if (
             not shifted
             and self._basis is not None
@@ -873,9 +875,10 @@ class BatchingController:
         then = self._basis[2:4]
         return bool(np.any(np.abs(now - then) > SERVICE_SHIFT * np.maximum(then, 1e-9)))
 
-    def space(self, trace: tuple[float, ...] = ()) -> SearchSpace:
+    def space(self, trace: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())) -> SearchSpace:
         """What a plan searches now (the planning target as it stands); `trace`: the
-        arrivals, when they come in clumps (see `SearchSpace.trace`)."""
+        arrivals, when they come in clumps, and what each spent before (see
+        `SearchSpace.trace`)."""
         return SearchSpace(
             self.policy,
             self._slo_s,
@@ -886,7 +889,7 @@ class BatchingController:
             self.grid,
             self._overhead_points(),
             self.ledger.rate,
-            trace,
+            *trace,
         )
 
     def _overhead_points(self) -> tuple[float, ...]:
@@ -916,6 +919,7 @@ class SearchSpace:
     overhead: tuple[float, ...] = ()  # measured runtime overhead, seconds (quantiles)
     recent_rps: float = 0.0  # the latest arrivals' rate, as admission takes it (0: unknown)
     trace: tuple[float, ...] = ()  # arrival times that come in clumps (`ArrivalLog.clumped`)
+    before: tuple[float, ...] = ()  # ... and what each spent before, in its latency
 
     def candidates(self, service: ServiceProfile) -> list[tuple[int, float]]:
         """(batch size, timeout) pairs worth evaluating under the SLO."""
@@ -1013,7 +1017,8 @@ class SearchSpace:
         clumps = None
         if self.trace:
             times = np.asarray(self.trace)
-            clumps = [Stream(len(times) / max(float(times[-1]), 1e-9), 1.0, 1.0, times)]
+            rate, before = len(times) / max(float(times[-1]), 1e-9), np.asarray(self.before)
+            clumps = [Stream(rate, 1.0, 1.0, times, before if len(before) else None)]
         unchecked: dict[int, int] = {}  # such plans (id of the prediction): their index
 
         def simulated(

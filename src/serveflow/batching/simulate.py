@@ -145,6 +145,7 @@ class Stream:
     share: float
     time_share: float
     times: np.ndarray
+    before: np.ndarray | None = None  # what each arrival spent before, in its latency
 
 
 def greedy_streams(arrivals: MAP, samples: int = GREEDY_SAMPLES, seed: int = 0) -> list[Stream]:
@@ -201,6 +202,8 @@ def predict_simulated(
     pmf = np.zeros(merge)
     for stream in streams:
         latency, sizes, span = _calls(stream.times, svc, max_size, timeout_s, merge, workers)
+        if stream.before is not None:
+            latency = latency + stream.before
         if len(sizes) == 0:
             continue
         stream_busy = float(svc[sizes - 1].sum()) / len(stream.times)

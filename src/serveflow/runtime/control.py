@@ -517,7 +517,7 @@ class ControlPlane:
                     with self._lock:
                         places = {i: self._next_place(app, i, now) for i in app.controllers}
                 workers, worker = places[index]
-                controller.on_arrival(began)
+                controller.on_arrival(began, request.outside)
                 # it reaches this stage once the SLO stages before it ran
                 before = app.slo_before[index]
                 arrives = (
