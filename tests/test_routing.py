@@ -186,6 +186,26 @@ def test_an_anyof_avoids_the_worker_busy_with_an_earlier_requests_loser(chains):
     assert unknown["anyof"] not in branch_workers, unknown
 
 
+def test_an_anyof_with_a_worker_for_each_branch_and_none_more_goes_after_the_winner():
+    """As many workers as branches: the anyof's stage cannot keep off them all, and went
+    to the least loaded, the worker where it ran before (warm) as likely as any: here a
+    slow branch's, whose call it waited for (the pool had grown, and the branches moved)."""
+    plan = _race(False).optimize(sf.Rules(fusion=False))
+    anyof = next(i for i, stage in enumerate(plan.stages) if stage.name == "anyof")
+    workers = {w: WorkerLoad() for w in range(3)}
+    for w, load in workers.items():
+        load.warm |= {(0, i) for i in range(len(plan.stages)) if i != anyof or w == 2}
+    expected = {}
+    for _, branches in plan.anyof_races:
+        for branch in branches:
+            fast = plan.stages[branch[0]].name == "fast"
+            expected.update(dict.fromkeys(branch, 1e-3 if fast else math.inf))
+    costs = [1e-3] * len(plan.stages)
+    route, _ = Scheduler().route(0, plan, workers, expected=expected, costs=costs)
+    names = {stage.name: chosen[0] for stage, chosen in zip(plan.stages, route, strict=True)}
+    assert names["anyof"] == names["fast"], names
+
+
 def test_a_run_avoids_a_worker_running_a_loser_whatever_its_counts():
     # worker 0 runs a loser (its expected work released with its request); worker 1
     # has two cheap runs queued

@@ -236,14 +236,17 @@ class Scheduler:
             racing = index in facts.racing  # by outstanding runs: a loser counts until Done
             if racing:
                 rivals = _rivals(plan, index, route)
-                if rivals and len(pool) > len(rivals):
+                if rivals:
                     others = {w: load for w, load in pool.items() if w not in rivals}
                     if all(load.held_up for load in others.values()):
-                        # all busy with losers or long calls: the branch known to win
-                        # is through with its worker when it does
+                        # all busy with losers or long calls, or none (as many branches
+                        # as workers): the branch known to win is through with its
+                        # worker when it does. Else an anyof's stage went to the least
+                        # loaded worker, a slow branch's as likely as not, and waited
+                        # for its call (2 s of a loser; CI, stops 44, 60, 65 and 67)
                         winner = _winner(plan, index, route, expected or {})
                         others.update((w, pool[w]) for w in winner)
-                    pool = others
+                    pool = others or pool
             cap = caps.get(index) if caps else None
             if facts.follows[index]:
                 chosen: list[int] = []
