@@ -407,12 +407,12 @@ class ArrivalLog:
     def clumped(self, now: float, over_s: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The arrival times of the last `over_s` seconds (from 0, the latest
         CLUMP_TRACE) and what each spent before (`record`), when they come in clumps;
-        else two (). A fit counts arrivals in
-        windows of several mean gaps, so it takes requests sent together (`hey -q`'s
-        connections tick in lockstep: bursts of 10 every 33 ms) for a Poisson stream
-        at their mean rate, and plans for it: calls of 3 at 300/s, 4 + 1 ms per row,
-        SLO 15 ms, where the bursts of 10 wanted 5 on each of 2 workers (37% refused).
-        The plan search simulates its candidates on such a trace (`SearchSpace.trace`)."""
+        else two (). A fit counts arrivals in windows of several mean gaps, so it takes
+        requests sent together (`hey -q`'s connections tick in lockstep: bursts of 10
+        every 33 ms) for a Poisson stream at their mean rate, and plans for it: calls
+        of 3 at 300/s, 4 + 1 ms per row, SLO 15 ms, where the bursts of 10 wanted 5 on
+        each of 2 workers (37% refused). The plan search simulates its candidates on
+        such a trace (`SearchSpace.trace`)."""
         times = self.times(now)
         kept = np.flatnonzero(times >= now - over_s)[-CLUMP_TRACE:]
         times = times[kept]
