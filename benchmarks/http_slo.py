@@ -89,7 +89,8 @@ class Served:
 def hey(
     url: str, body: str, seconds: float, connections: int, per_connection: float
 ) -> list[tuple]:
-    """`hey` POSTing JSON `body` for `seconds`: (latency ms, status) per request (its CSV)."""
+    """`hey` POSTing JSON `body` for `seconds`: (latency ms, status, seconds from the
+    start) per request (its CSV)."""
     command = ["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(connections),
                "-q", f"{per_connection:g}", "-m", "POST", "-T", "application/json",
                "-d", body, "-o", "csv", url]  # fmt: skip
@@ -97,7 +98,9 @@ def hey(
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     if not rows:
         raise RuntimeError(f"hey gave no rows ({out.returncode}): {out.stderr.strip()[-500:]}")
-    return [(float(r["response-time"]) * 1e3, int(r["status-code"])) for r in rows]
+    return [
+        (float(r["response-time"]) * 1e3, int(r["status-code"]), float(r["offset"])) for r in rows
+    ]
 
 
 def run_case(served: Served, case: tuple, seconds: float, system: str) -> common.Record:
@@ -108,7 +111,7 @@ def run_case(served: Served, case: tuple, seconds: float, system: str) -> common
         run = open_loop(url, seconds, POISSON_CONNECTIONS, float(load), served.body)
         rows = [(ms, status) for ms, (_, _, status) in zip(run["from_send"], run["rows"])]
     else:
-        rows = hey(url, served.body, seconds, *load)
+        rows = [(ms, status) for ms, status, _ in hey(url, served.body, seconds, *load)]
     seconds = max(1, round(seconds))
     answered = [ms for ms, status in rows if status == 200]
     refused = [ms for ms, status in rows if status == 503]

@@ -5,10 +5,7 @@ dispatch, service noise, hops), then the issue's three cases on the real runtime
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -1335,27 +1332,19 @@ def test_http_lockstep_bursts_two_workers_serve_within_the_slo_are_not_refused()
     # every 33 ms (300/s), on 2 workers of 4 + 1 ms per row, SLO 15 ms: calls of 5 or 6
     # answer a burst in 10-11 ms. Planned for a Poisson stream at 300/s (calls of 3
     # within 3.4 ms; the fit does not see the bursts), 37-43% were refused.
+    from benchmarks.http_slo import hey
+
     from serveflow.serving import Server
 
     flow = sf.Flow("tick")
     flow.map(_tick_rows, names=["y"], col="a", batching=sf.Batching(slo_ms=15), name="model")
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
-
-    def hey(seconds: int, per_connection: int) -> list[tuple[float, int, float]]:
-        command = ["hey", "-z", f"{seconds}s", "-c", "10", "-q", str(per_connection), "-m",
-                   "POST", "-T", "application/json", "-d", '{"rows": [{"a": 1}]}', "-o",
-                   "csv", url]  # fmt: skip
-        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
-        rows = list(csv.DictReader(io.StringIO(out.stdout)))
-        assert rows, out.stderr[-500:]
-        return [(float(r["response-time"]), int(r["status-code"]), float(r["offset"]))
-                for r in rows]  # fmt: skip
-
+    body = '{"rows": [{"a": 1}]}'
     try:
         with Server({"f": flow.deploy(runtime=runtime)}, port=0) as server:
             url = f"{server.url}/v1/flows/f/predict"
-            hey(2, 10)  # the stage loads on both workers, and its calls are timed
-            got = [(s, status) for s, status, offset in hey(6, 30) if offset >= 2.0]
+            hey(url, body, 2, 10, 10)  # the stage loads on both workers, and its calls are timed
+            got = [(ms / 1e3, status) for ms, status, at in hey(url, body, 6, 10, 30) if at >= 2]
     finally:
         runtime.stop()
     refused = sum(status == 503 for _, status in got)

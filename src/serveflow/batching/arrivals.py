@@ -35,6 +35,8 @@ CLUMP_GAP = 0.1
 CLUMPED_SHARE = 0.5
 CLUMP_TRACE = 5000  # arrivals kept as the trace of clumped arrivals, at most
 CLUMP_MIN = 200  # ... and at least this many to tell
+# clumped arrivals (`ArrivalLog.clumped`): their times, and what each spent before
+Trace = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -404,7 +406,7 @@ class ArrivalLog:
             return 0.0
         return n / max(now - self._times[-n], 1e-9)
 
-    def clumped(self, now: float, over_s: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def clumped(self, now: float, over_s: float) -> Trace:
         """The arrival times of the last `over_s` seconds (from 0, the latest
         CLUMP_TRACE) and what each spent before (`record`), when they come in clumps;
         else two (). A fit counts arrivals in windows of several mean gaps, so it takes

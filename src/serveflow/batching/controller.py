@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -40,7 +41,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from serveflow.batching.admission import Lanes, StageLedger
-from serveflow.batching.arrivals import CLUMP_GAP, MAP, ArrivalLog
+from serveflow.batching.arrivals import CLUMP_GAP, MAP, ArrivalLog, Trace
 from serveflow.batching.model import (
     Prediction,
     buffer_laws,
@@ -559,24 +560,21 @@ class BatchingController:
         # as one size ran, and admission refused half of a half load for seconds
         p = self.profile
         basis = (d.max_size, d.timeout_s, p.refits, p.ready or p.seen)
-        merge = BACKLOG_MERGE * d.max_size
-        if self.policy.max_size:
-            merge = min(merge, self.policy.max_size)
-        merge = max(merge, d.max_size)
         since = self.arrived - self._rated_count
         if now - self._rated_at >= RATE_EVERY_S:
             self._rated_at, self._rated_count = now, self.arrived
             self.ledger.arriving(self.arrivals.recent_rate(now, RATE_ARRIVALS))
         elif (
             now - self._rated_at >= RATE_SURGE_S
-            and (not self._clumps or since > d.workers * merge)
             and since >= max(RATE_SURGE_MIN, RATE_SURGE * self.ledger.rate * (now - self._rated_at))
+            and (not self._clumps or since > d.workers * _merged(d.max_size, self.policy))
         ):
             self.ledger.arriving(since / (now - self._rated_at))
             self._rated_at, self._rated_count = now, self.arrived
         if basis == self._ledger_basis:
             return
         self._ledger_basis = basis
+        merge = _merged(d.max_size, self.policy)
         service = self.profile.predict(np.arange(merge + 2))
         service[0] = 0.0
         per_row = service[-1] - service[-2]  # past the sizes planned for (a request of rows)
@@ -806,7 +804,7 @@ class BatchingController:
         shifted: bool,
         window: ArrivalLog,
         fitted: MAP | None,
-        trace: tuple[tuple[float, ...], tuple[float, ...]] = ((), ()),
+        trace: Trace = ((), ()),
     ) -> tuple[tuple, MAP, ServiceProfile, SearchSpace] | None:
         """Under the lock: correct the target and, given the arrival process `fitted` to
         `window` (`shifted`: the rate has left the planned process; `trace`: its
@@ -875,7 +873,7 @@ class BatchingController:
         then = self._basis[2:4]
         return bool(np.any(np.abs(now - then) > SERVICE_SHIFT * np.maximum(then, 1e-9)))
 
-    def space(self, trace: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())) -> SearchSpace:
+    def space(self, trace: Trace = ((), ())) -> SearchSpace:
         """What a plan searches now (the planning target as it stands); `trace`: the
         arrivals, when they come in clumps, and what each spent before (see
         `SearchSpace.trace`)."""
@@ -949,10 +947,7 @@ class SearchSpace:
     def merge(self, size: int) -> int:
         """The most requests a worker runs in one call under batch size `size`: two
         batches when more than one waits (`BatchRule`), within the policy's cap."""
-        merge = BACKLOG_MERGE * size
-        if self.policy.max_size:
-            merge = min(merge, self.policy.max_size)
-        return max(merge, size)
+        return _merged(size, self.policy)
 
     def ceiling(self, service: ServiceProfile) -> float:
         """The most requests per second all workers serve with batches whose call
@@ -1091,7 +1086,7 @@ class SearchSpace:
                 simulated(pred.max_size, pred.workers, pred.timeout_s), rate
             )
         if clumps is not None:
-            on_clumps = lambda *plan: simulated(*plan, clumps)  # noqa: E731
+            on_clumps = functools.partial(simulated, on=clumps)
             return self.best_on(evaluated, arrivals, service, on_clumps)
         return self.best_effort(evaluated, arrivals, service)
 
@@ -1300,6 +1295,15 @@ def _decision(entry: tuple[Prediction, float, float], feasible: bool) -> Decisio
     return Decision(
         pred.max_size, pred.timeout_s, pred.workers, float(p_s) * 1e3, feasible, float(cost) * 1e3
     )
+
+
+def _merged(size: int, policy: Batching) -> int:
+    """The most requests a worker runs in one call under batch size `size`: two
+    batches when more than one waits (`BatchRule`), within `policy`'s cap."""
+    merge = BACKLOG_MERGE * size
+    if policy.max_size:
+        merge = min(merge, policy.max_size)
+    return max(merge, size)
 
 
 def _clump_size(trace: tuple[float, ...]) -> float:
