@@ -1137,11 +1137,14 @@ class SearchSpace:
         plan's calls hold, a batch's later requests predicted in the call after it."""
         slo_s = self.policy.slo_ms / 1e3
         fallback = self.overload(arrivals, service)
+        # the search simulated most of them on all workers already
+        everyone = [p for p, *_ in evaluated if p.workers == self.max_workers]
+        done = {(p.max_size, p.timeout_s): p for p in everyone}
         plans = {(e[0].max_size, e[0].timeout_s) for e in evaluated}
         plans.add((fallback.max_size, fallback.timeout_s))
-        best, most = fallback, -1.0
+        best, most = fallback, 0.0  # none answers any in time (a backlog): the overload plan
         for size, timeout in sorted(plans):
-            pred = simulated(size, self.max_workers, timeout)
+            pred = done.get((size, timeout)) or simulated(size, self.max_workers, timeout)
             share = pred.latency.cdf(slo_s) if pred.latency is not None else 0.0
             if share > most:
                 most, met = share, share >= self.policy.percentile  # met: no overload
