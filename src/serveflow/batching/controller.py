@@ -706,6 +706,7 @@ class BatchingController:
                 "slo_ms": self.policy.slo_ms,
                 "feasible": d.feasible,
                 "cost_ms": d.cost_ms,
+                "clumps": self._clumps,  # arrivals a clump held, as last planned (0: none)
                 "service_ms": (
                     {
                         "a": self.profile.a * 1e3,
