@@ -32,6 +32,10 @@ SETTLED = 1e-3  # an EM round that moves no rate (relatively) or switch more: do
 # sent by one Python thread, Poisson and 2-state MMPP at 50-8,000/s, 0.10-0.29 in
 # `benchmarks.batching_regimes`; `hey -c 10 -q 30` over HTTP, 0.78-0.89)
 CLUMP_GAP = 0.1
+# ... and a gap of at least CLUMP_SPLIT mean gaps parts two clumps (`hey -q`'s bursts of
+# 10 every 33 ms, read by a server over 1-2 ms: parted at CLUMP_GAP, clumps of 3.7-5;
+# at 0.3-1.0, 9.7-10)
+CLUMP_SPLIT = 0.5
 CLUMPED_SHARE = 0.5
 CLUMP_TRACE = 5000  # arrivals kept as the trace of clumped arrivals, at most
 CLUMP_MIN = 200  # ... and at least this many to tell

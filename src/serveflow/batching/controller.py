@@ -41,7 +41,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from serveflow.batching.admission import Lanes, StageLedger
-from serveflow.batching.arrivals import CLUMP_GAP, MAP, ArrivalLog, Trace
+from serveflow.batching.arrivals import CLUMP_SPLIT, MAP, ArrivalLog, Trace
 from serveflow.batching.model import (
     Prediction,
     buffer_laws,
@@ -1315,7 +1315,7 @@ def _clump_size(trace: tuple[float, ...]) -> float:
     if not trace:
         return 0.0
     gaps = np.diff(trace)
-    clumps = 1 + int(np.count_nonzero(gaps >= CLUMP_GAP * float(gaps.mean())))
+    clumps = 1 + int(np.count_nonzero(gaps >= CLUMP_SPLIT * float(gaps.mean())))
     return float(f"{len(trace) / clumps:.2g}")
 
 
