@@ -546,6 +546,20 @@ def test_a_request_the_routers_worker_would_refuse_is_entered_on_one_that_serves
     assert either.admit(3, 0.0, slo, [0, 1]).admit  # on worker 1
 
 
+def test_a_request_the_planned_workers_would_refuse_spills_to_a_worker_past_the_plan() -> None:
+    # a plan on 1 of 2 workers (cheaper: bigger calls): a 4th request would miss on
+    # worker 0, and worker 1, which the plan leaves but has the stage loaded, serves it
+    ledger = _ledger(size=1, timeout_s=0.0, merge=1)
+    slo = 0.022
+    verdicts = [ledger.admit(rid, 0.0, slo, [0], 0, spill=[1]) for rid in range(7)]
+    assert [v.admit for v in verdicts] == [True] * 6 + [False]
+    assert [v.worker for v in verdicts[:6]] == [0, 0, 0, 1, 1, 1]
+    assert ledger.worker_of(3) == 1
+    assert not ledger.closed(0.0025)  # reopened by worker 1's calls too
+    alone = _ledger(size=1, timeout_s=0.0, merge=1)
+    assert [alone.admit(rid, 0.0, slo, [0], 0).admit for rid in range(4)] == [True] * 3 + [False]
+
+
 def _slow_ledger(rate: float) -> StageLedger:
     # calls of 20 ms + 1 ms per row, up to 8 rows: a worker serves 285 rows/s at most
     ledger = StageLedger()

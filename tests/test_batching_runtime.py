@@ -508,8 +508,11 @@ def test_two_flows_on_the_same_workers_serve_a_load_both_slos_allow():
     it took them for its own overhead (median 5-7 ms, not 0.2) and refused 1-5% of
     what both could serve in time. Now its overhead stays at its own; what it refuses
     is 0-1% in most runs, but up to 12% in some on a busy 2-core machine (one flow,
-    mostly the first deployed: not understood yet). Overhead medians: before, 5.3-7.7
-    ms; now 0.6-0.8 (3 runs each)."""
+    mostly the first deployed: its plan had gone to one of the two workers, cheaper,
+    and a burst there was refused while the other had room; now admission places
+    such a request there: `benchmarks.batching_shared`'s two flows at 600/s, that
+    flow refused 0-3.8% in 9 runs, now 0-0.2% in 8). Overhead medians: before, 5.3-7.7 ms;
+    now 0.6-0.8 (3 runs each)."""
     rt = sf.LocalRuntime(min_workers=2, max_workers=2)
     try:
         apps = []

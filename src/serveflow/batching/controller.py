@@ -348,19 +348,23 @@ class BatchingController:
         arrives: float | None = None,
         budget_s: float | None = None,
         rows: int = 1,
+        spill: Sequence[int] = (),
     ) -> float | None:
         """`admit` for a request that reaches the stage at `arrives` (after the
         stages before it), not now, and may take `budget_s` from then (its share of
         a flow's SLO left to it: see `ControlPlane._admit`) instead of the stage's
         SLO, with `rows` rows: None when refused, else when its output is expected to
-        leave the stage (with the typical overhead)."""
+        leave the stage (with the typical overhead). `spill`: workers past the plan's
+        where it may go when none of `workers` serves it in time."""
         if not self.policy.adaptive:
             return now if arrives is None else arrives
         with self._lock:
             self._sync_ledger(now)
             serve = self.policy.on_overload == "serve"
             slo_s = self._admit_slo_s(budget_s)
-            verdict = self.ledger.admit(rid, now, slo_s, workers, worker, serve, arrives, rows)
+            verdict = self.ledger.admit(
+                rid, now, slo_s, workers, worker, serve, arrives, rows, spill
+            )
             if verdict.admit:
                 if len(self._admitted) >= ADMITTED_KEPT:
                     del self._admitted[next(iter(self._admitted))]

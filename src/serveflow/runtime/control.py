@@ -516,7 +516,7 @@ class ControlPlane:
                 if places is None:
                     with self._lock:
                         places = {i: self._next_place(app, i, now) for i in app.controllers}
-                workers, worker = places[index]
+                workers, worker, spill = places[index]
                 controller.on_arrival(began, request.outside)
                 # it reaches this stage once the SLO stages before it ran
                 before = app.slo_before[index]
@@ -538,7 +538,7 @@ class ControlPlane:
                     leave, outlasting = None, rows
                 else:
                     leave = controller.admit_at(
-                        now, request.id, workers, worker, arrives, budget, rows
+                        now, request.id, workers, worker, arrives, budget, rows, spill
                     )
                 refused = leave is None
                 if not refused:
@@ -566,14 +566,18 @@ class ControlPlane:
         request.lost = lost
         return True
 
-    def _next_place(self, app: DeployedApp, index: int, now: float) -> tuple[list[int], int | None]:
-        """An SLO stage's workers (as its plan caps them) and the one a request
-        routed now would go to. Called with the lock held."""
+    def _next_place(
+        self, app: DeployedApp, index: int, now: float
+    ) -> tuple[list[int], int | None, list[int]]:
+        """An SLO stage's workers (as its plan caps them), the one a request routed
+        now would go to, and the other workers that have it loaded, where admission
+        may place a request the planned ones would refuse (none while `_confine`
+        keeps the stage off some). Called with the lock held."""
         key = (app.id, index)
         pool = self._pool(app.plan.stages[index].placement == "gpu")
         decision = app.decisions.get(index)
         if decision is None:
-            return sorted(pool), None
+            return sorted(pool), None, []
         worker = self._scheduler.next_pack(
             key,
             pool,
@@ -587,7 +591,9 @@ class ControlPlane:
         warm = [w for w, load in pool.items() if key in load.warm and key not in load.loading]
         warm = warm or [w for w, load in pool.items() if key in load.warm] or list(pool)
         warm.sort(reverse=key in self._scheduler.high)  # its `rank` (see `_confine`)
-        return warm[: decision.workers], worker
+        kept = key in self._scheduler.high or app.controllers[index].confined_to is not None
+        spill = [w for w in warm[decision.workers :] if key in pool[w].warm and not kept]
+        return warm[: decision.workers], worker, spill
 
     def _pool(self, gpu: bool | None) -> dict[int, WorkerLoad]:
         """The loads of the workers routing may use now (ready, not retiring): those
