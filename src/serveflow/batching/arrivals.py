@@ -38,7 +38,7 @@ CLUMP_GAP = 0.1
 CLUMP_SPLIT = 0.5
 CLUMPED_SHARE = 0.5
 CLUMP_TRACE = 5000  # arrivals kept as the trace of clumped arrivals, at most
-CLUMP_MIN = 200  # ... and at least this many to tell
+CLUMP_MIN = 50  # ... and at least this many to tell (Poisson: 10% of gaps that short)
 # clumped arrivals (`ArrivalLog.clumped`): their times, and what each spent before
 Trace = tuple[tuple[float, ...], tuple[float, ...]]
 
