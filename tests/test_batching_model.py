@@ -175,6 +175,21 @@ def test_change_point_finds_a_step_and_no_step_in_a_steady_stream() -> None:
     assert change == pytest.approx(2.0, abs=0.05)
 
 
+def test_a_clump_of_requests_sent_together_is_no_change_of_rate() -> None:
+    # `hey -c 10 -q 10`: 10 requests within 2 ms every 100 ms. Judged right after a
+    # burst, the burst alone was taken for a new rate (5,000/s), and planned for as a flood
+    from serveflow.batching import ArrivalLog
+    from serveflow.batching.controller import fit_arrivals
+
+    log = ArrivalLog()
+    for burst in range(40):
+        for k in range(10):
+            log.record(burst * 0.1 + k * 0.0002)
+    now = 3.9 + 0.002
+    assert log.change_point(now, 2.0) <= 2.0  # (its first arrival: the window's start)
+    assert fit_arrivals(log, now, True).rate == pytest.approx(100, rel=0.1)
+
+
 def test_a_large_step_up_is_a_shift_within_a_fraction_of_a_second_of_history() -> None:
     # At deploy: 1 s of lead-in at 650/s, then 3,350/s. Judged over 2 s, and only once
     # 2 s were logged, the step waited 1.6 s for its re-plan.
