@@ -519,7 +519,7 @@ class StageLedger:
             # Then the workers the plan leaves: a plan on fewer workers than the pool
             # holds (cheaper: bigger calls) left a burst to one worker while another,
             # idle, had the stage loaded (two flows of 4 + 1 ms per row, SLO 25 ms, at
-            # 300/s each on 2 workers: one planned on 1 refused 0.7-5%)
+            # 300/s each on 2 workers: one planned on 1 refused 0-3.8%, now 0-0.2%)
             for other in (*workers, *spill):
                 if other != worker:
                     o = self._worker(other)

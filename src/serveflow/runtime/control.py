@@ -591,9 +591,11 @@ class ControlPlane:
         warm = [w for w, load in pool.items() if key in load.warm and key not in load.loading]
         warm = warm or [w for w, load in pool.items() if key in load.warm] or list(pool)
         warm.sort(reverse=key in self._scheduler.high)  # its `rank` (see `_confine`)
-        kept = key in self._scheduler.high or app.controllers[index].confined_to is not None
-        spill = [w for w in warm[decision.workers :] if key in pool[w].warm and not kept]
-        return warm[: decision.workers], worker, spill
+        rest = warm[decision.workers :]
+        loaded = [w for w in rest if key in pool[w].warm and key not in pool[w].loading]
+        if key in self._scheduler.high or app.controllers[index].confined_to is not None:
+            loaded = []  # held off some workers
+        return warm[: decision.workers], worker, loaded
 
     def _pool(self, gpu: bool | None) -> dict[int, WorkerLoad]:
         """The loads of the workers routing may use now (ready, not retiring): those
