@@ -450,7 +450,7 @@ class ArrivalLog:
         (with at least `least` arrivals after, and at least `least` mean gaps of them
         all: a clump of `least` requests sent together is no new rate; `hey -c 10 -q
         10`'s last burst, 10 requests within 1-2 ms, was taken for a flood of 5,000/s,
-        planned for as an overload, and 80% refused); `now - over_s` when one rate
+        and a fresh stage kept an overload plan for 3 s); `now - over_s` when one rate
         explains them about as well (a log-likelihood gain under `CHANGE_EVIDENCE`)."""
         start = now - over_s
         times = self.times(now)
