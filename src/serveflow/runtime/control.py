@@ -588,11 +588,10 @@ class ControlPlane:
             lambda ready: app.controllers[index].first_free(ready, now),
         )
         # not those still loading it while others have (a request there waits for the load)
-        warm = [w for w, load in pool.items() if key in load.warm and key not in load.loading]
-        warm = warm or [w for w, load in pool.items() if key in load.warm] or list(pool)
+        ready = [w for w, load in pool.items() if key in load.warm and key not in load.loading]
+        warm = ready or [w for w, load in pool.items() if key in load.warm] or list(pool)
         warm.sort(reverse=key in self._scheduler.high)  # its `rank` (see `_confine`)
-        rest = warm[decision.workers :]
-        loaded = [w for w in rest if key in pool[w].warm and key not in pool[w].loading]
+        loaded = [w for w in warm[decision.workers :] if w in ready]
         if key in self._scheduler.high or app.controllers[index].confined_to is not None:
             loaded = []  # held off some workers
         return warm[: decision.workers], worker, loaded
