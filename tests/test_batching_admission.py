@@ -1341,22 +1341,23 @@ def _tick_rows(values: list[int]) -> list[int]:
 
 
 @pytest.mark.skipif(shutil.which("hey") is None, reason="hey: scripts/reliability_tools.sh")
-@pytest.mark.xfail(
-    strict=False,
-    reason="with another process holding a core, admission refuses 16-52% of these bursts "
-    "in about 1 run of 3, at c7deea9 as since (issue 13, stop 69's note): not understood yet",
-)
 def test_http_lockstep_bursts_two_workers_serve_within_the_slo_are_not_refused() -> None:
     # `hey -q` (an outside client): 10 connections that tick together, a burst of 10
-    # every 33 ms (300/s), on 2 workers of 4 + 1 ms per row, SLO 15 ms: calls of 5 or 6
-    # answer a burst in 10-11 ms. Planned for a Poisson stream at 300/s (calls of 3
-    # within 3.4 ms; the fit does not see the bursts), 37-43% were refused.
+    # every 33 ms (300/s), on 2 workers of 4 + 1 ms per row: calls of 5 or 6 answer a
+    # burst in 10-11 ms, the driver reading its last request 1-4 ms after its first.
+    # Planned for a Poisson stream at 300/s (calls of 3 within 3.4 ms; the fit did not
+    # see the bursts), 37-43% were refused under an SLO of 15 ms. That SLO is the edge
+    # of what this machine does: served unrefused, the stage's p99 was 14.9-17.3 ms
+    # alone, 17.9-18.4 with another process holding one of the 2 cores (where
+    # admission refused 12-71%, and more were in time than unrefused: 28-64% against
+    # 15-34%). Under 20 ms, 0-3% were refused alone, 0.2-0.9% so held.
     from benchmarks.http_slo import hey
 
     from serveflow.serving import Server
 
+    slo_ms = 20
     flow = sf.Flow("tick")
-    flow.map(_tick_rows, names=["y"], col="a", batching=sf.Batching(slo_ms=15), name="model")
+    flow.map(_tick_rows, names=["y"], col="a", batching=sf.Batching(slo_ms=slo_ms), name="model")
     runtime = sf.LocalRuntime(min_workers=2, max_workers=2)
     body = '{"rows": [{"a": 1}]}'
     try:
@@ -1364,7 +1365,7 @@ def test_http_lockstep_bursts_two_workers_serve_within_the_slo_are_not_refused()
         with Server({"f": app}, port=0) as server:
             url = f"{server.url}/v1/flows/f/predict"
             hey(url, body, 2, 10, 10)  # the stage loads on both workers, and its calls are timed
-            got = [(ms / 1e3, status) for ms, status, at in hey(url, body, 6, 10, 30) if at >= 2]
+            got = [(ms, status) for ms, status, at in hey(url, body, 6, 10, 30) if at >= 2]
             clumps, stage_p99_ms = (app.stats()["model"][k] for k in ("clumps", "p99_ms"))
     finally:
         runtime.stop()
@@ -1373,16 +1374,12 @@ def test_http_lockstep_bursts_two_workers_serve_within_the_slo_are_not_refused()
         # the CPU a refusal takes: clumps of 4), where the SLO's time went in the socket
         pytest.skip(f"the bursts reached the stage spread out (clumps of {clumps})")
     refused = sum(status == 503 for _, status in got)
-    within = sum(s <= 0.015 and status == 200 for s, status in got)
-    assert refused <= 0.15 * len(got), (refused, len(got))
-    # about in time in the server (the stage's p99, its last 10 s): 12.6-14.8 ms alone,
-    # 16.7-16.8 in 2 runs of 5 with another process holding one of the 2 cores
-    assert stage_p99_ms <= 1.2 * 15, stage_p99_ms
-    # and as the client sees it, 4 ms later at the median (the server reads a burst's
-    # requests and writes their answers one at a time; hey shares the 2 cores): 0.93-0.95
-    # of those sent in the benchmark (0.61 before), 0.75-0.89 in 10 runs of this test
-    # alone on a slower day, 0.64 once in the whole suite
-    assert within >= 0.5 * len(got), (within, refused, len(got))
+    within = sum(ms <= slo_ms and status == 200 for ms, status in got)
+    assert refused <= 0.05 * len(got), (refused, len(got))
+    assert stage_p99_ms <= 1.1 * slo_ms, stage_p99_ms  # 14.2-16.1 ms
+    # and as the client sees it, up to 4 ms later (the server reads a burst's requests
+    # and writes their answers one at a time; hey shares the 2 cores): 0.97-1.0
+    assert within >= 0.9 * len(got), (within, refused, len(got))
 
 
 def test_runtime_what_a_caller_spent_on_a_request_counts_against_its_slo() -> None:
