@@ -223,6 +223,30 @@ def test_a_tighter_stages_call_runs_before_an_older_call_of_a_looser_one() -> No
     assert theirs.admit(12, 0.003, 1.0, [0], 0).latency_s == pytest.approx(0.029 + 0.001 - 0.003)
 
 
+def test_a_tighter_stages_batch_still_filling_runs_first_where_it_would_be_late() -> None:
+    # A worker runs a batch still filling, short of its size, before a ready call of
+    # another stage due later, when that call would make it late (`Worker.run_ready`).
+    # Mirrored as waiting its timeout, a stage of 10 + 2 ms per row, SLO 36 ms, beside
+    # one of SLO 120 ms on 2 workers (133 and 400 requests/s) had its requests
+    # predicted behind calls of the other that had not begun (p99 1.32-1.50x the SLO)
+    def pair(loose_s: float) -> tuple[StageLedger, StageLedger]:
+        lanes = Lanes()
+        tight, loose = StageLedger(lanes=lanes), StageLedger(lanes=lanes)
+        tight.plan(3, 0.010, 3, [0.0, 0.012, 0.014, 0.016], 0)
+        loose.plan(1, 0.0, 1, [0.0, loose_s], 0)
+        tight.slack, loose.slack = 0.036, 0.120
+        tight.admit(1, 0.0, 1.0, [0], 0)  # a batch of 3 filling, due to run at 10 ms
+        return tight, loose
+
+    # a 30 ms call would end the tight batch's past 36 ms less the margin: it runs
+    # first, from 1 ms (12 ms and the typical 1 ms overhead), then the loose call
+    _, loose = pair(0.030)
+    assert loose.admit(2, 0.001, 1.0, [0], 0).latency_s == pytest.approx(0.013 + 0.030 + 0.001)
+    # a 10 ms call leaves it time: the loose call runs now
+    _, loose = pair(0.010)
+    assert loose.admit(2, 0.001, 1.0, [0], 0).latency_s == pytest.approx(0.010 + 0.001)
+
+
 def test_a_worker_in_another_stages_call_takes_no_request_that_would_miss() -> None:
     # This stage's worker runs nothing of its own, but the other stage's call of 60 ms
     # runs there: a request of an SLO of 5 ms is refused, however long since the last

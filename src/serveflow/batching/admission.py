@@ -82,6 +82,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from serveflow.runtime.dispatch import FILLING_MARGIN
+
 RESIDUALS = 400  # observed calls the overhead quantile is taken over, at most
 RESIDUAL_WINDOW_S = 5.0  # ... and only those of the last seconds: it settles that fast
 MIN_RESIDUALS = 50  # ... and at least this many (when there are)
@@ -607,7 +609,7 @@ class StageLedger:
         if ahead is not None:
             head = entries[0].sent if entries else sent
             own = max(free, head)
-            free = ahead.wait(head + self.slack, free, own)
+            free = ahead.wait(head + self.slack, free, own, self._call_s(len(entries) + 1))
             crowded = free > own
         closed = self._closed(w, free, median, ahead)
         # the requests queued meet their SLOs: each call's oldest does
@@ -707,7 +709,12 @@ class StageLedger:
             done += 1
             i, free = i + take, self._then(end, median, done)
             if ahead is not None and i < n:
-                free = ahead.wait(sents[i] + self.slack, free, max(free, sents[i]))
+                later = max(free, sents[i])
+                free = ahead.wait(sents[i] + self.slack, free, later, self._call_s(n - i))
+
+    def _call_s(self, queued: int) -> float:
+        """How long the call a worker makes of `queued` one-row requests takes."""
+        return self._service[max(min(queued, self.merge if queued > self.size else self.size), 1)]
 
     def _filling(self, rows: Sequence[int] | None, first: int) -> int:
         """The index of the request that fills the batch request `first` opens: the
@@ -829,7 +836,7 @@ class StageLedger:
             _, take, start, end = next(self._cut(sents, w.free_since, median, None, rows))
             ahead = self._lanes.view(w.index, self)
             if ahead is not None:
-                later = ahead.wait(sents[0] + self.slack, w.free_since, start)
+                later = ahead.wait(sents[0] + self.slack, w.free_since, start, end - start)
             else:
                 later = start
             if later > start:  # behind another stage's calls there
@@ -1234,7 +1241,8 @@ class StageLedger:
             free, queue = self._frees(w, now, median), w.queue
             ahead = self._lanes.view(w.index, self)
             if ahead is not None and queue:  # as `_predict`, other stages' calls first
-                free = ahead.wait(queue[0].sent + self.slack, free, max(free, queue[0].sent))
+                head, took = queue[0].sent, self._call_s(len(queue) + 1)
+                free = ahead.wait(head + self.slack, free, max(free, head), took)
             closed = self._closed(w, free, median, ahead)
             free = closed.last
             entries, sents = _from(queue, closed.first)
@@ -1243,7 +1251,7 @@ class StageLedger:
                 done += 1
                 free = self._then(end, median, done)
             if ahead is not None:
-                free = ahead.wait(now + self.slack, free, max(free, now))
+                free = ahead.wait(now + self.slack, free, max(free, now), self._call_s(1))
             # to the nanosecond: kept (`_closed`), a cut's sums differ from a whole
             # recut's in their last bits, and workers that tie are picked in order
             soonest = (round(max(free, now), 9), round(free, 9))
@@ -1311,28 +1319,35 @@ class _Ahead:
         # runs no ledger mirrors (`busy`)
         self.free = max([busy] + [other.busy_until(mirror) for other, mirror in others])
         self.calls = [other.queued_calls(mirror) for other, mirror in others]
+        self.margins = [FILLING_MARGIN * other.slack for other, _ in others]
         self.taken = [0] * len(others)
 
-    def wait(self, first: float, free: float, start: float) -> float:
+    def wait(self, first: float, free: float, start: float, seconds: float = 0.0) -> float:
         """When a call whose oldest request is due at `first` (sent plus its stage's
-        `slack`) starts, at the earliest `start`, the worker being free of its stage's
-        calls from `free`: after the running calls of the others, and their queued
-        calls that are runnable by then and either due before it or begun before it
-        can be (the worker runs what is runnable when it frees: a stage of 20 + 5 ms
-        per row, SLO 200 ms, ran its calls of 60 ms between the calls of one of 1 ms
-        and SLO 5 ms)."""
+        `slack`), taking `seconds`, starts, at the earliest `start`, the worker being
+        free of its stage's calls from `free`: after the running calls of the others,
+        and their queued calls that are runnable by then and either due before it or
+        begun before it can be (the worker runs what is runnable when it frees: a
+        stage of 20 + 5 ms per row, SLO 200 ms, ran its calls of 60 ms between the
+        calls of one of 1 ms and SLO 5 ms), or still filling, due before it, and late
+        behind it (the worker runs those at once, short of their size: see
+        FILLING_MARGIN)."""
         free = max(free, self.free)
         more = True
         while more:
             more = False
             for k, calls in enumerate(self.calls):
                 if self.taken[k] < len(calls):
-                    key, due, seconds = calls[self.taken[k]]
-                    begins = max(free, due)
-                    if due <= max(start, free) and (key < first or begins < start):
-                        free = begins + seconds
-                        self.taken[k] += 1
-                        more = True
+                    key, due, took = calls[self.taken[k]]
+                    frees, margin = max(start, free), self.margins[k]
+                    if due <= frees and (key < first or max(free, due) < start):
+                        free = max(free, due) + took
+                    elif due > frees and key < first and frees + seconds + took > key - margin:
+                        free = frees + took
+                    else:
+                        continue
+                    self.taken[k] += 1
+                    more = True
         return max(start, free)
 
 

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from serveflow.optimizer.plan import Stage
 
 BACKLOG_MERGE = 2  # planned batches a worker may run as one call when they queue up
+# A batch still filling runs before a ready one due later when the two calls, one after
+# the other, would end past its due less this share of its SLO (`Worker.run_ready`;
+# admission mirrors it): its answer has the driver's way still to go, and calls run
+# past their average
+FILLING_MARGIN = 0.1
 
 
 @dataclass

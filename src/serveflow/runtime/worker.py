@@ -35,7 +35,7 @@ from serveflow.logical.table import Table
 from serveflow.optimizer.plan import Plan, Stage
 from serveflow.runtime import codec, collector
 from serveflow.runtime import messages as m
-from serveflow.runtime.dispatch import BatchRule
+from serveflow.runtime.dispatch import FILLING_MARGIN, BatchRule
 from serveflow.runtime.scheduler import follows_winner, targets
 from serveflow.runtime.stage import StageExecutor
 from serveflow.runtime.transport import RECEIVE_QUEUE, Endpoint, PeerGone
@@ -56,10 +56,6 @@ SPIN_S = 300e-6  # polling for the next message before sleeping (`next_message`)
 BACKLOG_WAIT_S = 2e-3
 BACKLOG_WAIT_SHARE = 0.1
 BACKLOG_WAIT_MAX_S = 0.02
-# a batch still filling runs before a ready one due later when the two calls, one after
-# the other, would end past its due less this share of its SLO (`run_ready`): its answer
-# has the driver's way still to go, and calls run past their average
-FILLING_MARGIN = 0.1
 CANCELS = ".cancel"  # suffix of the socket that takes only `Cancel` messages
 FORGET_AFTER_S = 120.0  # inputs of a request that never completed (a lost branch)
 HOUSEKEEPING_EVERY_S = 0.1  # unload idle stages at most this often
