@@ -1332,9 +1332,9 @@ class _Ahead:
     share of its time (`StageLedger.load`) of the time until a call starts. Without
     them, a stage of 10 + 2 ms per row and SLO 120 ms at 400/s, beside one of SLO 36
     ms at 133/s (calls of 1-2) on 2 workers, predicted 50 ms where the other's calls
-    sent since took the worker another 50-60 ms, and 26-32% of its answers were late
-    (p99 1.24-1.29x the SLO, 6 runs); with them, 10-21% (1.15-1.24x), as many in
-    time (0.64-0.77 against 0.69-0.75), and the tight stage's 0.85-0.88 (0.81-0.84).
+    sent since took the worker another 50-60 ms, and 22-34% of its answers were late
+    (p99 1.23-1.29x the SLO, 9 runs); with them, 14-24% (1.15-1.24x, 6 runs), about as
+    many in time (0.64-0.77 against 0.69-0.79), and the tight stage's 0.85-0.88 (0.81-0.84).
     Not as many as a Poisson stream sends at the 90th percentile: 5-12% late
     (1.09-1.15x), but it refused 19-54%, and answered 0.44-0.74 in time."""
 
