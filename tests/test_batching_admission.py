@@ -247,24 +247,6 @@ def test_a_tighter_stages_batch_still_filling_runs_first_where_it_would_be_late(
     assert loose.admit(2, 0.001, 1.0, [0], 0).latency_s == pytest.approx(0.010 + 0.001)
 
 
-def test_a_looser_stage_counts_the_calls_a_tighter_one_is_yet_to_be_sent() -> None:
-    # A worker runs the call due first: a tighter stage's calls sent after a looser
-    # one's request, until its call starts, run before it. Unseen, a stage of SLO 120
-    # ms beside one of 36 ms on 2 workers predicted 50 ms where they added 50-60 ms
-    lanes = Lanes()
-    tight, loose = StageLedger(lanes=lanes), StageLedger(lanes=lanes)
-    tight.plan(1, 0.0, 1, [0.0, 0.010], 50)  # 50/s of 10 ms calls (+ 1 ms overhead)
-    loose.plan(1, 0.0, 1, [0.0, 0.010], 400)
-    tight.slack, loose.slack = 0.036, 0.2
-    tight.admit(1, 0.0, 1.0, [0], 0)  # runs from 0 to 10 ms
-    # free at 11 ms, and 55% of the time from 1 ms is the tight stage's: the loose
-    # call starts at t = 11 + 0.55 (t - 1) ms, 23.2 ms, and ends 10 ms later
-    start = (0.011 - 0.55 * 0.001) / 0.45
-    assert loose.admit(2, 0.001, 1.0, [0], 0).latency_s == pytest.approx(start + 0.010)
-    # the tight stage runs first whatever the loose one is sent: 11 to 21 ms
-    assert tight.admit(3, 0.001, 1.0, [0], 0).latency_s == pytest.approx(0.021)
-
-
 def test_a_worker_in_another_stages_call_takes_no_request_that_would_miss() -> None:
     # This stage's worker runs nothing of its own, but the other stage's call of 60 ms
     # runs there: a request of an SLO of 5 ms is refused, however long since the last

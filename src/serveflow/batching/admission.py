@@ -260,7 +260,6 @@ class StageLedger:
         # the latest calls as (end, seconds from start to end, rows: see `_learn`)
         self._latest: deque[tuple[float, float, int]] = deque(maxlen=LEVEL_CALLS)
         self._level = 0.0  # the latest calls' median residual (see the docstring)
-        self._rows_per_call = 1  # ... and their median rows (see `load`)
         self._excess = 0.0  # of the level over the window's median
         # the median overhead as the stage was last found quiet, and the calls learned
         # since (as of the last level: see `_then`)
@@ -419,14 +418,12 @@ class StageLedger:
         # this: 41; stopping at the first call older than LEVEL_S, in the order seen:
         # 15 for the 50 calls of 0.3 s at 2 workers under overload)
         newest = self._latest[-1][0]
-        latest, rows = [], []
+        latest = []
         for end, took, n in reversed(self._latest):
             if len(latest) >= LEVEL_MIN and end < newest - LEVEL_S:
                 break
             latest.append(took - self._time(n))
-            rows.append(n)
         self._level = statistics.median(latest)
-        self._rows_per_call = int(statistics.median(rows))
         self._busy_calls = self._busy
         if self._spread is None:
             self._excess = 0.0
@@ -461,15 +458,6 @@ class StageLedger:
             bias = statistics.median(offsets)
             if abs(bias) > 2.0 * (high - median) / math.sqrt(len(offsets)):
                 w.bias = bias
-
-    def load(self) -> float:
-        """The share of the time of each of its workers that its arrivals take now:
-        their rate there, at its latest calls' typical time (with the median overhead)
-        per request. Read by other stages' ledgers, without this one's lock (see
-        `Lanes`)."""
-        n = max(1, min(self._rows_per_call, self.merge, len(self._service) - 1))
-        median = self._spread[0] if self._spread is not None else DEFAULT_OVERHEAD_S
-        return self.rate * (self._service[n] + median) / n / max(len(self._workers), 1)
 
     def call_size(self) -> int:
         """Rows per call, the median of the latest calls (0 before any; see `_learn`)."""
@@ -616,7 +604,7 @@ class StageLedger:
         span = self._stretch_span
         sent = max(at, entries[-1].sent) if entries else at
         free = self._frees(w, now, median)
-        ahead = self._lanes.view(w.index, self, now)
+        ahead = self._lanes.view(w.index, self)
         crowded = False  # another stage's calls run there first
         if ahead is not None:
             head = entries[0].sent if entries else sent
@@ -1251,7 +1239,7 @@ class StageLedger:
             self._advance(w, now)
             median = self.overhead(w=w)[0]
             free, queue = self._frees(w, now, median), w.queue
-            ahead = self._lanes.view(w.index, self, now)
+            ahead = self._lanes.view(w.index, self)
             if ahead is not None and queue:  # as `_predict`, other stages' calls first
                 head, took = queue[0].sent, self._call_s(len(queue) + 1)
                 free = ahead.wait(head + self.slack, free, max(free, head), took)
@@ -1302,10 +1290,9 @@ class Lanes:
             for worker, members in self._members.items():
                 self._members[worker] = tuple(m for m in members if m[0] is not ledger)
 
-    def view(self, worker: int, ledger: StageLedger, now: float | None = None) -> _Ahead | None:
+    def view(self, worker: int, ledger: StageLedger) -> _Ahead | None:
         """What other stages run on `worker` before `ledger`'s calls there (None:
-        no other stage shares it); from `now`, for a prediction, with what they are
-        yet to be sent (see `_Ahead`)."""
+        no other stage shares it)."""
         members = self._members.get(worker, ())
         busy = self._unmirrored(worker, ledger.app) if self._unmirrored else -math.inf
         if len(members) < 2 and busy == -math.inf:
@@ -1319,32 +1306,14 @@ class Lanes:
             for other, mirror in members
             if other is not ledger and id(other) not in ledger.later
         ]
-        if not others and busy == -math.inf:
-            return None
-        return _Ahead(others, busy, now, ledger.slack)
+        return _Ahead(others, busy) if others or busy > -math.inf else None
 
 
 class _Ahead:
     """The other stages' calls on one worker, as one prediction goes through a
-    stage's calls there in order (`wait`): each call of theirs is counted once. And,
-    for a prediction from `now` for a stage of SLO `slack`, the calls of the stages of
-    tighter SLOs yet to be sent, which the worker runs first if due first: their
-    share of its time (`StageLedger.load`) of the time until a call starts. Without
-    them, a stage of 10 + 2 ms per row and SLO 120 ms at 400/s, beside one of SLO 36
-    ms at 133/s (calls of 1-2) on 2 workers, predicted 50 ms where the other's calls
-    sent since took the worker another 50-60 ms, and 22-34% of its answers were late
-    (p99 1.23-1.29x the SLO, 9 runs); with them, 14-24% (1.15-1.24x, 6 runs), about as
-    many in time (0.64-0.77 against 0.69-0.79), and the tight stage's 0.85-0.88 (0.81-0.84).
-    Not as many as a Poisson stream sends at the 90th percentile: 5-12% late
-    (1.09-1.15x), but it refused 19-54%, and answered 0.44-0.74 in time."""
+    stage's calls there in order (`wait`): each call of theirs is counted once."""
 
-    def __init__(
-        self,
-        others: list[tuple[StageLedger, _Worker]],
-        busy: float,
-        now: float | None = None,
-        slack: float = 0.0,
-    ) -> None:
+    def __init__(self, others: list[tuple[StageLedger, _Worker]], busy: float) -> None:
         # when the worker is free of their running calls (or ended since: a ledger
         # mirrors its calls when next asked, which may be after they ran), and of the
         # runs no ledger mirrors (`busy`)
@@ -1352,10 +1321,6 @@ class _Ahead:
         self.calls = [other.queued_calls(mirror) for other, mirror in others]
         self.margins = [FILLING_MARGIN * other.slack for other, _ in others]
         self.taken = [0] * len(others)
-        self.now = now
-        coming = [] if now is None else [(o.load(), o.slack) for o, _ in others if o.slack < slack]
-        self.coming = [(share, later) for share, later in coming if share > 0]
-        self.added = 0.0  # how much later their calls put this stage's, so far
 
     def wait(self, first: float, free: float, start: float, seconds: float = 0.0) -> float:
         """When a call whose oldest request is due at `first` (sent plus its stage's
@@ -1383,30 +1348,7 @@ class _Ahead:
                         continue
                     self.taken[k] += 1
                     more = True
-        start = max(start, free)
-        if not self.coming:
-            return start
-        base = start - self.added  # (what the calls before it took of them is in `start`)
-        at = max(self._coming(first, base), start)
-        self.added = at - base
-        return at
-
-    def _coming(self, first: float, base: float) -> float:
-        """The least time from `base` at which the worker is done with the tighter
-        stages' calls sent from now until then, and before `first` less their SLO:
-        the least `at` = `base` + their shares of min(`at`, `first` - SLO) - now."""
-        now, lo = self.now, base
-        assert now is not None
-        caps = sorted((first - late, share) for share, late in self.coming)
-        while True:
-            done = sum(share * max(cap - now, 0.0) for cap, share in caps if cap <= lo)
-            sending = sum(share for cap, share in caps if cap > lo)
-            hi = min((cap for cap, _ in caps if cap > lo), default=math.inf)
-            if sending < 1.0:
-                at = (base + done - sending * now) / (1.0 - sending)
-                if at <= hi:
-                    return max(at, lo)
-            lo = hi
+        return max(start, free)
 
 
 def _from(queue: deque[_Entry], first: int) -> tuple[list[_Entry], list[float]]:
