@@ -215,6 +215,31 @@ def test_failing_operator_is_500_naming_it_without_traceback(client):
     assert "traceback" not in body and "Traceback" not in r.text
 
 
+def test_a_bug_in_admission_is_500_and_the_server_goes_on(monkeypatch):
+    # an exception of ours where an SLO request is admitted, as the HTTP protocol
+    # runs it from its parser's callback: the client was told its request was invalid
+    # (400 "Invalid HTTP request received") and its connection closed
+    from serveflow.batching.admission import StageLedger
+
+    admit = StageLedger.admit
+
+    def broken(*args, **kwargs):
+        raise AttributeError("a bug in admission")
+
+    runtime = sf.LocalRuntime(min_workers=1, max_workers=1)
+    try:
+        app = slow_flow(slo_ms=500).deploy(runtime=runtime)
+        with Server({"slow": app}, port=0) as srv, httpx.Client(base_url=srv.url) as c:
+            assert predict(c, "slow", json={"rows": [{"s": 0.001}]}).status_code == 200
+            monkeypatch.setattr(StageLedger, "admit", broken)
+            r = predict(c, "slow", json={"rows": [{"s": 0.001}]})
+            assert r.status_code == 500 and "internal error" in r.json()["error"]
+            monkeypatch.setattr(StageLedger, "admit", admit)
+            assert predict(c, "slow", json={"rows": [{"s": 0.001}]}).status_code == 200
+    finally:
+        runtime.stop()
+
+
 def test_debug_adds_the_traceback():
     with Server({"fails": failing_flow().deploy()}, port=0, debug=True) as srv:
         r = httpx.post(
