@@ -703,7 +703,7 @@ class StageLedger:
                 filled = sents[full] if full < n else math.inf
                 start = max(start, min(sents[i] + self.timeout_s, filled))
             waiting = bisect_right(sents, start, i, n) - i
-            take = min(waiting, self.merge if waiting > self.size else self.size)
+            take = self._take(waiting)
             end = start + (self._service[take] if rows is None else self._time(rows, i, take))
             yield i, take, start, end
             done += 1
@@ -712,9 +712,13 @@ class StageLedger:
                 later = max(free, sents[i])
                 free = ahead.wait(sents[i] + self.slack, free, later, self._call_s(n - i))
 
+    def _take(self, queued: int) -> int:
+        """How many of `queued` requests a free worker's call takes, once due."""
+        return min(queued, self.merge if queued > self.size else self.size)
+
     def _call_s(self, queued: int) -> float:
         """How long the call a worker makes of `queued` one-row requests takes."""
-        return self._service[max(min(queued, self.merge if queued > self.size else self.size), 1)]
+        return self._service[max(self._take(queued), 1)]
 
     def _filling(self, rows: Sequence[int] | None, first: int) -> int:
         """The index of the request that fills the batch request `first` opens: the
