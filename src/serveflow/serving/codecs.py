@@ -29,6 +29,7 @@ import json
 import math
 import zipfile
 from collections.abc import Mapping
+from itertools import chain, repeat
 from typing import Any
 
 import numpy as np
@@ -135,39 +136,43 @@ def check_json_limits(data: Any, limits: Limits) -> bool:
     """Raise LimitExceeded when a parsed JSON document nests deeper than
     `limits.max_depth`, holds a string (key or value) longer than
     `limits.max_string_chars`, or more than `limits.max_elements` scalars. One pass,
-    level by level, without recursion. True when it holds a float of 2**63 or more
-    (either sign): orjson may have read an integer so, and the body must be read again
-    with `json`."""
+    level by level, without recursion, each level's values taken together by builtins
+    (a Python step per value only to pick out one type among mixed ones). True when it
+    holds a float of 2**63 or more (either sign): orjson may have read an integer so,
+    and the body must be read again with `json`."""
     longest = limits.max_string_chars
     level, depth, scalars, wide = [data], 1, 0, False
     while level:
         if depth > limits.max_depth:
             raise LimitExceeded(f"JSON nested deeper than {limits.max_depth} levels (--max-depth)")
-        below = []
-        for value in level:
-            if type(value) is dict:
-                if value and max(map(len, value)) > longest:
-                    key = max(value, key=len)
-                    raise over("a JSON key's length", len(key), longest, "max-string-chars")
-                children: Any = value.values()
-            elif type(value) is list:
-                children = value
-            else:  # only a scalar document gets here
-                children, below = (value,), None
-            for child in children:
-                kind = type(child)
-                if kind is dict or kind is list:
-                    below.append(child)
-                    continue
-                scalars += 1
-                if kind is str and len(child) > longest:
-                    raise over("a JSON string's length", len(child), longest, "max-string-chars")
-                if kind is float and not -_WIDE < child < _WIDE:
-                    wide = True
+        kinds = set(map(type, level))
+        dicts, lists = _of(dict, level, kinds), _of(list, level, kinds)
+        if dicts and max(map(len, chain.from_iterable(dicts)), default=0) > longest:
+            key = max(chain.from_iterable(dicts), key=len)
+            raise over("a JSON key's length", len(key), longest, "max-string-chars")
+        values = chain(chain.from_iterable(map(dict.values, dicts)), chain.from_iterable(lists))
+        children = list(values) if depth > 1 or dicts or lists else level  # (a scalar document)
+        kinds = set(map(type, children))
+        level = _of(dict, children, kinds) + _of(list, children, kinds)
+        scalars += len(children) - len(level)
+        texts = _of(str, children, kinds)
+        if texts and max(map(len, texts)) > longest:
+            text = max(texts, key=len)
+            raise over("a JSON string's length", len(text), longest, "max-string-chars")
+        floats = _of(float, children, kinds)
+        if floats and not -_WIDE < min(floats) <= max(floats) < _WIDE:
+            wide = True
         if scalars > limits.max_elements:
             raise over("values in the JSON body", scalars, limits.max_elements, "max-elements")
-        level, depth = below or [], depth + 1
+        depth += 1
     return wide
+
+
+def _of(kind: type, values: list[Any], kinds: set[type]) -> list[Any]:
+    """The members of `values` of type `kind`; `kinds`: the types among them."""
+    if kind not in kinds:
+        return []
+    return values if len(kinds) == 1 else [v for v in values if type(v) is kind]
 
 
 def _not_json(constant: str) -> Any:
@@ -230,10 +235,10 @@ def _from_json(body: bytes, schema: Mapping[str, Any] | None, limits: Limits) ->
         data = json.loads(body)
     if "rows" in data:
         rows = data["rows"]
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        if not isinstance(rows, list) or not set(map(type, rows)) <= {dict}:
             raise ShapeError('"rows" must be a list of objects (one per row)')
-        names = list(dict.fromkeys(name for row in rows for name in row))
-        return _table({n: [row.get(n) for row in rows] for n in names}, schema, limits)
+        names = dict.fromkeys(chain.from_iterable(rows))
+        return _table({n: list(map(dict.get, rows, repeat(n))) for n in names}, schema, limits)
     columns = data["columns"]
     if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
         raise ShapeError('"columns" must be an object mapping column names to lists')
