@@ -473,3 +473,26 @@ def test_a_lockstep_burst_the_workers_calls_take_at_once_is_no_surge_of_the_rate
         controller.on_arrival(start + rid * 1.5e-4)
         assert controller.admit_at(start + rid * 1.5e-4, rid, [0, 1]) is not None
     assert controller.ledger.rate == rate < 1000
+
+
+def test_after_a_step_in_the_rate_plans_leave_out_the_arrivals_before_it() -> None:
+    # A deployment's first requests come while its model loads (bursts of 16, seconds
+    # apart), then a steady 300/s. Fitted with those first seconds, the steady rate
+    # read 130/s and rose at every periodic re-plan as they aged out of the window,
+    # each a new search, spells in which the workers' calls ran slower.
+    controller = BatchingController(sf.Batching(slo_ms=50), 2, profile=_profile())
+    rng = np.random.default_rng(3)
+    for start in (0.0, 2.5, 5.0):
+        for t in start + np.sort(rng.uniform(0, 0.05, 16)):
+            controller.on_arrival(float(t))
+            controller.decision(float(t))
+    planned = []  # (planned rate, searches so far) at each arrival
+    for t in 8.0 + MAP.poisson(300).sample(300 * 14, rng):
+        controller.on_arrival(float(t))
+        controller.decision(float(t))
+        snap = controller.snapshot()
+        planned.append((snap["planned_rate"], snap["plans"]))
+    steady = planned[300 * 2 :]  # from 2 s into the steady rate on
+    rates = [rate for rate, _ in steady]
+    assert min(rates) > 0.85 * 300, (min(rates), max(rates))
+    assert steady[-1][1] - steady[0][1] <= 1  # searches in the 12 s after

@@ -378,6 +378,12 @@ class ArrivalLog:
         copy.total = self.total
         return copy
 
+    def forget_before(self, when: float, keep: int) -> None:
+        """Drop the arrivals before `when`, but never the latest `keep`."""
+        while len(self._times) > keep and self._times[0] < when:
+            self._times.popleft()
+            self._before.popleft()
+
     def times(self, now: float) -> np.ndarray:
         self._trim(now)
         return np.fromiter(self._times, dtype=float, count=len(self._times))
