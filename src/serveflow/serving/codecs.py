@@ -150,8 +150,11 @@ def check_json_limits(data: Any, limits: Limits) -> bool:
         if dicts and max(map(len, chain.from_iterable(dicts)), default=0) > longest:
             key = max(chain.from_iterable(dicts), key=len)
             raise over("a JSON key's length", len(key), longest, "max-string-chars")
-        values = chain(chain.from_iterable(map(dict.values, dicts)), chain.from_iterable(lists))
-        children = list(values) if depth > 1 or dicts or lists else level  # (a scalar document)
+        if len(dicts) + len(lists) <= 1:  # one container (or a scalar document): no copy
+            children = lists[0] if lists else list(dicts[0].values()) if dicts else level
+        else:
+            values = map(dict.values, dicts)
+            children = list(chain(chain.from_iterable(values), chain.from_iterable(lists)))
         kinds = set(map(type, children))
         level = _of(dict, children, kinds) + _of(list, children, kinds)
         scalars += len(children) - len(level)
