@@ -369,20 +369,19 @@ class ArrivalLog:
         """The latest arrival (None: none in the log)."""
         return self._times[-1] if self._times else None
 
-    def snapshot(self, now: float) -> ArrivalLog:
-        """A copy of the window as it is at `now`, to compute on without the lock."""
+    def snapshot(self, now: float, since: float = -math.inf, keep: int = 0) -> ArrivalLog:
+        """A copy of the window as it is at `now`, to compute on without the lock;
+        without the arrivals before `since`, but never with fewer than the latest
+        `keep`."""
         self._trim(now)
         copy = ArrivalLog(self.window_s, self._times.maxlen or 2)
         copy._times.extend(self._times)
         copy._before.extend(self._before)
         copy.total = self.total
+        while len(copy._times) > keep and copy._times[0] < since:
+            copy._times.popleft()
+            copy._before.popleft()
         return copy
-
-    def forget_before(self, when: float, keep: int) -> None:
-        """Drop the arrivals before `when`, but never the latest `keep`."""
-        while len(self._times) > keep and self._times[0] < when:
-            self._times.popleft()
-            self._before.popleft()
 
     def times(self, now: float) -> np.ndarray:
         self._trim(now)

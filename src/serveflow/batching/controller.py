@@ -41,7 +41,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from serveflow.batching.admission import Lanes, StageLedger
-from serveflow.batching.arrivals import CLUMP_SPLIT, MAP, ArrivalLog, Trace
+from serveflow.batching.arrivals import CLUMP_SPLIT, MAP, STEP_S, ArrivalLog, Trace
 from serveflow.batching.model import (
     Prediction,
     buffer_laws,
@@ -610,27 +610,33 @@ class BatchingController:
             window, planned_for = self.arrivals.snapshot(now), self._fitted
             clumps, changed_at = self._clumps, self._changed_at
         # Arrivals are fitted on a copy, outside the lock: a fit takes a core for tens
-        # of milliseconds, and every arrival and every result needs the lock.
-        shifted = planned_for is not None and window.rate_shift(now, planned_for, SHIFT_WINDOW_S)
+        # of milliseconds, and every arrival and every result needs the lock. The
+        # arrivals before the rate last stepped up are another process, left out:
+        # fitted with them (a deployment's first requests, sent while its model
+        # loaded, then seconds of quiet), a steady 330/s read 130/s and rose by a tenth
+        # or more at every periodic re-plan for the 30 s of the window, each a new
+        # search (MiniLM on 2 workers, SLO 58 ms: a search every 2 s, each on idle CPU
+        # but slowing the workers' calls beside it, median 18 -> 22 ms, p99 23 -> 33:
+        # the late answers of that cell came in those spells); and in the shift check
+        # the last 2 s, holding the quiet before the step, read as a step down (3 more
+        # searches in the step's first second).
+        since = window.snapshot(now, changed_at, MIN_ARRIVALS_TO_PLAN)
+        shifted = planned_for is not None and since.rate_shift(now, planned_for, SHIFT_WINDOW_S)
         if shifted:
             log.info("arrival rate shift detected: re-planning")
-            changed_at = window.change_point(now, SHIFT_WINDOW_S)
-        elif not due and (clumps or not window.clumped(now, TRACE_S)[0]):
+            # A step down brings all the window back: the quiet may be a lull between
+            # bursts (2 s at 500/s, 2 s of silence: fitted to the bursts alone, every
+            # lull read as a shift, 5 a second), and a plan for the busier rate is safe.
+            up = since.rate(now, STEP_S) > planned_for.rate
+            changed_at = window.change_point(now, SHIFT_WINDOW_S) if up else -math.inf
+            since = window.snapshot(now, changed_at, MIN_ARRIVALS_TO_PLAN)
+        elif not due and (clumps or not since.clumped(now, TRACE_S)[0]):
             # (arrivals seen to come in clumps since the plan: re-planned now, not at
             # the next period; `hey -c 10 -q 10` on a fresh stage, 4 + 1 ms per row,
             # SLO 15 ms: 40-60% of its bursts of 10 refused for 2 s)
             return self._decision
         fitted, trace = None, ((), ())
-        if len(window) >= MIN_ARRIVALS_TO_PLAN:
-            # The arrivals before the rate last changed are another process: fitted
-            # with them (a deployment's first requests, sent while its model loaded,
-            # then seconds of quiet), a steady 330/s read 130/s and rose by a tenth or
-            # more at every periodic re-plan for the 30 s of the window, and each
-            # searched anew (MiniLM on 2 workers, SLO 58 ms: a search every 2 s, each
-            # on idle CPU but slowing the workers' calls beside it, median 18 -> 22 ms,
-            # p99 23 -> 33: the late answers of that cell came in those spells).
-            since = window.snapshot(now)
-            since.forget_before(changed_at, MIN_ARRIVALS_TO_PLAN)
+        if len(since) >= MIN_ARRIVALS_TO_PLAN:
             # A periodic re-plan's fit goes to `fitter` (another process, below the
             # workers' priority); a first plan's, or a shift's, is wanted at once.
             periodic = planned_for is not None and not shifted
