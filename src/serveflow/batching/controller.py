@@ -248,8 +248,8 @@ class BatchingController:
         # slowly while there is room.
         self.target_scale = INITIAL_TARGET_SCALE
         self._recent: list[float] = []
-        # when the arrival rate last changed (a shift): later fits leave out the
-        # arrivals before it (see `decision`)
+        # when the arrival rate last stepped up: plans leave out the arrivals before
+        # it (see `decision`)
         self._changed_at = -math.inf
         # Closed loop over admission under overload (see ADMIT_CHECK_S)
         self.admit_scale = 1.0
@@ -620,29 +620,29 @@ class BatchingController:
         # the late answers of that cell came in those spells); and in the shift check
         # the last 2 s, holding the quiet before the step, read as a step down (3 more
         # searches in the step's first second).
-        since = window.snapshot(now, changed_at, MIN_ARRIVALS_TO_PLAN)
-        shifted = planned_for is not None and since.rate_shift(now, planned_for, SHIFT_WINDOW_S)
+        current = window.snapshot(now, changed_at, MIN_ARRIVALS_TO_PLAN)
+        shifted = planned_for is not None and current.rate_shift(now, planned_for, SHIFT_WINDOW_S)
         if shifted:
             log.info("arrival rate shift detected: re-planning")
             # A step down brings all the window back: the quiet may be a lull between
             # bursts (2 s at 500/s, 2 s of silence: fitted to the bursts alone, every
             # lull read as a shift, 5 a second), and a plan for the busier rate is safe.
-            up = since.rate(now, STEP_S) > planned_for.rate
+            up = current.rate(now, STEP_S) > planned_for.rate
             changed_at = window.change_point(now, SHIFT_WINDOW_S) if up else -math.inf
-            since = window.snapshot(now, changed_at, MIN_ARRIVALS_TO_PLAN)
-        elif not due and (clumps or not since.clumped(now, TRACE_S)[0]):
+            current = window.snapshot(now, changed_at, MIN_ARRIVALS_TO_PLAN)
+        elif not due and (clumps or not current.clumped(now, TRACE_S)[0]):
             # (arrivals seen to come in clumps since the plan: re-planned now, not at
             # the next period; `hey -c 10 -q 10` on a fresh stage, 4 + 1 ms per row,
             # SLO 15 ms: 40-60% of its bursts of 10 refused for 2 s)
             return self._decision
         fitted, trace = None, ((), ())
-        if len(since) >= MIN_ARRIVALS_TO_PLAN:
+        if len(current) >= MIN_ARRIVALS_TO_PLAN:
             # A periodic re-plan's fit goes to `fitter` (another process, below the
             # workers' priority); a first plan's, or a shift's, is wanted at once.
             periodic = planned_for is not None and not shifted
             fitter = self._fitter if periodic and self._fitter else fit_arrivals
-            fitted = fitter(since, now, shifted)
-            trace = since.clumped(now, TRACE_S)
+            fitted = fitter(current, now, shifted)
+            trace = current.clumped(now, TRACE_S)
         with self._lock:
             self._changed_at = changed_at
             if shifted:
